@@ -1,0 +1,283 @@
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  inherit (lib)
+    literalExpression
+    mkEnableOption
+    mkIf
+    mkOption
+    mkPackageOption
+    optional
+    types
+    ;
+
+  cfg = config.services.nixfleet-control-plane;
+  format = pkgs.formats.json { };
+
+  stateDir = "/var/lib/nixfleet";
+
+  # "HOST:PORT", where HOST may be a bracketed IPv6 address.
+  listenParts = builtins.match "(.+):([0-9]+)" cfg.listen;
+  listenHost = if listenParts == null then "" else builtins.elemAt listenParts 0;
+  listenPort = if listenParts == null then 0 else lib.toInt (builtins.elemAt listenParts 1);
+  # nginx reaches a wildcard listener through loopback.
+  proxyHost =
+    if listenHost == "0.0.0.0" then
+      "127.0.0.1"
+    else if listenHost == "[::]" then
+      "[::1]"
+    else
+      listenHost;
+
+  # Only keys the control plane knows; `settings` is merged over them. The
+  # admin key is passed as a flag pointing into $CREDENTIALS_DIRECTORY.
+  cpConfig = lib.recursiveUpdate (
+    {
+      inherit (cfg) listen;
+      db = "${stateDir}/nixfleet.db";
+      report_retention = cfg.reportRetention;
+    }
+    // lib.optionalAttrs (cfg.rolloutsDir != null) { rollouts_dir = "${cfg.rolloutsDir}"; }
+  ) cfg.settings;
+
+  configFile = format.generate "nixfleet-control-plane.json" cpConfig;
+in
+{
+  options.services.nixfleet-control-plane = {
+    enable = mkEnableOption "the nixfleet control plane, which keeps the fleet's state and drives rollouts";
+
+    package = mkPackageOption pkgs "nixfleet" { };
+
+    listen = mkOption {
+      type = types.str;
+      default = "127.0.0.1:8470";
+      example = "0.0.0.0:8470";
+      description = ''
+        Address and port (`HOST:PORT`, IPv6 as `[::1]:8470`) the API listens on.
+        It speaks plain HTTP: keep it on loopback behind
+        {option}`services.nixfleet-control-plane.nginx.enable`, or otherwise
+        terminate TLS in front of it.
+      '';
+    };
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Open the port of {option}`services.nixfleet-control-plane.listen` in the
+        firewall, or ports 80 and 443 instead when the nginx proxy is enabled.
+      '';
+    };
+
+    adminKeyFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = "/run/secrets/nixfleet-admin-key";
+      description = ''
+        File holding the first admin API key, accepted by the control plane
+        from start-up. Passed with systemd's `LoadCredential=`, so it may be
+        readable by root only; must not be in the world-readable Nix store.
+      '';
+    };
+
+    rolloutsDir = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = literalExpression "./rollouts";
+      description = ''
+        Directory of rollout files (YAML, see `schemas/rollout.schema.json`)
+        the control plane applies; re-applying an unchanged file is a no-op.
+      '';
+    };
+
+    reportRetention = mkOption {
+      type = types.ints.positive;
+      default = 100;
+      description = "Agent reports kept per machine; older ones are pruned.";
+    };
+
+    settings = mkOption {
+      type = types.submodule {
+        freeformType = format.type;
+        options = {
+          reconcile_interval = mkOption {
+            type = types.ints.positive;
+            default = 2;
+            description = "Seconds between two reconciler ticks.";
+          };
+          threads = mkOption {
+            type = types.ints.positive;
+            default = 8;
+            description = "Worker threads of the HTTP server.";
+          };
+        };
+      };
+      default = { };
+      example = {
+        threads = 16;
+        stale_after = 600;
+      };
+      description = ''
+        Further control plane settings (snake_case keys), merged over the ones
+        generated from the options above. Unknown keys are rejected at start.
+      '';
+    };
+
+    nginx = {
+      enable = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          Put an nginx virtual host in front of the control plane, terminating
+          TLS and proxying to {option}`services.nixfleet-control-plane.listen`.
+          Further settings can go to
+          `services.nginx.virtualHosts.<virtualHost>` directly.
+        '';
+      };
+      virtualHost = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "fleet.example.com";
+        description = "Server name of the nginx virtual host; required with the proxy.";
+      };
+      enableACME = mkOption {
+        type = types.bool;
+        default = false;
+        description = "Passed to the virtual host's `enableACME`: obtain a certificate with ACME.";
+      };
+      forceSSL = mkOption {
+        type = types.bool;
+        default = true;
+        description = ''
+          Passed to the virtual host's `forceSSL`: redirect HTTP to HTTPS. Needs
+          a certificate (`enableACME`, or `sslCertificate`/`sslCertificateKey`
+          on the virtual host).
+        '';
+      };
+    };
+  };
+
+  config = mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = listenParts != null && listenPort > 0 && listenPort < 65536;
+        message = ''
+          services.nixfleet-control-plane.listen = "${cfg.listen}" must be HOST:PORT,
+          e.g. "127.0.0.1:8470" or "[::1]:8470".
+        '';
+      }
+      {
+        assertion = cfg.nginx.enable -> cfg.nginx.virtualHost != null;
+        message = ''
+          services.nixfleet-control-plane.nginx.enable needs
+          services.nixfleet-control-plane.nginx.virtualHost, e.g. "fleet.example.com".
+        '';
+      }
+    ];
+
+    warnings =
+      optional (cfg.adminKeyFile != null && lib.hasPrefix builtins.storeDir (toString cfg.adminKeyFile))
+        ''
+          services.nixfleet-control-plane.adminKeyFile points into the world-readable Nix
+          store; use a path outside it (e.g. provisioned by sops-nix or agenix).
+        '';
+
+    # Behind nginx, clients only ever talk to nginx.
+    networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall (
+      if cfg.nginx.enable then
+        [
+          80
+          443
+        ]
+      else
+        [ listenPort ]
+    );
+
+    services.nginx = mkIf cfg.nginx.enable {
+      enable = true;
+      virtualHosts.${cfg.nginx.virtualHost} = {
+        inherit (cfg.nginx) enableACME forceSSL;
+        locations."/" = {
+          proxyPass = "http://${proxyHost}:${toString listenPort}";
+          recommendedProxySettings = true;
+          # The API refuses bodies over 1 MiB itself; stop them here first.
+          extraConfig = ''
+            client_max_body_size 1m;
+          '';
+        };
+      };
+    };
+
+    systemd.services.nixfleet-control-plane = {
+      description = "nixfleet control plane";
+      wantedBy = [ "multi-user.target" ];
+      after = [ "network.target" ];
+
+      serviceConfig = {
+        # %d is $CREDENTIALS_DIRECTORY: the key never appears on the command line.
+        ExecStart = lib.concatStringsSep " " (
+          [
+            (lib.getExe' cfg.package "nixfleet-control-plane")
+            "--config"
+            "${configFile}"
+          ]
+          ++ lib.optionals (cfg.adminKeyFile != null) [
+            "--admin-key-file"
+            "%d/admin-key"
+          ]
+        );
+        Restart = "on-failure";
+        RestartSec = 5;
+
+        DynamicUser = true;
+        StateDirectory = "nixfleet";
+        StateDirectoryMode = "0700";
+        LoadCredential = optional (cfg.adminKeyFile != null) "admin-key:${cfg.adminKeyFile}";
+
+        # Binding a port below 1024 is the only privilege it may need.
+        CapabilityBoundingSet = if listenPort < 1024 then [ "CAP_NET_BIND_SERVICE" ] else "";
+        AmbientCapabilities = if listenPort < 1024 then [ "CAP_NET_BIND_SERVICE" ] else "";
+
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        PrivateTmp = true;
+        PrivateDevices = true;
+        PrivateMounts = true;
+        # A user namespace would confine CAP_NET_BIND_SERVICE to itself.
+        PrivateUsers = listenPort >= 1024;
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectKernelLogs = true;
+        ProtectControlGroups = true;
+        ProtectClock = true;
+        ProtectHostname = true;
+        ProtectProc = "invisible";
+        ProcSubset = "pid";
+        NoNewPrivileges = true;
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        LockPersonality = true;
+        MemoryDenyWriteExecute = true;
+        RemoveIPC = true;
+        UMask = "0077";
+        DevicePolicy = "closed";
+        RestrictAddressFamilies = [
+          "AF_UNIX"
+          "AF_INET"
+          "AF_INET6"
+        ];
+        SystemCallArchitectures = "native";
+        SystemCallFilter = [
+          "@system-service"
+          "~@privileged"
+          "~@resources"
+        ];
+      };
+    };
+  };
+}

@@ -1,0 +1,215 @@
+"""Agent configuration: the JSON file the NixOS module writes, overridden by flags.
+
+This is the only agent module that reads `os.environ` (DESIGN §2 rule 6): it takes
+one snapshot, which the rest of the agent uses (for example as the switch script's
+environment), so behaviour never depends on the environment changing underneath.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import socket
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nixfleet import schemas
+from nixfleet.errors import FieldError, UsageError, ValidationError
+
+DEFAULTS: dict[str, Any] = {
+    "tags": [],
+    "poll_interval": 60,
+    "backoff_initial": 5,
+    "backoff_max": 300,
+    "cache_url": None,
+    "trusted_public_keys": [],
+    "token_file": None,
+    "enroll_token_file": None,
+    "profile": "/nix/var/nix/profiles/system",
+    "current_system": "/run/current-system",
+    "state_dir": "/var/lib/nixfleet-agent",
+    "use_systemd_run": False,
+    "health_checks": {},
+    "dry_run": False,
+    "allow_insecure": False,
+}
+
+
+@dataclass(frozen=True)
+class HttpCheck:
+    name: str
+    url: str
+    expected_status: int = 200
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class CommandCheck:
+    name: str
+    argv: tuple[str, ...]
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class HealthChecks:
+    systemd: tuple[str, ...] = ()
+    http: tuple[HttpCheck, ...] = ()
+    command: tuple[CommandCheck, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.systemd or self.http or self.command)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    control_plane_url: str
+    machine_id: str
+    token_file: str | None = None
+    enroll_token_file: str | None = None
+    tags: tuple[str, ...] = ()
+    poll_interval: float = 60.0
+    backoff_initial: float = 5.0
+    backoff_max: float = 300.0
+    cache_url: str | None = None
+    trusted_public_keys: tuple[str, ...] = ()
+    profile: str = "/nix/var/nix/profiles/system"
+    current_system: str = "/run/current-system"
+    state_dir: str = "/var/lib/nixfleet-agent"
+    use_systemd_run: bool = False
+    health_checks: HealthChecks = HealthChecks()
+    dry_run: bool = False
+    allow_insecure: bool = False
+    # Snapshot of the process environment, taken once at load time.
+    environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def child_env(self, **extra: str) -> dict[str, str]:
+        """Environment for a child process: the agent's own plus `extra`."""
+        return {**self.environ, **extra}
+
+
+def _read_file(path: str | Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise UsageError(f"cannot read agent config {path}: {e.strerror or e}") from e
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise ValidationError(
+            f"agent config {path} is not valid JSON",
+            errors=[FieldError("(document)", str(e), getattr(e, "lineno", None))],
+        ) from e
+    if not isinstance(data, dict):
+        raise ValidationError(
+            f"agent config {path} must be a JSON object",
+            errors=[FieldError("(document)", "must be an object")],
+        )
+    return data
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_transport(url: str, allow_insecure: bool) -> None:
+    """Refuse plain http:// to anything but loopback: the token would travel in clear."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "http" and not allow_insecure and not _is_loopback(parts.hostname or ""):
+        raise UsageError(
+            f"refusing plain http:// to non-loopback control plane {url}: use https:// "
+            "(TLS in front of the control plane) or set allow_insecure / --allow-insecure"
+        )
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> AgentConfig:
+    """Merge defaults < config file < overrides (flags; None means unset), validate."""
+    doc: dict[str, Any] = _read_file(path) if path is not None else {}
+    schemas.validate("agent-config", doc, what=f"agent config {path}")
+    merged: dict[str, Any] = {**DEFAULTS, **doc}
+    for key, value in (overrides or {}).items():
+        if value is None or (key == "trusted_public_keys" and not value):
+            continue
+        merged[key] = list(value) if isinstance(value, tuple) else value
+    merged.setdefault("machine_id", socket.gethostname())
+    if "control_plane_url" not in merged:
+        raise ValidationError(
+            "agent config: no control plane URL",
+            errors=[FieldError("control_plane_url", "is required (config file or flag)")],
+        )
+    # Flags go through the same schema, so their errors name the same fields.
+    schemas.validate(
+        "agent-config",
+        {k: v for k, v in merged.items() if k in schemas.load("agent-config")["properties"]},
+        what="agent configuration (file and flags)",
+    )
+    check_transport(merged["control_plane_url"], bool(merged["allow_insecure"]))
+    hc: Mapping[str, Any] = merged["health_checks"] or {}
+    return AgentConfig(
+        control_plane_url=merged["control_plane_url"].rstrip("/"),
+        machine_id=merged["machine_id"],
+        token_file=merged["token_file"],
+        enroll_token_file=merged["enroll_token_file"],
+        tags=tuple(merged["tags"]),
+        poll_interval=float(merged["poll_interval"]),
+        backoff_initial=float(merged["backoff_initial"]),
+        backoff_max=float(merged["backoff_max"]),
+        cache_url=merged["cache_url"],
+        trusted_public_keys=tuple(merged["trusted_public_keys"]),
+        profile=merged["profile"],
+        current_system=merged["current_system"],
+        state_dir=merged["state_dir"],
+        use_systemd_run=bool(merged["use_systemd_run"]),
+        health_checks=HealthChecks(
+            systemd=tuple(hc.get("systemd", ())),
+            http=tuple(
+                HttpCheck(c["name"], c["url"], int(c.get("expected_status", 200)),
+                          float(c.get("timeout", 10)))
+                for c in hc.get("http", ())
+            ),
+            command=tuple(
+                CommandCheck(c["name"], tuple(c["argv"]), float(c.get("timeout", 30)))
+                for c in hc.get("command", ())
+            ),
+        ),
+        dry_run=bool(merged["dry_run"]),
+        allow_insecure=bool(merged["allow_insecure"]),
+        environ=dict(os.environ if environ is None else environ),
+    )
+
+
+def token_candidates(config: AgentConfig) -> list[Path]:
+    """Where the machine token may be, in order: token_file, credentials, state dir."""
+    out: list[Path] = []
+    if config.token_file:
+        out.append(Path(config.token_file))
+    creds = config.environ.get("CREDENTIALS_DIRECTORY")
+    if creds:
+        out.append(Path(creds) / "token")
+    out.append(Path(config.state_dir) / "token")
+    return out
+
+
+def read_token(config: AgentConfig) -> str | None:
+    """The first non-empty token found (never logged)."""
+    for candidate in token_candidates(config):
+        try:
+            token = candidate.read_text().strip()
+        except OSError:
+            continue
+        if token:
+            return token
+    return None

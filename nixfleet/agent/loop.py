@@ -1,0 +1,290 @@
+"""The agent's level-triggered loop: observe, report, converge, sleep.
+
+Each cycle acts on the state it observes now (current-system link, state dir, the
+CP's answer), never on what changed since the last one, so a missed poll, a restart
+or a CP outage costs nothing but time. A generation that failed here is not retried
+until the desired generation changes or an operator asks (`retry_requested_at`).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import random
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from nixfleet import __version__
+from nixfleet.agent import health as healthmod
+from nixfleet.agent.activate import Activator, Result, observe_current
+from nixfleet.agent.config import AgentConfig, read_token
+from nixfleet.agent.state import AgentState, StateStore
+from nixfleet.client import Client
+from nixfleet.errors import NixfleetError, UnreachableError
+from nixfleet.models import HealthResult, parse_time
+
+log = logging.getLogger(__name__)
+
+JITTER = 0.10
+MESSAGE_MAX = 4096
+
+
+class Status(enum.IntEnum):
+    """How a cycle ended; doubles as the exit code of `--once` (CLI codes, DESIGN §6)."""
+
+    OK = 0
+    FAILED = 1
+    UNREACHABLE = 5
+    AUTH = 6
+
+
+@dataclass(frozen=True)
+class Desired:
+    generation: str | None
+    cache_url: str | None
+    poll_hint: float | None
+    retry_requested_at: datetime | None
+
+    @classmethod
+    def from_response(cls, data: dict[str, Any]) -> Desired:
+        hint = data.get("poll_hint")
+        return cls(
+            generation=data.get("desired_generation"),
+            cache_url=data.get("cache_url"),
+            poll_hint=float(hint) if isinstance(hint, int | float) and hint > 0 else None,
+            retry_requested_at=parse_time(data.get("retry_requested_at")),
+        )
+
+
+def decide(desired: str | None, current: str | None, state: AgentState,
+           retry_requested_at: datetime | None) -> bool:
+    """Pure: should this cycle deploy `desired`?"""
+    if desired is None or desired == current:
+        return False
+    failure = state.failures.get(desired)
+    if failure is None:
+        return True
+    # An operator's retry request newer than the failure buys exactly one more attempt:
+    # the new failure (if any) is recorded later than the request.
+    return retry_requested_at is not None and retry_requested_at > failure.time
+
+
+class Agent:
+    """One machine's agent; `run()` loops until `stop()` (SIGTERM) or after one cycle."""
+
+    def __init__(self, config: AgentConfig, *, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.store = StateStore(config.state_dir)
+        self.activator = Activator(config, self.store)
+        self.rng = rng or random.Random()
+        self.started = time.monotonic()
+        self.stop_event = threading.Event()
+        self.client: Client | None = None
+        self.failed_polls = 0
+        self.recovered = False
+        # A fetch failure changes nothing on the machine, so it is not recorded as a
+        # failed generation (a later poll retries it) but it is reported meanwhile.
+        self.fetch_failure: Result | None = None
+
+    # --- plumbing ------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def _client(self) -> Client | None:
+        if self.client is None:
+            token = read_token(self.config) or self._enroll()
+            if token is None:
+                return None
+            self.client = Client(self.config.control_plane_url, token, timeout=30.0)
+        return self.client
+
+    def _enroll(self) -> str | None:
+        """Exchange an enrollment token for a machine token, kept in the state dir."""
+        if not self.config.enroll_token_file:
+            return None
+        try:
+            enroll_token = Path(self.config.enroll_token_file).read_text().strip()
+        except OSError as e:
+            log.error("cannot read enrollment token file: %s", e.strerror)
+            return None
+        client = Client(self.config.control_plane_url, enroll_token, timeout=30.0)
+        try:
+            answer = client.post(
+                "/api/v1/enroll", {"id": self.config.machine_id, "tags": list(self.config.tags)}
+            )
+        finally:
+            client.close()
+        token = str(answer.get("token", "")) if isinstance(answer, dict) else ""
+        if not token:
+            log.error("enrollment answered without a token")
+            return None
+        path = Path(self.config.state_dir) / "token"
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        log.info("enrolled %s; machine token stored in %s", self.config.machine_id, path)
+        return token
+
+    def _delay(self, base: float) -> float:
+        return max(0.0, base * self.rng.uniform(1 - JITTER, 1 + JITTER))
+
+    def backoff(self) -> float:
+        """Capped exponential back-off, never longer than the poll interval, so the
+        agent catches up within one poll interval after the CP returns (DESIGN §5)."""
+        exp: float = self.config.backoff_initial * 2.0 ** min(self.failed_polls - 1, 30)
+        return min(exp, self.config.backoff_max, self.config.poll_interval)
+
+    # --- reports -------------------------------------------------------------------
+
+    def report_body(self, current: str, health: HealthResult | None) -> dict[str, Any]:
+        """DESIGN §4 report body: the failure that concerns the desired generation, if any."""
+        state = self.store.load()
+        body: dict[str, Any] = {
+            "current_generation": current,
+            "tags": list(self.config.tags),
+            "agent_version": __version__,
+            "uptime_seconds": int(time.monotonic() - self.started),
+        }
+        if health is not None:
+            body["health"] = healthmod.to_dict(health)
+        failed, message = self._failure_for(state, current)
+        if failed is not None:
+            body.update(success=False, message=message, attempted_generation=failed)
+        else:
+            last = state.last_outcome
+            ok = last is not None and last.success and last.generation == current
+            body.update(success=True, message=last.message if ok and last else "running")
+        body["message"] = body["message"][:MESSAGE_MAX]
+        return body
+
+    def _failure_for(self, state: AgentState, current: str) -> tuple[str | None, str]:
+        desired = state.last_desired
+        ff = self.fetch_failure
+        if ff is not None and ff.generation == desired and desired != current:
+            return ff.generation, ff.message
+        if desired is not None and desired != current and desired in state.failures:
+            return desired, state.failures[desired].message
+        last = state.last_outcome
+        if desired is None and last is not None and not last.success:
+            return last.generation, last.message
+        return None, ""
+
+    def _report(self, client: Client, health: HealthResult | None) -> Desired | None:
+        current = observe_current(self.config)
+        if current is None:
+            log.warning("no current system at %s: not reporting (the control plane needs "
+                        "a current generation)", self.config.current_system)
+            return None
+        answer = client.report(self.config.machine_id, self.report_body(current, health))
+        desired = Desired.from_response(answer)
+        state = self.store.load()
+        if state.last_desired != desired.generation:
+            self.store.save(replace(state, last_desired=desired.generation))
+        return desired
+
+    def _ask_desired(self, client: Client) -> Desired:
+        """Read-only look-up, for dry-run and for a machine with no current system."""
+        mid = urllib.parse.quote(self.config.machine_id, safe="")
+        answer = client.get(f"/api/v1/machines/{mid}/desired-generation")
+        return Desired.from_response(answer if isinstance(answer, dict) else {})
+
+    # --- one cycle -----------------------------------------------------------------
+
+    def cycle(self) -> tuple[Status, float]:
+        """Run one cycle; return its status and how long to sleep before the next."""
+        if not self.recovered:
+            self.recovered = True
+            result = self.activator.recover()
+            if result is not None:
+                log.info("recovered unfinished activation: %s", result.message)
+        client = self._client()
+        if client is None:
+            log.error("no machine token (looked in token_file, $CREDENTIALS_DIRECTORY/token, "
+                      "%s/token) and no usable enrollment token", self.config.state_dir)
+            return Status.AUTH, self._delay(self.config.poll_interval)
+        try:
+            status, hint = self._converge(client)
+        except UnreachableError as e:
+            self.failed_polls += 1
+            delay = self._delay(self.backoff())
+            log.warning("control plane unreachable (%d in a row): %s; keeping the current "
+                        "generation; retrying in %.2fs (back-off %gs)",
+                        self.failed_polls, e.detail, delay, self.backoff())
+            return Status.UNREACHABLE, delay
+        except NixfleetError as e:
+            self.failed_polls = 0
+            log.error("control plane refused the agent: %s", e)
+            return (Status.AUTH if e.exit_code == Status.AUTH else Status.FAILED,
+                    self._delay(self.config.poll_interval))
+        if self.failed_polls:
+            log.info("control plane reachable again after %d failed polls", self.failed_polls)
+        self.failed_polls = 0
+        return status, self._delay(hint if hint is not None else self.config.poll_interval)
+
+    def _converge(self, client: Client) -> tuple[Status, float | None]:
+        current = observe_current(self.config)
+        if self.config.dry_run:
+            desired = self._ask_desired(client)
+            want = decide(desired.generation, current, self.store.load(),
+                          desired.retry_requested_at)
+            if want and desired.generation:
+                log.info("%s", self.activator.plan(desired.generation,
+                                                   desired.cache_url or self.config.cache_url))
+            else:
+                log.info("dry-run: nothing to do (current %s, desired %s)", current,
+                         desired.generation)
+            return Status.OK, desired.poll_hint
+        if current is None:
+            desired = self._ask_desired(client)
+        else:
+            answer = self._report(client, healthmod.run_configured(self.config))
+            assert answer is not None
+            desired = answer
+        state = self.store.load()
+        if state.last_desired != desired.generation:
+            self.store.save(replace(state, last_desired=desired.generation))
+            state = self.store.load()
+        if desired.generation is None or desired.generation == current:
+            self.fetch_failure = None
+            return Status.OK, desired.poll_hint
+        if not decide(desired.generation, current, state, desired.retry_requested_at):
+            log.info("not re-applying %s: it failed here at %s (%s); waiting for a new desired "
+                     "generation or a retry request", desired.generation,
+                     state.failures[desired.generation].at,
+                     state.failures[desired.generation].message)
+            return Status.OK, desired.poll_hint
+        result = self.activator.deploy(desired.generation,
+                                       desired.cache_url or self.config.cache_url)
+        self.fetch_failure = None if result.changed or result.success else result
+        health = result.health if result.success else healthmod.run_configured(self.config)
+        after = self._report(client, health)
+        status = Status.OK if result.success else Status.FAILED
+        hint = after.poll_hint if after is not None else desired.poll_hint
+        return status, hint
+
+    # --- the loop ------------------------------------------------------------------
+
+    def run(self, once: bool = False) -> int:
+        log.info("nixfleet-agent %s for %s, control plane %s%s", __version__,
+                 self.config.machine_id, self.config.control_plane_url,
+                 " (dry-run)" if self.config.dry_run else "")
+        try:
+            while True:
+                status, delay = self.cycle()
+                if once:
+                    return int(status)
+                log.debug("sleeping %.2fs", delay)
+                if self.stop_event.wait(delay):
+                    log.info("stopping")
+                    return 0
+        finally:
+            if self.client is not None:
+                self.client.close()

@@ -1,0 +1,42 @@
+"""create_app(settings, store): the route table, middleware and error handling.
+
+ROUTES is the single list of what the API serves; the OpenAPI document, the
+permission matrix test and the docs are all generated from it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import falcon
+
+from nixfleet.api import errors, machines, openapi, status
+from nixfleet.api.auth import AuthMiddleware
+from nixfleet.api.context import Context
+from nixfleet.controlplane.config import Settings
+from nixfleet.store import Store
+
+ROUTES: list[tuple[str, type[Any]]] = [
+    ("/health", status.Health),
+    ("/metrics", status.Metrics),
+    ("/api/v1/openapi.json", openapi.OpenAPI),
+    ("/api/v1/status", status.Status),
+    ("/api/v1/machines", machines.MachineCollection),
+    ("/api/v1/machines/{machine_id}", machines.MachineItem),
+    ("/api/v1/machines/{machine_id}/report", machines.MachineReport),
+    ("/api/v1/machines/{machine_id}/lifecycle", machines.MachineLifecycle),
+    ("/api/v1/machines/{machine_id}/tags", machines.MachineTags),
+    ("/api/v1/machines/{machine_id}/desired-generation", machines.DesiredGeneration),
+    ("/api/v1/machines/{machine_id}/retry", machines.MachineRetry),
+]
+
+
+def create_app(settings: Settings, store: Store) -> falcon.App:
+    ctx = Context(settings=settings, store=store)
+    app = falcon.App(middleware=[AuthMiddleware(store)], cors_enable=False)
+    app.req_options.strip_url_path_trailing_slash = True
+    app.resp_options.default_media_type = falcon.MEDIA_JSON
+    errors.register(app)
+    for path, resource in ROUTES:
+        app.add_route(path, resource(ctx))
+    return app

@@ -1,0 +1,115 @@
+"""Who is asking, and may they? Every request gets an Actor before its responder runs.
+
+Each route declares, per method, the least permission it needs (see app.ROUTES);
+the middleware enforces it, so a responder never checks credentials itself and a
+route cannot be added without saying who may call it.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import falcon
+
+from nixfleet.errors import AuthenticationError, PermissionDeniedError
+from nixfleet.store import Store
+from nixfleet.store import credentials as creds
+
+ROLE_RANK = {"readonly": 1, "deploy": 2, "admin": 3}
+
+
+class Perm(StrEnum):
+    PUBLIC = "public"
+    READONLY = "readonly"
+    DEPLOY = "deploy"
+    ADMIN = "admin"
+    AGENT = "agent"  # the token of the machine named in the path
+    AGENT_OR_READONLY = "agent-or-readonly"
+
+
+@dataclass(frozen=True)
+class Actor:
+    kind: str  # "key", "machine", "anonymous", "reconciler", "host"
+    name: str
+    role: str | None = None
+
+    @property
+    def label(self) -> str:
+        """How the audit log names this actor."""
+        return f"{self.kind}:{self.name}"
+
+
+ANONYMOUS = Actor("anonymous", "-")
+
+
+def _bearer(req: falcon.Request) -> str | None:
+    header = req.get_header("Authorization")
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationError("use the header `Authorization: Bearer <key or token>`")
+    return token.strip()
+
+
+def _resolve(store: Store, token: str | None) -> Actor:
+    if token is None:
+        return ANONYMOUS
+    conn = store.connection()
+    if token.startswith(creds.TOKEN_PREFIX):
+        machine = creds.token_machine(conn, token)
+        if machine is not None:
+            return Actor("machine", machine)
+    else:
+        found = creds.key_role(conn, token)
+        if found is not None:
+            return Actor("key", found[0], found[1])
+    raise AuthenticationError("the API key or machine token is unknown or revoked")
+
+
+def authorize(actor: Actor, perm: Perm, machine_id: str | None) -> None:
+    """Raise 401/403 unless actor may use a route needing perm."""
+    if perm is Perm.PUBLIC:
+        return
+    if actor is ANONYMOUS:
+        raise AuthenticationError(
+            "credentials required: pass --api-key / NIXFLEET_API_KEY (operators) or the "
+            "machine token (agents)"
+        )
+    if actor.kind == "machine":
+        is_own = machine_id is not None and hmac.compare_digest(actor.name, machine_id)
+        if perm in (Perm.AGENT, Perm.AGENT_OR_READONLY) and is_own:
+            return
+        raise PermissionDeniedError(
+            f"the token of machine {actor.name!r} may only report for and read that machine"
+        )
+    if perm is Perm.AGENT:
+        raise PermissionDeniedError("only the machine's own agent token may use this route")
+    needed = "readonly" if perm is Perm.AGENT_OR_READONLY else perm.value
+    if ROLE_RANK.get(actor.role or "", 0) < ROLE_RANK[needed]:
+        raise PermissionDeniedError(
+            f"key {actor.name!r} has role {actor.role}; this needs {needed} or higher"
+        )
+
+
+class AuthMiddleware:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def process_resource(
+        self, req: falcon.Request, resp: falcon.Response, resource: Any, params: dict[str, Any]
+    ) -> None:
+        req.context.actor = ANONYMOUS
+        if resource is None:
+            return
+        perms: dict[str, Perm] = resource.permissions
+        perm = perms.get(req.method)
+        if perm is None:
+            return  # Falcon answers 405 for methods the resource lacks
+        if perm is Perm.PUBLIC:
+            return
+        req.context.actor = _resolve(self.store, _bearer(req))
+        authorize(req.context.actor, perm, params.get("machine_id"))

@@ -1,0 +1,66 @@
+"""The one place errors become HTTP responses: application/problem+json."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import falcon
+
+from nixfleet.errors import NixfleetError
+
+log = logging.getLogger(__name__)
+
+PROBLEM = "application/problem+json"
+TYPE_BASE = "https://nixfleet.dev/problems/"
+
+
+def problem(
+    resp: falcon.Response,
+    status: int,
+    title: str,
+    detail: str,
+    slug: str,
+    errors: list[dict[str, Any]] | None = None,
+) -> None:
+    body: dict[str, Any] = {
+        "type": TYPE_BASE + slug,
+        "title": title,
+        "status": status,
+        "detail": detail,
+    }
+    if errors:
+        body["errors"] = errors
+    resp.status = falcon.code_to_http_status(status)
+    resp.content_type = PROBLEM
+    resp.text = json.dumps(body)
+    if status == 401:
+        resp.set_header("WWW-Authenticate", 'Bearer realm="nixfleet"')
+
+
+def handle(req: falcon.Request, resp: falcon.Response, ex: Exception, params: Any) -> None:
+    if isinstance(ex, NixfleetError):
+        problem(
+            resp,
+            ex.http_status,
+            ex.title,
+            ex.detail,
+            ex.slug,
+            [e.to_dict() for e in ex.errors],
+        )
+    elif isinstance(ex, falcon.HTTPError):
+        status = ex.status_code
+        slug = {404: "not-found", 405: "method-not-allowed"}.get(status, "http-error")
+        problem(resp, status, ex.title or "Error", ex.description or ex.title or "", slug)
+        for name, value in (ex.headers or {}).items():
+            resp.set_header(name, value)
+    else:
+        log.exception("unhandled error on %s %s", req.method, req.path)
+        problem(resp, 500, "Internal error", "the control plane failed; see its log", "internal")
+
+
+def register(app: falcon.App) -> None:
+    app.add_error_handler(Exception, handle)
+    app.add_error_handler(falcon.HTTPError, handle)
+    app.add_error_handler(NixfleetError, handle)

@@ -1,0 +1,346 @@
+"""Machine resources: registration, lifecycle, tags, desired generation, reports."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import falcon
+
+from nixfleet.api.auth import Perm
+from nixfleet.api.body import read_document
+from nixfleet.api.context import Context
+from nixfleet.errors import FieldError, ValidationError
+from nixfleet.models import (
+    HealthResult,
+    Lifecycle,
+    Machine,
+    Report,
+    isoformat,
+    utcnow,
+    validate_hostname,
+)
+from nixfleet.store import audit, credentials, machines
+
+
+def machine_json(m: Machine, now: datetime, stale_after: int) -> dict[str, Any]:
+    # A machine that never reported is not stale, only pending: stale means it went quiet.
+    stale = m.last_report_at is not None and (now - m.last_report_at).total_seconds() > stale_after
+    out: dict[str, Any] = {
+        "id": m.id,
+        "lifecycle": m.lifecycle.value,
+        "tags": list(m.tags),
+        "agent_tags": list(m.agent_tags),
+        "operator_tags": list(m.operator_tags),
+        "current_generation": m.current_generation,
+        "desired_generation": m.desired_generation,
+        "desired_cache_url": m.desired_cache_url,
+        "desired_source": m.desired_source,
+        "sync": m.sync.value,
+        "failed_generation": m.failed_generation,
+        "last_report_at": isoformat(m.last_report_at),
+        "stale": stale,
+        "system_state": m.system_state.value,
+        "last_success": m.last_success,
+        "last_message": m.last_message,
+        "agent_version": m.agent_version,
+        "registered_at": isoformat(m.registered_at),
+        "retry_requested_at": isoformat(m.retry_requested_at),
+    }
+    return out
+
+
+def report_json(r: Report) -> dict[str, Any]:
+    return {
+        "received_at": isoformat(r.received_at),
+        "current_generation": r.current_generation,
+        "success": r.success,
+        "message": r.message,
+        "attempted_generation": r.attempted_generation,
+        "health": None
+        if r.health is None
+        else {
+            "all_passed": r.health.all_passed,
+            "results": [vars(x) for x in r.health.results],
+        },
+        "agent_version": r.agent_version,
+        "uptime_seconds": r.uptime_seconds,
+    }
+
+
+def _lifecycle_param(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return Lifecycle(value).value
+    except ValueError:
+        raise ValidationError(
+            f"unknown lifecycle {value!r}",
+            errors=[FieldError("lifecycle", f"one of: {', '.join(Lifecycle)}")],
+        ) from None
+
+
+def tag_params(req: falcon.Request) -> list[str]:
+    """`?tag=a&tag=b` and `?tag=a,b` both mean: carrying a and b."""
+    return [t for v in req.get_param_as_list("tag") or [] for t in v.split(",") if t]
+
+
+class MachineCollection:
+    permissions = {"GET": Perm.READONLY, "POST": Perm.ADMIN}
+    schemas = {"POST": "machine-register"}
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """List machines; `tag` (repeatable: all must match) and `lifecycle` filter."""
+        lifecycle = _lifecycle_param(req.get_param("lifecycle"))
+        tags = tag_params(req)
+        now = utcnow()
+        with self.ctx.store.read() as conn:
+            found = machines.list_machines(conn, tags, lifecycle)
+        stale = self.ctx.settings.stale_after
+        resp.media = {"machines": [machine_json(m, now, stale) for m in found]}
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Register a machine, optionally issuing its agent token (shown once)."""
+        doc = read_document(req, "machine-register", self.ctx.limit, "registration")
+        machine_id = doc["id"]
+        now = utcnow()
+        lifecycle = Lifecycle(doc.get("lifecycle", "pending"))
+        with self.ctx.store.transaction() as conn:
+            machines.register(conn, machine_id, doc.get("tags", []), lifecycle, now)
+            token = credentials.issue_token(conn, machine_id, now) if doc.get("issue_token") else None
+            audit.record(
+                conn,
+                req.context.actor.label,
+                "machine.register",
+                machine_id,
+                now,
+                {"lifecycle": lifecycle.value, "tags": doc.get("tags", []), "token": bool(token)},
+            )
+            machine = machines.get(conn, machine_id)
+        out = machine_json(machine, now, self.ctx.settings.stale_after)
+        if token:
+            out["token"] = token
+        resp.status = falcon.HTTP_201
+        resp.location = f"/api/v1/machines/{machine_id}"
+        resp.media = out
+
+
+class MachineItem:
+    permissions = {"GET": Perm.READONLY}
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, machine_id: str) -> None:
+        """One machine with its recent reports."""
+        validate_hostname(machine_id)
+        now = utcnow()
+        with self.ctx.store.read() as conn:
+            m = machines.get(conn, machine_id, recent=20)
+        out = machine_json(m, now, self.ctx.settings.stale_after)
+        out["health"] = (
+            None
+            if m.health is None
+            else {"all_passed": m.health.all_passed, "results": [vars(r) for r in m.health.results]}
+        )
+        out["recent_reports"] = [report_json(r) for r in m.recent_reports]
+        resp.media = out
+
+
+class MachineLifecycle:
+    permissions = {"PATCH": Perm.ADMIN}
+    schemas = {"PATCH": "machine-lifecycle"}
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def on_patch(self, req: falcon.Request, resp: falcon.Response, machine_id: str) -> None:
+        """Change the lifecycle state; invalid transitions get 409 naming the allowed ones."""
+        validate_hostname(machine_id)
+        doc = read_document(req, "machine-lifecycle", self.ctx.limit, "lifecycle change")
+        target = Lifecycle(doc["lifecycle"])
+        now = utcnow()
+        with self.ctx.store.transaction() as conn:
+            previous = machines.set_lifecycle(conn, machine_id, target)
+            if target is Lifecycle.DECOMMISSIONED:
+                credentials.revoke_token(conn, machine_id)
+            audit.record(
+                conn,
+                req.context.actor.label,
+                "machine.lifecycle",
+                machine_id,
+                now,
+                {"from": previous.value, "to": target.value},
+            )
+            m = machines.get(conn, machine_id)
+        resp.media = machine_json(m, now, self.ctx.settings.stale_after)
+
+
+class MachineTags:
+    permissions = {"POST": Perm.ADMIN, "DELETE": Perm.ADMIN}
+    schemas = {"POST": "machine-tags", "DELETE": "machine-tags"}
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def _change(self, req: falcon.Request, resp: falcon.Response, machine_id: str, add: bool) -> None:
+        validate_hostname(machine_id)
+        doc = read_document(req, "machine-tags", self.ctx.limit, "tags")
+        now = utcnow()
+        with self.ctx.store.transaction() as conn:
+            machines.get(conn, machine_id)  # 404 before writing anything
+            if add:
+                machines.set_tags(conn, machine_id, doc["tags"], "operator", replace=False)
+            else:
+                machines.remove_tags(conn, machine_id, doc["tags"])
+            audit.record(
+                conn,
+                req.context.actor.label,
+                "machine.tag" if add else "machine.untag",
+                machine_id,
+                now,
+                {"tags": doc["tags"]},
+            )
+            m = machines.get(conn, machine_id)
+        resp.media = machine_json(m, now, self.ctx.settings.stale_after)
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, machine_id: str) -> None:
+        """Add operator tags."""
+        self._change(req, resp, machine_id, add=True)
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, machine_id: str) -> None:
+        """Remove operator tags (agent tags come from the NixOS config)."""
+        self._change(req, resp, machine_id, add=False)
+
+
+def desired_json(row: Any, poll_hint: int | None) -> dict[str, Any]:
+    return {
+        "desired_generation": row["desired_generation"],
+        "cache_url": row["desired_cache_url"],
+        "poll_hint": poll_hint,
+        "retry_requested_at": row["retry_requested_at"],
+    }
+
+
+class DesiredGeneration:
+    permissions = {"GET": Perm.AGENT_OR_READONLY, "PUT": Perm.DEPLOY, "DELETE": Perm.ADMIN}
+    schemas = {"PUT": "desired-generation"}
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, machine_id: str) -> None:
+        """The generation this machine should run, and where to fetch it."""
+        validate_hostname(machine_id)
+        with self.ctx.store.read() as conn:
+            m = machines.get(conn, machine_id)
+        resp.media = {
+            "desired_generation": m.desired_generation,
+            "cache_url": m.desired_cache_url,
+            "source": m.desired_source,
+        }
+
+    def on_put(self, req: falcon.Request, resp: falcon.Response, machine_id: str) -> None:
+        """Set the desired generation by hand (outside any rollout)."""
+        validate_hostname(machine_id)
+        doc = read_document(req, "desired-generation", self.ctx.limit, "desired generation")
+        self._set(req, resp, machine_id, doc["store_path"], doc.get("cache_url"), "operator")
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, machine_id: str) -> None:
+        """Clear the desired generation: the agent keeps what it runs."""
+        validate_hostname(machine_id)
+        self._set(req, resp, machine_id, None, None, None)
+
+    def _set(
+        self,
+        req: falcon.Request,
+        resp: falcon.Response,
+        machine_id: str,
+        path: str | None,
+        cache_url: str | None,
+        source: str | None,
+    ) -> None:
+        now = utcnow()
+        with self.ctx.store.transaction() as conn:
+            before = machines.get(conn, machine_id)
+            machines.set_desired(conn, machine_id, path, cache_url, source, now)
+            audit.record(
+                conn,
+                req.context.actor.label,
+                "machine.set-desired" if path else "machine.clear-desired",
+                machine_id,
+                now,
+                {"from": before.desired_generation, "to": path, "cache_url": cache_url},
+            )
+            m = machines.get(conn, machine_id)
+        resp.media = machine_json(m, now, self.ctx.settings.stale_after)
+
+
+class MachineRetry:
+    permissions = {"POST": Perm.DEPLOY}
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, machine_id: str) -> None:
+        """Ask the agent to retry a desired generation that failed on it."""
+        validate_hostname(machine_id)
+        now = utcnow()
+        with self.ctx.store.transaction() as conn:
+            before = machines.get(conn, machine_id)
+            machines.request_retry(conn, machine_id, now)
+            audit.record(
+                conn,
+                req.context.actor.label,
+                "machine.retry",
+                machine_id,
+                now,
+                {"failed_generation": before.failed_generation},
+            )
+            m = machines.get(conn, machine_id)
+        resp.media = machine_json(m, now, self.ctx.settings.stale_after)
+
+
+class MachineReport:
+    """The hot path: one validated body, one transaction, one small response."""
+
+    permissions = {"POST": Perm.AGENT}
+    schemas = {"POST": "report"}
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, machine_id: str) -> None:
+        """Agent report; the answer is the desired generation, cache URL and poll hint."""
+        validate_hostname(machine_id)
+        doc = read_document(req, "report", self.ctx.limit, "report")
+        now = utcnow()
+        health = doc.get("health")
+        tags = doc.get("tags")
+        report = Report(
+            machine_id=machine_id,
+            received_at=now,
+            current_generation=doc["current_generation"],
+            success=doc.get("success", True),
+            message=doc.get("message", ""),
+            attempted_generation=doc.get("attempted_generation"),
+            health=HealthResult.from_dict(health) if health is not None else None,
+            tags=tuple(tags) if tags is not None else None,
+            agent_version=doc.get("agent_version"),
+            uptime_seconds=doc.get("uptime_seconds"),
+        )
+        with self.ctx.store.transaction() as conn:
+            row, promoted = machines.record_report(conn, report, self.ctx.settings.report_retention)
+            if promoted is not None:
+                audit.record(
+                    conn,
+                    req.context.actor.label,
+                    "machine.lifecycle",
+                    machine_id,
+                    now,
+                    {"from": promoted.value, "to": "active", "reason": "first agent report"},
+                )
+        resp.media = desired_json(row, row["poll_hint"] or self.ctx.settings.default_poll_interval)

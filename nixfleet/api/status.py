@@ -1,0 +1,119 @@
+"""Fleet status: desired vs current for every machine, plus a summary. Also /health and /metrics."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import falcon
+
+from nixfleet import __version__
+from nixfleet.api.auth import Perm
+from nixfleet.api.context import Context
+from nixfleet.api.machines import machine_json, tag_params
+from nixfleet.models import Lifecycle, Sync, isoformat, utcnow
+from nixfleet.store import machines
+
+STATUS_FIELDS = (
+    "id",
+    "lifecycle",
+    "current_generation",
+    "desired_generation",
+    "sync",
+    "failed_generation",
+    "last_report_at",
+    "stale",
+    "system_state",
+    "last_message",
+    "tags",
+)
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    sync = Counter(r["sync"] for r in rows)
+    lifecycle = Counter(r["lifecycle"] for r in rows)
+    return {
+        "total": len(rows),
+        "in_sync": sync[Sync.IN_SYNC.value],
+        "updating": sync[Sync.UPDATING.value],
+        "failed": sync[Sync.FAILED.value],
+        "no_desired": sync[Sync.NO_DESIRED.value],
+        "stale": sum(1 for r in rows if r["stale"]),
+        "by_lifecycle": {state.value: lifecycle[state.value] for state in Lifecycle},
+    }
+
+
+class Status:
+    permissions = {"GET": Perm.READONLY}
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Fleet summary and desired vs current generation of every machine."""
+        now = utcnow()
+        with self.ctx.store.read() as conn:
+            found = machines.list_machines(conn, tag_params(req), req.get_param("lifecycle"))
+        stale = self.ctx.settings.stale_after
+        rows = []
+        for m in found:
+            full = machine_json(m, now, stale)
+            rows.append({k: full[k] for k in STATUS_FIELDS})
+        resp.media = {
+            "generated_at": isoformat(now),
+            "stale_after_seconds": stale,
+            "summary": summary(rows),
+            "machines": rows,
+        }
+
+
+class Health:
+    permissions = {"GET": Perm.PUBLIC}
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Liveness: the process answers and its database opens."""
+        self.ctx.store.connection().execute("SELECT 1").fetchone()
+        resp.media = {"status": "ok", "version": __version__}
+
+
+class Metrics:
+    permissions = {"GET": Perm.PUBLIC}
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Prometheus text format gauges."""
+        conn = self.ctx.store.connection()
+        by_lifecycle = dict(
+            conn.execute("SELECT lifecycle, COUNT(*) FROM machines GROUP BY lifecycle").fetchall()
+        )
+        in_sync, drift, failed = conn.execute(
+            "SELECT COALESCE(SUM(desired_generation = current_generation), 0), "
+            "COALESCE(SUM(desired_generation IS NOT NULL "
+            "AND desired_generation IS NOT current_generation), 0), "
+            "COALESCE(SUM(failed_generation IS NOT NULL "
+            "AND failed_generation = desired_generation), 0) FROM machines"
+        ).fetchone()
+        lines = [
+            "# HELP nixfleet_machines Machines known to the control plane, by lifecycle.",
+            "# TYPE nixfleet_machines gauge",
+            *(
+                f'nixfleet_machines{{lifecycle="{s.value}"}} {by_lifecycle.get(s.value, 0)}'
+                for s in Lifecycle
+            ),
+            "# HELP nixfleet_machines_in_sync Machines whose current generation is the desired one.",
+            "# TYPE nixfleet_machines_in_sync gauge",
+            f"nixfleet_machines_in_sync {in_sync}",
+            "# HELP nixfleet_machines_out_of_sync Machines with a desired generation not yet reached.",
+            "# TYPE nixfleet_machines_out_of_sync gauge",
+            f"nixfleet_machines_out_of_sync {drift}",
+            "# HELP nixfleet_machines_failed Machines whose desired generation failed there.",
+            "# TYPE nixfleet_machines_failed gauge",
+            f"nixfleet_machines_failed {failed}",
+        ]
+        resp.content_type = "text/plain; version=0.0.4"
+        resp.text = "\n".join(lines) + "\n"

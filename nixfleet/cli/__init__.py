@@ -1,0 +1,1 @@
+"""The `nixfleet` command line: thin Click commands over the client and library."""

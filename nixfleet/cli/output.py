@@ -1,0 +1,72 @@
+"""Rendering: tables, JSON, times and generations. Results go to stdout, messages to stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import click
+
+from nixfleet.cli.config import color_allowed
+from nixfleet.models import parse_time, utcnow
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def use_color() -> bool:
+    return color_allowed() and sys.stdout.isatty()
+
+
+def style(text: str, **kwargs: Any) -> str:
+    return click.style(text, **kwargs) if use_color() else text
+
+
+def message(text: str) -> None:
+    """A human note: stderr, so stdout stays parseable."""
+    click.echo(text, err=True)
+
+
+def short_generation(path: str | None, wide: bool = False) -> str:
+    """/nix/store/<32 hash>-<name> -> <7 hash>-<name> (the whole path with --wide)."""
+    if not path:
+        return "-"
+    if wide:
+        return path
+    base = path.rsplit("/", 1)[-1]
+    digest, _, name = base.partition("-")
+    return f"{digest[:7]}-{name}" if name else base[:7]
+
+
+def ago(value: str | None, now: datetime | None = None) -> str:
+    when = parse_time(value)
+    if when is None:
+        return "never"
+    seconds = int(((now or utcnow()) - when).total_seconds())
+    if seconds < 0:
+        seconds = 0
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], colors: dict[int, Any] | None = None) -> None:
+    """Left-aligned columns; colours (per column, a function of the cell) only on a TTY."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+    for row in rows:
+        cells = []
+        for i, (cell, width) in enumerate(zip(row, widths, strict=True)):
+            padded = cell.ljust(width)
+            if colors and i in colors:
+                padded = style(padded, **colors[i](cell))
+            cells.append(padded)
+        click.echo("  ".join(cells).rstrip())

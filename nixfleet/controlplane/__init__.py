@@ -1,0 +1,1 @@
+"""Control-plane process wiring: settings, waitress server, reconciler thread."""

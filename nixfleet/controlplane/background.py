@@ -1,0 +1,39 @@
+"""The control plane's background thread: reconcile rollouts, tick after tick.
+
+Each tick is one transaction (see nixfleet.reconciler); a tick that fails is
+logged and retried on the next interval, never fatal to the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from nixfleet.controlplane.config import Settings
+from nixfleet.store import Store
+
+log = logging.getLogger("nixfleet.controlplane.background")
+
+# Jobs run in order every interval; later issues append to this list.
+Job = Callable[[Settings, Store], None]
+JOBS: list[Job] = []
+
+
+def run_once(settings: Settings, store: Store) -> None:
+    for job in JOBS:
+        try:
+            job(settings, store)
+        except Exception:
+            log.exception("background job %s failed; retrying next tick", job.__name__)
+
+
+def start(settings: Settings, store: Store, stop: threading.Event) -> threading.Thread:
+    def loop() -> None:
+        while not stop.is_set():
+            run_once(settings, store)
+            stop.wait(settings.reconcile_interval)
+
+    thread = threading.Thread(target=loop, name="nixfleet-background", daemon=True)
+    thread.start()
+    return thread

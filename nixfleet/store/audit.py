@@ -1,0 +1,57 @@
+"""The audit log: every mutation, with its actor."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from nixfleet.models import isoformat
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    id: int
+    at: str
+    actor: str
+    action: str
+    target: str
+    detail: dict[str, Any]
+
+
+def record(
+    conn: sqlite3.Connection,
+    actor: str,
+    action: str,
+    target: str,
+    now: datetime,
+    detail: Mapping[str, Any] | None = None,
+) -> None:
+    conn.execute(
+        "INSERT INTO audit (at, actor, action, target, detail_json) VALUES (?, ?, ?, ?, ?)",
+        (isoformat(now), actor, action, target, json.dumps(dict(detail or {}), sort_keys=True)),
+    )
+
+
+def query(
+    conn: sqlite3.Connection,
+    actor: str | None = None,
+    action: str | None = None,
+    target: str | None = None,
+    limit: int = 100,
+) -> list[AuditEntry]:
+    clauses, params = [], []
+    for column, value in (("actor", actor), ("action", action), ("target", target)):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    where = " WHERE " + " AND ".join(clauses) if clauses else ""
+    rows = conn.execute(
+        f"SELECT id, at, actor, action, target, detail_json FROM audit{where} "
+        "ORDER BY id DESC LIMIT ?",
+        (*params, limit),
+    )
+    return [AuditEntry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]

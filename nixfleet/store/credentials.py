@@ -1,0 +1,112 @@
+"""Operator API keys and per-machine agent tokens, stored as SHA-256 hashes.
+
+Secrets are 256-bit random values, so a fast hash is enough (no password
+stretching needed) and lookup by hash keeps authentication one indexed query.
+The plaintext is returned once, at creation, and never stored or logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import sqlite3
+from dataclasses import dataclass
+from datetime import datetime
+
+from nixfleet.errors import ConflictError, NotFoundError
+from nixfleet.models import isoformat
+
+ROLES = ("readonly", "deploy", "admin")
+KEY_PREFIX = "nfk_"
+TOKEN_PREFIX = "nfm_"
+
+
+def digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    name: str
+    role: str
+    created_at: str
+    created_by: str
+    revoked_at: str | None
+
+
+def create_key(
+    conn: sqlite3.Connection, name: str, role: str, created_by: str, now: datetime
+) -> str:
+    if conn.execute("SELECT 1 FROM api_keys WHERE name = ?", (name,)).fetchone():
+        raise ConflictError(f"an API key named {name!r} exists; revoke it or pick another name")
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    conn.execute(
+        "INSERT INTO api_keys (name, role, key_hash, created_at, created_by) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (name, role, digest(key), isoformat(now), created_by),
+    )
+    return key
+
+
+def import_key(
+    conn: sqlite3.Connection, name: str, role: str, key: str, created_by: str, now: datetime
+) -> bool:
+    """Install a key whose plaintext the host provides (the admin key file); idempotent."""
+    hashed = digest(key)
+    if conn.execute("SELECT 1 FROM api_keys WHERE key_hash = ?", (hashed,)).fetchone():
+        return False
+    conn.execute(
+        "INSERT INTO api_keys (name, role, key_hash, created_at, created_by) "
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+        "role = excluded.role, key_hash = excluded.key_hash, revoked_at = NULL",
+        (name, role, hashed, isoformat(now), created_by),
+    )
+    return True
+
+
+def list_keys(conn: sqlite3.Connection) -> list[ApiKey]:
+    rows = conn.execute(
+        "SELECT name, role, created_at, created_by, revoked_at FROM api_keys ORDER BY name"
+    )
+    return [ApiKey(*r) for r in rows]
+
+
+def revoke_key(conn: sqlite3.Connection, name: str, now: datetime) -> None:
+    cur = conn.execute(
+        "UPDATE api_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+        (isoformat(now), name),
+    )
+    if cur.rowcount == 0:
+        raise NotFoundError(f"no active API key named {name!r}; see `nixfleet keys list`")
+
+
+def key_role(conn: sqlite3.Connection, key: str) -> tuple[str, str] | None:
+    """(name, role) of an active key, or None."""
+    row = conn.execute(
+        "SELECT name, role FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL",
+        (digest(key),),
+    ).fetchone()
+    return (row[0], row[1]) if row else None
+
+
+def issue_token(conn: sqlite3.Connection, machine_id: str, now: datetime) -> str:
+    """Issue (or rotate: the old token stops working at once) a machine's agent token."""
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    conn.execute(
+        "INSERT INTO machine_tokens (machine_id, token_hash, created_at) VALUES (?, ?, ?) "
+        "ON CONFLICT (machine_id) DO UPDATE SET token_hash = excluded.token_hash, "
+        "created_at = excluded.created_at",
+        (machine_id, digest(token), isoformat(now)),
+    )
+    return token
+
+
+def token_machine(conn: sqlite3.Connection, token: str) -> str | None:
+    row = conn.execute(
+        "SELECT machine_id FROM machine_tokens WHERE token_hash = ?", (digest(token),)
+    ).fetchone()
+    return row[0] if row else None
+
+
+def revoke_token(conn: sqlite3.Connection, machine_id: str) -> None:
+    conn.execute("DELETE FROM machine_tokens WHERE machine_id = ?", (machine_id,))

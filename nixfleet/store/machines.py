@@ -1,0 +1,292 @@
+"""Machines, their tags and desired generations.
+
+Reads are set-based: a listing is two queries (machines, then their tags), whatever
+the fleet size. Writes take the connection of an open transaction from the caller,
+so one API request is one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+
+from nixfleet.errors import ConflictError, GoneError, NotFoundError
+from nixfleet.models import (
+    HealthResult,
+    Lifecycle,
+    Machine,
+    Report,
+    SystemState,
+    check_transition,
+    isoformat,
+    parse_time,
+)
+from nixfleet.store import reports
+
+COLUMNS = (
+    "id, lifecycle, registered_at, current_generation, desired_generation, "
+    "desired_cache_url, desired_source, last_report_at, agent_version, system_state, "
+    "last_success, last_message, failed_generation, health_json, retry_requested_at"
+)
+
+
+def _filter_sql(tags: Sequence[str], lifecycle: str | None) -> tuple[str, list[object]]:
+    """WHERE clause selecting machines carrying all tags (and the lifecycle, if given)."""
+    clauses: list[str] = []
+    params: list[object] = []
+    if lifecycle is not None:
+        clauses.append("lifecycle = ?")
+        params.append(lifecycle)
+    wanted = sorted(set(tags))
+    if wanted:
+        marks = ",".join("?" * len(wanted))
+        clauses.append(
+            f"id IN (SELECT machine_id FROM machine_tags WHERE tag IN ({marks}) "
+            "GROUP BY machine_id HAVING COUNT(DISTINCT tag) = ?)"
+        )
+        params.extend(wanted)
+        params.append(len(wanted))
+    where = " WHERE " + " AND ".join(clauses) if clauses else ""
+    return where, params
+
+
+def _tags_by_machine(
+    conn: sqlite3.Connection, where: str, params: list[object]
+) -> dict[str, dict[str, list[str]]]:
+    sql = "SELECT machine_id, tag, source FROM machine_tags"
+    if where:
+        sql += f" WHERE machine_id IN (SELECT id FROM machines{where})"
+    out: dict[str, dict[str, list[str]]] = defaultdict(lambda: {"agent": [], "operator": []})
+    for machine_id, tag, source in conn.execute(sql + " ORDER BY machine_id, tag", params):
+        out[machine_id][source].append(tag)
+    return out
+
+
+def _machine(row: sqlite3.Row, tags: dict[str, list[str]] | None) -> Machine:
+    agent = tuple(tags["agent"]) if tags else ()
+    operator = tuple(tags["operator"]) if tags else ()
+    health = row["health_json"]
+    success = row["last_success"]
+    return Machine(
+        id=row["id"],
+        lifecycle=Lifecycle(row["lifecycle"]),
+        registered_at=parse_time(row["registered_at"]),  # type: ignore[arg-type]
+        tags=tuple(sorted(set(agent) | set(operator))),
+        agent_tags=agent,
+        operator_tags=operator,
+        current_generation=row["current_generation"],
+        desired_generation=row["desired_generation"],
+        desired_cache_url=row["desired_cache_url"],
+        desired_source=row["desired_source"],
+        last_report_at=parse_time(row["last_report_at"]),
+        agent_version=row["agent_version"],
+        system_state=SystemState(row["system_state"]),
+        last_success=None if success is None else bool(success),
+        last_message=row["last_message"],
+        failed_generation=row["failed_generation"],
+        health=HealthResult.from_dict(json.loads(health)) if health else None,
+        retry_requested_at=parse_time(row["retry_requested_at"]),
+    )
+
+
+def list_machines(
+    conn: sqlite3.Connection, tags: Sequence[str] = (), lifecycle: str | None = None
+) -> list[Machine]:
+    where, params = _filter_sql(tags, lifecycle)
+    tag_map = _tags_by_machine(conn, where, params)
+    rows = conn.execute(f"SELECT {COLUMNS} FROM machines{where} ORDER BY id", params)
+    return [_machine(row, tag_map.get(row["id"])) for row in rows]
+
+
+def machine_ids(
+    conn: sqlite3.Connection, tags: Sequence[str] = (), lifecycle: str | None = None
+) -> list[str]:
+    where, params = _filter_sql(tags, lifecycle)
+    return [r[0] for r in conn.execute(f"SELECT id FROM machines{where} ORDER BY id", params)]
+
+
+def get(conn: sqlite3.Connection, machine_id: str, recent: int = 0) -> Machine:
+    row = conn.execute(f"SELECT {COLUMNS} FROM machines WHERE id = ?", (machine_id,)).fetchone()
+    if row is None:
+        raise NotFoundError(
+            f"machine {machine_id!r} is not registered; see `nixfleet machines list`"
+        )
+    where, params = " WHERE id = ?", [machine_id]
+    machine = _machine(row, _tags_by_machine(conn, where, params).get(machine_id))
+    if recent:
+        from dataclasses import replace
+
+        machine = replace(machine, recent_reports=tuple(reports.recent(conn, machine_id, recent)))
+    return machine
+
+
+def _lifecycle(conn: sqlite3.Connection, machine_id: str) -> Lifecycle:
+    row = conn.execute("SELECT lifecycle FROM machines WHERE id = ?", (machine_id,)).fetchone()
+    if row is None:
+        raise NotFoundError(
+            f"machine {machine_id!r} is not registered; see `nixfleet machines list`"
+        )
+    return Lifecycle(row[0])
+
+
+def register(
+    conn: sqlite3.Connection,
+    machine_id: str,
+    tags: Iterable[str],
+    lifecycle: Lifecycle,
+    now: datetime,
+) -> None:
+    if conn.execute("SELECT 1 FROM machines WHERE id = ?", (machine_id,)).fetchone():
+        raise ConflictError(
+            f"machine {machine_id!r} is already registered; use `nixfleet machines tag` or "
+            "`set-lifecycle` to change it"
+        )
+    conn.execute(
+        "INSERT INTO machines (id, lifecycle, registered_at) VALUES (?, ?, ?)",
+        (machine_id, lifecycle.value, isoformat(now)),
+    )
+    set_tags(conn, machine_id, tags, "operator", replace=False)
+
+
+def set_lifecycle(conn: sqlite3.Connection, machine_id: str, target: Lifecycle) -> Lifecycle:
+    """Apply a checked transition; return the previous state."""
+    current = _lifecycle(conn, machine_id)
+    check_transition(machine_id, current, target)
+    conn.execute("UPDATE machines SET lifecycle = ? WHERE id = ?", (target.value, machine_id))
+    return current
+
+
+def set_tags(
+    conn: sqlite3.Connection,
+    machine_id: str,
+    tags: Iterable[str],
+    source: str,
+    *,
+    replace: bool,
+) -> None:
+    """Add tags of one source; with replace, the given set becomes that source's set."""
+    wanted = sorted(set(tags))
+    if replace:
+        marks = ",".join("?" * len(wanted))
+        conn.execute(
+            f"DELETE FROM machine_tags WHERE machine_id = ? AND source = ? "
+            f"AND tag NOT IN ({marks})",
+            (machine_id, source, *wanted),
+        )
+    conn.executemany(
+        "INSERT OR IGNORE INTO machine_tags (machine_id, tag, source) VALUES (?, ?, ?)",
+        [(machine_id, t, source) for t in wanted],
+    )
+
+
+def remove_tags(conn: sqlite3.Connection, machine_id: str, tags: Iterable[str]) -> None:
+    _lifecycle(conn, machine_id)
+    conn.executemany(
+        "DELETE FROM machine_tags WHERE machine_id = ? AND tag = ? AND source = 'operator'",
+        [(machine_id, t) for t in set(tags)],
+    )
+
+
+def set_desired(
+    conn: sqlite3.Connection,
+    machine_id: str,
+    store_path: str | None,
+    cache_url: str | None,
+    source: str | None,
+    now: datetime,
+) -> None:
+    _lifecycle(conn, machine_id)
+    conn.execute(
+        "UPDATE machines SET desired_generation = ?, desired_cache_url = ?, "
+        "desired_source = ?, desired_set_at = ? WHERE id = ?",
+        (store_path, cache_url, source, isoformat(now), machine_id),
+    )
+
+
+def request_retry(conn: sqlite3.Connection, machine_id: str, now: datetime) -> None:
+    _lifecycle(conn, machine_id)
+    conn.execute(
+        "UPDATE machines SET retry_requested_at = ?, failed_generation = NULL WHERE id = ?",
+        (isoformat(now), machine_id),
+    )
+
+
+def record_report(
+    conn: sqlite3.Connection, report: Report, retention: int
+) -> tuple[sqlite3.Row, Lifecycle | None]:
+    """Store one agent report: the hot path, a handful of indexed statements.
+
+    Returns the machine's desired-generation row and, when the report moved the
+    machine out of pending/provisioning, the state it left.
+    """
+    row = conn.execute(
+        "SELECT lifecycle, desired_generation, desired_cache_url, desired_source, "
+        "retry_requested_at, poll_hint FROM machines WHERE id = ?",
+        (report.machine_id,),
+    ).fetchone()
+    if row is None:
+        raise NotFoundError(
+            f"machine {report.machine_id!r} is not registered; register it or enroll the agent"
+        )
+    lifecycle = Lifecycle(row["lifecycle"])
+    if lifecycle is Lifecycle.DECOMMISSIONED:
+        raise GoneError(
+            f"machine {report.machine_id!r} is decommissioned; its reports are refused. "
+            "Stop its agent, or register it again under a new id"
+        )
+    promoted = lifecycle if lifecycle in (Lifecycle.PENDING, Lifecycle.PROVISIONING) else None
+    health = json.dumps(_health_dict(report.health)) if report.health is not None else None
+    at = isoformat(report.received_at)
+    conn.execute(
+        "UPDATE machines SET current_generation = ?, last_report_at = ?, "
+        "agent_version = COALESCE(?, agent_version), system_state = ?, last_success = ?, "
+        "last_message = ?, health_json = ?, uptime_seconds = ?, "
+        "failed_generation = CASE WHEN ? IS NOT NULL THEN ? "
+        "  WHEN failed_generation = ? THEN NULL ELSE failed_generation END, "
+        "lifecycle = CASE WHEN lifecycle IN ('pending', 'provisioning') THEN 'active' "
+        "  ELSE lifecycle END "
+        "WHERE id = ?",
+        (
+            report.current_generation,
+            at,
+            report.agent_version,
+            report.system_state.value,
+            int(report.success),
+            report.message,
+            health,
+            report.uptime_seconds,
+            None if report.success else report.attempted_generation,
+            report.attempted_generation,
+            report.current_generation,
+            report.machine_id,
+        ),
+    )
+    if report.tags is not None:
+        set_tags(conn, report.machine_id, report.tags, "agent", replace=True)
+    reports.append(conn, report, health, retention)
+    return row, promoted
+
+
+def _health_dict(health: HealthResult | None) -> dict[str, object] | None:
+    if health is None:
+        return None
+    return {
+        "all_passed": health.all_passed,
+        "results": [
+            {
+                "name": r.name,
+                "kind": r.kind,
+                "passed": r.passed,
+                "duration_ms": r.duration_ms,
+                "message": r.message,
+            }
+            for r in health.results
+        ],
+    }
+
+
+def count(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT COUNT(*) FROM machines").fetchone()[0])

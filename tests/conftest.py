@@ -1,0 +1,157 @@
+"""Shared fixtures: a real SQLite store, a real control-plane process, the real CLI."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nixfleet.client import Client
+from nixfleet.models import utcnow
+from nixfleet.store import Store
+from nixfleet.store import credentials
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(tmp_path / "nixfleet.db")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def admin_key(store: Store) -> str:
+    with store.transaction() as conn:
+        return credentials.create_key(conn, "test-admin", "admin", "test", utcnow())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class ControlPlane:
+    """A real `nixfleet-control-plane` process on 127.0.0.1 with its own database."""
+
+    db: Path
+    port: int
+    admin_key: str
+    log: Path
+    extra_args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> None:
+        assert self.proc is None, "already running"
+        logf = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "nixfleet.controlplane.main",
+                "--db",
+                str(self.db),
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                *self.extra_args,
+            ],
+            stdout=logf,
+            stderr=logf,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"control plane exited {self.proc.returncode}: {self.log.read_text()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"control plane did not start: {self.log.read_text()}")
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is None:
+            return
+        if kill:
+            self.proc.kill()
+        else:
+            self.proc.terminate()
+        self.proc.wait(timeout=30)
+        self.proc = None
+
+    def client(self, token: str | None = None) -> Client:
+        return Client(self.url, token or self.admin_key)
+
+    def register(self, machine_id: str, tags: tuple[str, ...] | list[str] = ()) -> str:
+        """Register a machine with an agent token; return the token."""
+        m = self.client().post(
+            "/api/v1/machines", {"id": machine_id, "tags": list(tags), "issue_token": True}
+        )
+        token: str = m["token"]
+        return token
+
+    def set_desired(self, machine_id: str, store_path: str, cache_url: str | None = None) -> None:
+        self.client().request(
+            "PUT",
+            f"/api/v1/machines/{machine_id}/desired-generation",
+            {"store_path": store_path, "cache_url": cache_url},
+        )
+
+    def machine(self, machine_id: str) -> dict[str, Any]:
+        m: dict[str, Any] = self.client().get(f"/api/v1/machines/{machine_id}")
+        return m
+
+
+@pytest.fixture
+def control_plane(tmp_path: Path) -> Iterator[ControlPlane]:
+    db = tmp_path / "cp" / "nixfleet.db"
+    db.parent.mkdir()
+    s = Store(db)
+    with s.transaction() as conn:
+        key = credentials.create_key(conn, "test-admin", "admin", "test", utcnow())
+    s.close()
+    cp = ControlPlane(db=db, port=free_port(), admin_key=key, log=tmp_path / "cp" / "cp.log")
+    cp.start()
+    yield cp
+    cp.stop()
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, input: str | None = None) -> CliResult:
+    """The real `nixfleet` CLI as a subprocess (what an operator runs)."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("NIXFLEET_")}
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [sys.executable, "-m", "nixfleet.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        input=input,
+        timeout=120,
+        check=False,
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
