@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -41,7 +40,9 @@ class Client:
     def _connection(self) -> http.client.HTTPConnection:
         if self._conn is None:
             cls = (
-                http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+                http.client.HTTPSConnection
+                if self._scheme == "https"
+                else http.client.HTTPConnection
             )
             self._conn = cls(self._host, self._port, timeout=self._timeout)
         return self._conn
@@ -108,7 +109,7 @@ class Client:
                     raise UnreachableError(
                         f"control plane at {self.base_url} closed the connection: {e}"
                     ) from e
-            except (OSError, socket.timeout, http.client.HTTPException) as e:
+            except (TimeoutError, OSError, http.client.HTTPException) as e:
                 self.close()
                 raise UnreachableError(
                     f"control plane at {self.base_url} is unreachable: {e}"

@@ -188,3 +188,133 @@ class Machine:
         if self.failed_generation == self.desired_generation:
             return Sync.FAILED
         return Sync.UPDATING
+
+
+# --- releases and rollouts (issue 3) ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReleaseEntry:
+    """One host's system closure in a release."""
+
+    hostname: str
+    store_path: str
+    platform: str
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Release:
+    """An immutable manifest; its id is derived from its entries (see nixfleet.flake)."""
+
+    id: str
+    entries: tuple[ReleaseEntry, ...]
+    flake_ref: str | None = None
+    flake_rev: str | None = None
+    cache_url: str | None = None
+    created_at: datetime | None = None
+    created_by: str | None = None
+
+    def entry(self, hostname: str) -> ReleaseEntry | None:
+        return next((e for e in self.entries if e.hostname == hostname), None)
+
+
+class Strategy(StrEnum):
+    CANARY = "canary"
+    STAGED = "staged"
+    ALL_AT_ONCE = "all-at-once"
+
+
+class OnFailure(StrEnum):
+    PAUSE = "pause"
+    REVERT = "revert"
+
+
+class RolloutStatus(StrEnum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def active(self) -> bool:
+        """Active rollouts own their machines: no other rollout may target them."""
+        return self in (RolloutStatus.RUNNING, RolloutStatus.PAUSED)
+
+
+class BatchStatus(StrEnum):
+    PENDING = "pending"
+    DEPLOYING = "deploying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class MachineHealth(StrEnum):
+    PENDING = "pending"
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A batch's failure budget: a count, or a percentage of the batch (rounded down)."""
+
+    value: int
+    percent: bool = False
+
+    def allowed(self, batch_size: int) -> int:
+        return (self.value * batch_size) // 100 if self.percent else self.value
+
+    def __str__(self) -> str:
+        return f"{self.value}%" if self.percent else str(self.value)
+
+
+@dataclass(frozen=True)
+class BatchSize:
+    """A batch size from a rollout file: a count, or a percentage of all targets."""
+
+    value: int
+    percent: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.value}%" if self.percent else str(self.value)
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    """A validated rollout document (DESIGN §3 "Rollout files")."""
+
+    name: str
+    release: str
+    strategy: Strategy
+    target_tags: tuple[str, ...] = ()
+    target_hosts: tuple[str, ...] = ()
+    batches: tuple[BatchSize, ...] = ()
+    failure_threshold: Threshold = Threshold(0)
+    on_failure: OnFailure = OnFailure.PAUSE
+    health_timeout: int = 300
+    soak: int = 0
+    skip_lifecycle: tuple[Lifecycle, ...] = ()
+
+
+@dataclass(frozen=True)
+class Batch:
+    index: int
+    status: BatchStatus
+    hosts: tuple[str, ...] = ()
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Rollout:
+    id: str
+    name: str
+    release_id: str
+    status: RolloutStatus
+    spec: RolloutSpec
+    created_at: datetime
+    updated_at: datetime
+    batches: tuple[Batch, ...] = ()

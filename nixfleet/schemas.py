@@ -31,7 +31,9 @@ def _registry() -> Registry:
     for entry in _schema_dir().iterdir():
         if entry.name.endswith(".schema.json"):
             contents = json.loads(entry.read_text())
-            registry = registry.with_resource(BASE_URI + entry.name, Resource.from_contents(contents))
+            registry = registry.with_resource(
+                BASE_URI + entry.name, Resource.from_contents(contents)
+            )
     return registry
 
 
@@ -66,7 +68,9 @@ def _describe(error: SchemaError) -> tuple[str, str]:
     validator_name = error.validator
     if validator_name == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
-        extra = sorted(set(error.instance) - set(allowed)) if isinstance(error.instance, dict) else []
+        extra = (
+            sorted(set(error.instance) - set(allowed)) if isinstance(error.instance, dict) else []
+        )
         name = extra[0] if extra else "?"
         return field_path([*path, name]), f"unknown field; allowed fields: {', '.join(allowed)}"
     if validator_name == "required":

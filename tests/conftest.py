@@ -17,10 +17,13 @@ import pytest
 
 from nixfleet.client import Client
 from nixfleet.models import utcnow
-from nixfleet.store import Store
-from nixfleet.store import credentials
+from nixfleet.store import Store, credentials
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Real Nix runs offline here: no substituters (else each build waits on the public
+# cache), flakes on. A developer's own NIX_CONFIG wins.
+os.environ.setdefault("NIX_CONFIG", "substituters =\nexperimental-features = nix-command flakes")
 
 
 @pytest.fixture
@@ -78,7 +81,9 @@ class ControlPlane:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"control plane exited {self.proc.returncode}: {self.log.read_text()}")
+                raise RuntimeError(
+                    f"control plane exited {self.proc.returncode}: {self.log.read_text()}"
+                )
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
                     if r.status == 200:
@@ -146,7 +151,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, input: str | None = N
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("NIXFLEET_")}
     full_env.update(env or {})
     proc = subprocess.run(
-        [sys.executable, "-m", "nixfleet.cli.main", *args],
+        [sys.executable, "-m", "nixfleet.cli", *args],
         capture_output=True,
         text=True,
         env=full_env,

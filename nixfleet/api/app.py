@@ -31,7 +31,7 @@ ROUTES: list[tuple[str, type[Any]]] = [
 ]
 
 
-def create_app(settings: Settings, store: Store) -> falcon.App:
+def create_app(settings: Settings, store: Store) -> falcon.App[falcon.Request, falcon.Response]:
     ctx = Context(settings=settings, store=store)
     app = falcon.App(middleware=[AuthMiddleware(store)], cors_enable=False)
     app.req_options.strip_url_path_trailing_slash = True

@@ -7,7 +7,6 @@ route cannot be added without saying who may call it.
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -17,6 +16,7 @@ import falcon
 from nixfleet.errors import AuthenticationError, PermissionDeniedError
 from nixfleet.store import Store
 from nixfleet.store import credentials as creds
+from nixfleet.store.enrollment import ENROLL_PREFIX
 
 ROLE_RANK = {"readonly": 1, "deploy": 2, "admin": 3}
 
@@ -28,6 +28,7 @@ class Perm(StrEnum):
     ADMIN = "admin"
     AGENT = "agent"  # the token of the machine named in the path
     AGENT_OR_READONLY = "agent-or-readonly"
+    ENROLL = "enroll"  # an enrollment token, checked by the responder as it is used up
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,8 @@ def authorize(actor: Actor, perm: Perm, machine_id: str | None) -> None:
             "machine token (agents)"
         )
     if actor.kind == "machine":
-        is_own = machine_id is not None and hmac.compare_digest(actor.name, machine_id)
+        # Machine ids are not secrets: plain equality (compare_digest would raise on non-ASCII).
+        is_own = machine_id is not None and actor.name == machine_id
         if perm in (Perm.AGENT, Perm.AGENT_OR_READONLY) and is_own:
             return
         raise PermissionDeniedError(
@@ -103,13 +105,33 @@ class AuthMiddleware:
         self, req: falcon.Request, resp: falcon.Response, resource: Any, params: dict[str, Any]
     ) -> None:
         req.context.actor = ANONYMOUS
+        req.context.enroll_token = None
         if resource is None:
             return
-        perms: dict[str, Perm] = resource.permissions
+        perms: dict[str, Perm] = getattr(resource, "permissions", {})
         perm = perms.get(req.method)
         if perm is None:
-            return  # Falcon answers 405 for methods the resource lacks
+            if req.method == "OPTIONS" or not hasattr(resource, f"on_{req.method.lower()}"):
+                return  # Falcon answers 405 (or the Allow list) for methods the resource lacks
+            # Fail closed: a responder nobody declared a permission for is nobody's.
+            raise PermissionDeniedError(f"{req.method} {req.path} declares no permission")
         if perm is Perm.PUBLIC:
             return
-        req.context.actor = _resolve(self.store, _bearer(req))
+        token = _bearer(req)
+        if perm is Perm.ENROLL:
+            self._enroll(req, token)
+            return
+        req.context.actor = _resolve(self.store, token)
         authorize(req.context.actor, perm, params.get("machine_id"))
+
+    def _enroll(self, req: falcon.Request, token: str | None) -> None:
+        """The enrollment token may come as the bearer or in the body; keys are refused."""
+        if token is None or token.startswith(ENROLL_PREFIX):
+            req.context.enroll_token = token
+            return
+        actor = _resolve(self.store, token)  # 401 when unknown or revoked
+        raise PermissionDeniedError(
+            f"{actor.label} cannot enroll: this route takes an enrollment token "
+            "(`nixfleet enroll-tokens create`); operators register machines with "
+            "`nixfleet machines register`"
+        )

@@ -52,15 +52,20 @@ def handle(req: falcon.Request, resp: falcon.Response, ex: Exception, params: An
     elif isinstance(ex, falcon.HTTPError):
         status = ex.status_code
         slug = {404: "not-found", 405: "method-not-allowed"}.get(status, "http-error")
-        problem(resp, status, ex.title or "Error", ex.description or ex.title or "", slug)
-        for name, value in (ex.headers or {}).items():
-            resp.set_header(name, value)
+        detail = ex.description or (
+            f"no route for {req.method} {req.path}; see /api/v1/openapi.json"
+            if status == 404
+            else ex.title
+        )
+        problem(resp, status, ex.title or "Error", detail or "error", slug)
+        if ex.headers:
+            resp.set_headers(ex.headers)
     else:
         log.exception("unhandled error on %s %s", req.method, req.path)
         problem(resp, 500, "Internal error", "the control plane failed; see its log", "internal")
 
 
-def register(app: falcon.App) -> None:
+def register(app: falcon.App[falcon.Request, falcon.Response]) -> None:
     app.add_error_handler(Exception, handle)
     app.add_error_handler(falcon.HTTPError, handle)
     app.add_error_handler(NixfleetError, handle)

@@ -110,7 +110,9 @@ class MachineCollection:
         lifecycle = Lifecycle(doc.get("lifecycle", "pending"))
         with self.ctx.store.transaction() as conn:
             machines.register(conn, machine_id, doc.get("tags", []), lifecycle, now)
-            token = credentials.issue_token(conn, machine_id, now) if doc.get("issue_token") else None
+            token = (
+                credentials.issue_token(conn, machine_id, now) if doc.get("issue_token") else None
+            )
             audit.record(
                 conn,
                 req.context.actor.label,
@@ -186,7 +188,9 @@ class MachineTags:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
 
-    def _change(self, req: falcon.Request, resp: falcon.Response, machine_id: str, add: bool) -> None:
+    def _change(
+        self, req: falcon.Request, resp: falcon.Response, machine_id: str, add: bool
+    ) -> None:
         validate_hostname(machine_id)
         doc = read_document(req, "machine-tags", self.ctx.limit, "tags")
         now = utcnow()

@@ -21,20 +21,20 @@ from nixfleet.api.context import Context
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
 
-def _rewrite_refs(node: Any) -> Any:
+def _rewrite_refs(node: Any, current: str) -> Any:
+    """Point JSON Schema $refs (file-relative or local) into components/schemas."""
     if isinstance(node, dict):
         out = {}
         for key, value in node.items():
             if key == "$ref" and isinstance(value, str):
                 file, _, pointer = value.partition("#")
-                name = file.removesuffix(".schema.json") if file else None
-                value = f"#/components/schemas/{name}{pointer}" if name else value
-            elif key in ("$schema", "$id"):
-                continue
-            out[key] = _rewrite_refs(value)
+                name = file.removesuffix(".schema.json") if file else current
+                out[key] = f"#/components/schemas/{name}{pointer}"
+            elif key not in ("$schema", "$id"):
+                out[key] = _rewrite_refs(value, current)
         return out
     if isinstance(node, list):
-        return [_rewrite_refs(v) for v in node]
+        return [_rewrite_refs(v, current) for v in node]
     return node
 
 
@@ -43,6 +43,8 @@ def _security(perm: Perm) -> list[dict[str, list[str]]]:
         return []
     if perm is Perm.AGENT:
         return [{"machineToken": []}]
+    if perm is Perm.ENROLL:
+        return [{"enrollToken": []}, {}]  # the token may also travel in the body
     if perm is Perm.AGENT_OR_READONLY:
         return [{"machineToken": []}, {"apiKey": ["readonly"]}]
     return [{"apiKey": [perm.value]}]
@@ -61,7 +63,9 @@ def _operation(resource: type[Any], method: str, path: str) -> dict[str, Any]:
             "200": {"description": "OK", "content": {"application/json": {}}},
             "default": {
                 "description": "Error",
-                "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
+                "content": {
+                    "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+                },
             },
         },
     }
@@ -74,7 +78,8 @@ def _operation(resource: type[Any], method: str, path: str) -> dict[str, Any]:
     params = re.findall(r"{(\w+)}", path)
     if params:
         op["parameters"] = [
-            {"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in params
+            {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+            for p in params
         ]
     return op
 
@@ -88,7 +93,7 @@ def schema_components() -> dict[str, Any]:
         for e in (resources.files("nixfleet") / "schemas").iterdir()
         if e.name.endswith(".schema.json")
     )
-    return {name: _rewrite_refs(schemas.load(name)) for name in names}
+    return {name: _rewrite_refs(schemas.load(name), name) for name in names}
 
 
 def document(routes: list[tuple[str, type[Any]]]) -> dict[str, Any]:
@@ -132,6 +137,11 @@ def document(routes: list[tuple[str, type[Any]]]) -> dict[str, Any]:
             "securitySchemes": {
                 "apiKey": {"type": "http", "scheme": "bearer", "description": "operator API key"},
                 "machineToken": {"type": "http", "scheme": "bearer", "description": "agent token"},
+                "enrollToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "enrollment token (or `enroll_token` in the body)",
+                },
             },
         },
     }

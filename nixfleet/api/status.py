@@ -105,10 +105,10 @@ class Metrics:
                 f'nixfleet_machines{{lifecycle="{s.value}"}} {by_lifecycle.get(s.value, 0)}'
                 for s in Lifecycle
             ),
-            "# HELP nixfleet_machines_in_sync Machines whose current generation is the desired one.",
+            "# HELP nixfleet_machines_in_sync Machines running their desired generation.",
             "# TYPE nixfleet_machines_in_sync gauge",
             f"nixfleet_machines_in_sync {in_sync}",
-            "# HELP nixfleet_machines_out_of_sync Machines with a desired generation not yet reached.",
+            "# HELP nixfleet_machines_out_of_sync Machines not yet on their desired generation.",
             "# TYPE nixfleet_machines_out_of_sync gauge",
             f"nixfleet_machines_out_of_sync {drift}",
             "# HELP nixfleet_machines_failed Machines whose desired generation failed there.",

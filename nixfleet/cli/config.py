@@ -63,7 +63,9 @@ def resolve(url_flag: str | None, key_flag: str | None, key_file_flag: str | Non
         or DEFAULT_URL
     )
     key = key_flag or os.environ.get("NIXFLEET_API_KEY")
-    key_file = key_file_flag or os.environ.get("NIXFLEET_API_KEY_FILE") or file_data.get("api_key_file")
+    key_file = (
+        key_file_flag or os.environ.get("NIXFLEET_API_KEY_FILE") or file_data.get("api_key_file")
+    )
     if key is None and key_file:
         key = read_secret_file(Path(str(key_file)).expanduser())
     return CliConfig(control_plane_url=str(url), api_key=key)

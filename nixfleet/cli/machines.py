@@ -7,7 +7,7 @@ from urllib.parse import quote
 
 import click
 
-from nixfleet.cli.main import State, pass_state
+from nixfleet.cli.context import State, pass_state
 from nixfleet.cli.output import ago, emit_json, message, short_generation, table
 from nixfleet.models import Lifecycle
 
@@ -126,7 +126,9 @@ def show(state: State, machine_id: str, json_: bool) -> None:
     default="pending",
     show_default=True,
 )
-@click.option("--issue-token", is_flag=True, help="Issue the agent token (printed once, to stdout).")
+@click.option(
+    "--issue-token", is_flag=True, help="Issue the agent token (printed once, to stdout)."
+)
 @click.option("--json", "json_", is_flag=True, help="JSON output.")
 @pass_state
 def register(
@@ -138,13 +140,20 @@ def register(
     Example:
       nixfleet machines register web-03 --tags prod,web --issue-token > web-03.token
     """
-    body = {"id": machine_id, "tags": _split(tags), "lifecycle": lifecycle, "issue_token": issue_token}
+    body = {
+        "id": machine_id,
+        "tags": _split(tags),
+        "lifecycle": lifecycle,
+        "issue_token": issue_token,
+    }
     m = state.client().post("/api/v1/machines", body)
     if json_ or state.json:
         emit_json(m)
     elif issue_token:
         click.echo(m["token"])
-        message(f"registered {machine_id}; the token above is shown once: install it on the machine")
+        message(
+            f"registered {machine_id}; the token above is shown once: install it on the machine"
+        )
     else:
         message(f"registered {machine_id} ({lifecycle})")
 
@@ -175,7 +184,9 @@ def tag(state: State, machine_id: str, tags: tuple[str, ...]) -> None:
     Example:
       nixfleet machines tag web-01 canary region-eu
     """
-    m = state.client().post(_path(machine_id, "/tags"), {"tags": [t for v in tags for t in _split(v)]})
+    m = state.client().post(
+        _path(machine_id, "/tags"), {"tags": [t for v in tags for t in _split(v)]}
+    )
     message(f"{machine_id}: tags {', '.join(m['tags'])}")
 
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 
 import click
 
 from nixfleet import __version__
-from nixfleet.cli import config
+from nixfleet.cli.context import State, pass_state
 from nixfleet.cli.output import message
-from nixfleet.client import Client
 from nixfleet.errors import NixfleetError, UnreachableError
+
+__all__ = ["State", "cli", "main", "pass_state"]
 
 CP_DOWN_GUIDANCE = """\
 While the control plane is down:
@@ -19,24 +19,6 @@ While the control plane is down:
   - agents receive no new deployments until it is back;
   - inspect machines directly: ssh root@<host>, then
     `nixos-rebuild list-generations` and `systemctl status`."""
-
-
-@dataclass
-class State:
-    url_flag: str | None = None
-    key_flag: str | None = None
-    key_file_flag: str | None = None
-    json: bool = False
-    _client: Client | None = field(default=None, repr=False)
-
-    def client(self) -> Client:
-        if self._client is None:
-            cfg = config.resolve(self.url_flag, self.key_flag, self.key_file_flag)
-            self._client = Client(cfg.control_plane_url, cfg.api_key, timeout=30.0)
-        return self._client
-
-
-pass_state = click.make_pass_decorator(State)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -99,7 +81,3 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     sys.exit(0)
-
-
-if __name__ == "__main__":
-    main()

@@ -47,15 +47,16 @@ def ago(value: str | None, now: datetime | None = None) -> str:
     if when is None:
         return "never"
     seconds = int(((now or utcnow()) - when).total_seconds())
-    if seconds < 0:
-        seconds = 0
+    seconds = max(seconds, 0)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds // size}{unit} ago"
     return f"{seconds}s ago"
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]], colors: dict[int, Any] | None = None) -> None:
+def table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], colors: dict[int, Any] | None = None
+) -> None:
     """Left-aligned columns; colours (per column, a function of the cell) only on a TTY."""
     widths = [len(h) for h in headers]
     for row in rows:

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from nixfleet.cli.main import State, pass_state
+from nixfleet.cli.context import State, pass_state
 from nixfleet.cli.output import ago, emit_json, short_generation, table
 from nixfleet.models import Sync
 

@@ -82,8 +82,16 @@ def _check(s: Settings) -> None:
     errors: list[FieldError] = []
     host, _, port = s.listen.rpartition(":")
     if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        errors.append(FieldError("listen", f"{s.listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8470"))
-    for name in ("report_retention", "threads", "stale_after", "max_body_bytes", "rollout_poll_hint"):
+        errors.append(
+            FieldError("listen", f"{s.listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8470")
+        )
+    for name in (
+        "report_retention",
+        "threads",
+        "stale_after",
+        "max_body_bytes",
+        "rollout_poll_hint",
+    ):
         value = getattr(s, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             errors.append(FieldError(name, "must be a positive integer"))

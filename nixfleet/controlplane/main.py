@@ -10,17 +10,26 @@ import click
 from nixfleet.controlplane import config
 from nixfleet.errors import NixfleetError
 from nixfleet.models import utcnow
-from nixfleet.store import Store
-from nixfleet.store import audit, credentials
+from nixfleet.store import Store, audit, credentials
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Settings JSON file.")
+@click.option(
+    "--config", "config_file", type=click.Path(dir_okay=False), help="Settings JSON file."
+)
 @click.option("--listen", help="HOST:PORT to listen on (default 127.0.0.1:8470).")
-@click.option("--db", help="SQLite database file (default: $STATE_DIRECTORY or ~/.local/state/nixfleet).")
-@click.option("--rollouts-dir", type=click.Path(file_okay=False), help="Apply rollout files from DIR.")
-@click.option("--admin-key-file", type=click.Path(dir_okay=False), help="Install this admin key at start.")
-@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--db", help="SQLite database file (default: $STATE_DIRECTORY or ~/.local/state/nixfleet)."
+)
+@click.option(
+    "--rollouts-dir", type=click.Path(file_okay=False), help="Apply rollout files from DIR."
+)
+@click.option(
+    "--admin-key-file", type=click.Path(dir_okay=False), help="Install this admin key at start."
+)
+@click.option(
+    "--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"])
+)
 @click.pass_context
 def cli(
     ctx: click.Context,

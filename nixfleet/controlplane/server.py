@@ -19,8 +19,7 @@ from nixfleet.api import create_app
 from nixfleet.controlplane import background
 from nixfleet.controlplane.config import Settings
 from nixfleet.models import utcnow
-from nixfleet.store import Store
-from nixfleet.store import audit, credentials
+from nixfleet.store import Store, audit, credentials
 
 log = logging.getLogger("nixfleet.controlplane")
 
@@ -29,7 +28,9 @@ def install_admin_key(store: Store, key_file: str) -> None:
     """The module's adminKeyFile: the first admin key, created on the host, never over HTTP."""
     key = Path(key_file).read_text().strip()
     if len(key) < 24:
-        raise SystemExit(f"admin key file {key_file} holds fewer than 24 characters; use a long random key")
+        raise SystemExit(
+            f"admin key file {key_file} holds fewer than 24 characters; use a long random key"
+        )
     now = utcnow()
     with store.transaction() as conn:
         if credentials.import_key(conn, "admin", "admin", key, "host", now):

@@ -2,6 +2,10 @@
 
 Secrets are 256-bit random values, so a fast hash is enough (no password
 stretching needed) and lookup by hash keeps authentication one indexed query.
+Looking a secret up by its hash is also why no constant-time comparison is needed
+here: the database compares digests of the presented value, so response timing can
+only leak how many leading bytes of a *hash* matched, which says nothing usable about
+the secret (finding an input whose SHA-256 shares a prefix is a preimage search).
 The plaintext is returned once, at creation, and never stored or logged.
 """
 
@@ -13,7 +17,7 @@ import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
 
-from nixfleet.errors import ConflictError, NotFoundError
+from nixfleet.errors import ConflictError, NotFoundError, ValidationError
 from nixfleet.models import isoformat
 
 ROLES = ("readonly", "deploy", "admin")
@@ -37,12 +41,19 @@ class ApiKey:
 def create_key(
     conn: sqlite3.Connection, name: str, role: str, created_by: str, now: datetime
 ) -> str:
-    if conn.execute("SELECT 1 FROM api_keys WHERE name = ?", (name,)).fetchone():
+    """A new random key (returned once); a revoked key's name may be reused."""
+    if role not in ROLES:
+        raise ValidationError(f"unknown role {role!r}; one of: {', '.join(ROLES)}")
+    if conn.execute(
+        "SELECT 1 FROM api_keys WHERE name = ? AND revoked_at IS NULL", (name,)
+    ).fetchone():
         raise ConflictError(f"an API key named {name!r} exists; revoke it or pick another name")
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     conn.execute(
         "INSERT INTO api_keys (name, role, key_hash, created_at, created_by) "
-        "VALUES (?, ?, ?, ?, ?)",
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET role = excluded.role, "
+        "key_hash = excluded.key_hash, created_at = excluded.created_at, "
+        "created_by = excluded.created_by, revoked_at = NULL",
         (name, role, digest(key), isoformat(now), created_by),
     )
     return key
@@ -64,11 +75,29 @@ def import_key(
     return True
 
 
-def list_keys(conn: sqlite3.Connection) -> list[ApiKey]:
+def list_keys(conn: sqlite3.Connection, include_revoked: bool = True) -> list[ApiKey]:
+    where = "" if include_revoked else " WHERE revoked_at IS NULL"
     rows = conn.execute(
-        "SELECT name, role, created_at, created_by, revoked_at FROM api_keys ORDER BY name"
+        f"SELECT name, role, created_at, created_by, revoked_at FROM api_keys{where} ORDER BY name"
     )
     return [ApiKey(*r) for r in rows]
+
+
+def get_key(conn: sqlite3.Connection, name: str) -> ApiKey:
+    row = conn.execute(
+        "SELECT name, role, created_at, created_by, revoked_at FROM api_keys WHERE name = ?",
+        (name,),
+    ).fetchone()
+    if row is None:
+        raise NotFoundError(f"no API key named {name!r}; see `nixfleet keys list`")
+    return ApiKey(*row)
+
+
+def active_admins(conn: sqlite3.Connection) -> list[str]:
+    rows = conn.execute(
+        "SELECT name FROM api_keys WHERE role = 'admin' AND revoked_at IS NULL ORDER BY name"
+    )
+    return [r[0] for r in rows]
 
 
 def revoke_key(conn: sqlite3.Connection, name: str, now: datetime) -> None:
@@ -108,5 +137,12 @@ def token_machine(conn: sqlite3.Connection, token: str) -> str | None:
     return row[0] if row else None
 
 
-def revoke_token(conn: sqlite3.Connection, machine_id: str) -> None:
-    conn.execute("DELETE FROM machine_tokens WHERE machine_id = ?", (machine_id,))
+def revoke_token(conn: sqlite3.Connection, machine_id: str) -> bool:
+    """Delete the machine's token (it gets 401 from the next request on); True if it had one."""
+    cur = conn.execute("DELETE FROM machine_tokens WHERE machine_id = ?", (machine_id,))
+    return cur.rowcount > 0
+
+
+def has_token(conn: sqlite3.Connection, machine_id: str) -> bool:
+    row = conn.execute("SELECT 1 FROM machine_tokens WHERE machine_id = ?", (machine_id,))
+    return row.fetchone() is not None

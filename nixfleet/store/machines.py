@@ -11,6 +11,7 @@ import json
 import sqlite3
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from datetime import datetime
 
 from nixfleet.errors import ConflictError, GoneError, NotFoundError
@@ -54,7 +55,7 @@ def _filter_sql(tags: Sequence[str], lifecycle: str | None) -> tuple[str, list[o
 
 
 def _tags_by_machine(
-    conn: sqlite3.Connection, where: str, params: list[object]
+    conn: sqlite3.Connection, where: str, params: Sequence[object]
 ) -> dict[str, dict[str, list[str]]]:
     sql = "SELECT machine_id, tag, source FROM machine_tags"
     if where:
@@ -117,8 +118,6 @@ def get(conn: sqlite3.Connection, machine_id: str, recent: int = 0) -> Machine:
     where, params = " WHERE id = ?", [machine_id]
     machine = _machine(row, _tags_by_machine(conn, where, params).get(machine_id))
     if recent:
-        from dataclasses import replace
-
         machine = replace(machine, recent_reports=tuple(reports.recent(conn, machine_id, recent)))
     return machine
 

@@ -1,0 +1,63 @@
+"""The audit log over HTTP: who changed what, newest first (readonly)."""
+
+from __future__ import annotations
+
+import falcon
+
+from nixfleet.api.auth import Perm
+from nixfleet.api.context import Context
+from nixfleet.errors import FieldError, ValidationError
+from nixfleet.store import audit
+
+MAX_LIMIT = 10_000
+FILTER_MAX = 256
+
+
+def _filter(req: falcon.Request, name: str) -> str | None:
+    value = req.get_param(name)
+    if value is not None and (len(value) > FILTER_MAX or "\x00" in value):
+        raise ValidationError(
+            f"invalid {name} filter",
+            errors=[FieldError(name, f"at most {FILTER_MAX} characters, no NUL")],
+        )
+    return value
+
+
+class AuditLog:
+    permissions = {"GET": Perm.READONLY}
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Audit entries, newest first; exact-match `actor`, `action`, `target`; `limit`.
+
+        An actor is `key:<name>`, `machine:<id>`, `enroll:<token id>`, `host:<how>`
+        or `reconciler:…`; a bare key name also matches `key:<name>`.
+        """
+        try:
+            limit = req.get_param_as_int("limit", min_value=1, max_value=MAX_LIMIT, default=100)
+        except falcon.HTTPInvalidParam:
+            raise ValidationError(
+                "invalid limit", errors=[FieldError("limit", f"an integer from 1 to {MAX_LIMIT}")]
+            ) from None
+        actor = _filter(req, "actor")
+        if actor is not None and ":" not in actor:
+            actor = f"key:{actor}"
+        with self.ctx.store.read() as conn:
+            entries = audit.query(
+                conn, actor, _filter(req, "action"), _filter(req, "target"), limit or 100
+            )
+        resp.media = {
+            "entries": [
+                {
+                    "id": e.id,
+                    "at": e.at,
+                    "actor": e.actor,
+                    "action": e.action,
+                    "target": e.target,
+                    "detail": e.detail,
+                }
+                for e in entries
+            ]
+        }

@@ -1,0 +1,28 @@
+"""Per-invocation state shared by every command: global flags and a lazy client."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import click
+
+from nixfleet.cli import config
+from nixfleet.client import Client
+
+
+@dataclass
+class State:
+    url_flag: str | None = None
+    key_flag: str | None = None
+    key_file_flag: str | None = None
+    json: bool = False
+    _client: Client | None = field(default=None, repr=False)
+
+    def client(self) -> Client:
+        if self._client is None:
+            cfg = config.resolve(self.url_flag, self.key_flag, self.key_file_flag)
+            self._client = Client(cfg.control_plane_url, cfg.api_key, timeout=30.0)
+        return self._client
+
+
+pass_state = click.make_pass_decorator(State)

@@ -1,0 +1,96 @@
+"""50 threads against the real server: no 5xx, no lost update, a consistent end state."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections import Counter
+
+from conftest import ControlPlane
+
+from nixfleet.client import Client
+from nixfleet.errors import ConflictError, NixfleetError
+
+GEN = "/nix/store/" + "c" * 32 + "-nixos-system-x"
+MACHINES = [f"node-{i:02d}" for i in range(5)]
+THREADS = 50
+ROUNDS = 12
+
+
+def test_fifty_threads_of_reports_tags_and_lifecycle_changes(control_plane: ControlPlane) -> None:
+    tokens = {m: control_plane.register(m) for m in MACHINES}
+    for m, token in tokens.items():  # first report: pending -> active
+        Client(control_plane.url, token).report(m, {"current_generation": GEN})
+
+    errors: list[str] = []
+    reports_sent: Counter[str] = Counter()
+    transitions_ok: Counter[str] = Counter()
+    lock = threading.Lock()
+    start = threading.Barrier(THREADS)
+
+    def worker(n: int) -> None:
+        machine = MACHINES[n % len(MACHINES)]
+        agent = Client(control_plane.url, tokens[machine])
+        admin = Client(control_plane.url, control_plane.admin_key)
+        start.wait()
+        for i in range(ROUNDS):
+            try:
+                if n % 2 == 0:
+                    agent.report(
+                        machine,
+                        {"current_generation": GEN, "message": f"t{n}-{i}", "tags": ["web"]},
+                    )
+                    with lock:
+                        reports_sent[machine] += 1
+                elif i % 3 == 0:
+                    current = admin.get(f"/api/v1/machines/{machine}")["lifecycle"]
+                    target = "maintenance" if current == "active" else "active"
+                    try:
+                        admin.request(
+                            "PATCH", f"/api/v1/machines/{machine}/lifecycle", {"lifecycle": target}
+                        )
+                        with lock:
+                            transitions_ok[machine] += 1
+                    except ConflictError:
+                        pass  # another thread moved it first: refused cleanly, as it should be
+                else:
+                    admin.post(f"/api/v1/machines/{machine}/tags", {"tags": [f"t{n}-{i}"]})
+            except NixfleetError as e:
+                with lock:
+                    errors.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+
+    conn = sqlite3.connect(control_plane.db)
+    for machine in MACHINES:
+        m = control_plane.machine(machine)
+        # Every acknowledged operator tag is there: no lost update.
+        expected_tags = {
+            f"t{n}-{i}"
+            for n in range(THREADS)
+            if n % 2 == 1 and MACHINES[n % len(MACHINES)] == machine
+            for i in range(ROUNDS)
+            if i % 3 != 0
+        }
+        assert set(m["operator_tags"]) == expected_tags
+        assert m["agent_tags"] == ["web"]
+        # Lifecycle is where the acknowledged transitions put it (each one toggles).
+        assert m["lifecycle"] == ("maintenance" if transitions_ok[machine] % 2 else "active")
+        # Every acknowledged report was stored (retention 100 > 12 * 5 + 1) ...
+        stored = conn.execute(
+            "SELECT COUNT(*) FROM reports WHERE machine_id = ?", (machine,)
+        ).fetchone()[0]
+        assert stored == reports_sent[machine] + 1
+        # ... and every acknowledged lifecycle change is in the audit log.
+        audited = conn.execute(
+            "SELECT COUNT(*) FROM audit WHERE action = 'machine.lifecycle' AND target = ? AND actor LIKE 'key:%'",
+            (machine,),
+        ).fetchone()[0]
+        assert audited == transitions_ok[machine]
+    assert sum(transitions_ok.values()) > 0
+    assert "Traceback" not in control_plane.log.read_text()

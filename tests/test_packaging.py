@@ -1,0 +1,59 @@
+"""The wheel ships the JSON Schemas and py.typed, and works from a fresh venv."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+
+from conftest import ROOT
+
+
+def test_wheel_ships_schemas_and_validates_with_them(tmp_path: Path) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            tmp_path,
+            ROOT,
+        ],
+        check=True,
+        timeout=300,
+    )
+    (wheel,) = tmp_path.glob("nixfleet-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = {Path(n).name for n in names if n.startswith("nixfleet/schemas/")}
+    assert shipped == {p.name for p in (ROOT / "schemas").glob("*.json")}
+    assert "nixfleet/py.typed" in names
+
+    env_dir = tmp_path / "venv"
+    # The dependencies come from this interpreter's site-packages; nixfleet itself only
+    # from the wheel (--no-deps, and we check the imported file lives in the venv).
+    venv.create(env_dir, system_site_packages=True, with_pip=True)
+    py = env_dir / "bin" / "python"
+    subprocess.run(
+        [py, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", wheel],
+        check=True,
+        timeout=300,
+    )
+    script = (
+        "import nixfleet, nixfleet.schemas as s\n"
+        "assert nixfleet.__file__.startswith(%r), nixfleet.__file__\n"
+        "s.validate('report', {'current_generation': '/nix/store/' + 'a' * 32 + '-x'})\n"
+        "try:\n"
+        "    s.validate('report', {'current_generation': 'nope'})\n"
+        "except Exception as e:\n"
+        "    print(e.errors[0].field)\n"
+    ) % str(env_dir)
+    out = subprocess.run(
+        [py, "-c", script], cwd=tmp_path, capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "current_generation"

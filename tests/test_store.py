@@ -1,0 +1,157 @@
+"""The SQLite store on real files: migrations, tags, reports, bounded history."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from nixfleet.errors import ConflictError, GoneError, NotFoundError
+from nixfleet.models import Lifecycle, Report, utcnow
+from nixfleet.store import Store, machines
+from nixfleet.store.migrations import MIGRATIONS
+
+GEN_A = "/nix/store/" + "a" * 32 + "-nixos-system-a"
+GEN_B = "/nix/store/" + "b" * 32 + "-nixos-system-b"
+
+
+def report(machine_id: str, gen: str = GEN_A, **kw: object) -> Report:
+    return Report(machine_id=machine_id, received_at=utcnow(), current_generation=gen, **kw)  # type: ignore[arg-type]
+
+
+def test_fresh_and_migrated_files_open_cleanly(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.db"
+    first = Store(path)
+    assert first.applied_migrations() == sorted(name for name, _ in MIGRATIONS)
+    first.close()
+    second = Store(path)
+    assert second.migrate() == []
+    assert second.applied_migrations() == sorted(name for name, _ in MIGRATIONS)
+    mode = second.connection().execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+    second.close()
+
+
+def test_failed_migration_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "fleet.db"
+    Store(path).close()
+    broken = [*MIGRATIONS, ("9999_broken", "CREATE TABLE t (x); INSERT INTO nope VALUES (1)")]
+    monkeypatch.setattr("nixfleet.store.db.MIGRATIONS", broken)
+    with pytest.raises(sqlite3.OperationalError):
+        Store(path)
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT name FROM sqlite_master WHERE name = 't'").fetchone() is None
+    assert "9999_broken" not in {r[0] for r in conn.execute("SELECT name FROM schema_migrations")}
+
+
+def register(
+    store: Store, machine_id: str, tags: list[str], lifecycle: Lifecycle = Lifecycle.PENDING
+) -> None:
+    with store.transaction() as conn:
+        machines.register(conn, machine_id, tags, lifecycle, utcnow())
+
+
+def test_tag_filter_matches_machines_carrying_all_tags(store: Store) -> None:
+    register(store, "web-01", ["prod", "web"])
+    register(store, "web-02", ["staging", "web"])
+    register(store, "db-01", ["prod", "db"])
+    with store.read() as conn:
+        assert machines.machine_ids(conn, ["prod"]) == ["db-01", "web-01"]
+        assert machines.machine_ids(conn, ["prod", "web"]) == ["web-01"]
+        assert machines.machine_ids(conn, ["web", "prod", "web"]) == ["web-01"]
+        assert machines.machine_ids(conn, ["prod", "nope"]) == []
+        assert machines.machine_ids(conn, []) == ["db-01", "web-01", "web-02"]
+        assert machines.machine_ids(conn, [], "pending") == ["db-01", "web-01", "web-02"]
+        assert machines.machine_ids(conn, [], "active") == []
+
+
+def test_agent_tags_replace_the_previous_agent_set_and_union_with_operator_tags(
+    store: Store,
+) -> None:
+    register(store, "web-01", ["canary"])
+    with store.transaction() as conn:
+        machines.record_report(conn, report("web-01", tags=("prod", "web")), retention=10)
+        machines.record_report(conn, report("web-01", tags=("prod", "eu")), retention=10)
+        m = machines.get(conn, "web-01")
+    assert m.agent_tags == ("eu", "prod")
+    assert m.operator_tags == ("canary",)
+    assert m.tags == ("canary", "eu", "prod")
+    with store.transaction() as conn:
+        machines.record_report(conn, report("web-01", tags=None), retention=10)  # tags omitted
+        assert machines.get(conn, "web-01").agent_tags == ("eu", "prod")
+        machines.record_report(conn, report("web-01", tags=()), retention=10)
+        assert machines.get(conn, "web-01").tags == ("canary",)
+
+
+def test_first_report_activates_pending_and_provisioning(store: Store) -> None:
+    register(store, "a", [])
+    register(store, "b", [], Lifecycle.PROVISIONING)
+    register(store, "c", [], Lifecycle.MAINTENANCE)
+    with store.transaction() as conn:
+        _, promoted_a = machines.record_report(conn, report("a"), 10)
+        _, promoted_b = machines.record_report(conn, report("b"), 10)
+        _, promoted_c = machines.record_report(conn, report("c"), 10)
+        states = {m.id: m.lifecycle for m in machines.list_machines(conn)}
+    assert (promoted_a, promoted_b, promoted_c) == (Lifecycle.PENDING, Lifecycle.PROVISIONING, None)
+    assert states == {"a": Lifecycle.ACTIVE, "b": Lifecycle.ACTIVE, "c": Lifecycle.MAINTENANCE}
+
+
+def test_decommissioned_report_is_refused_and_changes_nothing(store: Store) -> None:
+    register(store, "old", [], Lifecycle.ACTIVE)
+    with store.transaction() as conn:
+        machines.set_lifecycle(conn, "old", Lifecycle.DECOMMISSIONED)
+    with pytest.raises(GoneError), store.transaction() as conn:
+        machines.record_report(conn, report("old", tags=("x",)), 10)
+    with store.read() as conn:
+        m = machines.get(conn, "old", recent=5)
+    assert m.current_generation is None and m.tags == () and m.recent_reports == ()
+
+
+def test_unknown_machine_and_duplicate_registration(store: Store) -> None:
+    with pytest.raises(NotFoundError), store.transaction() as conn:
+        machines.record_report(conn, report("ghost"), 10)
+    register(store, "web-01", [])
+    with pytest.raises(ConflictError, match="already registered"):
+        register(store, "web-01", [])
+
+
+def test_report_history_is_bounded_per_machine(store: Store) -> None:
+    register(store, "a", [])
+    register(store, "b", [])
+    for i in range(25):
+        with store.transaction() as conn:
+            machines.record_report(
+                conn, report("a", GEN_A if i % 2 else GEN_B, message=f"a{i}"), 10
+            )
+            if i < 3:
+                machines.record_report(conn, report("b", message=f"b{i}"), 10)
+    with store.read() as conn:
+        counts = dict(conn.execute("SELECT machine_id, COUNT(*) FROM reports GROUP BY machine_id"))
+        recent = machines.get(conn, "a", recent=50).recent_reports
+    assert counts == {"a": 10, "b": 3}
+    assert [r.message for r in recent] == [f"a{i}" for i in range(24, 14, -1)]
+
+
+def test_failed_generation_is_recorded_and_cleared_by_success(store: Store) -> None:
+    register(store, "a", [])
+    with store.transaction() as conn:
+        machines.set_desired(conn, "a", GEN_B, None, "operator", utcnow())
+        machines.record_report(
+            conn,
+            report("a", GEN_A, success=False, attempted_generation=GEN_B, message="rolled back"),
+            10,
+        )
+        assert machines.get(conn, "a").sync.value == "failed"
+        machines.record_report(conn, report("a", GEN_B), 10)
+        m = machines.get(conn, "a")
+    assert m.failed_generation is None and m.sync.value == "in sync"
+
+
+def test_a_failed_transaction_writes_nothing(store: Store) -> None:
+    register(store, "a", [])
+    with pytest.raises(ConflictError), store.transaction() as conn:
+        machines.set_tags(conn, "a", ["x"], "operator", replace=False)
+        machines.set_lifecycle(conn, "a", Lifecycle.MAINTENANCE)  # invalid from pending
+    with store.read() as conn:
+        assert machines.get(conn, "a").tags == ()
