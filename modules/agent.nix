@@ -111,7 +111,9 @@ let
         inherit (c) name url timeout;
         expected_status = c.expectedStatus;
       }) (lib.attrValues cfg.healthChecks.http);
-      command = map (c: { inherit (c) name argv timeout; }) (lib.attrValues cfg.healthChecks.command);
+      command = map (c: { inherit (c) name argv timeout; }) (
+        lib.attrValues cfg.healthChecks.command
+      );
     };
     dry_run = cfg.dryRun;
     allow_insecure = cfg.allowInsecure;
@@ -122,7 +124,7 @@ let
 in
 {
   options.services.nixfleet-agent = {
-    enable = mkEnableOption "the nixfleet agent, which deploys the generations the nixfleet control plane assigns to this machine";
+    enable = mkEnableOption "the nixfleet agent, which deploys what the control plane assigns";
 
     package = mkPackageOption pkgs "nixfleet" { };
 
@@ -302,7 +304,8 @@ in
   config = mkIf cfg.enable {
     assertions = [
       {
-        assertion = urlScheme == "https" || (urlScheme == "http" && (isLoopbackHost || cfg.allowInsecure));
+        assertion =
+          urlScheme == "https" || (urlScheme == "http" && (isLoopbackHost || cfg.allowInsecure));
         message = ''
           services.nixfleet-agent.controlPlaneUrl = "${cfg.controlPlaneUrl}" must be an
           https:// URL (terminate TLS in front of the control plane, e.g. with
@@ -349,7 +352,7 @@ in
           let
             file = cfg.${name};
           in
-          optional (file != null && lib.hasPrefix builtins.storeDir (toString file)) ''
+          optional (file != null && lib.hasPrefix builtins.storeDir "${file}") ''
             services.nixfleet-agent.${name} points into the world-readable Nix store; use a
             path outside it (e.g. provisioned by sops-nix or agenix).
           ''

@@ -48,7 +48,7 @@ let
 in
 {
   options.services.nixfleet-control-plane = {
-    enable = mkEnableOption "the nixfleet control plane, which keeps the fleet's state and drives rollouts";
+    enable = mkEnableOption "the nixfleet control plane, which drives the fleet's rollouts";
 
     package = mkPackageOption pkgs "nixfleet" { };
 
@@ -180,7 +180,7 @@ in
     ];
 
     warnings =
-      optional (cfg.adminKeyFile != null && lib.hasPrefix builtins.storeDir (toString cfg.adminKeyFile))
+      optional (cfg.adminKeyFile != null && lib.hasPrefix builtins.storeDir "${cfg.adminKeyFile}")
         ''
           services.nixfleet-control-plane.adminKeyFile points into the world-readable Nix
           store; use a path outside it (e.g. provisioned by sops-nix or agenix).

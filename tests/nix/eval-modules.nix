@@ -132,6 +132,7 @@ in
     inherit (o) name type;
     description = o.description or null;
     default = o.default.text or null;
+    example = o.example.text or null;
   }) (lib.filter (o: o.visible && !o.internal) ours);
 
   failedAssertions = map (a: a.message) (lib.filter (a: !a.assertion) eval.config.assertions);
