@@ -45,7 +45,8 @@ def eval_real(lib: str, config: str) -> Any:
 
 
 def test_real_lib_agrees_with_declarations(
-    real_lib: str, options: dict[str, list[dict[str, Any]]]  # noqa: F811
+    real_lib: str,
+    options: dict[str, list[dict[str, Any]]],  # noqa: F811
 ) -> None:
     real = eval_real(real_lib, "{ }")
     assert sorted(o["name"] for o in real["options"]) == sorted(
