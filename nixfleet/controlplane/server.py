@@ -10,9 +10,12 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
+from waitress import wasyncore
 from waitress.server import create_server
 
 from nixfleet.api import create_app
@@ -22,6 +25,14 @@ from nixfleet.models import utcnow
 from nixfleet.store import Store, audit, credentials
 
 log = logging.getLogger("nixfleet.controlplane")
+
+# Shared with bench/bare_server.py, so the yardstick runs waitress exactly as we do.
+SERVER_OPTIONS: dict[str, Any] = {
+    "ident": "nixfleet",
+    "channel_timeout": 60,
+    "connection_limit": 1000,
+    "clear_untrusted_proxy_headers": True,
+}
 
 
 def install_admin_key(store: Store, key_file: str) -> None:
@@ -38,6 +49,20 @@ def install_admin_key(store: Store, key_file: str) -> None:
             log.info("installed the admin key from %s", key_file)
 
 
+def _close_connections(server: Any, grace: float = 10.0) -> None:
+    """Let in-flight requests finish, then close every connection so run() returns."""
+    dispatcher = server.task_dispatcher
+    deadline = time.monotonic() + grace
+    while (dispatcher.active_count or dispatcher.queue) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+    def close_all() -> None:
+        for channel in list(server._map.values()):
+            channel.close()  # the trigger too: an empty map ends the loop
+
+    server.trigger.pull_trigger(close_all)
+
+
 def serve(settings: Settings) -> None:
     store = Store(settings.db_path())
     log.info("database %s", store.path)
@@ -50,10 +75,7 @@ def serve(settings: Settings) -> None:
         host=host,
         port=port,
         threads=settings.threads,
-        ident="nixfleet",
-        channel_timeout=60,
-        connection_limit=1000,
-        clear_untrusted_proxy_headers=True,
+        **SERVER_OPTIONS,
     )
     stop = threading.Event()
     loop = background.start(settings, store, stop)
@@ -61,7 +83,10 @@ def serve(settings: Settings) -> None:
     def _shutdown(signum: int, frame: FrameType | None) -> None:
         log.info("received signal %d, shutting down", signum)
         stop.set()
-        server.close()
+        # Stop accepting, but keep the trigger: keep-alive connections still hold the loop
+        # open, and _close_connections closes them through it once requests are done.
+        wasyncore.dispatcher.close(server)
+        threading.Thread(target=_close_connections, args=(server,), daemon=True).start()
 
     signal.signal(signal.SIGTERM, _shutdown)
     signal.signal(signal.SIGINT, _shutdown)
