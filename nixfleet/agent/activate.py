@@ -190,17 +190,19 @@ class Activator:
         try:
             # `nix-env --rollback` when the profile's previous generation is what ran
             # (nixos-rebuild --rollback); otherwise point the profile at it explicitly.
-            if (
-                record.profile_previous == record.previous
-                and _profile_target(self.config) == record.generation
-            ):
+            target = _profile_target(self.config)
+            if target == record.previous:
+                pass  # the profile never moved (nix-env --set itself failed)
+            elif record.profile_previous == record.previous and target == record.generation:
                 nix.profile_rollback(self.config.profile)
             else:
                 nix.profile_set(self.config.profile, record.previous)
             self.switch(record.previous, self._new_unit())
         except NixfleetError as e:
             return self._finish(
-                record, False, f"rollback to {record.previous} failed ({e.detail}) after: {reason}",
+                record,
+                False,
+                f"rollback to {record.previous} failed ({e.detail}) after: {reason}",
                 result,
             )
         log.warning("rolled back to %s", record.previous)
@@ -235,8 +237,9 @@ class Activator:
         record = self.store.load().in_progress
         if record is None or self.config.dry_run:
             return None
-        log.warning("found unfinished activation of %s from %s", record.generation,
-                    record.started_at)
+        log.warning(
+            "found unfinished activation of %s from %s", record.generation, record.started_at
+        )
         if record.unit:
             try:
                 self._wait_for_unit(record.unit)

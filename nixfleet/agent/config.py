@@ -176,8 +176,12 @@ def load_config(
         health_checks=HealthChecks(
             systemd=tuple(hc.get("systemd", ())),
             http=tuple(
-                HttpCheck(c["name"], c["url"], int(c.get("expected_status", 200)),
-                          float(c.get("timeout", 10)))
+                HttpCheck(
+                    c["name"],
+                    c["url"],
+                    int(c.get("expected_status", 200)),
+                    float(c.get("timeout", 10)),
+                )
                 for c in hc.get("http", ())
             ),
             command=tuple(
@@ -203,9 +207,29 @@ def token_candidates(config: AgentConfig) -> list[Path]:
     return out
 
 
+def enroll_token_candidates(config: AgentConfig) -> list[Path]:
+    """Enrollment token: enroll_token_file, else `$CREDENTIALS_DIRECTORY/enroll-token`
+    (the NixOS module passes it with `LoadCredential=enroll-token:...`)."""
+    out: list[Path] = []
+    if config.enroll_token_file:
+        out.append(Path(config.enroll_token_file))
+    creds = config.environ.get("CREDENTIALS_DIRECTORY")
+    if creds:
+        out.append(Path(creds) / "enroll-token")
+    return out
+
+
 def read_token(config: AgentConfig) -> str | None:
-    """The first non-empty token found (never logged)."""
-    for candidate in token_candidates(config):
+    """The first non-empty machine token found (never logged)."""
+    return _first(token_candidates(config))
+
+
+def read_enroll_token(config: AgentConfig) -> str | None:
+    return _first(enroll_token_candidates(config))
+
+
+def _first(candidates: list[Path]) -> str | None:
+    for candidate in candidates:
         try:
             token = candidate.read_text().strip()
         except OSError:

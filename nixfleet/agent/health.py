@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 SYSTEMCTL_TIMEOUT = 30.0
 MESSAGE_MAX = 500
 OK_SYSTEM_STATES = ("running", "degraded")
+# Health checks probe this machine's services: never through an http_proxy.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def _timed(name: str, kind: str, fn: Callable[[], tuple[bool, str]]) -> HealthCheckResult:
@@ -45,9 +47,7 @@ def _timed(name: str, kind: str, fn: Callable[[], tuple[bool, str]]) -> HealthCh
 
 def check_systemd_unit(unit: str) -> HealthCheckResult:
     def run() -> tuple[bool, str]:
-        done = process.run(
-            ["systemctl", "is-active", unit], timeout=SYSTEMCTL_TIMEOUT, check=False
-        )
+        done = process.run(["systemctl", "is-active", unit], timeout=SYSTEMCTL_TIMEOUT, check=False)
         state = done.stdout.strip() or done.stderr.strip()
         return done.returncode == 0 and state == "active", state
 
@@ -69,7 +69,7 @@ def check_http(check: HttpCheck) -> HealthCheckResult:
     def run() -> tuple[bool, str]:
         request = urllib.request.Request(check.url, method="GET")  # noqa: S310 (schema: http/https)
         try:
-            with urllib.request.urlopen(request, timeout=check.timeout) as resp:  # noqa: S310
+            with _OPENER.open(request, timeout=check.timeout) as resp:
                 status = int(resp.status)
         except urllib.error.HTTPError as e:
             status = e.code

@@ -23,7 +23,7 @@ from typing import Any
 from nixfleet import __version__
 from nixfleet.agent import health as healthmod
 from nixfleet.agent.activate import Activator, Result, observe_current
-from nixfleet.agent.config import AgentConfig, read_token
+from nixfleet.agent.config import AgentConfig, read_enroll_token, read_token
 from nixfleet.agent.state import AgentState, StateStore
 from nixfleet.client import Client
 from nixfleet.errors import NixfleetError, UnreachableError
@@ -62,8 +62,9 @@ class Desired:
         )
 
 
-def decide(desired: str | None, current: str | None, state: AgentState,
-           retry_requested_at: datetime | None) -> bool:
+def decide(
+    desired: str | None, current: str | None, state: AgentState, retry_requested_at: datetime | None
+) -> bool:
     """Pure: should this cycle deploy `desired`?"""
     if desired is None or desired == current:
         return False
@@ -88,6 +89,9 @@ class Agent:
         self.client: Client | None = None
         self.failed_polls = 0
         self.recovered = False
+        # Until the CP has answered once, the persisted last desired generation may be
+        # stale; an unconcluded failure found at start is reported meanwhile.
+        self.desired_seen = False
         # A fetch failure changes nothing on the machine, so it is not recorded as a
         # failed generation (a later poll retries it) but it is reported meanwhile.
         self.fetch_failure: Result | None = None
@@ -107,12 +111,8 @@ class Agent:
 
     def _enroll(self) -> str | None:
         """Exchange an enrollment token for a machine token, kept in the state dir."""
-        if not self.config.enroll_token_file:
-            return None
-        try:
-            enroll_token = Path(self.config.enroll_token_file).read_text().strip()
-        except OSError as e:
-            log.error("cannot read enrollment token file: %s", e.strerror)
+        enroll_token = read_enroll_token(self.config)
+        if enroll_token is None:
             return None
         client = Client(self.config.control_plane_url, enroll_token, timeout=30.0)
         try:
@@ -133,6 +133,18 @@ class Agent:
         log.info("enrolled %s; machine token stored in %s", self.config.machine_id, path)
         return token
 
+    def uptime(self) -> int:
+        """System uptime (operators spot reboots); the agent's own if /proc is hidden."""
+        try:
+            return int(float(Path("/proc/uptime").read_text().split()[0]))
+        except (OSError, ValueError, IndexError):
+            return int(time.monotonic() - self.started)
+
+    def _drop_client(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
     def _delay(self, base: float) -> float:
         return max(0.0, base * self.rng.uniform(1 - JITTER, 1 + JITTER))
 
@@ -151,7 +163,7 @@ class Agent:
             "current_generation": current,
             "tags": list(self.config.tags),
             "agent_version": __version__,
-            "uptime_seconds": int(time.monotonic() - self.started),
+            "uptime_seconds": self.uptime(),
         }
         if health is not None:
             body["health"] = healthmod.to_dict(health)
@@ -173,18 +185,22 @@ class Agent:
         if desired is not None and desired != current and desired in state.failures:
             return desired, state.failures[desired].message
         last = state.last_outcome
-        if desired is None and last is not None and not last.success:
+        if not self.desired_seen and last is not None and not last.success:
             return last.generation, last.message
         return None, ""
 
     def _report(self, client: Client, health: HealthResult | None) -> Desired | None:
         current = observe_current(self.config)
         if current is None:
-            log.warning("no current system at %s: not reporting (the control plane needs "
-                        "a current generation)", self.config.current_system)
+            log.warning(
+                "no current system at %s: not reporting (the control plane needs "
+                "a current generation)",
+                self.config.current_system,
+            )
             return None
         answer = client.report(self.config.machine_id, self.report_body(current, health))
         desired = Desired.from_response(answer)
+        self.desired_seen = True
         state = self.store.load()
         if state.last_desired != desired.generation:
             self.store.save(replace(state, last_desired=desired.generation))
@@ -194,36 +210,59 @@ class Agent:
         """Read-only look-up, for dry-run and for a machine with no current system."""
         mid = urllib.parse.quote(self.config.machine_id, safe="")
         answer = client.get(f"/api/v1/machines/{mid}/desired-generation")
+        self.desired_seen = True
         return Desired.from_response(answer if isinstance(answer, dict) else {})
 
     # --- one cycle -----------------------------------------------------------------
 
     def cycle(self) -> tuple[Status, float]:
         """Run one cycle; return its status and how long to sleep before the next."""
+        try:
+            return self._cycle()
+        finally:
+            if self.client is not None:
+                # No idle connection between polls: a fleet of agents must not hold an
+                # open socket each on the CP (nor keep a stopping CP waiting for them).
+                self.client.close()
+
+    def _cycle(self) -> tuple[Status, float]:
         if not self.recovered:
             self.recovered = True
             result = self.activator.recover()
             if result is not None:
                 log.info("recovered unfinished activation: %s", result.message)
-        client = self._client()
-        if client is None:
-            log.error("no machine token (looked in token_file, $CREDENTIALS_DIRECTORY/token, "
-                      "%s/token) and no usable enrollment token", self.config.state_dir)
-            return Status.AUTH, self._delay(self.config.poll_interval)
         try:
+            client = self._client()
+            if client is None:
+                log.error(
+                    "no machine token (looked in token_file, $CREDENTIALS_DIRECTORY/token, "
+                    "%s/token) and no enrollment token (enroll_token_file, "
+                    "$CREDENTIALS_DIRECTORY/enroll-token)",
+                    self.config.state_dir,
+                )
+                return Status.AUTH, self._delay(self.config.poll_interval)
             status, hint = self._converge(client)
         except UnreachableError as e:
             self.failed_polls += 1
             delay = self._delay(self.backoff())
-            log.warning("control plane unreachable (%d in a row): %s; keeping the current "
-                        "generation; retrying in %.2fs (back-off %gs)",
-                        self.failed_polls, e.detail, delay, self.backoff())
+            log.warning(
+                "control plane unreachable (%d in a row): %s; keeping the current "
+                "generation; retrying in %.2fs (back-off %gs)",
+                self.failed_polls,
+                e.detail,
+                delay,
+                self.backoff(),
+            )
             return Status.UNREACHABLE, delay
         except NixfleetError as e:
             self.failed_polls = 0
+            if e.exit_code == Status.AUTH:
+                self._drop_client()  # the token may have been rotated: re-read it
             log.error("control plane refused the agent: %s", e)
-            return (Status.AUTH if e.exit_code == Status.AUTH else Status.FAILED,
-                    self._delay(self.config.poll_interval))
+            return (
+                Status.AUTH if e.exit_code == Status.AUTH else Status.FAILED,
+                self._delay(self.config.poll_interval),
+            )
         if self.failed_polls:
             log.info("control plane reachable again after %d failed polls", self.failed_polls)
         self.failed_polls = 0
@@ -233,14 +272,20 @@ class Agent:
         current = observe_current(self.config)
         if self.config.dry_run:
             desired = self._ask_desired(client)
-            want = decide(desired.generation, current, self.store.load(),
-                          desired.retry_requested_at)
+            want = decide(
+                desired.generation, current, self.store.load(), desired.retry_requested_at
+            )
             if want and desired.generation:
-                log.info("%s", self.activator.plan(desired.generation,
-                                                   desired.cache_url or self.config.cache_url))
+                log.info(
+                    "%s",
+                    self.activator.plan(
+                        desired.generation, desired.cache_url or self.config.cache_url
+                    ),
+                )
             else:
-                log.info("dry-run: nothing to do (current %s, desired %s)", current,
-                         desired.generation)
+                log.info(
+                    "dry-run: nothing to do (current %s, desired %s)", current, desired.generation
+                )
             return Status.OK, desired.poll_hint
         if current is None:
             desired = self._ask_desired(client)
@@ -256,13 +301,17 @@ class Agent:
             self.fetch_failure = None
             return Status.OK, desired.poll_hint
         if not decide(desired.generation, current, state, desired.retry_requested_at):
-            log.info("not re-applying %s: it failed here at %s (%s); waiting for a new desired "
-                     "generation or a retry request", desired.generation,
-                     state.failures[desired.generation].at,
-                     state.failures[desired.generation].message)
+            log.info(
+                "not re-applying %s: it failed here at %s (%s); waiting for a new desired "
+                "generation or a retry request",
+                desired.generation,
+                state.failures[desired.generation].at,
+                state.failures[desired.generation].message,
+            )
             return Status.OK, desired.poll_hint
-        result = self.activator.deploy(desired.generation,
-                                       desired.cache_url or self.config.cache_url)
+        result = self.activator.deploy(
+            desired.generation, desired.cache_url or self.config.cache_url
+        )
         self.fetch_failure = None if result.changed or result.success else result
         health = result.health if result.success else healthmod.run_configured(self.config)
         after = self._report(client, health)
@@ -273,12 +322,25 @@ class Agent:
     # --- the loop ------------------------------------------------------------------
 
     def run(self, once: bool = False) -> int:
-        log.info("nixfleet-agent %s for %s, control plane %s%s", __version__,
-                 self.config.machine_id, self.config.control_plane_url,
-                 " (dry-run)" if self.config.dry_run else "")
+        log.info(
+            "nixfleet-agent %s for %s, control plane %s%s",
+            __version__,
+            self.config.machine_id,
+            self.config.control_plane_url,
+            " (dry-run)" if self.config.dry_run else "",
+        )
         try:
             while True:
-                status, delay = self.cycle()
+                try:
+                    status, delay = self.cycle()
+                except Exception:
+                    # A bug or a full disk must not end the service: the machine keeps
+                    # its generation and the next cycle starts from observed state again.
+                    log.exception("agent cycle failed unexpectedly")
+                    if once:
+                        return int(Status.FAILED)
+                    self._drop_client()
+                    status, delay = Status.FAILED, self._delay(self.config.poll_interval)
                 if once:
                     return int(status)
                 log.debug("sleeping %.2fs", delay)
@@ -286,5 +348,4 @@ class Agent:
                     log.info("stopping")
                     return 0
         finally:
-            if self.client is not None:
-                self.client.close()
+            self._drop_client()

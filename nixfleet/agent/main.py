@@ -21,8 +21,12 @@ from nixfleet.errors import NixfleetError
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_file", type=click.Path(dir_okay=False),
-              help="JSON config file (the NixOS module writes it).")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    help="JSON config file (the NixOS module writes it).",
+)
 @click.option("--control-plane-url", help="Control plane base URL.")
 @click.option("--machine-id", help="This machine's id (default: hostname).")
 @click.option("--token-file", help="File holding the machine token.")
@@ -30,13 +34,25 @@ from nixfleet.errors import NixfleetError
 @click.option("--current-system", help="Current-system link (default /run/current-system).")
 @click.option("--state-dir", help="State directory (default /var/lib/nixfleet-agent).")
 @click.option("--cache-url", help="Binary cache used when the control plane names none.")
-@click.option("--trusted-public-key", "trusted_public_keys", multiple=True,
-              help="Public key closures must be signed with (repeatable).")
+@click.option(
+    "--trusted-public-key",
+    "trusted_public_keys",
+    multiple=True,
+    help="Public key closures must be signed with (repeatable).",
+)
 @click.option("--poll-interval", type=float, help="Seconds between polls (default 60).")
-@click.option("--dry-run", is_flag=True, default=None,
-              help="Say what would be done; change nothing (no reports either).")
-@click.option("--allow-insecure", is_flag=True, default=None,
-              help="Allow plain http:// to a non-loopback control plane.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    default=None,
+    help="Say what would be done; change nothing (no reports either).",
+)
+@click.option(
+    "--allow-insecure",
+    is_flag=True,
+    default=None,
+    help="Allow plain http:// to a non-loopback control plane.",
+)
 @click.option("--once", is_flag=True, help="Run one cycle and exit with its status.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.version_option(__version__, prog_name="nixfleet-agent")
