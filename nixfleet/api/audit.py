@@ -32,8 +32,8 @@ class AuditLog:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Audit entries, newest first; exact-match `actor`, `action`, `target`; `limit`.
 
-        An actor is `key:<name>`, `machine:<id>`, `enroll:<token id>`, `host:<how>`
-        or `reconciler:…`; a bare key name also matches `key:<name>`.
+        Actors look like `key:<name>`, `machine:<id>`, `enroll:<token id>`, `host:<how>`
+        or the reconciler's label, exactly as they appear in the entries.
         """
         try:
             limit = req.get_param_as_int("limit", min_value=1, max_value=MAX_LIMIT, default=100)
@@ -42,8 +42,6 @@ class AuditLog:
                 "invalid limit", errors=[FieldError("limit", f"an integer from 1 to {MAX_LIMIT}")]
             ) from None
         actor = _filter(req, "actor")
-        if actor is not None and ":" not in actor:
-            actor = f"key:{actor}"
         with self.ctx.store.read() as conn:
             entries = audit.query(
                 conn, actor, _filter(req, "action"), _filter(req, "target"), limit or 100

@@ -7,6 +7,7 @@ route cannot be added without saying who may call it.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -17,6 +18,8 @@ from nixfleet.errors import AuthenticationError, PermissionDeniedError
 from nixfleet.store import Store
 from nixfleet.store import credentials as creds
 from nixfleet.store.enrollment import ENROLL_PREFIX
+
+log = logging.getLogger(__name__)
 
 ROLE_RANK = {"readonly": 1, "deploy": 2, "admin": 3}
 
@@ -117,12 +120,19 @@ class AuthMiddleware:
             raise PermissionDeniedError(f"{req.method} {req.path} declares no permission")
         if perm is Perm.PUBLIC:
             return
-        token = _bearer(req)
-        if perm is Perm.ENROLL:
-            self._enroll(req, token)
-            return
-        req.context.actor = _resolve(self.store, token)
-        authorize(req.context.actor, perm, params.get("machine_id"))
+        try:
+            token = _bearer(req)
+            if perm is Perm.ENROLL:
+                self._enroll(req, token)
+                return
+            req.context.actor = _resolve(self.store, token)
+            authorize(req.context.actor, perm, params.get("machine_id"))
+        except (AuthenticationError, PermissionDeniedError) as e:
+            # Names the route and the actor, never the presented secret; %r keeps a
+            # hostile path (newlines, escapes) on one line of the log.
+            log.info("refused %s %r (%s): %s", req.method, req.path, req.context.actor.label, e)
+            raise
+        log.debug("%s %r as %s", req.method, req.path, req.context.actor.label)
 
     def _enroll(self, req: falcon.Request, token: str | None) -> None:
         """The enrollment token may come as the bearer or in the body; keys are refused."""

@@ -8,6 +8,7 @@ for its host); an operator revokes the old token first, which is the explicit
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -180,10 +181,15 @@ class Enroll:
 
     @staticmethod
     def _prepare_machine(
-        conn: Any, machine_id: str, token: EnrollToken, agent_tags: list[str] | None, now: datetime
+        conn: sqlite3.Connection,
+        machine_id: str,
+        token: EnrollToken,
+        agent_tags: list[str] | None,
+        now: datetime,
     ) -> bool:
         """Register the machine if new; refuse one that is gone or has a live agent token."""
-        exists = conn.execute("SELECT lifecycle FROM machines WHERE id = ?", (machine_id,)).fetchone()
+        row = conn.execute("SELECT lifecycle FROM machines WHERE id = ?", (machine_id,))
+        exists = row.fetchone()
         if exists is None:
             machines.register(conn, machine_id, token.tags, Lifecycle.PENDING, now)
         elif exists[0] == Lifecycle.DECOMMISSIONED.value:

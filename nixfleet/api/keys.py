@@ -13,12 +13,10 @@ import falcon
 from nixfleet.api.auth import Perm
 from nixfleet.api.body import read_document
 from nixfleet.api.context import Context
-from nixfleet.errors import ConflictError, FieldError, GoneError, ValidationError
+from nixfleet.errors import ConflictError, GoneError
 from nixfleet.models import Lifecycle, utcnow, validate_hostname
 from nixfleet.store import audit, credentials, machines
 from nixfleet.store.credentials import ApiKey
-
-KEY_NAME_MAX = 64
 
 
 def key_json(k: ApiKey) -> dict[str, Any]:
@@ -30,16 +28,6 @@ def key_json(k: ApiKey) -> dict[str, Any]:
         "revoked_at": k.revoked_at,
         "active": k.revoked_at is None,
     }
-
-
-def _check_name(name: str) -> str:
-    ok = 0 < len(name) <= KEY_NAME_MAX and name[0].isascii() and name[0].isalnum()
-    if not ok or not all(c.isascii() and (c.isalnum() or c in "._-") for c in name):
-        raise ValidationError(
-            f"invalid key name {name[:80]!r}",
-            errors=[FieldError("name", "letters, digits, '.', '_' or '-', at most 64")],
-        )
-    return name
 
 
 class KeyCollection:
@@ -78,7 +66,7 @@ class KeyItem:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
         """One API key's name, role and state."""
-        _check_name(name)
+        credentials.validate_key_name(name)
         with self.ctx.store.read() as conn:
             resp.media = key_json(credentials.get_key(conn, name))
 
@@ -88,7 +76,7 @@ class KeyItem:
         The last active admin key cannot be revoked over the API (the fleet would
         have no admin left on the network); do that on the host if you mean it.
         """
-        _check_name(name)
+        credentials.validate_key_name(name)
         now = utcnow()
         with self.ctx.store.transaction() as conn:
             key = credentials.get_key(conn, name)

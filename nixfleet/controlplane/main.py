@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import click
 
@@ -28,6 +29,11 @@ from nixfleet.store import Store, audit, credentials
     "--admin-key-file", type=click.Path(dir_okay=False), help="Install this admin key at start."
 )
 @click.option(
+    "--reconcile-interval",
+    type=float,
+    help="Seconds between reconciler ticks (default 2).",
+)
+@click.option(
     "--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"])
 )
 @click.pass_context
@@ -38,6 +44,7 @@ def cli(
     db: str | None,
     rollouts_dir: str | None,
     admin_key_file: str | None,
+    reconcile_interval: float | None,
     log_level: str,
 ) -> None:
     """Run the nixfleet control plane (API + reconciler) on one SQLite file.
@@ -59,6 +66,7 @@ def cli(
             db=db,
             rollouts_dir=rollouts_dir,
             admin_key_file=admin_key_file,
+            reconcile_interval=reconcile_interval,
         )
     except NixfleetError as e:
         raise click.UsageError(str(e)) from e
@@ -95,6 +103,70 @@ def keys_create(settings: config.Settings, name: str, role: str) -> None:
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
     click.echo(key)
+
+
+@keys.command("list")
+@click.option("--all", "all_", is_flag=True, help="Include revoked keys.")
+@click.pass_obj
+def keys_list(settings: config.Settings, all_: bool) -> None:
+    """List keys by name and role (never the keys themselves).
+
+    \b
+    Example:
+      nixfleet-control-plane --db /var/lib/nixfleet/nixfleet.db keys list --all
+    """
+    store = Store(settings.db_path())
+    with store.read() as conn:
+        found = credentials.list_keys(conn, include_revoked=all_)
+    for k in found:
+        state = f"revoked {k.revoked_at}" if k.revoked_at else "active"
+        click.echo(f"{k.name}\t{k.role}\t{k.created_at}\t{k.created_by}\t{state}")
+
+
+@keys.command("revoke")
+@click.argument("name")
+@click.pass_obj
+def keys_revoke(settings: config.Settings, name: str) -> None:
+    """Revoke a key at once, including the last admin key (the host can always make another).
+
+    \b
+    Example:
+      nixfleet-control-plane --db /var/lib/nixfleet/nixfleet.db keys revoke ops
+    """
+    store = Store(settings.db_path())
+    now = utcnow()
+    try:
+        with store.transaction() as conn:
+            credentials.revoke_key(conn, name, now)
+            audit.record(conn, "host:cli", "key.revoke", name, now)
+    except NixfleetError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    click.echo(f"revoked key {name!r}", err=True)
+
+
+@cli.command()
+@click.argument("destination", type=click.Path(dir_okay=False))
+@click.pass_obj
+def backup(settings: config.Settings, destination: str) -> None:
+    """Write a consistent copy of the database while the control plane runs.
+
+    Uses SQLite's VACUUM INTO: one transactionally consistent, compacted file,
+    safe to take while agents report. Restore by stopping the control plane and
+    putting the copy in place of the database file.
+
+    \b
+    Example:
+      nixfleet-control-plane --db /var/lib/nixfleet/nixfleet.db backup /backup/nixfleet-$(date +%F).db
+    """
+    target = Path(destination)
+    if target.exists():
+        click.echo(f"error: {target} exists; choose a new file name", err=True)
+        sys.exit(1)
+    store = Store(settings.db_path())
+    store.connection().execute("VACUUM INTO ?", (str(target),))
+    store.close()
+    click.echo(f"backed up {settings.db_path()} to {target}", err=True)
 
 
 def main() -> None:

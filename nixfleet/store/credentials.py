@@ -12,17 +12,35 @@ The plaintext is returned once, at creation, and never stored or logged.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
 
-from nixfleet.errors import ConflictError, NotFoundError, ValidationError
+from nixfleet.errors import ConflictError, FieldError, NotFoundError, ValidationError
 from nixfleet.models import isoformat
 
 ROLES = ("readonly", "deploy", "admin")
 KEY_PREFIX = "nfk_"
 TOKEN_PREFIX = "nfm_"
+KEY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def validate_key_name(name: str) -> str:
+    """Key names appear in audit actors (`key:<name>`) and URLs: keep them plain."""
+    if not KEY_NAME_RE.match(name):
+        raise ValidationError(
+            f"invalid key name {name[:80]!r}",
+            errors=[
+                FieldError(
+                    "name",
+                    "letters, digits, '.', '_' or '-', starting with a letter or digit, "
+                    "at most 64 characters",
+                )
+            ],
+        )
+    return name
 
 
 def digest(secret: str) -> str:
@@ -42,6 +60,7 @@ def create_key(
     conn: sqlite3.Connection, name: str, role: str, created_by: str, now: datetime
 ) -> str:
     """A new random key (returned once); a revoked key's name may be reused."""
+    validate_key_name(name)
     if role not in ROLES:
         raise ValidationError(f"unknown role {role!r}; one of: {', '.join(ROLES)}")
     if conn.execute(
