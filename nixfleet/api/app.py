@@ -10,7 +10,17 @@ from typing import Any
 
 import falcon
 
-from nixfleet.api import errors, machines, openapi, status
+from nixfleet.api import (
+    audit,
+    enroll,
+    errors,
+    keys,
+    machines,
+    openapi,
+    releases,
+    rollouts,
+    status,
+)
 from nixfleet.api.auth import AuthMiddleware
 from nixfleet.api.context import Context
 from nixfleet.controlplane.config import Settings
@@ -28,6 +38,22 @@ ROUTES: list[tuple[str, type[Any]]] = [
     ("/api/v1/machines/{machine_id}/tags", machines.MachineTags),
     ("/api/v1/machines/{machine_id}/desired-generation", machines.DesiredGeneration),
     ("/api/v1/machines/{machine_id}/retry", machines.MachineRetry),
+    ("/api/v1/machines/{machine_id}/token", keys.MachineToken),
+    ("/api/v1/keys", keys.KeyCollection),
+    ("/api/v1/keys/{name}", keys.KeyItem),
+    ("/api/v1/enroll-tokens", enroll.EnrollTokenCollection),
+    ("/api/v1/enroll-tokens/{token_id}", enroll.EnrollTokenItem),
+    ("/api/v1/enroll", enroll.Enroll),
+    ("/api/v1/audit", audit.AuditLog),
+    ("/api/v1/releases", releases.ReleaseCollection),
+    ("/api/v1/releases/{release_id}", releases.ReleaseItem),
+    ("/api/v1/releases/{release_id}/diff/{other}", releases.ReleaseDiff),
+    ("/api/v1/rollouts", rollouts.RolloutCollection),
+    ("/api/v1/rollouts/plan", rollouts.RolloutPlan),
+    ("/api/v1/rollouts/{rollout_id}", rollouts.RolloutItem),
+    ("/api/v1/rollouts/{rollout_id}/pause", rollouts.RolloutPause),
+    ("/api/v1/rollouts/{rollout_id}/resume", rollouts.RolloutResume),
+    ("/api/v1/rollouts/{rollout_id}/cancel", rollouts.RolloutCancel),
 ]
 
 

@@ -10,6 +10,7 @@ import logging
 import threading
 from collections.abc import Callable
 
+from nixfleet import gitops, reconciler
 from nixfleet.controlplane.config import Settings
 from nixfleet.store import Store
 
@@ -17,7 +18,7 @@ log = logging.getLogger("nixfleet.controlplane.background")
 
 # Jobs run in order every interval; later issues append to this list.
 Job = Callable[[Settings, Store], None]
-JOBS: list[Job] = []
+JOBS: list[Job] = [gitops.job, reconciler.job]
 
 
 def run_once(settings: Settings, store: Store) -> None:

@@ -1,0 +1,96 @@
+"""Release resources: register, list, show, diff, delete."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import falcon
+
+from nixfleet.api.auth import Perm
+from nixfleet.api.body import read_json
+from nixfleet.api.context import Context
+from nixfleet.errors import NotFoundError
+from nixfleet.flake import release_document, release_from_document
+from nixfleet.models import utcnow
+from nixfleet.store import audit, releases
+
+
+def _check_id(release_id: str) -> None:
+    if not (release_id.startswith("rel-") and len(release_id) == 16):
+        raise NotFoundError(f"{release_id!r} is not a release id (rel- + 12 hex digits)")
+
+
+class ReleaseCollection:
+    permissions = {"GET": Perm.READONLY, "POST": Perm.DEPLOY}
+    schemas = {"POST": "release"}
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """List releases, newest first, with host and rollout counts."""
+        limit = req.get_param_as_int("limit", min_value=1, max_value=10000) or 100
+        with self.ctx.store.read() as conn:
+            resp.media = {"releases": releases.list_releases(conn, limit)}
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Register a release; the same entries again return the existing one (200)."""
+        release = release_from_document(read_json(req, self.ctx.limit))
+        now = utcnow()
+        actor = req.context.actor.label
+        with self.ctx.store.transaction() as conn:
+            created = releases.insert(conn, release, now, actor)
+            if created:
+                audit.record(
+                    conn,
+                    actor,
+                    "release.create",
+                    release.id,
+                    now,
+                    {"hosts": len(release.entries), "flake_rev": release.flake_rev},
+                )
+            stored = releases.get(conn, release.id)
+        resp.status = falcon.HTTP_201 if created else falcon.HTTP_200
+        resp.location = f"/api/v1/releases/{release.id}"
+        resp.media = {**release_document(stored), "created": created}
+
+
+class ReleaseItem:
+    permissions = {"GET": Perm.READONLY, "DELETE": Perm.ADMIN}
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, release_id: str) -> None:
+        """One release with all its entries."""
+        _check_id(release_id)
+        with self.ctx.store.read() as conn:
+            resp.media = release_document(releases.get(conn, release_id))
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, release_id: str) -> None:
+        """Delete a release; refused (409) while any rollout references it."""
+        _check_id(release_id)
+        now = utcnow()
+        with self.ctx.store.transaction() as conn:
+            releases.delete(conn, release_id)
+            audit.record(conn, req.context.actor.label, "release.delete", release_id, now)
+        resp.status = falcon.HTTP_204
+
+
+class ReleaseDiff:
+    permissions = {"GET": Perm.READONLY}
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def on_get(
+        self, req: falcon.Request, resp: falcon.Response, release_id: str, other: str
+    ) -> None:
+        """Per host: added, removed and changed store paths from release_id to other."""
+        _check_id(release_id)
+        _check_id(other)
+        with self.ctx.store.read() as conn:
+            out: dict[str, Any] = releases.diff(
+                releases.get(conn, release_id), releases.get(conn, other)
+            )
+        resp.media = out

@@ -1,0 +1,235 @@
+"""`nixfleet release …`: build releases from a flake, register, list, show, diff, delete."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+import tomli_w
+
+from nixfleet import flake
+from nixfleet.cli.context import State, pass_state
+from nixfleet.cli.output import emit_json, message, short_generation, table
+from nixfleet.models import Release, utcnow
+
+
+def _split(value: str | None) -> list[str]:
+    return [t.strip() for t in (value or "").split(",") if t.strip()]
+
+
+def register_release(state: State, release: Release) -> dict[str, Any]:
+    """POST a release; the same entries again are idempotent (same id)."""
+    result: dict[str, Any] = state.client().post(
+        "/api/v1/releases", flake.release_document(release)
+    )
+    return result
+
+
+def _print_entries(release: Release, wide: bool = False) -> None:
+    table(
+        ["HOST", "PLATFORM", "STORE PATH", "TAGS"],
+        [
+            [e.hostname, e.platform, short_generation(e.store_path, wide), ",".join(e.tags) or "-"]
+            for e in release.entries
+        ],
+    )
+
+
+@click.group()
+def release() -> None:
+    """Build, register and inspect releases (one system closure per host).
+
+    \b
+    Example:
+      nixfleet release create --flake . --tags prod --push-to s3://cache
+      nixfleet release list
+    """
+
+
+@release.command()
+@click.option("--flake", "flake_ref", default=".", show_default=True, help="Flake reference.")
+@click.option("--hosts", help="Only these hosts; globs allowed (comma-separated): 'web-*,db-01'.")
+@click.option("--tags", help="Only hosts whose services.nixfleet-agent.tags include ALL of these.")
+@click.option("--eval-only", is_flag=True, help="Evaluate store paths without building.")
+@click.option("--push-to", metavar="URL", help="`nix copy --to URL` the closures (a cache).")
+@click.option("--cache-url", metavar="URL", help="Where agents fetch from (default: --push-to).")
+@click.option("--out", type=click.Path(file_okay=False), help="Directory for <id>.toml.")
+@click.option("--dry-run", is_flag=True, help="Evaluate only; write, push and register nothing.")
+@click.option("--allow-dirty", is_flag=True, help="Allow uncommitted changes in the flake.")
+@click.option("--no-register", is_flag=True, help="Write the TOML but do not contact the CP.")
+@click.option("--json", "json_", is_flag=True, help="Print the release as JSON.")
+@pass_state
+def create(
+    state: State,
+    flake_ref: str,
+    hosts: str | None,
+    tags: str | None,
+    eval_only: bool,
+    push_to: str | None,
+    cache_url: str | None,
+    out: str | None,
+    dry_run: bool,
+    allow_dirty: bool,
+    no_register: bool,
+    json_: bool,
+) -> None:
+    """Build every nixosConfigurations host of a flake into a release.
+
+    Evaluates the flake's hosts (tags from services.nixfleet-agent.tags, platform
+    from nixpkgs.hostPlatform), builds each config.system.build.toplevel, writes
+    releases/<id>.toml next to the flake and registers the release with the control
+    plane. The id is a hash of the entries: the same systems give the same release.
+    Prints the release id on stdout.
+
+    \b
+    Example:
+      nixfleet release create --flake . --hosts 'web-*' --push-to https://cache.example.com
+      REL=$(nixfleet release create --eval-only --no-register)
+    """
+    release = flake.create_release(
+        flake_ref,
+        hosts=_split(hosts),
+        tags=_split(tags),
+        eval_only=eval_only or dry_run,
+        push_to=None if dry_run else push_to,
+        cache_url=cache_url or (push_to if dry_run else None),
+        allow_dirty=allow_dirty,
+        now=utcnow(),
+    )
+    if dry_run:
+        if json_ or state.json:
+            emit_json(flake.release_document(release))
+        else:
+            click.echo(tomli_w.dumps(flake.release_document(release)), nl=False)
+            message(
+                f"dry run: release {release.id} ({len(release.entries)} hosts); nothing written"
+            )
+        return
+    local = flake.local_flake_dir(flake_ref)
+    directory = Path(out) if out else (local or Path.cwd()) / "releases"
+    path = flake.write_toml(release, directory)
+    message(f"wrote {path}")
+    for e in release.entries:
+        message(f"  {e.hostname:<20} {e.platform:<14} {e.store_path}")
+    if not no_register:
+        created = register_release(state, release)["created"]
+        message(f"{'registered' if created else 'already registered:'} release {release.id}")
+    if json_ or state.json:
+        emit_json(flake.release_document(release))
+    else:
+        click.echo(release.id)
+
+
+@release.command("register")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@pass_state
+def register_(state: State, file: Path) -> None:
+    """Register a release TOML file with the control plane (idempotent).
+
+    \b
+    Example:
+      nixfleet release register releases/rel-3f2a9c1d7e4b.toml
+    """
+    rel = flake.read_toml(file)
+    created = register_release(state, rel)["created"]
+    message(f"{'registered' if created else 'already registered:'} release {rel.id}")
+    click.echo(rel.id)
+
+
+@release.command("list")
+@click.option("--json", "json_", is_flag=True, help="JSON output.")
+@pass_state
+def list_(state: State, json_: bool) -> None:
+    """List releases, newest first.
+
+    \b
+    Example:
+      nixfleet release list
+    """
+    data = state.client().get("/api/v1/releases")
+    if json_ or state.json:
+        emit_json(data)
+        return
+    rows = [
+        [
+            r["id"],
+            r["created_at"],
+            str(r["hosts"]),
+            (r["flake_rev"] or "-")[:12],
+            str(r["rollouts"]),
+            r["created_by"],
+        ]
+        for r in data["releases"]
+    ]
+    table(["ID", "CREATED", "HOSTS", "REV", "ROLLOUTS", "BY"], rows)
+
+
+@release.command()
+@click.argument("release_id")
+@click.option("--json", "json_", is_flag=True, help="JSON output.")
+@click.option("--wide", is_flag=True, help="Show full store paths.")
+@pass_state
+def show(state: State, release_id: str, json_: bool, wide: bool) -> None:
+    """Show one release and its entries.
+
+    \b
+    Example:
+      nixfleet release show rel-3f2a9c1d7e4b --wide
+    """
+    data = state.client().get(f"/api/v1/releases/{release_id}")
+    if json_ or state.json:
+        emit_json(data)
+        return
+    for key in ("id", "flake_ref", "flake_rev", "cache_url", "created_at", "created_by"):
+        click.echo(f"{key:<11} {data.get(key) or '-'}")
+    click.echo()
+    _print_entries(flake.release_from_document(data), wide)
+
+
+@release.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--json", "json_", is_flag=True, help="JSON output.")
+@click.option("--wide", is_flag=True, help="Show full store paths.")
+@pass_state
+def diff(state: State, a: str, b: str, json_: bool, wide: bool) -> None:
+    """Per host: what changes from release A to release B.
+
+    \b
+    Example:
+      nixfleet release diff rel-3f2a9c1d7e4b rel-9d0e1f2a3b4c
+    """
+    data = state.client().get(f"/api/v1/releases/{a}/diff/{b}")
+    if json_ or state.json:
+        emit_json(data)
+        return
+    rows = [
+        ["+", d["hostname"], "-", short_generation(d["store_path"], wide)] for d in data["added"]
+    ]
+    rows += [
+        ["-", d["hostname"], short_generation(d["store_path"], wide), "-"] for d in data["removed"]
+    ]
+    rows += [
+        ["~", d["hostname"], short_generation(d["from"], wide), short_generation(d["to"], wide)]
+        for d in data["changed"]
+    ]
+    table(["", "HOST", a, b], sorted(rows, key=lambda r: r[1]))
+    message(
+        f"{len(data['added'])} added, {len(data['removed'])} removed, "
+        f"{len(data['changed'])} changed, {len(data['unchanged'])} unchanged"
+    )
+
+
+@release.command()
+@click.argument("release_id")
+@pass_state
+def delete(state: State, release_id: str) -> None:
+    """Delete a release (refused while a rollout references it; exit 4).
+
+    \b
+    Example:
+      nixfleet release delete rel-3f2a9c1d7e4b
+    """
+    state.client().request("DELETE", f"/api/v1/releases/{release_id}")
+    message(f"deleted release {release_id}")

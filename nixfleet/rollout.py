@@ -1,0 +1,395 @@
+"""Pure rollout decisions: batching, the health gate, thresholds, the next step.
+
+Nothing here does I/O or reads the clock: callers pass `now` and the facts they
+read from the database, and apply what comes back (nixfleet.reconciler). That keeps
+every rule of DESIGN §3 "Rollout semantics" testable from a table of cases, and
+makes a tick idempotent: the same facts always give the same decision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from nixfleet.errors import ConflictError
+from nixfleet.models import (
+    BatchSize,
+    BatchStatus,
+    Lifecycle,
+    MachineHealth,
+    OnFailure,
+    RolloutSpec,
+    RolloutStatus,
+    Strategy,
+    Threshold,
+)
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+# --- documents ----------------------------------------------------------------------
+
+
+def parse_duration(value: int | str) -> int:
+    """Seconds from 90, "90", "30s", "5m" or "1h" (the schema has checked the shape)."""
+    if isinstance(value, int):
+        return value
+    text = value.strip()
+    unit = text[-1] if text and text[-1] in DURATION_UNITS else "s"
+    number = text[:-1] if text and text[-1] in DURATION_UNITS else text
+    return int(number) * DURATION_UNITS[unit]
+
+
+def format_duration(seconds: int) -> str:
+    """The shortest exact spelling: 300 -> "5m", 90 -> "90s"."""
+    if seconds and seconds % 3600 == 0:
+        return f"{seconds // 3600}h"
+    if seconds and seconds % 60 == 0:
+        return f"{seconds // 60}m"
+    return f"{seconds}s"
+
+
+def _percent_or_count(value: int | str) -> tuple[int, bool]:
+    if isinstance(value, str) and value.endswith("%"):
+        return int(value[:-1]), True
+    return int(value), False
+
+
+def spec_from_document(doc: Mapping[str, Any]) -> RolloutSpec:
+    """A RolloutSpec from a document that `schemas.validate("rollout", …)` accepted."""
+    target = doc.get("target", {})
+    return RolloutSpec(
+        name=doc["name"],
+        release=doc["release"],
+        strategy=Strategy(doc["strategy"]),
+        target_tags=tuple(target.get("tags", ())),
+        target_hosts=tuple(target.get("hosts", ())),
+        batches=tuple(BatchSize(*_percent_or_count(b)) for b in doc.get("batches", ())),
+        failure_threshold=Threshold(*_percent_or_count(doc.get("failure_threshold", 0))),
+        on_failure=OnFailure(doc.get("on_failure", "pause")),
+        health_timeout=parse_duration(doc.get("health_timeout", 300)),
+        soak=parse_duration(doc.get("soak", 0)),
+        skip_lifecycle=tuple(Lifecycle(s) for s in doc.get("skip_lifecycle", ())),
+    )
+
+
+def document_hash(doc: Mapping[str, Any]) -> str:
+    """Identity of a document's content, independent of key order and YAML formatting."""
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def rollout_id(name: str, doc_hash: str) -> str:
+    """Same name and content -> same id: re-applying a file is recognisably a no-op."""
+    return "ro-" + hashlib.sha256(f"{name}\0{doc_hash}".encode()).hexdigest()[:12]
+
+
+# --- planning -----------------------------------------------------------------------
+
+
+def _size(size: BatchSize, total: int) -> int:
+    if size.percent:
+        return max(1, math.ceil(size.value * total / 100))
+    return size.value
+
+
+def batch_sizes(spec: RolloutSpec, total: int) -> list[int]:
+    """Batch sizes for `total` targets; the last batch takes all that remain.
+
+    Percentages are of the total target count, rounded up, at least 1. Sizes that
+    would come after every machine is placed are dropped (no empty batches).
+    """
+    if total <= 0:
+        return []
+    if spec.strategy is Strategy.ALL_AT_ONCE:
+        return [total]
+    wanted = list(spec.batches)
+    if spec.strategy is Strategy.CANARY:
+        wanted = wanted or [BatchSize(1)]
+        if len(wanted) == 1:  # the canary alone, then everything else
+            wanted.append(BatchSize(100, percent=True))
+    sizes: list[int] = []
+    left = total
+    for i, size in enumerate(wanted):
+        last = i == len(wanted) - 1
+        n = left if last else min(left, _size(size, total))
+        sizes.append(n)
+        left -= n
+        if left == 0:
+            break
+    return sizes
+
+
+@dataclass(frozen=True)
+class Skip:
+    hostname: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `apply` will create: machines per batch, in order, and who is left out."""
+
+    batches: tuple[tuple[str, ...], ...]
+    skipped: tuple[Skip, ...]
+
+    @property
+    def targets(self) -> list[str]:
+        return [h for b in self.batches for h in b]
+
+
+def plan(
+    spec: RolloutSpec,
+    release_id: str,
+    release_hosts: Iterable[str],
+    tagged: Iterable[str],
+    lifecycles: Mapping[str, Lifecycle],
+) -> Plan:
+    """Targets = (tagged machines) + (target hosts), minus skips; sorted by hostname.
+
+    `tagged` are the registered machines carrying all target tags, `lifecycles` the
+    state of every candidate that is registered.
+    """
+    in_release = set(release_hosts)
+    candidates = sorted(set(tagged) | set(spec.target_hosts))
+    targets: list[str] = []
+    skipped: list[Skip] = []
+    skip_states = set(spec.skip_lifecycle)
+    for host in candidates:
+        state = lifecycles.get(host)
+        if state is None:
+            skipped.append(Skip(host, "not registered with the control plane"))
+        elif state in skip_states:
+            skipped.append(Skip(host, f"lifecycle {state} is in skip_lifecycle"))
+        elif host not in in_release:
+            skipped.append(Skip(host, f"no entry in release {release_id}"))
+        else:
+            targets.append(host)
+    out: list[tuple[str, ...]] = []
+    start = 0
+    for n in batch_sizes(spec, len(targets)):
+        out.append(tuple(targets[start : start + n]))
+        start += n
+    return Plan(tuple(out), tuple(skipped))
+
+
+def overlap_error(conflicts: Mapping[str, str], limit: int = 20) -> ConflictError:
+    """409 naming the machines (machine -> the active rollout that owns it)."""
+    names = sorted(conflicts)
+    shown = ", ".join(f"{m} ({conflicts[m]})" for m in names[:limit])
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ConflictError(
+        f"{len(names)} machine(s) already belong to an active rollout: {shown}{more}; "
+        "wait for it, or cancel it with `nixfleet rollout cancel ID`"
+    )
+
+
+# --- control ------------------------------------------------------------------------
+
+CONTROL: dict[str, dict[RolloutStatus, RolloutStatus]] = {
+    "pause": {RolloutStatus.RUNNING: RolloutStatus.PAUSED},
+    "resume": {RolloutStatus.PAUSED: RolloutStatus.RUNNING},
+    "cancel": {
+        RolloutStatus.RUNNING: RolloutStatus.CANCELLED,
+        RolloutStatus.PAUSED: RolloutStatus.CANCELLED,
+    },
+}
+
+
+def control(rollout: str, status: RolloutStatus, action: str) -> RolloutStatus:
+    """The status after an operator's pause/resume/cancel, or 409 saying why not."""
+    target = CONTROL[action].get(status)
+    if target is None:
+        allowed = ", ".join(sorted(s.value for s in CONTROL[action]))
+        raise ConflictError(
+            f"cannot {action} rollout {rollout!r}: it is {status} (needs {allowed})"
+        )
+    return target
+
+
+# --- the health gate ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MachineFacts:
+    """One machine of a deploying batch: its rollout row plus its latest report."""
+
+    machine_id: str
+    store_path: str
+    health: MachineHealth = MachineHealth.PENDING
+    healthy_since: datetime | None = None
+    last_report_at: datetime | None = None
+    current_generation: str | None = None
+    last_success: bool | None = None
+    failed_generation: str | None = None
+    health_passed: bool | None = None  # None: the agent sent no health result
+    last_message: str | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    machine_id: str
+    health: MachineHealth
+    reason: str
+    healthy_since: datetime | None = None
+
+
+def judge(
+    f: MachineFacts, started: datetime, now: datetime, health_timeout: int, soak: int
+) -> Verdict:
+    """Healthy, unhealthy or still pending, counting only reports since `started`.
+
+    A final verdict (healthy/unhealthy) sticks for the rest of the batch run.
+    """
+    if f.health is not MachineHealth.PENDING:
+        return Verdict(f.machine_id, f.health, "", f.healthy_since)
+    fresh = f.last_report_at is not None and f.last_report_at >= started
+    if fresh and (f.failed_generation == f.store_path or f.last_success is False):
+        detail = f": {f.last_message}" if f.last_message else ""
+        return Verdict(f.machine_id, MachineHealth.UNHEALTHY, f"agent reported failure{detail}")
+    good = (
+        fresh
+        and f.current_generation == f.store_path
+        and f.last_success is not False
+        and f.health_passed is not False
+    )
+    if good:
+        since = f.healthy_since or now
+        if (now - since).total_seconds() >= soak:
+            return Verdict(f.machine_id, MachineHealth.HEALTHY, "healthy", since)
+        return Verdict(
+            f.machine_id, MachineHealth.PENDING, f"soaking ({format_duration(soak)})", since
+        )
+    if not fresh:
+        waiting = "no report since the batch started"
+    elif f.current_generation != f.store_path:
+        waiting = "not yet running the release's generation"
+    else:
+        waiting = "health checks failing"
+    if (now - started).total_seconds() >= health_timeout:
+        return Verdict(
+            f.machine_id,
+            MachineHealth.UNHEALTHY,
+            f"timed out after {format_duration(health_timeout)} ({waiting})",
+        )
+    return Verdict(f.machine_id, MachineHealth.PENDING, waiting)
+
+
+# --- the next step of a rollout ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchView:
+    index: int
+    status: BatchStatus
+    size: int
+    started_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class RolloutView:
+    id: str
+    name: str
+    status: RolloutStatus
+    spec: RolloutSpec
+    batches: tuple[BatchView, ...]
+
+
+@dataclass(frozen=True)
+class Event:
+    """A state change: becomes a rollout_events row and an audit row."""
+
+    kind: str
+    batch: int | None = None
+    machine_id: str | None = None
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Decision:
+    verdicts: list[Verdict] = field(default_factory=list)  # only those that changed
+    batch_status: dict[int, BatchStatus] = field(default_factory=dict)
+    start_batch: int | None = None
+    revert: bool = False
+    status: RolloutStatus | None = None
+    events: list[Event] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (
+            self.verdicts or self.batch_status or self.start_batch is not None or self.status
+        )
+
+
+def decide(
+    rollout: RolloutView,
+    pending: Sequence[MachineFacts],
+    settled: Mapping[MachineHealth, int],
+    now: datetime,
+) -> Decision:
+    """The next step of a running rollout.
+
+    `pending` are the facts of the deploying batch's machines without a final
+    verdict; `settled` counts the others by verdict, its PENDING entry the machines
+    known to stay pending (no report since the batch started, before the timeout).
+    """
+    out = Decision()
+    if rollout.status is not RolloutStatus.RUNNING:
+        return out
+    spec = rollout.spec
+    deploying = next((b for b in rollout.batches if b.status is BatchStatus.DEPLOYING), None)
+    if deploying is not None:
+        assert deploying.started_at is not None
+        unhealthy = settled.get(MachineHealth.UNHEALTHY, 0)
+        waiting = settled.get(MachineHealth.PENDING, 0)
+        for f in pending:
+            v = judge(f, deploying.started_at, now, spec.health_timeout, spec.soak)
+            if v.health is not f.health or v.healthy_since != f.healthy_since:
+                out.verdicts.append(v)
+            if v.health is MachineHealth.UNHEALTHY:
+                unhealthy += 1
+                out.events.append(
+                    Event("machine-unhealthy", deploying.index, v.machine_id, {"reason": v.reason})
+                )
+            elif v.health is MachineHealth.PENDING:
+                waiting += 1
+        allowed = spec.failure_threshold.allowed(deploying.size)
+        if unhealthy > allowed:
+            out.batch_status[deploying.index] = BatchStatus.FAILED
+            detail = {"unhealthy": unhealthy, "allowed": allowed, "on_failure": spec.on_failure}
+            out.events.append(Event("batch-failed", deploying.index, detail=detail))
+            if spec.on_failure is OnFailure.REVERT:
+                out.revert = True
+                out.status = RolloutStatus.FAILED
+                out.events.append(Event("rollout-reverted", deploying.index))
+                out.events.append(Event("rollout-failed", deploying.index))
+            else:
+                out.status = RolloutStatus.PAUSED
+                out.events.append(Event("rollout-paused", deploying.index, detail=detail))
+            return out
+        if waiting:
+            return out
+        out.batch_status[deploying.index] = BatchStatus.SUCCEEDED
+        out.events.append(
+            Event("batch-succeeded", deploying.index, detail={"unhealthy": unhealthy})
+        )
+    nxt = next(
+        (
+            b
+            for b in rollout.batches
+            if b.status is BatchStatus.PENDING and b.index not in out.batch_status
+        ),
+        None,
+    )
+    if nxt is not None:
+        out.start_batch = nxt.index
+        out.batch_status[nxt.index] = BatchStatus.DEPLOYING
+        out.events.append(Event("batch-started", nxt.index, detail={"size": nxt.size}))
+        return out
+    out.status = RolloutStatus.COMPLETED
+    out.events.append(Event("rollout-completed"))
+    return out

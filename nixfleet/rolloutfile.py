@@ -1,0 +1,114 @@
+"""Reading rollout files (YAML or JSON) with every error's field path and line.
+
+PyYAML's composed node tree keeps a mark per node, so after schema validation each
+error's field path (`batches[2]`, `target.tags`) is mapped back to the line it sits
+on (or, for a missing field, the line of its parent). Used by `nixfleet rollout
+validate/plan/apply` and by the control plane's --rollouts-dir.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nixfleet import flake, schemas
+from nixfleet.errors import FieldError, ValidationError
+from nixfleet.models import Release
+
+
+def _walk(node: yaml.Node, path: str, lines: dict[str, int], errors: list[FieldError]) -> None:
+    lines.setdefault(path or "(document)", node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key, value in node.value:
+            name = str(key.value)
+            child = f"{path}.{name}" if path else name
+            if name in seen:
+                errors.append(
+                    FieldError(
+                        child, "appears twice; give each field once", key.start_mark.line + 1
+                    )
+                )
+            seen.add(name)
+            lines[child] = key.start_mark.line + 1
+            _walk(value, child, lines, errors)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _walk(item, f"{path}[{i}]", lines, errors)
+
+
+def line_of(field: str, lines: dict[str, int]) -> int | None:
+    """The line of a field, else of its nearest ancestor that exists."""
+    current = field
+    while current:
+        if current in lines:
+            return lines[current]
+        cut = max(current.rfind("."), current.rfind("["))
+        current = current[:cut] if cut > 0 else ""
+    return lines.get("(document)")
+
+
+def parse(text: str, source: str) -> tuple[Any, dict[str, int], list[FieldError]]:
+    """The document, a map field path -> line, and duplicate-key errors.
+
+    Syntax errors raise: nothing else can be said about a file that does not parse.
+    """
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(e, "problem", None) or str(e)
+        raise ValidationError(
+            f"{source} is not valid YAML or JSON",
+            errors=[FieldError("(document)", str(problem), line)],
+        ) from e
+    lines: dict[str, int] = {}
+    errors: list[FieldError] = []
+    if node is not None:
+        _walk(node, "", lines, errors)
+    return doc, lines, errors
+
+
+@dataclass(frozen=True)
+class RolloutFile:
+    path: Path
+    document: dict[str, Any]
+    release_file: Path | None  # set when `release:` names a release TOML
+
+
+def load(path: Path) -> RolloutFile:
+    """Parse and validate a rollout file; ValidationError (exit 7) lists every problem."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ValidationError(f"cannot read rollout file {path}: {e.strerror}") from e
+    doc, lines, errors = parse(text, str(path))
+    errors += [
+        FieldError(e.field, e.message, line_of(e.field, lines))
+        for e in schemas.errors_of("rollout", doc)
+    ]
+    release_file: Path | None = None
+    release = doc.get("release") if isinstance(doc, dict) else None
+    if isinstance(release, str) and release.endswith(".toml"):
+        release_file = (path.parent / release).resolve()
+        try:
+            flake.read_toml(release_file)
+        except ValidationError as e:
+            detail = "; ".join(str(x) for x in e.errors) or e.detail
+            errors.append(FieldError("release", f"{release}: {detail}", line_of("release", lines)))
+    if errors:
+        raise ValidationError(f"invalid rollout file {path}: {len(errors)} error(s)", errors=errors)
+    return RolloutFile(path, doc, release_file)
+
+
+def with_release_id(rf: RolloutFile) -> tuple[dict[str, Any], Release | None]:
+    """The document with `release:` as an id, and the Release read from its file (if any)."""
+    if rf.release_file is None:
+        return rf.document, None
+    release = flake.read_toml(rf.release_file)
+    return {**rf.document, "release": release.id}, release

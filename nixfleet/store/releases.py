@@ -1,0 +1,145 @@
+"""Releases: immutable manifests of one system closure per host.
+
+A release is written once (its id is a hash of its entries, so registering the same
+entries again finds the existing row) and deleted only while no rollout uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections import defaultdict
+from datetime import datetime
+from typing import Any
+
+from nixfleet.errors import ConflictError, NotFoundError
+from nixfleet.models import Release, ReleaseEntry, isoformat, parse_time
+
+
+def insert(conn: sqlite3.Connection, release: Release, now: datetime, created_by: str) -> bool:
+    """Store a release; False (and nothing written) when its id already exists."""
+    if conn.execute("SELECT 1 FROM releases WHERE id = ?", (release.id,)).fetchone():
+        return False
+    conn.execute(
+        "INSERT INTO releases (id, flake_ref, flake_rev, cache_url, created_at, created_by) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        (
+            release.id,
+            release.flake_ref,
+            release.flake_rev,
+            release.cache_url,
+            isoformat(release.created_at or now),
+            release.created_by or created_by,
+        ),
+    )
+    conn.executemany(
+        "INSERT INTO release_entries (release_id, hostname, store_path, platform, tags_json) "
+        "VALUES (?, ?, ?, ?, ?)",
+        [
+            (release.id, e.hostname, e.store_path, e.platform, json.dumps(list(e.tags)))
+            for e in release.entries
+        ],
+    )
+    return True
+
+
+def _entries(conn: sqlite3.Connection, ids: list[str]) -> dict[str, list[ReleaseEntry]]:
+    out: dict[str, list[ReleaseEntry]] = defaultdict(list)
+    if not ids:
+        return out
+    marks = ",".join("?" * len(ids))
+    rows = conn.execute(
+        "SELECT release_id, hostname, store_path, platform, tags_json FROM release_entries "
+        f"WHERE release_id IN ({marks}) ORDER BY release_id, hostname",
+        ids,
+    )
+    for r in rows:
+        out[r[0]].append(ReleaseEntry(r[1], r[2], r[3], tuple(json.loads(r[4]))))
+    return out
+
+
+def _release(row: sqlite3.Row, entries: list[ReleaseEntry]) -> Release:
+    return Release(
+        id=row["id"],
+        entries=tuple(entries),
+        flake_ref=row["flake_ref"],
+        flake_rev=row["flake_rev"],
+        cache_url=row["cache_url"],
+        created_at=parse_time(row["created_at"]),
+        created_by=row["created_by"],
+    )
+
+
+def get(conn: sqlite3.Connection, release_id: str) -> Release:
+    row = conn.execute("SELECT * FROM releases WHERE id = ?", (release_id,)).fetchone()
+    if row is None:
+        raise NotFoundError(
+            f"release {release_id!r} is not registered; see `nixfleet release list`, or "
+            "register it with `nixfleet release create` / `nixfleet release register FILE`"
+        )
+    return _release(row, _entries(conn, [release_id])[release_id])
+
+
+def list_releases(conn: sqlite3.Connection, limit: int = 100) -> list[dict[str, Any]]:
+    """Newest first, with host counts (not the entries: a listing stays small)."""
+    rows = conn.execute(
+        "SELECT r.*, (SELECT COUNT(*) FROM release_entries e WHERE e.release_id = r.id) AS hosts, "
+        "(SELECT COUNT(*) FROM rollouts o WHERE o.release_id = r.id) AS rollouts "
+        "FROM releases r ORDER BY r.created_at DESC, r.id LIMIT ?",
+        (limit,),
+    )
+    return [
+        {
+            "id": r["id"],
+            "flake_ref": r["flake_ref"],
+            "flake_rev": r["flake_rev"],
+            "cache_url": r["cache_url"],
+            "created_at": r["created_at"],
+            "created_by": r["created_by"],
+            "hosts": r["hosts"],
+            "rollouts": r["rollouts"],
+        }
+        for r in rows
+    ]
+
+
+def store_paths(conn: sqlite3.Connection, release_id: str) -> dict[str, str]:
+    """hostname -> store path: what planning needs, without building ReleaseEntry objects."""
+    rows = conn.execute(
+        "SELECT hostname, store_path FROM release_entries WHERE release_id = ?", (release_id,)
+    )
+    return {r[0]: r[1] for r in rows}
+
+
+def delete(conn: sqlite3.Connection, release_id: str) -> None:
+    get(conn, release_id)
+    used = [
+        r[0]
+        for r in conn.execute(
+            "SELECT name FROM rollouts WHERE release_id = ? ORDER BY created_at", (release_id,)
+        )
+    ]
+    if used:
+        raise ConflictError(
+            f"release {release_id!r} is referenced by rollout(s) {', '.join(used)}; "
+            "a release stays while a rollout records it"
+        )
+    conn.execute("DELETE FROM releases WHERE id = ?", (release_id,))
+
+
+def diff(a: Release, b: Release) -> dict[str, Any]:
+    """Per host: added (only in b), removed (only in a), changed store path, unchanged."""
+    pa = {e.hostname: e.store_path for e in a.entries}
+    pb = {e.hostname: e.store_path for e in b.entries}
+    return {
+        "from": a.id,
+        "to": b.id,
+        "added": [{"hostname": h, "store_path": pb[h]} for h in sorted(pb.keys() - pa.keys())],
+        "removed": [{"hostname": h, "store_path": pa[h]} for h in sorted(pa.keys() - pb.keys())],
+        "changed": [
+            {"hostname": h, "from": pa[h], "to": pb[h]}
+            for h in sorted(pa.keys() & pb.keys())
+            if pa[h] != pb[h]
+        ],
+        "unchanged": sorted(h for h in pa.keys() & pb.keys() if pa[h] == pb[h]),
+    }

@@ -1,0 +1,284 @@
+"""The reconciler on a real SQLite store: ticks with explicit times, reports as agents send them."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from nixfleet import reconciler
+from nixfleet.errors import ConflictError, NotFoundError, ValidationError
+from nixfleet.flake import release_from_document
+from nixfleet.models import Lifecycle, Report
+from nixfleet.store import Store, audit, machines, releases
+from nixfleet.store import rollouts as store_rollouts
+
+T0 = datetime(2026, 11, 27, 10, 0, tzinfo=UTC)
+HINT = 5
+
+
+def gen(name: str, salt: str = "n") -> str:
+    return f"/nix/store/{salt * 32}-nixos-system-{name}"
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def setup_fleet(store: Store, n: int = 10, release_hosts: int | None = None) -> str:
+    """n machines web-00.. tagged web, each with its own previous desired generation."""
+    hosts = [f"web-{i:02}" for i in range(n)]
+    with store.transaction() as conn:
+        for h in hosts:
+            machines.register(conn, h, ["web"], Lifecycle.ACTIVE, T0)
+            machines.set_desired(conn, h, gen(h, "o"), f"https://old-cache/{h}", "operator", T0)
+        doc = {
+            "cache_url": "https://cache.example.com",
+            "entries": [
+                {"hostname": h, "store_path": gen(h), "platform": "x86_64-linux", "tags": ["web"]}
+                for h in hosts[: release_hosts if release_hosts is not None else n]
+            ],
+        }
+        rel = release_from_document(doc)
+        releases.insert(conn, rel, T0, "test")
+    return rel.id
+
+
+def rollout_doc(release: str, **kw: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "version": 1,
+        "name": "web-rollout",
+        "release": release,
+        "target": {"tags": ["web"]},
+        "strategy": "staged",
+        "batches": [1, "25%", "100%"],
+        "health_timeout": "5m",
+    }
+    doc.update(kw)
+    return doc
+
+
+def apply(store: Store, doc: dict[str, Any], now: datetime = T0) -> str:
+    with store.transaction() as conn:
+        return store_rollouts.apply(conn, doc, "key:test", now, HINT).id
+
+
+def tick(store: Store, now: datetime) -> None:
+    reconciler.tick(store, HINT, now)
+
+
+def report(store: Store, host: str, when: datetime, ok: bool = True, **kw: Any) -> None:
+    m = machine(store, host)
+    r = Report(
+        machine_id=host,
+        received_at=when,
+        current_generation=m.desired_generation if ok else gen(host, "o"),
+        success=ok,
+        message="deployed" if ok else "rolled back: fake.service failed",
+        attempted_generation=None if ok else m.desired_generation,
+        **kw,
+    )
+    with store.transaction() as conn:
+        machines.record_report(conn, r, 10)
+
+
+def machine(store: Store, host: str) -> machines.Machine:  # type: ignore[name-defined]
+    with store.read() as conn:
+        return machines.get(conn, host)
+
+
+def detail(store: Store, rid: str, now: datetime) -> dict[str, Any]:
+    with store.read() as conn:
+        return store_rollouts.detail(conn, rid, now)
+
+
+def deploying_hosts(store: Store, rid: str, now: datetime) -> list[str]:
+    d = detail(store, rid, now)
+    return [m["id"] for b in d["batches"] if b["status"] == "deploying" for m in b["machines"]]
+
+
+def drive(store: Store, rid: str, start: float, fail: set[str] = frozenset()) -> float:  # type: ignore[assignment]
+    """Tick, report for every deploying machine, tick again, until nothing deploys."""
+    t = start
+    for _ in range(20):
+        tick(store, at(t))
+        hosts = deploying_hosts(store, rid, at(t))
+        if not hosts:
+            return t
+        for h in hosts:
+            report(store, h, at(t + 1), ok=h not in fail)
+        t += 2
+    raise AssertionError("rollout did not settle")
+
+
+def test_staged_rollout_completes_batch_by_batch(store: Store) -> None:
+    rel = setup_fleet(store)
+    rid = apply(store, rollout_doc(rel))
+    d = detail(store, rid, T0)
+    assert [b["size"] for b in d["batches"]] == [1, 3, 6]
+    assert d["status"] == "running"
+    # Nothing changes desired before the first tick; the poll hint is set at once.
+    assert machine(store, "web-00").desired_generation == gen("web-00", "o")
+    tick(store, at(0))
+    m = machine(store, "web-00")
+    assert m.desired_generation == gen("web-00")
+    assert m.desired_cache_url == "https://cache.example.com"
+    assert m.desired_source == "rollout:web-rollout"
+    assert machine(store, "web-01").desired_generation == gen("web-01", "o")  # batch 2 waits
+    drive(store, rid, 1)
+    d = detail(store, rid, at(100))
+    assert d["status"] == "completed"
+    assert [b["status"] for b in d["batches"]] == ["succeeded"] * 3
+    assert all(m["health"] == "healthy" for b in d["batches"] for m in b["machines"])
+    with store.read() as conn:
+        hints = {r[0] for r in conn.execute("SELECT poll_hint FROM machines")}
+        events = [e["kind"] for e in d["events"]]
+        audited = [a.action for a in audit.query(conn, actor="reconciler", limit=1000)]
+    assert hints == {None}
+    assert events[0] == "rollout-created" and events[-1] == "rollout-completed"
+    assert events.count("batch-started") == 3 and events.count("batch-succeeded") == 3
+    assert "rollout.rollout-completed" in audited
+    assert machine(store, "web-09").sync.value == "in sync"
+
+
+def test_failure_pauses_then_resume_completes(store: Store) -> None:
+    rel = setup_fleet(store)
+    rid = apply(store, rollout_doc(rel))
+    t = drive(store, rid, 0, fail={"web-02"})
+    d = detail(store, rid, at(t))
+    assert d["status"] == "paused"
+    assert [b["status"] for b in d["batches"]] == ["succeeded", "failed", "pending"]
+    bad = next(m for m in d["batches"][1]["machines"] if m["id"] == "web-02")
+    assert bad["health"] == "unhealthy"
+    assert bad["reason"].startswith("agent reported failure")
+    # The failed machine shows as failed in `status`; its desired stays the release's.
+    assert machine(store, "web-02").sync.value == "failed"
+    with store.read() as conn:
+        assert (
+            conn.execute("SELECT poll_hint FROM machines WHERE id='web-02'").fetchone()[0] is None
+        )
+    tick(store, at(t + 1))  # paused: nothing happens
+    assert detail(store, rid, at(t + 1))["status"] == "paused"
+    # The operator fixes the machine; resume re-runs the failed batch.
+    with store.transaction() as conn:
+        store_rollouts.control(conn, "web-rollout", "resume", "key:ops", at(t + 2), HINT)
+    t = drive(store, rid, t + 3)
+    d = detail(store, rid, at(t))
+    assert d["status"] == "completed"
+    assert [b["status"] for b in d["batches"]] == ["succeeded"] * 3
+    kinds = [e["kind"] for e in d["events"]]
+    assert "rollout-resumed" in kinds and "batch-requeued" in kinds
+
+
+def test_revert_restores_each_machines_own_previous_desired(store: Store) -> None:
+    rel = setup_fleet(store)
+    with store.transaction() as conn:  # one machine had no desired generation at all
+        machines.set_desired(conn, "web-01", None, None, None, T0)
+    rid = apply(store, rollout_doc(rel, on_failure="revert"))
+    t = drive(store, rid, 0, fail={"web-03"})
+    d = detail(store, rid, at(t))
+    assert d["status"] == "failed"
+    for i in range(10):
+        h = f"web-{i:02}"
+        m = machine(store, h)
+        if h == "web-01":
+            assert (m.desired_generation, m.desired_cache_url, m.desired_source) == (
+                None,
+                None,
+                None,
+            )
+        else:
+            assert m.desired_generation == gen(h, "o"), h
+            assert m.desired_cache_url == f"https://old-cache/{h}"
+            assert m.desired_source == "operator"
+    assert "rollout-reverted" in [e["kind"] for e in d["events"]]
+
+
+def test_health_timeout_and_soak(store: Store) -> None:
+    rel = setup_fleet(store, n=2)
+    rid = apply(store, rollout_doc(rel, strategy="all-at-once", soak="60s", health_timeout=120))
+    tick(store, at(0))
+    report(store, "web-00", at(1))
+    tick(store, at(2))
+    d = detail(store, rid, at(2))
+    reasons = {m["id"]: (m["health"], m["reason"]) for m in d["batches"][0]["machines"]}
+    assert reasons == {
+        "web-00": ("pending", "soaking (1m)"),
+        "web-01": ("pending", "no report since the batch started"),
+    }
+    tick(store, at(62))
+    tick(store, at(120))
+    d = detail(store, rid, at(120))
+    reasons = {m["id"]: (m["health"], m["reason"]) for m in d["batches"][0]["machines"]}
+    assert reasons["web-00"] == ("healthy", "healthy")
+    assert reasons["web-01"] == (
+        "unhealthy",
+        "timed out after 2m (no report since the batch started)",
+    )
+    assert d["status"] == "paused"
+
+
+def test_apply_is_idempotent_and_conflicts_are_named(store: Store) -> None:
+    rel = setup_fleet(store)
+    doc = rollout_doc(rel)
+    rid = apply(store, doc)
+    assert apply(store, json.loads(json.dumps(doc))) == rid  # the same document: no-op
+    with store.read() as conn:
+        assert conn.execute("SELECT COUNT(*) FROM rollouts").fetchone()[0] == 1
+    with pytest.raises(ConflictError, match=r"web-rollout.*running with a different document"):
+        apply(store, {**doc, "soak": 30})
+    with pytest.raises(ConflictError, match=r"10 machine\(s\).*web-00 \(web-rollout\)"):
+        apply(store, {**doc, "name": "other"})
+    with store.transaction() as conn, pytest.raises(ConflictError, match="referenced by rollout"):
+        releases.delete(conn, rel)
+    with store.transaction() as conn:
+        store_rollouts.control(conn, rid, "cancel", "key:ops", at(1), HINT)
+    tick(store, at(2))
+    assert detail(store, rid, at(2))["status"] == "cancelled"
+    assert machine(store, "web-00").desired_generation == gen("web-00", "o")  # left where it is
+    other = apply(store, {**doc, "name": "other"}, at(3))
+    assert other != rid
+
+
+def test_skipped_hosts_and_empty_targets(store: Store) -> None:
+    rel = setup_fleet(store, n=4, release_hosts=3)
+    doc = rollout_doc(
+        rel, target={"tags": ["web"], "hosts": ["ghost"]}, strategy="canary", batches=[1]
+    )
+    with store.read() as conn:
+        plan, _ = store_rollouts.make_plan(conn, store_rollouts.spec_of(doc))
+    assert list(plan.batches) == [("web-00",), ("web-01", "web-02")]
+    assert {(s.hostname, s.reason) for s in plan.skipped} == {
+        ("ghost", "not registered with the control plane"),
+        ("web-03", f"no entry in release {rel}"),
+    }
+    with pytest.raises(ValidationError, match="targets no machine"):
+        apply(store, rollout_doc(rel, target={"hosts": ["ghost"]}))
+    with pytest.raises(NotFoundError):
+        apply(store, rollout_doc("rel-000000000000"))
+    rid = apply(store, doc)
+    assert [s["hostname"] for s in detail(store, rid, T0)["skipped"]] == ["ghost", "web-03"]
+
+
+def test_manual_pause_stops_new_batches(store: Store) -> None:
+    rel = setup_fleet(store)
+    rid = apply(store, rollout_doc(rel))
+    tick(store, at(0))
+    report(store, "web-00", at(1))
+    with store.transaction() as conn:
+        store_rollouts.control(conn, rid, "pause", "key:ops", at(2), HINT)
+        with pytest.raises(ConflictError, match="cannot pause"):
+            store_rollouts.control(conn, rid, "pause", "key:ops", at(2), HINT)
+    tick(store, at(3))
+    d = detail(store, rid, at(3))
+    assert [b["status"] for b in d["batches"]] == ["deploying", "pending", "pending"]
+    with store.transaction() as conn:
+        store_rollouts.control(conn, rid, "resume", "key:ops", at(4), HINT)
+    # Only reports after the resume count: web-00 must report again.
+    tick(store, at(5))
+    assert detail(store, rid, at(5))["batches"][0]["status"] == "deploying"
+    report(store, "web-00", at(6))
+    tick(store, at(7))
+    assert detail(store, rid, at(7))["batches"][1]["status"] == "deploying"
