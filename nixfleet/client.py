@@ -52,6 +52,12 @@ class Client:
             self._conn.close()
             self._conn = None
 
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def request(
         self,
         method: str,

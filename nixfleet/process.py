@@ -65,3 +65,30 @@ def run(
         tail = proc.stderr.strip()[-STDERR_TAIL:] or proc.stdout.strip()[-STDERR_TAIL:]
         raise CommandError(f"{' '.join(args[:3])} exited {proc.returncode}: {tail}")
     return done
+
+
+def spawn(
+    argv: Sequence[str | Path],
+    *,
+    log_file: Path,
+    env: Mapping[str, str] | None = None,
+    detach: bool = False,
+) -> subprocess.Popen[bytes]:
+    """Start a long-running process (a server, an agent) with its output in log_file.
+
+    detach puts it in its own session, so it outlives the caller (demo --keep).
+    """
+    args = tuple(str(a) for a in argv)
+    log.debug("spawn: %s", " ".join(args))
+    with log_file.open("ab") as out:
+        try:
+            return subprocess.Popen(
+                args,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=dict(env) if env is not None else None,
+                start_new_session=detach,
+            )
+        except FileNotFoundError as e:
+            raise CommandError(f"{args[0]}: command not found; is it installed and on PATH?") from e

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 from conftest import ControlPlane, free_port, run_cli
 
 from nixfleet.client import Client
+from nixfleet.store import Store, machines
 
 GEN_A = "/nix/store/" + "a" * 32 + "-nixos-system-web-01"
 GEN_B = "/nix/store/" + "b" * 32 + "-nixos-system-web-01"
@@ -157,3 +161,44 @@ def test_usage_errors_exit_2() -> None:
     assert run_cli("no-such-command").returncode == 2
     r = run_cli("--help")
     assert r.returncode == 0 and "Example:" in r.stdout
+
+
+def test_agent_messages_cannot_drive_the_operators_terminal(control_plane: ControlPlane) -> None:
+    token = control_plane.register("web-01")
+    evil = "deployed\x1b[2J\x1b]0;pwned\x07\rdone"
+    Client(control_plane.url, token).report(
+        "web-01", {"current_generation": GEN_A, "message": evil}
+    )
+    for args in (("machines", "show", "web-01"), ("status",)):
+        r = run_cli(*args, env=env(control_plane))
+        assert r.returncode == 0, r.stderr
+        assert "\x1b" not in r.stdout and "\x07" not in r.stdout and "\r" not in r.stdout
+    shown = run_cli("machines", "show", "web-01", env=env(control_plane)).stdout
+    assert "deployed\\x1b[2J" in shown
+    # JSON output keeps the exact text (escaped by JSON itself).
+    data = json.loads(
+        run_cli("machines", "show", "web-01", "--json", env=env(control_plane)).stdout
+    )
+    assert data["last_message"] == evil
+
+
+def test_backup_while_running_is_a_consistent_copy(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    token = control_plane.register("web-01", ["prod"])
+    Client(control_plane.url, token).report("web-01", {"current_generation": GEN_A})
+    target = tmp_path / "backup.db"
+    cmd = [sys.executable, "-m", "nixfleet.controlplane.main", "--db", str(control_plane.db)]
+    done = subprocess.run(
+        [*cmd, "backup", str(target)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    copy = Store(target)
+    with copy.read() as conn:
+        (m,) = machines.list_machines(conn)
+    copy.close()
+    assert (m.id, m.current_generation, m.tags) == ("web-01", GEN_A, ("prod",))
+    again = subprocess.run(
+        [*cmd, "backup", str(target)], capture_output=True, text=True, check=False
+    )
+    assert again.returncode == 1 and "exists" in again.stderr

@@ -57,7 +57,15 @@ from nixfleet.errors import NixfleetError
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.version_option(__version__, prog_name="nixfleet-agent")
 def main(config_file: str | None, once: bool, verbose: bool, **flags: Any) -> None:
-    """Keep this NixOS machine at the generation the nixfleet control plane wants."""
+    """Keep this NixOS machine at the generation the nixfleet control plane wants.
+
+    Normally started by the NixOS module (services.nixfleet-agent) with --config.
+
+    \b
+    Example:
+      nixfleet-agent --config /etc/nixfleet-agent.json
+      nixfleet-agent --config /etc/nixfleet-agent.json --once --dry-run -v
+    """
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

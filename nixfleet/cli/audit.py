@@ -39,7 +39,13 @@ def to_csv(entries: list[dict[str, Any]]) -> str:
 @click.option("--actor", help="Only this actor, e.g. key:ops or machine:web-01.")
 @click.option("--action", help="Only this action, e.g. key.create or machine.lifecycle.")
 @click.option("--target", help="Only this target (machine id, key name, rollout …).")
-@click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 10_000),
+    default=100,
+    show_default=True,
+    help="Newest entries to show.",
+)
 @click.option("--json", "json_", is_flag=True, help="JSON output.")
 @click.option("--csv", "csv_", is_flag=True, help="CSV output, safe to open in a spreadsheet.")
 @pass_state

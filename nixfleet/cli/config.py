@@ -69,3 +69,18 @@ def resolve(url_flag: str | None, key_flag: str | None, key_file_flag: str | Non
     if key is None and key_file:
         key = read_secret_file(Path(str(key_file)).expanduser())
     return CliConfig(control_plane_url=str(url), api_key=key)
+
+
+NIX_OFFLINE_CONFIG = "substituters =\nexperimental-features = nix-command flakes"
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment for processes the CLI starts (demo): ours, plus Nix settings.
+
+    Without substituters configured, each build would first wait for the public
+    cache; a NIX_CONFIG the operator set wins.
+    """
+    env = dict(os.environ)
+    env.setdefault("NIX_CONFIG", NIX_OFFLINE_CONFIG)
+    env.update(extra)
+    return env

@@ -8,7 +8,7 @@ from urllib.parse import quote
 import click
 
 from nixfleet.cli.context import State, pass_state
-from nixfleet.cli.output import ago, emit_json, message, short_generation, table
+from nixfleet.cli.output import ago, emit_json, message, printable, short_generation, table
 from nixfleet.models import Lifecycle
 
 
@@ -43,20 +43,22 @@ def _print_machine(state: State, m: dict[str, Any], json_: bool) -> None:
     ]
     width = max(len(k) for k, _ in fields)
     for key, value in fields:
-        click.echo(f"{key.ljust(width)}  {value}")
+        click.echo(f"{key.ljust(width)}  {printable(str(value))}")
     if m.get("health"):
         click.echo("health checks:")
         for r in m["health"]["results"]:
             mark = "ok  " if r["passed"] else "FAIL"
-            click.echo(f"  {mark} {r['kind']}:{r['name']} {r.get('message', '')}".rstrip())
+            line = f"  {mark} {r['kind']}:{r['name']} {r.get('message', '')}".rstrip()
+            click.echo(printable(line))
     if m.get("recent_reports"):
         click.echo("recent reports:")
         for r in m["recent_reports"][:10]:
             ok = "ok  " if r["success"] else "FAIL"
-            click.echo(
+            line = (
                 f"  {r['received_at']}  {ok} {short_generation(r['current_generation'])}  "
                 f"{r['message']}".rstrip()
             )
+            click.echo(printable(line))
 
 
 @click.group()
@@ -125,6 +127,7 @@ def show(state: State, machine_id: str, json_: bool) -> None:
     type=click.Choice(["pending", "provisioning", "active", "maintenance"]),
     default="pending",
     show_default=True,
+    help="Initial lifecycle state.",
 )
 @click.option(
     "--issue-token", is_flag=True, help="Issue the agent token (printed once, to stdout)."

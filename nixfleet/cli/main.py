@@ -55,10 +55,22 @@ def cli(
 
 
 def _register() -> None:
-    from nixfleet.cli import machines, status
+    from nixfleet.cli import audit, demo, enroll, keys, machines, release, rollout, status
 
-    for command in (status.status, machines.machines):
+    for command in (
+        status.status,
+        machines.machines,
+        keys.keys,
+        enroll.enroll_tokens,
+        audit.audit,
+        release.release,
+        rollout.rollout,
+        rollout.deploy,
+        demo.demo,
+    ):
         cli.add_command(command)
+    machines.machines.add_command(keys.rotate_token)
+    machines.machines.add_command(keys.revoke_token)
 
 
 _register()

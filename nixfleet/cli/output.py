@@ -31,6 +31,13 @@ def message(text: str) -> None:
     click.echo(text, err=True)
 
 
+def printable(text: str) -> str:
+    """Escape control characters: agents and files must not drive the operator's terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def short_generation(path: str | None, wide: bool = False) -> str:
     """/nix/store/<32 hash>-<name> -> <7 hash>-<name> (the whole path with --wide)."""
     if not path:
@@ -59,6 +66,7 @@ def table(
 ) -> None:
     """Left-aligned columns; colours (per column, a function of the cell) only on a TTY."""
     widths = [len(h) for h in headers]
+    rows = [[printable(cell) for cell in row] for row in rows]
     for row in rows:
         for i, cell in enumerate(row):
             widths[i] = max(widths[i], len(cell))

@@ -51,7 +51,7 @@ def render(data: dict[str, Any], all_machines: bool = False) -> None:
         for m in b["machines"]:
             counts[m["health"]] = counts.get(m["health"], 0) + 1
         summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-        click.echo(f"batch {b['index']}  {b['status']:<9}  {b['size']} machine(s)  ({summary})")
+        click.echo(f"batch {b['index'] + 1}  {b['status']:<9}  {b['size']} machine(s)  ({summary})")
         shown = [
             m
             for m in b["machines"]
@@ -154,7 +154,7 @@ def plan(state: State, file: Path, json_: bool) -> None:
         f"rollout {data['name']}: {data['targets']} machine(s) in {len(data['batches'])} batch(es)"
     )
     for b in data["batches"]:
-        click.echo(f"batch {b['index']} ({b['size']}): {', '.join(b['hosts'])}")
+        click.echo(f"batch {b['index'] + 1} ({b['size']}): {', '.join(b['hosts'])}")
     for s in data["skipped"]:
         click.echo(f"skipped {s['hostname']}: {s['reason']}")
 

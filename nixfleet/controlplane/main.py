@@ -34,7 +34,10 @@ from nixfleet.store import Store, audit, credentials
     help="Seconds between reconciler ticks (default 2).",
 )
 @click.option(
-    "--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"])
+    "--log-level",
+    default="info",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="Log verbosity (stderr); secrets are never logged.",
 )
 @click.pass_context
 def cli(
@@ -79,12 +82,24 @@ def cli(
 
 @cli.group()
 def keys() -> None:
-    """Manage operator API keys directly in the database (run on the control-plane host)."""
+    """Manage operator API keys directly in the database (run on the control-plane host).
+
+    \b
+    Example:
+      nixfleet-control-plane --db /var/lib/nixfleet/nixfleet.db keys create --name ops
+      nixfleet-control-plane --db /var/lib/nixfleet/nixfleet.db keys list
+    """
 
 
 @keys.command("create")
 @click.option("--name", required=True, help="Key name, e.g. ops.")
-@click.option("--role", type=click.Choice(credentials.ROLES), default="admin", show_default=True)
+@click.option(
+    "--role",
+    type=click.Choice(credentials.ROLES),
+    default="admin",
+    show_default=True,
+    help="readonly < deploy < admin.",
+)
 @click.pass_obj
 def keys_create(settings: config.Settings, name: str, role: str) -> None:
     """Create a key and print it once (stdout).
@@ -157,7 +172,7 @@ def backup(settings: config.Settings, destination: str) -> None:
 
     \b
     Example:
-      nixfleet-control-plane --db /var/lib/nixfleet/nixfleet.db backup /backup/nixfleet-$(date +%F).db
+      nixfleet-control-plane --db /var/lib/nixfleet/nixfleet.db backup /backup/fleet.db
     """
     target = Path(destination)
     if target.exists():
