@@ -16,7 +16,7 @@ import json
 import re
 import socket
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -184,6 +184,13 @@ _INFO_EXPR = """hosts: cs: builtins.mapAttrs (name: c:
         (map (h: { name = h; value = null; }) hosts)) cs)"""
 
 
+def public_url(store_url: str) -> str:
+    """A push URL without its secret-key parameter: what agents may be told."""
+    base, _, query = store_url.partition("?")
+    kept = [p for p in query.split("&") if p and not p.startswith("secret-key=")]
+    return base + ("?" + "&".join(kept) if kept else "")
+
+
 @dataclass(frozen=True)
 class FlakeSource:
     """Where a release comes from: a flake reference and, when clean, its revision."""
@@ -240,14 +247,19 @@ def create_release(
     allow_dirty: bool = False,
     now: datetime,
     env: nix.Env = None,
+    progress: Callable[[str], None] = lambda _: None,
 ) -> Release:
-    """Evaluate (and build, and push) the flake's systems into a Release."""
+    """Evaluate (and build, and push) the flake's systems into a Release.
+
+    progress receives one line per slow step (evaluating, building, pushing).
+    """
     source = flake_source(flake, env=env)
     if source.dirty and not allow_dirty:
         raise UsageError(
             f"flake {flake!r} has uncommitted changes (or is not a git checkout); commit them "
             "so the release records a revision, or pass --allow-dirty"
         )
+    progress(f"evaluating {flake}#nixosConfigurations")
     names = nix.eval_json(f"{flake}#nixosConfigurations", apply="builtins.attrNames", env=env)
     if not isinstance(names, list) or not names:
         raise UsageError(f"flake {flake!r} has no nixosConfigurations")
@@ -266,11 +278,13 @@ def create_release(
         installables = [
             f"{flake}#nixosConfigurations.{_attr(h)}.config.system.build.toplevel" for h in selected
         ]
+        progress(f"building {len(selected)} system(s): {', '.join(selected)}")
         built = nix.build(installables, env=env)
         if len(built) != len(selected):
             raise UsageError(f"nix build returned {len(built)} paths for {len(selected)} hosts")
         paths = dict(zip(selected, built, strict=True))
     if push_to:
+        progress(f"pushing {len(paths)} closure(s) to {public_url(push_to)}")
         nix.copy_to(push_to, sorted(set(paths.values())), env=env)
     entries = tuple(
         ReleaseEntry(h, paths[h], str(info[h]["platform"]), tuple(sorted(info[h]["tags"])))
@@ -281,7 +295,7 @@ def create_release(
         entries=entries,
         flake_ref=flake,
         flake_rev=source.rev,
-        cache_url=cache_url or push_to,
+        cache_url=cache_url or (public_url(push_to) if push_to else None),
         created_at=now,
         created_by=f"{getpass.getuser()}@{socket.gethostname()}",
     )

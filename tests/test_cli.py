@@ -202,3 +202,26 @@ def test_backup_while_running_is_a_consistent_copy(
         [*cmd, "backup", str(target)], capture_output=True, text=True, check=False
     )
     assert again.returncode == 1 and "exists" in again.stderr
+
+
+def test_config_file_supplies_url_and_key_file(control_plane: ControlPlane, tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text(control_plane.admin_key + "\n")
+    key_file.chmod(0o600)
+    config = tmp_path / "config.toml"
+    config.write_text(f'control_plane_url = "{control_plane.url}"\napi_key_file = "{key_file}"\n')
+    r = run_cli("status", "--json", env={"NIXFLEET_CONFIG": str(config)})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["summary"]["total"] == 0
+    # The environment beats the file.
+    r = run_cli(
+        "status",
+        env={
+            "NIXFLEET_CONFIG": str(config),
+            "NIXFLEET_CONTROL_PLANE_URL": f"http://127.0.0.1:{free_port()}",
+        },
+    )
+    assert r.returncode == 5
+    key_file.chmod(0o644)
+    r = run_cli("status", env={"NIXFLEET_CONFIG": str(config)})
+    assert r.returncode == 2 and "chmod 600" in r.stderr

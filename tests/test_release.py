@@ -152,3 +152,14 @@ def test_dirty_tree_is_refused_unless_allowed(control_plane: ControlPlane, flake
     )
     assert ok.returncode == 0, ok.stderr  # type: ignore[attr-defined]
     assert (flake / "releases" / f"{ok.stdout.strip()}.toml").exists()  # type: ignore[attr-defined]
+
+
+def test_push_url_secrets_never_reach_the_release() -> None:
+    from nixfleet.flake import public_url
+
+    assert public_url("file:///srv/cache?secret-key=/run/keys/sk") == "file:///srv/cache"
+    assert (
+        public_url("s3://bucket?region=eu-1&secret-key=/k&compression=zstd")
+        == "s3://bucket?region=eu-1&compression=zstd"
+    )
+    assert public_url("https://cache.example.com") == "https://cache.example.com"

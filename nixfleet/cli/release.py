@@ -96,6 +96,7 @@ def create(
         cache_url=cache_url or (push_to if dry_run else None),
         allow_dirty=allow_dirty,
         now=utcnow(),
+        progress=message,
     )
     if dry_run:
         if json_ or state.json:
