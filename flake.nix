@@ -29,6 +29,7 @@
           falcon
           waitress
           click
+          orjson
         ];
 
       # The package, in callPackage form so the overlay builds it against the

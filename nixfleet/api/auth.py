@@ -62,15 +62,15 @@ def _bearer(req: falcon.Request) -> str | None:
 def _resolve(store: Store, token: str | None) -> Actor:
     if token is None:
         return ANONYMOUS
-    conn = store.connection()
-    if token.startswith(creds.TOKEN_PREFIX):
-        machine = creds.token_machine(conn, token)
-        if machine is not None:
-            return Actor("machine", machine)
-    else:
-        found = creds.key_role(conn, token)
-        if found is not None:
-            return Actor("key", found[0], found[1])
+    with store.lookup() as conn:  # the warm writer connection when free (see Store)
+        if token.startswith(creds.TOKEN_PREFIX):
+            machine = creds.token_machine(conn, token)
+            if machine is not None:
+                return Actor("machine", machine)
+        else:
+            found = creds.key_role(conn, token)
+            if found is not None:
+                return Actor("key", found[0], found[1])
     raise AuthenticationError("the API key or machine token is unknown or revoked")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from typing import Any
 
@@ -10,7 +11,7 @@ import falcon
 from nixfleet import __version__
 from nixfleet.api.auth import Perm
 from nixfleet.api.context import Context
-from nixfleet.api.machines import machine_json, tag_params
+from nixfleet.api.machines import tag_params
 from nixfleet.models import Lifecycle, Sync, isoformat, utcnow
 from nixfleet.store import machines
 
@@ -52,19 +53,29 @@ class Status:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Fleet summary and desired vs current generation of every machine."""
         now = utcnow()
-        with self.ctx.store.read() as conn:
-            found = machines.list_machines(conn, tag_params(req), req.get_param("lifecycle"))
         stale = self.ctx.settings.stale_after
-        rows = []
-        for m in found:
-            full = machine_json(m, now, stale)
-            rows.append({k: full[k] for k in STATUS_FIELDS})
-        resp.media = {
+        cutoff = machines.stale_cutoff(now, stale)
+        tags, lifecycle = tag_params(req), req.get_param("lifecycle")
+        with self.ctx.store.read() as conn:  # one snapshot: the summary counts the rows
+            by_sync, by_lifecycle = machines.status_counts(conn, tags, lifecycle, cutoff)
+            rows = machines.status_rows_json(conn, tags, lifecycle, cutoff)
+        head = {
             "generated_at": isoformat(now),
             "stale_after_seconds": stale,
-            "summary": summary(rows),
-            "machines": rows,
+            "summary": {
+                "total": by_sync["total"],
+                "in_sync": by_sync.get(Sync.IN_SYNC.value, 0),
+                "updating": by_sync.get(Sync.UPDATING.value, 0),
+                "failed": by_sync.get(Sync.FAILED.value, 0),
+                "no_desired": by_sync.get(Sync.NO_DESIRED.value, 0),
+                "stale": by_sync["stale"],
+                "by_lifecycle": {s.value: by_lifecycle.get(s.value, 0) for s in Lifecycle},
+            },
         }
+        # The machines array is spliced in as SQLite wrote it (see status_rows_json).
+        text = json.dumps(head, ensure_ascii=False)
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = "".join((text[:-1], ', "machines": [', ",".join(rows), "]}")).encode()
 
 
 class Health:

@@ -43,6 +43,7 @@
         "hypothesis"
         "jsonschema"
         "mypy"
+        "orjson"
         "pytest"
         "pytestCheckHook"
         "pyyaml"

@@ -1,0 +1,51 @@
+"""The yardstick: a bare Falcon app on waitress with the control plane's server options.
+
+It answers the report route with a constant JSON document after reading the body,
+so the difference to the real control plane is exactly what nixfleet does per
+report (auth, parsing, validation, the transaction), not HTTP or framework cost.
+
+    python bench/bare_server.py --listen 127.0.0.1:18080 --threads 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import falcon
+from waitress.server import create_server
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from nixfleet.controlplane.server import SERVER_OPTIONS
+
+
+class Report:
+    def on_post(self, req: falcon.Request, resp: falcon.Response, machine_id: str) -> None:
+        req.bounded_stream.read()
+        resp.media = {"desired_generation": None, "cache_url": None, "poll_hint": 60}
+
+
+class Health:
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = {"status": "ok"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--listen", required=True)
+    parser.add_argument("--threads", type=int, default=8)
+    args = parser.parse_args()
+    host, _, port = args.listen.rpartition(":")
+    app = falcon.App()
+    app.add_route("/health", Health())
+    app.add_route("/api/v1/machines/{machine_id}/report", Report())
+    server = create_server(
+        app, host=host, port=int(port), threads=args.threads, **SERVER_OPTIONS
+    )
+    server.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Build a fresh control-plane database holding a synthetic fleet.
+
+The schema comes from the real migrations (Store.migrate) and credentials from the
+real hashing (credentials.digest), so the control plane under test cannot tell the
+result from a fleet that grew through the API; only the bulk insert is direct SQL,
+because registering 100,000 machines one HTTP request at a time would take longer
+than the benchmarks themselves.
+
+    python bench/build_db.py --machines 100000 --reports 3 --out /tmp/fleet.db
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fleet
+
+from nixfleet.models import isoformat
+from nixfleet.store import Store, credentials
+
+CHUNK = 20_000
+REPORT_HEALTH = json.dumps(fleet.HEALTH)
+
+
+def lifecycle(i: int) -> str:
+    """97 % active, 1 % maintenance, 1 % pending (never reported), 1 % decommissioned."""
+    return {99: "pending", 98: "maintenance", 97: "decommissioned"}.get(i % 100, "active")
+
+
+def reporting(i: int) -> bool:
+    """Machines whose agents poll (the load generator uses only these)."""
+    return lifecycle(i) in ("active", "maintenance")
+
+
+def _chunks(rows: Iterator[tuple[Any, ...]]) -> Iterator[list[tuple[Any, ...]]]:
+    chunk: list[tuple[Any, ...]] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) >= CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _machines(n: int, now: datetime) -> Iterator[tuple[Any, ...]]:
+    registered = isoformat(now - timedelta(days=30))
+    for i in range(n):
+        life = lifecycle(i)
+        if life == "pending":
+            yield (fleet.hostname(i), life, registered, *([None] * 7), "unknown",
+                   *([None] * 7))
+            continue
+        # 2 % went quiet (stale), the rest reported within the last minute.
+        age = 3600 + i % 600 if i % 50 == 0 else i % 60
+        if i % 10 == 0:
+            desired, source = fleet.next_generation(i), "operator"  # updating
+        elif i % 10 < 7:
+            desired, source = fleet.current_generation(i), "operator"  # in sync
+        else:
+            desired, source = None, None
+        yield (
+            fleet.hostname(i), life, registered, fleet.current_generation(i), desired,
+            "https://cache.example" if desired else None, source,
+            registered if desired else None, isoformat(now - timedelta(seconds=age)),
+            "0.1.0", "ok", 1, "running", None, REPORT_HEALTH, 86_400 + i, None, None,
+        )
+
+
+def _tags(n: int) -> Iterator[tuple[str, str, str]]:
+    for i in range(n):
+        host = fleet.hostname(i)
+        if lifecycle(i) != "pending":
+            for tag in fleet.agent_tags(i):
+                yield host, tag, "agent"
+        for tag in fleet.operator_tags(i):
+            yield host, tag, "operator"
+        yield host, "fleet", "operator"  # every machine: the bench rollout's target
+
+
+def _tokens(n: int, now: datetime) -> Iterator[tuple[str, str, str]]:
+    at = isoformat(now - timedelta(days=30))
+    for i in range(n):
+        yield fleet.hostname(i), credentials.digest(fleet.token(i)), at
+
+
+def _reports(n: int, per_machine: int, now: datetime) -> Iterator[tuple[Any, ...]]:
+    # Interleaved by time, as a real fleet's polls arrive, so rows of one machine are
+    # spread over the table the way they are in production.
+    for k in range(per_machine, 0, -1):
+        for i in range(n):
+            if not reporting(i):
+                continue
+            at = isoformat(now - timedelta(seconds=60 * k + i % 60))
+            yield (fleet.hostname(i), at, fleet.current_generation(i), 1, "running", None,
+                   REPORT_HEALTH, "0.1.0", 86_400 + i)
+
+
+def build(path: Path, machines: int, reports_per_machine: int, quiet: bool = False) -> str:
+    """Create the database; return the admin API key."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    started = time.monotonic()
+    now = datetime.now(UTC)
+    store = Store(path)
+    with store.transaction() as conn:
+        key = credentials.create_key(conn, "bench-admin", "admin", "bench", now)
+    store.close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=OFF")
+    conn.execute("BEGIN")
+    for chunk in _chunks(_machines(machines, now)):
+        conn.executemany(f"INSERT INTO machines VALUES ({','.join('?' * 18)})", chunk)
+    for chunk in _chunks(_tags(machines)):
+        conn.executemany("INSERT INTO machine_tags VALUES (?, ?, ?)", chunk)
+    for chunk in _chunks(_tokens(machines, now)):
+        conn.executemany(
+            "INSERT INTO machine_tokens (machine_id, token_hash, created_at) VALUES (?, ?, ?)",
+            chunk,
+        )
+    for chunk in _chunks(_reports(machines, reports_per_machine, now)):
+        conn.executemany(
+            "INSERT INTO reports (machine_id, received_at, current_generation, success, "
+            "message, attempted_generation, health_json, agent_version, uptime_seconds) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            chunk,
+        )
+    conn.execute("COMMIT")
+    conn.execute("ANALYZE")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    if not quiet:
+        size = path.stat().st_size / 2**20
+        print(
+            f"built {path}: {machines} machines, {reports_per_machine} reports each, "
+            f"{size:.1f} MiB in {time.monotonic() - started:.1f}s",
+            file=sys.stderr,
+        )
+    return key
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--machines", type=int, default=100_000)
+    parser.add_argument("--reports", type=int, default=3, help="history rows per machine")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    print(build(args.out, args.machines, args.reports))
+
+
+if __name__ == "__main__":
+    main()

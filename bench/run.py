@@ -1,0 +1,382 @@
+"""Benchmarks for DESIGN §8, run by hand (never by CI): python bench/run.py [options].
+
+For each fleet size it builds a fresh database, starts the real control plane
+(`python -m nixfleet.controlplane.main`) and a bare Falcon/waitress yardstick, and
+measures from separate load-generator processes on 127.0.0.1:
+
+  report    POST /api/v1/machines/{id}/report req/s and p50/p99, vs the yardstick,
+            alternating yardstick and control plane within each run
+  status    GET /api/v1/status (client-side wall time, whole body read)
+  cli       `nixfleet status --json` end to end (process start to exit)
+  tick      one reconciler tick over a rollout of every machine (when it exists)
+  storage   database size with report history at its retention bound
+  agent     nixfleet-agent RSS and CPU per poll against the control plane
+
+Every figure is the median of --runs runs. Results go to stdout as a table and to
+bench/results/<machines>.json.
+
+    python bench/run.py --machines 100000 --runs 3
+    python bench/run.py --machines 1000,10000,100000 --only report,status,cli
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(BENCH))
+
+import build_db  # noqa: E402
+import load  # noqa: E402
+
+PHASES = ("report", "status", "cli", "tick", "storage")  # agent: pending, see docs
+THREADS = 8  # Settings.threads default: the yardstick runs with the same
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Server:
+    """A server process on 127.0.0.1 that is ready once /health answers."""
+
+    def __init__(self, args: list[str], port: int, log: Path) -> None:
+        self.port = port
+        self.log = log
+        self.proc = subprocess.Popen(
+            args, stdout=log.open("ab"), stderr=subprocess.STDOUT, cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    conn.close()
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"server on {port} did not start")
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def get(port: int, path: str, key: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    conn.request("GET", path, headers={"Authorization": f"Bearer {key}"})
+    resp = conn.getresponse()
+    body = resp.read()
+    conn.close()
+    return resp.status, body
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    value = fn()
+    return time.perf_counter() - t0, value
+
+
+# --- phases ---------------------------------------------------------------------------
+
+
+def bench_report(
+    cp: Server, bare: Server, machines: int, runs: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    reporters = [i for i in range(machines) if build_db.reporting(i)]
+    kw = {
+        "processes": args.load_processes,
+        "threads": args.load_threads,
+        "duration": args.duration,
+        "max_requests": args.max_requests,
+    }
+    rows: list[dict[str, Any]] = []
+    offset = 0
+    for run in range(runs):
+        for name, server in (("bare", bare), ("report", cp)):
+            # Warm-up (connections, caches, the first-use work) is not measured.
+            load.run(server.port, reporters, **{**kw, "duration": 1.0}, offset=offset)
+            offset += 2_000
+            cpu0 = server.cpu_seconds()
+            res = load.run(server.port, reporters, **kw, offset=offset)
+            cpu = server.cpu_seconds() - cpu0
+            offset += res.requests
+            rows.append(
+                {
+                    "run": run,
+                    "target": name,
+                    "requests": res.requests,
+                    "errors": res.errors,
+                    "rps": res.rps,
+                    "p50_ms": res.p50_ms,
+                    "p99_ms": res.p99_ms,
+                    "server_cpu_us_per_req": cpu / max(res.requests, 1) * 1e6,
+                    "client_cpu_us_per_req": res.client_cpu_s / max(res.requests, 1) * 1e6,
+                }
+            )
+            print(f"  run {run} {name:6s} {res.rps:8.0f} req/s  p50 {res.p50_ms:6.2f} ms  "
+                  f"p99 {res.p99_ms:6.2f} ms  errors {res.errors}  "
+                  f"server {rows[-1]['server_cpu_us_per_req']:.0f} us/req", file=sys.stderr)
+    out: dict[str, Any] = {"runs": rows}
+    for name in ("bare", "report"):
+        sel = [r for r in rows if r["target"] == name]
+        out[name] = {k: median([r[k] for r in sel]) for k in (
+            "rps", "p50_ms", "p99_ms", "server_cpu_us_per_req", "client_cpu_us_per_req")}
+    ratios = [
+        r["rps"] / b["rps"]
+        for b, r in zip(
+            [x for x in rows if x["target"] == "bare"],
+            [x for x in rows if x["target"] == "report"],
+            strict=True,
+        )
+    ]
+    out["ratio"] = median(ratios)
+    out["ratios"] = ratios
+    return out
+
+
+def bench_status(cp: Server, key: str, runs: int, machines: int) -> dict[str, Any]:
+    times = []
+    size = 0
+    get(cp.port, "/api/v1/status", key)  # warm the page cache and the code paths
+    for _ in range(runs):
+        seconds, (status, body) = timed(lambda: get(cp.port, "/api/v1/status", key))
+        if status != 200:
+            raise RuntimeError(f"/api/v1/status answered {status}: {body[:300]!r}")
+        times.append(seconds)
+        size = len(body)
+    doc = json.loads(body)
+    assert doc["summary"]["total"] == machines, doc["summary"]
+    print(f"  status {median(times) * 1000:.0f} ms ({size / 2**20:.1f} MiB)", file=sys.stderr)
+    return {"seconds": median(times), "all": times, "bytes": size}
+
+
+def bench_cli(cp: Server, key: str, runs: int) -> dict[str, Any]:
+    times = []
+    cmd = [sys.executable, "-m", "nixfleet.cli", "--control-plane-url",
+           f"http://127.0.0.1:{cp.port}", "status", "--json"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NIXFLEET_API_KEY": key}
+    for _ in range(runs):
+        with tempfile.TemporaryFile() as out:
+            seconds, proc = timed(
+                lambda out=out: subprocess.run(cmd, stdout=out, stderr=subprocess.PIPE,
+                                               env=env, check=False)
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(f"nixfleet status failed: {proc.stderr.decode()[-500:]}")
+        times.append(seconds)
+    print(f"  cli    {median(times) * 1000:.0f} ms", file=sys.stderr)
+    return {"seconds": median(times), "all": times}
+
+
+def bench_tick(db: Path, machines: int, runs: int) -> dict[str, Any]:
+    import rollout_bench
+
+    return rollout_bench.run(db, machines, runs)
+
+
+def bench_storage(machines: int, retention: int, workdir: Path) -> dict[str, Any]:
+    import storage_bench
+
+    return storage_bench.run(machines, retention, workdir)
+
+
+def bench_agent(cp: Server, key: str, workdir: Path, polls: int) -> dict[str, Any]:
+    import agent_bench
+
+    return agent_bench.run(cp.port, key, workdir, polls)
+
+
+# --- driver ---------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    model = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    import sqlite3
+
+    import falcon
+    import waitress
+
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
+        "python": platform.python_version(),
+        "sqlite": sqlite3.sqlite_version,
+        "falcon": falcon.__version__,
+        "waitress": getattr(waitress, "__version__", "3"),
+        "kernel": platform.release(),
+    }
+
+
+def run_size(machines: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    print(f"== {machines} machines", file=sys.stderr)
+    db = workdir / f"fleet-{machines}.db"
+    key = build_db.build(db, machines, args.reports)
+    result: dict[str, Any] = {"machines": machines}
+    cp_port, bare_port = free_port(), free_port()
+    cp = Server(
+        [sys.executable, "-m", "nixfleet.controlplane.main", "--log-level", "warning",
+         "--db", str(db), "--listen", f"127.0.0.1:{cp_port}"],
+        cp_port, workdir / "cp.log",
+    )
+    bare = Server(
+        [sys.executable, str(BENCH / "bare_server.py"), "--listen", f"127.0.0.1:{bare_port}",
+         "--threads", str(THREADS)],
+        bare_port, workdir / "bare.log",
+    )
+    try:
+        if "report" in args.only:
+            result["report"] = bench_report(cp, bare, machines, args.runs, args)
+        bare.stop()
+        if "status" in args.only:
+            result["status"] = bench_status(cp, key, args.runs, machines)
+        if "cli" in args.only:
+            result["cli"] = bench_cli(cp, key, args.runs)
+        if "agent" in args.only:
+            result["agent"] = bench_agent(cp, key, workdir, args.agent_polls)
+        result["cp_rss_mib"] = cp.rss_mib()
+    finally:
+        cp.stop()
+        if bare.proc.poll() is None:
+            bare.stop()
+    if "tick" in args.only:
+        result["tick"] = bench_tick(db, machines, args.runs)
+    if "storage" in args.only:
+        measured = min(machines, args.storage_machines)
+        st = bench_storage(measured, args.retention, workdir)
+        st["measured_machines"] = measured
+        st["extrapolated_mib"] = st["db_mib"] * machines / measured
+        result["storage"] = st
+    return result
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    lines = ["| machines | measure | result | budget |", "|---:|---|---:|---|"]
+    for r in results:
+        n = f"{r['machines']:,}"
+        if "report" in r:
+            rep = r["report"]
+            lines.append(f"| {n} | bare Falcon/waitress req/s (p50 / p99 ms) | "
+                         f"{rep['bare']['rps']:.0f} ({rep['bare']['p50_ms']:.2f} / "
+                         f"{rep['bare']['p99_ms']:.2f}) | |")
+            lines.append(f"| {n} | report req/s (p50 / p99 ms) | {rep['report']['rps']:.0f} "
+                         f"({rep['report']['p50_ms']:.2f} / {rep['report']['p99_ms']:.2f}) | |")
+            lines.append(f"| {n} | report / bare | {rep['ratio'] * 100:.0f} % | ≥ 80 % |")
+            lines.append(f"| {n} | server CPU per request, bare / report | "
+                         f"{rep['bare']['server_cpu_us_per_req']:.0f} / "
+                         f"{rep['report']['server_cpu_us_per_req']:.0f} µs | |")
+        if "status" in r:
+            lines.append(f"| {n} | GET /api/v1/status | {r['status']['seconds'] * 1000:.0f} ms "
+                         f"({r['status']['bytes'] / 2**20:.1f} MiB) | < 1 s |")
+        if "cli" in r:
+            lines.append(f"| {n} | nixfleet status --json | {r['cli']['seconds'] * 1000:.0f} ms"
+                         " | < 2 s |")
+        tick = r.get("tick")
+        if tick and tick.get("available"):
+            lines.append(f"| {n} | reconciler tick | {tick['seconds'] * 1000:.0f} ms | < 250 ms |")
+        elif tick:
+            lines.append(f"| {n} | reconciler tick | pending: {tick['reason']} | < 250 ms |")
+        st = r.get("storage")
+        if st:
+            lines.append(f"| {n} | database at retention bound ({st['retention']} reports/machine)"
+                         f" | {st['extrapolated_mib']:,.0f} MiB (measured "
+                         f"{st['db_mib']:.0f} MiB at "
+                         f"{st['measured_machines']:,} machines; +{st['growth_mib']:.1f} MiB after "
+                         f"{st['extra_reports']:,} more reports) | bounded |")
+        ag = r.get("agent")
+        if ag:
+            lines.append(f"| {n} | agent idle RSS / CPU per poll | {ag['rss_mib']:.1f} MiB / "
+                         f"{ag['cpu_ms_per_poll']:.1f} ms | |")
+        if "cp_rss_mib" in r:
+            rss = r["cp_rss_mib"]
+            lines.append(f"| {n} | control-plane RSS after the runs | {rss:.0f} MiB | |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--machines", default="100000", help="fleet sizes, comma-separated")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--only", default=",".join(PHASES), help=f"subset of {PHASES}")
+    parser.add_argument("--reports", type=int, default=3, help="history rows per machine")
+    parser.add_argument("--retention", type=int, default=100, help="Settings.report_retention")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per report run")
+    parser.add_argument("--max-requests", type=int, default=40_000)
+    parser.add_argument("--load-processes", type=int, default=2)
+    parser.add_argument("--load-threads", type=int, default=4)
+    parser.add_argument("--agent-polls", type=int, default=20)
+    parser.add_argument(
+        "--storage-machines", type=int, default=10_000,
+        help="fleet size for the retention-bound fill (extrapolated linearly to --machines)",
+    )
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    args.only = set(args.only.split(","))
+    sizes = [int(x) for x in args.machines.split(",")]
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="nixfleet-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    info = machine_info()
+    print(f"machine: {info}", file=sys.stderr)
+    results = [run_size(n, args, workdir) for n in sizes]
+    out_dir = BENCH / "results"
+    out_dir.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    for r in results:
+        # Merge: a run of some phases (--only) keeps the other phases' last results.
+        path = out_dir / f"{r['machines']}.json"
+        old = json.loads(path.read_text()) if path.exists() else {}
+        new = {**old, "at": stamp, "machine": info, **{k: v for k, v in r.items()}}
+        new.setdefault("args", {})
+        new["args"] = {**(new["args"] if isinstance(new["args"], dict) else {}),
+                       **{phase: sys.argv[1:] for phase in r if phase in PHASES}}
+        path.write_text(json.dumps(new, indent=2) + "\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
