@@ -1,18 +1,18 @@
 """The reconciler: apply nixfleet.rollout's decisions to the database, one tick at a time.
 
-A tick is ONE write transaction over every running rollout: read the facts
-(set-based: one query per rollout for its deploying batch), decide (pure), write
-the decision (executemany and UPDATE … FROM, never a query per machine). Because
-everything a tick knows comes from the database and everything it does commits
-at once, the control plane can be killed at any point and the next tick, in this
-process or the next, continues exactly where the database says.
+A tick is ONE write transaction over every running rollout: judge the deploying
+batch (set-based in SQL, store.rollouts.judge_batch, the twin of the pure
+rollout.judge), decide what follows from its tally (rollout.advance, pure), and
+write the decision with a few statements per batch, never one per machine.
+Because everything a tick knows comes from the database and everything it does
+commits at once, the control plane can be killed at any point and the next tick,
+in this process or the next, continues exactly where the database says.
 """
 
 from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Sequence
 from datetime import datetime
 
 from nixfleet import rollout
@@ -26,61 +26,40 @@ log = logging.getLogger("nixfleet.reconciler")
 ACTOR = "reconciler"
 
 
-def _facts(
-    conn: sqlite3.Connection, view: rollout.RolloutView, batch: rollout.BatchView, now: datetime
-) -> tuple[list[rollout.MachineFacts], dict[MachineHealth, int]]:
-    """Facts of the batch's machines whose verdict may change, and counts of the rest.
-
-    A pending machine with no report since the batch started and no soak clock
-    running stays pending until the health timeout (rollout.judge's first rule), so
-    before the timeout only machines with a fresh report (or soaking) are read: a
-    quiet tick over 100,000 machines reads none of them. julianday() compares the
-    RFC 3339 strings as times; the 1 ms margin only widens the set judge() sees.
-    """
-    assert batch.started_at is not None
-    timed_out = (now - batch.started_at).total_seconds() >= view.spec.health_timeout
-    pending = [
-        store_rollouts.facts_of(r)
-        for r in conn.execute(
-            store_rollouts.FACTS_SQL
-            + "WHERE rm.rollout_id = ? AND rm.batch_idx = ? AND rm.health = 'pending' "
-            "AND (? OR rm.healthy_since IS NOT NULL "
-            "OR julianday(m.last_report_at) >= julianday(?) - 1.0 / 86400000)",
-            (view.id, batch.index, timed_out, isoformat(batch.started_at)),
-        )
-    ]
-    counts = {
-        MachineHealth(h): n
-        for h, n in conn.execute(
-            "SELECT health, COUNT(*) FROM rollout_machines WHERE rollout_id = ? AND batch_idx = ? "
-            "GROUP BY health",
-            (view.id, batch.index),
-        )
-    }
-    counts[MachineHealth.PENDING] = counts.get(MachineHealth.PENDING, 0) - len(pending)
-    return pending, counts
-
-
 def _start_batch(
     conn: sqlite3.Connection, view: rollout.RolloutView, batch: int, now: datetime, hint: int
 ) -> None:
-    """Record previous desired generations (first touch only), then set desired = release's."""
+    """Set desired = the release's generation for the batch's machines.
+
+    Each machine's previous desired generation is recorded at its batch's first
+    start only (a requeued batch keeps the first record). `apply` already copied
+    it into rollout_machines.prev_*, so here only machines whose desired
+    generation changed since then are written: usually none, instead of 100,000
+    rows (and their WAL pages) per batch.
+    """
     at = isoformat(now)
-    conn.execute(
-        "UPDATE rollout_machines SET prev_generation = m.desired_generation, "
-        "prev_cache_url = m.desired_cache_url, prev_source = m.desired_source, touched = 1 "
-        "FROM machines m WHERE rollout_machines.rollout_id = ? AND rollout_machines.batch_idx = ? "
-        "AND rollout_machines.touched = 0 AND m.id = rollout_machines.machine_id",
-        (view.id, batch),
-    )
+    if view.batches[batch].started_at is None:
+        conn.execute(
+            "UPDATE rollout_machines SET prev_generation = m.desired_generation, "
+            "prev_cache_url = m.desired_cache_url, prev_source = m.desired_source "
+            "FROM machines m WHERE rollout_machines.rollout_id = ? "
+            "AND rollout_machines.batch_idx = ? AND m.id = rollout_machines.machine_id "
+            "AND (m.desired_generation IS NOT rollout_machines.prev_generation "
+            "OR m.desired_cache_url IS NOT rollout_machines.prev_cache_url "
+            "OR m.desired_source IS NOT rollout_machines.prev_source)",
+            (view.id, batch),
+        )
     cache_url = conn.execute(
         "SELECT cache_url FROM releases WHERE id = ?", (view.spec.release,)
     ).fetchone()[0]
+    # IN + a correlated look-up, not UPDATE … FROM: ~30% faster here, as FROM
+    # materialises the join before updating.
     conn.execute(
-        "UPDATE machines SET desired_generation = rm.store_path, desired_cache_url = ?, "
-        "desired_source = ?, desired_set_at = ?, poll_hint = ? FROM rollout_machines rm "
-        "WHERE rm.rollout_id = ? AND rm.batch_idx = ? AND machines.id = rm.machine_id",
-        (cache_url, store_rollouts.source_label(view.name), at, hint, view.id, batch),
+        "UPDATE machines SET desired_generation = (SELECT rm.store_path FROM rollout_machines rm "
+        "WHERE rm.rollout_id = ? AND rm.machine_id = machines.id), desired_cache_url = ?, "
+        "desired_source = ?, desired_set_at = ?, poll_hint = ? WHERE id IN "
+        "(SELECT machine_id FROM rollout_machines WHERE rollout_id = ? AND batch_idx = ?)",
+        (view.id, cache_url, store_rollouts.source_label(view.name), at, hint, view.id, batch),
     )
     conn.execute(
         "UPDATE rollout_batches SET started_at = ?, finished_at = NULL "
@@ -92,16 +71,19 @@ def _start_batch(
 def _revert(conn: sqlite3.Connection, view: rollout.RolloutView, now: datetime) -> None:
     """Every touched machine back to its own previous desired generation and cache URL.
 
-    Only where the desired generation is still the one this rollout set: an operator's
-    later pin is not overwritten.
+    Touched = in a batch that has started (started_at is never cleared). Only where
+    the desired generation is still the one this rollout set: an operator's later
+    pin is not overwritten.
     """
     conn.execute(
         "UPDATE machines SET desired_generation = rm.prev_generation, "
         "desired_cache_url = rm.prev_cache_url, desired_source = rm.prev_source, "
-        "desired_set_at = ? FROM rollout_machines rm WHERE rm.rollout_id = ? AND rm.touched = 1 "
+        "desired_set_at = ? FROM rollout_machines rm WHERE rm.rollout_id = ? "
+        "AND rm.batch_idx IN (SELECT idx FROM rollout_batches WHERE rollout_id = ? "
+        "AND started_at IS NOT NULL) "
         "AND machines.id = rm.machine_id AND machines.desired_generation IS rm.store_path "
         "AND machines.desired_source = ?",
-        (isoformat(now), view.id, store_rollouts.source_label(view.name)),
+        (isoformat(now), view.id, view.id, store_rollouts.source_label(view.name)),
     )
 
 
@@ -154,14 +136,20 @@ def apply_decision(
 
 
 def step(conn: sqlite3.Connection, rollout_id: str, now: datetime, hint: int) -> rollout.Decision:
-    """Decide and apply the next step of one rollout inside the caller's transaction."""
+    """Decide and apply the next step of one rollout inside the caller's transaction.
+
+    The deploying batch is judged set-based in SQL (store.rollouts.judge_batch, the
+    twin of rollout.judge); what follows from its tally is rollout.advance, pure.
+    """
     view = store_rollouts.load_view(conn, rollout_id)
-    deploying = next((b for b in view.batches if b.status is BatchStatus.DEPLOYING), None)
-    pending: Sequence[rollout.MachineFacts] = ()
-    settled: dict[MachineHealth, int] = {}
+    if view.status is not RolloutStatus.RUNNING:
+        return rollout.Decision()
+    deploying = rollout.deploying_batch(view)
+    judged, tally = 0, None
     if deploying is not None:
-        pending, settled = _facts(conn, view, deploying, now)
-    decision = rollout.decide(view, pending, settled, now)
+        judged, tally = store_rollouts.judge_batch(conn, view, deploying, now, ACTOR)
+    decision = rollout.advance(view, tally)
+    decision.judged = judged
     apply_decision(conn, view, decision, now, hint)
     return decision
 

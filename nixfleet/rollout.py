@@ -309,6 +309,14 @@ class Event:
     detail: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Tally:
+    """The deploying batch once this tick's verdicts are in: the inputs to its fate."""
+
+    unhealthy: int
+    waiting: int  # machines still pending (no final verdict yet)
+
+
 @dataclass
 class Decision:
     verdicts: list[Verdict] = field(default_factory=list)  # only those that changed
@@ -317,12 +325,21 @@ class Decision:
     revert: bool = False
     status: RolloutStatus | None = None
     events: list[Event] = field(default_factory=list)
+    judged: int = 0  # verdicts changed set-based in the store (not listed in `verdicts`)
 
     @property
     def empty(self) -> bool:
         return not (
-            self.verdicts or self.batch_status or self.start_batch is not None or self.status
+            self.verdicts
+            or self.judged
+            or self.batch_status
+            or self.start_batch is not None
+            or self.status
         )
+
+
+def deploying_batch(rollout: RolloutView) -> BatchView | None:
+    return next((b for b in rollout.batches if b.status is BatchStatus.DEPLOYING), None)
 
 
 def decide(
@@ -331,17 +348,21 @@ def decide(
     settled: Mapping[MachineHealth, int],
     now: datetime,
 ) -> Decision:
-    """The next step of a running rollout.
+    """The next step of a running rollout, judging machine by machine.
 
     `pending` are the facts of the deploying batch's machines without a final
     verdict; `settled` counts the others by verdict, its PENDING entry the machines
     known to stay pending (no report since the batch started, before the timeout).
+    The reconciler judges set-based in SQL instead (store.rollouts.judge_batch, held
+    to `judge` by a table test) and calls `advance` with the resulting tally.
     """
-    out = Decision()
     if rollout.status is not RolloutStatus.RUNNING:
-        return out
+        return Decision()
     spec = rollout.spec
-    deploying = next((b for b in rollout.batches if b.status is BatchStatus.DEPLOYING), None)
+    deploying = deploying_batch(rollout)
+    verdicts: list[Verdict] = []
+    events: list[Event] = []
+    tally = None
     if deploying is not None:
         assert deploying.started_at is not None
         unhealthy = settled.get(MachineHealth.UNHEALTHY, 0)
@@ -349,14 +370,36 @@ def decide(
         for f in pending:
             v = judge(f, deploying.started_at, now, spec.health_timeout, spec.soak)
             if v.health is not f.health or v.healthy_since != f.healthy_since:
-                out.verdicts.append(v)
+                verdicts.append(v)
             if v.health is MachineHealth.UNHEALTHY:
                 unhealthy += 1
-                out.events.append(
+                events.append(
                     Event("machine-unhealthy", deploying.index, v.machine_id, {"reason": v.reason})
                 )
             elif v.health is MachineHealth.PENDING:
                 waiting += 1
+        tally = Tally(unhealthy, waiting)
+    out = advance(rollout, tally)
+    out.verdicts = verdicts
+    out.events[:0] = events
+    return out
+
+
+def advance(rollout: RolloutView, tally: Tally | None) -> Decision:
+    """Batch and rollout transitions of a running rollout, from its deploying batch's tally.
+
+    `tally` is None when no batch is deploying. The per-machine verdicts behind it
+    come from `judge` (or its SQL twin); this is the part that needs no machine rows,
+    so a 100,000-machine batch is decided from two numbers.
+    """
+    out = Decision()
+    if rollout.status is not RolloutStatus.RUNNING:
+        return out
+    spec = rollout.spec
+    deploying = deploying_batch(rollout)
+    if deploying is not None:
+        assert tally is not None, "a deploying batch needs its tally"
+        unhealthy = tally.unhealthy
         allowed = spec.failure_threshold.allowed(deploying.size)
         if unhealthy > allowed:
             out.batch_status[deploying.index] = BatchStatus.FAILED
@@ -371,7 +414,7 @@ def decide(
                 out.status = RolloutStatus.PAUSED
                 out.events.append(Event("rollout-paused", deploying.index, detail=detail))
             return out
-        if waiting:
+        if tally.waiting:
             return out
         out.batch_status[deploying.index] = BatchStatus.SUCCEEDED
         out.events.append(

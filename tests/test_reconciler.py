@@ -282,3 +282,20 @@ def test_manual_pause_stops_new_batches(store: Store) -> None:
     report(store, "web-00", at(6))
     tick(store, at(7))
     assert detail(store, rid, at(7))["batches"][1]["status"] == "deploying"
+
+
+def test_revert_restores_desired_set_after_apply_before_the_batch_started(store: Store) -> None:
+    """The previous desired generation is the one a machine had when its batch started."""
+    rel = setup_fleet(store)
+    rid = apply(store, rollout_doc(rel, on_failure="revert"))
+    with store.transaction() as conn:  # batch 3 (web-04..09) has not started yet
+        machines.set_desired(conn, "web-05", gen("web-05", "p"), "https://pin/", "operator", T0)
+    t = drive(store, rid, 0, fail={"web-06"})
+    assert detail(store, rid, at(t))["status"] == "failed"
+    m = machine(store, "web-05")
+    assert (m.desired_generation, m.desired_cache_url, m.desired_source) == (
+        gen("web-05", "p"),
+        "https://pin/",
+        "operator",
+    )
+    assert machine(store, "web-00").desired_generation == gen("web-00", "o")

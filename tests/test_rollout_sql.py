@@ -1,0 +1,201 @@
+"""The health gate in SQL (store.rollouts.JUDGE_SQL) agrees with rollout.judge, case by case.
+
+The reconciler judges a 100,000-machine batch in SQL; rollout.judge stays the
+definition. Each case is written as MachineFacts, stored as the machine and
+rollout_machines rows it stands for, judged both ways, and compared: which
+machines change, and to what health, reason and soak clock.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from nixfleet import rollout
+from nixfleet.models import MachineHealth, isoformat
+from nixfleet.rollout import MachineFacts
+from nixfleet.store import Store
+from nixfleet.store import rollouts as store_rollouts
+
+# Microseconds on purpose: a time on the second is stored without a fraction
+# ("…:00Z"), the trap for comparing the strings.
+STARTED = datetime(2026, 11, 27, 10, 0, 0, 500000, tzinfo=UTC)
+GEN = "/nix/store/" + "n" * 32 + "-nixos-system-new"
+OLD = "/nix/store/" + "o" * 32 + "-nixos-system-old"
+TIMEOUT, SOAK = 300, 60
+P, H, U = MachineHealth.PENDING, MachineHealth.HEALTHY, MachineHealth.UNHEALTHY
+
+
+def at(seconds: float) -> datetime:
+    return STARTED + timedelta(seconds=seconds)
+
+
+ON_THE_SECOND = datetime(2026, 11, 27, 10, 0, 1, tzinfo=UTC)  # 0.5 s after STARTED
+BEFORE_ON_THE_SECOND = datetime(2026, 11, 27, 10, 0, 0, tzinfo=UTC)  # 0.5 s before
+
+
+def good(**kw: Any) -> MachineFacts:
+    base = MachineFacts("m", GEN, last_report_at=at(5), current_generation=GEN, last_success=True)
+    return replace(base, **kw)
+
+
+def failed(**kw: Any) -> MachineFacts:
+    base = MachineFacts(
+        "m",
+        GEN,
+        last_report_at=at(5),
+        current_generation=OLD,
+        last_success=False,
+        failed_generation=GEN,
+    )
+    return replace(base, **kw)
+
+
+CASES: list[tuple[str, MachineFacts, float, int]] = [
+    # (name, facts, now in seconds after STARTED, soak)
+    ("silent, before the timeout", MachineFacts("m", GEN), 10, SOAK),
+    ("silent, at the timeout", MachineFacts("m", GEN), TIMEOUT, SOAK),
+    ("report before the batch", good(last_report_at=at(-1)), 10, SOAK),
+    ("report before the batch, timed out", good(last_report_at=at(-1)), TIMEOUT, SOAK),
+    ("report 1 µs before the start", good(last_report_at=at(-0.000001)), 10, 0),
+    ("report exactly at the start", good(last_report_at=STARTED), 10, 0),
+    ("report on the second, after the start", good(last_report_at=ON_THE_SECOND), 10, 0),
+    (
+        "report on the second, before the start",
+        good(last_report_at=BEFORE_ON_THE_SECOND),
+        10,
+        0,
+    ),
+    ("failure with a message", failed(last_message="rolled back: x.service"), 10, SOAK),
+    ("failure without a message", failed(last_message=""), 10, SOAK),
+    ("failure, message unknown", failed(), 10, SOAK),
+    ("failed generation, success flag set", replace(failed(), last_success=True), 10, SOAK),
+    (
+        "other generation failed, success",
+        replace(failed(), failed_generation=OLD, last_success=True),
+        10,
+        SOAK,
+    ),
+    ("success False only", replace(failed(), failed_generation=None), 10, SOAK),
+    ("stale failure is silence", replace(failed(), last_report_at=at(-5)), 10, SOAK),
+    ("failure while soaking", failed(healthy_since=at(3)), 10, SOAK),
+    ("good, no soak", good(), 10, 0),
+    ("good, soak starts", good(), 10, SOAK),
+    ("good, soaking", good(healthy_since=at(6)), 30, SOAK),
+    ("good, soak just short", good(healthy_since=at(6)), 65.999999, SOAK),
+    ("good, soak exactly done", good(healthy_since=at(6)), 66, SOAK),
+    ("soak clock on the second", good(healthy_since=ON_THE_SECOND), 60.5, SOAK),
+    ("soak clock on the second, short", good(healthy_since=ON_THE_SECOND), 60.499999, SOAK),
+    ("good, soaking past the timeout", good(healthy_since=at(TIMEOUT - 10)), TIMEOUT, SOAK),
+    ("good without health result", good(health_passed=None), 10, 0),
+    ("health checks failing", good(health_passed=False), 10, SOAK),
+    ("health checks failing, timed out", good(health_passed=False), TIMEOUT, SOAK),
+    ("health fails while soaking", good(health_passed=False, healthy_since=at(6)), 10, SOAK),
+    (
+        "health fails while soaking, timed out",
+        good(health_passed=False, healthy_since=at(6)),
+        TIMEOUT + 1,
+        SOAK,
+    ),
+    ("old generation", good(current_generation=OLD), 10, SOAK),
+    ("old generation, timed out", good(current_generation=OLD), TIMEOUT, SOAK),
+    ("no generation at all, timed out", good(current_generation=None), TIMEOUT, SOAK),
+    ("success unknown, right generation", good(last_success=None), 10, 0),
+]
+
+
+def _store_case(store: Store, i: int, f: MachineFacts) -> None:
+    health = None if f.health_passed is None else json.dumps({"all_passed": f.health_passed})
+    with store.transaction() as conn:
+        conn.execute(
+            "INSERT INTO machines (id, lifecycle, registered_at, current_generation, "
+            "last_report_at, last_success, failed_generation, health_json, last_message) "
+            "VALUES (?, 'active', ?, ?, ?, ?, ?, ?, ?)",
+            (
+                f"m{i}",
+                isoformat(STARTED),
+                f.current_generation,
+                isoformat(f.last_report_at),
+                None if f.last_success is None else int(f.last_success),
+                f.failed_generation,
+                health,
+                f.last_message,
+            ),
+        )
+        conn.execute(
+            "INSERT INTO rollout_machines (rollout_id, machine_id, batch_idx, position, "
+            "store_path, health, healthy_since) VALUES ('ro-1', ?, ?, 0, ?, ?, ?)",
+            (f"m{i}", i, f.store_path, f.health.value, isoformat(f.healthy_since)),
+        )
+
+
+@pytest.fixture
+def rollout_store(store: Store) -> Store:
+    with store.transaction() as conn:
+        conn.execute(
+            "INSERT INTO releases (id, created_at, created_by) VALUES ('rel-1', 'x', 'test')"
+        )
+        conn.execute(
+            "INSERT INTO rollouts (id, name, release_id, status, document_json, document_hash, "
+            "source, created_at, created_by, updated_at) "
+            "VALUES ('ro-1', 'r', 'rel-1', 'running', '{}', '', 'test', 'x', 'test', 'x')"
+        )
+    return store
+
+
+@pytest.mark.parametrize(("name", "f", "now", "soak"), CASES, ids=[c[0] for c in CASES])
+def test_sql_verdict_agrees_with_judge(
+    rollout_store: Store, name: str, f: MachineFacts, now: float, soak: int
+) -> None:
+    _store_case(rollout_store, 0, f)
+    v = rollout.judge(f, STARTED, at(now), TIMEOUT, soak)
+    changed = v.health is not f.health or v.healthy_since != f.healthy_since
+    params = store_rollouts.judge_params("ro-1", 0, STARTED, at(now), TIMEOUT, soak)
+    with rollout_store.read() as conn:
+        rows = conn.execute(store_rollouts.JUDGE_SQL, params).fetchall()
+    got = [(r["health"], r["reason"], r["healthy_since"]) for r in rows]
+    want = [(v.health.value, v.reason if v.health is not P else None, isoformat(v.healthy_since))]
+    assert got == (want if changed else []), name
+
+
+def test_settled_machines_are_not_judged_again(rollout_store: Store) -> None:
+    for i, health in enumerate((H, U)):
+        _store_case(rollout_store, i, replace(good(current_generation=OLD), health=health))
+    params = store_rollouts.judge_params("ro-1", 0, STARTED, at(TIMEOUT), TIMEOUT, 0)
+    with rollout_store.read() as conn:
+        for batch in (0, 1):
+            rows = conn.execute(store_rollouts.JUDGE_SQL, {**params, "batch": batch}).fetchall()
+            assert rows == []
+
+
+@pytest.mark.parametrize(
+    "times",
+    [
+        [ON_THE_SECOND, at(0.4), at(0.6), BEFORE_ON_THE_SECOND, at(-0.000001), STARTED],
+        [datetime(2026, 12, 31, 23, 59, 59, 999999, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)],
+    ],
+)
+def test_stored_times_sort_as_times_in_sql(store: Store, times: list[datetime]) -> None:
+    """isoformat() drops a zero fraction; ts_key() still orders the strings by time."""
+    stored = [str(isoformat(t)) for t in times]
+    assert {len(s) for s in stored} <= {20, 27} and all(s.endswith("Z") for s in stored)
+    values = ", ".join("(?)" for _ in stored)
+    with store.read() as conn:
+        ordered = [
+            r[0]
+            for r in conn.execute(
+                f"SELECT column1 FROM (VALUES {values}) ORDER BY {store_rollouts.ts_key('column1')}",
+                stored,
+            )
+        ]
+        for t in times:
+            key = store_rollouts.sortable(t)
+            (same,) = conn.execute(
+                f"SELECT {store_rollouts.ts_key('?1')} = ?2", (isoformat(t), key)
+            )
+            assert same[0] == 1
+    assert ordered == [isoformat(t) for t in sorted(times)]
