@@ -1,7 +1,7 @@
 """The reconciler: apply nixfleet.rollout's decisions to the database, one tick at a time.
 
 A tick is ONE write transaction over every running rollout: judge the deploying
-batch (set-based in SQL, store.rollouts.judge_batch, the twin of the pure
+batch (set-based in SQL, store.verdicts.judge_batch, the twin of the pure
 rollout.judge), decide what follows from its tally (rollout.advance, pure), and
 write the decision with a few statements per batch, never one per machine.
 Because everything a tick knows comes from the database and everything it does
@@ -18,7 +18,7 @@ from datetime import datetime
 from nixfleet import rollout
 from nixfleet.controlplane.config import Settings
 from nixfleet.models import BatchStatus, MachineHealth, RolloutStatus, isoformat, utcnow
-from nixfleet.store import Store
+from nixfleet.store import Store, verdicts
 from nixfleet.store import rollouts as store_rollouts
 
 log = logging.getLogger("nixfleet.reconciler")
@@ -138,7 +138,7 @@ def apply_decision(
 def step(conn: sqlite3.Connection, rollout_id: str, now: datetime, hint: int) -> rollout.Decision:
     """Decide and apply the next step of one rollout inside the caller's transaction.
 
-    The deploying batch is judged set-based in SQL (store.rollouts.judge_batch, the
+    The deploying batch is judged set-based in SQL (store.verdicts.judge_batch, the
     twin of rollout.judge); what follows from its tally is rollout.advance, pure.
     """
     view = store_rollouts.load_view(conn, rollout_id)
@@ -147,7 +147,7 @@ def step(conn: sqlite3.Connection, rollout_id: str, now: datetime, hint: int) ->
     deploying = rollout.deploying_batch(view)
     judged, tally = 0, None
     if deploying is not None:
-        judged, tally = store_rollouts.judge_batch(conn, view, deploying, now, ACTOR)
+        judged, tally = verdicts.judge_batch(conn, view, deploying, now, ACTOR)
     decision = rollout.advance(view, tally)
     decision.judged = judged
     apply_decision(conn, view, decision, now, hint)

@@ -353,7 +353,7 @@ def decide(
     `pending` are the facts of the deploying batch's machines without a final
     verdict; `settled` counts the others by verdict, its PENDING entry the machines
     known to stay pending (no report since the batch started, before the timeout).
-    The reconciler judges set-based in SQL instead (store.rollouts.judge_batch, held
+    The reconciler judges set-based in SQL instead (store.verdicts.judge_batch, held
     to `judge` by a table test) and calls `advance` with the resulting tally.
     """
     if rollout.status is not RolloutStatus.RUNNING:

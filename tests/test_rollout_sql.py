@@ -1,4 +1,4 @@
-"""The health gate in SQL (store.rollouts.JUDGE_SQL) agrees with rollout.judge, case by case.
+"""The health gate in SQL (store.verdicts.JUDGE_SQL) agrees with rollout.judge, case by case.
 
 The reconciler judges a 100,000-machine batch in SQL; rollout.judge stays the
 definition. Each case is written as MachineFacts, stored as the machine and
@@ -18,8 +18,7 @@ import pytest
 from nixfleet import rollout
 from nixfleet.models import MachineHealth, isoformat
 from nixfleet.rollout import MachineFacts
-from nixfleet.store import Store
-from nixfleet.store import rollouts as store_rollouts
+from nixfleet.store import Store, verdicts
 
 # Microseconds on purpose: a time on the second is stored without a fraction
 # ("…:00Z"), the trap for comparing the strings.
@@ -154,9 +153,9 @@ def test_sql_verdict_agrees_with_judge(
     _store_case(rollout_store, 0, f)
     v = rollout.judge(f, STARTED, at(now), TIMEOUT, soak)
     changed = v.health is not f.health or v.healthy_since != f.healthy_since
-    params = store_rollouts.judge_params("ro-1", 0, STARTED, at(now), TIMEOUT, soak)
+    params = verdicts.judge_params("ro-1", 0, STARTED, at(now), TIMEOUT, soak)
     with rollout_store.read() as conn:
-        rows = conn.execute(store_rollouts.JUDGE_SQL, params).fetchall()
+        rows = conn.execute(verdicts.JUDGE_SQL, params).fetchall()
     got = [(r["health"], r["reason"], r["healthy_since"]) for r in rows]
     want = [(v.health.value, v.reason if v.health is not P else None, isoformat(v.healthy_since))]
     assert got == (want if changed else []), name
@@ -165,10 +164,10 @@ def test_sql_verdict_agrees_with_judge(
 def test_settled_machines_are_not_judged_again(rollout_store: Store) -> None:
     for i, health in enumerate((H, U)):
         _store_case(rollout_store, i, replace(good(current_generation=OLD), health=health))
-    params = store_rollouts.judge_params("ro-1", 0, STARTED, at(TIMEOUT), TIMEOUT, 0)
+    params = verdicts.judge_params("ro-1", 0, STARTED, at(TIMEOUT), TIMEOUT, 0)
     with rollout_store.read() as conn:
         for batch in (0, 1):
-            rows = conn.execute(store_rollouts.JUDGE_SQL, {**params, "batch": batch}).fetchall()
+            rows = conn.execute(verdicts.JUDGE_SQL, {**params, "batch": batch}).fetchall()
             assert rows == []
 
 
@@ -188,14 +187,12 @@ def test_stored_times_sort_as_times_in_sql(store: Store, times: list[datetime]) 
         ordered = [
             r[0]
             for r in conn.execute(
-                f"SELECT column1 FROM (VALUES {values}) ORDER BY {store_rollouts.ts_key('column1')}",
+                f"SELECT column1 FROM (VALUES {values}) ORDER BY {verdicts.ts_key('column1')}",
                 stored,
             )
         ]
         for t in times:
-            key = store_rollouts.sortable(t)
-            (same,) = conn.execute(
-                f"SELECT {store_rollouts.ts_key('?1')} = ?2", (isoformat(t), key)
-            )
+            key = verdicts.sortable(t)
+            (same,) = conn.execute(f"SELECT {verdicts.ts_key('?1')} = ?2", (isoformat(t), key))
             assert same[0] == 1
     assert ordered == [isoformat(t) for t in sorted(times)]

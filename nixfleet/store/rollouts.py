@@ -11,7 +11,7 @@ import json
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from nixfleet import rollout, schemas
@@ -26,9 +26,9 @@ from nixfleet.models import (
     parse_time,
 )
 from nixfleet.store import audit, releases
+from nixfleet.store.verdicts import FACTS_SQL, facts_of
 
 RELEASE_ID_PREFIX = "rel-"
-AUDIT_SAMPLE = 20  # machines named in an aggregated audit row
 
 
 def source_label(name: str) -> str:
@@ -331,188 +331,6 @@ def load_view(conn: sqlite3.Connection, rollout_id: str) -> rollout.RolloutView:
     )
     spec = rollout.spec_from_document(json.loads(row["document_json"]))
     return rollout.RolloutView(row["id"], row["name"], RolloutStatus(row["status"]), spec, batches)
-
-
-FACTS_SQL = (
-    "SELECT rm.machine_id, rm.store_path, rm.health, rm.healthy_since, m.last_report_at, "
-    "m.current_generation, m.last_success, m.failed_generation, "
-    "json_extract(m.health_json, '$.all_passed'), m.last_message, rm.reason, rm.batch_idx "
-    "FROM rollout_machines rm JOIN machines m ON m.id = rm.machine_id "
-)
-
-
-def facts_of(row: Sequence[Any]) -> rollout.MachineFacts:
-    return rollout.MachineFacts(
-        machine_id=row[0],
-        store_path=row[1],
-        health=MachineHealth(row[2]),
-        healthy_since=parse_time(row[3]),
-        last_report_at=parse_time(row[4]),
-        current_generation=row[5],
-        last_success=None if row[6] is None else bool(row[6]),
-        failed_generation=row[7],
-        health_passed=None if row[8] is None else bool(row[8]),
-        last_message=row[9],
-    )
-
-
-# --- the health gate, set-based -------------------------------------------------------
-
-
-def ts_key(column: str) -> str:
-    """SQL for an RFC 3339 column as a string that sorts like the time it names.
-
-    Every stored time is `models.isoformat` output, UTC with a Z, but that drops the
-    fraction when it is zero: "…:00Z" sorts after "…:00.5Z" ('Z' > '.'). Padding
-    the 20-character form to microseconds makes string order time order, exactly
-    (julianday() would round to milliseconds).
-    """
-    return (
-        f"(CASE WHEN length({column}) = 20 THEN substr({column}, 1, 19) || '.000000Z' "
-        f"ELSE {column} END)"
-    )
-
-
-def sortable(ts: datetime) -> str:
-    """A time in the form `ts_key` compares against."""
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-# rollout.judge for every pending machine of one batch, as one SELECT; returns only
-# the machines whose verdict (health or soak clock) changes. Kept equal to judge()
-# by tests/test_rollout_sql.py on a table of cases; change both together.
-#
-# The inner query classifies each machine once (S silent since the batch started,
-# F agent reported failure, O other generation, H health checks failing, G good);
-# its OFFSET keeps SQLite from flattening it into the outer one, which would
-# re-evaluate the classification (and its JSON parse) at every reference.
-_STATES = f"""
-SELECT rm.machine_id, rm.position, rm.healthy_since AS since0, m.last_message AS msg,
-  CASE WHEN NOT coalesce({ts_key("m.last_report_at")} >= :started, 0) THEN 'S'
-    WHEN m.failed_generation = rm.store_path OR m.last_success = 0 THEN 'F'
-    WHEN m.current_generation IS NOT rm.store_path THEN 'O'
-    WHEN json_extract(m.health_json, '$.all_passed') IS 0 THEN 'H'
-    ELSE 'G' END AS state
-FROM rollout_machines rm JOIN machines m ON m.id = rm.machine_id
-WHERE rm.rollout_id = :rollout AND rm.batch_idx = :batch AND rm.health = 'pending'
-  AND (:timed_out OR rm.healthy_since IS NOT NULL
-       OR {ts_key("m.last_report_at")} >= :started)
-LIMIT -1 OFFSET 0
-"""
-_VERDICTS = f"""
-SELECT machine_id, position, since0,
-  CASE state WHEN 'F' THEN 'unhealthy'
-    WHEN 'G' THEN
-      CASE WHEN {ts_key("coalesce(since0, :now)")} <= :soaked THEN 'healthy' ELSE 'pending' END
-    ELSE CASE WHEN :timed_out THEN 'unhealthy' ELSE 'pending' END END AS health,
-  CASE state
-    WHEN 'F' THEN 'agent reported failure' || CASE WHEN msg <> '' THEN ': ' || msg ELSE '' END
-    WHEN 'G' THEN 'healthy'
-    WHEN 'S' THEN :timed_out_after || 'no report since the batch started)'
-    WHEN 'O' THEN :timed_out_after || 'not yet running the release''s generation)'
-    ELSE :timed_out_after || 'health checks failing)' END AS reason,
-  CASE state WHEN 'G' THEN coalesce(since0, :now) END AS healthy_since
-FROM ({_STATES})
-"""
-JUDGE_SQL = f"""
-SELECT machine_id, position, health, CASE WHEN health <> 'pending' THEN reason END AS reason,
-  healthy_since
-FROM ({_VERDICTS}) WHERE health <> 'pending' OR healthy_since IS NOT since0
-"""
-
-
-def judge_params(
-    rollout_id: str,
-    batch: int,
-    started: datetime,
-    now: datetime,
-    health_timeout: int,
-    soak: int,
-) -> dict[str, Any]:
-    """JUDGE_SQL's parameters: everything judge() derives from the clock, computed once."""
-    return {
-        "rollout": rollout_id,
-        "batch": batch,
-        "started": sortable(started),
-        "now": isoformat(now),
-        "soaked": sortable(now - timedelta(seconds=soak)),
-        "timed_out": int((now - started).total_seconds() >= health_timeout),
-        "timed_out_after": f"timed out after {rollout.format_duration(health_timeout)} (",
-    }
-
-
-def judge_batch(
-    conn: sqlite3.Connection,
-    view: rollout.RolloutView,
-    batch: rollout.BatchView,
-    now: datetime,
-    actor: str,
-) -> tuple[int, rollout.Tally]:
-    """Judge and record the batch's changed verdicts in SQL; return (changed, tally).
-
-    Three statements whatever the batch size, and no Python object per machine: a
-    temp table of the changed verdicts (a quiet tick finds none), an UPDATE from
-    it, and a count by health. Each newly unhealthy machine gets its rollout event
-    (written by INSERT … SELECT); the audit log gets one row per batch and tick.
-    """
-    assert batch.started_at is not None
-    spec = view.spec
-    conn.execute(
-        "CREATE TEMP TABLE IF NOT EXISTS judged (machine_id TEXT NOT NULL, "
-        "position INTEGER NOT NULL, health TEXT NOT NULL, reason TEXT, healthy_since TEXT)"
-    )
-    params = judge_params(
-        view.id, batch.index, batch.started_at, now, spec.health_timeout, spec.soak
-    )
-    changed = conn.execute("INSERT INTO temp.judged " + JUDGE_SQL, params).rowcount
-    if changed:
-        at = isoformat(now)
-        conn.execute(
-            "UPDATE rollout_machines SET health = j.health, reason = j.reason, "
-            "healthy_since = j.healthy_since, "
-            "decided_at = CASE WHEN j.health = 'pending' THEN NULL ELSE ? END "
-            "FROM temp.judged j WHERE rollout_machines.rollout_id = ? "
-            "AND rollout_machines.machine_id = j.machine_id",
-            (at, view.id),
-        )
-        failed = conn.execute(
-            "INSERT INTO rollout_events (rollout_id, at, kind, batch_idx, machine_id, "
-            "detail_json) SELECT ?, ?, 'machine-unhealthy', ?, machine_id, "
-            "json_object('reason', reason) FROM temp.judged WHERE health = 'unhealthy' "
-            "ORDER BY position",
-            (view.id, at, batch.index),
-        ).rowcount
-        if failed:
-            sample = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT machine_id FROM temp.judged WHERE health = 'unhealthy' "
-                    "ORDER BY position LIMIT ?",
-                    (AUDIT_SAMPLE,),
-                )
-            ]
-            detail = {"rollout": view.id, "batch": batch.index, "count": failed}
-            audit.record(
-                conn,
-                actor,
-                "rollout.machine-unhealthy",
-                view.id,
-                now,
-                {**detail, "machines": sample},
-            )
-        conn.execute("DELETE FROM temp.judged")
-    counts = dict(
-        conn.execute(
-            "SELECT health, COUNT(*) FROM rollout_machines WHERE rollout_id = ? AND batch_idx = ? "
-            "GROUP BY health",
-            (view.id, batch.index),
-        ).fetchall()
-    )
-    tally = rollout.Tally(
-        unhealthy=counts.get(MachineHealth.UNHEALTHY.value, 0),
-        waiting=counts.get(MachineHealth.PENDING.value, 0),
-    )
-    return changed, tally
 
 
 def detail(conn: sqlite3.Connection, rollout_id: str, now: datetime) -> dict[str, Any]:
