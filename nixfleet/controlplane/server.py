@@ -88,7 +88,7 @@ def serve(settings: Settings) -> None:
         stop.set()
         # Stop accepting, but keep the trigger: keep-alive connections still hold the loop
         # open, and _close_connections closes them through it once requests are done.
-        wasyncore.dispatcher.close(server)  # type: ignore[arg-type]
+        wasyncore.dispatcher.close(server)
         threading.Thread(target=_close_connections, args=(server,), daemon=True).start()
 
     signal.signal(signal.SIGTERM, _shutdown)
