@@ -41,9 +41,7 @@ def main() -> None:
     app = falcon.App()
     app.add_route("/health", Health())
     app.add_route("/api/v1/machines/{machine_id}/report", Report())
-    server = create_server(
-        app, host=host, port=int(port), threads=args.threads, **SERVER_OPTIONS
-    )
+    server = create_server(app, host=host, port=int(port), threads=args.threads, **SERVER_OPTIONS)
     server.run()
 
 

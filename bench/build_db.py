@@ -59,8 +59,7 @@ def _machines(n: int, now: datetime) -> Iterator[tuple[Any, ...]]:
     for i in range(n):
         life = lifecycle(i)
         if life == "pending":
-            yield (fleet.hostname(i), life, registered, *([None] * 7), "unknown",
-                   *([None] * 7))
+            yield (fleet.hostname(i), life, registered, *([None] * 7), "unknown", *([None] * 7))
             continue
         # 2 % went quiet (stale), the rest reported within the last minute.
         age = 3600 + i % 600 if i % 50 == 0 else i % 60
@@ -71,10 +70,24 @@ def _machines(n: int, now: datetime) -> Iterator[tuple[Any, ...]]:
         else:
             desired, source = None, None
         yield (
-            fleet.hostname(i), life, registered, fleet.current_generation(i), desired,
-            "https://cache.example" if desired else None, source,
-            registered if desired else None, isoformat(now - timedelta(seconds=age)),
-            "0.1.0", "ok", 1, "running", None, REPORT_HEALTH, 86_400 + i, None, None,
+            fleet.hostname(i),
+            life,
+            registered,
+            fleet.current_generation(i),
+            desired,
+            "https://cache.example" if desired else None,
+            source,
+            registered if desired else None,
+            isoformat(now - timedelta(seconds=age)),
+            "0.1.0",
+            "ok",
+            1,
+            "running",
+            None,
+            REPORT_HEALTH,
+            86_400 + i,
+            None,
+            None,
         )
 
 
@@ -103,8 +116,17 @@ def _reports(n: int, per_machine: int, now: datetime) -> Iterator[tuple[Any, ...
             if not reporting(i):
                 continue
             at = isoformat(now - timedelta(seconds=60 * k + i % 60))
-            yield (fleet.hostname(i), at, fleet.current_generation(i), 1, "running", None,
-                   REPORT_HEALTH, "0.1.0", 86_400 + i)
+            yield (
+                fleet.hostname(i),
+                at,
+                fleet.current_generation(i),
+                1,
+                "running",
+                None,
+                REPORT_HEALTH,
+                "0.1.0",
+                86_400 + i,
+            )
 
 
 def build(path: Path, machines: int, reports_per_machine: int, quiet: bool = False) -> str:

@@ -19,8 +19,13 @@ HEALTH = {
     "all_passed": True,
     "results": [
         {"name": "system", "kind": "system", "passed": True, "duration_ms": 3, "message": ""},
-        {"name": "nginx.service", "kind": "systemd", "passed": True, "duration_ms": 2,
-         "message": "active"},
+        {
+            "name": "nginx.service",
+            "kind": "systemd",
+            "passed": True,
+            "duration_ms": 2,
+            "message": "active",
+        },
     ],
 }
 

@@ -126,9 +126,9 @@ def run(
     per_conn = max(1, max_requests // conns)
     # Each connection gets a disjoint slice of machines; `offset` rotates the fleet so
     # successive runs report from machines that did not report in the previous run.
-    rotated = machines[offset % len(machines):] + machines[: offset % len(machines)]
+    rotated = machines[offset % len(machines) :] + machines[: offset % len(machines)]
     take = min(len(rotated), per_conn * conns)
-    slices = [rotated[c:take:conns] or rotated[c % len(rotated)::conns][:1] for c in range(conns)]
+    slices = [rotated[c:take:conns] or rotated[c % len(rotated) :: conns][:1] for c in range(conns)]
     prep_time = 0.5 + 0.00004 * take  # time to build bodies and tokens in the workers
     start_at = time.time() + prep_time
     stop_at = start_at + duration
@@ -137,7 +137,14 @@ def run(
     procs = [
         ctx.Process(
             target=_process,
-            args=(port, slices[p * threads:(p + 1) * threads], start_at, stop_at, per_conn, queue),
+            args=(
+                port,
+                slices[p * threads : (p + 1) * threads],
+                start_at,
+                stop_at,
+                per_conn,
+                queue,
+            ),
         )
         for p in range(processes)
     ]

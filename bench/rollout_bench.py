@@ -75,9 +75,12 @@ def run(db: Path, machines: int, runs: int) -> dict[str, Any]:
         reconciler.tick(store, 5, later + timedelta(seconds=10))
         results["settle"].append(time.perf_counter() - t0)
         store.close()
-        print(f"  tick   apply {apply_s * 1000:.0f} ms, start {results['start'][-1] * 1000:.0f} "
-              f"ms, wait {results['wait'][-1] * 1000:.0f} ms, settle "
-              f"{results['settle'][-1] * 1000:.0f} ms", file=sys.stderr)
+        print(
+            f"  tick   apply {apply_s * 1000:.0f} ms, start {results['start'][-1] * 1000:.0f} "
+            f"ms, wait {results['wait'][-1] * 1000:.0f} ms, settle "
+            f"{results['settle'][-1] * 1000:.0f} ms",
+            file=sys.stderr,
+        )
     med = {k: sorted(v)[len(v) // 2] for k, v in results.items()}
     out: dict[str, Any] = {"available": True, "seconds": max(med.values())}
     out.update({f"{k}_s": v for k, v in med.items()})

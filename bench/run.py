@@ -62,7 +62,10 @@ class Server:
         self.port = port
         self.log = log
         self.proc = subprocess.Popen(
-            args, stdout=log.open("ab"), stderr=subprocess.STDOUT, cwd=ROOT,
+            args,
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
         deadline = time.monotonic() + 60
@@ -154,14 +157,19 @@ def bench_report(
                     "client_cpu_us_per_req": res.client_cpu_s / max(res.requests, 1) * 1e6,
                 }
             )
-            print(f"  run {run} {name:6s} {res.rps:8.0f} req/s  p50 {res.p50_ms:6.2f} ms  "
-                  f"p99 {res.p99_ms:6.2f} ms  errors {res.errors}  "
-                  f"server {rows[-1]['server_cpu_us_per_req']:.0f} us/req", file=sys.stderr)
+            print(
+                f"  run {run} {name:6s} {res.rps:8.0f} req/s  p50 {res.p50_ms:6.2f} ms  "
+                f"p99 {res.p99_ms:6.2f} ms  errors {res.errors}  "
+                f"server {rows[-1]['server_cpu_us_per_req']:.0f} us/req",
+                file=sys.stderr,
+            )
     out: dict[str, Any] = {"runs": rows}
     for name in ("bare", "report"):
         sel = [r for r in rows if r["target"] == name]
-        out[name] = {k: median([r[k] for r in sel]) for k in (
-            "rps", "p50_ms", "p99_ms", "server_cpu_us_per_req", "client_cpu_us_per_req")}
+        out[name] = {
+            k: median([r[k] for r in sel])
+            for k in ("rps", "p50_ms", "p99_ms", "server_cpu_us_per_req", "client_cpu_us_per_req")
+        }
     ratios = [
         r["rps"] / b["rps"]
         for b, r in zip(
@@ -193,14 +201,22 @@ def bench_status(cp: Server, key: str, runs: int, machines: int) -> dict[str, An
 
 def bench_cli(cp: Server, key: str, runs: int) -> dict[str, Any]:
     times = []
-    cmd = [sys.executable, "-m", "nixfleet.cli", "--control-plane-url",
-           f"http://127.0.0.1:{cp.port}", "status", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "nixfleet.cli",
+        "--control-plane-url",
+        f"http://127.0.0.1:{cp.port}",
+        "status",
+        "--json",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NIXFLEET_API_KEY": key}
     for _ in range(runs):
         with tempfile.TemporaryFile() as out:
             seconds, proc = timed(
-                lambda out=out: subprocess.run(cmd, stdout=out, stderr=subprocess.PIPE,
-                                               env=env, check=False)
+                lambda out=out: subprocess.run(
+                    cmd, stdout=out, stderr=subprocess.PIPE, env=env, check=False
+                )
             )
             if proc.returncode != 0:
                 raise RuntimeError(f"nixfleet status failed: {proc.stderr.decode()[-500:]}")
@@ -260,14 +276,31 @@ def run_size(machines: int, args: argparse.Namespace, workdir: Path) -> dict[str
     result: dict[str, Any] = {"machines": machines}
     cp_port, bare_port = free_port(), free_port()
     cp = Server(
-        [sys.executable, "-m", "nixfleet.controlplane.main", "--log-level", "warning",
-         "--db", str(db), "--listen", f"127.0.0.1:{cp_port}"],
-        cp_port, workdir / "cp.log",
+        [
+            sys.executable,
+            "-m",
+            "nixfleet.controlplane.main",
+            "--log-level",
+            "warning",
+            "--db",
+            str(db),
+            "--listen",
+            f"127.0.0.1:{cp_port}",
+        ],
+        cp_port,
+        workdir / "cp.log",
     )
     bare = Server(
-        [sys.executable, str(BENCH / "bare_server.py"), "--listen", f"127.0.0.1:{bare_port}",
-         "--threads", str(THREADS)],
-        bare_port, workdir / "bare.log",
+        [
+            sys.executable,
+            str(BENCH / "bare_server.py"),
+            "--listen",
+            f"127.0.0.1:{bare_port}",
+            "--threads",
+            str(THREADS),
+        ],
+        bare_port,
+        workdir / "bare.log",
     )
     try:
         if "report" in args.only:
@@ -301,21 +334,30 @@ def table(results: list[dict[str, Any]]) -> str:
         n = f"{r['machines']:,}"
         if "report" in r:
             rep = r["report"]
-            lines.append(f"| {n} | bare Falcon/waitress req/s (p50 / p99 ms) | "
-                         f"{rep['bare']['rps']:.0f} ({rep['bare']['p50_ms']:.2f} / "
-                         f"{rep['bare']['p99_ms']:.2f}) | |")
-            lines.append(f"| {n} | report req/s (p50 / p99 ms) | {rep['report']['rps']:.0f} "
-                         f"({rep['report']['p50_ms']:.2f} / {rep['report']['p99_ms']:.2f}) | |")
+            lines.append(
+                f"| {n} | bare Falcon/waitress req/s (p50 / p99 ms) | "
+                f"{rep['bare']['rps']:.0f} ({rep['bare']['p50_ms']:.2f} / "
+                f"{rep['bare']['p99_ms']:.2f}) | |"
+            )
+            lines.append(
+                f"| {n} | report req/s (p50 / p99 ms) | {rep['report']['rps']:.0f} "
+                f"({rep['report']['p50_ms']:.2f} / {rep['report']['p99_ms']:.2f}) | |"
+            )
             lines.append(f"| {n} | report / bare | {rep['ratio'] * 100:.0f} % | ≥ 80 % |")
-            lines.append(f"| {n} | server CPU per request, bare / report | "
-                         f"{rep['bare']['server_cpu_us_per_req']:.0f} / "
-                         f"{rep['report']['server_cpu_us_per_req']:.0f} µs | |")
+            lines.append(
+                f"| {n} | server CPU per request, bare / report | "
+                f"{rep['bare']['server_cpu_us_per_req']:.0f} / "
+                f"{rep['report']['server_cpu_us_per_req']:.0f} µs | |"
+            )
         if "status" in r:
-            lines.append(f"| {n} | GET /api/v1/status | {r['status']['seconds'] * 1000:.0f} ms "
-                         f"({r['status']['bytes'] / 2**20:.1f} MiB) | < 1 s |")
+            lines.append(
+                f"| {n} | GET /api/v1/status | {r['status']['seconds'] * 1000:.0f} ms "
+                f"({r['status']['bytes'] / 2**20:.1f} MiB) | < 1 s |"
+            )
         if "cli" in r:
-            lines.append(f"| {n} | nixfleet status --json | {r['cli']['seconds'] * 1000:.0f} ms"
-                         " | < 2 s |")
+            lines.append(
+                f"| {n} | nixfleet status --json | {r['cli']['seconds'] * 1000:.0f} ms | < 2 s |"
+            )
         tick = r.get("tick")
         if tick and tick.get("available"):
             lines.append(f"| {n} | reconciler tick | {tick['seconds'] * 1000:.0f} ms | < 250 ms |")
@@ -323,15 +365,19 @@ def table(results: list[dict[str, Any]]) -> str:
             lines.append(f"| {n} | reconciler tick | pending: {tick['reason']} | < 250 ms |")
         st = r.get("storage")
         if st:
-            lines.append(f"| {n} | database at retention bound ({st['retention']} reports/machine)"
-                         f" | {st['extrapolated_mib']:,.0f} MiB (measured "
-                         f"{st['db_mib']:.0f} MiB at "
-                         f"{st['measured_machines']:,} machines; +{st['growth_mib']:.1f} MiB after "
-                         f"{st['extra_reports']:,} more reports) | bounded |")
+            lines.append(
+                f"| {n} | database at retention bound ({st['retention']} reports/machine)"
+                f" | {st['extrapolated_mib']:,.0f} MiB (measured "
+                f"{st['db_mib']:.0f} MiB at "
+                f"{st['measured_machines']:,} machines; +{st['growth_mib']:.1f} MiB after "
+                f"{st['extra_reports']:,} more reports) | bounded |"
+            )
         ag = r.get("agent")
         if ag:
-            lines.append(f"| {n} | agent idle RSS / CPU per poll | {ag['rss_mib']:.1f} MiB / "
-                         f"{ag['cpu_ms_per_poll']:.1f} ms | |")
+            lines.append(
+                f"| {n} | agent idle RSS / CPU per poll | {ag['rss_mib']:.1f} MiB / "
+                f"{ag['cpu_ms_per_poll']:.1f} ms | |"
+            )
         if "cp_rss_mib" in r:
             rss = r["cp_rss_mib"]
             lines.append(f"| {n} | control-plane RSS after the runs | {rss:.0f} MiB | |")
@@ -351,7 +397,9 @@ def main() -> None:
     parser.add_argument("--load-threads", type=int, default=4)
     parser.add_argument("--agent-polls", type=int, default=20)
     parser.add_argument(
-        "--storage-machines", type=int, default=10_000,
+        "--storage-machines",
+        type=int,
+        default=10_000,
         help="fleet size for the retention-bound fill (extrapolated linearly to --machines)",
     )
     parser.add_argument("--workdir", type=Path, default=None)
@@ -372,8 +420,10 @@ def main() -> None:
         old = json.loads(path.read_text()) if path.exists() else {}
         new = {**old, "at": stamp, "machine": info, **{k: v for k, v in r.items()}}
         new.setdefault("args", {})
-        new["args"] = {**(new["args"] if isinstance(new["args"], dict) else {}),
-                       **{phase: sys.argv[1:] for phase in r if phase in PHASES}}
+        new["args"] = {
+            **(new["args"] if isinstance(new["args"], dict) else {}),
+            **{phase: sys.argv[1:] for phase in r if phase in PHASES},
+        }
         path.write_text(json.dumps(new, indent=2) + "\n")
     print(table(results))
 

@@ -27,9 +27,12 @@ from nixfleet.store import machines as store_machines
 
 
 def _size(path: Path) -> float:
-    return sum(
-        Path(str(path) + s).stat().st_size for s in ("", "-wal") if Path(str(path) + s).exists()
-    ) / 2**20
+    return (
+        sum(
+            Path(str(path) + s).stat().st_size for s in ("", "-wal") if Path(str(path) + s).exists()
+        )
+        / 2**20
+    )
 
 
 def run(machines: int, retention: int, workdir: Path, extra: int = 20_000) -> dict[str, Any]:
@@ -71,6 +74,9 @@ def run(machines: int, retention: int, workdir: Path, extra: int = 20_000) -> di
         "seconds": time.perf_counter() - t0,
     }
     db.unlink()
-    print(f"  storage {full:.0f} MiB at {rows:,} rows; +{after - full:.1f} MiB after {extra:,} "
-          f"more reports ({rows_after:,} rows)", file=sys.stderr)
+    print(
+        f"  storage {full:.0f} MiB at {rows:,} rows; +{after - full:.1f} MiB after {extra:,} "
+        f"more reports ({rows_after:,} rows)",
+        file=sys.stderr,
+    )
     return out

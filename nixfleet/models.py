@@ -116,6 +116,22 @@ class HealthResult:
     all_passed: bool
     results: tuple[HealthCheckResult, ...] = ()
 
+    def to_dict(self) -> dict[str, Any]:
+        """The DESIGN §4 wire shape (the inverse of from_dict)."""
+        return {
+            "all_passed": self.all_passed,
+            "results": [
+                {
+                    "name": r.name,
+                    "kind": r.kind,
+                    "passed": r.passed,
+                    "duration_ms": r.duration_ms,
+                    "message": r.message,
+                }
+                for r in self.results
+            ],
+        }
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HealthResult:
         return cls(

@@ -64,8 +64,20 @@ Check = Callable[[Any], bool]
 
 # Keywords without effect on validity here (format is an annotation: format_checker=None).
 _ANNOTATIONS = frozenset(
-    {"$schema", "$id", "$defs", "$comment", "title", "description", "default", "examples",
-     "format", "deprecated", "readOnly", "writeOnly"}
+    {
+        "$schema",
+        "$id",
+        "$defs",
+        "$comment",
+        "title",
+        "description",
+        "default",
+        "examples",
+        "format",
+        "deprecated",
+        "readOnly",
+        "writeOnly",
+    }
 )
 _TYPES: dict[str, Check] = {
     "object": lambda x: type(x) is dict,
@@ -133,8 +145,7 @@ def _keyword(key: str, value: Any, schema: dict[str, Any], resolver: Any) -> Che
     if key == "pattern":
         search = re.compile(value).search
         return lambda x: type(x) is not str or search(x) is not None
-    if key in ("minLength", "maxLength", "minItems", "maxItems", "minProperties",
-               "maxProperties"):
+    if key in ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties"):
         kind = {"L": str, "I": list, "P": dict}[key[3]]
         n = int(value)
         if key.startswith("min"):
@@ -153,8 +164,8 @@ def _keyword(key: str, value: Any, schema: dict[str, Any], resolver: Any) -> Che
         if not value:
             return lambda x: True
         # Only strings are certain: jsonschema's equality treats 1, 1.0 and True specially.
-        return lambda x: type(x) is not list or (
-            all(type(i) is str for i in x) and len(set(x)) == len(x)
+        return lambda x: (
+            type(x) is not list or (all(type(i) is str for i in x) and len(set(x)) == len(x))
         )
     if key == "items":
         item = _compile(value, resolver)

@@ -155,3 +155,25 @@ def test_a_failed_transaction_writes_nothing(store: Store) -> None:
         machines.set_lifecycle(conn, "a", Lifecycle.MAINTENANCE)  # invalid from pending
     with store.read() as conn:
         assert machines.get(conn, "a").tags == ()
+
+
+def test_reports_take_the_same_path_whatever_the_lifecycle(store: Store) -> None:
+    """The one-statement path (active, maintenance) and the general one agree."""
+    for name in ("act", "mnt"):
+        register(store, name, [])
+    with store.transaction() as conn:
+        machines.record_report(conn, report("act", tags=("a",)), 3)  # pending -> active
+        machines.record_report(conn, report("mnt", tags=("a",)), 3)
+        machines.set_lifecycle(conn, "mnt", Lifecycle.MAINTENANCE)
+        machines.set_desired(conn, "mnt", GEN_B, "https://cache", "operator", utcnow())
+    with store.transaction() as conn:
+        for i in range(5):
+            row, promoted = machines.record_report(
+                conn, report("mnt", message=f"m{i}", tags=("b", "a") if i else ("a",)), 3
+            )
+            assert promoted is None
+            assert (row["desired_generation"], row["desired_cache_url"]) == (GEN_B, "https://cache")
+        m = machines.get(conn, "mnt", recent=10)
+    assert m.lifecycle is Lifecycle.MAINTENANCE and m.agent_tags == ("a", "b")
+    assert [r.message for r in m.recent_reports] == ["m4", "m3", "m2"]
+    assert m.last_message == "m4"

@@ -14,7 +14,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from typing import Any
 
 from nixfleet import process
 from nixfleet.agent.config import AgentConfig, CommandCheck, HealthChecks, HttpCheck
@@ -112,23 +111,6 @@ def run_checks(checks: HealthChecks, *, systemd_available: bool) -> HealthResult
 
 def run_configured(config: AgentConfig) -> HealthResult:
     return run_checks(config.health_checks, systemd_available=config.use_systemd_run)
-
-
-def to_dict(health: HealthResult) -> dict[str, Any]:
-    """DESIGN §4 wire shape."""
-    return {
-        "all_passed": health.all_passed,
-        "results": [
-            {
-                "name": r.name,
-                "kind": r.kind,
-                "passed": r.passed,
-                "duration_ms": r.duration_ms,
-                "message": r.message,
-            }
-            for r in health.results
-        ],
-    }
 
 
 def failures(health: HealthResult) -> str:

@@ -166,7 +166,7 @@ class Agent:
             "uptime_seconds": self.uptime(),
         }
         if health is not None:
-            body["health"] = healthmod.to_dict(health)
+            body["health"] = health.to_dict()
         failed, message = self._failure_for(state, current)
         if failed is not None:
             body.update(success=False, message=message, attempted_generation=failed)

@@ -57,12 +57,7 @@ def report_json(r: Report) -> dict[str, Any]:
         "success": r.success,
         "message": r.message,
         "attempted_generation": r.attempted_generation,
-        "health": None
-        if r.health is None
-        else {
-            "all_passed": r.health.all_passed,
-            "results": [vars(x) for x in r.health.results],
-        },
+        "health": None if r.health is None else r.health.to_dict(),
         "agent_version": r.agent_version,
         "uptime_seconds": r.uptime_seconds,
     }
@@ -143,11 +138,7 @@ class MachineItem:
         with self.ctx.store.read() as conn:
             m = machines.get(conn, machine_id, recent=20)
         out = machine_json(m, now, self.ctx.settings.stale_after)
-        out["health"] = (
-            None
-            if m.health is None
-            else {"all_passed": m.health.all_passed, "results": [vars(r) for r in m.health.results]}
-        )
+        out["health"] = None if m.health is None else m.health.to_dict()
         out["recent_reports"] = [report_json(r) for r in m.recent_reports]
         resp.media = out
 

@@ -249,7 +249,7 @@ def record_report(
             "Stop its agent, or register it again under a new id"
         )
     promoted = lifecycle if lifecycle in (Lifecycle.PENDING, Lifecycle.PROVISIONING) else None
-    health = json.dumps(_health_dict(report.health)) if report.health is not None else None
+    health = json.dumps(report.health.to_dict()) if report.health is not None else None
     at = isoformat(report.received_at)
     conn.execute(
         "UPDATE machines SET current_generation = ?, last_report_at = ?, "
@@ -279,24 +279,6 @@ def record_report(
         set_tags(conn, report.machine_id, report.tags, "agent", replace=True)
     reports.append(conn, report, health, retention)
     return row, promoted
-
-
-def _health_dict(health: HealthResult | None) -> dict[str, object] | None:
-    if health is None:
-        return None
-    return {
-        "all_passed": health.all_passed,
-        "results": [
-            {
-                "name": r.name,
-                "kind": r.kind,
-                "passed": r.passed,
-                "duration_ms": r.duration_ms,
-                "message": r.message,
-            }
-            for r in health.results
-        ],
-    }
 
 
 def count(conn: sqlite3.Connection) -> int:

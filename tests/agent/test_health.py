@@ -66,7 +66,7 @@ def test_run_checks_runs_all_and_shapes_results(web: str) -> None:
     )
     result = health.run_checks(checks, systemd_available=False)
     assert not result.all_passed
-    doc = health.to_dict(result)
+    doc = result.to_dict()
     assert [(r["name"], r["kind"], r["passed"]) for r in doc["results"]] == [
         ("site", "http", True),
         ("ok", "command", True),
