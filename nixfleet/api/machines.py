@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -61,6 +63,30 @@ def report_json(r: Report) -> dict[str, Any]:
         "agent_version": r.agent_version,
         "uptime_seconds": r.uptime_seconds,
     }
+
+
+Change = Callable[[sqlite3.Connection, Machine, datetime], dict[str, Any]]
+
+
+def mutate(
+    ctx: Context,
+    req: falcon.Request,
+    resp: falcon.Response,
+    machine_id: str,
+    action: str,
+    change: Change,
+) -> None:
+    """One machine mutation: one transaction, one audit row, the machine as the answer.
+
+    change(conn, machine_before, now) writes and returns the audit detail; the
+    machine is read first, so an unknown id is a 404 before anything is written.
+    """
+    now = utcnow()
+    with ctx.store.transaction() as conn:
+        detail = change(conn, machines.get(conn, machine_id), now)
+        audit.record(conn, req.context.actor.label, action, machine_id, now, detail)
+        after = machines.get(conn, machine_id)
+    resp.media = machine_json(after, now, ctx.settings.stale_after)
 
 
 def _lifecycle_param(value: str | None) -> str | None:
@@ -155,21 +181,14 @@ class MachineLifecycle:
         validate_hostname(machine_id)
         doc = read_document(req, "machine-lifecycle", self.ctx.limit, "lifecycle change")
         target = Lifecycle(doc["lifecycle"])
-        now = utcnow()
-        with self.ctx.store.transaction() as conn:
+
+        def change(conn: sqlite3.Connection, before: Machine, now: datetime) -> dict[str, Any]:
             previous = machines.set_lifecycle(conn, machine_id, target)
             if target is Lifecycle.DECOMMISSIONED:
                 credentials.revoke_token(conn, machine_id)
-            audit.record(
-                conn,
-                req.context.actor.label,
-                "machine.lifecycle",
-                machine_id,
-                now,
-                {"from": previous.value, "to": target.value},
-            )
-            m = machines.get(conn, machine_id)
-        resp.media = machine_json(m, now, self.ctx.settings.stale_after)
+            return {"from": previous.value, "to": target.value}
+
+        mutate(self.ctx, req, resp, machine_id, "machine.lifecycle", change)
 
 
 class MachineTags:
@@ -183,24 +202,16 @@ class MachineTags:
         self, req: falcon.Request, resp: falcon.Response, machine_id: str, add: bool
     ) -> None:
         validate_hostname(machine_id)
-        doc = read_document(req, "machine-tags", self.ctx.limit, "tags")
-        now = utcnow()
-        with self.ctx.store.transaction() as conn:
-            machines.get(conn, machine_id)  # 404 before writing anything
+        tags = read_document(req, "machine-tags", self.ctx.limit, "tags")["tags"]
+
+        def change(conn: sqlite3.Connection, before: Machine, now: datetime) -> dict[str, Any]:
             if add:
-                machines.set_tags(conn, machine_id, doc["tags"], "operator", replace=False)
+                machines.set_tags(conn, machine_id, tags, "operator", replace=False)
             else:
-                machines.remove_tags(conn, machine_id, doc["tags"])
-            audit.record(
-                conn,
-                req.context.actor.label,
-                "machine.tag" if add else "machine.untag",
-                machine_id,
-                now,
-                {"tags": doc["tags"]},
-            )
-            m = machines.get(conn, machine_id)
-        resp.media = machine_json(m, now, self.ctx.settings.stale_after)
+                machines.remove_tags(conn, machine_id, tags)
+            return {"tags": tags}
+
+        mutate(self.ctx, req, resp, machine_id, "machine.tag" if add else "machine.untag", change)
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, machine_id: str) -> None:
         """Add operator tags."""
@@ -258,20 +269,12 @@ class DesiredGeneration:
         cache_url: str | None,
         source: str | None,
     ) -> None:
-        now = utcnow()
-        with self.ctx.store.transaction() as conn:
-            before = machines.get(conn, machine_id)
+        def change(conn: sqlite3.Connection, before: Machine, now: datetime) -> dict[str, Any]:
             machines.set_desired(conn, machine_id, path, cache_url, source, now)
-            audit.record(
-                conn,
-                req.context.actor.label,
-                "machine.set-desired" if path else "machine.clear-desired",
-                machine_id,
-                now,
-                {"from": before.desired_generation, "to": path, "cache_url": cache_url},
-            )
-            m = machines.get(conn, machine_id)
-        resp.media = machine_json(m, now, self.ctx.settings.stale_after)
+            return {"from": before.desired_generation, "to": path, "cache_url": cache_url}
+
+        action = "machine.set-desired" if path else "machine.clear-desired"
+        mutate(self.ctx, req, resp, machine_id, action, change)
 
 
 class MachineRetry:
@@ -283,20 +286,12 @@ class MachineRetry:
     def on_post(self, req: falcon.Request, resp: falcon.Response, machine_id: str) -> None:
         """Ask the agent to retry a desired generation that failed on it."""
         validate_hostname(machine_id)
-        now = utcnow()
-        with self.ctx.store.transaction() as conn:
-            before = machines.get(conn, machine_id)
+
+        def change(conn: sqlite3.Connection, before: Machine, now: datetime) -> dict[str, Any]:
             machines.request_retry(conn, machine_id, now)
-            audit.record(
-                conn,
-                req.context.actor.label,
-                "machine.retry",
-                machine_id,
-                now,
-                {"failed_generation": before.failed_generation},
-            )
-            m = machines.get(conn, machine_id)
-        resp.media = machine_json(m, now, self.ctx.settings.stale_after)
+            return {"failed_generation": before.failed_generation}
+
+        mutate(self.ctx, req, resp, machine_id, "machine.retry", change)
 
 
 class MachineReport:
