@@ -33,9 +33,9 @@ Entry = tuple[str, click.Command, click.Context]
 
 def walk(name: str, command: click.Command, parent: click.Context | None = None) -> list[Entry]:
     """Every command under `command`, depth first, with its full name."""
-    ctx = click.Context(
-        command, info_name=name, parent=parent, terminal_width=100, max_content_width=100
-    )
+    # The command's own context_settings (e.g. -h as a help option), as when it runs.
+    settings = {"terminal_width": 100, "max_content_width": 100, **command.context_settings}
+    ctx = click.Context(command, info_name=name, parent=parent, **settings)
     found = [(ctx.command_path, command, ctx)]
     if isinstance(command, click.Group):
         for sub in sorted(command.list_commands(ctx)):
