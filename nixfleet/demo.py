@@ -279,7 +279,7 @@ class Demo:
 
     def start_agents(self, public_key: str) -> None:
         client = Client(self.cp_url, self.admin_key)
-        for host in self.hosts:
+        for i, host in enumerate(self.hosts):
             d = self.machine_dir(host)
             token = client.post("/api/v1/machines", {"id": host, "tags": [], "issue_token": True})[
                 "token"
@@ -291,7 +291,9 @@ class Demo:
                 "control_plane_url": self.cp_url,
                 "machine_id": host,
                 "token_file": str(d / "token"),
-                "tags": ["demo"],
+                # What services.nixfleet-agent.tags says in the flake: baked into the
+                # system, reported on every poll.
+                "tags": ["demo", "canary" if i == 0 else "web"],
                 "poll_interval": 2,
                 "trusted_public_keys": [public_key],
                 "profile": str(d / "profiles" / "system"),
