@@ -57,10 +57,11 @@ def _start_batch(
     conn.execute(
         "UPDATE machines SET desired_generation = (SELECT rm.store_path FROM rollout_machines rm "
         "WHERE rm.rollout_id = ? AND rm.machine_id = machines.id), desired_cache_url = ?, "
-        "desired_source = ?, desired_set_at = ?, poll_hint = ? WHERE id IN "
+        "desired_source = ?, desired_set_at = ? WHERE id IN "
         "(SELECT machine_id FROM rollout_machines WHERE rollout_id = ? AND batch_idx = ?)",
-        (view.id, cache_url, store_rollouts.source_label(view.name), at, hint, view.id, batch),
+        (view.id, cache_url, store_rollouts.source_label(view.name), at, view.id, batch),
     )
+    store_rollouts.set_poll_hint(conn, view.id, hint)  # one row: the report path reads it
     conn.execute(
         "UPDATE rollout_batches SET started_at = ?, finished_at = NULL "
         "WHERE rollout_id = ? AND idx = ?",

@@ -177,3 +177,28 @@ def test_reports_take_the_same_path_whatever_the_lifecycle(store: Store) -> None
     assert m.lifecycle is Lifecycle.MAINTENANCE and m.agent_tags == ("a", "b")
     assert [r.message for r in m.recent_reports] == ["m4", "m3", "m2"]
     assert m.last_message == "m4"
+
+
+def test_checkpoint_job_keeps_the_wal_bounded(tmp_path: Path) -> None:
+    """Commits never checkpoint; the background job does, and the WAL stays small."""
+    from nixfleet.controlplane import background
+    from nixfleet.controlplane.config import Settings
+    from nixfleet.store.db import WAL_SIZE_LIMIT
+
+    path = tmp_path / "fleet.db"
+    store = Store(path)
+    wal = Path(str(path) + "-wal")
+    blob = "x" * 4000
+    for i in range(3000):  # ~3,000 pages: automatic checkpoints would have run
+        with store.transaction() as conn:
+            machines.register(conn, f"m-{i:05d}", [], Lifecycle.ACTIVE, utcnow())
+            conn.execute("UPDATE machines SET last_message = ? WHERE id = ?", (blob, f"m-{i:05d}"))
+    assert wal.stat().st_size > 3000 * 4096  # nothing was checkpointed inside a commit
+    background.checkpoint(Settings(), store)
+    with store.transaction() as conn:  # the next commit starts the WAL over
+        machines.request_retry(conn, "m-00000", utcnow())
+    assert wal.stat().st_size <= WAL_SIZE_LIMIT
+    store.close()
+    reopened = Store(path)
+    assert machines.count(reopened.connection()) == 3000
+    reopened.close()

@@ -233,9 +233,13 @@ def record_report(
     Returns the machine's desired-generation row and, when the report moved the
     machine out of pending/provisioning, the state it left.
     """
+    # The poll hint is the running rollout's (store.rollouts.set_poll_hint), found
+    # through rollout_machines_machine; a machine is in at most one active rollout.
     row = conn.execute(
         "SELECT lifecycle, desired_generation, desired_cache_url, desired_source, "
-        "retry_requested_at, poll_hint FROM machines WHERE id = ?",
+        "retry_requested_at, (SELECT r.poll_hint FROM rollout_machines rm "
+        "JOIN rollouts r ON r.id = rm.rollout_id WHERE rm.machine_id = machines.id "
+        "AND r.status = 'running' LIMIT 1) AS poll_hint FROM machines WHERE id = ?",
         (report.machine_id,),
     ).fetchone()
     if row is None:

@@ -219,13 +219,10 @@ def apply(
 def set_poll_hint(conn: sqlite3.Connection, rollout_id: str, hint: int | None) -> None:
     """Short polls while a rollout runs; NULL (the agent's own interval) otherwise.
 
-    Rows that already carry the hint are not rewritten (each is a dirty page).
+    One row: the report path reads the hint of the running rollout a machine is in
+    (machines.record_report), so no machine row is written here.
     """
-    conn.execute(
-        "UPDATE machines SET poll_hint = ? WHERE id IN "
-        "(SELECT machine_id FROM rollout_machines WHERE rollout_id = ?) AND poll_hint IS NOT ?",
-        (hint, rollout_id, hint),
-    )
+    conn.execute("UPDATE rollouts SET poll_hint = ? WHERE id = ?", (hint, rollout_id))
 
 
 def add_events(
