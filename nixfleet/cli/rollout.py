@@ -114,6 +114,16 @@ def rollout() -> None:
     """
 
 
+rollout_file = click.option(
+    "-f",
+    "--file",
+    "file",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Rollout file (YAML or JSON).",
+)
+
+
 @rollout.command()
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 def validate(file: Path) -> None:
@@ -129,14 +139,7 @@ def validate(file: Path) -> None:
 
 
 @rollout.command()
-@click.option(
-    "-f",
-    "--file",
-    "file",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Rollout file (YAML or JSON).",
-)
+@rollout_file
 @click.option("--json", "json_", is_flag=True, help="JSON output.")
 @pass_state
 def plan(state: State, file: Path, json_: bool) -> None:
@@ -172,14 +175,7 @@ def submit(state: State, doc: dict[str, Any], json_: bool, wait: bool, interval:
 
 
 @rollout.command()
-@click.option(
-    "-f",
-    "--file",
-    "file",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Rollout file (YAML or JSON).",
-)
+@rollout_file
 @click.option("--wait", is_flag=True, help="Follow until completed (exit 0) or halted (exit 8).")
 @click.option("--interval", default=2.0, show_default=True, help="Seconds between polls.")
 @click.option("--json", "json_", is_flag=True, help="JSON output.")
