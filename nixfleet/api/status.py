@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
-from typing import Any
 
 import falcon
 
@@ -14,34 +12,6 @@ from nixfleet.api.context import Context
 from nixfleet.api.machines import tag_params
 from nixfleet.models import Lifecycle, Sync, isoformat, utcnow
 from nixfleet.store import machines
-
-STATUS_FIELDS = (
-    "id",
-    "lifecycle",
-    "current_generation",
-    "desired_generation",
-    "sync",
-    "failed_generation",
-    "last_report_at",
-    "stale",
-    "system_state",
-    "last_message",
-    "tags",
-)
-
-
-def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    sync = Counter(r["sync"] for r in rows)
-    lifecycle = Counter(r["lifecycle"] for r in rows)
-    return {
-        "total": len(rows),
-        "in_sync": sync[Sync.IN_SYNC.value],
-        "updating": sync[Sync.UPDATING.value],
-        "failed": sync[Sync.FAILED.value],
-        "no_desired": sync[Sync.NO_DESIRED.value],
-        "stale": sum(1 for r in rows if r["stale"]),
-        "by_lifecycle": {state.value: lifecycle[state.value] for state in Lifecycle},
-    }
 
 
 class Status:

@@ -312,7 +312,7 @@ def stale_cutoff(now: datetime, stale_after: int) -> str:
 def status_rows_json(
     conn: sqlite3.Connection, tags: Sequence[str], lifecycle: str | None, cutoff: str
 ) -> list[str]:
-    """One JSON object per machine (api.status.STATUS_FIELDS), ordered by id.
+    """One JSON object per machine (the fields of docs/fleet-status.md), ordered by id.
 
     SQLite builds the JSON: at 100,000 machines, making a Machine, a dict and then
     JSON text of each in Python took seconds; this is one scan plus one indexed
