@@ -52,8 +52,8 @@ def current_generation(i: int) -> str:
     return store_path(i, f"m{i:06d}-24.11.1")
 
 
-def next_generation(i: int) -> str:
-    return store_path(i, f"m{i:06d}-24.11.2")
+def next_generation(i: int, release: str = "") -> str:
+    return store_path(i, f"m{i:06d}-24.11.2{release}")
 
 
 def agent_tags(i: int) -> list[str]:

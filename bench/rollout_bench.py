@@ -1,20 +1,29 @@
-"""One reconciler tick over a rollout of every machine in the fleet.
+"""Every reconciler tick of a rollout over the whole fleet, timed one by one.
 
 Creates a release with an entry per machine and applies an all-at-once rollout
-through the real store code (releases.insert, rollouts.apply), then times
-reconciler.tick on a copy of the benchmark database:
+through the real store code (releases.insert, rollouts.apply) on a copy of the
+benchmark database, then times reconciler.tick through a rollout's whole life:
 
-  start   the tick that starts the batch: desired generation for every machine
-  wait    a tick with every machine still pending (nothing reported yet)
-  settle  a tick after every agent reported the new generation, healthy
+  start     the ticks that write the batch's desired generations (a chunk each)
+  quiet     a tick with every machine still deploying (nothing reported yet)
+  judge     the ticks after every agent reported the new generation, healthy
+            (soak clocks start)
+  soaking   a tick while every machine soaks
+  complete  the ticks after the soak: verdicts, batch and rollout completed
+  revert    a second rollout (on_failure: revert) whose agents all report failure:
+            the ticks that fail the batch and restore every machine's desired
+
+The figure of each phase is its slowest tick; the PASSIVE checkpoint the control
+plane runs after each tick (controlplane.background) is timed separately.
 """
 
 from __future__ import annotations
 
 import shutil
+import statistics
 import sys
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,65 +32,116 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fleet
 
+from nixfleet import flake, reconciler
 from nixfleet.models import Release, ReleaseEntry, isoformat, utcnow
-from nixfleet.store import Store
+from nixfleet.store import Store, releases, rollouts
+
+PHASES = ("start", "quiet", "judge", "soaking", "complete", "revert")
+
+
+def _fresh(db: Path) -> Store:
+    copy = db.with_name(db.stem + "-tick.db")
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(copy) + suffix).unlink(missing_ok=True)
+    shutil.copyfile(db, copy)
+    return Store(copy)
+
+
+class Clock:
+    """Ticks at explicit times, each timed, with the background checkpoint after it."""
+
+    def __init__(self, store: Store, start: datetime) -> None:
+        self.store, self.now = store, start
+        self.ticks: dict[str, list[float]] = {p: [] for p in PHASES}
+        self.checkpoints: list[float] = []
+
+    def tick(self, phase: str, advance: float = 2.0) -> int:
+        self.now += timedelta(seconds=advance)
+        t0 = time.perf_counter()
+        changed = reconciler.tick(self.store, 5, self.now)
+        self.ticks[phase].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        self.store.checkpoint()
+        self.checkpoints.append(time.perf_counter() - t0)
+        return changed
+
+    def until_quiet(self, phase: str) -> None:
+        while self.tick(phase):
+            pass
+
+    def all_report(self, ok: bool) -> None:
+        self.now += timedelta(seconds=1)
+        with self.store.transaction() as conn:
+            conn.execute(
+                "UPDATE machines SET current_generation = CASE WHEN ? THEN desired_generation "
+                "ELSE current_generation END, last_report_at = ?, system_state = 'ok', "
+                "last_success = ? WHERE desired_generation IS NOT NULL",
+                (ok, isoformat(self.now), int(ok)),
+            )
+        self.store.checkpoint()
+
+
+def _rollout(store: Store, machines: int, name: str, salt: str, **kw: Any) -> None:
+    entries = tuple(
+        ReleaseEntry(fleet.hostname(i), fleet.next_generation(i, salt), "x86_64-linux")
+        for i in range(machines)
+    )
+    release = Release(flake.release_id(entries), entries, cache_url="https://cache.example")
+    doc = {
+        "version": 1,
+        "name": name,
+        "release": release.id,
+        "target": {"tags": ["fleet"]},
+        "strategy": "all-at-once",
+        "health_timeout": "1h",
+        **kw,
+    }
+    with store.transaction() as conn:
+        releases.insert(conn, release, utcnow(), "bench")
+        rollouts.apply(conn, doc, "bench", utcnow(), 5)
+
+
+def once(db: Path, machines: int) -> Clock:
+    store = _fresh(db)
+    clock = Clock(store, utcnow())
+    _rollout(store, machines, "bench-all", "n", soak="5m")
+    clock.until_quiet("start")
+    clock.tick("quiet")
+    clock.all_report(ok=True)
+    clock.until_quiet("judge")
+    clock.tick("soaking")
+    clock.now += timedelta(minutes=5)
+    clock.until_quiet("complete")
+    _rollout(store, machines, "bench-revert", "r", on_failure="revert")
+    clock.until_quiet("start")
+    clock.all_report(ok=False)
+    clock.until_quiet("revert")
+    store.close()
+    return clock
 
 
 def run(db: Path, machines: int, runs: int) -> dict[str, Any]:
-    try:
-        from nixfleet import flake, reconciler
-        from nixfleet.store import releases, rollouts
-    except ImportError as e:
-        return {"available": False, "reason": f"reconciler not importable: {e}"}
-    results: dict[str, list[float]] = {"start": [], "wait": [], "settle": []}
+    worst: dict[str, list[float]] = {p: [] for p in PHASES}
+    counts: dict[str, int] = {}
+    checkpoints: list[float] = []
     for _ in range(runs):
-        copy = db.with_name(db.stem + "-tick.db")
-        for suffix in ("-wal", "-shm"):
-            Path(str(copy) + suffix).unlink(missing_ok=True)
-        shutil.copyfile(db, copy)
-        store = Store(copy)
-        now = utcnow()
-        entries = tuple(
-            ReleaseEntry(fleet.hostname(i), fleet.next_generation(i), "x86_64-linux")
-            for i in range(machines)
-        )
-        release = Release(flake.release_id(entries), entries, cache_url="https://cache.example")
-        doc = {
-            "version": 1,
-            "name": "bench-all",
-            "release": release.id,
-            "target": {"tags": ["fleet"]},
-            "strategy": "all-at-once",
-            "health_timeout": "1h",
-        }
-        t0 = time.perf_counter()
-        with store.transaction() as conn:
-            releases.insert(conn, release, now, "bench")
-            rollouts.apply(conn, doc, "bench", now, 5)
-        apply_s = time.perf_counter() - t0
-        for name, at in (("start", now), ("wait", now + timedelta(seconds=10))):
-            t0 = time.perf_counter()
-            reconciler.tick(store, 5, at)
-            results[name].append(time.perf_counter() - t0)
-        later = now + timedelta(seconds=20)
-        with store.transaction() as conn:  # every agent reports the new generation
-            conn.execute(
-                "UPDATE machines SET current_generation = desired_generation, "
-                "last_report_at = ?, system_state = 'ok', last_success = 1 "
-                "WHERE desired_generation IS NOT NULL",
-                (isoformat(later),),
-            )
-        t0 = time.perf_counter()
-        reconciler.tick(store, 5, later + timedelta(seconds=10))
-        results["settle"].append(time.perf_counter() - t0)
-        store.close()
+        clock = once(db, machines)
+        for phase, times in clock.ticks.items():
+            worst[phase].append(max(times))
+            counts[phase] = len(times)
+        checkpoints.append(max(clock.checkpoints))
         print(
-            f"  tick   apply {apply_s * 1000:.0f} ms, start {results['start'][-1] * 1000:.0f} "
-            f"ms, wait {results['wait'][-1] * 1000:.0f} ms, settle "
-            f"{results['settle'][-1] * 1000:.0f} ms",
+            "  tick   "
+            + ", ".join(
+                f"{p} {max(t) * 1000:.0f} ms ({len(t)} ticks)" for p, t in clock.ticks.items()
+            )
+            + f"; checkpoint up to {max(clock.checkpoints) * 1000:.0f} ms",
             file=sys.stderr,
         )
-    med = {k: sorted(v)[len(v) // 2] for k, v in results.items()}
+    med = {p: statistics.median(v) for p, v in worst.items()}
     out: dict[str, Any] = {"available": True, "seconds": max(med.values())}
-    out.update({f"{k}_s": v for k, v in med.items()})
+    out.update({f"{p}_s": v for p, v in med.items()})
+    out.update({f"{p}_ticks": n for p, n in counts.items()})
+    out["checkpoint_s"] = statistics.median(checkpoints)
+    out["limit"] = reconciler.TICK_MACHINES
     return out

@@ -326,12 +326,14 @@ class Decision:
     status: RolloutStatus | None = None
     events: list[Event] = field(default_factory=list)
     judged: int = 0  # verdicts changed set-based in the store (not listed in `verdicts`)
+    written: int = 0  # desired generations written for a batch still starting
 
     @property
     def empty(self) -> bool:
         return not (
             self.verdicts
             or self.judged
+            or self.written
             or self.batch_status
             or self.start_batch is not None
             or self.status

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -299,3 +300,120 @@ def test_revert_restores_desired_set_after_apply_before_the_batch_started(store:
         "operator",
     )
     assert machine(store, "web-00").desired_generation == gen("web-00", "o")
+
+
+# --- bounded ticks: a batch larger than the tick's limit -------------------------------
+
+
+def new_desired(store: Store) -> int:
+    with store.read() as conn:
+        return int(
+            conn.execute(
+                "SELECT COUNT(*) FROM machines WHERE desired_source = 'rollout:web-rollout'"
+            ).fetchone()[0]
+        )
+
+
+def healthy(store: Store, rid: str) -> int:
+    with store.read() as conn:
+        return int(
+            conn.execute(
+                "SELECT COUNT(*) FROM rollout_machines WHERE rollout_id = ? AND health = 'healthy'",
+                (rid,),
+            ).fetchone()[0]
+        )
+
+
+def all_at_once(release: str, **kw: Any) -> dict[str, Any]:
+    doc = rollout_doc(release, strategy="all-at-once", **kw)
+    del doc["batches"]
+    return doc
+
+
+def test_a_batch_larger_than_the_limit_starts_and_is_judged_over_several_ticks(
+    store: Store,
+) -> None:
+    rel = setup_fleet(store)
+    rid = apply(store, all_at_once(rel))
+    # Desired generations: 3 machines per tick, in position order, nothing judged meanwhile.
+    written = []
+    for i in range(5):
+        reconciler.tick(store, HINT, at(i), limit=3)
+        written.append(new_desired(store))
+    assert written == [3, 6, 9, 10, 10]
+    hosts = [m["id"] for m in detail(store, rid, at(5))["batches"][0]["machines"]]
+    assert machine(store, hosts[0]).desired_generation == gen(hosts[0])
+    for h in hosts:
+        report(store, h, at(6))
+    # Judged a window of 3 positions per tick, going round: the fifth tick above
+    # already judged positions 0-2 (nobody had reported), so judging goes on with
+    # 3-5, 6-8, 9 and then 0-2 again. Done only once every machine is judged.
+    judged = []
+    for i in range(5):
+        reconciler.tick(store, HINT, at(7 + i), limit=3)
+        judged.append((healthy(store, rid), detail(store, rid, at(7 + i))["status"]))
+    assert judged == [
+        (3, "running"),
+        (6, "running"),
+        (7, "running"),
+        (10, "completed"),
+        (10, "completed"),
+    ]
+
+
+def test_a_failing_window_fails_the_batch_and_the_revert_continues_over_ticks(
+    store: Store,
+) -> None:
+    rel = setup_fleet(store)
+    rid = apply(store, all_at_once(rel, on_failure="revert"))
+    for i in range(4):
+        reconciler.tick(store, HINT, at(i), limit=3)
+    assert new_desired(store) == 10
+    for i in range(10):
+        report(store, f"web-{i:02}", at(5), ok=i != 8)
+    # web-08 sits in the third window: the batch fails when that window is judged.
+    statuses = []
+    for i in range(3):
+        reconciler.tick(store, HINT, at(6 + i), limit=3)
+        statuses.append(detail(store, rid, at(6 + i))["status"])
+    assert statuses == ["running", "running", "failed"]
+    # The decision's tick had no budget left; the revert goes on, 3 machines a tick.
+    restored = []
+    for i in range(5):
+        reconciler.tick(store, HINT, at(9 + i), limit=3)
+        restored.append(10 - new_desired(store))
+    assert restored == [3, 6, 9, 10, 10]
+    for i in range(10):
+        h = f"web-{i:02}"
+        assert machine(store, h).desired_generation == gen(h, "o"), h
+    with store.read() as conn:
+        assert conn.execute("SELECT revert_after FROM rollouts").fetchone()[0] is None
+
+
+def test_batches_started_before_the_bounded_ticks_migration_are_not_rewritten(
+    tmp_path: Path,
+) -> None:
+    from nixfleet.store import migrations
+
+    path = tmp_path / "old.db"
+    old = [m for m in migrations.MIGRATIONS if m[0] < "0006"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(migrations, "MIGRATIONS", old)
+        mp.setattr("nixfleet.store.db.MIGRATIONS", old)
+        s = Store(path)
+        rel = setup_fleet(s)
+        with s.transaction() as conn:
+            rid = store_rollouts.apply(conn, rollout_doc(rel), "key:test", T0, HINT).id
+            conn.execute(
+                "UPDATE rollout_batches SET status = 'deploying', started_at = ? "
+                "WHERE rollout_id = ? AND idx = 0",
+                ("2026-11-27T10:00:00Z", rid),
+            )
+        s.close()
+    s = Store(path)
+    with s.read() as conn:
+        rows = conn.execute(
+            "SELECT idx, started_until, judged_until FROM rollout_batches ORDER BY idx"
+        ).fetchall()
+    assert [tuple(r) for r in rows] == [(0, 0, None), (1, None, None), (2, None, None)]
+    s.close()

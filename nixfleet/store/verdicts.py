@@ -82,6 +82,7 @@ SELECT rm.machine_id, rm.position, rm.healthy_since AS since0, m.last_message AS
     ELSE 'G' END AS state
 FROM rollout_machines rm JOIN machines m ON m.id = rm.machine_id
 WHERE rm.rollout_id = :rollout AND rm.batch_idx = :batch AND rm.health = 'pending'
+  AND rm.position > :after AND rm.position <= :until
   AND (:timed_out OR rm.healthy_since IS NOT NULL
        OR {ts_key("m.last_report_at")} >= :started)
 LIMIT -1 OFFSET 0
@@ -115,11 +116,17 @@ def judge_params(
     now: datetime,
     health_timeout: int,
     soak: int,
+    window: tuple[int, int] = (-1, 2**62),
 ) -> dict[str, Any]:
-    """JUDGE_SQL's parameters: everything judge() derives from the clock, computed once."""
+    """JUDGE_SQL's parameters: everything judge() derives from the clock, computed once.
+
+    `window` (after, until] limits the judged machines to those positions.
+    """
     return {
         "rollout": rollout_id,
         "batch": batch,
+        "after": window[0],
+        "until": window[1],
         "started": sortable(started),
         "now": isoformat(now),
         "soaked": sortable(now - timedelta(seconds=soak)),
@@ -134,12 +141,13 @@ def judge_batch(
     batch: rollout.BatchView,
     now: datetime,
     actor: str,
+    window: tuple[int, int],
 ) -> tuple[int, rollout.Tally]:
-    """Judge and record the batch's changed verdicts in SQL; return (changed, tally).
+    """Judge the machines at positions `window` (after, until]; return (changed, tally).
 
-    Three statements whatever the batch size, and no Python object per machine: a
-    temp table of the changed verdicts (a quiet tick finds none), an UPDATE from
-    it, and a count by health. Each newly unhealthy machine gets its rollout event
+    The tally counts the whole batch. Three statements, and no Python object per
+    machine: a temp table of the changed verdicts (a quiet tick finds none), an
+    UPDATE from it, and a count by health. Each newly unhealthy machine gets its rollout event
     (written by INSERT … SELECT); the audit log gets one row per batch and tick.
     """
     assert batch.started_at is not None
@@ -149,7 +157,7 @@ def judge_batch(
         "position INTEGER NOT NULL, health TEXT NOT NULL, reason TEXT, healthy_since TEXT)"
     )
     params = judge_params(
-        view.id, batch.index, batch.started_at, now, spec.health_timeout, spec.soak
+        view.id, batch.index, batch.started_at, now, spec.health_timeout, spec.soak, window
     )
     changed = conn.execute("INSERT INTO temp.judged " + JUDGE_SQL, params).rowcount
     if changed:
