@@ -54,6 +54,28 @@ def _chunks(rows: Iterator[tuple[Any, ...]]) -> Iterator[list[tuple[Any, ...]]]:
         yield chunk
 
 
+MACHINE_COLUMNS = (
+    "id",
+    "lifecycle",
+    "registered_at",
+    "current_generation",
+    "desired_generation",
+    "desired_cache_url",
+    "desired_source",
+    "desired_set_at",
+    "last_report_at",
+    "agent_version",
+    "system_state",
+    "last_success",
+    "last_message",
+    "failed_generation",
+    "health_json",
+    "uptime_seconds",
+    "retry_requested_at",
+    "poll_hint",
+)
+
+
 def _machines(n: int, now: datetime) -> Iterator[tuple[Any, ...]]:
     registered = isoformat(now - timedelta(days=30))
     for i in range(n):
@@ -144,7 +166,11 @@ def build(path: Path, machines: int, reports_per_machine: int, quiet: bool = Fal
     conn.execute("PRAGMA synchronous=OFF")
     conn.execute("BEGIN")
     for chunk in _chunks(_machines(machines, now)):
-        conn.executemany(f"INSERT INTO machines VALUES ({','.join('?' * 18)})", chunk)
+        conn.executemany(
+            f"INSERT INTO machines ({', '.join(MACHINE_COLUMNS)}) "
+            f"VALUES ({','.join('?' * len(MACHINE_COLUMNS))})",
+            chunk,
+        )
     for chunk in _chunks(_tags(machines)):
         conn.executemany("INSERT INTO machine_tags VALUES (?, ?, ?)", chunk)
     for chunk in _chunks(_tokens(machines, now)):

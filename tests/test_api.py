@@ -166,6 +166,95 @@ def test_status_summary(
     assert row["last_report_at"].endswith("Z")
 
 
+STATUS_FIELDS = (
+    "id",
+    "lifecycle",
+    "current_generation",
+    "desired_generation",
+    "sync",
+    "failed_generation",
+    "last_report_at",
+    "stale",
+    "system_state",
+    "last_message",
+    "tags",
+)
+
+
+def test_status_agrees_with_the_machine_list_under_every_filter(
+    client: falcon.testing.TestClient, admin: dict[str, str], store: Store
+) -> None:
+    """GET /status is built by SQLite; GET /machines in Python from machine_tags: same facts."""
+    from datetime import timedelta
+
+    from nixfleet.models import Lifecycle, Report, utcnow
+    from nixfleet.store import machines
+
+    now = utcnow()
+    with store.transaction() as conn:
+        for i, (tags, life) in enumerate(
+            [
+                (["prod", "web"], Lifecycle.ACTIVE),
+                (["web"], Lifecycle.ACTIVE),
+                (["prod"], Lifecycle.MAINTENANCE),
+                ([], Lifecycle.PENDING),
+                (["db", "prod"], Lifecycle.ACTIVE),
+            ]
+        ):
+            machines.register(conn, f"m-{i}", tags, life, now)
+        # Reports: agent tags overlapping operator tags, non-ASCII text, a failure, a
+        # report on the stale boundary and one well past it, a machine that never reported.
+        cases = [
+            ("m-0", now, GEN, True, 'ok ✓ «quoted» "x"', ("web", "eu")),
+            ("m-1", now - timedelta(seconds=299), GEN2, True, "", ("web",)),
+            ("m-2", now - timedelta(hours=2), GEN, False, "switch failed\nline 2", ()),
+            ("m-4", now - timedelta(seconds=5), GEN, True, "", ("db", "zz")),
+        ]
+        for mid, at, gen, ok, msg, agent_tags in cases:
+            machines.record_report(
+                conn,
+                Report(
+                    machine_id=mid,
+                    received_at=at,
+                    current_generation=gen,
+                    success=ok,
+                    message=msg,
+                    attempted_generation=None if ok else GEN2,
+                    tags=agent_tags,
+                ),
+                10,
+            )
+        for mid in ("m-0", "m-2", "m-4"):
+            machines.set_desired(conn, mid, GEN2 if mid == "m-2" else GEN, None, "operator", now)
+        machines.set_tags(conn, "m-4", ["web"], "operator", replace=False)
+        machines.remove_tags(conn, "m-4", ["db"])  # the agent still reports db
+        machines.set_tags(conn, "m-4", [], "agent", replace=True)  # now it does not
+
+    for query in ("", "tag=prod", "tag=prod&tag=web", "tag=web", "lifecycle=active", "tag=none"):
+        status = client.simulate_get("/api/v1/status", query_string=query, headers=admin)
+        listed = client.simulate_get("/api/v1/machines", query_string=query, headers=admin)
+        assert status.status_code == listed.status_code == 200, (status.text, listed.text)
+        want = [{f: m[f] for f in STATUS_FIELDS} for m in listed.json["machines"]]
+        assert status.json["machines"] == want, query
+        summary = status.json["summary"]
+        assert summary["total"] == len(want)
+        for key, sync in (
+            ("in_sync", "in sync"),
+            ("updating", "updating"),
+            ("failed", "failed"),
+            ("no_desired", "no desired"),
+        ):
+            assert summary[key] == sum(m["sync"] == sync for m in want), (query, key)
+        assert summary["stale"] == sum(m["stale"] for m in want)
+        assert summary["by_lifecycle"] == {
+            life.value: sum(m["lifecycle"] == life.value for m in want) for life in Lifecycle
+        }
+    every = client.simulate_get("/api/v1/status", headers=admin).json
+    assert [m["stale"] for m in every["machines"]] == [False, False, True, False, False]
+    assert every["machines"][4]["tags"] == ["prod", "web"]
+    assert every["machines"][0]["tags"] == ["eu", "prod", "web"]
+
+
 def test_lifecycle_conflict_names_states_and_targets(
     client: falcon.testing.TestClient, admin: dict[str, str], web01: str, store: Store
 ) -> None:

@@ -33,6 +33,39 @@ def test_fresh_and_migrated_files_open_cleanly(tmp_path: Path) -> None:
     second.close()
 
 
+def test_tags_json_is_filled_by_its_migration_and_kept_by_triggers(tmp_path: Path) -> None:
+    from nixfleet.store import db, migrations
+
+    path = tmp_path / "old.db"
+    old = [m for m in MIGRATIONS if m[0] < "0007"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(migrations, "MIGRATIONS", old)
+        mp.setattr(db, "MIGRATIONS", old)
+        s = Store(path)
+        with s.transaction() as conn:
+            machines.register(conn, "a", ["web", "prod"], Lifecycle.ACTIVE, utcnow())
+            machines.register(conn, "b", [], Lifecycle.ACTIVE, utcnow())
+            machines.record_report(conn, report("a", tags=("web", "eu")), 10)
+        s.close()
+    s = Store(path)
+
+    def tags_json() -> dict[str, str]:
+        return dict(s.connection().execute("SELECT id, tags_json FROM machines").fetchall())
+
+    assert tags_json() == {"a": '["eu","prod","web"]', "b": "[]"}
+    with s.transaction() as conn:
+        machines.remove_tags(conn, "a", ["web"])  # still an agent tag
+        machines.set_tags(conn, "b", ["z", "a"], "operator", replace=False)
+    assert tags_json() == {"a": '["eu","prod","web"]', "b": '["a","z"]'}
+    with s.transaction() as conn:
+        machines.record_report(conn, report("a", tags=()), 10)
+        conn.execute(
+            "UPDATE machine_tags SET machine_id = 'a' WHERE machine_id = 'b' AND tag = 'z'"
+        )
+    assert tags_json() == {"a": '["prod","z"]', "b": '["a"]'}
+    s.close()
+
+
 def test_failed_migration_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "fleet.db"
     Store(path).close()

@@ -26,9 +26,9 @@ class Status:
         stale = self.ctx.settings.stale_after
         cutoff = machines.stale_cutoff(now, stale)
         tags, lifecycle = tag_params(req), req.get_param("lifecycle")
-        with self.ctx.store.read() as conn:  # one snapshot: the summary counts the rows
-            by_sync, by_lifecycle = machines.status_counts(conn, tags, lifecycle, cutoff)
-            rows = machines.status_rows_json(conn, tags, lifecycle, cutoff)
+        with self.ctx.store.read() as conn:
+            doc = machines.status_document(conn, tags, lifecycle, cutoff)
+        by_sync, by_lifecycle = doc.by_sync, doc.by_lifecycle
         head = {
             "generated_at": isoformat(now),
             "stale_after_seconds": stale,
@@ -42,10 +42,10 @@ class Status:
                 "by_lifecycle": {s.value: by_lifecycle.get(s.value, 0) for s in Lifecycle},
             },
         }
-        # The machines array is spliced in as SQLite wrote it (see status_rows_json).
+        # The machines array is spliced in as SQLite wrote it (see status_document).
         text = json.dumps(head, ensure_ascii=False)
         resp.content_type = falcon.MEDIA_JSON
-        resp.data = "".join((text[:-1], ', "machines": [', ",".join(rows), "]}")).encode()
+        resp.data = "".join((text[:-1], ', "machines": ', doc.machines_json, "}")).encode()
 
 
 class Health:

@@ -183,5 +183,20 @@ class Store:
 
 
 def _statements(sql: str) -> list[str]:
-    """Split a migration script; executescript would commit our transaction."""
-    return [s.strip() for s in sql.split(";") if s.strip()]
+    """Split a migration script; executescript would commit our transaction.
+
+    Pieces between ';' are joined until SQLite calls them a complete statement,
+    so a trigger's `BEGIN …; …; END` stays one statement.
+    """
+    out: list[str] = []
+    buf = ""
+    for piece in sql.split(";"):
+        buf += piece + ";"
+        if sqlite3.complete_statement(buf):
+            statement = buf.strip().rstrip(";").strip()
+            if statement:
+                out.append(statement)
+            buf = ""
+    if buf.strip(" \n;"):
+        raise ValueError(f"incomplete statement in a migration: {buf.strip()[:80]}")
+    return out
