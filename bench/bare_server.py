@@ -4,12 +4,16 @@ It answers the report route with a constant JSON document after reading the body
 so the difference to the real control plane is exactly what nixfleet does per
 report (auth, parsing, validation, the transaction), not HTTP or framework cost.
 
-    python bench/bare_server.py --listen 127.0.0.1:18080 --threads 8
+    python bench/bare_server.py --listen 127.0.0.1:18080 --threads 8 --workers 2
+
+With --workers N it forks N-1 more processes accepting on the same socket, as the
+control plane does (nixfleet.controlplane.server).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -18,7 +22,7 @@ from waitress.server import create_server
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nixfleet.controlplane.server import SERVER_OPTIONS
+from nixfleet.controlplane.server import SERVER_OPTIONS, _listen
 
 
 class Report:
@@ -36,12 +40,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--listen", required=True)
     parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
     host, _, port = args.listen.rpartition(":")
+    sock = _listen(host, int(port))
+    for _ in range(args.workers - 1):
+        if os.fork() == 0:
+            break
     app = falcon.App()
     app.add_route("/health", Health())
     app.add_route("/api/v1/machines/{machine_id}/report", Report())
-    server = create_server(app, host=host, port=int(port), threads=args.threads, **SERVER_OPTIONS)
+    server = create_server(app, sockets=[sock], threads=args.threads, **SERVER_OPTIONS)
     server.run()
 
 

@@ -13,7 +13,7 @@ measures from separate load-generator processes on 127.0.0.1:
   agent     nixfleet-agent RSS and CPU per poll against the control plane
 
 Every figure is the median of --runs runs. Results go to stdout as a table and to
-bench/results/<machines>.json.
+bench/results/<machines>.json (<machines>-workers<N>.json with --workers N).
 
     python bench/run.py --machines 100000 --runs 3
     python bench/run.py --machines 1000,10000,100000 --only report,status,cli
@@ -81,15 +81,26 @@ class Server:
                 time.sleep(0.1)
         raise RuntimeError(f"server on {port} did not start")
 
+    def pids(self) -> list[int]:
+        """The server and its worker processes."""
+        pid = self.proc.pid
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        return [pid, *map(int, kids)]
+
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        total = 0
+        for pid in self.pids():
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
 
     def rss_mib(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
+        total = 0
+        for pid in self.pids():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        return total / 1024
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -275,7 +286,7 @@ def run_size(machines: int, args: argparse.Namespace, workdir: Path) -> dict[str
     result: dict[str, Any] = {"machines": machines}
     cp_port, bare_port = free_port(), free_port()
     settings = workdir / "settings.json"
-    settings.write_text(json.dumps({"threads": args.threads}))
+    settings.write_text(json.dumps({"threads": args.threads, "workers": args.workers}))
     cp = Server(
         [
             sys.executable,
@@ -301,6 +312,8 @@ def run_size(machines: int, args: argparse.Namespace, workdir: Path) -> dict[str
             f"127.0.0.1:{bare_port}",
             "--threads",
             str(args.threads),
+            "--workers",
+            str(args.workers),
         ],
         bare_port,
         workdir / "bare.log",
@@ -405,6 +418,9 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=8, help="waitress threads of both servers (Settings.threads)"
     )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="server processes of both servers (Settings.workers)"
+    )
     parser.add_argument("--load-processes", type=int, default=2)
     parser.add_argument("--load-threads", type=int, default=4)
     parser.add_argument("--agent-polls", type=int, default=20)
@@ -428,7 +444,8 @@ def main() -> None:
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     for r in results:
         # Merge: a run of some phases (--only) keeps the other phases' last results.
-        path = out_dir / f"{r['machines']}.json"
+        suffix = f"-workers{args.workers}" if args.workers > 1 else ""
+        path = out_dir / f"{r['machines']}{suffix}.json"
         old = json.loads(path.read_text()) if path.exists() else {}
         new = {**old, "at": stamp, "machine": info, **{k: v for k, v in r.items()}}
         new.setdefault("args", {})

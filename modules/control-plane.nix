@@ -114,6 +114,15 @@ in
             default = 8;
             description = "Worker threads of the HTTP server.";
           };
+          workers = mkOption {
+            type = types.ints.between 1 64;
+            default = 1;
+            description = ''
+              Server processes accepting on the same socket; the reconciler runs in
+              the first. One CPython process uses about one core, so for fleets that
+              report more than ~1,000 times a second, set this to the number of cores.
+            '';
+          };
         };
       };
       default = { };

@@ -40,6 +40,7 @@ class Settings:
     report_retention: int = 100
     reconcile_interval: float = 2.0
     threads: int = 8
+    workers: int = 1
     stale_after: int = 300
     max_body_bytes: int = 1024 * 1024
     default_poll_interval: int | None = None
@@ -88,6 +89,7 @@ def _check(s: Settings) -> None:
     for name in (
         "report_retention",
         "threads",
+        "workers",
         "stale_after",
         "max_body_bytes",
         "rollout_poll_hint",
@@ -95,6 +97,8 @@ def _check(s: Settings) -> None:
         value = getattr(s, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             errors.append(FieldError(name, "must be a positive integer"))
+    if isinstance(s.workers, int) and s.workers > 64:
+        errors.append(FieldError("workers", "at most 64; one per CPU core is the useful most"))
     if not isinstance(s.reconcile_interval, int | float) or s.reconcile_interval <= 0:
         errors.append(FieldError("reconcile_interval", "must be a positive number of seconds"))
     if errors:

@@ -34,6 +34,11 @@ from nixfleet.store import Store, audit, credentials
     help="Seconds between reconciler ticks (default 2).",
 )
 @click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    help="Server processes (default 1); one per core for large fleets.",
+)
+@click.option(
     "--log-level",
     default="info",
     type=click.Choice(["debug", "info", "warning", "error"]),
@@ -48,6 +53,7 @@ def cli(
     rollouts_dir: str | None,
     admin_key_file: str | None,
     reconcile_interval: float | None,
+    workers: int | None,
     log_level: str,
 ) -> None:
     """Run the nixfleet control plane (API + reconciler) on one SQLite file.
@@ -70,6 +76,7 @@ def cli(
             rollouts_dir=rollouts_dir,
             admin_key_file=admin_key_file,
             reconcile_interval=reconcile_interval,
+            workers=workers,
         )
     except NixfleetError as e:
         raise click.UsageError(str(e)) from e

@@ -1,5 +1,13 @@
 """Run the control plane: waitress serving the app, plus the background loop.
 
+With `workers` > 1 the primary process binds the socket, then forks workers that
+accept on it too: one CPython process is bound to one core by the GIL, and the
+report path is CPU-bound. Only the primary runs the background loop (reconciler,
+GitOps, checkpoints); the processes share nothing but the SQLite file, whose
+writes queue on a lock file (store.db.Store.transaction). A worker that dies takes
+the service down with it (the primary stops the others and exits 1, for systemd
+to restart); a worker whose primary died stops by itself.
+
 Shutdown on SIGTERM/SIGINT stops accepting connections, lets in-flight requests
 finish (every acknowledged write is already committed: a response is only sent
 after its transaction), stops the loop between ticks and closes the database.
@@ -7,8 +15,11 @@ after its transaction), stops the loop between ticks and closes the database.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -66,35 +77,82 @@ def _close_connections(server: Any, grace: float = 10.0) -> None:
     server.trigger.pull_trigger(close_all)
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind before forking, so every worker accepts on the same socket (waitress listens)."""
+    family, kind, proto, _, addr = socket.getaddrinfo(
+        host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind(addr)
+    return sock
+
+
 def serve(settings: Settings) -> None:
-    store = Store(settings.db_path())
+    store = Store(settings.db_path())  # migrations run once, before any fork
     log.info("database %s", store.path)
     if settings.admin_key_file:
         install_admin_key(store, settings.admin_key_file)
-    app = create_app(settings, store)
-    host, port = settings.host_port
-    server = create_server(
-        app,
-        host=host,
-        port=port,
-        threads=settings.threads,
-        **SERVER_OPTIONS,
-    )
-    stop = threading.Event()
-    loop = background.start(settings, store, stop)
+    store.close()  # no SQLite connection (or lock) crosses a fork
+    sock = _listen(*settings.host_port)
+    primary = os.getpid()
+    workers: list[int] = []
+    for _ in range(settings.workers - 1):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                _run(settings, sock, primary=primary, workers=[])
+                code = 0
+            except BaseException:
+                log.exception("worker %d failed", os.getpid())
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        workers.append(pid)
+    if workers:
+        log.info("started %d worker processes: %s", len(workers), workers)
+    _run(settings, sock, primary=None, workers=workers)
 
-    def _shutdown(signum: int, frame: FrameType | None) -> None:
-        log.info("received signal %d, shutting down", signum)
+
+def _run(settings: Settings, sock: socket.socket, primary: int | None, workers: list[int]) -> None:
+    """One serving process: the primary (primary=None, runs the background loop) or a worker."""
+    store = Store(settings.db_path())
+    app = create_app(settings, store)
+    server = create_server(app, sockets=[sock], threads=settings.threads, **SERVER_OPTIONS)
+    stop = threading.Event()
+    failed: list[str] = []
+
+    def shutdown() -> None:
+        if stop.is_set():
+            return
         stop.set()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
         # Stop accepting, but keep the trigger: keep-alive connections still hold the loop
         # open, and _close_connections closes them through it once requests are done.
-        wasyncore.dispatcher.close(server)
+        server.trigger.pull_trigger(lambda: wasyncore.dispatcher.close(server))
         threading.Thread(target=_close_connections, args=(server,), daemon=True).start()
 
-    signal.signal(signal.SIGTERM, _shutdown)
-    signal.signal(signal.SIGINT, _shutdown)
-    bound = server.getsockname() if hasattr(server, "getsockname") else (host, port)
-    log.info("listening on http://%s:%s", bound[0], bound[1])
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received signal %d, shutting down", signum)
+        # Not here: the handler may have interrupted the loop inside the trigger's lock.
+        threading.Thread(target=shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    loop = background.start(settings, store, stop) if primary is None else None
+    if workers:
+        threading.Thread(
+            target=_watch_workers, args=(workers, stop, failed, shutdown), daemon=True
+        ).start()
+    if primary is not None:
+        threading.Thread(target=_watch_primary, args=(primary, shutdown), daemon=True).start()
+    host, port = sock.getsockname()[:2]
+    log.info("listening on http://%s:%s", host, port)
     try:
         server.run()
     except OSError:
@@ -103,6 +161,66 @@ def serve(settings: Settings) -> None:
     finally:
         stop.set()
         server.task_dispatcher.shutdown(cancel_pending=False, timeout=10)
-        loop.join(timeout=30)
+        if loop is not None:
+            loop.join(timeout=30)
         store.close()
+        _reap(workers)
         log.info("stopped")
+    if failed:
+        raise SystemExit(f"stopped because {', '.join(failed)}")
+
+
+def _watch_workers(
+    workers: list[int], stop: threading.Event, failed: list[str], shutdown: Any
+) -> None:
+    """Primary: a worker that exits stops the whole service; one that failed, with exit 1.
+
+    Polls its own children only (waitpid(-1) could reap a subprocess someone else
+    waits for). A worker exits 0 only after a SIGTERM of its own: then the service
+    is being stopped anyway (systemd signals every process of the unit).
+    """
+    while workers and not stop.is_set():
+        for pid in list(workers):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if not done:
+                continue
+            workers.remove(pid)
+            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+                log.info("worker %d stopped; stopping the control plane", pid)
+            else:
+                failed.append(f"worker {pid} {_describe(status)}")
+                log.error("worker %d %s; stopping the control plane", pid, _describe(status))
+            shutdown()
+        stop.wait(0.2)
+
+
+def _watch_primary(primary: int, shutdown: Any) -> None:
+    """Worker: the primary is gone (e.g. kill -9) when this process is re-parented."""
+    while os.getppid() == primary:
+        time.sleep(0.5)
+    log.error("primary process %d is gone; stopping worker %d", primary, os.getpid())
+    shutdown()
+
+
+def _reap(workers: list[int], grace: float = 30.0) -> None:
+    deadline = time.monotonic() + grace
+    for pid in workers:
+        while time.monotonic() < deadline:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if done:
+                break
+            time.sleep(0.05)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"was killed by signal {os.WTERMSIG(status)}"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"
