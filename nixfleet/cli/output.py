@@ -27,7 +27,7 @@ def emit_json(data: Any) -> None:
     except (orjson.JSONEncodeError, TypeError):
         out = b""
     if out and out.isascii():
-        click.echo(out.decode("ascii"))
+        click.echo(out)  # bytes go to stdout's buffer as they are: no 40 MB decode/encode
     else:
         click.echo(json.dumps(data, indent=2, sort_keys=False))
 
