@@ -44,7 +44,7 @@ sys.path.insert(0, str(BENCH))
 import build_db  # noqa: E402
 import load  # noqa: E402
 
-PHASES = ("report", "status", "cli", "tick", "storage")  # agent: pending, see docs
+PHASES = ("report", "status", "cli", "tick", "storage")  # agent: --only agent (needs Nix)
 
 
 def free_port() -> int:

@@ -219,8 +219,9 @@ def step(
             (first - 1, first - 1, view.id, deploying.index),
         ).fetchone()
         if started < last:
-            _write_desired(conn, view, deploying.index, started, min(last, started + limit), now)
-            return rollout.Decision(judged=min(last, started + limit) - started)
+            until = min(last, started + limit)
+            _write_desired(conn, view, deploying.index, started, until, now)
+            return rollout.Decision(written=until - started)
         after = cursor if cursor < last else first - 1
         until = min(last, after + limit)
         judged, tally = verdicts.judge_batch(conn, view, deploying, now, ACTOR, (after, until))
