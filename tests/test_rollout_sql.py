@@ -196,3 +196,22 @@ def test_stored_times_sort_as_times_in_sql(store: Store, times: list[datetime]) 
             (same,) = conn.execute(f"SELECT {verdicts.ts_key('?1')} = ?2", (isoformat(t), key))
             assert same[0] == 1
     assert ordered == [isoformat(t) for t in sorted(times)]
+
+
+def test_a_window_judges_only_its_positions(rollout_store: Store) -> None:
+    for i in range(3):
+        _store_case(rollout_store, i, good())
+    with rollout_store.transaction() as conn:
+        conn.execute("UPDATE rollout_machines SET batch_idx = 0, position = substr(machine_id, 2)")
+    judged = {}
+    for window in ((-1, 2), (-1, 0), (0, 2), (2, 5)):
+        params = verdicts.judge_params("ro-1", 0, STARTED, at(TIMEOUT), TIMEOUT, 0, window)
+        with rollout_store.read() as conn:
+            rows = conn.execute(verdicts.JUDGE_SQL, params).fetchall()
+        judged[window] = sorted(r["machine_id"] for r in rows)
+    assert judged == {
+        (-1, 2): ["m0", "m1", "m2"],
+        (-1, 0): ["m0"],
+        (0, 2): ["m1", "m2"],
+        (2, 5): [],
+    }

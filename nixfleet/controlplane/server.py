@@ -22,6 +22,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -129,7 +130,7 @@ def _run(settings: Settings, sock: socket.socket, primary: int | None, workers: 
         if stop.is_set():
             return
         stop.set()
-        for pid in workers:
+        for pid in list(workers):  # the watcher thread removes the ones that exited
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         # Stop accepting, but keep the trigger: keep-alive connections still hold the loop
@@ -171,7 +172,7 @@ def _run(settings: Settings, sock: socket.socket, primary: int | None, workers: 
 
 
 def _watch_workers(
-    workers: list[int], stop: threading.Event, failed: list[str], shutdown: Any
+    workers: list[int], stop: threading.Event, failed: list[str], shutdown: Callable[[], None]
 ) -> None:
     """Primary: a worker that exits stops the whole service; one that failed, with exit 1.
 
@@ -194,7 +195,7 @@ def _watch_workers(
         stop.wait(0.2)
 
 
-def _watch_primary(primary: int, shutdown: Any) -> None:
+def _watch_primary(primary: int, shutdown: Callable[[], None]) -> None:
     """Worker: the primary is gone (e.g. kill -9) when this process is re-parented."""
     while os.getppid() == primary:
         time.sleep(0.5)

@@ -52,7 +52,7 @@ class Store:
         self._lock = threading.Lock()
         self._write_lock = threading.RLock()  # re-entry fails in BEGIN, not deadlocks
         self._writer: sqlite3.Connection | None = None
-        self._lock_fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._lock_fd = -1  # `<db>.lock`, opened by the first write of this process
         self.migrate()
 
     def _open(self) -> sqlite3.Connection:

@@ -147,8 +147,9 @@ def judge_batch(
 
     The tally counts the whole batch. Three statements, and no Python object per
     machine: a temp table of the changed verdicts (a quiet tick finds none), an
-    UPDATE from it, and a count by health. Each newly unhealthy machine gets its rollout event
-    (written by INSERT … SELECT); the audit log gets one row per batch and tick.
+    UPDATE from it, and a count by health. Each newly unhealthy machine gets its
+    rollout event (written by INSERT … SELECT); the audit log gets one row per batch
+    and tick.
     """
     assert batch.started_at is not None
     spec = view.spec
