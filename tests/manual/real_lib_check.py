@@ -74,6 +74,27 @@ def test_real_lib_renders_the_seed_config(real_lib: str) -> None:
     assert cp["unit"]["serviceConfig"]["DynamicUser"] is True
 
 
+def test_real_lib_renders_control_plane_settings_the_server_accepts(
+    real_lib: str, tmp_path: Path
+) -> None:
+    import json
+
+    from nixfleet.controlplane import config
+
+    out = eval_real(
+        real_lib,
+        "{ services.nixfleet-control-plane = { enable = true; "
+        "settings = { workers = 2; stale_after = 600; }; }; }",
+    )
+    assert out["failedAssertions"] == []
+    rendered = out["controlPlane"]["config"]
+    assert rendered["workers"] == 2 and rendered["threads"] == 8
+    f = tmp_path / "settings.json"
+    f.write_text(json.dumps(rendered))
+    settings = config.load(f)
+    assert (settings.workers, settings.stale_after) == (2, 600)
+
+
 @pytest.mark.parametrize(
     ("config", "needle"),
     [
