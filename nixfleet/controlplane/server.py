@@ -79,7 +79,11 @@ def _close_connections(server: Any, grace: float = 10.0) -> None:
 
 
 def _listen(host: str, port: int) -> socket.socket:
-    """Bind before forking, so every worker accepts on the same socket (waitress listens)."""
+    """Bind before forking, so every worker accepts on the same socket (waitress listens).
+
+    One address: a host name that resolves to several binds the first (use an
+    address, e.g. `[::]:8470`, to choose).
+    """
     family, kind, proto, _, addr = socket.getaddrinfo(
         host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
     )[0]
