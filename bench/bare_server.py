@@ -7,7 +7,11 @@ report (auth, parsing, validation, the transaction), not HTTP or framework cost.
     python bench/bare_server.py --listen 127.0.0.1:18080 --threads 8 --workers 2
 
 With --workers N it forks N-1 more processes accepting on the same socket, as the
-control plane does (nixfleet.controlplane.server).
+control plane does (nixfleet.controlplane.server). With --db, `--work` adds the
+least SQLite work a report could do, through nixfleet's own Store (bench/
+ratio_bound.py compares them): `lookup` resolves the bearer token like the
+control plane's authentication (one indexed SELECT), `write` also commits a
+one-row UPDATE of the machine in a write transaction.
 """
 
 from __future__ import annotations
@@ -23,12 +27,30 @@ from waitress.server import create_server
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nixfleet.controlplane.server import SERVER_OPTIONS, _listen
+from nixfleet.models import isoformat, utcnow
+from nixfleet.store import Store, credentials
+
+ANSWER = {"desired_generation": None, "cache_url": None, "poll_hint": 60}
 
 
 class Report:
+    def __init__(self, store: Store | None = None, work: str = "none") -> None:
+        self.store, self.work = store, work
+
     def on_post(self, req: falcon.Request, resp: falcon.Response, machine_id: str) -> None:
         req.bounded_stream.read()
-        resp.media = {"desired_generation": None, "cache_url": None, "poll_hint": 60}
+        if self.store is not None and self.work in ("lookup", "write"):
+            token = (req.get_header("Authorization") or "").partition(" ")[2]
+            with self.store.lookup() as conn:
+                if credentials.token_machine(conn, token) != machine_id:
+                    raise falcon.HTTPUnauthorized()
+            if self.work == "write":
+                with self.store.transaction() as conn:
+                    conn.execute(
+                        "UPDATE machines SET last_report_at = ? WHERE id = ?",
+                        (isoformat(utcnow()), machine_id),
+                    )
+        resp.media = ANSWER
 
 
 class Health:
@@ -41,6 +63,8 @@ def main() -> None:
     parser.add_argument("--listen", required=True)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--db", type=Path, help="a fleet database (bench/build_db.py)")
+    parser.add_argument("--work", choices=("none", "lookup", "write"), default="none")
     args = parser.parse_args()
     host, _, port = args.listen.rpartition(":")
     sock = _listen(host, int(port))
@@ -49,7 +73,8 @@ def main() -> None:
             break
     app = falcon.App()
     app.add_route("/health", Health())
-    app.add_route("/api/v1/machines/{machine_id}/report", Report())
+    store = Store(args.db) if args.db else None
+    app.add_route("/api/v1/machines/{machine_id}/report", Report(store, args.work))
     server = create_server(app, sockets=[sock], threads=args.threads, **SERVER_OPTIONS)
     server.run()
 
