@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import falcon
@@ -58,6 +61,13 @@ class Health:
         resp.media = {"status": "ok"}
 
 
+def _exit_with(parent: int) -> None:
+    """A worker ends when the process that forked it is gone."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--listen", required=True)
@@ -68,9 +78,21 @@ def main() -> None:
     args = parser.parse_args()
     host, _, port = args.listen.rpartition(":")
     sock = _listen(host, int(port))
+    parent, children = os.getpid(), []
     for _ in range(args.workers - 1):
-        if os.fork() == 0:
+        pid = os.fork()
+        if pid == 0:
+            children = []
+            threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
             break
+        children.append(pid)
+
+    def stop(signum: int, frame: object) -> None:
+        for child in children:
+            os.kill(child, signal.SIGTERM)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
     app = falcon.App()
     app.add_route("/health", Health())
     store = Store(args.db) if args.db else None
