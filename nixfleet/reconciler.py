@@ -214,20 +214,20 @@ def step(
     if deploying is not None:
         first, last = _positions(view, deploying.index)
         started, cursor = conn.execute(
-            "SELECT coalesce(started_until, ?), coalesce(judged_until, ?) FROM rollout_batches "
+            "SELECT coalesce(started_until, ?), judged_until FROM rollout_batches "
             "WHERE rollout_id = ? AND idx = ?",
-            (first - 1, first - 1, view.id, deploying.index),
+            (first - 1, view.id, deploying.index),
         ).fetchone()
         if started < last:
             until = min(last, started + limit)
             _write_desired(conn, view, deploying.index, started, until, now)
             return rollout.Decision(written=until - started)
-        after = cursor if cursor < last else first - 1
+        after = first - 1 if cursor is None else cursor
         until = min(last, after + limit)
         judged, tally = verdicts.judge_batch(conn, view, deploying, now, ACTOR, (after, until))
         budget -= until - after
-        next_cursor = until if until < last else None
-        if next_cursor != (cursor if cursor >= first else None):
+        next_cursor = until if until < last else None  # the window after the last: the first
+        if next_cursor != cursor:
             conn.execute(
                 "UPDATE rollout_batches SET judged_until = ? WHERE rollout_id = ? AND idx = ?",
                 (next_cursor, view.id, deploying.index),
