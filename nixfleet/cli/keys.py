@@ -11,6 +11,7 @@ from urllib.parse import quote
 import click
 
 from nixfleet.cli.context import State, pass_state
+from nixfleet.cli.machines import machine_path
 from nixfleet.cli.output import emit_json, message, table
 
 ROLES = ("readonly", "deploy", "admin")
@@ -101,7 +102,7 @@ def rotate_token(state: State, machine_id: str, json_: bool) -> None:
     Example:
       (umask 077; nixfleet machines rotate-token web-01 > web-01.token)
     """
-    out = state.client().post(f"/api/v1/machines/{quote(machine_id, safe='')}/token")
+    out = state.client().post(machine_path(machine_id, "/token"))
     if json_ or state.json:
         emit_json(out)
         return
@@ -119,5 +120,5 @@ def revoke_token(state: State, machine_id: str) -> None:
     Example:
       nixfleet machines revoke-token web-01
     """
-    out = state.client().request("DELETE", f"/api/v1/machines/{quote(machine_id, safe='')}/token")
+    out = state.client().request("DELETE", machine_path(machine_id, "/token"))
     message(f"{machine_id}: " + ("agent token revoked" if out["revoked"] else "had no agent token"))

@@ -16,7 +16,7 @@ def _split(value: str | None) -> list[str]:
     return [t.strip() for t in (value or "").split(",") if t.strip()]
 
 
-def _path(machine_id: str, suffix: str = "") -> str:
+def machine_path(machine_id: str, suffix: str = "") -> str:
     return f"/api/v1/machines/{quote(machine_id, safe='')}{suffix}"
 
 
@@ -116,7 +116,7 @@ def show(state: State, machine_id: str, json_: bool) -> None:
     Example:
       nixfleet machines show web-01
     """
-    _print_machine(state, state.client().get(_path(machine_id)), json_)
+    _print_machine(state, state.client().get(machine_path(machine_id)), json_)
 
 
 @machines.command()
@@ -172,7 +172,9 @@ def set_lifecycle(state: State, machine_id: str, lifecycle: str) -> None:
     Example:
       nixfleet machines set-lifecycle web-01 maintenance
     """
-    m = state.client().request("PATCH", _path(machine_id, "/lifecycle"), {"lifecycle": lifecycle})
+    m = state.client().request(
+        "PATCH", machine_path(machine_id, "/lifecycle"), {"lifecycle": lifecycle}
+    )
     message(f"{machine_id}: {m['lifecycle']}")
 
 
@@ -188,7 +190,7 @@ def tag(state: State, machine_id: str, tags: tuple[str, ...]) -> None:
       nixfleet machines tag web-01 canary region-eu
     """
     m = state.client().post(
-        _path(machine_id, "/tags"), {"tags": [t for v in tags for t in _split(v)]}
+        machine_path(machine_id, "/tags"), {"tags": [t for v in tags for t in _split(v)]}
     )
     message(f"{machine_id}: tags {', '.join(m['tags'])}")
 
@@ -205,7 +207,7 @@ def untag(state: State, machine_id: str, tags: tuple[str, ...]) -> None:
       nixfleet machines untag web-01 canary
     """
     body = {"tags": [t for v in tags for t in _split(v)]}
-    m = state.client().request("DELETE", _path(machine_id, "/tags"), body)
+    m = state.client().request("DELETE", machine_path(machine_id, "/tags"), body)
     message(f"{machine_id}: tags {', '.join(m['tags']) or '-'}")
 
 
@@ -222,7 +224,7 @@ def set_desired(state: State, machine_id: str, store_path: str, cache_url: str |
       nixfleet machines set-desired web-01 /nix/store/...-nixos-system-web-01 --cache-url https://cache.example.com
     """
     body = {"store_path": store_path, "cache_url": cache_url}
-    state.client().request("PUT", _path(machine_id, "/desired-generation"), body)
+    state.client().request("PUT", machine_path(machine_id, "/desired-generation"), body)
     message(f"{machine_id}: desired {store_path}")
 
 
@@ -236,7 +238,7 @@ def clear_desired(state: State, machine_id: str) -> None:
     Example:
       nixfleet machines clear-desired web-01
     """
-    state.client().request("DELETE", _path(machine_id, "/desired-generation"))
+    state.client().request("DELETE", machine_path(machine_id, "/desired-generation"))
     message(f"{machine_id}: desired generation cleared")
 
 
@@ -250,5 +252,5 @@ def retry(state: State, machine_id: str) -> None:
     Example:
       nixfleet machines retry web-01
     """
-    state.client().post(_path(machine_id, "/retry"))
+    state.client().post(machine_path(machine_id, "/retry"))
     message(f"{machine_id}: retry requested; the agent tries again on its next poll")
