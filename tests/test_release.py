@@ -12,6 +12,9 @@ import pytest
 
 from tests.conftest import ControlPlane, run_cli
 
+# Runs under both Nix versions (tests/system/test_nix_versions.py).
+pytestmark = pytest.mark.nix
+
 FLAKE = Path(__file__).resolve().parent / "nix" / "release-flake"
 
 

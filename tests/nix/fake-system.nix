@@ -6,13 +6,28 @@
 # as a real switch does when a unit fails to start after the activation script ran.
 # With healthy = false the system has no `healthy` marker file, which tests' command
 # health checks look for.
-{ salt, fail ? false, healthy ? true }:
+#
+# For the system tier (tests/system/): `delay` seconds of sleep make the switch slow;
+# `agentConfig` (JSON text) becomes etc/nixfleet/agent.json, which the switch links
+# to ${etcDir}/nixfleet/agent.json atomically, as NixOS's /etc activation does;
+# `record` names a file the switch appends "begin|end <action> <out> <cgroup>" to,
+# which shows that it ran (and finished) in its own transient unit.
+{
+  salt,
+  fail ? false,
+  healthy ? true,
+  delay ? 0,
+  agentConfig ? "",
+  etcDir ? "/etc",
+  record ? "",
+}:
 builtins.derivation {
   name = "nixos-system-fake-${salt}";
   system = builtins.currentSystem;
   builder = "/bin/sh";
   PATH = "/usr/bin:/bin";
-  inherit salt;
+  inherit salt agentConfig etcDir record;
+  delay = toString delay;
   failSwitch = if fail then "1" else "";
   healthy = if healthy then "1" else "";
   args = [ "-c" ''
@@ -20,10 +35,23 @@ builtins.derivation {
     mkdir -p $out/bin
     echo "$salt" > $out/nixos-version
     if [ -n "$healthy" ]; then echo ok > $out/healthy; fi
+    if [ -n "$agentConfig" ]; then
+      mkdir -p $out/etc/nixfleet
+      printf '%s' "$agentConfig" > $out/etc/nixfleet/agent.json
+    fi
     cat > $out/bin/switch-to-configuration <<EOS
     #!/bin/sh
+    record() { if [ -n "$record" ]; then echo "\$1 \$2 $out \$(tr '\\n' ' ' < /proc/self/cgroup)" >> "$record"; fi; }
+    record begin "\$1"
     echo "\$1 $out" >> "\''${NIXFLEET_SWITCH_LOG:-/dev/null}"
+    if [ "$delay" != 0 ]; then sleep "$delay"; fi
+    if [ -n "$agentConfig" ]; then
+      mkdir -p "$etcDir/nixfleet"
+      ln -sfn $out/etc/nixfleet/agent.json "$etcDir/nixfleet/.agent.json.tmp"
+      mv -Tf "$etcDir/nixfleet/.agent.json.tmp" "$etcDir/nixfleet/agent.json"
+    fi
     if [ -n "\$NIXFLEET_CURRENT_SYSTEM" ]; then ln -sfn $out "\$NIXFLEET_CURRENT_SYSTEM"; fi
+    record end "\$1"
     if [ -n "$failSwitch" ]; then echo "warning: the following units failed: fake.service" >&2; exit 1; fi
     exit 0
     EOS

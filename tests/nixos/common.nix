@@ -63,7 +63,7 @@ in
 
         services.nixfleet-control-plane = {
           enable = true;
-          listen = "0.0.0.0:8470";
+          listen.address = "0.0.0.0";
           openFirewall = true;
           adminKeyFile = pkgs.writeText "nixfleet-admin-key" adminKey;
           settings.reconcile_interval = 1;
