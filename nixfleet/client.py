@@ -67,9 +67,16 @@ def check_url(url: str) -> urllib.parse.SplitResult:
 class _DeadlineReader(io.RawIOBase):
     """A socket's read side that gives up at a fixed moment, however the bytes trickle."""
 
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
+    def __init__(self, sock: socket.socket, deadline: float, keep: Any) -> None:
         self._sock = sock
         self._deadline = deadline
+        # The socket's own makefile() holds a reference that keeps the descriptor open
+        # when the connection is closed under a response (HTTP/1.0, Connection: close).
+        self._keep = keep
+
+    def close(self) -> None:
+        self._keep.close()
+        super().close()
 
     def readable(self) -> bool:
         return True
@@ -87,8 +94,7 @@ class _Response(http.client.HTTPResponse):
 
     def __init__(self, sock: socket.socket, *args: Any, **kwargs: Any) -> None:
         super().__init__(sock, *args, **kwargs)
-        self.fp.close()  # the socket stays open: only the makefile() wrapper goes
-        self.fp = io.BufferedReader(_DeadlineReader(sock, self.deadline))
+        self.fp = io.BufferedReader(_DeadlineReader(sock, self.deadline, self.fp))
 
 
 def _response_class(deadline: float) -> type[_Response]:

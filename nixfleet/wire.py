@@ -3,11 +3,10 @@
 The client returns these and the CLI renders them; the API may annotate what it
 builds with the same names, so a field renamed on one side is a type error on the
 other. Times are RFC 3339 UTC strings, generations full store paths or None.
-`REQUIRED` is what the client checks before handing a body on: a server that
-answers without these keys is not the nixfleet API this client speaks.
+The client checks the required keys before handing a body on: a server that
+answers without them is not the nixfleet API this client speaks. (No `from __future__
+import annotations` here: TypedDict must see NotRequired at class creation.)
 """
-
-from __future__ import annotations
 
 from typing import Any, NotRequired, TypedDict
 

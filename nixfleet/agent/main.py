@@ -21,7 +21,9 @@ from nixfleet.agent.loop import Agent
 from nixfleet.entrypoint import EXIT_INTERRUPTED, Program
 
 
-@click.command(cls=Program, context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(
+    "nixfleet-agent", cls=Program, context_settings={"help_option_names": ["-h", "--help"]}
+)
 @click.option(
     "--config",
     "config_file",

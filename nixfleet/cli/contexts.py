@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
@@ -57,6 +58,8 @@ def set_context(name: str, control_plane_url: str | None, api_key_file: str | No
     """
     if control_plane_url:
         check_url(control_plane_url)
+    if api_key_file and not api_key_file.startswith("~"):
+        api_key_file = str(Path(api_key_file).absolute())  # the same file from any directory
     path = config.set_context(
         name, {"control_plane_url": control_plane_url, "api_key_file": api_key_file}
     )

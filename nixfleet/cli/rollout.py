@@ -90,13 +90,14 @@ def halted(data: wire.Rollout) -> RolloutHaltedError:
 
 
 def progress(data: wire.Rollout) -> dict[str, str]:
-    """What a log-friendly wait reports a line for when it changes."""
-    out = {f"rollout {data['name']}": data["status"]}
+    """What a log-friendly wait reports a line for when it changes (the rollout last)."""
+    out: dict[str, str] = {}
     for b in data["batches"]:
         out[f"batch {b['index'] + 1}"] = b["status"]
         for m in b["machines"]:
             unhealthy = m["health"] == "unhealthy" and m["reason"]
             out[m["id"]] = f"{m['health']} ({m['reason']})" if unhealthy else m["health"]
+    out[f"rollout {data['name']}"] = data["status"]
     return out
 
 

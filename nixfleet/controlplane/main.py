@@ -16,6 +16,7 @@ from nixfleet.store import Store, audit, credentials
 
 
 @click.group(
+    "nixfleet-control-plane",
     cls=ProgramGroup,
     invoke_without_command=True,
     context_settings={"help_option_names": ["-h", "--help"]},
