@@ -183,7 +183,7 @@ def backup(settings: config.Settings, destination: str) -> None:
     if target.exists():
         raise NixfleetError(f"{target} exists; choose a new file name")
     store = Store(settings.db_path())
-    store.connection().execute("VACUUM INTO ?", (str(target),))
+    store.backup(target)
     store.close()
     click.echo(f"backed up {settings.db_path()} to {target}", err=True)
 
