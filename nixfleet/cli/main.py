@@ -9,6 +9,7 @@ import click
 from nixfleet import __version__, entrypoint
 from nixfleet.cli import config
 from nixfleet.cli.context import State, pass_state
+from nixfleet.cli.options import output_options
 from nixfleet.cli.output import COLOR_MODES, message, set_color
 from nixfleet.errors import NixfleetError, UnreachableError
 
@@ -41,7 +42,7 @@ While the control plane is down:
     metavar="NAME",
     help="Use this context of the config file (see `nixfleet config`) [env NIXFLEET_CONTEXT].",
 )
-@click.option("--json", "json_", is_flag=True, help="Machine-readable JSON output everywhere.")
+@output_options()
 @click.option(
     "--color",
     type=click.Choice(COLOR_MODES),
@@ -58,7 +59,6 @@ def cli(
     api_key: str | None,
     api_key_file: str | None,
     context_name: str | None,
-    json_: bool,
     color: str,
     debug: bool,
 ) -> None:
@@ -70,12 +70,12 @@ def cli(
       nixfleet status
       nixfleet --context staging machines list --tags prod
       nixfleet --color never status | less
+      nixfleet --debug machines show web-01    # a traceback with any error
     """
     state.url_flag = control_plane_url
     state.key_flag = api_key
     state.key_file_flag = api_key_file
     state.context_flag = context_name
-    state.json = state.json or json_
     state.debug = debug
     set_color(color)
 

@@ -138,7 +138,7 @@ def status(state: State, tags: list[str], watch: bool, interval: float) -> None:
     \b
     Example:
       nixfleet status
-      nixfleet status --tags prod,web --watch
+      nixfleet status --tags prod,web --watch --interval 5
       nixfleet status --json | jq '.machines[] | select(.sync != "in sync")'
     """
     client = state.client()
