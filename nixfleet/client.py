@@ -203,6 +203,7 @@ class Client:
                 resp = conn.getresponse()
                 raw = resp.read(MAX_RESPONSE_BYTES + 1)
                 if len(raw) > MAX_RESPONSE_BYTES:
+                    self.close()  # the rest of that body is never read
                     raise ProtocolError(
                         f"{self.base_url} answered {what} with more than "
                         f"{MAX_RESPONSE_BYTES // 2**20} MiB"
@@ -214,6 +215,12 @@ class Client:
                 self.close()
                 if attempt == 1 and reused:
                     continue
+                where = f"{self._host}:{self._port or 80}"
+                if self._scheme == "http" and _speaks_tls(self._host, self._port or 80):
+                    raise ProtocolError(
+                        f"{self.base_url}: {where} speaks TLS, not plain HTTP (it dropped a "
+                        f"plain request); use https://{where}"
+                    ) from e
                 raise UnreachableError(
                     f"control plane at {self.base_url} closed the connection: {e}"
                 ) from e
@@ -498,6 +505,21 @@ def _plain_http_answer(host: str, port: int) -> str | None:
     finally:
         sock.close()
     return line.decode(errors="replace") if line.startswith(b"HTTP/") else ""
+
+
+def _speaks_tls(host: str, port: int) -> bool:
+    """Whether a TLS handshake succeeds at host:port (no verification: only asking)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection((host, port), timeout=2.0) as raw,
+            context.wrap_socket(raw, server_hostname=host),
+        ):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def _error_for(status: int, payload: Mapping[str, Any]) -> NixfleetError:

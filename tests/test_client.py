@@ -7,10 +7,13 @@ the point is misbehaviour, the real control plane otherwise).
 from __future__ import annotations
 
 import contextlib
+import http.server
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from conftest import ControlPlane
@@ -25,6 +28,7 @@ from nixfleet.errors import (
 )
 
 Handler = Callable[[socket.socket], None]
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture
@@ -203,3 +207,21 @@ def test_typed_operations_round_trip_the_real_control_plane(control_plane: Contr
         c.machine("ghost")
     with pytest.raises(ValidationError):
         c.set_desired("web-01", "/tmp/not-a-store-path")
+
+
+def test_http_against_a_tls_server_says_to_use_https() -> None:
+    # A throwaway self-signed pair made for this test only (tests/fixtures/test-tls.*).
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(FIXTURES / "test-tls.crt", FIXTURES / "test-tls.key")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        with pytest.raises(ProtocolError) as e:
+            Client(f"http://127.0.0.1:{port}").status()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert f"127.0.0.1:{port} speaks TLS, not plain HTTP" in str(e.value)
+    assert f"use https://127.0.0.1:{port}" in str(e.value)
