@@ -153,7 +153,7 @@ def test_agent_settings_are_freeform_and_never_silently_override(lib: str) -> No
 
 
 def test_control_plane_settings_are_what_the_server_accepts(lib: str, tmp_path: Path) -> None:
-    from nixfleet.controlplane import config
+    from nixfleet import settings as config
 
     out = eval_real(
         lib,
