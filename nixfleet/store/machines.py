@@ -329,21 +329,21 @@ def status_document(
 
     One statement, one scan: SQLite writes each machine's JSON (tags from the row's
     tags_json, kept by triggers), joins them into the array and counts the summary
-    in the same pass. Building a Machine, a dict and JSON text per machine in Python
-    took seconds at 100,000 machines; fetching a row per machine took a quarter of
-    what is left. The inner ORDER BY feeds group_concat in id order: SQLite does not
-    flatten an ordered sub-query into an aggregate.
+    in the same pass, so no Python object per machine (the measurements are in
+    docs/performance.md). The inner ORDER BY feeds group_concat in id order: SQLite
+    does not flatten an ordered sub-query into an aggregate.
     """
     where, params = _filter_sql(tags, lifecycle, "m.")
     cutoff = isoformat(stale_cutoff(now, stale_after))
     syncs = [s.value for s in Sync]
     lifecycles = [life.value for life in Lifecycle]
     sums = ", ".join(
-        [f"sum(sync = '{v}')" for v in syncs] + [f"sum(lifecycle = '{v}')" for v in lifecycles]
+        [f"sum(sync = '{v}') AS \"sync:{v}\"" for v in syncs]
+        + [f"sum(lifecycle = '{v}') AS \"lifecycle:{v}\"" for v in lifecycles]
     )
     sql = (
-        "SELECT '[' || coalesce(group_concat(o, ','), '') || ']', count(*), "
-        f"coalesce(sum(stale), 0), {sums} FROM ("
+        "SELECT '[' || coalesce(group_concat(o, ','), '') || ']' AS machines, "
+        f"count(*) AS total, coalesce(sum(stale), 0) AS stale, {sums} FROM ("
         "SELECT json_object('id', m.id, 'lifecycle', m.lifecycle, "
         "'current_generation', m.current_generation, "
         f"'desired_generation', m.desired_generation, 'sync', {SYNC_SQL}, "
@@ -355,11 +355,10 @@ def status_document(
         f"FROM machines m{where} ORDER BY m.id)"
     )
     row = conn.execute(sql, (cutoff, cutoff, *params)).fetchone()
-    counts = [int(n or 0) for n in row[3:]]
-    by_sync = dict(zip(syncs, counts[: len(syncs)], strict=True))
-    by_sync.update(total=int(row[1]), stale=int(row[2]))
-    by_lifecycle = dict(zip(lifecycles, counts[len(syncs) :], strict=True))
-    return StatusDocument(row[0], by_sync, by_lifecycle)
+    by_sync = {v: int(row[f"sync:{v}"] or 0) for v in syncs}
+    by_sync.update(total=int(row["total"]), stale=int(row["stale"]))
+    by_lifecycle = {v: int(row[f"lifecycle:{v}"] or 0) for v in lifecycles}
+    return StatusDocument(row["machines"], by_sync, by_lifecycle)
 
 
 @dataclass(frozen=True)

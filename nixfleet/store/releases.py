@@ -54,7 +54,11 @@ def _entries(conn: sqlite3.Connection, ids: list[str]) -> dict[str, list[Release
         ids,
     )
     for r in rows:
-        out[r[0]].append(ReleaseEntry(r[1], r[2], r[3], tuple(json.loads(r[4]))))
+        out[r["release_id"]].append(
+            ReleaseEntry(
+                r["hostname"], r["store_path"], r["platform"], tuple(json.loads(r["tags_json"]))
+            )
+        )
     return out
 
 
