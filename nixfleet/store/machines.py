@@ -310,6 +310,23 @@ SYNC_SQL = (
 )
 STALE_SQL = "(m.last_report_at IS NOT NULL AND m.last_report_at < ?)"
 
+# A machine's entry in GET /api/v1/status, field by field, as SQL writes it: the same
+# keys and values as api.machines.status_json, which is the definition (held to it
+# machine by machine by tests/api/test_status_shape.py). STALE_SQL takes the cutoff.
+STATUS_SQL: dict[str, str] = {
+    "id": "m.id",
+    "lifecycle": "m.lifecycle",
+    "current_generation": "m.current_generation",
+    "desired_generation": "m.desired_generation",
+    "sync": SYNC_SQL,
+    "failed_generation": "m.failed_generation",
+    "last_report_at": "m.last_report_at",
+    "stale": f"json(CASE WHEN {STALE_SQL} THEN 'true' ELSE 'false' END)",
+    "system_state": "m.system_state",
+    "last_message": "m.last_message",
+    "tags": "json(m.tags_json)",
+}
+
 
 @dataclass(frozen=True)
 class StatusDocument:
@@ -341,20 +358,16 @@ def status_document(
         [f"sum(sync = '{v}') AS \"sync:{v}\"" for v in syncs]
         + [f"sum(lifecycle = '{v}') AS \"lifecycle:{v}\"" for v in lifecycles]
     )
+    fields = ", ".join(f"'{key}', {expr}" for key, expr in STATUS_SQL.items())
+    stale_params = [cutoff] * "".join(STATUS_SQL.values()).count("?")
     sql = (
         "SELECT '[' || coalesce(group_concat(o, ','), '') || ']' AS machines, "
         f"count(*) AS total, coalesce(sum(stale), 0) AS stale, {sums} FROM ("
-        "SELECT json_object('id', m.id, 'lifecycle', m.lifecycle, "
-        "'current_generation', m.current_generation, "
-        f"'desired_generation', m.desired_generation, 'sync', {SYNC_SQL}, "
-        "'failed_generation', m.failed_generation, 'last_report_at', m.last_report_at, "
-        f"'stale', json(CASE WHEN {STALE_SQL} THEN 'true' ELSE 'false' END), "
-        "'system_state', m.system_state, 'last_message', m.last_message, "
-        "'tags', json(m.tags_json)) AS o, "
+        f"SELECT json_object({fields}) AS o, "
         f"{SYNC_SQL} AS sync, {STALE_SQL} AS stale, m.lifecycle AS lifecycle "
         f"FROM machines m{where} ORDER BY m.id)"
     )
-    row = conn.execute(sql, (cutoff, cutoff, *params)).fetchone()
+    row = conn.execute(sql, (*stale_params, cutoff, *params)).fetchone()
     by_sync = {v: int(row[f"sync:{v}"] or 0) for v in syncs}
     by_sync.update(total=int(row["total"]), stale=int(row["stale"]))
     by_lifecycle = {v: int(row[f"lifecycle:{v}"] or 0) for v in lifecycles}

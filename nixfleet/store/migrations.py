@@ -283,13 +283,13 @@ MIGRATIONS: list[tuple[str, str]] = [
     # rollout_files.rollout_id -> rollouts. SQLite adds neither to an existing table,
     # so each table is rebuilt (sqlite.org/lang_altertable.html, "making other kinds of
     # table schema changes"); Store.migrate runs migrations with foreign keys off and
-    # checks them all before the commit. rowids are kept: listings order by them.
+    # checks them all before the commit, and legacy_alter_table keeps the renames from
+    # rewriting (or tripping over) the machine_tags triggers, which name machines.
+    # rowids are kept: listings order by them.
     (
         "0009_checks_and_foreign_keys",
         """
-        DROP TRIGGER machine_tags_added;
-        DROP TRIGGER machine_tags_removed;
-        DROP TRIGGER machine_tags_changed;
+        PRAGMA legacy_alter_table = ON;
         CREATE TABLE machines_new (
             id TEXT PRIMARY KEY,
             lifecycle TEXT NOT NULL CHECK (lifecycle IN
@@ -321,28 +321,6 @@ MIGRATIONS: list[tuple[str, str]] = [
         DROP TABLE machines;
         ALTER TABLE machines_new RENAME TO machines;
         CREATE INDEX machines_lifecycle ON machines (lifecycle);
-        CREATE TRIGGER machine_tags_added AFTER INSERT ON machine_tags BEGIN
-            UPDATE machines SET tags_json = (SELECT json_group_array(tag)
-                FROM (SELECT tag FROM machine_tags
-                WHERE machine_id = NEW.machine_id GROUP BY tag))
-            WHERE id = NEW.machine_id;
-        END;
-        CREATE TRIGGER machine_tags_removed AFTER DELETE ON machine_tags BEGIN
-            UPDATE machines SET tags_json = (SELECT json_group_array(tag)
-                FROM (SELECT tag FROM machine_tags
-                WHERE machine_id = OLD.machine_id GROUP BY tag))
-            WHERE id = OLD.machine_id;
-        END;
-        CREATE TRIGGER machine_tags_changed AFTER UPDATE ON machine_tags BEGIN
-            UPDATE machines SET tags_json = (SELECT json_group_array(tag)
-                FROM (SELECT tag FROM machine_tags
-                WHERE machine_id = OLD.machine_id GROUP BY tag))
-            WHERE id = OLD.machine_id;
-            UPDATE machines SET tags_json = (SELECT json_group_array(tag)
-                FROM (SELECT tag FROM machine_tags
-                WHERE machine_id = NEW.machine_id GROUP BY tag))
-            WHERE id = NEW.machine_id;
-        END;
 
         CREATE TABLE rollouts_new (
             id TEXT PRIMARY KEY,
@@ -426,7 +404,8 @@ MIGRATIONS: list[tuple[str, str]] = [
             (SELECT id FROM rollouts WHERE id = rollout_files.rollout_id), errors_json,
             mtime_ns, checked_at FROM rollout_files;
         DROP TABLE rollout_files;
-        ALTER TABLE rollout_files_new RENAME TO rollout_files
+        ALTER TABLE rollout_files_new RENAME TO rollout_files;
+        PRAGMA legacy_alter_table = OFF
         """,
     ),
 ]

@@ -76,7 +76,7 @@ def test_migrating_the_0007_fixture_loses_nothing_and_fixes_times(old_db: Path) 
             for a, b in zip(old, new, strict=False):
                 if isinstance(a, str) and len(a) == 20 and a.endswith("Z") and a[10] == "T":
                     # the same instant, in the fixed form
-                    assert b == isoformat(parse_time(a))
+                    assert b == isoformat(parse_time(a)) and b is not None
                     assert datetime.strptime(b, TIME_FORMAT).replace(tzinfo=UTC) == parse_time(a)
                 else:
                     assert a == b, (table, old, new)
