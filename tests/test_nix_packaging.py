@@ -107,7 +107,7 @@ def nix_files() -> list[Path]:
 
 
 def declared_options(module: Path) -> list[dict[str, Any]]:
-    return nix_json(
+    options: list[dict[str, Any]] = nix_json(
         "nix-instantiate",
         "--eval",
         "--strict",
@@ -117,6 +117,7 @@ def declared_options(module: Path) -> list[dict[str, Any]]:
         "module",
         str(module),
     )
+    return options
 
 
 def documented_options() -> set[str]:

@@ -9,8 +9,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import ControlPlane, run_cli
+from conftest import ControlPlane, run_cli
 
 # Runs under both Nix versions (tests/system/test_nix_versions.py).
 pytestmark = pytest.mark.nix
