@@ -72,7 +72,7 @@ def inner(
     if lib is not None:
         binds_ro.append((lib, "/nixpkgs-lib"))
         env.update(NIXFLEET_NIXPKGS_LIB="/nixpkgs-lib", NIXFLEET_REQUIRE_NIXPKGS_LIB="1")
-    return container.run_once(
+    done: subprocess.CompletedProcess[str] = container.run_once(
         root,
         ["sh", "-c", 'cd /src && exec "$@"', "sh", *argv],
         binds=[(venv, container.VENV)],
@@ -81,6 +81,7 @@ def inner(
         env=env,
         timeout=timeout,
     )
+    return done
 
 
 def summary(output: str) -> str:

@@ -222,7 +222,8 @@ def reported(box: Box, generation: str, **expect: Any) -> Callable[[], dict[str,
 
 
 def agent_log(box: Box) -> str:
-    return box.c.journal(AGENT, 400)
+    text: str = box.c.journal(AGENT, 400)
+    return text
 
 
 # --- the units ----------------------------------------------------------------------
@@ -356,9 +357,12 @@ def test_a_failing_switch_rolls_back_and_is_never_retried(running: Box) -> None:
     assert m["last_message"].startswith("rolled back:"), m["last_message"]
     # Several more polls (a poll a second): none may try the failed generation again.
     seen = {m["last_report_at"]}
-    wait_for(
-        "five more reports", lambda: seen.add(running.machine()["last_report_at"]) or len(seen) > 5
-    )
+
+    def more_reports() -> bool:
+        seen.add(running.machine()["last_report_at"])
+        return len(seen) > 5
+
+    wait_for("five more reports", more_reports)
     assert [ln.split()[0] for ln in running.switches(bad)] == ["begin", "end"]
     assert running.c.run("readlink", "/run/current-system").stdout.strip() == previous
     assert running.machine()["last_success"] is False
