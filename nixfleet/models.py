@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -193,7 +193,6 @@ class Machine:
     failed_generation: str | None = None
     health: HealthResult | None = None
     retry_requested_at: datetime | None = None
-    recent_reports: tuple[Report, ...] = field(default=())
 
     @property
     def sync(self) -> Sync:
