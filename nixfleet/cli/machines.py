@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 from urllib.parse import quote
 
 import click
 
 from nixfleet.cli.context import State, pass_state
+from nixfleet.cli.enroll import parse_duration
 from nixfleet.cli.output import ago, emit_json, message, printable, short_generation, table
-from nixfleet.models import Lifecycle
+from nixfleet.history import EventKind
+from nixfleet.models import Lifecycle, isoformat, utcnow
 
 
 def _split(value: str | None) -> list[str]:
@@ -50,15 +53,36 @@ def _print_machine(state: State, m: dict[str, Any], json_: bool) -> None:
             mark = "ok  " if r["passed"] else "FAIL"
             line = f"  {mark} {r['kind']}:{r['name']} {r.get('message', '')}".rstrip()
             click.echo(printable(line))
-    if m.get("recent_reports"):
-        click.echo("recent reports:")
-        for r in m["recent_reports"][:10]:
-            ok = "ok  " if r["success"] else "FAIL"
-            line = (
-                f"  {r['received_at']}  {ok} {short_generation(r['current_generation'])}  "
-                f"{r['message']}".rstrip()
-            )
-            click.echo(printable(line))
+    if m.get("history"):
+        click.echo("latest history (oldest first; all of it: nixfleet machines history):")
+        for e in m["history"]:
+            click.echo(printable(f"  {e['at']}  {describe(e)}  [{e['source']}]"))
+
+
+def describe(e: dict[str, Any]) -> str:
+    """One line for a history event (GET /api/v1/machines/{id}/history)."""
+    d, kind = e.get("detail") or {}, e["kind"]
+    gen, prev = short_generation(e.get("generation")), short_generation(e.get("previous"))
+    if kind in ("generation", "desired"):
+        return f"{kind} {prev} -> {gen}"
+    if kind == "deployment-failed":
+        return f"deployment of {gen} failed: {d.get('reason', '')}"
+    if kind == "rolled-back":
+        return f"deployment of {gen} rolled back: {d.get('reason', '')}"
+    if kind == "health":
+        text = f"health {d.get('previous')} -> {d.get('status')}"
+        if d.get("newly_failing"):
+            text += f"; failing: {', '.join(d['newly_failing'])}"
+        if d.get("recovered"):
+            text += f"; passing again: {', '.join(d['recovered'])}"
+        return text
+    if kind == "tags":
+        changes = [f"+{t}" for t in d.get("added", [])] + [f"-{t}" for t in d.get("removed", [])]
+        return f"{d.get('tag_source', '')} tags {' '.join(changes)}"
+    if kind == "lifecycle":
+        reason = f" ({d['reason']})" if d.get("reason") else ""
+        return f"lifecycle {d.get('from')} -> {d.get('to')}{reason}"
+    return str(kind)
 
 
 @click.group()
@@ -110,13 +134,61 @@ def list_(state: State, tags: str | None, lifecycle: str | None, json_: bool, wi
 @click.option("--json", "json_", is_flag=True, help="JSON output.")
 @pass_state
 def show(state: State, machine_id: str, json_: bool) -> None:
-    """Show one machine with its health and recent reports.
+    """Show one machine with its health, ending with its latest history events.
 
     \b
     Example:
       nixfleet machines show web-01
     """
     _print_machine(state, state.client().get(machine_path(machine_id)), json_)
+
+
+@machines.command()
+@click.argument("machine_id")
+@click.option(
+    "--since",
+    metavar="AGE",
+    callback=lambda ctx, param, value: None if value is None else parse_duration(value),
+    help="Only events of the last AGE (e.g. 30m, 24h, 7d).",
+)
+@click.option(
+    "--kind",
+    "kinds",
+    multiple=True,
+    type=click.Choice([k.value for k in EventKind]),
+    help="Only events of this kind (repeatable).",
+)
+@click.option("--json", "json_", is_flag=True, help="JSON output (the events, oldest first).")
+@pass_state
+def history(
+    state: State, machine_id: str, since: int | None, kinds: tuple[str, ...], json_: bool
+) -> None:
+    """Show what happened to a machine: its changes, oldest first (heartbeats are not history).
+
+    \b
+    Example:
+      nixfleet machines history web-03 --since 7d
+      nixfleet machines history web-03 --kind generation --kind rolled-back --json
+    """
+    start = None if since is None else isoformat(utcnow() - timedelta(seconds=since))
+    client, events = state.client(), []
+    after: str | None = "0"
+    while after is not None:
+        page = client.get(
+            machine_path(machine_id, "/history"),
+            since=start,
+            kind=list(kinds) or None,
+            after=after,
+            limit="1000",
+        )
+        events.extend(page["events"])
+        after = None if page["next_after"] is None else str(page["next_after"])
+    if json_ or state.json:
+        emit_json(events)
+        return
+    rows = [[e["at"], e["kind"], e["source"], describe(e)] for e in events]
+    table(["TIME", "KIND", "SOURCE", "CHANGE"], rows)
+    message(f"{len(rows)} event(s)")
 
 
 @machines.command()

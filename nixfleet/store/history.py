@@ -21,7 +21,6 @@ from datetime import datetime
 
 from nixfleet.history import CHAINED, Event, EventKind
 from nixfleet.models import isoformat, parse_time
-from nixfleet.store.verdicts import sortable, ts_key
 
 MAX_PAGE = 1000
 
@@ -122,11 +121,11 @@ def page(
     clauses = ["id > ?"]
     params: list[object] = [machine_id, after]
     if since is not None:
-        clauses.append(f"{ts_key('at')} >= ?")
-        params.append(sortable(since))
+        clauses.append("at >= ?")
+        params.append(isoformat(since))
     if until is not None:
-        clauses.append(f"{ts_key('at')} < ?")
-        params.append(sortable(until))
+        clauses.append("at < ?")
+        params.append(isoformat(until))
     if kinds:
         clauses.append(f"kind IN ({','.join('?' * len(kinds))})")
         params.extend(k.value for k in kinds)
@@ -153,8 +152,8 @@ def prune_age(conn: sqlite3.Connection, cutoff: datetime, chunk: int) -> int:
     """
     cur = conn.execute(
         "DELETE FROM machine_events WHERE id IN "
-        f"(SELECT id FROM machine_events ORDER BY id LIMIT ?) AND {ts_key('at')} < ?",
-        (chunk, sortable(cutoff)),
+        "(SELECT id FROM machine_events ORDER BY id LIMIT ?) AND at < ?",
+        (chunk, isoformat(cutoff)),
     )
     return cur.rowcount
 
