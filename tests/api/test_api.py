@@ -224,7 +224,6 @@ def test_status_agrees_with_the_machine_list_under_every_filter(
                     attempted_generation=None if ok else GEN2,
                     tags=agent_tags,
                 ),
-                10,
             )
         for mid in ("m-0", "m-2", "m-4"):
             machines.set_desired(conn, mid, GEN2 if mid == "m-2" else GEN, None, "operator", now)
@@ -418,7 +417,7 @@ BAD_BODIES: list[tuple[str, str, str | bytes, str, int, str | None]] = [
     (
         "PATCH",
         "/api/v1/machines/web-01/lifecycle",
-        json.dumps({"lifecycle": "pending"}),
+        json.dumps({"lifecycle": "maintenance"}),  # pending -> maintenance: not allowed
         "application/json",
         409,
         None,

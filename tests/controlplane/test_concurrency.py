@@ -86,19 +86,26 @@ def test_fifty_threads_of_reports_tags_and_lifecycle_changes(control_plane: Cont
         }
         assert set(m["operator_tags"]) == expected_tags
         assert m["agent_tags"] == ["web"]
-        # Lifecycle is where the acknowledged transitions put it (each one toggles).
-        assert m["lifecycle"] == ("maintenance" if transitions_ok[machine] % 2 else "active")
         # Every acknowledged report was stored: each is one generation event ...
         stored = conn.execute(
             "SELECT COUNT(*) FROM machine_events WHERE machine_id = ? AND kind = 'generation'",
             (machine,),
         ).fetchone()[0]
         assert stored == reports_sent[machine] + 1
-        # ... and every acknowledged lifecycle change is in the audit log.
+        # ... and every lifecycle change is in the audit log and the history. A request
+        # for the state it already had (two threads toggling from the same read) is a
+        # no-op that succeeds and writes neither, so changes <= acknowledged requests,
+        # and the state is where the changes put it (each one toggles).
         audited = conn.execute(
             "SELECT COUNT(*) FROM audit WHERE action = 'machine.lifecycle' AND target = ? AND actor LIKE 'key:%'",
             (machine,),
         ).fetchone()[0]
-        assert audited == transitions_ok[machine]
+        changed = conn.execute(
+            "SELECT COUNT(*) FROM machine_events WHERE machine_id = ? AND kind = 'lifecycle' "
+            "AND source LIKE 'key:%'",
+            (machine,),
+        ).fetchone()[0]
+        assert audited == changed <= transitions_ok[machine]
+        assert m["lifecycle"] == ("maintenance" if changed % 2 else "active")
     assert sum(transitions_ok.values()) > 0
     assert "Traceback" not in control_plane.log.read_text()
