@@ -243,6 +243,7 @@ class Machine:
     failed_generation: str | None = None
     health: HealthResult | None = None
     retry_requested_at: datetime | None = None
+    uptime_seconds: int | None = None  # as of the last report
 
     @property
     def sync(self) -> Sync:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, TypedDict
 
 import falcon
 
+from nixfleet import wire
 from nixfleet.api.auth import Perm
 from nixfleet.api.context import Context
 from nixfleet.errors import FieldError, ValidationError
@@ -15,19 +15,7 @@ from nixfleet.models import isoformat, parse_time, validate_hostname
 from nixfleet.store import history, machines
 
 
-class EventJSON(TypedDict):
-    """One history event on the wire."""
-
-    id: int
-    at: str
-    kind: str
-    source: str
-    generation: str | None
-    previous: str | None
-    detail: dict[str, Any]
-
-
-def event_json(e: Event) -> EventJSON:
+def event_json(e: Event) -> wire.HistoryEvent:
     return {
         "id": e.id,
         "at": isoformat(e.at) or "",

@@ -13,7 +13,7 @@ from nixfleet.api.auth import Perm
 from nixfleet.api.body import read_document
 from nixfleet.api.context import Context
 from nixfleet.api.history import event_json
-from nixfleet.errors import FieldError, ValidationError
+from nixfleet.errors import ConflictError, FieldError, ValidationError
 from nixfleet.models import (
     HealthResult,
     Lifecycle,
@@ -157,6 +157,7 @@ class MachineItem:
             latest = history.latest(conn, machine_id, LATEST_EVENTS)
         out = machine_json(m, now, self.ctx.settings.stale_after)
         out["health"] = None if m.health is None else m.health.to_dict()
+        out["uptime_seconds"] = m.uptime_seconds
         out["history"] = [event_json(e) for e in latest]
         resp.media = out
 
@@ -209,6 +210,15 @@ class MachineTags:
                 added, _ = machines.set_tags(conn, machine_id, tags, "operator", replace=False)
                 history.tags_changed(conn, machine_id, now, actor, "operator", added, [])
             else:
+                from_config = [
+                    t for t in tags if t in before.agent_tags and t not in before.operator_tags
+                ]
+                if from_config:
+                    raise ConflictError(
+                        f"tag {', '.join(from_config)} of {machine_id} comes from the machine's "
+                        "NixOS config (services.nixfleet-agent.tags): remove it there; "
+                        "operators remove only the tags they added"
+                    )
                 removed = machines.remove_tags(conn, machine_id, tags)
                 history.tags_changed(conn, machine_id, now, actor, "operator", [], removed)
             return {"tags": tags}

@@ -34,7 +34,8 @@ from nixfleet.store import history
 COLUMNS = (
     "id, lifecycle, registered_at, current_generation, desired_generation, "
     "desired_cache_url, desired_source, last_report_at, agent_version, system_state, "
-    "last_success, last_message, failed_generation, health_json, retry_requested_at"
+    "last_success, last_message, failed_generation, health_json, retry_requested_at, "
+    "uptime_seconds"
 )
 
 
@@ -96,6 +97,7 @@ def _machine(row: sqlite3.Row, tags: dict[str, list[str]] | None) -> Machine:
         failed_generation=row["failed_generation"],
         health=HealthResult.from_dict(json.loads(health)) if health else None,
         retry_requested_at=parse_time(row["retry_requested_at"]),
+        uptime_seconds=row["uptime_seconds"],
     )
 
 
