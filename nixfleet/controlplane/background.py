@@ -75,7 +75,7 @@ def prune_history(settings: Settings, store: Store, age_chunk: int, cap_machines
     return deleted
 
 
-# Jobs run in order every interval; later issues append to this list.
+# Jobs run in order every interval.
 JOBS: list[Job] = [gitops.job, reconciler.job, PruneHistory(), checkpoint]
 
 

@@ -75,7 +75,7 @@ def test_fifty_threads_of_reports_tags_and_lifecycle_changes(control_plane: Cont
 
     conn = sqlite3.connect(control_plane.db)
     for machine in MACHINES:
-        m = control_plane.machine(machine)
+        got = control_plane.machine(machine)
         # Every acknowledged operator tag is there: no lost update.
         expected_tags = {
             f"t{n}-{i}"
@@ -84,8 +84,8 @@ def test_fifty_threads_of_reports_tags_and_lifecycle_changes(control_plane: Cont
             for i in range(ROUNDS)
             if i % 3 != 0
         }
-        assert set(m["operator_tags"]) == expected_tags
-        assert m["agent_tags"] == ["web"]
+        assert set(got["operator_tags"]) == expected_tags
+        assert got["agent_tags"] == ["web"]
         # Every acknowledged report was stored: each is one generation event ...
         stored = conn.execute(
             "SELECT COUNT(*) FROM machine_events WHERE machine_id = ? AND kind = 'generation'",
@@ -106,6 +106,6 @@ def test_fifty_threads_of_reports_tags_and_lifecycle_changes(control_plane: Cont
             (machine,),
         ).fetchone()[0]
         assert audited == changed <= transitions_ok[machine]
-        assert m["lifecycle"] == ("maintenance" if changed % 2 else "active")
+        assert got["lifecycle"] == ("maintenance" if changed % 2 else "active")
     assert sum(transitions_ok.values()) > 0
     assert "Traceback" not in control_plane.log.read_text()

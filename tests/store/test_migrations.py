@@ -13,7 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from nixfleet.models import TIME_FORMAT, isoformat, parse_time
+from nixfleet.history import EventKind
+from nixfleet.models import (
+    TIME_FORMAT,
+    BatchStatus,
+    Lifecycle,
+    MachineHealth,
+    RolloutStatus,
+    SystemState,
+    isoformat,
+    parse_time,
+)
 from nixfleet.store import Store, history, machines, migrations, releases
 from nixfleet.store import rollouts as store_rollouts
 
@@ -59,7 +69,7 @@ def test_migrating_the_0007_fixture_loses_nothing_and_fixes_times(old_db: Path) 
     store.close()
     assert applied == [name for name, _ in migrations.MIGRATIONS]
     after = _tables(old_db)
-    # 0009 carries the report rows into machine_events (test below) and drops them.
+    # 0010 carries the report rows into machine_events (test below) and drops them.
     reports = before.pop("reports")
     assert len(reports) == 5 and "reports" not in after
     assert {t: len(rows) for t, rows in after.items() if t in before} == {
@@ -70,7 +80,7 @@ def test_migrating_the_0007_fixture_loses_nothing_and_fixes_times(old_db: Path) 
             for a, b in zip(old, new, strict=False):
                 if isinstance(a, str) and len(a) == 20 and a.endswith("Z") and a[10] == "T":
                     # the same instant, in the fixed form
-                    assert b == isoformat(parse_time(a))
+                    assert b == isoformat(parse_time(a)) and b is not None
                     assert datetime.strptime(b, TIME_FORMAT).replace(tzinfo=UTC) == parse_time(a)
                 else:
                     assert a == b, (table, old, new)
@@ -105,3 +115,55 @@ def test_the_reports_of_0007_become_the_changes_they_show(old_db: Path) -> None:
     assert switch[0].generation is not None and switch[0].generation.endswith("web-00")
     assert isoformat(switch[0].at) == "2026-11-27T10:00:30.000000Z"
     assert found["web-01"] == [] and found["web-02"] == []
+
+
+ENUMERATED = [
+    ("machines", "lifecycle", [v.value for v in Lifecycle]),
+    ("machines", "system_state", [v.value for v in SystemState]),
+    ("rollouts", "status", [v.value for v in RolloutStatus]),
+    ("rollout_batches", "status", [v.value for v in BatchStatus]),
+    ("rollout_machines", "health", [v.value for v in MachineHealth]),
+    ("rollout_files", "status", ["applied", "invalid"]),
+    ("machine_tags", "source", ["agent", "operator"]),
+    ("api_keys", "role", ["readonly", "deploy", "admin"]),
+    ("machine_events", "kind", [k.value for k in EventKind]),
+]
+
+
+@pytest.mark.parametrize(("table", "column", "values"), ENUMERATED)
+def test_every_enumerated_column_takes_exactly_its_values(
+    old_db: Path, table: str, column: str, values: list[str]
+) -> None:
+    """Generated from the enums: each value is accepted, anything else refused."""
+    Store(old_db).close()
+    conn = sqlite3.connect(old_db, isolation_level=None)
+    try:
+        conn.execute("BEGIN")
+        assert conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] > 0
+        for value in values:
+            conn.execute(f"UPDATE {table} SET {column} = ?", (value,))
+        for bad in ("bogus", values[0].upper(), ""):
+            with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+                conn.execute(f"UPDATE {table} SET {column} = ?", (bad,))
+        conn.execute("ROLLBACK")
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    ("table", "column", "parent", "where"),
+    [
+        ("rollout_machines", "machine_id", "machines", "machine_id = 'web-00'"),
+        ("rollout_files", "rollout_id", "rollouts", "path = '/srv/rollouts/web.yaml'"),
+    ],
+)
+def test_the_added_foreign_keys_hold(
+    old_db: Path, table: str, column: str, parent: str, where: str
+) -> None:
+    store = Store(old_db)
+    with store.read() as conn:
+        keys = {(r["from"], r["table"]) for r in conn.execute(f"PRAGMA foreign_key_list({table})")}
+    assert (column, parent) in keys
+    with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"), store.transaction() as conn:
+        conn.execute(f"UPDATE {table} SET {column} = 'no-such-row' WHERE {where}")
+    store.close()

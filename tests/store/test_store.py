@@ -45,7 +45,7 @@ def test_tags_json_is_filled_by_its_migration_and_kept_by_triggers(tmp_path: Pat
         with s.transaction() as conn:
             machines.register(conn, "a", ["web", "prod"], Lifecycle.ACTIVE, utcnow())
             machines.register(conn, "b", [], Lifecycle.ACTIVE, utcnow())
-            # what a report with agent tags web, eu wrote (today's record_report needs 0009)
+            # what a report with agent tags web, eu wrote (today's record_report needs 0010)
             conn.execute(
                 "INSERT INTO machine_tags VALUES ('a', 'web', 'agent'), ('a', 'eu', 'agent')"
             )
