@@ -294,8 +294,8 @@ def test_modules_declare_the_contracted_options(options: dict[str, list[dict[str
     }
     assert {
         "enable", "package", "listen.address", "listen.port", "openFirewall", "settings",
-        "adminKeyFile",
-        "rolloutsDir", "reportRetention", "nginx.enable", "nginx.virtualHost",
+        "adminKeyFile", "rolloutsDir", "historyDays", "historyMaxEvents", "nginx.enable",
+        "nginx.virtualHost",
         "nginx.enableACME", "nginx.forceSSL",
     } <= cp  # fmt: skip
 
