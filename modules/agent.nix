@@ -192,8 +192,8 @@ in
       description = ''
         File holding this machine's token (from `nixfleet machines register
         --issue-token`). Passed with systemd's `LoadCredential=`, so it may be
-        readable by root only. Must not be in the Nix store, which is
-        world-readable. Without it, the agent uses the token it obtained by
+        readable by root only. A path in the world-readable Nix store is
+        refused when the configuration is evaluated. Without it, the agent uses the token it obtained by
         enrollment (kept in its state directory).
       '';
     };
@@ -204,8 +204,8 @@ in
       example = "/run/secrets/nixfleet-enroll-token";
       description = ''
         File holding an enrollment token, exchanged once for a machine token
-        when the agent has none. Passed with `LoadCredential=`; must not be in
-        the Nix store.
+        when the agent has none. Passed with `LoadCredential=`; a path in the
+        Nix store is refused when the configuration is evaluated.
       '';
     };
 

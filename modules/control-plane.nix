@@ -89,7 +89,8 @@ in
       description = ''
         File holding the first admin API key, accepted by the control plane
         from start-up. Passed with systemd's `LoadCredential=`, so it may be
-        readable by root only; must not be in the world-readable Nix store.
+        readable by root only; a path in the world-readable Nix store is
+        refused when the configuration is evaluated.
       '';
     };
 
