@@ -40,8 +40,11 @@ let
       inherit (cfg) listen;
       db = "${stateDir}/nixfleet.db";
       report_retention = cfg.reportRetention;
+      ui = cfg.ui.enable;
     }
     // lib.optionalAttrs (cfg.rolloutsDir != null) { rollouts_dir = "${cfg.rolloutsDir}"; }
+    # Behind nginx with forced TLS, dashboard cookies are Secure.
+    // lib.optionalAttrs (cfg.nginx.enable && cfg.nginx.forceSSL) { ui_secure_cookie = true; }
   ) cfg.settings;
 
   configFile = format.generate "nixfleet-control-plane.json" cpConfig;
@@ -91,6 +94,15 @@ in
       description = ''
         Directory of rollout files (YAML, see `schemas/rollout.schema.json`)
         the control plane applies; re-applying an unchanged file is a no-op.
+      '';
+    };
+
+    ui.enable = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Serve the web dashboard under `/ui` (log in with an operator API key).
+        When false, the control plane serves no `/ui` route at all.
       '';
     };
 
