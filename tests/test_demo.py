@@ -9,8 +9,7 @@ import signal
 from pathlib import Path
 
 from conftest import run_cli
-
-from tests.ui.conftest import Browserless
+from ui.conftest import Browserless
 
 
 def test_demo_converges_catches_the_bad_release_and_stays_explorable(tmp_path: Path) -> None:

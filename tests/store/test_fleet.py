@@ -18,6 +18,7 @@ from nixfleet.models import (
     HealthCheckResult,
     HealthResult,
     Lifecycle,
+    Machine,
     Report,
     Sync,
     health_of,
@@ -93,7 +94,7 @@ def expected(store: Store, q: FleetQuery) -> list[str]:
     with store.read() as conn:
         every = machines.list_machines(conn)
 
-    def keep(m: machines.Machine) -> bool:
+    def keep(m: Machine) -> bool:
         return (
             set(q.tags) <= set(m.tags)
             and not set(q.not_tags) & set(m.tags)

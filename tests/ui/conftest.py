@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import ControlPlane, free_port
 
 from nixfleet.models import utcnow
 from nixfleet.store import Store, credentials
-from tests.conftest import ControlPlane, free_port
-from tests.ui import fleetdata
+from ui import fleetdata
 
 
 @dataclass

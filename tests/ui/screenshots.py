@@ -1,6 +1,6 @@
 """Screenshots of every dashboard page for docs/dashboard.md (run by hand, not in CI).
 
-    .venv/bin/python -m tests.ui.screenshots        # writes docs/images/dashboard-*.png
+    .venv/bin/python tests/ui/screenshots.py        # writes docs/images/dashboard-*.png
 
 Starts a throwaway control plane with the fleet of tests/ui/fleetdata.py, lets the
 rollout's canary deploy (one simulated agent switches), and photographs each page in
@@ -14,10 +14,12 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, as under pytest
+
 from nixfleet.client import Client
-from tests.ui import fleetdata
-from tests.ui.browser import chromium, login, shots_dir
-from tests.ui.conftest import start_cp
+from ui import fleetdata
+from ui.browser import chromium, login, shots_dir
+from ui.conftest import start_cp
 
 
 def main() -> None:

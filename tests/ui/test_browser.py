@@ -8,13 +8,13 @@ import re
 from collections.abc import Iterator
 
 import pytest
+from conftest import ControlPlane
 from playwright.sync_api import BrowserContext, Dialog, Page, expect
 
 from nixfleet.client import Client
-from tests.conftest import ControlPlane
-from tests.ui import fleetdata
-from tests.ui.browser import chromium, login
-from tests.ui.conftest import Keys
+from ui import fleetdata
+from ui.browser import chromium, login
+from ui.conftest import Keys
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,12 @@ def test_hostile_markup_is_text_in_the_browser(
 ) -> None:
     cp, keys = ui_cp
     dialogs: list[str] = []
-    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+
+    def answer(d: Dialog) -> None:
+        dialogs.append(d.message)
+        d.dismiss()
+
+    page.on("dialog", answer)
     login(page, cp.url, keys.readonly)
     page.goto(f"{cp.url}/ui/machines/{fleetdata.HOSTILE_ID}")
     expect(page.locator("#machine-message")).to_have_text(fleetdata.HOSTILE_MESSAGE)

@@ -13,11 +13,11 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from conftest import ControlPlane
 
 from nixfleet.client import Client
-from tests.conftest import ControlPlane
-from tests.ui import fleetdata
-from tests.ui.conftest import Browserless, Keys, csrf_of, start_cp
+from ui import fleetdata
+from ui.conftest import Browserless, Keys, csrf_of, start_cp
 
 PAGES = ["/ui", "/ui/machines/db-02", "/ui/rollouts", "/ui/audit", "/ui/fleet/live"]
 

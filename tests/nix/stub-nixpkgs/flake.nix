@@ -66,6 +66,7 @@
                 })
                 [
                   "curl"
+                  "installShellFiles"
                   "jq"
                   "nix"
                   "nixfmt-rfc-style"
