@@ -7,11 +7,11 @@ import falcon
 from nixfleet.api import machines as machines_api
 from nixfleet.errors import FieldError, ValidationError
 from nixfleet.models import TRANSITIONS, Lifecycle, health_of, utcnow, validate_hostname
-from nixfleet.store import machines
+from nixfleet.store import history, machines
 from nixfleet.ui import bridge
 from nixfleet.ui.web import PREFIX, Page, Viewer
 
-RECENT = 25
+RECENT = 50  # history events on the page (the CLI: `nixfleet machines history HOST`)
 
 
 def _flash(changed: str | None) -> str:
@@ -29,7 +29,8 @@ class MachinePage(Page):
         validate_hostname(machine_id)
         now = utcnow()
         with self.ui.ctx.store.read() as conn:
-            m = machines.get(conn, machine_id, recent=RECENT)
+            m = machines.get(conn, machine_id)
+            events = history.latest(conn, machine_id, RECENT)
         self.ui.render(
             resp,
             "machine.html",
@@ -39,7 +40,7 @@ class MachinePage(Page):
             health=health_of(m.health),
             stale=m.stale(now, self.ui.ctx.settings.stale_after),
             targets=sorted(TRANSITIONS[m.lifecycle]),
-            timeline=m.recent_reports,
+            timeline=list(reversed(events)),
             flash=_flash(req.get_param("changed")),
             nav="fleet",
         )

@@ -85,7 +85,7 @@ def fleet_store(store: Store) -> Store:
                 health=health,
                 tags=tuple(rng.sample(tags, rng.randint(0, 2))),
             )
-            machines.record_report(conn, report, 5)
+            machines.record_report(conn, report)
         conn.execute("UPDATE machines SET lifecycle = 'maintenance' WHERE id LIKE '%7'")
     return store
 
