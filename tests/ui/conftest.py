@@ -61,6 +61,7 @@ def start_cp(tmp_path: Path, settings: dict[str, Any] | None = None) -> tuple[Co
 def ui_cp(tmp_path: Path) -> Iterator[tuple[ControlPlane, Keys]]:
     cp, keys = start_cp(tmp_path)
     fleetdata.build(cp.url, keys.admin)
+    fleetdata.settle(cp.url, keys.admin)
     yield cp, keys
     cp.stop()
 

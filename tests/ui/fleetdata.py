@@ -8,6 +8,7 @@ message and tags carry markup (agent-supplied text is hostile).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from nixfleet.client import Client
@@ -92,6 +93,17 @@ def build(url: str, admin_key: str, rollout: bool = True) -> dict[str, str]:
     if rollout:
         start_rollout(admin)
     return tokens
+
+
+def settle(url: str, admin_key: str, timeout: float = 30.0) -> None:
+    """Wait until the reconciler started the rollout's canary batch: from then on the
+    fleet holds still (no agent polls), so two reads of it agree."""
+    admin = Client(url, admin_key)
+    deadline = time.monotonic() + timeout
+    while admin.get("/api/v1/machines/web-01")["desired_generation"] is None:
+        if time.monotonic() > deadline:
+            raise AssertionError("the reconciler did not start the canary batch")
+        time.sleep(0.05)
 
 
 def start_rollout(admin: Client, name: str = "web-2026-12-02") -> str:
