@@ -136,6 +136,13 @@ class Client:
         )
         return result
 
+    def webhook_deliveries(self, failed: bool = False, limit: int = 100) -> dict[str, Any]:
+        """GET /api/v1/webhooks/deliveries (admin)."""
+        result: dict[str, Any] = self.get(
+            "/api/v1/webhooks/deliveries", failed="true" if failed else None, limit=str(limit)
+        )
+        return result
+
 
 def _error_for(status: int, payload: Mapping[str, Any], base_url: str) -> NixfleetError:
     slug = str(payload.get("type", "")).rsplit("/", 1)[-1]

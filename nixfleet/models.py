@@ -208,6 +208,7 @@ class Report:
     tags: tuple[str, ...] | None = None
     agent_version: str | None = None
     uptime_seconds: int | None = None
+    output: str | None = None  # the failed switch's output tail (agent.output), sent once
 
     @property
     def system_state(self) -> SystemState:
@@ -239,6 +240,7 @@ class Machine:
     health: HealthResult | None = None
     retry_requested_at: datetime | None = None
     recent_reports: tuple[Report, ...] = field(default=())
+    failed_output: str | None = None  # of the failed generation's switch; read by get() only
 
     @property
     def sync(self) -> Sync:
@@ -354,6 +356,7 @@ class RolloutSpec:
     on_failure: OnFailure = OnFailure.PAUSE
     health_timeout: int = 300
     soak: int = 0
+    confirm_timeout: int | None = None  # seconds (agent.confirm); None: the agent's default
     skip_lifecycle: tuple[Lifecycle, ...] = ()
 
 

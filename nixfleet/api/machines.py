@@ -164,6 +164,7 @@ class MachineItem:
         out = machine_json(m, now, self.ctx.settings.stale_after)
         out["health"] = None if m.health is None else m.health.to_dict()
         out["recent_reports"] = [report_json(r) for r in m.recent_reports]
+        out["failed_output"] = m.failed_output
         resp.media = out
 
 
@@ -319,6 +320,7 @@ class MachineReport:
             tags=tuple(tags) if tags is not None else None,
             agent_version=doc.get("agent_version"),
             uptime_seconds=doc.get("uptime_seconds"),
+            output=doc.get("output"),
         )
         with self.ctx.store.transaction() as conn:
             row, promoted = machines.record_report(conn, report, self.ctx.settings.report_retention)
@@ -332,3 +334,4 @@ class MachineReport:
                     {"from": promoted.value, "to": "active", "reason": "first agent report"},
                 )
         resp.media = desired_json(row, row["poll_hint"] or self.ctx.settings.default_poll_interval)
+        resp.media["confirm_timeout"] = row["confirm_timeout"]

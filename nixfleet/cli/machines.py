@@ -20,6 +20,9 @@ def machine_path(machine_id: str, suffix: str = "") -> str:
     return f"/api/v1/machines/{quote(machine_id, safe='')}{suffix}"
 
 
+OUTPUT_LINES = 40  # of a failed switch's output in `machines show` (all of it in --json)
+
+
 def _print_machine(state: State, m: dict[str, Any], json_: bool) -> None:
     if json_ or state.json:
         emit_json(m)
@@ -59,6 +62,10 @@ def _print_machine(state: State, m: dict[str, Any], json_: bool) -> None:
                 f"{r['message']}".rstrip()
             )
             click.echo(printable(line))
+    if m.get("failed_output"):
+        click.echo(f"switch output of the failed generation (last {OUTPUT_LINES} lines):")
+        for line in m["failed_output"].splitlines()[-OUTPUT_LINES:]:
+            click.echo("  " + printable(line))
 
 
 @click.group()

@@ -55,7 +55,17 @@ def cli(
 
 
 def _register() -> None:
-    from nixfleet.cli import audit, demo, enroll, keys, machines, release, rollout, status
+    from nixfleet.cli import (
+        audit,
+        demo,
+        enroll,
+        keys,
+        machines,
+        release,
+        rollout,
+        status,
+        webhooks,
+    )
 
     for command in (
         status.status,
@@ -67,6 +77,7 @@ def _register() -> None:
         rollout.rollout,
         rollout.deploy,
         demo.demo,
+        webhooks.webhooks,
     ):
         cli.add_command(command)
     machines.machines.add_command(keys.rotate_token)

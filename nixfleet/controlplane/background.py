@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable
 
 from nixfleet import gitops, reconciler
+from nixfleet.controlplane import webhooks
 from nixfleet.settings import Settings
 from nixfleet.store import Store
 
@@ -49,4 +50,5 @@ def start(settings: Settings, store: Store, stop: threading.Event) -> threading.
 
     thread = threading.Thread(target=loop, name="nixfleet-background", daemon=True)
     thread.start()
+    webhooks.start(settings, store, stop)  # the sender runs where the loop runs
     return thread
