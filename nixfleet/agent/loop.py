@@ -210,7 +210,7 @@ class Agent:
             return None
         body = self.report_body(current, health)
         answer = client.report(self.config.machine_id, body)
-        desired = Desired.from_response(answer)
+        desired = Desired.from_response(dict(answer))
         self.desired_seen = True
         state = self.store.load()
         if "output" in body and state.last_outcome is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from nixfleet.cli.context import State, pass_state
+from nixfleet.cli.options import output_options
 from nixfleet.cli.output import ago, emit_json, message, table
 
 
@@ -27,9 +28,9 @@ def webhooks() -> None:
     show_default=True,
     help="Newest deliveries to show.",
 )
-@click.option("--json", "json_", is_flag=True, help="JSON output.")
+@output_options()
 @pass_state
-def deliveries(state: State, failed: bool, limit: int, json_: bool) -> None:
+def deliveries(state: State, failed: bool, limit: int) -> None:
     """List webhook deliveries, newest first, with their state and last attempt (admin).
 
     A delivery is `pending` (not yet sent, or retrying with back-off), `delivered`
@@ -41,13 +42,14 @@ def deliveries(state: State, failed: bool, limit: int, json_: bool) -> None:
       nixfleet webhooks deliveries --failed --json
     """
     data = state.client().webhook_deliveries(failed=failed, limit=limit)
-    if json_ or state.json:
+    if state.json:
         emit_json(data)
         return
     rows = []
     for d in data["deliveries"]:
         event = d["event"]
-        subject = event["machine"] or (event["rollout"] or {}).get("name") or "-"
+        rollout = event["rollout"]
+        subject = event["machine"] or (rollout["name"] if rollout else None) or "-"
         if d["state"] == "delivered":
             last = f"HTTP {d['last_status']}"
         elif d["last_error"]:

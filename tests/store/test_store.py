@@ -45,7 +45,9 @@ def test_tags_json_is_filled_by_its_migration_and_kept_by_triggers(tmp_path: Pat
         with s.transaction() as conn:
             machines.register(conn, "a", ["web", "prod"], Lifecycle.ACTIVE, utcnow())
             machines.register(conn, "b", [], Lifecycle.ACTIVE, utcnow())
-            machines.record_report(conn, report("a", tags=("web", "eu")), 10)
+            # The agent's tags as a report writes them (record_report itself speaks the
+            # current schema).
+            machines.set_tags(conn, "a", ("web", "eu"), "agent", replace=True)
         s.close()
     s = Store(path)
 
