@@ -251,7 +251,7 @@ def fleet(net: Net, machine: Any, tmp_path: Path) -> Iterator[Fleet]:
 
 def install_base(fleet: Fleet, machine: Any) -> str:
     """Generation 1; its switch (re)makes the route to the CP, as a good config would."""
-    base = fakes.build_system(
+    base: str = fakes.build_system(
         "confirm-base", extra=f"ip route replace {NET} dev {fleet.net.agent_dev}"
     )
     machine.install(base)

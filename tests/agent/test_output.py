@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import run_cli
 
+from agent.test_acceptance import MID, AgentRunner
 from nixfleet.agent.output import OUTPUT_MAX, escape, tail
-from tests.agent.test_acceptance import MID, AgentRunner
-from tests.conftest import run_cli
 
 # 4,000 numbered lines (~150 KiB) and a colour escape at the end.
 NOISY = (
