@@ -167,6 +167,8 @@ class Sender:
                 try:
                     target()
                 except Exception:
+                    if self.stop.is_set():  # the store may be closing under us
+                        return
                     log.exception("webhook thread %s failed; continuing", name)
                     self.stop.wait(POLL)
 

@@ -93,7 +93,7 @@ def test_a_new_failed_generation_is_one_machine_failed_event(store: Store) -> No
         machines.register(conn, "web-01", [], Lifecycle.PENDING, utcnow())
     for r in (report(True), report(False), report(False), report(True)):
         with store.transaction() as conn:
-            machines.record_report(conn, r, 10)
+            machines.record_report(conn, r)
     got = events(store)
     assert [(e[0], e[1]) for e in got] == [("machine.failed", "web-01")]
     assert got[0][2] == {
@@ -139,11 +139,11 @@ def test_stale_machines_are_announced_once_per_silence(store: Store) -> None:
     with store.transaction() as conn:
         machines.register(conn, "web-01", [], Lifecycle.PENDING, now)
         machines.register(conn, "web-02", [], Lifecycle.PENDING, now)  # never reported
-        machines.record_report(conn, report(True, at_offset=-100), 10)
+        machines.record_report(conn, report(True, at_offset=-100))
     with store.transaction() as conn:
         assert outbox.detect_stale(conn, now, 60) == 1
         assert outbox.detect_stale(conn, now, 60) == 0
-        machines.record_report(conn, report(True, at_offset=-90), 10)
+        machines.record_report(conn, report(True, at_offset=-90))
         assert outbox.detect_stale(conn, now, 60) == 1
         machines.set_lifecycle(conn, "web-01", Lifecycle.DECOMMISSIONED)
         conn.execute("DELETE FROM webhook_stale")
