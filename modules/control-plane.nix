@@ -39,9 +39,22 @@ let
       db = "${stateDir}/nixfleet.db";
       history_days = cfg.historyDays;
       history_max_events = cfg.historyMaxEvents;
+      ui = cfg.ui.enable;
     }
     // lib.optionalAttrs (cfg.rolloutsDir != null) { rollouts_dir = "${cfg.rolloutsDir}"; }
+    # Behind nginx with forced TLS, dashboard cookies are Secure.
+    // lib.optionalAttrs (cfg.nginx.enable && cfg.nginx.forceSSL) { ui_secure_cookie = true; }
+    // lib.optionalAttrs (cfg.webhooks != [ ]) {
+      # Each secret is a credential of the unit, at systemd's fixed path for it.
+      webhooks = lib.imap0 (i: w: {
+        inherit (w) url events;
+        secret_file = "/run/credentials/nixfleet-control-plane.service/webhook-${toString i}";
+      }) cfg.webhooks;
+    }
   ) cfg.settings;
+  webhookCredentials = lib.imap0 (
+    i: w: "webhook-${toString i}:${w.secretFile}"
+  ) cfg.webhooks;
 
   configFile = format.generate "nixfleet-control-plane.json" cpConfig;
 in
@@ -101,6 +114,53 @@ in
       description = ''
         Directory of rollout files (YAML, see `schemas/rollout.schema.json`)
         the control plane applies; re-applying an unchanged file is a no-op.
+      '';
+    };
+
+    ui.enable = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Serve the web dashboard under `/ui` (log in with an operator API key).
+        When false, the control plane serves no `/ui` route at all.
+      '';
+    };
+
+    webhooks = mkOption {
+      type = types.listOf (
+        types.submodule {
+          options = {
+            url = mkOption {
+              type = types.str;
+              example = "https://hooks.example.com/nixfleet";
+              description = "Where events are POSTed (`http://` or `https://`).";
+            };
+            events = mkOption {
+              type = types.listOf types.str;
+              default = [ "*" ];
+              example = [
+                "rollout.failed"
+                "machine.failed"
+              ];
+              description = ''
+                Events sent to this receiver (see docs/webhooks.md), or `"*"` for all.
+              '';
+            };
+            secretFile = mkOption {
+              type = types.path;
+              example = "/run/secrets/nixfleet-webhook";
+              description = ''
+                File holding the HMAC-SHA256 secret the bodies are signed with.
+                Passed with systemd's `LoadCredential=`; must not be in the Nix store.
+              '';
+            };
+          };
+        }
+      );
+      default = [ ];
+      description = ''
+        Webhook receivers: signed JSON POSTs of rollout and machine events, from a
+        durable outbox, retried with back-off for 24 hours (docs/webhooks.md).
       '';
     };
 
@@ -249,7 +309,8 @@ in
         DynamicUser = true;
         StateDirectory = "nixfleet";
         StateDirectoryMode = "0700";
-        LoadCredential = optional (cfg.adminKeyFile != null) "admin-key:${cfg.adminKeyFile}";
+        LoadCredential =
+          optional (cfg.adminKeyFile != null) "admin-key:${cfg.adminKeyFile}" ++ webhookCredentials;
 
         # Binding a port below 1024 is the only privilege it may need.
         CapabilityBoundingSet = if port < 1024 then [ "CAP_NET_BIND_SERVICE" ] else "";

@@ -106,6 +106,21 @@ def sync_of(desired: str | None, current: str | None, failed: str | None) -> Syn
     return Sync.UPDATING
 
 
+class Health(StrEnum):
+    """The second axis beside sync (as Argo CD separates Sync from Health)."""
+
+    HEALTHY = "healthy"
+    FAILING = "failing"
+    UNKNOWN = "unknown"
+
+
+def health_of(health: HealthResult | None) -> Health:
+    """THE definition of health (store.fleet.HEALTH_SQL is held to it case by case)."""
+    if health is None:
+        return Health.UNKNOWN
+    return Health.HEALTHY if health.all_passed else Health.FAILING
+
+
 def stale_cutoff(now: datetime, stale_after: int) -> datetime:
     """Machines last heard from before this instant are stale."""
     return now - timedelta(seconds=stale_after)
@@ -232,6 +247,7 @@ class Report:
     tags: tuple[str, ...] | None = None
     agent_version: str | None = None
     uptime_seconds: int | None = None
+    output: str | None = None  # the failed switch's output tail (agent.output), sent once
 
     @property
     def system_state(self) -> SystemState:
@@ -263,6 +279,7 @@ class Machine:
     health: HealthResult | None = None
     retry_requested_at: datetime | None = None
     uptime_seconds: int | None = None  # as of the last report
+    failed_output: str | None = None  # of the failed generation's switch; read by get() only
 
     @property
     def sync(self) -> Sync:
@@ -378,6 +395,7 @@ class RolloutSpec:
     on_failure: OnFailure = OnFailure.PAUSE
     health_timeout: int = 300
     soak: int = 0
+    confirm_timeout: int | None = None  # seconds (agent.confirm); None: the agent's default
     skip_lifecycle: tuple[Lifecycle, ...] = ()
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from nixfleet import nix, process
 from nixfleet.agent import health as healthmod
 from nixfleet.agent.config import AgentConfig
+from nixfleet.agent.output import tail
 from nixfleet.agent.state import AgentState, InProgress, Outcome, StateStore, now
 from nixfleet.errors import CommandError, NixfleetError
 from nixfleet.models import STORE_PATH_RE, HealthResult
@@ -39,6 +40,7 @@ class Result:
     message: str
     changed: bool
     health: HealthResult | None = None
+    output: str | None = None  # the tail of the switch's output (agent.output), on failure
 
 
 def observe_current(config: AgentConfig) -> str | None:
@@ -72,6 +74,8 @@ class Activator:
         self.store = store
         # True once the agent was asked to stop (SIGTERM): see deploy().
         self.stopping = stopping
+        self.failed_output: str | None = None  # of the last failed switch
+        self.switch_output: str | None = None  # of the deployment under way
 
     # --- fetch ---------------------------------------------------------------------
 
@@ -114,9 +118,20 @@ class Activator:
                 argv.append(f"--setenv={name}={self.config.environ[name]}")
         return [*argv, script, "switch"]
 
-    def switch(self, path: str, unit: str | None = None) -> None:
+    def switch(self, path: str, unit: str | None = None) -> str:
+        """Run the switch; return its output (stdout and stderr interleaved).
+
+        On failure the CommandError's detail has the output's last lines, and
+        `failed_output` all of it, for the failing report (agent.output.tail).
+        """
         env = self.config.child_env(NIXFLEET_CURRENT_SYSTEM=self.config.current_system)
-        process.run(self._switch_argv(path, unit), env=env, timeout=SWITCH_TIMEOUT)
+        argv = self._switch_argv(path, unit)
+        done = process.run(argv, env=env, timeout=SWITCH_TIMEOUT, check=False, merge_output=True)
+        if done.returncode != 0:
+            self.failed_output = done.stdout
+            last = done.stdout.strip()[-process.STDERR_TAIL :]
+            raise CommandError(f"{' '.join(argv[:3])} exited {done.returncode}: {last}")
+        return done.stdout
 
     def _new_unit(self) -> str | None:
         if not self.config.use_systemd_run:
@@ -156,12 +171,14 @@ class Activator:
         state = self.store.load()
         self.store.save(replace(state, in_progress=record))
         log.info("activating %s (previous: %s)", path, previous or "none")
+        self.switch_output = self.failed_output = None
         try:
             nix.profile_set(self.config.profile, path)
-            self.switch(path, unit)
+            self.switch_output = self.switch(path, unit)
         except NixfleetError as e:
             if unit is not None and (self.stopping() or self._unit_running(unit)):
                 return self._detached(record, unit, e.detail)
+            self.switch_output = self.failed_output
             return self._rollback(record, f"switch to {path} failed: {e.detail}")
         return self._verify(record)
 
@@ -251,13 +268,26 @@ class Activator:
         self, record: InProgress, success: bool, message: str, result: HealthResult | None
     ) -> Result:
         message = _short(message)
-        outcome = Outcome(record.generation, success, message, now(), record.previous)
+        output = None if success or self.switch_output is None else tail(self.switch_output)
+        self.switch_output = None
+        outcome = Outcome(record.generation, success, message, now(), record.previous, output)
         state: AgentState = self.store.load()
         state = replace(state, in_progress=None, last_outcome=outcome)
         if not success:
             state = state.with_failure(record.generation, message, outcome.at)
         self.store.save(state)
-        return Result(record.generation, success, message, changed=True, health=result)
+        return Result(
+            record.generation, success, message, changed=True, health=result, output=output
+        )
+
+    def roll_back(self, generation: str, previous: str, reason: str) -> Result:
+        """Back from a concluded, successful activation of `generation` (the confirm window).
+
+        Recorded as in progress first, so an agent restarted during it rolls back again.
+        """
+        record = InProgress(generation, previous, None, now(), None)
+        self.store.save(replace(self.store.load(), in_progress=record))
+        return self._rollback(record, reason)
 
     # --- restart recovery ----------------------------------------------------------
 

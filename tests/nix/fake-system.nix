@@ -5,7 +5,8 @@
 # $NIXFLEET_CURRENT_SYSTEM at itself. With fail = true it does that and then exits 1,
 # as a real switch does when a unit fails to start after the activation script ran.
 # With healthy = false the system has no `healthy` marker file, which tests' command
-# health checks look for.
+# health checks look for. `extra` is shell the switch runs (sourced) after moving the
+# link and before failing, e.g. to print a long log or to cut the machine's network.
 #
 # For the system tier (tests/system/): `delay` seconds of sleep make the switch slow;
 # `agentConfig` (JSON text) becomes etc/nixfleet/agent.json, which the switch links
@@ -20,6 +21,7 @@
   agentConfig ? "",
   etcDir ? "/etc",
   record ? "",
+  extra ? "",
 }:
 builtins.derivation {
   name = "nixos-system-fake-${salt}";
@@ -30,6 +32,7 @@ builtins.derivation {
   delay = toString delay;
   failSwitch = if fail then "1" else "";
   healthy = if healthy then "1" else "";
+  inherit extra;
   args = [ "-c" ''
     set -e
     mkdir -p $out/bin
@@ -39,6 +42,7 @@ builtins.derivation {
       mkdir -p $out/etc/nixfleet
       printf '%s' "$agentConfig" > $out/etc/nixfleet/agent.json
     fi
+    if [ -n "$extra" ]; then printf '%s\n' "$extra" > $out/extra.sh; fi
     cat > $out/bin/switch-to-configuration <<EOS
     #!/bin/sh
     record() { if [ -n "$record" ]; then echo "\$1 \$2 $out \$(tr '\\n' ' ' < /proc/self/cgroup)" >> "$record"; fi; }
@@ -52,6 +56,7 @@ builtins.derivation {
     fi
     if [ -n "\$NIXFLEET_CURRENT_SYSTEM" ]; then ln -sfn $out "\$NIXFLEET_CURRENT_SYSTEM"; fi
     record end "\$1"
+    if [ -f $out/extra.sh ]; then . $out/extra.sh; fi
     if [ -n "$failSwitch" ]; then echo "warning: the following units failed: fake.service" >&2; exit 1; fi
     exit 0
     EOS
