@@ -111,12 +111,25 @@ def stale_cutoff(now: datetime, stale_after: int) -> datetime:
     return now - timedelta(seconds=stale_after)
 
 
-def is_stale(last_report_at: datetime | None, now: datetime, stale_after: int) -> bool:
+def is_stale(
+    last_report_at: datetime | None,
+    now: datetime,
+    stale_after: int,
+    lifecycle: Lifecycle | None = None,
+) -> bool:
     """THE definition of stale (store.machines.STALE_SQL is held to it case by case).
 
     A machine that never reported is not stale, only pending: stale means it went quiet.
+    A decommissioned machine is never stale: it is meant to be quiet (DESIGN §3).
     """
+    if lifecycle is Lifecycle.DECOMMISSIONED:
+        return False
     return last_report_at is not None and last_report_at < stale_cutoff(now, stale_after)
+
+
+def counts_in_sync_summary(lifecycle: Lifecycle) -> bool:
+    """Decommissioned machines are listed but not counted in the sync summary (DESIGN §3)."""
+    return lifecycle is not Lifecycle.DECOMMISSIONED
 
 
 # A release id: rel- + 12 hex digits of a hash of its sorted entries (nixfleet.flake
@@ -219,6 +232,7 @@ class Report:
     tags: tuple[str, ...] | None = None
     agent_version: str | None = None
     uptime_seconds: int | None = None
+    output: str | None = None  # the failed switch's output tail (agent.output), sent once
 
     @property
     def system_state(self) -> SystemState:
@@ -250,13 +264,14 @@ class Machine:
     health: HealthResult | None = None
     retry_requested_at: datetime | None = None
     uptime_seconds: int | None = None  # as of the last report
+    failed_output: str | None = None  # of the failed generation's switch; read by get() only
 
     @property
     def sync(self) -> Sync:
         return sync_of(self.desired_generation, self.current_generation, self.failed_generation)
 
     def stale(self, now: datetime, stale_after: int) -> bool:
-        return is_stale(self.last_report_at, now, stale_after)
+        return is_stale(self.last_report_at, now, stale_after, self.lifecycle)
 
 
 # --- releases and rollouts ----------------------------------------------------------------
@@ -365,6 +380,7 @@ class RolloutSpec:
     on_failure: OnFailure = OnFailure.PAUSE
     health_timeout: int = 300
     soak: int = 0
+    confirm_timeout: int | None = None  # seconds (agent.confirm); None: the agent's default
     skip_lifecycle: tuple[Lifecycle, ...] = ()
 
 
