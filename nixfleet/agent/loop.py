@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from nixfleet import __version__
+from nixfleet import __version__, schemas
 from nixfleet.agent import health as healthmod
 from nixfleet.agent.activate import Activator, Result, observe_current
 from nixfleet.agent.config import AgentConfig, read_enroll_token, read_token
@@ -60,6 +60,15 @@ class Desired:
             poll_hint=float(hint) if isinstance(hint, int | float) and hint > 0 else None,
             retry_requested_at=parse_time(data.get("retry_requested_at")),
         )
+
+
+def _printable_health(health: dict[str, Any]) -> dict[str, Any]:
+    """Check names and output come from commands: escape what the CP refuses (U+001B …)."""
+    for result in health.get("results", []):
+        for key in ("name", "message"):
+            if isinstance(result.get(key), str):
+                result[key] = schemas.printable(result[key])
+    return health
 
 
 def decide(
@@ -166,7 +175,7 @@ class Agent:
             "uptime_seconds": self.uptime(),
         }
         if health is not None:
-            body["health"] = health.to_dict()
+            body["health"] = _printable_health(health.to_dict())
         failed, message = self._failure_for(state, current)
         if failed is not None:
             body.update(success=False, message=message, attempted_generation=failed)
@@ -174,7 +183,7 @@ class Agent:
             last = state.last_outcome
             ok = last is not None and last.success and last.generation == current
             body.update(success=True, message=last.message if ok and last else "running")
-        body["message"] = body["message"][:MESSAGE_MAX]
+        body["message"] = schemas.printable(body["message"])[:MESSAGE_MAX]
         return body
 
     def _failure_for(self, state: AgentState, current: str) -> tuple[str | None, str]:

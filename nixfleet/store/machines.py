@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
-from nixfleet.errors import ConflictError, GoneError, NotFoundError
+from nixfleet.errors import ConflictError, FieldError, GoneError, NotFoundError, ValidationError
 from nixfleet.models import (
     HealthResult,
     Lifecycle,
@@ -27,6 +27,8 @@ from nixfleet.models import (
     parse_time,
 )
 from nixfleet.store import reports
+
+MAX_TAGS_PER_SOURCE = 64  # as the tags schema's maxItems: one request cannot add more
 
 COLUMNS = (
     "id, lifecycle, registered_at, current_generation, desired_generation, "
@@ -182,6 +184,12 @@ def set_tags(
             (machine_id, source),
         )
     }
+    kept = wanted if replace else have | wanted
+    if len(kept) > MAX_TAGS_PER_SOURCE:
+        raise ValidationError(
+            f"machine {machine_id} would have {len(kept)} {source} tags",
+            errors=[FieldError("tags", f"at most {MAX_TAGS_PER_SOURCE} {source} tags per machine")],
+        )
     if replace and have - wanted:
         conn.executemany(
             "DELETE FROM machine_tags WHERE machine_id = ? AND tag = ? AND source = ?",
