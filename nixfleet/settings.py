@@ -44,6 +44,11 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     default_poll_interval: int | None = None
     rollout_poll_hint: int = 5
+    # Limits against hostile clients and faults (docs/security.md "Limits").
+    connection_limit: int = 10_000
+    idle_timeout: int = 30
+    max_header_bytes: int = 64 * 1024
+    write_lock_timeout: float = 5.0
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -92,6 +97,9 @@ def _check(s: Settings) -> None:
         "stale_after",
         "max_body_bytes",
         "rollout_poll_hint",
+        "connection_limit",
+        "idle_timeout",
+        "max_header_bytes",
     ):
         value = getattr(s, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -100,5 +108,7 @@ def _check(s: Settings) -> None:
         errors.append(FieldError("workers", "at most 64; one per CPU core is the useful most"))
     if not isinstance(s.reconcile_interval, int | float) or s.reconcile_interval <= 0:
         errors.append(FieldError("reconcile_interval", "must be a positive number of seconds"))
+    if not isinstance(s.write_lock_timeout, int | float) or not 0 < s.write_lock_timeout <= 600:
+        errors.append(FieldError("write_lock_timeout", "must be a number of seconds in (0, 600]"))
     if errors:
         raise ValidationError("invalid control-plane settings", errors=errors)

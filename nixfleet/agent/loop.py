@@ -15,19 +15,19 @@ import random
 import threading
 import time
 import urllib.parse
-from dataclasses import dataclass, replace
-from datetime import datetime
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from nixfleet import __version__, schemas
+from nixfleet.agent import answer as answers
 from nixfleet.agent import health as healthmod
 from nixfleet.agent.activate import Activator, Result, observe_current
 from nixfleet.agent.config import AgentConfig, read_enroll_token, read_token
 from nixfleet.agent.state import AgentState, StateStore
 from nixfleet.client import Client
 from nixfleet.errors import NixfleetError, UnreachableError
-from nixfleet.models import HealthResult, parse_time
+from nixfleet.models import HealthResult
 
 log = logging.getLogger(__name__)
 
@@ -44,24 +44,6 @@ class Status(enum.IntEnum):
     AUTH = 6
 
 
-@dataclass(frozen=True)
-class Desired:
-    generation: str | None
-    cache_url: str | None
-    poll_hint: float | None
-    retry_requested_at: datetime | None
-
-    @classmethod
-    def from_response(cls, data: dict[str, Any]) -> Desired:
-        hint = data.get("poll_hint")
-        return cls(
-            generation=data.get("desired_generation"),
-            cache_url=data.get("cache_url"),
-            poll_hint=float(hint) if isinstance(hint, int | float) and hint > 0 else None,
-            retry_requested_at=parse_time(data.get("retry_requested_at")),
-        )
-
-
 def _printable_health(health: dict[str, Any]) -> dict[str, Any]:
     """Check names and output come from commands: escape what the CP refuses (U+001B …)."""
     for result in health.get("results", []):
@@ -72,17 +54,16 @@ def _printable_health(health: dict[str, Any]) -> dict[str, Any]:
 
 
 def decide(
-    desired: str | None, current: str | None, state: AgentState, retry_requested_at: datetime | None
+    desired: str | None, current: str | None, state: AgentState, retry_requested_at: str | None
 ) -> bool:
     """Pure: should this cycle deploy `desired`?"""
     if desired is None or desired == current:
         return False
-    failure = state.failures.get(desired)
-    if failure is None:
+    if desired not in state.failures:
         return True
-    # An operator's retry request newer than the failure buys exactly one more attempt:
-    # the new failure (if any) is recorded later than the request.
-    return retry_requested_at is not None and retry_requested_at > failure.time
+    # An operator's retry request buys exactly one more attempt: one the agent has not
+    # tried under yet. Compared as the CP's own value, never with the agent's clock.
+    return retry_requested_at is not None and retry_requested_at != state.retries.get(desired)
 
 
 class Agent:
@@ -198,7 +179,7 @@ class Agent:
             return last.generation, last.message
         return None, ""
 
-    def _report(self, client: Client, health: HealthResult | None) -> Desired | None:
+    def _report(self, client: Client, health: HealthResult | None) -> answers.Answer | None:
         current = observe_current(self.config)
         if current is None:
             log.warning(
@@ -208,19 +189,19 @@ class Agent:
             )
             return None
         answer = client.report(self.config.machine_id, self.report_body(current, health))
-        desired = Desired.from_response(answer)
+        desired = answers.parse(answer, self.config)
         self.desired_seen = True
         state = self.store.load()
         if state.last_desired != desired.generation:
             self.store.save(replace(state, last_desired=desired.generation))
         return desired
 
-    def _ask_desired(self, client: Client) -> Desired:
+    def _ask_desired(self, client: Client) -> answers.Answer:
         """Read-only look-up, for dry-run and for a machine with no current system."""
         mid = urllib.parse.quote(self.config.machine_id, safe="")
         answer = client.get(f"/api/v1/machines/{mid}/desired-generation")
         self.desired_seen = True
-        return Desired.from_response(answer if isinstance(answer, dict) else {})
+        return answers.parse(answer, self.config)
 
     # --- one cycle -----------------------------------------------------------------
 
@@ -318,6 +299,7 @@ class Agent:
                 state.failures[desired.generation].message,
             )
             return Status.OK, desired.poll_hint
+        self.store.save(state.with_attempt(desired.generation, desired.retry_requested_at))
         result = self.activator.deploy(
             desired.generation, desired.cache_url or self.config.cache_url
         )

@@ -39,6 +39,11 @@ from nixfleet.store import Store, audit, credentials
     help="Server processes (default 1); one per core for large fleets.",
 )
 @click.option(
+    "--init",
+    is_flag=True,
+    help="Start a new, empty fleet even in an existing empty (0-byte) database file.",
+)
+@click.option(
     "--log-level",
     default="info",
     type=click.Choice(["debug", "info", "warning", "error"]),
@@ -54,6 +59,7 @@ def cli(
     admin_key_file: str | None,
     reconcile_interval: float | None,
     workers: int | None,
+    init: bool,
     log_level: str,
 ) -> None:
     """Run the nixfleet control plane (API + reconciler) on one SQLite file.
@@ -84,7 +90,7 @@ def cli(
     if ctx.invoked_subcommand is None:
         from nixfleet.controlplane.server import serve
 
-        serve(settings)
+        serve(settings, init=init)
 
 
 @cli.group()
@@ -192,7 +198,11 @@ def backup(settings: config.Settings, destination: str) -> None:
 
 
 def main() -> None:
-    cli()
+    try:
+        cli()
+    except NixfleetError as e:  # e.g. a corrupt or empty database at start-up: exit 7
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":
