@@ -9,8 +9,7 @@ holds the two to the same table of cases.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from nixfleet import rollout
@@ -20,49 +19,33 @@ from nixfleet.store import audit
 AUDIT_SAMPLE = 20  # machines named in an aggregated audit row
 
 
+# A target's facts (the columns facts_of reads by name) plus its stored reason and batch.
 FACTS_SQL = (
     "SELECT rm.machine_id, rm.store_path, rm.health, rm.healthy_since, m.last_report_at, "
     "m.current_generation, m.last_success, m.failed_generation, "
-    "json_extract(m.health_json, '$.all_passed'), m.last_message, rm.reason, rm.batch_idx "
+    "json_extract(m.health_json, '$.all_passed') AS health_passed, m.last_message, "
+    "rm.reason, rm.batch_idx "
     "FROM rollout_machines rm JOIN machines m ON m.id = rm.machine_id "
 )
 
 
-def facts_of(row: Sequence[Any]) -> rollout.MachineFacts:
+def facts_of(row: sqlite3.Row) -> rollout.MachineFacts:
+    success, passed = row["last_success"], row["health_passed"]
     return rollout.MachineFacts(
-        machine_id=row[0],
-        store_path=row[1],
-        health=MachineHealth(row[2]),
-        healthy_since=parse_time(row[3]),
-        last_report_at=parse_time(row[4]),
-        current_generation=row[5],
-        last_success=None if row[6] is None else bool(row[6]),
-        failed_generation=row[7],
-        health_passed=None if row[8] is None else bool(row[8]),
-        last_message=row[9],
+        machine_id=row["machine_id"],
+        store_path=row["store_path"],
+        health=MachineHealth(row["health"]),
+        healthy_since=parse_time(row["healthy_since"]),
+        last_report_at=parse_time(row["last_report_at"]),
+        current_generation=row["current_generation"],
+        last_success=None if success is None else bool(success),
+        failed_generation=row["failed_generation"],
+        health_passed=None if passed is None else bool(passed),
+        last_message=row["last_message"],
     )
 
 
 # --- the health gate, set-based -------------------------------------------------------
-
-
-def ts_key(column: str) -> str:
-    """SQL for an RFC 3339 column as a string that sorts like the time it names.
-
-    Every stored time is `models.isoformat` output, UTC with a Z, but that drops the
-    fraction when it is zero: "…:00Z" sorts after "…:00.5Z" ('Z' > '.'). Padding
-    the 20-character form to microseconds makes string order time order, exactly
-    (julianday() would round to milliseconds).
-    """
-    return (
-        f"(CASE WHEN length({column}) = 20 THEN substr({column}, 1, 19) || '.000000Z' "
-        f"ELSE {column} END)"
-    )
-
-
-def sortable(ts: datetime) -> str:
-    """A time in the form `ts_key` compares against."""
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 # rollout.judge for every pending machine of one batch, as one SELECT; returns only
@@ -73,9 +56,9 @@ def sortable(ts: datetime) -> str:
 # F agent reported failure, O other generation, H health checks failing, G good);
 # its OFFSET keeps SQLite from flattening it into the outer one, which would
 # re-evaluate the classification (and its JSON parse) at every reference.
-_STATES = f"""
+_STATES = """
 SELECT rm.machine_id, rm.position, rm.healthy_since AS since0, m.last_message AS msg,
-  CASE WHEN NOT coalesce({ts_key("m.last_report_at")} >= :started, 0) THEN 'S'
+  CASE WHEN NOT coalesce(m.last_report_at >= :started, 0) THEN 'S'
     WHEN m.failed_generation = rm.store_path OR m.last_success = 0 THEN 'F'
     WHEN m.current_generation IS NOT rm.store_path THEN 'O'
     WHEN json_extract(m.health_json, '$.all_passed') IS 0 THEN 'H'
@@ -84,14 +67,14 @@ FROM rollout_machines rm JOIN machines m ON m.id = rm.machine_id
 WHERE rm.rollout_id = :rollout AND rm.batch_idx = :batch AND rm.health = 'pending'
   AND rm.position > :after AND rm.position <= :until
   AND (:timed_out OR rm.healthy_since IS NOT NULL
-       OR {ts_key("m.last_report_at")} >= :started)
+       OR m.last_report_at >= :started)
 LIMIT -1 OFFSET 0
 """
 _VERDICTS = f"""
 SELECT machine_id, position, since0,
   CASE state WHEN 'F' THEN 'unhealthy'
     WHEN 'G' THEN
-      CASE WHEN {ts_key("coalesce(since0, :now)")} <= :soaked THEN 'healthy' ELSE 'pending' END
+      CASE WHEN coalesce(since0, :now) <= :soaked THEN 'healthy' ELSE 'pending' END
     ELSE CASE WHEN :timed_out THEN 'unhealthy' ELSE 'pending' END END AS health,
   CASE state
     WHEN 'F' THEN 'agent reported failure' || CASE WHEN msg <> '' THEN ': ' || msg ELSE '' END
@@ -127,9 +110,9 @@ def judge_params(
         "batch": batch,
         "after": window[0],
         "until": window[1],
-        "started": sortable(started),
+        "started": isoformat(started),
         "now": isoformat(now),
-        "soaked": sortable(now - timedelta(seconds=soak)),
+        "soaked": isoformat(now - timedelta(seconds=soak)),
         "timed_out": int((now - started).total_seconds() >= health_timeout),
         "timed_out_after": f"timed out after {rollout.format_duration(health_timeout)} (",
     }
