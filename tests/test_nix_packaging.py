@@ -177,6 +177,8 @@ def test_package(flake: Path, stubbed: list[str]) -> None:
               deps = map (d: d.name) s.args.dependencies;
               checks = map (d: d.name) s.args.nativeCheckInputs;
               main = s.args.meta.mainProgram;
+              native = map (d: d.name) s.args.nativeBuildInputs;
+              inherit (s.args) postFixup;
             }""",
             stubbed,
         )
@@ -191,6 +193,10 @@ def test_package(flake: Path, stubbed: list[str]) -> None:
         assert sorted(call["deps"]) == sorted(wanted)
         assert "pytestCheckHook" in call["checks"]
         assert call["main"] == "nixfleet"
+        # The package installs the completion files `nixfleet completion` prints.
+        assert call["native"] == ["installShellFiles"]
+        for shell in ("bash", "zsh", "fish"):
+            assert f"--{shell} <($out/bin/nixfleet completion {shell})" in call["postFixup"]
         wrap = call["makeWrapperArgs"]
         assert wrap[:3] == ["--suffix", "PATH", ":"]
         assert {p.split("-", 1)[1] for p in wrap[3].split(":")} == {"nix/bin", "systemd/bin"}

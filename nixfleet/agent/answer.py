@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +40,7 @@ class Answer:
 
 def parse(data: Any, config: AgentConfig) -> Answer:
     """The answer as a typed value; ValidationError naming every bad field."""
-    if not isinstance(data, dict):
+    if not isinstance(data, Mapping):
         raise ValidationError(
             f"the control plane's answer is not a JSON object but {type(data).__name__}",
             errors=[FieldError("(document)", "expected an object with desired_generation")],

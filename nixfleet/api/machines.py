@@ -12,7 +12,7 @@ import falcon
 from nixfleet.api.auth import Perm
 from nixfleet.api.body import read_document
 from nixfleet.api.context import Context
-from nixfleet.errors import FieldError, ValidationError
+from nixfleet.errors import ConflictError, FieldError, ValidationError
 from nixfleet.models import (
     HealthResult,
     Lifecycle,
@@ -206,6 +206,15 @@ class MachineTags:
             if add:
                 machines.set_tags(conn, machine_id, tags, "operator", replace=False)
             else:
+                from_config = [
+                    t for t in tags if t in before.agent_tags and t not in before.operator_tags
+                ]
+                if from_config:
+                    raise ConflictError(
+                        f"tag {', '.join(from_config)} of {machine_id} comes from the machine's "
+                        "NixOS config (services.nixfleet-agent.tags): remove it there; "
+                        "operators remove only the tags they added"
+                    )
                 machines.remove_tags(conn, machine_id, tags)
             return {"tags": tags}
 
