@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,7 @@ class Generation:
     path: str | None
 
 
-def _paths(paths: Iterable[str]) -> list[str]:
+def _paths(paths: Sequence[str]) -> list[str]:
     """Paths for a command line: absolute, so none can be read as an option.
 
     `--` goes before them too, but Nix 2.8's nix-store and nix-env still parse
@@ -318,8 +318,3 @@ def diff_closures(a: str, b: str, *, env: Env = None, timeout: float = QUERY_TIM
     return process.run(
         ["nix", "store", "diff-closures", "--", *_paths([a, b])], env=env, timeout=timeout
     ).stdout
-
-
-def delete(paths: Iterable[str], *, env: Env = None) -> None:
-    """Delete paths from the local store (fails when something still roots them)."""
-    process.run(["nix-store", "--delete", "--", *_paths(paths)], env=env, timeout=PROFILE_TIMEOUT)

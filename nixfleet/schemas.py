@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import datetime
 from importlib import resources
 from typing import Any
@@ -406,10 +406,3 @@ def _has_bad_text(document: Any) -> bool:
         elif kind is list:
             stack.extend(value)
     return False
-
-
-def checker(name: str, what: str | None = None) -> Callable[[Mapping[str, Any]], None]:
-    """A pre-bound validate() for hot paths; compiles the validators now."""
-    validator(name)
-    fast_check(name)
-    return functools.partial(validate, name, what=what)

@@ -104,7 +104,7 @@ def nix_files() -> list[Path]:
 
 
 def declared_options(module: Path) -> list[dict[str, Any]]:
-    return nix_json(
+    options: list[dict[str, Any]] = nix_json(
         "nix-instantiate",
         "--eval",
         "--strict",
@@ -114,6 +114,7 @@ def declared_options(module: Path) -> list[dict[str, Any]]:
         "module",
         str(module),
     )
+    return options
 
 
 def documented_options() -> set[str]:
