@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -102,11 +101,10 @@ def test_agents_get_through_while_thousands_of_idle_and_slow_sockets_are_held(
         s = _connect(port)
         s.sendall(b"POST /api/v1/machines/web-01/report HTTP/1.1\r\nHost: x\r\nContent-Le")
         held.append(s)
-    # Every socket is accepted (the server has not stopped listening) ...
-    time.sleep(0.5)
-    # ... and the agent's reports still succeed, on fresh connections each time.
+    # The agent's reports still succeed, on fresh connections each time (the first may
+    # wait behind the backlog: waitress accepts one connection per event-loop turn).
     for i in range(20):
-        agent = Client(control_plane.url, token, timeout=10)
+        agent = Client(control_plane.url, token, timeout=60)  # a deadline only
         answer = agent.report("web-01", {"current_generation": GEN, "uptime_seconds": i})
         agent.close()
         assert answer["desired_generation"] is None
