@@ -26,6 +26,7 @@ from jsonschema import Draft202012Validator, FormatChecker, validators
 from jsonschema import ValidationError as SchemaError
 from referencing import Registry, Resource
 
+from nixfleet import models
 from nixfleet.errors import FieldError, ValidationError
 
 BASE_URI = "https://nixfleet.dev/schemas/"
@@ -92,9 +93,14 @@ def _is_date_time(value: object) -> bool:
         return True
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        if parsed.tzinfo is None:
+            return False
+        # As stored (UTC, four-digit year): year 672 or 9999-12-31T23:00-02:00 would
+        # be stored in a form no later read parses (models.isoformat/parse_time).
+        stored = models.isoformat(parsed)
+        return stored is not None and models.parse_time(stored) == parsed and parsed.year >= 1970
+    except (ValueError, OverflowError):
         return False
-    return parsed.tzinfo is not None
 
 
 FORMATS = FormatChecker(formats=())

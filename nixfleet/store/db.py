@@ -124,8 +124,15 @@ class Store:
                     "expected there; restore it from a backup, or pass --init to start a "
                     "new, empty fleet in it"
                 )
-        conn = self.connection()  # creates the file when it is missing
-        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        # A connection of its own (closed again): one kept open across the migrations
+        # would answer schema PRAGMAs from the schema it read before them.
+        conn = self._open()  # creates the file when it is missing
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        finally:
+            with self._lock:
+                self._all.remove(conn)
+            conn.close()
         st = self.path.stat()
         return st.st_dev, st.st_ino
 
