@@ -39,10 +39,24 @@ let
     {
       inherit (cfg) listen;
       db = "${stateDir}/nixfleet.db";
-      report_retention = cfg.reportRetention;
+      history_days = cfg.historyDays;
+      history_max_events = cfg.historyMaxEvents;
+      ui = cfg.ui.enable;
     }
     // lib.optionalAttrs (cfg.rolloutsDir != null) { rollouts_dir = "${cfg.rolloutsDir}"; }
+    # Behind nginx with forced TLS, dashboard cookies are Secure.
+    // lib.optionalAttrs (cfg.nginx.enable && cfg.nginx.forceSSL) { ui_secure_cookie = true; }
+    // lib.optionalAttrs (cfg.webhooks != [ ]) {
+      # Each secret is a credential of the unit, at systemd's fixed path for it.
+      webhooks = lib.imap0 (i: w: {
+        inherit (w) url events;
+        secret_file = "/run/credentials/nixfleet-control-plane.service/webhook-${toString i}";
+      }) cfg.webhooks;
+    }
   ) cfg.settings;
+  webhookCredentials = lib.imap0 (
+    i: w: "webhook-${toString i}:${w.secretFile}"
+  ) cfg.webhooks;
 
   configFile = format.generate "nixfleet-control-plane.json" cpConfig;
 in
@@ -94,10 +108,63 @@ in
       '';
     };
 
-    reportRetention = mkOption {
+    ui.enable = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Serve the web dashboard under `/ui` (log in with an operator API key).
+        When false, the control plane serves no `/ui` route at all.
+      '';
+    };
+
+    webhooks = mkOption {
+      type = types.listOf (
+        types.submodule {
+          options = {
+            url = mkOption {
+              type = types.str;
+              example = "https://hooks.example.com/nixfleet";
+              description = "Where events are POSTed (`http://` or `https://`).";
+            };
+            events = mkOption {
+              type = types.listOf types.str;
+              default = [ "*" ];
+              example = [
+                "rollout.failed"
+                "machine.failed"
+              ];
+              description = ''
+                Events sent to this receiver (see docs/webhooks.md), or `"*"` for all.
+              '';
+            };
+            secretFile = mkOption {
+              type = types.path;
+              example = "/run/secrets/nixfleet-webhook";
+              description = ''
+                File holding the HMAC-SHA256 secret the bodies are signed with.
+                Passed with systemd's `LoadCredential=`; must not be in the Nix store.
+              '';
+            };
+          };
+        }
+      );
+      default = [ ];
+      description = ''
+        Webhook receivers: signed JSON POSTs of rollout and machine events, from a
+        durable outbox, retried with back-off for 24 hours (docs/webhooks.md).
+      '';
+    };
+
+    historyDays = mkOption {
       type = types.ints.positive;
-      default = 100;
-      description = "Agent reports kept per machine; older ones are pruned.";
+      default = 90;
+      description = "Days of machine history (changes, not heartbeats) kept; older events are pruned in the background.";
+    };
+
+    historyMaxEvents = mkOption {
+      type = types.ints.positive;
+      default = 1000;
+      description = "History events kept per machine at most; the oldest beyond it are pruned in the background.";
     };
 
     settings = mkOption {
@@ -245,7 +312,8 @@ in
         DynamicUser = true;
         StateDirectory = "nixfleet";
         StateDirectoryMode = "0700";
-        LoadCredential = optional (cfg.adminKeyFile != null) "admin-key:${cfg.adminKeyFile}";
+        LoadCredential =
+          optional (cfg.adminKeyFile != null) "admin-key:${cfg.adminKeyFile}" ++ webhookCredentials;
 
         # Binding a port below 1024 is the only privilege it may need.
         CapabilityBoundingSet = if listenPort < 1024 then [ "CAP_NET_BIND_SERVICE" ] else "";

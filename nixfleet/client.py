@@ -315,6 +315,24 @@ class Client:
     def machine(self, machine_id: str) -> wire.MachineDetail:
         return self._call(wire.MachineDetail, "GET", _machine(machine_id))
 
+    def machine_history(
+        self,
+        machine_id: str,
+        since: str | None = None,
+        kinds: Sequence[str] = (),
+        after: int = 0,
+        limit: int = 1000,
+    ) -> wire.MachineHistory:
+        params = {
+            "since": since,
+            "kind": list(kinds) or None,
+            "after": str(after),
+            "limit": str(limit),
+        }
+        return self._call(
+            wire.MachineHistory, "GET", _machine(machine_id, "/history"), params=params
+        )
+
     def register_machine(
         self,
         machine_id: str,
@@ -465,6 +483,14 @@ class Client:
         if action not in ("pause", "resume", "cancel"):
             raise UsageError(f"unknown rollout action {action!r}: pause, resume or cancel")
         return self._call(wire.Rollout, "POST", _rollout(ref, f"/{action}"), {})
+
+    # --- webhooks -----------------------------------------------------------------------
+
+    def webhook_deliveries(self, failed: bool = False, limit: int = 100) -> wire.WebhookDeliveries:
+        params = {"failed": "true" if failed else None, "limit": str(limit)}
+        return self._call(
+            wire.WebhookDeliveries, "GET", "/api/v1/webhooks/deliveries", params=params
+        )
 
 
 def _q(part: str) -> str:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, overload
 
 from nixfleet.errors import ConflictError, FieldError, ValidationError
 
@@ -71,6 +71,12 @@ def utcnow() -> datetime:
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
+@overload
+def isoformat(ts: datetime) -> str: ...
+@overload
+def isoformat(ts: None) -> None: ...
+@overload
+def isoformat(ts: datetime | None) -> str | None: ...
 def isoformat(ts: datetime | None) -> str | None:
     """A time in TIME_FORMAT (27 characters); None stays None."""
     if ts is None:
@@ -100,17 +106,45 @@ def sync_of(desired: str | None, current: str | None, failed: str | None) -> Syn
     return Sync.UPDATING
 
 
+class Health(StrEnum):
+    """The second axis beside sync (as Argo CD separates Sync from Health)."""
+
+    HEALTHY = "healthy"
+    FAILING = "failing"
+    UNKNOWN = "unknown"
+
+
+def health_of(health: HealthResult | None) -> Health:
+    """THE definition of health (store.fleet.HEALTH_SQL is held to it case by case)."""
+    if health is None:
+        return Health.UNKNOWN
+    return Health.HEALTHY if health.all_passed else Health.FAILING
+
+
 def stale_cutoff(now: datetime, stale_after: int) -> datetime:
     """Machines last heard from before this instant are stale."""
     return now - timedelta(seconds=stale_after)
 
 
-def is_stale(last_report_at: datetime | None, now: datetime, stale_after: int) -> bool:
+def is_stale(
+    last_report_at: datetime | None,
+    now: datetime,
+    stale_after: int,
+    lifecycle: Lifecycle | None = None,
+) -> bool:
     """THE definition of stale (store.machines.STALE_SQL is held to it case by case).
 
     A machine that never reported is not stale, only pending: stale means it went quiet.
+    A decommissioned machine is never stale: it is meant to be quiet (DESIGN §3).
     """
+    if lifecycle is Lifecycle.DECOMMISSIONED:
+        return False
     return last_report_at is not None and last_report_at < stale_cutoff(now, stale_after)
+
+
+def counts_in_sync_summary(lifecycle: Lifecycle) -> bool:
+    """Decommissioned machines are listed but not counted in the sync summary (DESIGN §3)."""
+    return lifecycle is not Lifecycle.DECOMMISSIONED
 
 
 # A release id: rel- + 12 hex digits of a hash of its sorted entries (nixfleet.flake
@@ -213,6 +247,7 @@ class Report:
     tags: tuple[str, ...] | None = None
     agent_version: str | None = None
     uptime_seconds: int | None = None
+    output: str | None = None  # the failed switch's output tail (agent.output), sent once
 
     @property
     def system_state(self) -> SystemState:
@@ -243,14 +278,15 @@ class Machine:
     failed_generation: str | None = None
     health: HealthResult | None = None
     retry_requested_at: datetime | None = None
-    recent_reports: tuple[Report, ...] = field(default=())
+    uptime_seconds: int | None = None  # as of the last report
+    failed_output: str | None = None  # of the failed generation's switch; read by get() only
 
     @property
     def sync(self) -> Sync:
         return sync_of(self.desired_generation, self.current_generation, self.failed_generation)
 
     def stale(self, now: datetime, stale_after: int) -> bool:
-        return is_stale(self.last_report_at, now, stale_after)
+        return is_stale(self.last_report_at, now, stale_after, self.lifecycle)
 
 
 # --- releases and rollouts ----------------------------------------------------------------
@@ -359,6 +395,7 @@ class RolloutSpec:
     on_failure: OnFailure = OnFailure.PAUSE
     health_timeout: int = 300
     soak: int = 0
+    confirm_timeout: int | None = None  # seconds (agent.confirm); None: the agent's default
     skip_lifecycle: tuple[Lifecycle, ...] = ()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.parse
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,49 @@ from typing import Any
 from nixfleet.errors import FieldError, ValidationError
 
 DEFAULT_PORT = 8470
+
+# What a webhook can subscribe to (docs/webhooks.md, schemas/webhook-event.schema.json);
+# store.migrations' triggers write them, tests/store/test_webhooks.py holds the two equal.
+WEBHOOK_EVENTS = (
+    "rollout.started",
+    "rollout.paused",
+    "rollout.resumed",
+    "rollout.failed",
+    "rollout.completed",
+    "rollout.cancelled",
+    "batch.started",
+    "machine.failed",
+    "machine.unhealthy",
+    "machine.stale",
+    "machine.reboot-needed",
+)
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """One receiver: where to POST, which events, and the file holding the HMAC secret."""
+
+    url: str
+    secret_file: str
+    events: tuple[str, ...] = ("*",)
+
+    def wants(self, event: str) -> bool:
+        return "*" in self.events or event in self.events
+
+
+def display_url(url: str) -> str:
+    """A webhook URL as logs and listings show it: no user info, no query string.
+
+    Receivers such as chat services put their credential in the URL; the path is
+    kept (it tells two receivers on one host apart) but cut short.
+    """
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    path = parts.path if len(parts.path) <= 24 else parts.path[:20] + "..."
+    return f"{parts.scheme}://{host}{port}{path}"
 
 
 def default_db() -> Path:
@@ -36,7 +80,8 @@ class Settings:
     db: str = ""
     rollouts_dir: str | None = None
     admin_key_file: str | None = None
-    report_retention: int = 100
+    history_days: int = 90
+    history_max_events: int = 1000
     reconcile_interval: float = 2.0
     threads: int = 8
     workers: int = 1
@@ -49,6 +94,14 @@ class Settings:
     idle_timeout: int = 30
     max_header_bytes: int = 64 * 1024
     write_lock_timeout: float = 5.0
+    ui: bool = True  # serve the dashboard under /ui (False: no /ui route at all)
+    ui_session_idle: int = 3600  # seconds a dashboard session lives without a request
+    ui_secure_cookie: bool = False  # force Secure cookies (always set behind https)
+    webhooks: tuple[Webhook, ...] = ()
+    webhook_timeout: float = 10.0  # seconds for one delivery attempt, in total
+    webhook_retry_initial: float = 10.0  # first back-off; doubles per failed attempt
+    webhook_retry_max: float = 600.0  # back-off cap
+    webhook_retry_for: float = 86_400.0  # give a delivery up this long after its event
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -77,10 +130,63 @@ def load(path: str | Path | None = None, **overrides: Any) -> Settings:
     ]
     if errors:
         raise ValidationError(f"invalid settings file {path}", errors=errors)
+    if "webhooks" in data:
+        data["webhooks"] = parse_webhooks(data["webhooks"])
     settings = replace(Settings(), **data)
     settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
     _check(settings)
     return settings
+
+
+def parse_webhooks(raw: Any) -> tuple[Webhook, ...]:
+    """`webhooks: [{url, events, secret_file}]`, every problem named by its field."""
+    if not isinstance(raw, list):
+        raise ValidationError(
+            "invalid control-plane settings",
+            errors=[FieldError("webhooks", "must be a list of {url, events, secret_file}")],
+        )
+    errors: list[FieldError] = []
+    out: list[Webhook] = []
+    for i, item in enumerate(raw):
+        where = f"webhooks[{i}]"
+        if not isinstance(item, dict):
+            errors.append(FieldError(where, "must be an object {url, events, secret_file}"))
+            continue
+        for key in sorted(set(item) - {"url", "events", "secret_file"}):
+            errors.append(
+                FieldError(f"{where}.{key}", "unknown key; known: url, events, secret_file")
+            )
+        url, secret, events = item.get("url"), item.get("secret_file"), item.get("events", ["*"])
+        if (
+            not isinstance(url, str)
+            or not url.startswith(("http://", "https://"))
+            or (len(url) > 2048 or any(c.isspace() or ord(c) < 32 for c in url))
+        ):
+            errors.append(FieldError(f"{where}.url", "an http:// or https:// URL is required"))
+        if not isinstance(secret, str) or not secret:
+            errors.append(
+                FieldError(
+                    f"{where}.secret_file",
+                    "the path of a file holding the HMAC secret is required (never the secret)",
+                )
+            )
+        known = set(WEBHOOK_EVENTS) | {"*"}
+        if (
+            not isinstance(events, list)
+            or not events
+            or not all(isinstance(e, str) and e in known for e in events)
+        ):
+            errors.append(
+                FieldError(
+                    f"{where}.events",
+                    f"a non-empty list of: *, {', '.join(WEBHOOK_EVENTS)}",
+                )
+            )
+        if not errors:
+            out.append(Webhook(str(url), str(secret), tuple(events)))
+    if errors:
+        raise ValidationError("invalid control-plane settings", errors=errors)
+    return tuple(out)
 
 
 def _check(s: Settings) -> None:
@@ -91,7 +197,8 @@ def _check(s: Settings) -> None:
             FieldError("listen", f"{s.listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8470")
         )
     for name in (
-        "report_retention",
+        "history_days",
+        "history_max_events",
         "threads",
         "workers",
         "stale_after",
@@ -100,14 +207,26 @@ def _check(s: Settings) -> None:
         "connection_limit",
         "idle_timeout",
         "max_header_bytes",
+        "ui_session_idle",
     ):
         value = getattr(s, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             errors.append(FieldError(name, "must be a positive integer"))
     if isinstance(s.workers, int) and s.workers > 64:
         errors.append(FieldError("workers", "at most 64; one per CPU core is the useful most"))
-    if not isinstance(s.reconcile_interval, int | float) or s.reconcile_interval <= 0:
-        errors.append(FieldError("reconcile_interval", "must be a positive number of seconds"))
+    for name in ("ui", "ui_secure_cookie"):
+        if not isinstance(getattr(s, name), bool):
+            errors.append(FieldError(name, "must be true or false"))
+    for name in (
+        "reconcile_interval",
+        "webhook_timeout",
+        "webhook_retry_initial",
+        "webhook_retry_max",
+        "webhook_retry_for",
+    ):
+        value = getattr(s, name)
+        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+            errors.append(FieldError(name, "must be a positive number of seconds"))
     if not isinstance(s.write_lock_timeout, int | float) or not 0 < s.write_lock_timeout <= 600:
         errors.append(FieldError("write_lock_timeout", "must be a number of seconds in (0, 600]"))
     if errors:

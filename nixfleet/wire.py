@@ -66,22 +66,38 @@ class Machine(TypedDict):
     retry_requested_at: str | None
 
 
-class ReportRecord(TypedDict):
-    received_at: str
-    current_generation: str
-    success: bool
-    message: str
-    attempted_generation: str | None
-    health: Health | None
-    agent_version: str | None
-    uptime_seconds: int | None
+class HistoryEvent(TypedDict):
+    """One change in a machine's history (DESIGN §3 History); `kind` is a history.EventKind.
+
+    generation/desired: `generation` is where it went, `previous` where it came from
+    (None: none, or before the oldest event kept); failures: `generation` is the one
+    that failed, detail.reason why; health, tags and lifecycle say it in `detail`.
+    """
+
+    id: int
+    at: str
+    kind: str
+    source: str  # "agent", a rollout's label, or the operator (e.g. "key:ops")
+    generation: str | None
+    previous: str | None
+    detail: dict[str, Any]
+
+
+class MachineHistory(TypedDict):
+    """`GET /api/v1/machines/{id}/history`: one page, oldest first."""
+
+    machine_id: str
+    events: list[HistoryEvent]
+    next_after: int | None  # `after` for the next page; None: no more
 
 
 class MachineDetail(Machine):
-    """`GET /api/v1/machines/{id}`: the machine plus its latest health and reports."""
+    """`GET /api/v1/machines/{id}`: the machine, its latest health and history events."""
 
     health: Health | None
-    recent_reports: list[ReportRecord]
+    uptime_seconds: int | None  # as of the last report
+    history: list[HistoryEvent]
+    failed_output: NotRequired[str | None]  # the failed switch's output tail
 
 
 class RegisteredMachine(Machine):
@@ -125,6 +141,7 @@ class ReportAnswer(TypedDict):
     cache_url: str | None
     poll_hint: int | None
     retry_requested_at: NotRequired[str | None]
+    confirm_timeout: NotRequired[int | None]  # seconds: the rollout's confirm window
 
 
 class DesiredGeneration(TypedDict):
@@ -356,3 +373,49 @@ class RolloutList(TypedDict):
 class ServiceHealth(TypedDict):
     status: str
     version: str
+
+
+# --- webhooks ----------------------------------------------------------------------
+
+
+class WebhookRollout(TypedDict):
+    id: str
+    name: str | None
+
+
+class WebhookEvent(TypedDict):
+    """The signed body a receiver gets (schemas/webhook-event.schema.json)."""
+
+    id: int
+    event: str
+    at: str
+    rollout: WebhookRollout | None
+    machine: str | None
+    detail: dict[str, Any]
+
+
+class WebhookAttempt(TypedDict):
+    at: str
+    status: int | None
+    error: str | None
+    duration_ms: int
+
+
+class WebhookDelivery(TypedDict):
+    id: int
+    url: str
+    state: str  # pending | delivered | failed (given up)
+    attempts: int
+    created_at: str
+    expires_at: str
+    next_attempt_at: str | None
+    last_attempt_at: str | None
+    last_status: int | None
+    last_error: str | None
+    finished_at: str | None
+    event: WebhookEvent
+    history: list[WebhookAttempt]
+
+
+class WebhookDeliveries(TypedDict):
+    deliveries: list[WebhookDelivery]

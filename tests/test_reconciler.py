@@ -83,7 +83,7 @@ def report(store: Store, host: str, when: datetime, ok: bool = True, **kw: Any) 
         **kw,
     )
     with store.transaction() as conn:
-        machines.record_report(conn, r, 10)
+        machines.record_report(conn, r)
 
 
 def machine(store: Store, host: str) -> machines.Machine:  # type: ignore[name-defined]
@@ -93,7 +93,7 @@ def machine(store: Store, host: str) -> machines.Machine:  # type: ignore[name-d
 
 def detail(store: Store, rid: str, now: datetime) -> dict[str, Any]:
     with store.read() as conn:
-        return detail_json(store_rollouts.detail(conn, rid, now))
+        return dict(detail_json(store_rollouts.detail(conn, rid, now)))
 
 
 def deploying_hosts(store: Store, rid: str, now: datetime) -> list[str]:

@@ -36,6 +36,7 @@ class Answer:
     cache_url: str | None
     poll_hint: float | None
     retry_requested_at: str | None  # opaque: compared for equality only
+    confirm_timeout: float | None = None  # the rollout's (agent.confirm); None: the agent's
 
 
 def parse(data: Any, config: AgentConfig) -> Answer:
@@ -54,7 +55,16 @@ def parse(data: Any, config: AgentConfig) -> Answer:
         retry = None
     if errors:
         raise ValidationError("the control plane's answer is invalid; ignoring it", errors=errors)
-    return Answer(generation, cache_url, clamp_poll_hint(data.get("poll_hint"), config), retry)
+    confirm = data.get("confirm_timeout")
+    if isinstance(confirm, bool) or not isinstance(confirm, int | float) or not confirm > 0:
+        confirm = None  # also NaN
+    return Answer(
+        generation,
+        cache_url,
+        clamp_poll_hint(data.get("poll_hint"), config),
+        retry,
+        None if confirm is None else min(max(float(confirm), 1.0), 86400.0),
+    )
 
 
 def clamp_poll_hint(hint: Any, config: AgentConfig) -> float | None:

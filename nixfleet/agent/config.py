@@ -37,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "dry_run": False,
     "allow_insecure": False,
     "allowed_cache_schemes": [],
+    "confirm_timeout": None,
 }
 
 
@@ -87,6 +88,7 @@ class AgentConfig:
     allow_insecure: bool = False
     # Cache URL schemes accepted from the CP beyond https/http (agent/answer.py).
     allowed_cache_schemes: tuple[str, ...] = ()
+    confirm_timeout: float | None = None  # seconds; a rollout's confirm_timeout overrides
     # Snapshot of the process environment, taken once at load time.
     environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -195,6 +197,7 @@ def load_config(
         dry_run=bool(merged["dry_run"]),
         allow_insecure=bool(merged["allow_insecure"]),
         allowed_cache_schemes=tuple(s.lower() for s in merged["allowed_cache_schemes"]),
+        confirm_timeout=float(merged["confirm_timeout"]) if merged["confirm_timeout"] else None,
         environ=dict(os.environ if environ is None else environ),
     )
 

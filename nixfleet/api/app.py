@@ -15,12 +15,14 @@ from nixfleet.api import (
     enroll,
     errors,
     health,
+    history,
     keys,
     machines,
     openapi,
     releases,
     rollouts,
     status,
+    webhooks,
 )
 from nixfleet.api.auth import AuthMiddleware
 from nixfleet.api.context import Context
@@ -36,6 +38,7 @@ ROUTES: list[tuple[str, type[Any]]] = [
     ("/api/v1/machines", machines.MachineCollection),
     ("/api/v1/machines/{machine_id}", machines.MachineItem),
     ("/api/v1/machines/{machine_id}/report", machines.MachineReport),
+    ("/api/v1/machines/{machine_id}/history", history.MachineHistory),
     ("/api/v1/machines/{machine_id}/lifecycle", machines.MachineLifecycle),
     ("/api/v1/machines/{machine_id}/tags", machines.MachineTags),
     ("/api/v1/machines/{machine_id}/desired-generation", machines.DesiredGeneration),
@@ -56,6 +59,7 @@ ROUTES: list[tuple[str, type[Any]]] = [
     ("/api/v1/rollouts/{rollout_id}/pause", rollouts.RolloutPause),
     ("/api/v1/rollouts/{rollout_id}/resume", rollouts.RolloutResume),
     ("/api/v1/rollouts/{rollout_id}/cancel", rollouts.RolloutCancel),
+    ("/api/v1/webhooks/deliveries", webhooks.WebhookDeliveries),
 ]
 
 
@@ -67,4 +71,8 @@ def create_app(settings: Settings, store: Store) -> falcon.App[falcon.Request, f
     errors.register(app)
     for path, resource in ROUTES:
         app.add_route(path, resource(ctx))
+    if settings.ui:
+        from nixfleet import ui  # the dashboard (and Jinja2) only when it is served
+
+        ui.mount(app, ctx)
     return app

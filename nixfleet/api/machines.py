@@ -9,9 +9,11 @@ from typing import Any
 
 import falcon
 
+from nixfleet import wire
 from nixfleet.api.auth import Perm
 from nixfleet.api.body import read_document
 from nixfleet.api.context import Context
+from nixfleet.api.history import event_json
 from nixfleet.errors import ConflictError, FieldError, ValidationError
 from nixfleet.models import (
     HealthResult,
@@ -22,10 +24,12 @@ from nixfleet.models import (
     utcnow,
     validate_hostname,
 )
-from nixfleet.store import audit, credentials, machines
+from nixfleet.store import audit, credentials, history, machines
+
+LATEST_EVENTS = 20  # events a machine's detail ends with (GET /api/v1/machines/{id})
 
 
-def status_json(m: Machine, now: datetime, stale_after: int) -> dict[str, Any]:
+def status_json(m: Machine, now: datetime, stale_after: int) -> wire.StatusMachine:
     """A machine's entry in GET /api/v1/status (docs/fleet-status.md): the definition.
 
     The status route has SQL write these entries for the whole fleet at once
@@ -46,7 +50,7 @@ def status_json(m: Machine, now: datetime, stale_after: int) -> dict[str, Any]:
     }
 
 
-def machine_json(m: Machine, now: datetime, stale_after: int) -> dict[str, Any]:
+def machine_json(m: Machine, now: datetime, stale_after: int) -> wire.Machine:
     """The full machine: its status entry, plus tags by source, desired source, times."""
     return {
         **status_json(m, now, stale_after),
@@ -61,20 +65,8 @@ def machine_json(m: Machine, now: datetime, stale_after: int) -> dict[str, Any]:
     }
 
 
-def report_json(r: Report) -> dict[str, Any]:
-    return {
-        "received_at": isoformat(r.received_at),
-        "current_generation": r.current_generation,
-        "success": r.success,
-        "message": r.message,
-        "attempted_generation": r.attempted_generation,
-        "health": None if r.health is None else r.health.to_dict(),
-        "agent_version": r.agent_version,
-        "uptime_seconds": r.uptime_seconds,
-    }
-
-
-Change = Callable[[sqlite3.Connection, Machine, datetime], dict[str, Any]]
+# Returns the audit detail, or None when nothing changed (no audit row: a no-op).
+Change = Callable[[sqlite3.Connection, Machine, datetime], dict[str, Any] | None]
 
 
 def mutate(
@@ -87,13 +79,15 @@ def mutate(
 ) -> None:
     """One machine mutation: one transaction, one audit row, the machine as the answer.
 
-    change(conn, machine_before, now) writes and returns the audit detail; the
-    machine is read first, so an unknown id is a 404 before anything is written.
+    change(conn, machine_before, now) writes and returns the audit detail (None: it
+    changed nothing, so no audit row); the machine is read first, so an unknown id
+    is a 404 before anything is written.
     """
     now = utcnow()
     with ctx.store.transaction() as conn:
         detail = change(conn, machines.get(conn, machine_id), now)
-        audit.record(conn, req.context.actor.label, action, machine_id, now, detail)
+        if detail is not None:
+            audit.record(conn, req.context.actor.label, action, machine_id, now, detail)
         after = machines.get(conn, machine_id)
     resp.media = machine_json(after, now, ctx.settings.stale_after)
 
@@ -153,11 +147,9 @@ class MachineCollection:
             )
             machine = machines.get(conn, machine_id)
         out = machine_json(machine, now, self.ctx.settings.stale_after)
-        if token:
-            out["token"] = token
+        resp.media = {**out, "token": token} if token else out
         resp.status = falcon.HTTP_201
         resp.location = f"/api/v1/machines/{machine_id}"
-        resp.media = out
 
 
 class MachineItem:
@@ -167,15 +159,19 @@ class MachineItem:
         self.ctx = ctx
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, machine_id: str) -> None:
-        """One machine with its recent reports."""
+        """One machine with its latest history events (oldest first)."""
         validate_hostname(machine_id)
         now = utcnow()
         with self.ctx.store.read() as conn:
-            m = machines.get(conn, machine_id, recent=20)
-        out = machine_json(m, now, self.ctx.settings.stale_after)
-        out["health"] = None if m.health is None else m.health.to_dict()
-        out["recent_reports"] = [report_json(r) for r in m.recent_reports]
-        resp.media = out
+            m = machines.get(conn, machine_id)
+            latest = history.latest(conn, machine_id, LATEST_EVENTS)
+        resp.media = {
+            **machine_json(m, now, self.ctx.settings.stale_after),
+            "health": None if m.health is None else m.health.to_dict(),
+            "uptime_seconds": m.uptime_seconds,
+            "history": [event_json(e) for e in latest],
+            "failed_output": m.failed_output,
+        }
 
 
 class MachineLifecycle:
@@ -191,10 +187,16 @@ class MachineLifecycle:
         doc = read_document(req, self.schemas["PATCH"], self.ctx.limit, "lifecycle change")
         target = Lifecycle(doc["lifecycle"])
 
-        def change(conn: sqlite3.Connection, before: Machine, now: datetime) -> dict[str, Any]:
-            previous = machines.set_lifecycle(conn, machine_id, target)
-            if target is Lifecycle.DECOMMISSIONED:
-                credentials.revoke_token(conn, machine_id)
+        actor = req.context.actor.label
+
+        def change(
+            conn: sqlite3.Connection, before: Machine, now: datetime
+        ) -> dict[str, Any] | None:
+            previous = machines.set_lifecycle(conn, machine_id, target, actor, now)
+            if previous is target:
+                return None  # already there: a no-op that scripts may repeat
+            # A decommissioned machine keeps its token: with it, its agent is told 410
+            # Gone (api.auth) on every request, and backs off to one attempt an hour.
             return {"from": previous.value, "to": target.value}
 
         mutate(self.ctx, req, resp, machine_id, "machine.lifecycle", change)
@@ -213,9 +215,12 @@ class MachineTags:
         validate_hostname(machine_id)
         tags = read_document(req, self.schemas[req.method], self.ctx.limit, "tags")["tags"]
 
+        actor = req.context.actor.label
+
         def change(conn: sqlite3.Connection, before: Machine, now: datetime) -> dict[str, Any]:
             if add:
-                machines.set_tags(conn, machine_id, tags, "operator", replace=False)
+                added, _ = machines.set_tags(conn, machine_id, tags, "operator", replace=False)
+                history.tags_changed(conn, machine_id, now, actor, "operator", added, [])
             else:
                 from_config = [
                     t for t in tags if t in before.agent_tags and t not in before.operator_tags
@@ -226,7 +231,8 @@ class MachineTags:
                         "NixOS config (services.nixfleet-agent.tags): remove it there; "
                         "operators remove only the tags they added"
                     )
-                machines.remove_tags(conn, machine_id, tags)
+                removed = machines.remove_tags(conn, machine_id, tags)
+                history.tags_changed(conn, machine_id, now, actor, "operator", [], removed)
             return {"tags": tags}
 
         mutate(self.ctx, req, resp, machine_id, "machine.tag" if add else "machine.untag", change)
@@ -287,8 +293,11 @@ class DesiredGeneration:
         cache_url: str | None,
         source: str | None,
     ) -> None:
+        actor = req.context.actor.label
+
         def change(conn: sqlite3.Connection, before: Machine, now: datetime) -> dict[str, Any]:
             machines.set_desired(conn, machine_id, path, cache_url, source, now)
+            history.attribute_desired(conn, machine_id, now, actor)
             return {"from": before.desired_generation, "to": path, "cache_url": cache_url}
 
         action = "machine.set-desired" if path else "machine.clear-desired"
@@ -339,9 +348,10 @@ class MachineReport:
             tags=tuple(tags) if tags is not None else None,
             agent_version=doc.get("agent_version"),
             uptime_seconds=doc.get("uptime_seconds"),
+            output=doc.get("output"),
         )
         with self.ctx.store.transaction() as conn:
-            row, promoted = machines.record_report(conn, report, self.ctx.settings.report_retention)
+            row, promoted = machines.record_report(conn, report)
             if promoted is not None:
                 audit.record(
                     conn,
@@ -352,3 +362,4 @@ class MachineReport:
                     {"from": promoted.value, "to": "active", "reason": "first agent report"},
                 )
         resp.media = desired_json(row, row["poll_hint"] or self.ctx.settings.default_poll_interval)
+        resp.media["confirm_timeout"] = row["confirm_timeout"]

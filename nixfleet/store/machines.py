@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 
+from nixfleet import history as changes
 from nixfleet.errors import ConflictError, FieldError, GoneError, NotFoundError, ValidationError
 from nixfleet.models import (
     HealthResult,
@@ -23,18 +24,21 @@ from nixfleet.models import (
     Sync,
     SystemState,
     check_transition,
+    counts_in_sync_summary,
     isoformat,
     parse_time,
     stale_cutoff,
+    utcnow,
 )
-from nixfleet.store import reports
+from nixfleet.store import history
 
 MAX_TAGS_PER_SOURCE = 64  # as the tags schema's maxItems: one request cannot add more
 
 COLUMNS = (
     "id, lifecycle, registered_at, current_generation, desired_generation, "
     "desired_cache_url, desired_source, last_report_at, agent_version, system_state, "
-    "last_success, last_message, failed_generation, health_json, retry_requested_at"
+    "last_success, last_message, failed_generation, health_json, retry_requested_at, "
+    "uptime_seconds"
 )
 
 
@@ -96,6 +100,7 @@ def _machine(row: sqlite3.Row, tags: dict[str, list[str]] | None) -> Machine:
         failed_generation=row["failed_generation"],
         health=HealthResult.from_dict(json.loads(health)) if health else None,
         retry_requested_at=parse_time(row["retry_requested_at"]),
+        uptime_seconds=row["uptime_seconds"],
     )
 
 
@@ -115,7 +120,7 @@ def machine_ids(
     return [r[0] for r in conn.execute(f"SELECT id FROM machines{where} ORDER BY id", params)]
 
 
-def get(conn: sqlite3.Connection, machine_id: str, recent: int = 0) -> Machine:
+def get(conn: sqlite3.Connection, machine_id: str) -> Machine:
     row = conn.execute(f"SELECT {COLUMNS} FROM machines WHERE id = ?", (machine_id,)).fetchone()
     if row is None:
         raise NotFoundError(
@@ -123,9 +128,10 @@ def get(conn: sqlite3.Connection, machine_id: str, recent: int = 0) -> Machine:
         )
     where, params = " WHERE id = ?", [machine_id]
     machine = _machine(row, _tags_by_machine(conn, where, params).get(machine_id))
-    if recent:
-        machine = replace(machine, recent_reports=tuple(reports.recent(conn, machine_id, recent)))
-    return machine
+    output = conn.execute(
+        "SELECT failed_output FROM machines WHERE id = ?", (machine_id,)
+    ).fetchone()[0]
+    return machine if output is None else replace(machine, failed_output=output)
 
 
 def find_lifecycle(conn: sqlite3.Connection, machine_id: str) -> Lifecycle | None:
@@ -162,11 +168,31 @@ def register(
     set_tags(conn, machine_id, tags, "operator", replace=False)
 
 
-def set_lifecycle(conn: sqlite3.Connection, machine_id: str, target: Lifecycle) -> Lifecycle:
-    """Apply a checked transition; return the previous state."""
+def set_lifecycle(
+    conn: sqlite3.Connection,
+    machine_id: str,
+    target: Lifecycle,
+    actor: str = "operator",
+    now: datetime | None = None,
+) -> Lifecycle:
+    """Apply a checked transition and record it; return the previous state.
+
+    The state a machine is already in is a no-op (DESIGN §3): nothing is written, so
+    scripts can repeat it.
+    """
     current = _lifecycle(conn, machine_id)
+    if current is target:
+        return current
     check_transition(machine_id, current, target)
     conn.execute("UPDATE machines SET lifecycle = ? WHERE id = ?", (target.value, machine_id))
+    event = changes.Event(
+        machine_id,
+        now or utcnow(),
+        changes.EventKind.LIFECYCLE,
+        actor,
+        detail={"from": current.value, "to": target.value},
+    )
+    history.add(conn, [event])
     return current
 
 
@@ -177,11 +203,12 @@ def set_tags(
     source: str,
     *,
     replace: bool,
-) -> None:
+) -> tuple[list[str], list[str]]:
     """Add tags of one source; with replace, the given set becomes that source's set.
 
     Writes only the difference: an agent reports the same tags on every poll, so the
     usual case is one indexed read and no write (no dirty pages for the commit).
+    Returns the tags added and removed (for the machine's history).
     """
     wanted = set(tags)
     have = {
@@ -197,24 +224,33 @@ def set_tags(
             f"machine {machine_id} would have {len(kept)} {source} tags",
             errors=[FieldError("tags", f"at most {MAX_TAGS_PER_SOURCE} {source} tags per machine")],
         )
-    if replace and have - wanted:
+    removed = sorted(have - wanted) if replace else []
+    added = sorted(wanted - have)
+    if removed:
         conn.executemany(
             "DELETE FROM machine_tags WHERE machine_id = ? AND tag = ? AND source = ?",
-            [(machine_id, t, source) for t in sorted(have - wanted)],
+            [(machine_id, t, source) for t in removed],
         )
-    if wanted - have:
+    if added:
         conn.executemany(
             "INSERT OR IGNORE INTO machine_tags (machine_id, tag, source) VALUES (?, ?, ?)",
-            [(machine_id, t, source) for t in sorted(wanted - have)],
+            [(machine_id, t, source) for t in added],
         )
+    return added, removed
 
 
-def remove_tags(conn: sqlite3.Connection, machine_id: str, tags: Iterable[str]) -> None:
+def remove_tags(conn: sqlite3.Connection, machine_id: str, tags: Iterable[str]) -> list[str]:
+    """Remove operator tags; return those that were there."""
     _lifecycle(conn, machine_id)
-    conn.executemany(
-        "DELETE FROM machine_tags WHERE machine_id = ? AND tag = ? AND source = 'operator'",
-        [(machine_id, t) for t in set(tags)],
-    )
+    removed = []
+    for t in sorted(set(tags)):
+        cur = conn.execute(
+            "DELETE FROM machine_tags WHERE machine_id = ? AND tag = ? AND source = 'operator'",
+            (machine_id, t),
+        )
+        if cur.rowcount:
+            removed.append(t)
+    return removed
 
 
 def set_desired(
@@ -236,26 +272,31 @@ def set_desired(
 def request_retry(conn: sqlite3.Connection, machine_id: str, now: datetime) -> None:
     _lifecycle(conn, machine_id)
     conn.execute(
-        "UPDATE machines SET retry_requested_at = ?, failed_generation = NULL WHERE id = ?",
+        "UPDATE machines SET retry_requested_at = ?, failed_generation = NULL, "
+        "failed_output = NULL WHERE id = ?",
         (isoformat(now), machine_id),
     )
 
 
-def record_report(
-    conn: sqlite3.Connection, report: Report, retention: int
-) -> tuple[sqlite3.Row, Lifecycle | None]:
+def record_report(conn: sqlite3.Connection, report: Report) -> tuple[sqlite3.Row, Lifecycle | None]:
     """Store one agent report: the hot path, a handful of indexed statements.
 
-    Returns the machine's desired-generation row and, when the report moved the
-    machine out of pending/provisioning, the state it left.
+    What it changes is judged against the row as it was (nixfleet.history) and
+    written as events; a heartbeat writes the machine row only. Returns the
+    machine's desired-generation row and, when the report moved the machine out of
+    pending/provisioning, the state it left.
     """
     # The poll hint is the running rollout's (store.rollouts.set_poll_hint), found
     # through rollout_machines_machine; a machine is in at most one active rollout.
     row = conn.execute(
         "SELECT lifecycle, desired_generation, desired_cache_url, desired_source, "
-        "retry_requested_at, (SELECT r.poll_hint FROM rollout_machines rm "
+        "retry_requested_at, current_generation, failed_generation, last_success, "
+        "health_json, (SELECT r.poll_hint FROM rollout_machines rm "
         "JOIN rollouts r ON r.id = rm.rollout_id WHERE rm.machine_id = machines.id "
-        "AND r.status = 'running' LIMIT 1) AS poll_hint FROM machines WHERE id = ?",
+        "AND r.status = 'running' LIMIT 1) AS poll_hint, (SELECT r.confirm_timeout "
+        "FROM rollout_machines rm JOIN rollouts r ON r.id = rm.rollout_id "
+        "WHERE rm.machine_id = machines.id AND r.status = 'running' LIMIT 1) "
+        "AS confirm_timeout FROM machines WHERE id = ?",
         (report.machine_id,),
     ).fetchone()
     if row is None:
@@ -271,33 +312,61 @@ def record_report(
     promoted = lifecycle if lifecycle in (Lifecycle.PENDING, Lifecycle.PROVISIONING) else None
     health = json.dumps(report.health.to_dict()) if report.health is not None else None
     at = isoformat(report.received_at)
+    failed = None if report.success else report.attempted_generation
     conn.execute(
-        "UPDATE machines SET current_generation = ?, last_report_at = ?, "
-        "agent_version = COALESCE(?, agent_version), system_state = ?, last_success = ?, "
-        "last_message = ?, health_json = ?, uptime_seconds = ?, "
-        "failed_generation = CASE WHEN ? IS NOT NULL THEN ? "
-        "  WHEN failed_generation = ? THEN NULL ELSE failed_generation END, "
+        "UPDATE machines SET current_generation = :current, last_report_at = :at, "
+        "agent_version = COALESCE(:version, agent_version), system_state = :state, "
+        "last_success = :success, last_message = :message, health_json = :health, "
+        "uptime_seconds = :uptime, "
+        # The switch output stays with its failure: replaced by a new failure's (or
+        # dropped when it came without), cleared with the failure, else kept (agents
+        # send it once).
+        "failed_output = CASE WHEN :failed IS NOT NULL AND :failed IS NOT failed_generation "
+        "  THEN :output WHEN :failed IS NOT NULL AND :output IS NOT NULL THEN :output "
+        "  WHEN failed_generation = :current THEN NULL ELSE failed_output END, "
+        "failed_generation = CASE WHEN :failed IS NOT NULL THEN :failed "
+        "  WHEN failed_generation = :current THEN NULL ELSE failed_generation END, "
         "lifecycle = CASE WHEN lifecycle IN ('pending', 'provisioning') THEN 'active' "
         "  ELSE lifecycle END "
-        "WHERE id = ?",
-        (
-            report.current_generation,
-            at,
-            report.agent_version,
-            report.system_state.value,
-            int(report.success),
-            report.message,
-            health,
-            report.uptime_seconds,
-            None if report.success else report.attempted_generation,
-            report.attempted_generation,
-            report.current_generation,
-            report.machine_id,
-        ),
+        "WHERE id = :id",
+        {
+            "current": report.current_generation,
+            "at": at,
+            "version": report.agent_version,
+            "state": report.system_state.value,
+            "success": int(report.success),
+            "message": report.message,
+            "health": health,
+            "uptime": report.uptime_seconds,
+            "failed": failed,
+            "output": report.output if failed is not None else None,
+            "id": report.machine_id,
+        },
     )
+    prior = changes.Prior(
+        current_generation=row["current_generation"],
+        failed_generation=row["failed_generation"],
+        last_success=None if row["last_success"] is None else bool(row["last_success"]),
+        health_json=row["health_json"],
+    )
+    events = []
+    if promoted is not None:
+        detail = {"from": promoted.value, "to": "active", "reason": "first agent report"}
+        events.append(
+            changes.Event(
+                report.machine_id,
+                report.received_at,
+                changes.EventKind.LIFECYCLE,
+                "agent",
+                detail=detail,
+            )
+        )
+    history.add(conn, events + changes.report_events(prior, report))
     if report.tags is not None:
-        set_tags(conn, report.machine_id, report.tags, "agent", replace=True)
-    reports.append(conn, report, health, retention)
+        added, removed = set_tags(conn, report.machine_id, report.tags, "agent", replace=True)
+        history.tags_changed(
+            conn, report.machine_id, report.received_at, "agent", "agent", added, removed
+        )
     return row, promoted
 
 
@@ -316,7 +385,11 @@ SYNC_SQL = (
     "WHEN m.current_generation = m.desired_generation THEN 'in sync' "
     "WHEN m.failed_generation = m.desired_generation THEN 'failed' ELSE 'updating' END"
 )
-STALE_SQL = "(m.last_report_at IS NOT NULL AND m.last_report_at < ?)"
+STALE_SQL = (
+    "(m.lifecycle <> 'decommissioned' AND m.last_report_at IS NOT NULL AND m.last_report_at < ?)"
+)
+# models.counts_in_sync_summary
+SUMMARY_SQL = "(m.lifecycle <> 'decommissioned')"
 
 # A machine's entry in GET /api/v1/status, field by field, as SQL writes it: the same
 # keys and values as api.machines.status_json, which is the definition (held to it
@@ -363,16 +436,17 @@ def status_document(
     syncs = [s.value for s in Sync]
     lifecycles = [life.value for life in Lifecycle]
     sums = ", ".join(
-        [f"sum(sync = '{v}') AS \"sync:{v}\"" for v in syncs]
+        [f"sum(sync = '{v}' AND counted) AS \"sync:{v}\"" for v in syncs]
         + [f"sum(lifecycle = '{v}') AS \"lifecycle:{v}\"" for v in lifecycles]
     )
     fields = ", ".join(f"'{key}', {expr}" for key, expr in STATUS_SQL.items())
     stale_params = [cutoff] * "".join(STATUS_SQL.values()).count("?")
     sql = (
         "SELECT '[' || coalesce(group_concat(o, ','), '') || ']' AS machines, "
-        f"count(*) AS total, coalesce(sum(stale), 0) AS stale, {sums} FROM ("
+        f"coalesce(sum(counted), 0) AS total, coalesce(sum(stale), 0) AS stale, {sums} FROM ("
         f"SELECT json_object({fields}) AS o, "
-        f"{SYNC_SQL} AS sync, {STALE_SQL} AS stale, m.lifecycle AS lifecycle "
+        f"{SYNC_SQL} AS sync, {STALE_SQL} AS stale, {SUMMARY_SQL} AS counted, "
+        "m.lifecycle AS lifecycle "
         f"FROM machines m{where} ORDER BY m.id)"
     )
     row = conn.execute(sql, (*stale_params, cutoff, *params)).fetchone()
@@ -389,12 +463,14 @@ class FleetCounts:
 
 
 def fleet_counts(conn: sqlite3.Connection) -> FleetCounts:
-    """Machines by sync and by lifecycle, every value present (zero where none)."""
+    """Machines by sync (decommissioned ones not counted) and by lifecycle, every value
+    present (zero where none)."""
     by_sync = {s: 0 for s in Sync}
     by_lifecycle = {life: 0 for life in Lifecycle}
     for sync, lifecycle, n in conn.execute(
         f"SELECT {SYNC_SQL}, m.lifecycle, COUNT(*) FROM machines m GROUP BY 1, 2"
     ):
-        by_sync[Sync(sync)] += n
+        if counts_in_sync_summary(Lifecycle(lifecycle)):
+            by_sync[Sync(sync)] += n
         by_lifecycle[Lifecycle(lifecycle)] += n
     return FleetCounts(by_sync, by_lifecycle)

@@ -408,4 +408,172 @@ MIGRATIONS: list[tuple[str, str]] = [
         PRAGMA legacy_alter_table = OFF
         """,
     ),
+    # History of changes (DESIGN §3 History, nixfleet.store.history): a heartbeat appends
+    # nothing, each change is one machine_events row. The report rows are carried over as
+    # the changes they show: each machine's kept reports (at most report_retention, by
+    # default 100, i.e. the last ~100 minutes) are compared with the report before them;
+    # a generation switch, a new failure (rolled back when the agent said so) and a turn of
+    # health (passing/failing, naming the checks failing after it) become events at the
+    # report's time. The first kept report of each machine has nothing to compare with
+    # and yields none; per-check changes while health stays failing are not recovered.
+    # Then the reports table goes: nothing reads it any more.
+    # Every change of machines.desired_generation, by any statement (the reconciler's
+    # set-based ones included), is an event written by the trigger, its source the new
+    # desired source (a rollout's label, or "operator").
+    (
+        "0010_machine_events",
+        """
+        CREATE TABLE machine_events (
+            id INTEGER PRIMARY KEY,
+            machine_id TEXT NOT NULL REFERENCES machines (id) ON DELETE CASCADE,
+            at TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('generation', 'deployment-failed',
+                'rolled-back', 'health', 'tags', 'lifecycle', 'desired')),
+            source TEXT NOT NULL,
+            generation TEXT,
+            detail_json TEXT
+        );
+        CREATE INDEX machine_events_machine ON machine_events (machine_id, id);
+        INSERT INTO machine_events (machine_id, at, kind, source, generation, detail_json)
+        SELECT machine_id, received_at, kind, 'agent', generation, detail FROM (
+            SELECT id, machine_id, received_at, 0 AS o, 'generation' AS kind,
+                current_generation AS generation, NULL AS detail
+            FROM (SELECT *, lag(current_generation) OVER w AS prev_gen,
+                row_number() OVER w AS n FROM reports
+                WINDOW w AS (PARTITION BY machine_id ORDER BY id))
+            WHERE n > 1 AND prev_gen IS NOT current_generation
+            UNION ALL
+            SELECT id, machine_id, received_at, 1,
+                CASE WHEN message LIKE 'rolled back%'
+                    AND current_generation IS NOT attempted_generation
+                    THEN 'rolled-back' ELSE 'deployment-failed' END,
+                attempted_generation, json_object('reason', message)
+            FROM (SELECT *, lag(success) OVER w AS prev_success,
+                lag(attempted_generation) OVER w AS prev_attempted,
+                row_number() OVER w AS n FROM reports
+                WINDOW w AS (PARTITION BY machine_id ORDER BY id))
+            WHERE n > 1 AND success = 0
+                AND (prev_success = 1 OR prev_attempted IS NOT attempted_generation)
+            UNION ALL
+            SELECT id, machine_id, received_at, 2, 'health', NULL, json_object(
+                'status', CASE ok WHEN 1 THEN 'healthy' WHEN 0 THEN 'failing'
+                    ELSE 'unknown' END,
+                'previous', CASE prev_ok WHEN 1 THEN 'healthy' WHEN 0 THEN 'failing'
+                    ELSE 'unknown' END,
+                'failing', json((SELECT coalesce(json_group_array(
+                    json_extract(c.value, '$.name')), '[]')
+                    FROM json_each(health_json, '$.results') c
+                    WHERE json_extract(c.value, '$.passed') = 0)),
+                'newly_failing', json('[]'), 'recovered', json('[]'))
+            FROM (SELECT *, json_extract(health_json, '$.all_passed') AS ok,
+                lag(json_extract(health_json, '$.all_passed')) OVER w AS prev_ok,
+                row_number() OVER w AS n FROM reports
+                WINDOW w AS (PARTITION BY machine_id ORDER BY id))
+            WHERE n > 1 AND ok IS NOT prev_ok
+        ) ORDER BY received_at, id, o;
+        DROP TABLE reports;
+        CREATE TRIGGER machine_desired_changed AFTER UPDATE OF desired_generation ON machines
+        WHEN OLD.desired_generation IS NOT NEW.desired_generation BEGIN
+            INSERT INTO machine_events (machine_id, at, kind, source, generation)
+            VALUES (NEW.id, coalesce(NEW.desired_set_at, strftime('%Y-%m-%dT%H:%M:%f') || '000Z'),
+                'desired', coalesce(NEW.desired_source, 'operator'), NEW.desired_generation);
+        END
+        """,
+    ),
+    # machines.failed_output: the tail of a failed switch's output, kept with the failure.
+    # rollouts.confirm_timeout: seconds, from the document, for the report answer (no
+    # earlier document has one: the schema refused it).
+    # Webhooks (docs/webhooks.md): an outbox row per event, written by triggers in the
+    # very transaction of the change (a rollout event, a newly failed generation), so
+    # no code path can forget one and none is sent for a change that rolled back. The
+    # sender fans each row out to a delivery per subscribed URL and keeps every attempt.
+    (
+        "0011_webhooks_failure_output",
+        """
+        ALTER TABLE machines ADD COLUMN failed_output TEXT;
+        ALTER TABLE rollouts ADD COLUMN confirm_timeout INTEGER;
+        CREATE TABLE webhook_outbox (
+            id INTEGER PRIMARY KEY,
+            event TEXT NOT NULL,
+            at TEXT NOT NULL,
+            rollout_id TEXT,
+            machine_id TEXT,
+            detail_json TEXT NOT NULL DEFAULT '{}',
+            fanned_out INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE INDEX webhook_outbox_new ON webhook_outbox (id) WHERE fanned_out = 0;
+        CREATE TABLE webhook_deliveries (
+            id INTEGER PRIMARY KEY,
+            outbox_id INTEGER NOT NULL REFERENCES webhook_outbox (id) ON DELETE CASCADE,
+            url TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'failed')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL,
+            next_attempt_at TEXT NOT NULL,
+            last_attempt_at TEXT,
+            last_status INTEGER,
+            last_error TEXT,
+            finished_at TEXT
+        );
+        CREATE INDEX webhook_deliveries_due ON webhook_deliveries (url, next_attempt_at)
+            WHERE state = 'pending';
+        CREATE INDEX webhook_deliveries_outbox ON webhook_deliveries (outbox_id);
+        CREATE TABLE webhook_attempts (
+            id INTEGER PRIMARY KEY,
+            delivery_id INTEGER NOT NULL REFERENCES webhook_deliveries (id) ON DELETE CASCADE,
+            at TEXT NOT NULL,
+            status INTEGER,
+            error TEXT,
+            duration_ms INTEGER NOT NULL
+        );
+        CREATE INDEX webhook_attempts_delivery ON webhook_attempts (delivery_id, id);
+        CREATE TABLE webhook_stale (
+            machine_id TEXT PRIMARY KEY,
+            last_report_at TEXT NOT NULL
+        ) WITHOUT ROWID;
+        CREATE TRIGGER webhook_rollout_event AFTER INSERT ON rollout_events
+        WHEN NEW.kind IN ('rollout-created', 'rollout-paused', 'rollout-resumed',
+            'rollout-failed', 'rollout-completed', 'rollout-cancelled', 'batch-started',
+            'machine-unhealthy') BEGIN
+            INSERT INTO webhook_outbox (event, at, rollout_id, machine_id, detail_json)
+            VALUES (CASE NEW.kind WHEN 'rollout-created' THEN 'rollout.started'
+                    WHEN 'batch-started' THEN 'batch.started'
+                    WHEN 'machine-unhealthy' THEN 'machine.unhealthy'
+                    ELSE 'rollout.' || substr(NEW.kind, 9) END,
+                NEW.at, NEW.rollout_id, NEW.machine_id,
+                CASE WHEN NEW.batch_idx IS NULL THEN NEW.detail_json
+                    ELSE json_set(NEW.detail_json, '$.batch', NEW.batch_idx) END);
+        END;
+        CREATE TRIGGER webhook_machine_failed AFTER UPDATE OF failed_generation ON machines
+        WHEN NEW.failed_generation IS NOT NULL
+            AND NEW.failed_generation IS NOT OLD.failed_generation BEGIN
+            INSERT INTO webhook_outbox (event, at, rollout_id, machine_id, detail_json)
+            VALUES ('machine.failed', coalesce(NEW.last_report_at,
+                    strftime('%Y-%m-%dT%H:%M:%f000Z', 'now')),
+                (SELECT rm.rollout_id FROM rollout_machines rm
+                    JOIN rollouts r ON r.id = rm.rollout_id
+                    WHERE rm.machine_id = NEW.id AND r.status IN ('running', 'paused')
+                    ORDER BY r.created_at DESC LIMIT 1),
+                NEW.id,
+                json_object('generation', NEW.failed_generation,
+                    'current_generation', NEW.current_generation,
+                    'message', NEW.last_message));
+        END
+        """,
+    ),
+    # Dashboard sessions (nixfleet.store.sessions): a row per login, keyed by the hash
+    # of its cookie; the key it was opened with must stay unrevoked for it to count.
+    (
+        "0012_ui_sessions",
+        """
+        CREATE TABLE ui_sessions (
+            token_hash TEXT PRIMARY KEY,
+            key_name TEXT NOT NULL REFERENCES api_keys (name) ON DELETE CASCADE,
+            created_at TEXT NOT NULL,
+            last_seen_at TEXT NOT NULL
+        ) WITHOUT ROWID;
+        CREATE INDEX ui_sessions_last_seen ON ui_sessions (last_seen_at)
+        """,
+    ),
 ]
