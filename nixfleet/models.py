@@ -10,9 +10,9 @@ from typing import Any, overload
 
 from nixfleet.errors import ConflictError, FieldError, ValidationError
 
-HOSTNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-STORE_PATH_RE = re.compile(r"^/nix/store/[0-9a-z]{32}-[^/]+$")
-TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+HOSTNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+STORE_PATH_RE = re.compile(r"^/nix/store/[0-9a-z]{32}-[A-Za-z0-9+._?=-]+\Z")
+TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}\Z")
 
 
 class Lifecycle(StrEnum):
@@ -104,6 +104,21 @@ def sync_of(desired: str | None, current: str | None, failed: str | None) -> Syn
     if failed == desired:
         return Sync.FAILED
     return Sync.UPDATING
+
+
+class Health(StrEnum):
+    """The second axis beside sync (as Argo CD separates Sync from Health)."""
+
+    HEALTHY = "healthy"
+    FAILING = "failing"
+    UNKNOWN = "unknown"
+
+
+def health_of(health: HealthResult | None) -> Health:
+    """THE definition of health (store.fleet.HEALTH_SQL is held to it case by case)."""
+    if health is None:
+        return Health.UNKNOWN
+    return Health.HEALTHY if health.all_passed else Health.FAILING
 
 
 def stale_cutoff(now: datetime, stale_after: int) -> datetime:

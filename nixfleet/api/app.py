@@ -14,6 +14,7 @@ from nixfleet.api import (
     audit,
     enroll,
     errors,
+    health,
     history,
     keys,
     machines,
@@ -30,6 +31,7 @@ from nixfleet.store import Store
 
 ROUTES: list[tuple[str, type[Any]]] = [
     ("/health", status.Health),
+    ("/ready", health.Ready),
     ("/metrics", status.Metrics),
     ("/api/v1/openapi.json", openapi.OpenAPI),
     ("/api/v1/status", status.Status),
@@ -69,4 +71,8 @@ def create_app(settings: Settings, store: Store) -> falcon.App[falcon.Request, f
     errors.register(app)
     for path, resource in ROUTES:
         app.add_route(path, resource(ctx))
+    if settings.ui:
+        from nixfleet import ui  # the dashboard (and Jinja2) only when it is served
+
+        ui.mount(app, ctx)
     return app
