@@ -8,7 +8,6 @@ import click
 
 from nixfleet import wire
 from nixfleet.cli import complete
-from nixfleet.cli.config import secret_file
 from nixfleet.cli.context import State, pass_state
 from nixfleet.cli.options import (
     machine_argument,
@@ -29,6 +28,7 @@ from nixfleet.cli.output import (
 )
 from nixfleet.cli.status import empty_fleet_hint
 from nixfleet.models import Lifecycle
+from nixfleet.secretfile import secret_file
 
 
 def _print_machine(m: wire.MachineDetail) -> None:
