@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, overload
 
 from nixfleet.errors import ConflictError, FieldError, ValidationError
 
@@ -71,6 +71,12 @@ def utcnow() -> datetime:
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
+@overload
+def isoformat(ts: datetime) -> str: ...
+@overload
+def isoformat(ts: None) -> None: ...
+@overload
+def isoformat(ts: datetime | None) -> str | None: ...
 def isoformat(ts: datetime | None) -> str | None:
     """A time in TIME_FORMAT (27 characters); None stays None."""
     if ts is None:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import falcon
 
-from nixfleet import rollout
+from nixfleet import rollout, wire
 from nixfleet.api.auth import Perm
 from nixfleet.api.body import read_json
 from nixfleet.api.context import Context
@@ -18,7 +16,8 @@ from nixfleet.store.rollouts import RolloutDetail, RolloutSummary
 STATUSES = [s.value for s in RolloutStatus] + ["invalid"]
 
 
-def summary_json(s: RolloutSummary) -> dict[str, Any]:
+def listed_json(s: RolloutSummary) -> wire.RolloutListItem:
+    counts = {h.value: s.machines.get(h, 0) for h in MachineHealth}
     return {
         "id": s.id,
         "name": s.name,
@@ -28,15 +27,11 @@ def summary_json(s: RolloutSummary) -> dict[str, Any]:
         "created_at": isoformat(s.created_at),
         "created_by": s.created_by,
         "updated_at": isoformat(s.updated_at),
+        "machines": {"total": sum(counts.values()), **counts},
     }
 
 
-def listed_json(s: RolloutSummary) -> dict[str, Any]:
-    counts = {h.value: s.machines.get(h, 0) for h in MachineHealth}
-    return {**summary_json(s), "machines": {"total": sum(counts.values()), **counts}}
-
-
-def invalid_file_json(f: rollout_files.InvalidFile) -> dict[str, Any]:
+def invalid_file_json(f: rollout_files.InvalidFile) -> wire.RolloutListItem:
     return {
         "id": None,
         "name": f.name,
@@ -47,9 +42,17 @@ def invalid_file_json(f: rollout_files.InvalidFile) -> dict[str, Any]:
     }
 
 
-def detail_json(d: RolloutDetail) -> dict[str, Any]:
+def detail_json(d: RolloutDetail) -> wire.Rollout:
+    s = d.summary
     return {
-        **summary_json(d.summary),
+        "id": s.id,
+        "name": s.name,
+        "release": s.release,
+        "status": s.status.value,
+        "source": s.source,
+        "created_at": isoformat(s.created_at),
+        "created_by": s.created_by,
+        "updated_at": isoformat(s.updated_at),
         "document": d.document,
         "skipped": [{"hostname": s.hostname, "reason": s.reason} for s in d.skipped],
         "batches": [
@@ -86,7 +89,7 @@ def detail_json(d: RolloutDetail) -> dict[str, Any]:
     }
 
 
-def plan_json(spec: RolloutSpec, p: rollout.Plan) -> dict[str, Any]:
+def plan_json(spec: RolloutSpec, p: rollout.Plan) -> wire.Plan:
     return {
         "name": spec.name,
         "release": spec.release,
