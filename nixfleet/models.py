@@ -111,12 +111,25 @@ def stale_cutoff(now: datetime, stale_after: int) -> datetime:
     return now - timedelta(seconds=stale_after)
 
 
-def is_stale(last_report_at: datetime | None, now: datetime, stale_after: int) -> bool:
+def is_stale(
+    last_report_at: datetime | None,
+    now: datetime,
+    stale_after: int,
+    lifecycle: Lifecycle | None = None,
+) -> bool:
     """THE definition of stale (store.machines.STALE_SQL is held to it case by case).
 
     A machine that never reported is not stale, only pending: stale means it went quiet.
+    A decommissioned machine is never stale: it is meant to be quiet (DESIGN §3).
     """
+    if lifecycle is Lifecycle.DECOMMISSIONED:
+        return False
     return last_report_at is not None and last_report_at < stale_cutoff(now, stale_after)
+
+
+def counts_in_sync_summary(lifecycle: Lifecycle) -> bool:
+    """Decommissioned machines are listed but not counted in the sync summary (DESIGN §3)."""
+    return lifecycle is not Lifecycle.DECOMMISSIONED
 
 
 # A release id: rel- + 12 hex digits of a hash of its sorted entries (nixfleet.flake
@@ -256,7 +269,7 @@ class Machine:
         return sync_of(self.desired_generation, self.current_generation, self.failed_generation)
 
     def stale(self, now: datetime, stale_after: int) -> bool:
-        return is_stale(self.last_report_at, now, stale_after)
+        return is_stale(self.last_report_at, now, stale_after, self.lifecycle)
 
 
 # --- releases and rollouts ----------------------------------------------------------------

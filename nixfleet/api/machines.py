@@ -194,8 +194,8 @@ class MachineLifecycle:
             previous = machines.set_lifecycle(conn, machine_id, target, actor, now)
             if previous is target:
                 return None  # already there: a no-op that scripts may repeat
-            if target is Lifecycle.DECOMMISSIONED:
-                credentials.revoke_token(conn, machine_id)
+            # A decommissioned machine keeps its token: with it, its agent is told 410
+            # Gone (api.auth) on every request, and backs off to one attempt an hour.
             return {"from": previous.value, "to": target.value}
 
         mutate(self.ctx, req, resp, machine_id, "machine.lifecycle", change)
