@@ -5,8 +5,9 @@
 # $NIXFLEET_CURRENT_SYSTEM at itself. With fail = true it does that and then exits 1,
 # as a real switch does when a unit fails to start after the activation script ran.
 # With healthy = false the system has no `healthy` marker file, which tests' command
-# health checks look for.
-{ salt, fail ? false, healthy ? true }:
+# health checks look for. `extra` is shell the switch runs (sourced) after moving the
+# link and before failing, e.g. to print a long log or to cut the machine's network.
+{ salt, fail ? false, healthy ? true, extra ? "" }:
 builtins.derivation {
   name = "nixos-system-fake-${salt}";
   system = builtins.currentSystem;
@@ -15,15 +16,18 @@ builtins.derivation {
   inherit salt;
   failSwitch = if fail then "1" else "";
   healthy = if healthy then "1" else "";
+  inherit extra;
   args = [ "-c" ''
     set -e
     mkdir -p $out/bin
     echo "$salt" > $out/nixos-version
     if [ -n "$healthy" ]; then echo ok > $out/healthy; fi
+    if [ -n "$extra" ]; then printf '%s\n' "$extra" > $out/extra.sh; fi
     cat > $out/bin/switch-to-configuration <<EOS
     #!/bin/sh
     echo "\$1 $out" >> "\''${NIXFLEET_SWITCH_LOG:-/dev/null}"
     if [ -n "\$NIXFLEET_CURRENT_SYSTEM" ]; then ln -sfn $out "\$NIXFLEET_CURRENT_SYSTEM"; fi
+    if [ -f $out/extra.sh ]; then . $out/extra.sh; fi
     if [ -n "$failSwitch" ]; then echo "warning: the following units failed: fake.service" >&2; exit 1; fi
     exit 0
     EOS
