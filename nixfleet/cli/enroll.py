@@ -7,10 +7,10 @@ from pathlib import Path
 
 import click
 
-from nixfleet.cli.config import secret_file
 from nixfleet.cli.context import State, pass_state
 from nixfleet.cli.options import output_options, secret_output, tags_option
 from nixfleet.cli.output import echo, emit_json, message, table
+from nixfleet.secretfile import secret_file
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import click
 
-from nixfleet.cli.config import secret_file
 from nixfleet.cli.context import State, pass_state
 from nixfleet.cli.options import machine_argument, output_options, secret_output
 from nixfleet.cli.output import echo, emit_json, message, table
+from nixfleet.secretfile import secret_file
 
 ROLES = ("readonly", "deploy", "admin")
 

@@ -9,7 +9,6 @@ import click
 
 from nixfleet import wire
 from nixfleet.cli import complete
-from nixfleet.cli.config import secret_file
 from nixfleet.cli.context import State, pass_state
 from nixfleet.cli.enroll import parse_duration
 from nixfleet.cli.options import (
@@ -32,6 +31,7 @@ from nixfleet.cli.output import (
 from nixfleet.cli.status import empty_fleet_hint
 from nixfleet.history import EventKind
 from nixfleet.models import Lifecycle, isoformat, utcnow
+from nixfleet.secretfile import secret_file
 
 OUTPUT_LINES = 40  # of a failed switch's output in `machines show` (all of it in --json)
 

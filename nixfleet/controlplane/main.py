@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from nixfleet import settings as config
 from nixfleet.entrypoint import ProgramGroup
 from nixfleet.errors import NixfleetError
 from nixfleet.models import utcnow
+from nixfleet.secretfile import secret_file
 from nixfleet.store import Store, audit, credentials
 
 
@@ -119,20 +121,30 @@ def keys() -> None:
     show_default=True,
     help="readonly < deploy < admin.",
 )
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the key to this new file (mode 0600) instead of stdout.",
+)
 @click.pass_obj
-def keys_create(settings: config.Settings, name: str, role: str) -> None:
-    """Create a key and print it once (stdout).
+def keys_create(settings: config.Settings, name: str, role: str, output: Path | None) -> None:
+    """Create a key and show it once: in --output FILE (0600), else on stdout.
 
     \b
     Example:
-      nixfleet-control-plane --db /var/lib/nixfleet/nixfleet.db keys create --role admin --name ops
+      nixfleet-control-plane --db /var/lib/nixfleet/nixfleet.db keys create --name ops -o ops.key
     """
-    store = Store(settings.db_path())
-    now = utcnow()
-    with store.transaction() as conn:
-        key = credentials.create_key(conn, name, role, "host", now)
-        audit.record(conn, "host:cli", "key.create", name, now, {"role": role})
-    click.echo(key)
+    with contextlib.ExitStack() as stack:
+        write = stack.enter_context(secret_file(output)) if output else click.echo
+        store = Store(settings.db_path())
+        now = utcnow()
+        with store.transaction() as conn:
+            key = credentials.create_key(conn, name, role, "host", now)
+            audit.record(conn, "host:cli", "key.create", name, now, {"role": role})
+        write(key)
+    if output:
+        click.echo(f"created {role} key {name!r} in {output} (mode 0600)", err=True)
 
 
 @keys.command("list")

@@ -356,6 +356,29 @@ def test_keys_create_output_is_0600_whatever_the_umask(
     assert "ci2" not in names and "ci" in names
 
 
+def test_the_host_key_command_writes_0600_too(tmp_path: Path) -> None:
+    db, key_file = tmp_path / "fleet.db", tmp_path / "ops.key"
+    host = [sys.executable, "-m", "nixfleet.controlplane.main", "--db", str(db), "keys"]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*host, *args], capture_output=True, text=True, timeout=60, check=False
+        )
+
+    old = os.umask(0o022)
+    try:
+        made = run("create", "--name", "ops", "--output", str(key_file))
+    finally:
+        os.umask(old)
+    assert made.returncode == 0, made.stderr
+    assert made.stdout == "" and "in " + str(key_file) in made.stderr
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert key_file.read_text().startswith("nfk_")
+    again = run("create", "--name", "ops2", "--output", str(key_file))
+    assert again.returncode == 2 and "exists" in again.stderr
+    assert [line.split("\t")[0] for line in run("list").stdout.splitlines()] == ["ops"]
+
+
 def test_an_empty_fleet_says_what_to_do(control_plane: ControlPlane) -> None:
     r = run_cli("status", env=env(control_plane))
     assert r.returncode == 0 and r.stdout == ""
