@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from nixfleet import rollout, schemas
+from nixfleet import policy, rollout, schemas
 from nixfleet.errors import ConflictError, FieldError, NotFoundError, ValidationError
 from nixfleet.models import (
     BatchStatus,
@@ -39,6 +39,7 @@ def source_label(name: str) -> str:
 def spec_of(doc: Any, what: str = "rollout") -> RolloutSpec:
     """Validate a rollout document and turn it into a RolloutSpec."""
     schemas.validate("rollout", doc, what)
+    policy.validate(doc, what)
     return rollout.spec_from_document(doc)
 
 
