@@ -18,9 +18,9 @@ from pathlib import Path
 import yaml
 
 from nixfleet import rolloutfile
-from nixfleet.controlplane.config import Settings
 from nixfleet.errors import NixfleetError, ValidationError
 from nixfleet.models import utcnow
+from nixfleet.settings import Settings
 from nixfleet.store import Store, releases
 from nixfleet.store import rollouts as store_rollouts
 

@@ -16,8 +16,8 @@ import sqlite3
 from datetime import datetime
 
 from nixfleet import rollout
-from nixfleet.controlplane.config import Settings
 from nixfleet.models import BatchStatus, MachineHealth, RolloutStatus, isoformat, utcnow
+from nixfleet.settings import Settings
 from nixfleet.store import Store, verdicts
 from nixfleet.store import rollouts as store_rollouts
 

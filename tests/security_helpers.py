@@ -13,8 +13,8 @@ import falcon
 import falcon.testing
 
 from nixfleet.api.app import ROUTES, create_app
-from nixfleet.controlplane.config import Settings
 from nixfleet.models import Lifecycle, utcnow
+from nixfleet.settings import Settings
 from nixfleet.store import Store, credentials, enrollment, machines
 
 MUTATING = ("POST", "PUT", "PATCH", "DELETE")

@@ -23,7 +23,7 @@ from nixfleet.api import (
 )
 from nixfleet.api.auth import AuthMiddleware
 from nixfleet.api.context import Context
-from nixfleet.controlplane.config import Settings
+from nixfleet.settings import Settings
 from nixfleet.store import Store
 
 ROUTES: list[tuple[str, type[Any]]] = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nixfleet.controlplane.config import Settings
+from nixfleet.settings import Settings
 from nixfleet.store import Store
 
 

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 
 from nixfleet import gitops, reconciler
-from nixfleet.controlplane.config import Settings
+from nixfleet.settings import Settings
 from nixfleet.store import Store
 
 log = logging.getLogger("nixfleet.controlplane.background")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from nixfleet.controlplane import config
+from nixfleet import settings as config
 from nixfleet.errors import NixfleetError
 from nixfleet.models import utcnow
 from nixfleet.store import Store, audit, credentials

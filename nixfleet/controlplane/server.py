@@ -32,8 +32,8 @@ from waitress.server import create_server
 
 from nixfleet.api import create_app
 from nixfleet.controlplane import background
-from nixfleet.controlplane.config import Settings
 from nixfleet.models import utcnow
+from nixfleet.settings import Settings
 from nixfleet.store import Store, audit, credentials
 
 log = logging.getLogger("nixfleet.controlplane")

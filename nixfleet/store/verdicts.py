@@ -2,7 +2,7 @@
 
 The twin of the pure rollout.judge: the reconciler classifies every machine of a
 batch in a few statements instead of one Python object per machine, and only
-machines whose verdict or soak clock changed are written. tests/test_rollout_sql.py
+machines whose verdict or soak clock changed are written. tests/store/test_verdicts.py
 holds the two to the same table of cases.
 """
 
@@ -67,7 +67,7 @@ def sortable(ts: datetime) -> str:
 
 # rollout.judge for every pending machine of one batch, as one SELECT; returns only
 # the machines whose verdict (health or soak clock) changes. Kept equal to judge()
-# by tests/test_rollout_sql.py on a table of cases; change both together.
+# by tests/store/test_verdicts.py on a table of cases; change both together.
 #
 # The inner query classifies each machine once (S silent since the batch started,
 # F agent reported failure, O other generation, H health checks failing, G good);

@@ -79,7 +79,7 @@ def test_real_lib_renders_control_plane_settings_the_server_accepts(
 ) -> None:
     import json
 
-    from nixfleet.controlplane import config
+    from nixfleet import settings as config
 
     out = eval_real(
         real_lib,

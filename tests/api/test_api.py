@@ -14,7 +14,7 @@ import pytest
 
 from nixfleet.api import create_app
 from nixfleet.api.app import ROUTES
-from nixfleet.controlplane.config import Settings
+from nixfleet.settings import Settings
 from nixfleet.store import Store
 
 GEN = "/nix/store/" + "a" * 32 + "-nixos-system-web-01"

@@ -215,7 +215,7 @@ def test_reports_take_the_same_path_whatever_the_lifecycle(store: Store) -> None
 def test_checkpoint_job_keeps_the_wal_bounded(tmp_path: Path) -> None:
     """Commits never checkpoint; the background job does, and the WAL stays small."""
     from nixfleet.controlplane import background
-    from nixfleet.controlplane.config import Settings
+    from nixfleet.settings import Settings
     from nixfleet.store.db import WAL_SIZE_LIMIT
 
     path = tmp_path / "fleet.db"

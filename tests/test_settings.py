@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nixfleet.controlplane import config
+from nixfleet import settings as config
 from nixfleet.errors import ValidationError
 
 

@@ -26,7 +26,7 @@ from security_helpers import (
 
 from nixfleet.api.app import ROUTES, create_app
 from nixfleet.api.auth import Perm
-from nixfleet.controlplane.config import Settings
+from nixfleet.settings import Settings
 from nixfleet.store import Store
 
 IDENTITIES = (
@@ -188,7 +188,7 @@ def test_matrix_covers_every_route_falcon_serves(tmp_path: Path) -> None:
 
 
 def test_docs_security_md_lists_every_route_with_its_permission() -> None:
-    docs = (Path(__file__).resolve().parents[1] / "docs" / "security.md").read_text()
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
     for path, method, resource in route_methods():
         row = f"| {method} | `{path}` | {resource.permissions[method].value} |"
         assert row in docs, f"docs/security.md lacks: {row}"

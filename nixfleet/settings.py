@@ -1,4 +1,8 @@
-"""Control-plane settings: defaults < settings file < flags. The one place that reads env."""
+"""Control-plane settings: defaults < settings file < flags. The one place that reads env.
+
+A top-level module so that every layer (api, store users, reconciler, controlplane)
+may import it without an import loop.
+"""
 
 from __future__ import annotations
 
@@ -24,11 +28,6 @@ def default_db() -> Path:
         return Path(state.split(":")[0]) / "nixfleet.db"
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "nixfleet" / "nixfleet.db"
-
-
-def credentials_dir() -> Path | None:
-    value = os.environ.get("CREDENTIALS_DIRECTORY")
-    return Path(value) if value else None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Tests of nixfleet/api (a package, so module names never shadow tests/)."""

@@ -1,0 +1,1 @@
+"""Tests of nixfleet/controlplane (a package, so module names never shadow tests/)."""

@@ -1,0 +1,1 @@
+"""Tests of nixfleet/store (a package, so module names never shadow tests/)."""
