@@ -6,6 +6,7 @@ may import it without an import loop.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, fields, replace
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from nixfleet.errors import FieldError, ValidationError
+from nixfleet.policy import fleet
+from nixfleet.policy.fleet import FleetPolicy
 
 DEFAULT_PORT = 8470
 
@@ -44,6 +47,23 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     default_poll_interval: int | None = None
     rollout_poll_hint: int = 5
+    # DESIGN §11, parsed and documented in nixfleet.policy.fleet (docs/rollouts.md).
+    disruption_budgets: tuple[Any, ...] = ()
+    default_windows: tuple[Any, ...] = ()
+    reboot_groups: tuple[Any, ...] = ()
+    reboot_slots: int = 1
+    reboot_timeout: int = 900
+
+    @functools.cached_property
+    def fleet_policy(self) -> FleetPolicy:
+        """The §11 settings as pure-policy data (parsed once; `load` has checked them)."""
+        return fleet.from_settings(
+            self.disruption_budgets,
+            self.default_windows,
+            self.reboot_groups,
+            self.reboot_slots,
+            self.reboot_timeout,
+        )
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -100,5 +120,8 @@ def _check(s: Settings) -> None:
         errors.append(FieldError("workers", "at most 64; one per CPU core is the useful most"))
     if not isinstance(s.reconcile_interval, int | float) or s.reconcile_interval <= 0:
         errors.append(FieldError("reconcile_interval", "must be a positive number of seconds"))
+    errors += fleet.errors(
+        s.disruption_budgets, s.default_windows, s.reboot_groups, s.reboot_slots, s.reboot_timeout
+    )
     if errors:
         raise ValidationError("invalid control-plane settings", errors=errors)

@@ -24,6 +24,8 @@ from nixfleet import __version__
 from nixfleet.agent import health as healthmod
 from nixfleet.agent.activate import Activator, Result, observe_current
 from nixfleet.agent.config import AgentConfig, read_enroll_token, read_token
+from nixfleet.agent.reboot import Rebooter
+from nixfleet.agent.reboot import observe as observe_boot
 from nixfleet.agent.state import AgentState, StateStore
 from nixfleet.client import Client
 from nixfleet.errors import NixfleetError, UnreachableError
@@ -50,6 +52,7 @@ class Desired:
     cache_url: str | None
     poll_hint: float | None
     retry_requested_at: datetime | None
+    reboot: bool = False  # the machine's rollout reboots it when needed (DESIGN §11)
 
     @classmethod
     def from_response(cls, data: dict[str, Any]) -> Desired:
@@ -59,6 +62,7 @@ class Desired:
             cache_url=data.get("cache_url"),
             poll_hint=float(hint) if isinstance(hint, int | float) and hint > 0 else None,
             retry_requested_at=parse_time(data.get("retry_requested_at")),
+            reboot=data.get("reboot") == "when-needed",
         )
 
 
@@ -83,6 +87,7 @@ class Agent:
         self.config = config
         self.store = StateStore(config.state_dir)
         self.activator = Activator(config, self.store)
+        self.rebooter = Rebooter(config.machine_id, config.state_dir, config.reboot_command)
         self.rng = rng or random.Random()
         self.started = time.monotonic()
         self.stop_event = threading.Event()
@@ -167,6 +172,9 @@ class Agent:
         }
         if health is not None:
             body["health"] = health.to_dict()
+        body.update(
+            observe_boot(self.config.booted_system, self.config.current_system).report_fields()
+        )
         failed, message = self._failure_for(state, current)
         if failed is not None:
             body.update(success=False, message=message, attempted_generation=failed)
@@ -287,10 +295,12 @@ class Agent:
                     "dry-run: nothing to do (current %s, desired %s)", current, desired.generation
                 )
             return Status.OK, desired.poll_hint
+        health: HealthResult | None = None
         if current is None:
             desired = self._ask_desired(client)
         else:
-            answer = self._report(client, healthmod.run_configured(self.config))
+            health = healthmod.run_configured(self.config)
+            answer = self._report(client, health)
             assert answer is not None
             desired = answer
         state = self.store.load()
@@ -299,6 +309,14 @@ class Agent:
             state = self.store.load()
         if desired.generation is None or desired.generation == current:
             self.fetch_failure = None
+            self.rebooter.step(
+                client,
+                observe_boot(self.config.booted_system, self.config.current_system),
+                current,
+                desired.generation,
+                wanted=desired.reboot,
+                healthy=health is None or health.all_passed,
+            )
             return Status.OK, desired.poll_hint
         if not decide(desired.generation, current, state, desired.retry_requested_at):
             log.info(

@@ -249,4 +249,25 @@ MIGRATIONS: list[tuple[str, str]] = [
         END
         """,
     ),
+    # Rollout policy (DESIGN §11, issue 18): what the agent says about reboots, the
+    # reboot leases (one row per machine and group: the FleetLock semaphore), and when
+    # each rollout machine was given its generation (batches start machine by machine
+    # under disruption budgets, and each machine's health timeout counts from then).
+    (
+        "0009_rollout_policy",
+        """
+        ALTER TABLE machines ADD COLUMN needs_reboot INTEGER;
+        ALTER TABLE machines ADD COLUMN booted_generation TEXT;
+        ALTER TABLE rollout_machines ADD COLUMN started_at TEXT;
+        CREATE TABLE reboot_leases (
+            grp TEXT NOT NULL,
+            machine_id TEXT NOT NULL REFERENCES machines (id) ON DELETE CASCADE,
+            rollout_id TEXT,
+            acquired_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL,
+            PRIMARY KEY (grp, machine_id)
+        );
+        CREATE INDEX reboot_leases_machine ON reboot_leases (machine_id)
+        """,
+    ),
 ]

@@ -5,8 +5,10 @@
 # $NIXFLEET_CURRENT_SYSTEM at itself. With fail = true it does that and then exits 1,
 # as a real switch does when a unit fails to start after the activation script ran.
 # With healthy = false the system has no `healthy` marker file, which tests' command
-# health checks look for.
-{ salt, fail ? false, healthy ? true }:
+# health checks look for. With kernel = "k1" it has initrd, kernel and kernel-modules
+# links, as a NixOS system does, to (dangling) paths named after k1: two systems with
+# the same kernel compare equal, as autoUpgrade's reboot check reads them.
+{ salt, fail ? false, healthy ? true, kernel ? "" }:
 builtins.derivation {
   name = "nixos-system-fake-${salt}";
   system = builtins.currentSystem;
@@ -15,11 +17,18 @@ builtins.derivation {
   inherit salt;
   failSwitch = if fail then "1" else "";
   healthy = if healthy then "1" else "";
+  inherit kernel;
   args = [ "-c" ''
     set -e
     mkdir -p $out/bin
     echo "$salt" > $out/nixos-version
     if [ -n "$healthy" ]; then echo ok > $out/healthy; fi
+    if [ -n "$kernel" ]; then
+      k=/nix/store/00000000000000000000000000000000-linux-$kernel
+      ln -s $k/bzImage $out/kernel
+      ln -s $k-initrd/initrd $out/initrd
+      ln -s $k-modules/lib $out/kernel-modules
+    fi
     cat > $out/bin/switch-to-configuration <<EOS
     #!/bin/sh
     echo "\$1 $out" >> "\''${NIXFLEET_SWITCH_LOG:-/dev/null}"

@@ -61,8 +61,11 @@ def run(*argv: str | Path, check: bool = True) -> subprocess.CompletedProcess[st
     return proc
 
 
-def build_system(name: str, *, fail: bool = False, healthy: bool = True) -> str:
-    """Build a fake system; `name` is salted per test session so paths are fresh."""
+def build_system(name: str, *, fail: bool = False, healthy: bool = True, kernel: str = "") -> str:
+    """Build a fake system; `name` is salted per test session so paths are fresh.
+
+    `kernel` gives it initrd/kernel/kernel-modules links named after that kernel.
+    """
     proc = run(
         "nix-build",
         FAKE_SYSTEM,
@@ -76,6 +79,9 @@ def build_system(name: str, *, fail: bool = False, healthy: bool = True) -> str:
         "--arg",
         "healthy",
         "true" if healthy else "false",
+        "--argstr",
+        "kernel",
+        kernel,
     )
     return proc.stdout.strip().splitlines()[-1]
 
