@@ -137,3 +137,87 @@ def test_days_default_to_every_day_and_labels_read_back() -> None:
 )
 def test_errors_name_the_field(items: Any, expected: list[str]) -> None:
     assert [e.field for e in windows.errors(items)] == expected
+
+
+# --- the batch gate -------------------------------------------------------------------
+
+from nixfleet import rollout  # noqa: E402
+from nixfleet.models import BatchStatus  # noqa: E402
+from nixfleet.policy import gate  # noqa: E402
+
+SHORT = win(days=["mon"], start="09:00", end="09:10")  # 10 minutes, UTC
+
+
+@pytest.mark.parametrize(
+    ("ws", "now", "need", "expected"),
+    [
+        ([], "2026-12-02T03:00:00Z", 300, "2026-12-02T03:00:00Z"),
+        ([OFFICE], "2026-12-02T10:00:00Z", 300, "2026-12-02T10:00:00Z"),
+        # 15:57 CET: three minutes left of a window, five needed -> tomorrow 09:00
+        ([OFFICE], "2026-12-02T14:57:00Z", 300, "2026-12-03T08:00:00Z"),
+        ([OFFICE], "2026-12-02T14:55:00Z", 300, "2026-12-02T14:55:00Z"),
+        ([OFFICE], "2026-12-04T10:00:00Z", 300, "2026-12-07T08:00:00Z"),
+        # every window shorter than what is needed: use them as they are
+        ([SHORT], "2026-12-07T09:05:00Z", 3600, "2026-12-07T09:05:00Z"),
+        ([SHORT], "2026-12-07T10:00:00Z", 3600, "2026-12-14T09:00:00Z"),
+        # the short one would be first, but the long one fits
+        ([SHORT, OFFICE], "2026-12-06T12:00:00Z", 3600, "2026-12-07T08:00:00Z"),
+    ],
+)
+def test_start_time(ws: list[Window], now: str, need: int, expected: str) -> None:
+    assert gate.start_time(ws, z(now), need) == z(expected)
+
+
+def test_window_hold_says_when() -> None:
+    assert gate.window_hold([OFFICE], z("2026-12-02T10:00:00Z"), 300) is None
+    h = gate.window_hold([OFFICE], z("2026-12-04T10:00:00Z"), 300)
+    assert h is not None and h.kind == gate.WAITING_FOR_WINDOW
+    assert h.until == z("2026-12-07T08:00:00Z")
+    assert "2026-12-07T08:00:00" in h.detail and "Europe/Berlin" in h.detail
+
+
+def test_without_start_keeps_what_finished() -> None:
+    d = rollout.Decision(
+        batch_status={0: BatchStatus.SUCCEEDED, 1: BatchStatus.DEPLOYING},
+        start_batch=1,
+        events=[rollout.Event("batch-succeeded", 0), rollout.Event("batch-started", 1)],
+    )
+    out = gate.without_start(d)
+    assert out.start_batch is None
+    assert out.batch_status == {0: BatchStatus.SUCCEEDED}
+    assert [e.kind for e in out.events] == ["batch-succeeded"]
+    assert gate.without_start(rollout.Decision()) == rollout.Decision()
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "kinds"),
+    [
+        ((None, None), None, []),
+        (
+            (None, None),
+            gate.Hold("waiting-for-window", "next at x"),
+            ["rollout-waiting-for-window"],
+        ),
+        (("waiting-for-window", "next at x"), gate.Hold("waiting-for-window", "next at x"), []),
+        (("waiting-for-window", "next at x"), None, ["rollout-hold-cleared"]),
+        (
+            ("held-by-budget", "disruption budget [db] (1 in flight)"),
+            gate.Hold("held-by-budget", "disruption budget [db] (0 in flight)"),
+            [],
+        ),
+        (
+            ("held-by-budget", "disruption budget [db] (1 in flight)"),
+            gate.Hold("held-by-budget", "max_unavailable 2 (2 of 10)"),
+            ["rollout-held-by-budget"],
+        ),
+        (
+            ("held-by-budget", "x"),
+            gate.Hold("waiting-for-window", "y"),
+            ["rollout-waiting-for-window"],
+        ),
+    ],
+)
+def test_hold_events_only_on_change(
+    before: tuple[str | None, str | None], after: gate.Hold | None, kinds: list[str]
+) -> None:
+    assert [e.kind for e in gate.hold_events(before, after, 1)] == kinds
