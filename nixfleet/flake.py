@@ -26,13 +26,19 @@ import tomli_w
 
 from nixfleet import nix, schemas
 from nixfleet.errors import FieldError, UsageError, ValidationError
-from nixfleet.models import Release, ReleaseEntry, isoformat, parse_time
+from nixfleet.models import (
+    Release,
+    ReleaseEntry,
+    isoformat,
+    parse_time,
+    release_id_from_digest,
+)
 
 # --- release identity and documents ---------------------------------------------------
 
 
 def release_id(entries: Sequence[ReleaseEntry]) -> str:
-    """rel- + 12 hex of a hash of the sorted entries: same entries, same id."""
+    """A hash of the sorted entries in the release-id format: same entries, same id."""
     canonical = json.dumps(
         [
             [e.hostname, e.store_path, e.platform, sorted(e.tags)]
@@ -40,7 +46,7 @@ def release_id(entries: Sequence[ReleaseEntry]) -> str:
         ],
         separators=(",", ":"),
     )
-    return "rel-" + hashlib.sha256(canonical.encode()).hexdigest()[:12]
+    return release_id_from_digest(hashlib.sha256(canonical.encode()).hexdigest())
 
 
 def release_from_document(doc: Any, what: str = "release") -> Release:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -65,17 +65,62 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# How every time is stored and sent: RFC 3339 UTC, always with microseconds (second
+# precision is not enough for soak), fixed width, so string order is time order, in
+# Python and in SQL alike.
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
 def isoformat(ts: datetime | None) -> str | None:
-    """RFC 3339 UTC with a Z suffix, second precision is not enough for soak: keep micros."""
+    """A time in TIME_FORMAT (27 characters); None stays None."""
     if ts is None:
         return None
-    return ts.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return ts.astimezone(UTC).strftime(TIME_FORMAT)
 
 
 def parse_time(value: str | None) -> datetime | None:
     if value is None:
         return None
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def sync_of(desired: str | None, current: str | None, failed: str | None) -> Sync:
+    """THE definition of sync (store.machines.SYNC_SQL is held to it case by case)."""
+    if desired is None:
+        return Sync.NO_DESIRED
+    if current == desired:
+        return Sync.IN_SYNC
+    if failed == desired:
+        return Sync.FAILED
+    return Sync.UPDATING
+
+
+def stale_cutoff(now: datetime, stale_after: int) -> datetime:
+    """Machines last heard from before this instant are stale."""
+    return now - timedelta(seconds=stale_after)
+
+
+def is_stale(last_report_at: datetime | None, now: datetime, stale_after: int) -> bool:
+    """THE definition of stale (store.machines.STALE_SQL is held to it case by case).
+
+    A machine that never reported is not stale, only pending: stale means it went quiet.
+    """
+    return last_report_at is not None and last_report_at < stale_cutoff(now, stale_after)
+
+
+# A release id: rel- + 12 hex digits of a hash of its sorted entries (nixfleet.flake
+# derives it; schemas/release.schema.json states the same pattern, held by a test).
+RELEASE_ID_PREFIX = "rel-"
+RELEASE_ID_DIGITS = 12
+RELEASE_ID_RE = re.compile(rf"^{RELEASE_ID_PREFIX}[0-9a-f]{{{RELEASE_ID_DIGITS}}}$")
+
+
+def release_id_from_digest(hexdigest: str) -> str:
+    return RELEASE_ID_PREFIX + hexdigest[:RELEASE_ID_DIGITS]
+
+
+def is_release_id(value: str) -> bool:
+    return RELEASE_ID_RE.match(value) is not None
 
 
 def validate_hostname(value: str, field_name: str = "id") -> str:
@@ -197,16 +242,13 @@ class Machine:
 
     @property
     def sync(self) -> Sync:
-        if self.desired_generation is None:
-            return Sync.NO_DESIRED
-        if self.current_generation == self.desired_generation:
-            return Sync.IN_SYNC
-        if self.failed_generation == self.desired_generation:
-            return Sync.FAILED
-        return Sync.UPDATING
+        return sync_of(self.desired_generation, self.current_generation, self.failed_generation)
+
+    def stale(self, now: datetime, stale_after: int) -> bool:
+        return is_stale(self.last_report_at, now, stale_after)
 
 
-# --- releases and rollouts (issue 3) ----------------------------------------------------
+# --- releases and rollouts ----------------------------------------------------------------
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import sqlite3
 from datetime import datetime
 
 from nixfleet import rollout
-from nixfleet.models import BatchStatus, MachineHealth, RolloutStatus, isoformat, utcnow
+from nixfleet.models import BatchStatus, RolloutStatus, isoformat, utcnow
 from nixfleet.settings import Settings
 from nixfleet.store import Store, verdicts
 from nixfleet.store import rollouts as store_rollouts
@@ -149,24 +149,6 @@ def apply_decision(
 ) -> None:
     """Write a decision; a batch it starts gets up to `budget` desired generations now."""
     at = isoformat(now)
-    if decision.verdicts:
-        conn.executemany(
-            "UPDATE rollout_machines SET health = ?, reason = ?, healthy_since = ?, "
-            "decided_at = CASE WHEN ? = 'pending' THEN NULL ELSE ? END "
-            "WHERE rollout_id = ? AND machine_id = ?",
-            [
-                (
-                    v.health.value,
-                    v.reason if v.health is not MachineHealth.PENDING else None,
-                    isoformat(v.healthy_since),
-                    v.health.value,
-                    at,
-                    view.id,
-                    v.machine_id,
-                )
-                for v in decision.verdicts
-            ],
-        )
     for index, status in decision.batch_status.items():
         finished = at if status in (BatchStatus.SUCCEEDED, BatchStatus.FAILED) else None
         conn.execute(

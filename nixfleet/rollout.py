@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -319,20 +319,18 @@ class Tally:
 
 @dataclass
 class Decision:
-    verdicts: list[Verdict] = field(default_factory=list)  # only those that changed
     batch_status: dict[int, BatchStatus] = field(default_factory=dict)
     start_batch: int | None = None
     revert: bool = False
     status: RolloutStatus | None = None
     events: list[Event] = field(default_factory=list)
-    judged: int = 0  # verdicts changed set-based in the store (not listed in `verdicts`)
+    judged: int = 0  # verdicts the store changed (set-based, store.verdicts.judge_batch)
     written: int = 0  # desired generations written for a batch still starting
 
     @property
     def empty(self) -> bool:
         return not (
-            self.verdicts
-            or self.judged
+            self.judged
             or self.written
             or self.batch_status
             or self.start_batch is not None
@@ -344,55 +342,13 @@ def deploying_batch(rollout: RolloutView) -> BatchView | None:
     return next((b for b in rollout.batches if b.status is BatchStatus.DEPLOYING), None)
 
 
-def decide(
-    rollout: RolloutView,
-    pending: Sequence[MachineFacts],
-    settled: Mapping[MachineHealth, int],
-    now: datetime,
-) -> Decision:
-    """The next step of a running rollout, judging machine by machine.
-
-    `pending` are the facts of the deploying batch's machines without a final
-    verdict; `settled` counts the others by verdict, its PENDING entry the machines
-    known to stay pending (no report since the batch started, before the timeout).
-    The reconciler judges set-based in SQL instead (store.verdicts.judge_batch, held
-    to `judge` by a table test) and calls `advance` with the resulting tally.
-    """
-    if rollout.status is not RolloutStatus.RUNNING:
-        return Decision()
-    spec = rollout.spec
-    deploying = deploying_batch(rollout)
-    verdicts: list[Verdict] = []
-    events: list[Event] = []
-    tally = None
-    if deploying is not None:
-        assert deploying.started_at is not None
-        unhealthy = settled.get(MachineHealth.UNHEALTHY, 0)
-        waiting = settled.get(MachineHealth.PENDING, 0)
-        for f in pending:
-            v = judge(f, deploying.started_at, now, spec.health_timeout, spec.soak)
-            if v.health is not f.health or v.healthy_since != f.healthy_since:
-                verdicts.append(v)
-            if v.health is MachineHealth.UNHEALTHY:
-                unhealthy += 1
-                events.append(
-                    Event("machine-unhealthy", deploying.index, v.machine_id, {"reason": v.reason})
-                )
-            elif v.health is MachineHealth.PENDING:
-                waiting += 1
-        tally = Tally(unhealthy, waiting)
-    out = advance(rollout, tally)
-    out.verdicts = verdicts
-    out.events[:0] = events
-    return out
-
-
 def advance(rollout: RolloutView, tally: Tally | None) -> Decision:
     """Batch and rollout transitions of a running rollout, from its deploying batch's tally.
 
     `tally` is None when no batch is deploying. The per-machine verdicts behind it
-    come from `judge` (or its SQL twin); this is the part that needs no machine rows,
-    so a 100,000-machine batch is decided from two numbers.
+    are `judge`'s, computed set-based by its SQL form (store.verdicts.JUDGE_SQL, held
+    to `judge` case by case by tests/store/test_verdicts.py); this is the part that
+    needs no machine rows, so a 100,000-machine batch is decided from two numbers.
     """
     out = Decision()
     if rollout.status is not RolloutStatus.RUNNING:

@@ -99,3 +99,17 @@ def test_sync(current: str | None, desired: str | None, failed: str | None, expe
         failed_generation=failed,
     )
     assert m.sync is expected
+
+
+def test_the_schemas_state_the_release_id_format_of_models() -> None:
+    """The release-id format lives in models; the JSON Schemas say it again for clients."""
+    from nixfleet import schemas
+    from nixfleet.flake import release_id
+    from nixfleet.models import RELEASE_ID_RE, ReleaseEntry, is_release_id
+
+    release = schemas.load("release")["properties"]["id"]["pattern"]
+    rollout = schemas.load("rollout")["properties"]["release"]["pattern"]
+    assert release == RELEASE_ID_RE.pattern
+    assert rollout.startswith("^(" + RELEASE_ID_RE.pattern.strip("^$") + "|")
+    made = release_id([ReleaseEntry("h", "/nix/store/" + "a" * 32 + "-x", "x86_64-linux")])
+    assert is_release_id(made)

@@ -382,6 +382,48 @@ def silent(name: str) -> MachineFacts:
     return MachineFacts(name, GEN)
 
 
+def decide(
+    v: RolloutView,
+    pending: list[MachineFacts],
+    settled: dict[MachineHealth, int],
+    now: datetime,
+) -> tuple[list[rollout.Verdict], rollout.Decision]:
+    """What a reconciler tick does, in pure form: judge the deploying batch's pending
+    machines (the reconciler does this set-based in SQL), tally, advance; the verdicts
+    that changed, and the decision with the machine-unhealthy events first."""
+    deploying = rollout.deploying_batch(v) if v.status is RolloutStatus.RUNNING else None
+    changed: list[rollout.Verdict] = []
+    events: list[rollout.Event] = []
+    tally = None
+    if deploying is not None:
+        assert deploying.started_at is not None
+        unhealthy = settled.get(U, 0)
+        waiting = settled.get(MachineHealth.PENDING, 0)
+        for f in pending:
+            verdict = rollout.judge(
+                f, deploying.started_at, now, v.spec.health_timeout, v.spec.soak
+            )
+            if verdict.health is not f.health or verdict.healthy_since != f.healthy_since:
+                changed.append(verdict)
+            if verdict.health is U:
+                unhealthy += 1
+                events.append(
+                    rollout.Event(
+                        "machine-unhealthy",
+                        deploying.index,
+                        verdict.machine_id,
+                        {"reason": verdict.reason},
+                    )
+                )
+            elif verdict.health is MachineHealth.PENDING:
+                waiting += 1
+        tally = rollout.Tally(unhealthy, waiting)
+    out = rollout.advance(v, tally)
+    out.events[:0] = events
+    out.judged = len(changed)
+    return changed, out
+
+
 @pytest.mark.parametrize(
     ("v", "pending", "settled", "now", "start", "batch_status", "status", "revert", "kinds"),
     [
@@ -523,7 +565,7 @@ def test_decide(
     revert: bool,
     kinds: list[str],
 ) -> None:
-    d = rollout.decide(v, pending, settled, now)
+    _, d = decide(v, pending, settled, now)
     assert d.start_batch == start
     assert d.batch_status == batch_status
     assert d.status == status
@@ -533,11 +575,11 @@ def test_decide(
 
 def test_decide_is_idempotent_and_reports_only_changed_verdicts() -> None:
     v = view([D], sizes=[2])
-    first = rollout.decide(v, [healthy("a"), silent("b")], {}, at(20))
-    assert [(x.machine_id, x.health) for x in first.verdicts] == [("a", H)]
-    again = rollout.decide(v, [healthy("a"), silent("b")], {}, at(20))
-    assert again.verdicts == first.verdicts and again.events == first.events
-    assert rollout.decide(v, [silent("b")], {H: 1}, at(20)).empty
+    verdicts, first = decide(v, [healthy("a"), silent("b")], {}, at(20))
+    assert [(x.machine_id, x.health) for x in verdicts] == [("a", H)]
+    verdicts_again, again = decide(v, [healthy("a"), silent("b")], {}, at(20))
+    assert verdicts_again == verdicts and again.events == first.events
+    assert decide(v, [silent("b")], {H: 1}, at(20))[1].empty
 
 
 def test_spec_defaults() -> None:

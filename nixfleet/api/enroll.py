@@ -75,7 +75,7 @@ class EnrollTokenCollection:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Create an enrollment token; the response is the only time its secret is shown."""
-        doc = read_document(req, "enroll-token-create", self.ctx.limit, "enrollment token")
+        doc = read_document(req, self.schemas["POST"], self.ctx.limit, "enrollment token")
         now = utcnow()
         actor = req.context.actor.label
         with self.ctx.store.transaction() as conn:
@@ -150,7 +150,7 @@ class Enroll:
                 "enrollment needs a token: `enroll_token` in the body or "
                 "`Authorization: Bearer nfe_…`"
             )
-        schemas.validate("enroll", doc, "enrollment")
+        schemas.validate(self.schemas["POST"], doc, "enrollment")
         secret = str(body_token or req.context.enroll_token)
         if "machine_id" in doc and "id" in doc:
             raise ValidationError(
@@ -188,11 +188,10 @@ class Enroll:
         now: datetime,
     ) -> bool:
         """Register the machine if new; refuse one that is gone or has a live agent token."""
-        row = conn.execute("SELECT lifecycle FROM machines WHERE id = ?", (machine_id,))
-        exists = row.fetchone()
-        if exists is None:
+        lifecycle = machines.find_lifecycle(conn, machine_id)
+        if lifecycle is None:
             machines.register(conn, machine_id, token.tags, Lifecycle.PENDING, now)
-        elif exists[0] == Lifecycle.DECOMMISSIONED.value:
+        elif lifecycle is Lifecycle.DECOMMISSIONED:
             raise GoneError(f"machine {machine_id!r} is decommissioned; it cannot enroll")
         elif credentials.has_token(conn, machine_id):
             raise ConflictError(
@@ -203,4 +202,4 @@ class Enroll:
             machines.set_tags(conn, machine_id, token.tags, "operator", replace=False)
         if agent_tags:
             machines.set_tags(conn, machine_id, agent_tags, "agent", replace=True)
-        return exists is None
+        return lifecycle is None

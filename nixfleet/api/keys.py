@@ -46,7 +46,7 @@ class KeyCollection:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Create an API key; the response is the only time its secret is shown."""
-        doc = read_document(req, "key-create", self.ctx.limit, "API key")
+        doc = read_document(req, self.schemas["POST"], self.ctx.limit, "API key")
         now = utcnow()
         actor = req.context.actor.label
         with self.ctx.store.transaction() as conn:

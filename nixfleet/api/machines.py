@@ -26,8 +26,6 @@ from nixfleet.store import audit, credentials, machines
 
 
 def machine_json(m: Machine, now: datetime, stale_after: int) -> dict[str, Any]:
-    # A machine that never reported is not stale, only pending: stale means it went quiet.
-    stale = m.last_report_at is not None and (now - m.last_report_at).total_seconds() > stale_after
     out: dict[str, Any] = {
         "id": m.id,
         "lifecycle": m.lifecycle.value,
@@ -41,7 +39,7 @@ def machine_json(m: Machine, now: datetime, stale_after: int) -> dict[str, Any]:
         "sync": m.sync.value,
         "failed_generation": m.failed_generation,
         "last_report_at": isoformat(m.last_report_at),
-        "stale": stale,
+        "stale": m.stale(now, stale_after),
         "system_state": m.system_state.value,
         "last_success": m.last_success,
         "last_message": m.last_message,
@@ -125,7 +123,7 @@ class MachineCollection:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Register a machine, optionally issuing its agent token (shown once)."""
-        doc = read_document(req, "machine-register", self.ctx.limit, "registration")
+        doc = read_document(req, self.schemas["POST"], self.ctx.limit, "registration")
         machine_id = doc["id"]
         now = utcnow()
         lifecycle = Lifecycle(doc.get("lifecycle", "pending"))
@@ -179,7 +177,7 @@ class MachineLifecycle:
     def on_patch(self, req: falcon.Request, resp: falcon.Response, machine_id: str) -> None:
         """Change the lifecycle state; invalid transitions get 409 naming the allowed ones."""
         validate_hostname(machine_id)
-        doc = read_document(req, "machine-lifecycle", self.ctx.limit, "lifecycle change")
+        doc = read_document(req, self.schemas["PATCH"], self.ctx.limit, "lifecycle change")
         target = Lifecycle(doc["lifecycle"])
 
         def change(conn: sqlite3.Connection, before: Machine, now: datetime) -> dict[str, Any]:
@@ -202,7 +200,7 @@ class MachineTags:
         self, req: falcon.Request, resp: falcon.Response, machine_id: str, add: bool
     ) -> None:
         validate_hostname(machine_id)
-        tags = read_document(req, "machine-tags", self.ctx.limit, "tags")["tags"]
+        tags = read_document(req, self.schemas[req.method], self.ctx.limit, "tags")["tags"]
 
         def change(conn: sqlite3.Connection, before: Machine, now: datetime) -> dict[str, Any]:
             if add:
@@ -252,7 +250,7 @@ class DesiredGeneration:
     def on_put(self, req: falcon.Request, resp: falcon.Response, machine_id: str) -> None:
         """Set the desired generation by hand (outside any rollout)."""
         validate_hostname(machine_id)
-        doc = read_document(req, "desired-generation", self.ctx.limit, "desired generation")
+        doc = read_document(req, self.schemas["PUT"], self.ctx.limit, "desired generation")
         self._set(req, resp, machine_id, doc["store_path"], doc.get("cache_url"), "operator")
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, machine_id: str) -> None:
@@ -306,7 +304,7 @@ class MachineReport:
     def on_post(self, req: falcon.Request, resp: falcon.Response, machine_id: str) -> None:
         """Agent report; the answer is the desired generation, cache URL and poll hint."""
         validate_hostname(machine_id)
-        doc = read_document(req, "report", self.ctx.limit, "report")
+        doc = read_document(req, self.schemas["POST"], self.ctx.limit, "report")
         now = utcnow()
         health = doc.get("health")
         tags = doc.get("tags")

@@ -11,13 +11,16 @@ from nixfleet.api.body import read_json
 from nixfleet.api.context import Context
 from nixfleet.errors import NotFoundError
 from nixfleet.flake import release_document, release_from_document
-from nixfleet.models import utcnow
+from nixfleet.models import RELEASE_ID_DIGITS, RELEASE_ID_PREFIX, is_release_id, utcnow
 from nixfleet.store import audit, releases
 
 
 def _check_id(release_id: str) -> None:
-    if not (release_id.startswith("rel-") and len(release_id) == 16):
-        raise NotFoundError(f"{release_id!r} is not a release id (rel- + 12 hex digits)")
+    if not is_release_id(release_id):
+        raise NotFoundError(
+            f"{release_id!r} is not a release id "
+            f"({RELEASE_ID_PREFIX} + {RELEASE_ID_DIGITS} hex digits)"
+        )
 
 
 class ReleaseCollection:

@@ -24,10 +24,9 @@ class Status:
         """Fleet summary and desired vs current generation of every machine."""
         now = utcnow()
         stale = self.ctx.settings.stale_after
-        cutoff = machines.stale_cutoff(now, stale)
         tags, lifecycle = tag_params(req), req.get_param("lifecycle")
         with self.ctx.store.read() as conn:
-            doc = machines.status_document(conn, tags, lifecycle, cutoff)
+            doc = machines.status_document(conn, tags, lifecycle, now, stale)
         by_sync, by_lifecycle = doc.by_sync, doc.by_lifecycle
         head = {
             "generated_at": isoformat(now),
@@ -56,7 +55,7 @@ class Health:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Liveness: the process answers and its database opens."""
-        self.ctx.store.connection().execute("SELECT 1").fetchone()
+        self.ctx.store.ping()
         resp.media = {"status": "ok", "version": __version__}
 
 
@@ -68,24 +67,14 @@ class Metrics:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Prometheus text format gauges."""
-        conn = self.ctx.store.connection()
-        by_lifecycle = dict(
-            conn.execute("SELECT lifecycle, COUNT(*) FROM machines GROUP BY lifecycle").fetchall()
-        )
-        in_sync, drift, failed = conn.execute(
-            "SELECT COALESCE(SUM(desired_generation = current_generation), 0), "
-            "COALESCE(SUM(desired_generation IS NOT NULL "
-            "AND desired_generation IS NOT current_generation), 0), "
-            "COALESCE(SUM(failed_generation IS NOT NULL "
-            "AND failed_generation = desired_generation), 0) FROM machines"
-        ).fetchone()
+        counts = machines.fleet_counts(self.ctx.store.connection())
+        by_sync, by_lifecycle = counts.by_sync, counts.by_lifecycle
+        in_sync, failed = by_sync[Sync.IN_SYNC], by_sync[Sync.FAILED]
+        drift = by_sync[Sync.UPDATING] + failed  # desired set, not running it
         lines = [
             "# HELP nixfleet_machines Machines known to the control plane, by lifecycle.",
             "# TYPE nixfleet_machines gauge",
-            *(
-                f'nixfleet_machines{{lifecycle="{s.value}"}} {by_lifecycle.get(s.value, 0)}'
-                for s in Lifecycle
-            ),
+            *(f'nixfleet_machines{{lifecycle="{s.value}"}} {by_lifecycle[s]}' for s in Lifecycle),
             "# HELP nixfleet_machines_in_sync Machines running their desired generation.",
             "# TYPE nixfleet_machines_in_sync gauge",
             f"nixfleet_machines_in_sync {in_sync}",

@@ -186,7 +186,7 @@ def backup(settings: config.Settings, destination: str) -> None:
         click.echo(f"error: {target} exists; choose a new file name", err=True)
         sys.exit(1)
     store = Store(settings.db_path())
-    store.connection().execute("VACUUM INTO ?", (str(target),))
+    store.backup(target)
     store.close()
     click.echo(f"backed up {settings.db_path()} to {target}", err=True)
 

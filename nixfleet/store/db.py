@@ -187,6 +187,14 @@ class Store:
         row = self.connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         return int(row[1]), int(row[2])
 
+    def ping(self) -> None:
+        """Liveness: the database answers a query."""
+        self.connection().execute("SELECT 1").fetchone()
+
+    def backup(self, target: Path) -> None:
+        """A transactionally consistent, compacted copy (VACUUM INTO), safe while serving."""
+        self.connection().execute("VACUUM INTO ?", (str(target),))
+
     def close(self) -> None:
         # Closing the last connection checkpoints too, when it can.
         with suppress(sqlite3.Error):

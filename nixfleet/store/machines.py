@@ -12,7 +12,7 @@ import sqlite3
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from nixfleet.errors import ConflictError, GoneError, NotFoundError
 from nixfleet.models import (
@@ -25,6 +25,7 @@ from nixfleet.models import (
     check_transition,
     isoformat,
     parse_time,
+    stale_cutoff,
 )
 from nixfleet.store import reports
 
@@ -125,13 +126,19 @@ def get(conn: sqlite3.Connection, machine_id: str, recent: int = 0) -> Machine:
     return machine
 
 
-def _lifecycle(conn: sqlite3.Connection, machine_id: str) -> Lifecycle:
+def find_lifecycle(conn: sqlite3.Connection, machine_id: str) -> Lifecycle | None:
+    """The machine's lifecycle; None when it is not registered."""
     row = conn.execute("SELECT lifecycle FROM machines WHERE id = ?", (machine_id,)).fetchone()
-    if row is None:
+    return None if row is None else Lifecycle(row[0])
+
+
+def _lifecycle(conn: sqlite3.Connection, machine_id: str) -> Lifecycle:
+    lifecycle = find_lifecycle(conn, machine_id)
+    if lifecycle is None:
         raise NotFoundError(
             f"machine {machine_id!r} is not registered; see `nixfleet machines list`"
         )
-    return Lifecycle(row[0])
+    return lifecycle
 
 
 def register(
@@ -292,22 +299,16 @@ def count(conn: sqlite3.Connection) -> int:
 
 # --- fleet status (GET /api/v1/status): JSON straight from SQLite -------------------------
 
-_SYNC_SQL = (
+# The SQL forms of models.sync_of and models.is_stale, for set-based reads; held to
+# them case by case by tests/store/test_machines.py. STALE_SQL takes the cutoff
+# (models.stale_cutoff, stored form) as its one parameter; stored times are fixed
+# width (models.TIME_FORMAT), so string order is time order.
+SYNC_SQL = (
     "CASE WHEN m.desired_generation IS NULL THEN 'no desired' "
     "WHEN m.current_generation = m.desired_generation THEN 'in sync' "
     "WHEN m.failed_generation = m.desired_generation THEN 'failed' ELSE 'updating' END"
 )
-# Times are stored by models.isoformat: 27 characters, or 20 when the microseconds are
-# zero; padded to 27 they compare as strings exactly as the instants compare.
-_STALE_SQL = (
-    "(m.last_report_at IS NOT NULL AND (CASE WHEN length(m.last_report_at) = 20 "
-    "THEN substr(m.last_report_at, 1, 19) || '.000000Z' ELSE m.last_report_at END) < ?)"
-)
-
-
-def stale_cutoff(now: datetime, stale_after: int) -> str:
-    """Reports before this instant are stale (now - last_report_at > stale_after)."""
-    return (now - timedelta(seconds=stale_after)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+STALE_SQL = "(m.last_report_at IS NOT NULL AND m.last_report_at < ?)"
 
 
 @dataclass(frozen=True)
@@ -318,7 +319,11 @@ class StatusDocument:
 
 
 def status_document(
-    conn: sqlite3.Connection, tags: Sequence[str], lifecycle: str | None, cutoff: str
+    conn: sqlite3.Connection,
+    tags: Sequence[str],
+    lifecycle: str | None,
+    now: datetime,
+    stale_after: int,
 ) -> StatusDocument:
     """Every machine's status object (the fields of docs/fleet-status.md), by id, and counts.
 
@@ -330,6 +335,7 @@ def status_document(
     flatten an ordered sub-query into an aggregate.
     """
     where, params = _filter_sql(tags, lifecycle, "m.")
+    cutoff = isoformat(stale_cutoff(now, stale_after))
     syncs = [s.value for s in Sync]
     lifecycles = [life.value for life in Lifecycle]
     sums = ", ".join(
@@ -340,12 +346,12 @@ def status_document(
         f"coalesce(sum(stale), 0), {sums} FROM ("
         "SELECT json_object('id', m.id, 'lifecycle', m.lifecycle, "
         "'current_generation', m.current_generation, "
-        f"'desired_generation', m.desired_generation, 'sync', {_SYNC_SQL}, "
+        f"'desired_generation', m.desired_generation, 'sync', {SYNC_SQL}, "
         "'failed_generation', m.failed_generation, 'last_report_at', m.last_report_at, "
-        f"'stale', json(CASE WHEN {_STALE_SQL} THEN 'true' ELSE 'false' END), "
+        f"'stale', json(CASE WHEN {STALE_SQL} THEN 'true' ELSE 'false' END), "
         "'system_state', m.system_state, 'last_message', m.last_message, "
         "'tags', json(m.tags_json)) AS o, "
-        f"{_SYNC_SQL} AS sync, {_STALE_SQL} AS stale, m.lifecycle AS lifecycle "
+        f"{SYNC_SQL} AS sync, {STALE_SQL} AS stale, m.lifecycle AS lifecycle "
         f"FROM machines m{where} ORDER BY m.id)"
     )
     row = conn.execute(sql, (cutoff, cutoff, *params)).fetchone()
@@ -354,3 +360,21 @@ def status_document(
     by_sync.update(total=int(row[1]), stale=int(row[2]))
     by_lifecycle = dict(zip(lifecycles, counts[len(syncs) :], strict=True))
     return StatusDocument(row[0], by_sync, by_lifecycle)
+
+
+@dataclass(frozen=True)
+class FleetCounts:
+    by_sync: dict[Sync, int]
+    by_lifecycle: dict[Lifecycle, int]
+
+
+def fleet_counts(conn: sqlite3.Connection) -> FleetCounts:
+    """Machines by sync and by lifecycle, every value present (zero where none)."""
+    by_sync = {s: 0 for s in Sync}
+    by_lifecycle = {life: 0 for life in Lifecycle}
+    for sync, lifecycle, n in conn.execute(
+        f"SELECT {SYNC_SQL}, m.lifecycle, COUNT(*) FROM machines m GROUP BY 1, 2"
+    ):
+        by_sync[Sync(sync)] += n
+        by_lifecycle[Lifecycle(lifecycle)] += n
+    return FleetCounts(by_sync, by_lifecycle)

@@ -5,6 +5,23 @@ Statements are separated by ';' (a trigger's body keeps its own: store.db splits
 with sqlite3.complete_statement; no ';' inside literals).
 """
 
+# Every time column of 0001-0007, for 0008 (frozen: later columns are written in the
+# fixed form from the start).
+_TIMES_0008 = {
+    "machines": ("registered_at", "desired_set_at", "last_report_at", "retry_requested_at"),
+    "reports": ("received_at",),
+    "api_keys": ("created_at", "revoked_at"),
+    "machine_tokens": ("created_at",),
+    "audit": ("at",),
+    "enroll_tokens": ("created_at", "expires_at", "revoked_at", "last_used_at"),
+    "releases": ("created_at",),
+    "rollouts": ("created_at", "updated_at"),
+    "rollout_batches": ("started_at", "finished_at"),
+    "rollout_machines": ("healthy_since", "decided_at"),
+    "rollout_events": ("at",),
+    "rollout_files": ("checked_at",),
+}
+
 MIGRATIONS: list[tuple[str, str]] = [
     (
         "0001_machines",
@@ -248,6 +265,18 @@ MIGRATIONS: list[tuple[str, str]] = [
             WHERE id = NEW.machine_id;
         END
         """,
+    ),
+    # Times were stored by an isoformat that dropped a zero fraction ("…:00Z", 20
+    # characters, which sorts after "…:00.5Z"), so SQL padded them before comparing.
+    # Now every time is models.TIME_FORMAT, 27 characters, and compares as stored.
+    (
+        "0008_fixed_width_times",
+        ";\n".join(
+            f"UPDATE {table} SET {column} = substr({column}, 1, 19) || '.000000Z' "
+            f"WHERE length({column}) = 20"
+            for table, columns in _TIMES_0008.items()
+            for column in columns
+        ),
     ),
     # Rollout policy (DESIGN §11, issue 18): what the agent says about reboots; the
     # reboot leases (one row per machine and group: the FleetLock semaphore); a

@@ -22,13 +22,12 @@ from nixfleet.models import (
     MachineHealth,
     RolloutSpec,
     RolloutStatus,
+    is_release_id,
     isoformat,
     parse_time,
 )
 from nixfleet.store import audit, releases
 from nixfleet.store.verdicts import FACTS_SQL, facts_of
-
-RELEASE_ID_PREFIX = "rel-"
 
 
 def source_label(name: str) -> str:
@@ -76,7 +75,7 @@ def _lifecycles(conn: sqlite3.Connection, hosts: Iterable[str]) -> dict[str, Lif
 
 def make_plan(conn: sqlite3.Connection, spec: RolloutSpec) -> tuple[rollout.Plan, dict[str, str]]:
     """The plan for a spec against the current fleet; also hostname -> store path."""
-    if not spec.release.startswith(RELEASE_ID_PREFIX) or spec.release.endswith(".toml"):
+    if not is_release_id(spec.release):
         raise ValidationError(
             "the control plane takes a release id, not a file",
             errors=[

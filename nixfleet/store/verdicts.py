@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from nixfleet import rollout
@@ -46,25 +46,6 @@ def facts_of(row: Sequence[Any]) -> rollout.MachineFacts:
 # --- the health gate, set-based -------------------------------------------------------
 
 
-def ts_key(column: str) -> str:
-    """SQL for an RFC 3339 column as a string that sorts like the time it names.
-
-    Every stored time is `models.isoformat` output, UTC with a Z, but that drops the
-    fraction when it is zero: "…:00Z" sorts after "…:00.5Z" ('Z' > '.'). Padding
-    the 20-character form to microseconds makes string order time order, exactly
-    (julianday() would round to milliseconds).
-    """
-    return (
-        f"(CASE WHEN length({column}) = 20 THEN substr({column}, 1, 19) || '.000000Z' "
-        f"ELSE {column} END)"
-    )
-
-
-def sortable(ts: datetime) -> str:
-    """A time in the form `ts_key` compares against."""
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 # rollout.judge for every pending machine of one batch, as one SELECT; returns only
 # the machines whose verdict (health or soak clock) changes. Kept equal to judge()
 # by tests/store/test_verdicts.py on a table of cases; change both together.
@@ -73,9 +54,9 @@ def sortable(ts: datetime) -> str:
 # F agent reported failure, O other generation, H health checks failing, G good);
 # its OFFSET keeps SQLite from flattening it into the outer one, which would
 # re-evaluate the classification (and its JSON parse) at every reference.
-_STATES = f"""
+_STATES = """
 SELECT rm.machine_id, rm.position, rm.healthy_since AS since0, m.last_message AS msg,
-  CASE WHEN NOT coalesce({ts_key("m.last_report_at")} >= :started, 0) THEN 'S'
+  CASE WHEN NOT coalesce(m.last_report_at >= :started, 0) THEN 'S'
     WHEN m.failed_generation = rm.store_path OR m.last_success = 0 THEN 'F'
     WHEN m.current_generation IS NOT rm.store_path THEN 'O'
     WHEN json_extract(m.health_json, '$.all_passed') IS 0 THEN 'H'
@@ -84,14 +65,14 @@ FROM rollout_machines rm JOIN machines m ON m.id = rm.machine_id
 WHERE rm.rollout_id = :rollout AND rm.batch_idx = :batch AND rm.health = 'pending'
   AND rm.position > :after AND rm.position <= :until
   AND (:timed_out OR rm.healthy_since IS NOT NULL
-       OR {ts_key("m.last_report_at")} >= :started)
+       OR m.last_report_at >= :started)
 LIMIT -1 OFFSET 0
 """
 _VERDICTS = f"""
 SELECT machine_id, position, since0,
   CASE state WHEN 'F' THEN 'unhealthy'
     WHEN 'G' THEN
-      CASE WHEN {ts_key("coalesce(since0, :now)")} <= :soaked THEN 'healthy' ELSE 'pending' END
+      CASE WHEN coalesce(since0, :now) <= :soaked THEN 'healthy' ELSE 'pending' END
     ELSE CASE WHEN :timed_out THEN 'unhealthy' ELSE 'pending' END END AS health,
   CASE state
     WHEN 'F' THEN 'agent reported failure' || CASE WHEN msg <> '' THEN ': ' || msg ELSE '' END
@@ -127,9 +108,9 @@ def judge_params(
         "batch": batch,
         "after": window[0],
         "until": window[1],
-        "started": sortable(started),
+        "started": isoformat(started),
         "now": isoformat(now),
-        "soaked": sortable(now - timedelta(seconds=soak)),
+        "soaked": isoformat(now - timedelta(seconds=soak)),
         "timed_out": int((now - started).total_seconds() >= health_timeout),
         "timed_out_after": f"timed out after {rollout.format_duration(health_timeout)} (",
     }

@@ -8,6 +8,7 @@ machines change, and to what health, reason and soak clock.
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 
 from nixfleet import rollout
-from nixfleet.models import MachineHealth, isoformat
+from nixfleet.models import MachineHealth, isoformat, parse_time
 from nixfleet.rollout import MachineFacts
 from nixfleet.store import Store, verdicts
 
@@ -179,23 +180,20 @@ def test_settled_machines_are_not_judged_again(rollout_store: Store) -> None:
     ],
 )
 def test_stored_times_sort_as_times_in_sql(store: Store, times: list[datetime]) -> None:
-    """isoformat() drops a zero fraction; ts_key() still orders the strings by time."""
+    """Every stored time has one fixed width, so SQL orders the strings as the times."""
     stored = [str(isoformat(t)) for t in times]
-    assert {len(s) for s in stored} <= {20, 27} and all(s.endswith("Z") for s in stored)
+    assert {len(s) for s in stored} == {27} and all(s.endswith("Z") for s in stored)
     values = ", ".join("(?)" for _ in stored)
     with store.read() as conn:
         ordered = [
             r[0]
             for r in conn.execute(
-                f"SELECT column1 FROM (VALUES {values}) ORDER BY {verdicts.ts_key('column1')}",
+                f"SELECT column1 FROM (VALUES {values}) ORDER BY column1",
                 stored,
             )
         ]
-        for t in times:
-            key = verdicts.sortable(t)
-            (same,) = conn.execute(f"SELECT {verdicts.ts_key('?1')} = ?2", (isoformat(t), key))
-            assert same[0] == 1
     assert ordered == [isoformat(t) for t in sorted(times)]
+    assert [parse_time(s) for s in stored] == times
 
 
 def test_a_window_judges_only_its_positions(rollout_store: Store) -> None:
@@ -215,3 +213,106 @@ def test_a_window_judges_only_its_positions(rollout_store: Store) -> None:
         (0, 2): ["m1", "m2"],
         (2, 5): [],
     }
+
+
+# --- generated: every combination of the facts judge() looks at ---------------------------
+
+GEN_REPORTS = (None, at(-1), at(-0.000001), STARTED, BEFORE_ON_THE_SECOND, ON_THE_SECOND, at(5))
+GEN_CURRENT = (None, GEN, OLD)
+GEN_SUCCESS = (None, True, False)
+GEN_FAILED = (None, GEN, OLD)
+GEN_HEALTH_PASSED = (None, True, False)
+GEN_SINCE = (None, at(6), ON_THE_SECOND)
+GEN_MESSAGE = (None, "", "rolled back: x.service")
+GEN_HEALTH = (P, H, U)
+GEN_CLOCK = [
+    (now, soak) for now in (10, 60.5, 65.999999, 66, TIMEOUT, TIMEOUT + 1) for soak in (0, SOAK)
+]
+
+
+def _generated() -> list[MachineFacts]:
+    out = []
+    for i, (report, current, success, failed_gen, passed, since, message, health) in enumerate(
+        itertools.product(
+            GEN_REPORTS,
+            GEN_CURRENT,
+            GEN_SUCCESS,
+            GEN_FAILED,
+            GEN_HEALTH_PASSED,
+            GEN_SINCE,
+            GEN_MESSAGE,
+            GEN_HEALTH,
+        )
+    ):
+        out.append(
+            MachineFacts(
+                f"g{i:05}",
+                GEN,
+                health=health,
+                healthy_since=since,
+                last_report_at=report,
+                current_generation=current,
+                last_success=success,
+                failed_generation=failed_gen,
+                health_passed=passed,
+                last_message=message,
+            )
+        )
+    return out
+
+
+def _store_many(store: Store, facts: list[MachineFacts]) -> None:
+    with store.transaction() as conn:
+        conn.executemany(
+            "INSERT INTO machines (id, lifecycle, registered_at, current_generation, "
+            "last_report_at, last_success, failed_generation, health_json, last_message) "
+            "VALUES (?, 'active', ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    f.machine_id,
+                    isoformat(STARTED),
+                    f.current_generation,
+                    isoformat(f.last_report_at),
+                    None if f.last_success is None else int(f.last_success),
+                    f.failed_generation,
+                    None
+                    if f.health_passed is None
+                    else json.dumps({"all_passed": f.health_passed}),
+                    f.last_message,
+                )
+                for f in facts
+            ],
+        )
+        conn.executemany(
+            "INSERT INTO rollout_machines (rollout_id, machine_id, batch_idx, position, "
+            "store_path, health, healthy_since) VALUES ('ro-1', ?, 0, ?, ?, ?, ?)",
+            [
+                (f.machine_id, n, f.store_path, f.health.value, isoformat(f.healthy_since))
+                for n, f in enumerate(facts)
+            ],
+        )
+
+
+@pytest.mark.parametrize(("now", "soak"), GEN_CLOCK)
+def test_sql_verdicts_agree_with_judge_on_every_generated_case(
+    rollout_store: Store, now: float, soak: int
+) -> None:
+    """JUDGE_SQL is held to rollout.judge (the one definition) on every combination."""
+    facts = _generated()
+    _store_many(rollout_store, facts)
+    want = {}
+    for f in facts:
+        v = rollout.judge(f, STARTED, at(now), TIMEOUT, soak)
+        if v.health is not f.health or v.healthy_since != f.healthy_since:
+            reason = v.reason if v.health is not P else None
+            want[f.machine_id] = (v.health.value, reason, isoformat(v.healthy_since))
+    params = verdicts.judge_params("ro-1", 0, STARTED, at(now), TIMEOUT, soak)
+    with rollout_store.read() as conn:
+        rows = conn.execute(verdicts.JUDGE_SQL, params).fetchall()
+    got = {r["machine_id"]: (r["health"], r["reason"], r["healthy_since"]) for r in rows}
+    assert len(got) == len(rows)
+    mismatched = {
+        k: (got.get(k), want.get(k)) for k in set(got) | set(want) if got.get(k) != want.get(k)
+    }
+    assert not mismatched, sorted(mismatched.items())[:5]
+    assert len(facts) == 3**7 * len(GEN_REPORTS)
