@@ -208,6 +208,8 @@ class Report:
     tags: tuple[str, ...] | None = None
     agent_version: str | None = None
     uptime_seconds: int | None = None
+    needs_reboot: bool | None = None  # DESIGN §11: booted kernel/initrd/modules differ
+    booted_generation: str | None = None
 
     @property
     def system_state(self) -> SystemState:
@@ -238,6 +240,8 @@ class Machine:
     failed_generation: str | None = None
     health: HealthResult | None = None
     retry_requested_at: datetime | None = None
+    needs_reboot: bool | None = None
+    booted_generation: str | None = None
     recent_reports: tuple[Report, ...] = field(default=())
 
     @property

@@ -46,6 +46,8 @@ def machine_json(m: Machine, now: datetime, stale_after: int) -> dict[str, Any]:
         "agent_version": m.agent_version,
         "registered_at": isoformat(m.registered_at),
         "retry_requested_at": isoformat(m.retry_requested_at),
+        "needs_reboot": m.needs_reboot,
+        "booted_generation": m.booted_generation,
     }
     return out
 
@@ -221,12 +223,17 @@ class MachineTags:
 
 
 def desired_json(row: Any, poll_hint: int | None) -> dict[str, Any]:
-    return {
+    out = {
         "desired_generation": row["desired_generation"],
         "cache_url": row["desired_cache_url"],
         "poll_hint": poll_hint,
         "retry_requested_at": row["retry_requested_at"],
     }
+    if row["reboot"] is not None:
+        # The machine needs a reboot and its rollout coordinates one (DESIGN §11): the
+        # agent then asks for a reboot lease.
+        out["reboot"] = row["reboot"]
+    return out
 
 
 class DesiredGeneration:
@@ -319,6 +326,8 @@ class MachineReport:
             tags=tuple(tags) if tags is not None else None,
             agent_version=doc.get("agent_version"),
             uptime_seconds=doc.get("uptime_seconds"),
+            needs_reboot=doc.get("needs_reboot"),
+            booted_generation=doc.get("booted_generation"),
         )
         with self.ctx.store.transaction() as conn:
             row, promoted = machines.record_report(conn, report, self.ctx.settings.report_retention)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
 
 from nixfleet import rollout
 from nixfleet.models import isoformat
@@ -50,7 +51,7 @@ def start_time(windows: Sequence[Window], now: datetime, need: int) -> datetime 
     any_start: datetime | None = None
     for w in windows:
         for day in range(-1, 9):
-            local = now.astimezone(windows_mod.ZoneInfo(w.timezone)).date()
+            local = now.astimezone(ZoneInfo(w.timezone)).date()
             occ = w.occurrence(local + timedelta(days=day))
             if occ is None or occ[0] >= occ[1]:
                 continue

@@ -32,7 +32,8 @@ from nixfleet.store import reports
 COLUMNS = (
     "id, lifecycle, registered_at, current_generation, desired_generation, "
     "desired_cache_url, desired_source, last_report_at, agent_version, system_state, "
-    "last_success, last_message, failed_generation, health_json, retry_requested_at"
+    "last_success, last_message, failed_generation, health_json, retry_requested_at, "
+    "needs_reboot, booted_generation"
 )
 
 
@@ -94,6 +95,8 @@ def _machine(row: sqlite3.Row, tags: dict[str, list[str]] | None) -> Machine:
         failed_generation=row["failed_generation"],
         health=HealthResult.from_dict(json.loads(health)) if health else None,
         retry_requested_at=parse_time(row["retry_requested_at"]),
+        needs_reboot=None if row["needs_reboot"] is None else bool(row["needs_reboot"]),
+        booted_generation=row["booted_generation"],
     )
 
 
@@ -243,12 +246,17 @@ def record_report(
     """
     # The poll hint is the running rollout's (store.rollouts.set_poll_hint), found
     # through rollout_machines_machine; a machine is in at most one active rollout.
+    # Its reboot policy (DESIGN §11) is looked up only when the agent needs a reboot.
     row = conn.execute(
         "SELECT lifecycle, desired_generation, desired_cache_url, desired_source, "
         "retry_requested_at, (SELECT r.poll_hint FROM rollout_machines rm "
         "JOIN rollouts r ON r.id = rm.rollout_id WHERE rm.machine_id = machines.id "
-        "AND r.status = 'running' LIMIT 1) AS poll_hint FROM machines WHERE id = ?",
-        (report.machine_id,),
+        "AND r.status = 'running' LIMIT 1) AS poll_hint, CASE WHEN ? THEN "
+        "(SELECT r.reboot FROM rollout_machines rm JOIN rollouts r ON r.id = rm.rollout_id "
+        "WHERE rm.machine_id = machines.id AND r.status = 'running' AND r.reboot = 'when-needed' "
+        "LIMIT 1) END AS reboot "
+        "FROM machines WHERE id = ?",
+        (bool(report.needs_reboot), report.machine_id),
     ).fetchone()
     if row is None:
         raise NotFoundError(
@@ -267,6 +275,7 @@ def record_report(
         "UPDATE machines SET current_generation = ?, last_report_at = ?, "
         "agent_version = COALESCE(?, agent_version), system_state = ?, last_success = ?, "
         "last_message = ?, health_json = ?, uptime_seconds = ?, "
+        "needs_reboot = ?, booted_generation = COALESCE(?, booted_generation), "
         "failed_generation = CASE WHEN ? IS NOT NULL THEN ? "
         "  WHEN failed_generation = ? THEN NULL ELSE failed_generation END, "
         "lifecycle = CASE WHEN lifecycle IN ('pending', 'provisioning') THEN 'active' "
@@ -281,6 +290,8 @@ def record_report(
             report.message,
             health,
             report.uptime_seconds,
+            None if report.needs_reboot is None else int(report.needs_reboot),
+            report.booted_generation,
             None if report.success else report.attempted_generation,
             report.attempted_generation,
             report.current_generation,

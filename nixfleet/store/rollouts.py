@@ -26,6 +26,7 @@ from nixfleet.models import (
     isoformat,
     parse_time,
 )
+from nixfleet.policy.reboot import RebootPolicy
 from nixfleet.store import audit, releases
 from nixfleet.store.verdicts import FACTS_SQL, facts_of
 
@@ -188,6 +189,8 @@ def apply(
             at,
         ),
     )
+    if doc.get("reboot"):  # a column, so the report path reads it without the document
+        conn.execute("UPDATE rollouts SET reboot = ? WHERE id = ?", (doc["reboot"], rid))
     conn.executemany(
         "INSERT INTO rollout_batches (rollout_id, idx, size, status) VALUES (?, ?, ?, 'pending')",
         [(rid, i, len(b)) for i, b in enumerate(p.batches)],
@@ -326,8 +329,16 @@ def load_view(conn: sqlite3.Connection, rollout_id: str) -> rollout.RolloutView:
             (rollout_id,),
         )
     )
-    spec = rollout.spec_from_document(json.loads(row["document_json"]))
-    return rollout.RolloutView(row["id"], row["name"], RolloutStatus(row["status"]), spec, batches)
+    doc = json.loads(row["document_json"])
+    spec = rollout.spec_from_document(doc)
+    return rollout.RolloutView(
+        row["id"],
+        row["name"],
+        RolloutStatus(row["status"]),
+        spec,
+        batches,
+        policy.from_document(doc),
+    )
 
 
 def detail(conn: sqlite3.Connection, rollout_id: str, now: datetime) -> dict[str, Any]:
@@ -340,6 +351,7 @@ def detail(conn: sqlite3.Connection, rollout_id: str, now: datetime) -> dict[str
     out["document"] = json.loads(row["document_json"])
     out["skipped"] = json.loads(row["skipped_json"])
     spec = view.spec
+    rebooting = view.policy.reboot is RebootPolicy.WHEN_NEEDED
     machines: dict[int, list[dict[str, Any]]] = {}
     for r in conn.execute(
         FACTS_SQL + "WHERE rm.rollout_id = ? ORDER BY rm.position", (rollout_id,)
@@ -350,7 +362,7 @@ def detail(conn: sqlite3.Connection, rollout_id: str, now: datetime) -> dict[str
         if f.health is MachineHealth.PENDING:
             if batch.status is BatchStatus.DEPLOYING and batch.started_at is not None:
                 reason = rollout.judge(
-                    f, batch.started_at, now, spec.health_timeout, spec.soak
+                    f, batch.started_at, now, spec.health_timeout, spec.soak, rebooting
                 ).reason
             else:
                 reason = f"batch {batch.status}"
