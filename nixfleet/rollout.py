@@ -361,6 +361,12 @@ class Decision:
         )
 
 
+def batch_positions(rollout: RolloutView, batch: int) -> tuple[int, int]:
+    """The batch's positions (first, last): apply numbers a rollout's targets in batch order."""
+    first = sum(b.size for b in rollout.batches[:batch])
+    return first, first + rollout.batches[batch].size - 1
+
+
 def deploying_batch(rollout: RolloutView) -> BatchView | None:
     return next((b for b in rollout.batches if b.status is BatchStatus.DEPLOYING), None)
 
