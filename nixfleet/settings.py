@@ -10,6 +10,7 @@ import functools
 import json
 import os
 from dataclasses import dataclass, fields, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,9 @@ class Settings:
     reboot_groups: tuple[Any, ...] = ()
     reboot_slots: int = 1
     reboot_timeout: int = 900
+    # For tests and drills: a file holding an RFC 3339 time that maintenance windows
+    # are judged by instead of the system clock (health timeouts keep the real one).
+    policy_clock_file: str | None = None
 
     @functools.cached_property
     def fleet_policy(self) -> FleetPolicy:
@@ -64,6 +68,18 @@ class Settings:
             self.reboot_slots,
             self.reboot_timeout,
         )
+
+    def policy_now(self, now: datetime) -> datetime:
+        """The clock maintenance windows are judged by: `now`, or policy_clock_file's time."""
+        if self.policy_clock_file is None:
+            return now
+        try:
+            text = Path(self.policy_clock_file).read_text().strip()
+            return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+        except (OSError, ValueError) as e:
+            raise ValidationError(
+                f"policy_clock_file {self.policy_clock_file}: cannot read a time from it: {e}"
+            ) from e
 
     @property
     def host_port(self) -> tuple[str, int]:

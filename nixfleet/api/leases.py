@@ -25,13 +25,16 @@ class RebootLease:
     def on_post(self, req: falcon.Request, resp: falcon.Response, machine_id: str) -> None:
         """Take a reboot slot in each of the machine's reboot groups (all or nothing)."""
         validate_hostname(machine_id)
+        now = utcnow()
+        settings = self.ctx.settings
         with self.ctx.store.transaction() as conn:
             resp.media = leases.take(
                 conn,
                 machine_id,
-                self.ctx.settings.fleet_policy,
-                utcnow(),
+                settings.fleet_policy,
+                now,
                 req.context.actor.label,
+                settings.policy_now(now),
             )
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, machine_id: str) -> None:

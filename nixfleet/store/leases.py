@@ -84,9 +84,18 @@ def lease_json(lease: leases.Lease) -> dict[str, Any]:
 
 
 def take(
-    conn: sqlite3.Connection, machine_id: str, fleet: FleetPolicy, now: datetime, actor: str
+    conn: sqlite3.Connection,
+    machine_id: str,
+    fleet: FleetPolicy,
+    now: datetime,
+    actor: str,
+    window_now: datetime | None = None,
 ) -> dict[str, Any]:
-    """Grant the machine its reboot slots, or raise ConflictError saying why not yet."""
+    """Grant the machine its reboot slots, or raise ConflictError saying why not yet.
+
+    `window_now` is the clock windows are judged by (settings.policy_now; `now`).
+    """
+    window_now = window_now or now
     ctx = context(conn, machine_id, fleet)
     mine = leases.groups_for(ctx.tags, fleet.reboot_groups, fleet.reboot_slots)
     current = held(conn, [g.name for g in mine])
@@ -103,8 +112,8 @@ def take(
             f"machine {machine_id!r} may not reboot now: {why}; "
             "a rollout with `reboot: when-needed` coordinates reboots"
         )
-    if not windows.is_open(ctx.windows, now):
-        nxt = windows.next_open(ctx.windows, now)
+    if not windows.is_open(ctx.windows, window_now):
+        nxt = windows.next_open(ctx.windows, window_now)
         raise ConflictError(
             f"machine {machine_id!r} may not reboot now: outside the maintenance windows of "
             f"rollout {ctx.rollout_name!r}; the next opens at {isoformat(nxt)}"
@@ -163,6 +172,24 @@ def release(conn: sqlite3.Connection, machine_id: str, now: datetime, actor: str
     else:
         audit.record(conn, actor, "machine.reboot-lease-released", machine_id, now, detail)
     return len(rows)
+
+
+def release_recovered(conn: sqlite3.Connection, now: datetime, actor: str) -> list[str]:
+    """Leases of machines back healthy on their booted generation, released by the CP.
+
+    The agent releases its own lease (DELETE); this covers an agent that cannot
+    (its lease file lost, the CP unreachable at that moment). Back = a successful
+    report after the lease was taken that needs no reboot.
+    """
+    rows = conn.execute(
+        "SELECT DISTINCT l.machine_id FROM reboot_leases l JOIN machines m ON m.id = l.machine_id "
+        "WHERE m.last_report_at > l.acquired_at AND m.needs_reboot = 0 AND m.last_success = 1 "
+        "AND m.system_state IN ('ok', 'unknown') ORDER BY l.machine_id"
+    ).fetchall()
+    done = [r[0] for r in rows]
+    for machine_id in done:
+        release(conn, machine_id, now, actor)
+    return done
 
 
 def expire(conn: sqlite3.Connection, now: datetime, actor: str) -> list[str]:

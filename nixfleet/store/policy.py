@@ -120,3 +120,19 @@ def admitted(
         if bound < stop:
             stop, held_by = bound, room.label
     return stop - 1 - after, held_by
+
+
+def hold_of(conn: sqlite3.Connection, rollout_id: str) -> tuple[str | None, str | None]:
+    """What holds the rollout back, as last recorded (kind, detail)."""
+    row = conn.execute(
+        "SELECT hold, hold_detail FROM rollouts WHERE id = ?", (rollout_id,)
+    ).fetchone()
+    return (row[0], row[1]) if row is not None else (None, None)
+
+
+def set_hold(
+    conn: sqlite3.Connection, rollout_id: str, kind: str | None, detail: str | None
+) -> None:
+    conn.execute(
+        "UPDATE rollouts SET hold = ?, hold_detail = ? WHERE id = ?", (kind, detail, rollout_id)
+    )

@@ -45,7 +45,8 @@ def test_tags_json_is_filled_by_its_migration_and_kept_by_triggers(tmp_path: Pat
         with s.transaction() as conn:
             machines.register(conn, "a", ["web", "prod"], Lifecycle.ACTIVE, utcnow())
             machines.register(conn, "b", [], Lifecycle.ACTIVE, utcnow())
-            machines.record_report(conn, report("a", tags=("web", "eu")), 10)
+            # What a report's tags do (record_report itself writes later columns).
+            machines.set_tags(conn, "a", ("web", "eu"), "agent", replace=True)
         s.close()
     s = Store(path)
 
