@@ -21,7 +21,7 @@ from nixfleet import rolloutfile
 from nixfleet.errors import NixfleetError, ValidationError
 from nixfleet.models import utcnow
 from nixfleet.settings import Settings
-from nixfleet.store import Store, releases
+from nixfleet.store import Store, releases, rollout_files
 from nixfleet.store import rollouts as store_rollouts
 
 log = logging.getLogger("nixfleet.gitops")
@@ -77,7 +77,7 @@ def apply_file(store: Store, path: Path, mtime_ns: int, poll_hint: int) -> bool:
             if release is not None:
                 releases.insert(conn, release, now, ACTOR)
             applied = store_rollouts.apply(conn, doc, ACTOR, now, poll_hint, source=f"file:{path}")
-            store_rollouts.record_file(
+            rollout_files.record_file(
                 conn, str(path), now, name=name, rollout_id=applied.id, mtime_ns=mtime_ns
             )
         if applied.created:
@@ -86,7 +86,7 @@ def apply_file(store: Store, path: Path, mtime_ns: int, poll_hint: int) -> bool:
     except NixfleetError as e:
         errors = [x.to_dict() for x in e.errors] or [{"field": "(document)", "message": e.detail}]
         with store.transaction() as conn:
-            store_rollouts.record_file(
+            rollout_files.record_file(
                 conn, str(path), now, name=name, rollout_id=None, errors=errors, mtime_ns=mtime_ns
             )
         log.warning("rollout file %s not applied: %s", path, str(e).replace("\n", " "))
@@ -106,7 +106,7 @@ def sync(store: Store, watcher: Watcher, poll_hint: int) -> None:
         del watcher.seen[path]
     if gone or not watcher.seen:
         with store.transaction() as conn:
-            store_rollouts.forget_files(conn, current)
+            rollout_files.forget_files(conn, current)
 
 
 _WATCHERS: dict[tuple[str, str], Watcher] = {}

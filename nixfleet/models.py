@@ -81,6 +81,11 @@ def isoformat(ts: datetime | None) -> str | None:
 def parse_time(value: str | None) -> datetime | None:
     if value is None:
         return None
+    return time_of(value)
+
+
+def time_of(value: str) -> datetime:
+    """The instant an RFC 3339 text names (a stored time, or one an agent sent)."""
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 

@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 
 from nixfleet import reconciler
+from nixfleet.api.rollouts import detail_json
 from nixfleet.errors import ConflictError, NotFoundError, ValidationError
 from nixfleet.flake import release_from_document
 from nixfleet.models import Lifecycle, Report
-from nixfleet.store import Store, audit, machines, releases
+from nixfleet.store import Store, audit, machines, planning, releases, rollout_control
 from nixfleet.store import rollouts as store_rollouts
 
 T0 = datetime(2026, 11, 27, 10, 0, tzinfo=UTC)
@@ -92,7 +93,7 @@ def machine(store: Store, host: str) -> machines.Machine:  # type: ignore[name-d
 
 def detail(store: Store, rid: str, now: datetime) -> dict[str, Any]:
     with store.read() as conn:
-        return store_rollouts.detail(conn, rid, now)
+        return detail_json(store_rollouts.detail(conn, rid, now))
 
 
 def deploying_hosts(store: Store, rid: str, now: datetime) -> list[str]:
@@ -164,7 +165,7 @@ def test_failure_pauses_then_resume_completes(store: Store) -> None:
     assert detail(store, rid, at(t + 1))["status"] == "paused"
     # The operator fixes the machine; resume re-runs the failed batch.
     with store.transaction() as conn:
-        store_rollouts.control(conn, "web-rollout", "resume", "key:ops", at(t + 2), HINT)
+        rollout_control.control(conn, "web-rollout", "resume", "key:ops", at(t + 2), HINT)
     t = drive(store, rid, t + 3)
     d = detail(store, rid, at(t))
     assert d["status"] == "completed"
@@ -235,7 +236,7 @@ def test_apply_is_idempotent_and_conflicts_are_named(store: Store) -> None:
     with store.transaction() as conn, pytest.raises(ConflictError, match="referenced by rollout"):
         releases.delete(conn, rel)
     with store.transaction() as conn:
-        store_rollouts.control(conn, rid, "cancel", "key:ops", at(1), HINT)
+        rollout_control.control(conn, rid, "cancel", "key:ops", at(1), HINT)
     tick(store, at(2))
     assert detail(store, rid, at(2))["status"] == "cancelled"
     assert machine(store, "web-00").desired_generation == gen("web-00", "o")  # left where it is
@@ -249,7 +250,7 @@ def test_skipped_hosts_and_empty_targets(store: Store) -> None:
         rel, target={"tags": ["web"], "hosts": ["ghost"]}, strategy="canary", batches=[1]
     )
     with store.read() as conn:
-        plan, _ = store_rollouts.make_plan(conn, store_rollouts.spec_of(doc))
+        plan, _ = planning.make_plan(conn, planning.spec_of(doc))
     assert list(plan.batches) == [("web-00",), ("web-01", "web-02")]
     assert {(s.hostname, s.reason) for s in plan.skipped} == {
         ("ghost", "not registered with the control plane"),
@@ -269,14 +270,14 @@ def test_manual_pause_stops_new_batches(store: Store) -> None:
     tick(store, at(0))
     report(store, "web-00", at(1))
     with store.transaction() as conn:
-        store_rollouts.control(conn, rid, "pause", "key:ops", at(2), HINT)
+        rollout_control.control(conn, rid, "pause", "key:ops", at(2), HINT)
         with pytest.raises(ConflictError, match="cannot pause"):
-            store_rollouts.control(conn, rid, "pause", "key:ops", at(2), HINT)
+            rollout_control.control(conn, rid, "pause", "key:ops", at(2), HINT)
     tick(store, at(3))
     d = detail(store, rid, at(3))
     assert [b["status"] for b in d["batches"]] == ["deploying", "pending", "pending"]
     with store.transaction() as conn:
-        store_rollouts.control(conn, rid, "resume", "key:ops", at(4), HINT)
+        rollout_control.control(conn, rid, "resume", "key:ops", at(4), HINT)
     # Only reports after the resume count: web-00 must report again.
     tick(store, at(5))
     assert detail(store, rid, at(5))["batches"][0]["status"] == "deploying"

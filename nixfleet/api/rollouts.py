@@ -2,16 +2,103 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import falcon
 
+from nixfleet import rollout
 from nixfleet.api.auth import Perm
 from nixfleet.api.body import read_json
 from nixfleet.api.context import Context
 from nixfleet.errors import FieldError, ValidationError
-from nixfleet.models import RolloutStatus, utcnow
-from nixfleet.store import rollouts
+from nixfleet.models import MachineHealth, RolloutSpec, RolloutStatus, isoformat, utcnow
+from nixfleet.store import planning, rollout_control, rollout_files, rollouts
+from nixfleet.store.rollouts import RolloutDetail, RolloutSummary
 
 STATUSES = [s.value for s in RolloutStatus] + ["invalid"]
+
+
+def summary_json(s: RolloutSummary) -> dict[str, Any]:
+    return {
+        "id": s.id,
+        "name": s.name,
+        "release": s.release,
+        "status": s.status.value,
+        "source": s.source,
+        "created_at": isoformat(s.created_at),
+        "created_by": s.created_by,
+        "updated_at": isoformat(s.updated_at),
+    }
+
+
+def listed_json(s: RolloutSummary) -> dict[str, Any]:
+    counts = {h.value: s.machines.get(h, 0) for h in MachineHealth}
+    return {**summary_json(s), "machines": {"total": sum(counts.values()), **counts}}
+
+
+def invalid_file_json(f: rollout_files.InvalidFile) -> dict[str, Any]:
+    return {
+        "id": None,
+        "name": f.name,
+        "file": f.path,
+        "status": "invalid",
+        "errors": f.errors,
+        "updated_at": isoformat(f.checked_at),
+    }
+
+
+def detail_json(d: RolloutDetail) -> dict[str, Any]:
+    return {
+        **summary_json(d.summary),
+        "document": d.document,
+        "skipped": [{"hostname": s.hostname, "reason": s.reason} for s in d.skipped],
+        "hold": None if d.hold is None else {"kind": d.hold[0], "detail": d.hold[1]},
+        "batches": [
+            {
+                "index": b.index,
+                "status": b.status.value,
+                "size": b.size,
+                "started_at": isoformat(b.started_at),
+                "finished_at": isoformat(b.finished_at),
+                "machines": [
+                    {
+                        "id": m.id,
+                        "health": m.health.value,
+                        "reason": m.reason,
+                        "store_path": m.store_path,
+                        "current_generation": m.current_generation,
+                        "last_report_at": isoformat(m.last_report_at),
+                    }
+                    for m in b.machines
+                ],
+            }
+            for b in d.batches
+        ],
+        "events": [
+            {
+                "at": isoformat(e.at),
+                "kind": e.kind,
+                "batch": e.batch,
+                "machine": e.machine,
+                "detail": e.detail,
+            }
+            for e in d.events
+        ],
+    }
+
+
+def plan_json(spec: RolloutSpec, p: rollout.Plan) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "release": spec.release,
+        "strategy": spec.strategy.value,
+        "targets": len(p.targets),
+        "batches": [
+            {"index": i, "size": len(hosts), "hosts": list(hosts)}
+            for i, hosts in enumerate(p.batches)
+        ],
+        "skipped": [{"hostname": s.hostname, "reason": s.reason} for s in p.skipped],
+    }
 
 
 class RolloutCollection:
@@ -30,7 +117,10 @@ class RolloutCollection:
                 errors=[FieldError("status", f"one of: {', '.join(STATUSES)}")],
             )
         with self.ctx.store.read() as conn:
-            resp.media = {"rollouts": rollouts.list_rollouts(conn, status)}
+            listed = [listed_json(r) for r in rollouts.list_rollouts(conn, status)]
+            if status in (None, "invalid"):
+                listed += [invalid_file_json(f) for f in rollout_files.invalid_files(conn)]
+        resp.media = {"rollouts": listed}
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Apply a rollout document; idempotent by name and content (200 when unchanged)."""
@@ -40,7 +130,7 @@ class RolloutCollection:
             applied = rollouts.apply(
                 conn, doc, req.context.actor.label, now, self.ctx.settings.rollout_poll_hint
             )
-            out = rollouts.detail(conn, applied.id, now)
+            out = detail_json(rollouts.detail(conn, applied.id, now))
         resp.status = falcon.HTTP_201 if applied.created else falcon.HTTP_200
         resp.location = f"/api/v1/rollouts/{applied.id}"
         resp.media = {**out, "created": applied.created}
@@ -55,10 +145,10 @@ class RolloutPlan:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         """The batches `apply` would create, and the hosts it would skip; changes nothing."""
-        spec = rollouts.spec_of(read_json(req, self.ctx.limit))
+        spec = planning.spec_of(read_json(req, self.ctx.limit))
         with self.ctx.store.read() as conn:
-            p, _ = rollouts.make_plan(conn, spec)
-        resp.media = rollouts.plan_json(spec, p)
+            p, _ = planning.make_plan(conn, spec)
+        resp.media = plan_json(spec, p)
 
 
 class RolloutItem:
@@ -70,7 +160,8 @@ class RolloutItem:
     def on_get(self, req: falcon.Request, resp: falcon.Response, rollout_id: str) -> None:
         """One rollout (by id or name): batches, per-machine health and reasons, events."""
         with self.ctx.store.read() as conn:
-            resp.media = rollouts.detail(conn, rollouts.resolve(conn, rollout_id), utcnow())
+            out = rollouts.detail(conn, rollouts.resolve(conn, rollout_id), utcnow())
+        resp.media = detail_json(out)
 
 
 class _Control:
@@ -83,7 +174,7 @@ class _Control:
     def _run(self, req: falcon.Request, resp: falcon.Response, rollout_id: str) -> None:
         now = utcnow()
         with self.ctx.store.transaction() as conn:
-            rid = rollouts.control(
+            rid = rollout_control.control(
                 conn,
                 rollout_id,
                 self.action,
@@ -91,7 +182,8 @@ class _Control:
                 now,
                 self.ctx.settings.rollout_poll_hint,
             )
-            resp.media = rollouts.detail(conn, rid, now)
+            out = rollouts.detail(conn, rid, now)
+        resp.media = detail_json(out)
 
 
 class RolloutPause(_Control):

@@ -46,6 +46,9 @@ def render(data: dict[str, Any], all_machines: bool = False) -> None:
         f"rollout {data['name']} ({data['id']})  {style(data['status'], bold=True)}  "
         f"release {data['release']}  strategy {data['document']['strategy']}"
     )
+    hold = data.get("hold")
+    if hold and data["status"] == RolloutStatus.RUNNING.value:
+        click.echo(f"{style(hold['kind'], bold=True)}: {hold['detail']}")
     for b in data["batches"]:
         counts: dict[str, int] = {}
         for m in b["machines"]:

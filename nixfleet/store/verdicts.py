@@ -9,7 +9,6 @@ holds the two to the same table of cases.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -21,31 +20,33 @@ from nixfleet.store import audit
 AUDIT_SAMPLE = 20  # machines named in an aggregated audit row
 
 
+# A target's facts (the columns facts_of reads by name) plus its stored reason and batch.
 FACTS_SQL = (
     "SELECT rm.machine_id, rm.store_path, rm.health, rm.healthy_since, m.last_report_at, "
     "m.current_generation, m.last_success, m.failed_generation, "
-    "json_extract(m.health_json, '$.all_passed'), m.last_message, rm.reason, rm.batch_idx, "
-    "m.desired_set_at, m.needs_reboot, "
-    "EXISTS (SELECT 1 FROM reboot_leases l WHERE l.machine_id = m.id) "
+    "json_extract(m.health_json, '$.all_passed') AS health_passed, m.last_message, "
+    "rm.reason, rm.batch_idx, m.desired_set_at, m.needs_reboot, "
+    "EXISTS (SELECT 1 FROM reboot_leases l WHERE l.machine_id = m.id) AS rebooting "
     "FROM rollout_machines rm JOIN machines m ON m.id = rm.machine_id "
 )
 
 
-def facts_of(row: Sequence[Any]) -> rollout.MachineFacts:
+def facts_of(row: sqlite3.Row) -> rollout.MachineFacts:
+    success, passed = row["last_success"], row["health_passed"]
     return rollout.MachineFacts(
-        machine_id=row[0],
-        store_path=row[1],
-        health=MachineHealth(row[2]),
-        healthy_since=parse_time(row[3]),
-        last_report_at=parse_time(row[4]),
-        current_generation=row[5],
-        last_success=None if row[6] is None else bool(row[6]),
-        failed_generation=row[7],
-        health_passed=None if row[8] is None else bool(row[8]),
-        last_message=row[9],
-        given_at=parse_time(row[12]),
-        needs_reboot=None if row[13] is None else bool(row[13]),
-        rebooting=bool(row[14]),
+        machine_id=row["machine_id"],
+        store_path=row["store_path"],
+        health=MachineHealth(row["health"]),
+        healthy_since=parse_time(row["healthy_since"]),
+        last_report_at=parse_time(row["last_report_at"]),
+        current_generation=row["current_generation"],
+        last_success=None if success is None else bool(success),
+        failed_generation=row["failed_generation"],
+        health_passed=None if passed is None else bool(passed),
+        last_message=row["last_message"],
+        given_at=parse_time(row["desired_set_at"]),
+        needs_reboot=None if row["needs_reboot"] is None else bool(row["needs_reboot"]),
+        rebooting=bool(row["rebooting"]),
     )
 
 

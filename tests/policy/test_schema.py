@@ -73,7 +73,7 @@ def test_bad_policy_fields_name_field_and_line(text: str, expected: str, tmp_pat
 
 
 def test_the_api_path_refuses_an_unknown_zone_too() -> None:
-    from nixfleet.store.rollouts import spec_of
+    from nixfleet.store.planning import spec_of
 
     doc = {**BASE, "windows": [{"start": "09:00", "end": "16:00", "timezone": "Nowhere/City"}]}
     with pytest.raises(ValidationError) as e:

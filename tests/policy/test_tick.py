@@ -98,7 +98,7 @@ def events(store: Store, rid: str) -> list[str]:
 
 def status(store: Store, rid: str) -> str:
     with store.read() as conn:
-        return str(store_rollouts.detail(conn, rid, MONDAY)["status"])
+        return store_rollouts.detail(conn, rid, MONDAY).summary.status.value
 
 
 def test_nothing_starts_until_the_clock_enters_the_window(store: Store) -> None:
@@ -111,7 +111,9 @@ def test_nothing_starts_until_the_clock_enters_the_window(store: Store) -> None:
     assert events(store, rid).count("rollout-waiting-for-window") == 1  # once, not per tick
     with store.read() as conn:
         d = store_rollouts.detail(conn, rid, SUNDAY)
-    assert d["batches"][0]["status"] == "pending"
+    assert d.batches[0].status.value == "pending"
+    assert d.hold is not None and d.hold[0] == "waiting-for-window"
+    assert "2026-12-07T09:00:00" in d.hold[1]
     # The same real time, the windows' clock moved into Monday 09:00: it starts.
     tick(store, SUNDAY + timedelta(seconds=20), window_now=MONDAY)
     assert in_flight(store, ["web-1", "web-2"]) == 2
@@ -182,8 +184,10 @@ def test_a_stale_machine_counts_against_the_budget(store: Store) -> None:
         tick(store, MONDAY + timedelta(seconds=2 * i), budget)
     assert in_flight(store, ["db-1"]) == 0
     with store.read() as conn:
-        hold = store_rollouts.detail(conn, rid, MONDAY)
-    assert "rollout-held-by-budget" in events(store, rid), hold
+        hold = store_rollouts.detail(conn, rid, MONDAY).hold
+    assert hold is not None and hold[0] == "held-by-budget"
+    assert hold[1].startswith("disruption budget [db]")
+    assert "rollout-held-by-budget" in events(store, rid)
 
 
 def test_an_expired_reboot_lease_fails_the_batch_and_frees_the_slot(store: Store) -> None:
@@ -203,10 +207,11 @@ def test_an_expired_reboot_lease_fails_the_batch_and_frees_the_slot(store: Store
         held = [r[0] for r in conn.execute("SELECT machine_id FROM reboot_leases")]
         d = store_rollouts.detail(conn, rid, MONDAY + timedelta(seconds=603))
     assert held == []
-    machines_ = {m["id"]: m for b in d["batches"] for m in b["machines"]}
-    assert machines_["db-1"]["health"] == "unhealthy"
-    assert "did not come back" in machines_["db-1"]["reason"]
-    assert d["status"] == "paused"  # failure_threshold 0: the batch failed
+    machines_ = {m.id: m for b in d.batches for m in b.machines}
+    assert machines_["db-1"].health.value == "unhealthy"
+    assert "did not come back" in machines_["db-1"].reason
+    assert machines_["db-2"].health.value in ("pending", "unhealthy")
+    assert d.summary.status.value == "paused"  # failure_threshold 0: the batch failed
     assert "reboot-lease-expired" in events(store, rid)
 
 
@@ -220,6 +225,9 @@ def test_a_rebooted_machine_is_released_and_judged_healthy(store: Store) -> None
         leases.take(conn, "db-1", policy, MONDAY + timedelta(seconds=2), "machine:db-1")
     tick(store, MONDAY + timedelta(seconds=3), policy)
     assert status(store, rid) == "running"
+    with store.read() as conn:
+        d = store_rollouts.detail(conn, rid, MONDAY + timedelta(seconds=4))
+    assert d.batches[0].machines[0].reason == "rebooting"  # what `rollout status` shows
     report_all(store, MONDAY + timedelta(seconds=30), needs_reboot=False)  # back, healthy
     tick(store, MONDAY + timedelta(seconds=31), policy)
     assert status(store, rid) == "completed"

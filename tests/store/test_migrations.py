@@ -80,8 +80,8 @@ def test_a_migrated_database_reads_and_works(old_db: Path) -> None:
         rid = store_rollouts.resolve(conn, "web-rollout")
         detail = store_rollouts.detail(conn, rid, datetime(2026, 11, 27, 11, tzinfo=UTC))
         listed = releases.list_releases(conn)
+    assert detail.summary.status.value == "running" and len(detail.batches) == 2
     assert {m.id for m in fleet} == {"web-00", "web-01", "web-02", "web-03", "db-01", "gone-01"}
-    assert detail["status"] == "running" and len(detail["batches"]) == 2
     assert len(listed) == 1
     with store.transaction() as conn:
         machines.set_tags(conn, "db-01", ["db", "new"], "operator", replace=True)
