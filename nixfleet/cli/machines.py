@@ -12,6 +12,10 @@ from nixfleet.cli.output import ago, emit_json, message, printable, short_genera
 from nixfleet.models import Lifecycle
 
 
+def _yes_no(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "no")
+
+
 def _split(value: str | None) -> list[str]:
     return [t.strip() for t in (value or "").split(",") if t.strip()]
 
@@ -36,6 +40,8 @@ def _print_machine(state: State, m: dict[str, Any], json_: bool) -> None:
         ("sync", m["sync"]),
         ("failed generation", m["failed_generation"] or "-"),
         ("system state", m["system_state"]),
+        ("needs reboot", _yes_no(m.get("needs_reboot"))),
+        ("booted generation", m.get("booted_generation") or "-"),
         ("last report", ago(m["last_report_at"]) + (" (stale)" if m["stale"] else "")),
         ("last message", m["last_message"] or "-"),
         ("agent version", m["agent_version"] or "-"),

@@ -161,6 +161,12 @@ def plan(state: State, file: Path, json_: bool) -> None:
     )
     for b in data["batches"]:
         click.echo(f"batch {b['index'] + 1} ({b['size']}): {', '.join(b['hosts'])}")
+        if b.get("waiting_for_window"):  # DESIGN §11: when it can start, what holds it
+            click.echo(
+                f"  starts no earlier than {b['earliest_start']} ({b['waiting_for_window']})"
+            )
+        if b.get("held_by"):
+            click.echo(f"  {b['at_once']} at a time: {b['held_by']}")
     for s in data["skipped"]:
         click.echo(f"skipped {s['hostname']}: {s['reason']}")
 

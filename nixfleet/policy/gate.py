@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo
 
 from nixfleet import rollout
 from nixfleet.models import isoformat
+from nixfleet.policy import budgets
 from nixfleet.policy import windows as windows_mod
 from nixfleet.policy.windows import Window
 
@@ -120,3 +121,39 @@ def _stable_text(kind: str | None, detail: str | None) -> str:
     if kind == HELD_BY_BUDGET:
         return text.split(" (")[0]
     return text
+
+
+# --- rollout plan: when each batch can start, and what holds it ----------------------
+
+
+@dataclass(frozen=True)
+class Outlook:
+    """What `rollout plan` says of one batch (DESIGN §11)."""
+
+    earliest: datetime | None  # its earliest start (None: no window within a week)
+    waiting_for: str | None  # the window it waits for, when not now
+    at_once: int  # how many of its machines may start at once, as the fleet is now
+    held_by: str | None  # the limit behind `at_once`, when it is not the whole batch
+
+
+def outlook(
+    batches: Sequence[Sequence[frozenset[str]]],
+    windows: Sequence[Window],
+    now: datetime,
+    health_timeout: int,
+    soak: int,
+    limits: Sequence[budgets.Room],
+) -> list[Outlook]:
+    """Per batch: the earliest start (each batch at least `soak` after the one before,
+    inside a window) and how many of its machines the budgets let start at once."""
+    out: list[Outlook] = []
+    at: datetime | None = now
+    for tags in batches:
+        if at is not None:
+            at = start_time(windows, at, health_timeout)
+        label = "; ".join(w.label() for w in windows) if windows and at != now else None
+        admitted = budgets.admit(list(tags), limits)
+        out.append(Outlook(at, label, admitted.count, admitted.held_by))
+        if at is not None:
+            at = at + timedelta(seconds=soak)
+    return out

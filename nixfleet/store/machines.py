@@ -361,6 +361,8 @@ def status_document(
         "'failed_generation', m.failed_generation, 'last_report_at', m.last_report_at, "
         f"'stale', json(CASE WHEN {STALE_SQL} THEN 'true' ELSE 'false' END), "
         "'system_state', m.system_state, 'last_message', m.last_message, "
+        "'needs_reboot', json(CASE m.needs_reboot WHEN 1 THEN 'true' WHEN 0 THEN 'false' "
+        "ELSE 'null' END), "
         "'tags', json(m.tags_json)) AS o, "
         f"{SYNC_SQL} AS sync, {STALE_SQL} AS stale, m.lifecycle AS lifecycle "
         f"FROM machines m{where} ORDER BY m.id)"

@@ -12,6 +12,7 @@ ones: few rows), then counts from it per rollout and per budget.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -136,3 +137,31 @@ def set_hold(
     conn.execute(
         "UPDATE rollouts SET hold = ?, hold_detail = ? WHERE id = ?", (kind, detail, rollout_id)
     )
+
+
+def plan_facts(
+    conn: sqlite3.Connection,
+    hosts: Sequence[str],
+    now: datetime,
+    stale_after: int,
+    budgets: Sequence[Budget],
+) -> tuple[dict[str, frozenset[str]], int, list[int]]:
+    """For `rollout plan`: each target's tags, how many targets are unavailable now, and
+    each budget's machines in flight now (the counts `budgets.rooms` takes)."""
+    collect(conn, now, stale_after)
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS plan_hosts (id TEXT PRIMARY KEY)")
+    conn.execute("DELETE FROM temp.plan_hosts")
+    conn.executemany("INSERT OR IGNORE INTO temp.plan_hosts VALUES (?)", ((h,) for h in hosts))
+    tags = {
+        r[0]: frozenset(json.loads(r[1]))
+        for r in conn.execute(
+            "SELECT m.id, m.tags_json FROM machines m JOIN temp.plan_hosts p ON p.id = m.id"
+        )
+    }
+    down = conn.execute(
+        "SELECT COUNT(DISTINCT u.machine_id) FROM temp.unavailable u "
+        "JOIN temp.plan_hosts p ON p.id = u.machine_id"
+    ).fetchone()[0]
+    flight = [in_flight(conn, b) for b in budgets]
+    conn.execute("DELETE FROM temp.plan_hosts")
+    return tags, int(down), flight

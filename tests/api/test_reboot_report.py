@@ -56,3 +56,22 @@ def test_reboot_never_answers_nothing(control_plane: Any) -> None:
     answer = agent.report("db-1", {"current_generation": NEW, "needs_reboot": True})
     assert answer.get("reboot") is None
     assert cp.machine("db-1")["needs_reboot"] is True
+
+
+def test_status_and_machines_show_say_needs_reboot(control_plane: Any) -> None:
+    from tests.conftest import run_cli
+
+    cp = control_plane
+    agent = Client(cp.url, cp.register("db-1", ["db"]))
+    agent.report(
+        "db-1", {"current_generation": NEW, "needs_reboot": True, "booted_generation": OLD}
+    )
+    env = {"NIXFLEET_CONTROL_PLANE_URL": cp.url, "NIXFLEET_API_KEY": cp.admin_key, "NO_COLOR": "1"}
+    status = run_cli("status", env=env)
+    assert status.returncode == 0, status.stderr
+    line = next(x for x in status.stdout.splitlines() if x.startswith("db-1"))
+    assert "NEEDS REBOOT" in line
+    show = run_cli("machines", "show", "db-1", env=env)
+    assert "needs reboot" in show.stdout and OLD in show.stdout
+    data = cp.client().get("/api/v1/status")
+    assert data["machines"][0]["needs_reboot"] is True
