@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nixfleet import process
+from nixfleet import nix, process
 from nixfleet.client import Client
 from nixfleet.errors import CommandError, ConflictError, NixfleetError
 from nixfleet.models import STORE_PATH_RE, isoformat, utcnow
-from nixfleet.policy.reboot import BOOT_LINKS, changed_links, needs_reboot
+from nixfleet.policy.reboot import changed_links, needs_reboot
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +49,6 @@ class BootState:
         return out
 
 
-def boot_links(system: str | Path) -> dict[str, str | None]:
-    """`readlink SYSTEM/{initrd,kernel,kernel-modules}` (None where a link is missing)."""
-    out: dict[str, str | None] = {}
-    for name in BOOT_LINKS:
-        try:
-            out[name] = os.readlink(Path(system) / name)
-        except OSError:
-            out[name] = None
-    return out
-
-
 def observe(booted_system: str | Path, current_system: str | Path) -> BootState:
     """What the machine booted, and whether the current system needs a reboot to run."""
     booted = None
@@ -69,7 +58,7 @@ def observe(booted_system: str | Path, current_system: str | Path) -> BootState:
     if booted is None or not os.path.lexists(current_system):
         # Nothing booted from the store (a container, a test host): no reboot can help.
         return BootState(booted, False)
-    old, new = boot_links(booted_system), boot_links(current_system)
+    old, new = nix.boot_links(booted_system), nix.boot_links(current_system)
     return BootState(booted, needs_reboot(old, new), tuple(changed_links(old, new)))
 
 

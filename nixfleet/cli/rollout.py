@@ -11,7 +11,7 @@ from urllib.parse import quote
 
 import click
 
-from nixfleet import flake, rolloutfile, schemas
+from nixfleet import closures, flake, rolloutfile, schemas
 from nixfleet.cli.context import State, pass_state
 from nixfleet.cli.output import emit_json, message, style, table
 from nixfleet.cli.release import register_release
@@ -141,18 +141,65 @@ def validate(file: Path) -> None:
     message(f"{file}: ok (rollout {doc['name']}, release {doc['release']}, {doc['strategy']})")
 
 
+def _costs(state: State, data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per planned host: closure diff, download size, reboot (nixfleet.closures, real nix)."""
+    client = state.client()
+    release = client.get(f"/api/v1/releases/{quote(data['release'], safe='')}")
+    new = {e["hostname"]: e["store_path"] for e in release["entries"]}
+    known = {m["id"]: m for m in client.get("/api/v1/machines")["machines"]}
+    hosts = {
+        h: closures.HostGenerations(
+            known.get(h, {}).get("current_generation"),
+            known.get(h, {}).get("booted_generation"),
+            new[h],
+        )
+        for b in data["batches"]
+        for h in b["hosts"]
+        if h in new
+    }
+    costs = closures.host_costs(hosts, release.get("cache_url"))
+    return {
+        h: {"download_bytes": c.download_bytes, "needs_reboot": c.needs_reboot, "diff": c.diff}
+        for h, c in costs.items()
+    }
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "download size unknown"
+    size, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            break
+        size /= 1024
+    return f"{size:.0f} {unit} to download" if unit == "B" else f"{size:.1f} {unit} to download"
+
+
 @rollout.command()
 @rollout_file
+@click.option(
+    "--closures",
+    "closures_",
+    is_flag=True,
+    help="Per host: closure diff, download size from the cache, reboot needed (runs nix).",
+)
 @click.option("--json", "json_", is_flag=True, help="JSON output.")
 @pass_state
-def plan(state: State, file: Path, json_: bool) -> None:
+def plan(state: State, file: Path, closures_: bool, json_: bool) -> None:
     """Show the batches `apply` would create and the hosts it would skip; changes nothing.
+
+    With --closures it also asks the local Nix store and the release's cache, per host,
+    what the switch changes, how much it downloads and whether it needs a reboot.
 
     \b
     Example:
       nixfleet rollout plan -f rollouts/web.yaml
+      nixfleet rollout plan -f rollouts/db.yaml --closures
     """
     data = state.client().post("/api/v1/rollouts/plan", _document(state, file, register=False))
+    costs = _costs(state, data) if closures_ else {}
+    if costs:
+        data["hosts"] = costs
     if json_ or state.json:
         emit_json(data)
         return
@@ -167,6 +214,18 @@ def plan(state: State, file: Path, json_: bool) -> None:
             )
         if b.get("held_by"):
             click.echo(f"  {b['at_once']} at a time: {b['held_by']}")
+        for h in b["hosts"]:
+            c = costs.get(h)
+            if c is None:
+                continue
+            reboot = {True: "needs a reboot", False: "no reboot"}.get(
+                c["needs_reboot"], "reboot unknown"
+            )
+            diff = c["diff"]
+            changes = "diff unknown" if diff is None else f"{len(diff.splitlines())} change(s)"
+            click.echo(f"  {h}: {_size(c['download_bytes'])}, {reboot}, {changes}")
+            for line in (diff or "").splitlines()[:20]:
+                click.echo(f"    {line}")
     for s in data["skipped"]:
         click.echo(f"skipped {s['hostname']}: {s['reason']}")
 

@@ -316,3 +316,48 @@ def test_two_rollouts_never_exceed_a_fleet_wide_budget(
     assert all(os.path.realpath(b.current) == new for b in boxes)
     kinds = [e["kind"] for r in ids for e in rollout_state(cp, r)["events"]]
     assert "rollout-held-by-budget" in kinds
+
+
+def test_plan_closures_tell_cost_and_reboot(
+    make_cp: Callable[..., ControlPlane], cache: Any, tmp_path: Path
+) -> None:
+    from tests.conftest import run_cli
+
+    cp = make_cp()
+    old = fakes.build_system("plan-k1", kernel="k1")
+    same = fakes.build_system("plan-k1b", kernel="k1")
+    new = fakes.build_system("plan-k2", kernel="k2")
+    for path in (same, new):
+        cache.push(path)
+    boxes = {name: Box(tmp_path, name, cp, cache, ["db"]) for name in ("db-0", "db-1")}
+    for b in boxes.values():
+        b.install(old)
+        assert b.once().returncode == 0  # reports current and booted generation
+    rel = cp.client().post(
+        "/api/v1/releases",
+        {
+            "cache_url": cache.url,
+            "entries": [
+                {"hostname": "db-0", "store_path": new, "platform": "x86_64-linux"},
+                {"hostname": "db-1", "store_path": same, "platform": "x86_64-linux"},
+            ],
+        },
+    )
+    doc = tmp_path / "plan.yaml"
+    doc.write_text(
+        f"version: 1\nname: plan\nrelease: {rel['id']}\ntarget: {{tags: [db]}}\n"
+        "strategy: all-at-once\nreboot: when-needed\n"
+    )
+    env = {"NIXFLEET_CONTROL_PLANE_URL": cp.url, "NIXFLEET_API_KEY": cp.admin_key}
+    r = run_cli("rollout", "plan", "-f", str(doc), "--closures", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    hosts = json.loads(r.stdout)["hosts"]
+    assert hosts["db-0"]["needs_reboot"] is True  # k1 -> k2
+    assert hosts["db-1"]["needs_reboot"] is False  # another system, the same kernel
+    for h in ("db-0", "db-1"):
+        assert isinstance(hosts[h]["download_bytes"], int) and hosts[h]["download_bytes"] > 0
+        assert hosts[h]["diff"] is not None
+    text = run_cli("rollout", "plan", "-f", str(doc), "--closures", env=env)
+    assert text.returncode == 0, text.stderr
+    assert "db-0: " in text.stdout and "needs a reboot" in text.stdout
+    assert "db-1: " in text.stdout and "no reboot" in text.stdout
