@@ -38,6 +38,7 @@
         {
           lib,
           python3Packages,
+          installShellFiles,
           nix,
           systemd,
         }:
@@ -62,6 +63,16 @@
           build-system = [ python3Packages.setuptools ];
 
           dependencies = runtimeDeps python3Packages;
+
+          # Shell completion for bash, zsh and fish, from `nixfleet completion SHELL`
+          # (run after the wrapper exists, so it finds its dependencies).
+          nativeBuildInputs = [ installShellFiles ];
+          postFixup = ''
+            installShellCompletion --cmd nixfleet \
+              --bash <($out/bin/nixfleet completion bash) \
+              --zsh <($out/bin/nixfleet completion zsh) \
+              --fish <($out/bin/nixfleet completion fish)
+          '';
 
           # The agent fetches, sets profiles and switches with these; --suffix
           # so that on NixOS the system's own nix (the daemon's version) wins.

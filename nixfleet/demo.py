@@ -24,7 +24,7 @@ from pathlib import Path
 from subprocess import Popen
 from typing import Any
 
-from nixfleet import nix, process
+from nixfleet import nix, process, wire
 from nixfleet.client import Client
 from nixfleet.errors import CommandError, NixfleetError
 
@@ -281,9 +281,7 @@ class Demo:
         client = Client(self.cp_url, self.admin_key)
         for i, host in enumerate(self.hosts):
             d = self.machine_dir(host)
-            token = client.post("/api/v1/machines", {"id": host, "tags": [], "issue_token": True})[
-                "token"
-            ]
+            token = client.register_machine(host, issue_token=True).get("token", "")
             (d / "state").mkdir(parents=True, exist_ok=True)
             (d / "token").write_text(token + "\n")
             (d / "token").chmod(0o600)
@@ -315,10 +313,9 @@ class Demo:
             lambda: all(m["last_report_at"] for m in self._machines()), 60, "every agent to report"
         )
 
-    def _machines(self) -> list[dict[str, Any]]:
+    def _machines(self) -> list[wire.Machine]:
         with Client(self.cp_url, self.admin_key) as c:
-            ms: list[dict[str, Any]] = c.get("/api/v1/machines")["machines"]
-            return ms
+            return c.machines()["machines"]
 
     # --- rollouts -----------------------------------------------------------------
 
@@ -335,7 +332,7 @@ class Demo:
         deadline = time.monotonic() + timeout
         with Client(self.cp_url, self.admin_key) as c:
             while True:
-                r = c.get(f"/api/v1/rollouts/{name}")
+                r = c.rollout(name)
                 for event in r["events"][seen:]:
                     self.say("  " + describe(event))
                 seen = len(r["events"])
@@ -360,13 +357,14 @@ class Demo:
         self.procs.clear()
 
 
-def describe(event: dict[str, Any]) -> str:
+def describe(event: wire.RolloutEvent) -> str:
     detail = event.get("detail") or {}
     parts = [event["kind"]]
-    if event.get("batch") is not None:
-        parts.append(f"batch {event['batch'] + 1}")
-    if event.get("machine"):
-        parts.append(event["machine"])
+    batch, machine = event.get("batch"), event.get("machine")
+    if batch is not None:
+        parts.append(f"batch {batch + 1}")
+    if machine:
+        parts.append(machine)
     extra = detail.get("reason") or detail.get("message") or detail.get("hosts")
     if extra:
         parts.append(str(extra) if not isinstance(extra, list) else ", ".join(map(str, extra)))

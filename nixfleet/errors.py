@@ -127,6 +127,25 @@ class UnreachableError(NixfleetError):
     slug = "unreachable"
 
 
+class ProtocolError(NixfleetError):
+    """Something answered, but not as the nixfleet API: a web server, TLS/plain mismatch,
+    a body that is not the documented JSON object. Not "down": no CP-down guidance."""
+
+    http_status = 502
+    exit_code = 1
+    title = "Not a nixfleet control plane"
+    slug = "protocol"
+
+
+class ServiceError(NixfleetError):
+    """A long-running program (control plane, agent) cannot start or had to stop."""
+
+    http_status = 500
+    exit_code = 1
+    title = "Service error"
+    slug = "service"
+
+
 class CommandError(NixfleetError):
     """A subprocess (usually nix) failed; detail carries its stderr tail."""
 
@@ -159,6 +178,8 @@ BY_SLUG: dict[str, type[NixfleetError]] = {
         AuthenticationError,
         PermissionDeniedError,
         UnreachableError,
+        ProtocolError,
+        ServiceError,
         CommandError,
         RolloutHaltedError,
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -322,8 +322,3 @@ def flake_metadata(ref: str, *, env: Env = None, timeout: float = QUERY_TIMEOUT)
 def diff_closures(a: str, b: str, *, env: Env = None, timeout: float = QUERY_TIMEOUT) -> str:
     """Human-readable package version changes between two closures (may be empty)."""
     return process.run(["nix", "store", "diff-closures", a, b], env=env, timeout=timeout).stdout
-
-
-def delete(paths: Iterable[str], *, env: Env = None) -> None:
-    """Delete paths from the local store (fails when something still roots them)."""
-    process.run(["nix-store", "--delete", *paths], env=env, timeout=PROFILE_TIMEOUT)

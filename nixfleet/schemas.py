@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
@@ -273,10 +273,3 @@ def validate(name: str, document: Any, what: str | None = None) -> None:
     if errors:
         noun = what or name.replace("-", " ")
         raise ValidationError(f"invalid {noun}: {len(errors)} error(s)", errors=errors)
-
-
-def checker(name: str, what: str | None = None) -> Callable[[Mapping[str, Any]], None]:
-    """A pre-bound validate() for hot paths; compiles the validators now."""
-    validator(name)
-    fast_check(name)
-    return functools.partial(validate, name, what=what)

@@ -207,7 +207,12 @@ def test_eval_build_metadata_on_a_flake(flake: Path) -> None:
 
 def test_diff_closures_and_cache_key(tmp_path: Path) -> None:
     a, b = fakes.build_system("diff-a"), fakes.build_system("diff-b")
-    assert isinstance(nix.diff_closures(a, b), str)
+    # The two closures differ only in the system itself: one goes, the other comes.
+    # (nix reads the run id as a version when it starts with a digit, else as the name)
+    gone, came = sorted(nix.diff_closures(a, b).splitlines())
+    assert gone.startswith("nixos-system-fake-diff-a") and gone.endswith(" → ∅")
+    assert came.startswith("nixos-system-fake-diff-b") and ": ∅ → " in came
+    assert nix.diff_closures(a, a) == ""
     pk = nix.generate_cache_key("k-1", tmp_path / "sk", tmp_path / "pk")
     assert pk.startswith("k-1:")
 

@@ -104,7 +104,7 @@ def nix_files() -> list[Path]:
 
 
 def declared_options(module: Path) -> list[dict[str, Any]]:
-    return nix_json(
+    options: list[dict[str, Any]] = nix_json(
         "nix-instantiate",
         "--eval",
         "--strict",
@@ -114,6 +114,7 @@ def declared_options(module: Path) -> list[dict[str, Any]]:
         "module",
         str(module),
     )
+    return options
 
 
 def documented_options() -> set[str]:
@@ -177,6 +178,8 @@ def test_package(flake: Path, stubbed: list[str]) -> None:
               deps = map (d: d.name) s.args.dependencies;
               checks = map (d: d.name) s.args.nativeCheckInputs;
               main = s.args.meta.mainProgram;
+              native = map (d: d.name) s.args.nativeBuildInputs;
+              inherit (s.args) postFixup;
             }""",
             stubbed,
         )
@@ -191,6 +194,10 @@ def test_package(flake: Path, stubbed: list[str]) -> None:
         assert sorted(call["deps"]) == sorted(wanted)
         assert "pytestCheckHook" in call["checks"]
         assert call["main"] == "nixfleet"
+        # The package installs the completion files `nixfleet completion` prints.
+        assert call["native"] == ["installShellFiles"]
+        for shell in ("bash", "zsh", "fish"):
+            assert f"--{shell} <($out/bin/nixfleet completion {shell})" in call["postFixup"]
         wrap = call["makeWrapperArgs"]
         assert wrap[:3] == ["--suffix", "PATH", ":"]
         assert {p.split("-", 1)[1] for p in wrap[3].split(":")} == {"nix/bin", "systemd/bin"}

@@ -9,8 +9,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import ControlPlane, run_cli
+from conftest import ControlPlane, run_cli
 
 FLAKE = Path(__file__).resolve().parent / "nix" / "release-flake"
 

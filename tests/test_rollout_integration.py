@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 import tomli_w
 import yaml
+from conftest import ControlPlane, free_port, run_cli
 
 from nixfleet.client import Client
 from nixfleet.errors import NixfleetError
 from nixfleet.models import utcnow
 from nixfleet.store import Store, credentials
-from tests.conftest import ControlPlane, free_port, run_cli
 
 HOSTS = [f"web-{i:02}" for i in range(10)]
 

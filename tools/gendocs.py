@@ -57,10 +57,15 @@ def cli_reference() -> str:
         "",
         "Exit codes (all programs): 0 ok · 1 error · 2 usage · 3 not found · 4 conflict ·",
         "5 control plane unreachable · 6 authentication/authorization · 7 invalid input file ·",
-        "8 rollout paused/failed while waiting.",
+        "8 rollout paused/failed while waiting · 130 interrupted (Ctrl-C) · 141 output pipe closed",
+        "(`nixfleet status | head -1`). `--debug` adds the traceback to any error.",
         "",
-        'Shell completion (bash, zsh, fish): `eval "$(_NIXFLEET_COMPLETE=bash_source nixfleet)"`',
-        "(`zsh_source`, `fish_source` likewise), e.g. in `~/.bashrc`.",
+        'Shell completion (bash, zsh, fish): `eval "$(nixfleet completion bash)"` in `~/.bashrc`',
+        "(see `nixfleet completion`); machine ids, tags, rollout names and release ids complete",
+        "from the control plane. The Nix package installs all three completion files.",
+        "",
+        "Configuration: flags > `--context`/`NIXFLEET_CONTEXT` > environment > the current",
+        "context of `~/.config/nixfleet/config.toml` (see `nixfleet config`) > defaults.",
         "",
     ]
     for path, command, ctx in all_commands():

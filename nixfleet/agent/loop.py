@@ -207,7 +207,7 @@ class Agent:
             )
             return None
         answer = client.report(self.config.machine_id, self.report_body(current, health))
-        desired = Desired.from_response(answer)
+        desired = Desired.from_response(dict(answer))
         self.desired_seen = True
         state = self.store.load()
         if state.last_desired != desired.generation:

@@ -1,7 +1,8 @@
 """`nixfleet-agent`: parse flags, load the config, run the loop.
 
 Thin on purpose (DESIGN §2 rule 1): everything the agent does lives in `loop`,
-`activate`, `health` and `nix`, which tests drive directly.
+`activate`, `health` and `nix`, which tests drive directly. Errors become exit
+codes in one place, `nixfleet.entrypoint.run` (the command's class).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import click
 from nixfleet import __version__
 from nixfleet.agent.config import load_config
 from nixfleet.agent.loop import Agent
-from nixfleet.errors import NixfleetError
+from nixfleet.entrypoint import EXIT_INTERRUPTED, Program
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(
+    "nixfleet-agent", cls=Program, context_settings={"help_option_names": ["-h", "--help"]}
+)
 @click.option(
     "--config",
     "config_file",
@@ -56,7 +59,7 @@ from nixfleet.errors import NixfleetError
 @click.option("--once", is_flag=True, help="Run one cycle and exit with its status.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.version_option(__version__, prog_name="nixfleet-agent")
-def main(config_file: str | None, once: bool, verbose: bool, **flags: Any) -> None:
+def main(config_file: str | None, once: bool, verbose: bool, **flags: Any) -> int:
     """Keep this NixOS machine at the generation the nixfleet control plane wants.
 
     Normally started by the NixOS module (services.nixfleet-agent) with --config.
@@ -71,20 +74,20 @@ def main(config_file: str | None, once: bool, verbose: bool, **flags: Any) -> No
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    try:
-        config = load_config(config_file, flags)
-    except NixfleetError as e:
-        click.echo(f"nixfleet-agent: {e}", err=True)
-        sys.exit(e.exit_code)
-    agent = Agent(config)
+    agent = Agent(load_config(config_file, flags))
+    interrupted: list[int] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         logging.getLogger(__name__).info("received signal %d", signum)
+        if signum == signal.SIGINT:
+            interrupted.append(signum)
         agent.stop()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    sys.exit(agent.run(once=once))
+    status = agent.run(once=once)
+    # SIGTERM is how systemd stops the agent (exit by status); Ctrl-C is an interruption.
+    return EXIT_INTERRUPTED if interrupted else int(status)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,10 +59,6 @@ def observe(booted_system: str | Path, current_system: str | Path) -> BootState:
         return BootState(booted, False)
     old, new = nix.boot_links(booted_system), nix.boot_links(current_system)
     return BootState(booted, needs_reboot(old, new), tuple(changed_links(old, new)))
-
-
-def lease_path(machine_id: str) -> str:
-    return f"/api/v1/machines/{urllib.parse.quote(machine_id, safe='')}/reboot-lease"
 
 
 class Rebooter:
@@ -114,7 +109,7 @@ class Rebooter:
         if self.holding() is not None:
             if not boot.needs_reboot and healthy:
                 try:
-                    client.request("DELETE", lease_path(self.machine_id))
+                    client.release_reboot_lease(self.machine_id)
                 except NixfleetError as e:
                     log.warning("could not release the reboot lease yet: %s", e)
                     return "release-failed"
@@ -126,7 +121,7 @@ class Rebooter:
         if not (wanted and boot.needs_reboot and healthy and current and current == desired):
             return "none"
         try:
-            client.request("POST", lease_path(self.machine_id), {})
+            client.take_reboot_lease(self.machine_id)
         except ConflictError as e:
             log.info("no reboot lease yet: %s", e.detail)
             return "waiting"

@@ -12,7 +12,7 @@ import falcon
 from nixfleet.api.auth import Perm
 from nixfleet.api.body import read_document
 from nixfleet.api.context import Context
-from nixfleet.errors import FieldError, ValidationError
+from nixfleet.errors import ConflictError, FieldError, ValidationError
 from nixfleet.models import (
     HealthResult,
     Lifecycle,
@@ -25,31 +25,42 @@ from nixfleet.models import (
 from nixfleet.store import audit, credentials, machines
 
 
-def machine_json(m: Machine, now: datetime, stale_after: int) -> dict[str, Any]:
-    out: dict[str, Any] = {
+def status_json(m: Machine, now: datetime, stale_after: int) -> dict[str, Any]:
+    """A machine's entry in GET /api/v1/status (docs/fleet-status.md): the definition.
+
+    The status route has SQL write these entries for the whole fleet at once
+    (store.machines.STATUS_SQL, held to this function machine by machine).
+    """
+    return {
         "id": m.id,
         "lifecycle": m.lifecycle.value,
-        "tags": list(m.tags),
-        "agent_tags": list(m.agent_tags),
-        "operator_tags": list(m.operator_tags),
         "current_generation": m.current_generation,
         "desired_generation": m.desired_generation,
-        "desired_cache_url": m.desired_cache_url,
-        "desired_source": m.desired_source,
         "sync": m.sync.value,
         "failed_generation": m.failed_generation,
         "last_report_at": isoformat(m.last_report_at),
         "stale": m.stale(now, stale_after),
         "system_state": m.system_state.value,
-        "last_success": m.last_success,
         "last_message": m.last_message,
+        "tags": list(m.tags),
+    }
+
+
+def machine_json(m: Machine, now: datetime, stale_after: int) -> dict[str, Any]:
+    """The full machine: its status entry, plus tags by source, desired source, times."""
+    return {
+        **status_json(m, now, stale_after),
+        "agent_tags": list(m.agent_tags),
+        "operator_tags": list(m.operator_tags),
+        "desired_cache_url": m.desired_cache_url,
+        "desired_source": m.desired_source,
+        "last_success": m.last_success,
         "agent_version": m.agent_version,
         "registered_at": isoformat(m.registered_at),
         "retry_requested_at": isoformat(m.retry_requested_at),
         "needs_reboot": m.needs_reboot,
         "booted_generation": m.booted_generation,
     }
-    return out
 
 
 def report_json(r: Report) -> dict[str, Any]:
@@ -208,6 +219,15 @@ class MachineTags:
             if add:
                 machines.set_tags(conn, machine_id, tags, "operator", replace=False)
             else:
+                from_config = [
+                    t for t in tags if t in before.agent_tags and t not in before.operator_tags
+                ]
+                if from_config:
+                    raise ConflictError(
+                        f"tag {', '.join(from_config)} of {machine_id} comes from the machine's "
+                        "NixOS config (services.nixfleet-agent.tags): remove it there; "
+                        "operators remove only the tags they added"
+                    )
                 machines.remove_tags(conn, machine_id, tags)
             return {"tags": tags}
 

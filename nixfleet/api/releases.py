@@ -11,7 +11,14 @@ from nixfleet.api.body import read_json
 from nixfleet.api.context import Context
 from nixfleet.errors import NotFoundError
 from nixfleet.flake import release_document, release_from_document
-from nixfleet.models import RELEASE_ID_DIGITS, RELEASE_ID_PREFIX, is_release_id, utcnow
+from nixfleet.models import (
+    RELEASE_ID_DIGITS,
+    RELEASE_ID_PREFIX,
+    Release,
+    is_release_id,
+    isoformat,
+    utcnow,
+)
 from nixfleet.store import audit, releases
 
 
@@ -21,6 +28,37 @@ def _check_id(release_id: str) -> None:
             f"{release_id!r} is not a release id "
             f"({RELEASE_ID_PREFIX} + {RELEASE_ID_DIGITS} hex digits)"
         )
+
+
+def summary_json(r: releases.ReleaseSummary) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "flake_ref": r.flake_ref,
+        "flake_rev": r.flake_rev,
+        "cache_url": r.cache_url,
+        "created_at": isoformat(r.created_at),
+        "created_by": r.created_by,
+        "hosts": r.hosts,
+        "rollouts": r.rollouts,
+    }
+
+
+def diff_json(a: Release, b: Release) -> dict[str, Any]:
+    """Per host: added (only in b), removed (only in a), changed store path, unchanged."""
+    pa = {e.hostname: e.store_path for e in a.entries}
+    pb = {e.hostname: e.store_path for e in b.entries}
+    return {
+        "from": a.id,
+        "to": b.id,
+        "added": [{"hostname": h, "store_path": pb[h]} for h in sorted(pb.keys() - pa.keys())],
+        "removed": [{"hostname": h, "store_path": pa[h]} for h in sorted(pa.keys() - pb.keys())],
+        "changed": [
+            {"hostname": h, "from": pa[h], "to": pb[h]}
+            for h in sorted(pa.keys() & pb.keys())
+            if pa[h] != pb[h]
+        ],
+        "unchanged": sorted(h for h in pa.keys() & pb.keys() if pa[h] == pb[h]),
+    }
 
 
 class ReleaseCollection:
@@ -34,7 +72,8 @@ class ReleaseCollection:
         """List releases, newest first, with host and rollout counts."""
         limit = req.get_param_as_int("limit", min_value=1, max_value=10000) or 100
         with self.ctx.store.read() as conn:
-            resp.media = {"releases": releases.list_releases(conn, limit)}
+            listed = releases.list_releases(conn, limit)
+        resp.media = {"releases": [summary_json(r) for r in listed]}
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Register a release; the same entries again return the existing one (200)."""
@@ -93,7 +132,5 @@ class ReleaseDiff:
         _check_id(release_id)
         _check_id(other)
         with self.ctx.store.read() as conn:
-            out: dict[str, Any] = releases.diff(
-                releases.get(conn, release_id), releases.get(conn, other)
-            )
-        resp.media = out
+            a, b = releases.get(conn, release_id), releases.get(conn, other)
+        resp.media = diff_json(a, b)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import click
 
 from nixfleet.cli.context import State, pass_state
+from nixfleet.cli.options import output_options
 from nixfleet.cli.output import emit_json, message, table
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -26,7 +28,7 @@ def csv_cell(value: Any) -> str:
     return "'" + text if text.startswith(FORMULA_START) else text
 
 
-def to_csv(entries: list[dict[str, Any]]) -> str:
+def to_csv(entries: Sequence[Mapping[str, Any]]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CSV_FIELDS)
@@ -46,7 +48,7 @@ def to_csv(entries: list[dict[str, Any]]) -> str:
     show_default=True,
     help="Newest entries to show.",
 )
-@click.option("--json", "json_", is_flag=True, help="JSON output.")
+@output_options()
 @click.option("--csv", "csv_", is_flag=True, help="CSV output, safe to open in a spreadsheet.")
 @pass_state
 def audit(
@@ -55,7 +57,6 @@ def audit(
     action: str | None,
     target: str | None,
     limit: int,
-    json_: bool,
     csv_: bool,
 ) -> None:
     """Show the audit log, newest first: every mutation with its time and actor.
@@ -66,16 +67,14 @@ def audit(
       nixfleet audit --actor key:ci --action rollout.apply --json
       nixfleet audit --limit 10000 --csv > audit.csv
     """
-    if json_ and csv_:
+    if state.json and csv_:
         raise click.UsageError("choose one of --json and --csv")
-    data = state.client().get(
-        "/api/v1/audit", actor=actor, action=action, target=target, limit=str(limit)
-    )
-    entries: list[dict[str, Any]] = data["entries"]
+    data = state.client().audit(actor, action, target, limit)
+    entries = data["entries"]
     if csv_:
         click.echo(to_csv(entries), nl=False)
         return
-    if json_ or state.json:
+    if state.json:
         emit_json(data)
         return
     rows = [

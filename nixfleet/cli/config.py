@@ -1,22 +1,37 @@
 """Where the CLI finds the control plane and its credentials. The one place it reads env.
 
-Precedence: flag > environment > config file > default. The config file
-($XDG_CONFIG_HOME/nixfleet/config.toml) may hold `control_plane_url` and
-`api_key_file`; a credentials file must not be readable by group or others.
+The config file ($NIXFLEET_CONFIG, else $XDG_CONFIG_HOME/nixfleet/config.toml) holds
+named contexts, kubeconfig-style, and which one is current:
+
+    current_context = "prod"
+    [contexts.prod]
+    control_plane_url = "https://fleet.example.com"
+    api_key_file = "~/.config/nixfleet/prod.key"
+
+Precedence, for the URL and the key alike: flag; then a context named explicitly
+(--context, NIXFLEET_CONTEXT); then NIXFLEET_CONTROL_PLANE_URL / NIXFLEET_API_KEY /
+NIXFLEET_API_KEY_FILE; then the file's current context; then its top-level keys; then
+the default. The file names key *files*, never keys; a credentials file must not be
+readable by group or others.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import tomllib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nixfleet.errors import UsageError
+import tomli_w
+
+from nixfleet.errors import NotFoundError, UsageError
 
 DEFAULT_URL = "http://127.0.0.1:8470"
+CONTEXT_KEYS = ("control_plane_url", "api_key_file")
 
 
 def config_path() -> Path:
@@ -24,8 +39,23 @@ def config_path() -> Path:
     return Path(os.environ.get("NIXFLEET_CONFIG") or Path(base) / "nixfleet" / "config.toml")
 
 
-def color_allowed() -> bool:
-    return "NO_COLOR" not in os.environ
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "nixfleet"
+
+
+def no_color_requested() -> bool:
+    """no-color.org: NO_COLOR set to a non-empty value turns colour off."""
+    return bool(os.environ.get("NO_COLOR"))
+
+
+def env_context() -> str | None:
+    return os.environ.get("NIXFLEET_CONTEXT") or None
+
+
+def completion_requested() -> bool:
+    """Click's shell completion protocol runs the program with this variable set."""
+    return "_NIXFLEET_COMPLETE" in os.environ
 
 
 def read_secret_file(path: Path) -> str:
@@ -42,33 +72,179 @@ def read_secret_file(path: Path) -> str:
         raise UsageError(f"cannot read credentials file {path}: {e.strerror}") from e
 
 
+@contextlib.contextmanager
+def secret_file(path: Path) -> Iterator[Callable[[str], None]]:
+    """A new file for a secret: mode 0600 from the start (O_EXCL: never over another file).
+
+    Opened before the secret is made, so a path that cannot be written fails first;
+    removed again if no secret was written (the request failed).
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise UsageError(
+            f"{path} exists; choose a new file name (a secret is never written over a file)"
+        ) from None
+    except OSError as e:
+        raise UsageError(f"cannot create {path}: {e.strerror}") from e
+    written = False
+
+    def write(secret: str) -> None:
+        nonlocal written
+        f.write(secret + "\n")
+        f.flush()
+        written = True
+
+    try:
+        with os.fdopen(fd, "w") as f:
+            yield write
+    finally:
+        if not written:
+            path.unlink(missing_ok=True)
+
+
+# --- the config file --------------------------------------------------------------
+
+
+def load_file(path: Path | None = None) -> dict[str, Any]:
+    path = path or config_path()
+    if not path.exists():
+        return {}
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise UsageError(f"cannot read {path}: {e}") from e
+    contexts = data.get("contexts", {})
+    if not isinstance(contexts, dict) or not all(isinstance(c, dict) for c in contexts.values()):
+        raise UsageError(f"{path}: `contexts` must be tables, e.g. [contexts.prod]")
+    if "api_key" in data or any("api_key" in c for c in contexts.values()):
+        raise UsageError(
+            f"{path} holds an API key: keep keys in 0600 files and name them with api_key_file"
+        )
+    return data
+
+
+def save_file(data: dict[str, Any], path: Path | None = None) -> Path:
+    path = path or config_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(tomli_w.dumps(data))
+    tmp.replace(path)
+    return path
+
+
+def contexts(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = data.get("contexts", {})
+    return found
+
+
+def set_context(name: str, values: dict[str, str | None]) -> Path:
+    data = load_file()
+    entry = contexts(data).get(name, {})
+    entry.update({k: v for k, v in values.items() if v is not None})
+    data.setdefault("contexts", {})[name] = entry
+    data.setdefault("current_context", name)
+    return save_file(data)
+
+
+def use_context(name: str) -> Path:
+    data = load_file()
+    if name not in contexts(data):
+        raise NotFoundError(f"no context {name!r}{_known(data)}")
+    data["current_context"] = name
+    return save_file(data)
+
+
+def delete_context(name: str) -> Path:
+    data = load_file()
+    if name not in contexts(data):
+        raise NotFoundError(f"no context {name!r}{_known(data)}")
+    del data["contexts"][name]
+    if data.get("current_context") == name:
+        del data["current_context"]
+    return save_file(data)
+
+
+def _known(data: dict[str, Any]) -> str:
+    names = sorted(contexts(data))
+    if not names:
+        return f" in {config_path()}; create one with `nixfleet config set-context NAME`"
+    return f"; known: {', '.join(names)}"
+
+
+# --- resolution ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    value: str | None
+    source: str  # where it came from, for `config view`
+
+
 @dataclass(frozen=True)
 class CliConfig:
     control_plane_url: str
     api_key: str | None
+    context: str | None = None
+    url_source: str = "default"
+    key_source: str = "none"
+    key_file: str | None = None
+    path: Path | None = None
 
 
-def resolve(url_flag: str | None, key_flag: str | None, key_file_flag: str | None) -> CliConfig:
-    file_data: dict[str, Any] = {}
+def resolve(
+    url_flag: str | None,
+    key_flag: str | None,
+    key_file_flag: str | None,
+    context_flag: str | None = None,
+    read_key: bool = True,
+) -> CliConfig:
     path = config_path()
-    if path.exists():
-        try:
-            file_data = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise UsageError(f"cannot read {path}: {e}") from e
-    url = (
-        url_flag
-        or os.environ.get("NIXFLEET_CONTROL_PLANE_URL")
-        or file_data.get("control_plane_url")
-        or DEFAULT_URL
+    data = load_file(path)
+    named = context_flag or env_context()
+    chosen = named or data.get("current_context")
+    ctx: dict[str, Any] = {}
+    if chosen:
+        if chosen not in contexts(data):
+            if named:
+                raise UsageError(f"no context {chosen!r}{_known(data)}")
+            raise UsageError(f"{path}: current_context {chosen!r} is not defined{_known(data)}")
+        ctx = contexts(data)[chosen]
+    where = f"context {chosen}"
+
+    def pick(flag: str | None, env: str, key: str) -> Setting:
+        # An explicitly named context beats the environment; the current one does not.
+        candidates: list[tuple[str | None, str]] = [(flag, "flag")]
+        if named:
+            candidates += [(ctx.get(key), where), (os.environ.get(env), f"${env}")]
+        else:
+            candidates += [(os.environ.get(env), f"${env}"), (ctx.get(key), where)]
+        candidates.append((data.get(key), str(path)))
+        for value, source in candidates:
+            if value:
+                return Setting(str(value), source)
+        return Setting(None, "none")
+
+    url = pick(url_flag, "NIXFLEET_CONTROL_PLANE_URL", "control_plane_url")
+    key_file = pick(key_file_flag, "NIXFLEET_API_KEY_FILE", "api_key_file")
+    key = Setting(key_flag, "flag") if key_flag else Setting(None, "none")
+    env_key = os.environ.get("NIXFLEET_API_KEY")
+    if key.value is None and env_key and not (named and key_file.value):
+        key = Setting(env_key, "$NIXFLEET_API_KEY")
+    if key.value is None and key_file.value:
+        key = Setting(
+            read_secret_file(Path(key_file.value).expanduser()) if read_key else "",
+            f"file {key_file.value} ({key_file.source})",
+        )
+    return CliConfig(
+        control_plane_url=url.value or DEFAULT_URL,
+        api_key=key.value,
+        context=chosen,
+        url_source=url.source if url.value else "default",
+        key_source=key.source,
+        key_file=key_file.value,
+        path=path,
     )
-    key = key_flag or os.environ.get("NIXFLEET_API_KEY")
-    key_file = (
-        key_file_flag or os.environ.get("NIXFLEET_API_KEY_FILE") or file_data.get("api_key_file")
-    )
-    if key is None and key_file:
-        key = read_secret_file(Path(str(key_file)).expanduser())
-    return CliConfig(control_plane_url=str(url), api_key=key)
 
 
 NIX_OFFLINE_CONFIG = "substituters =\nexperimental-features = nix-command flakes"

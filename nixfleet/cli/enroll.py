@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
-from urllib.parse import quote
+from pathlib import Path
 
 import click
 
+from nixfleet.cli.config import secret_file
 from nixfleet.cli.context import State, pass_state
-from nixfleet.cli.output import emit_json, message, table
+from nixfleet.cli.options import output_options, secret_output, tags_option
+from nixfleet.cli.output import echo, emit_json, message, table
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -56,29 +58,37 @@ def enroll_tokens() -> None:
     show_default=True,
     help="Lifetime: 30m, 24h, 7d … (at most 366d).",
 )
-@click.option("--tags", help="Preset operator tags for enrolled machines (comma-separated).")
+@tags_option("Preset operator tags for enrolled machines (comma-separated).")
 @click.option("--hostname-glob", metavar="GLOB", help="Only hostnames matching GLOB, e.g. 'web-*'.")
-@click.option("--json", "json_", is_flag=True, help="JSON output (includes the token).")
+@secret_output("token")
+@output_options()
 @pass_state
 def create(
-    state: State, uses: int, expires: int, tags: str | None, hostname_glob: str | None, json_: bool
+    state: State,
+    uses: int,
+    expires: int,
+    tags: list[str],
+    hostname_glob: str | None,
+    output: Path | None,
 ) -> None:
-    """Create an enrollment token; it is printed once, to stdout.
+    """Create an enrollment token; it is shown once: --output FILE (0600), else stdout.
 
     \b
     Example:
-      (umask 077; nixfleet enroll-tokens create --uses 5 --expires 2h --tags prod > enroll.token)
+      nixfleet enroll-tokens create --uses 5 --expires 2h --tags prod --output enroll.token
     """
-    body: dict[str, object] = {"uses": uses, "expires_in_seconds": expires}
-    if tags:
-        body["tags"] = [t.strip() for t in tags.split(",") if t.strip()]
-    if hostname_glob:
-        body["hostname_glob"] = hostname_glob
-    created = state.client().post("/api/v1/enroll-tokens", body)
-    if json_ or state.json:
+    client = state.client()
+    if output:
+        with secret_file(output) as write:
+            created = client.create_enroll_token(uses, expires, tags, hostname_glob)
+            write(created["token"])
+        message(f"created enrollment token {created['id']} in {output} (mode 0600)")
+        return
+    created = client.create_enroll_token(uses, expires, tags, hostname_glob)
+    if state.json:
         emit_json(created)
         return
-    click.echo(created["token"])
+    echo(created["token"])
     message(
         f"created enrollment token {created['id']} ({uses} use(s), expires "
         f"{created['expires_at']}); it is shown once"
@@ -86,17 +96,17 @@ def create(
 
 
 @enroll_tokens.command("list")
-@click.option("--json", "json_", is_flag=True, help="JSON output.")
+@output_options()
 @pass_state
-def list_(state: State, json_: bool) -> None:
+def list_(state: State) -> None:
     """List enrollment tokens with uses left, expiry and state (never the secrets).
 
     \b
     Example:
       nixfleet enroll-tokens list --json
     """
-    data = state.client().get("/api/v1/enroll-tokens")
-    if json_ or state.json:
+    data = state.client().enroll_tokens()
+    if state.json:
         emit_json(data)
         return
     rows = [
@@ -123,5 +133,5 @@ def revoke(state: State, token_id: str) -> None:
     Example:
       nixfleet enroll-tokens revoke et-1a2b3c4d5e6f
     """
-    state.client().request("DELETE", f"/api/v1/enroll-tokens/{quote(token_id, safe='')}")
+    state.client().revoke_enroll_token(token_id)
     message(f"revoked enrollment token {token_id}")

@@ -6,13 +6,14 @@ to stderr; nothing else ever prints a secret.
 
 from __future__ import annotations
 
-from urllib.parse import quote
+from pathlib import Path
 
 import click
 
+from nixfleet.cli.config import secret_file
 from nixfleet.cli.context import State, pass_state
-from nixfleet.cli.machines import machine_path
-from nixfleet.cli.output import emit_json, message, table
+from nixfleet.cli.options import machine_argument, output_options, secret_output
+from nixfleet.cli.output import echo, emit_json, message, table
 
 ROLES = ("readonly", "deploy", "admin")
 
@@ -27,7 +28,7 @@ def keys() -> None:
 
     \b
     Example:
-      nixfleet keys create --name ci --role deploy > ci.key
+      nixfleet keys create --name ci --role deploy --output ci.key
       nixfleet keys list
       nixfleet keys revoke ci
     """
@@ -36,36 +37,42 @@ def keys() -> None:
 @keys.command("create")
 @click.option("--name", required=True, help="Key name, shown in the audit log (e.g. ci).")
 @click.option("--role", type=click.Choice(ROLES), required=True, help="What the key may do.")
-@click.option("--json", "json_", is_flag=True, help="JSON output (includes the key).")
+@secret_output("key")
+@output_options()
 @pass_state
-def create(state: State, name: str, role: str, json_: bool) -> None:
-    """Create an API key; it is printed once, to stdout.
+def create(state: State, name: str, role: str, output: Path | None) -> None:
+    """Create an API key; it is shown once: written to --output FILE (0600), else stdout.
 
     \b
     Example:
-      (umask 077; nixfleet keys create --name ci --role deploy > ~/.config/nixfleet/ci.key)
+      nixfleet keys create --name ci --role deploy --output ~/.config/nixfleet/ci.key
     """
-    created = state.client().post("/api/v1/keys", {"name": name, "role": role})
-    if json_ or state.json:
+    if output:
+        with secret_file(output) as write:
+            write(state.client().create_key(name, role)["key"])
+        message(f"created {role} key {name!r} in {output} (mode 0600)")
+        return
+    created = state.client().create_key(name, role)
+    if state.json:
         emit_json(created)
         return
-    click.echo(created["key"])
+    echo(created["key"])
     message(f"created {role} key {name!r}; it is shown once: store it in a 0600 file")
 
 
 @keys.command("list")
 @click.option("--all", "all_", is_flag=True, help="Include revoked keys.")
-@click.option("--json", "json_", is_flag=True, help="JSON output.")
+@output_options()
 @pass_state
-def list_(state: State, all_: bool, json_: bool) -> None:
+def list_(state: State, all_: bool) -> None:
     """List API keys by name and role (the keys themselves are never shown again).
 
     \b
     Example:
       nixfleet keys list --all
     """
-    data = state.client().get("/api/v1/keys", all="true" if all_ else None)
-    if json_ or state.json:
+    data = state.client().keys(include_revoked=all_)
+    if state.json:
         emit_json(data)
         return
     rows = [
@@ -85,33 +92,40 @@ def revoke(state: State, name: str) -> None:
     Example:
       nixfleet keys revoke ci
     """
-    state.client().request("DELETE", f"/api/v1/keys/{quote(name, safe='')}")
+    state.client().revoke_key(name)
     message(f"revoked key {name!r}")
 
 
 @click.command("rotate-token")
-@click.argument("machine_id")
-@click.option("--json", "json_", is_flag=True, help="JSON output (includes the token).")
+@machine_argument
+@secret_output("token")
+@output_options()
 @pass_state
-def rotate_token(state: State, machine_id: str, json_: bool) -> None:
+def rotate_token(state: State, machine_id: str, output: Path | None) -> None:
     """Issue a new agent token for a machine; the old one stops working at once.
 
-    The new token is printed once, to stdout: install it as the agent's token file.
+    The new token is shown once (--output FILE, else stdout): install it as the
+    agent's token file.
 
     \b
     Example:
-      (umask 077; nixfleet machines rotate-token web-01 > web-01.token)
+      nixfleet machines rotate-token web-01 --output web-01.token
     """
-    out = state.client().post(machine_path(machine_id, "/token"))
-    if json_ or state.json:
+    if output:
+        with secret_file(output) as write:
+            write(state.client().rotate_token(machine_id)["token"])
+        message(f"{machine_id}: new agent token in {output}; the previous one is revoked")
+        return
+    out = state.client().rotate_token(machine_id)
+    if state.json:
         emit_json(out)
         return
-    click.echo(out["token"])
+    echo(out["token"])
     message(f"{machine_id}: new agent token above (shown once); the previous one is revoked")
 
 
 @click.command("revoke-token")
-@click.argument("machine_id")
+@machine_argument
 @pass_state
 def revoke_token(state: State, machine_id: str) -> None:
     """Revoke a machine's agent token (its agent gets 401; it may then re-enroll).
@@ -120,5 +134,5 @@ def revoke_token(state: State, machine_id: str) -> None:
     Example:
       nixfleet machines revoke-token web-01
     """
-    out = state.client().request("DELETE", machine_path(machine_id, "/token"))
+    out = state.client().revoke_token(machine_id)
     message(f"{machine_id}: " + ("agent token revoked" if out["revoked"] else "had no agent token"))

@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Any
-from urllib.parse import quote
+from pathlib import Path
 
 import click
 
+from nixfleet import wire
+from nixfleet.cli import complete
+from nixfleet.cli.config import secret_file
 from nixfleet.cli.context import State, pass_state
-from nixfleet.cli.output import ago, emit_json, message, printable, short_generation, table
+from nixfleet.cli.options import (
+    machine_argument,
+    output_options,
+    secret_output,
+    split_list,
+    tags_option,
+)
+from nixfleet.cli.output import (
+    ago,
+    duration,
+    echo,
+    emit_json,
+    message,
+    printable,
+    short_generation,
+    table,
+)
+from nixfleet.cli.status import empty_fleet_hint
 from nixfleet.models import Lifecycle
 
 
@@ -16,18 +35,9 @@ def _yes_no(value: bool | None) -> str:
     return "-" if value is None else ("yes" if value else "no")
 
 
-def _split(value: str | None) -> list[str]:
-    return [t.strip() for t in (value or "").split(",") if t.strip()]
-
-
-def machine_path(machine_id: str, suffix: str = "") -> str:
-    return f"/api/v1/machines/{quote(machine_id, safe='')}{suffix}"
-
-
-def _print_machine(state: State, m: dict[str, Any], json_: bool) -> None:
-    if json_ or state.json:
-        emit_json(m)
-        return
+def _print_machine(m: wire.MachineDetail) -> None:
+    reports = m.get("recent_reports") or []
+    uptime = reports[0].get("uptime_seconds") if reports else None
     fields = [
         ("id", m["id"]),
         ("lifecycle", m["lifecycle"]),
@@ -43,28 +53,32 @@ def _print_machine(state: State, m: dict[str, Any], json_: bool) -> None:
         ("needs reboot", _yes_no(m.get("needs_reboot"))),
         ("booted generation", m.get("booted_generation") or "-"),
         ("last report", ago(m["last_report_at"]) + (" (stale)" if m["stale"] else "")),
+        ("uptime", f"{duration(uptime)} (at the last report)" if uptime is not None else "-"),
         ("last message", m["last_message"] or "-"),
         ("agent version", m["agent_version"] or "-"),
         ("registered", m["registered_at"]),
     ]
     width = max(len(k) for k, _ in fields)
     for key, value in fields:
-        click.echo(f"{key.ljust(width)}  {printable(str(value))}")
-    if m.get("health"):
-        click.echo("health checks:")
-        for r in m["health"]["results"]:
-            mark = "ok  " if r["passed"] else "FAIL"
-            line = f"  {mark} {r['kind']}:{r['name']} {r.get('message', '')}".rstrip()
-            click.echo(printable(line))
-    if m.get("recent_reports"):
-        click.echo("recent reports:")
-        for r in m["recent_reports"][:10]:
+        echo(f"{key.ljust(width)}  {printable(str(value))}")
+    health = m.get("health")
+    if health and health["results"]:
+        echo("health checks:")
+        for check in health["results"]:
+            mark = "ok  " if check["passed"] else "FAIL"
+            line = f"  {mark} {check['kind']}:{check['name']} {check.get('message', '')}".rstrip()
+            echo(printable(line))
+    elif health:
+        echo(f"{'health checks'.ljust(width)}  none configured")
+    if reports:
+        echo("recent reports:")
+        for r in reports[:10]:
             ok = "ok  " if r["success"] else "FAIL"
             line = (
                 f"  {r['received_at']}  {ok} {short_generation(r['current_generation'])}  "
                 f"{r['message']}".rstrip()
             )
-            click.echo(printable(line))
+            echo(printable(line))
 
 
 @click.group()
@@ -79,29 +93,35 @@ def machines() -> None:
 
 
 @machines.command("list")
-@click.option("--tags", help="Only machines carrying ALL these tags (comma-separated).")
+@tags_option("Only machines carrying ALL these tags (comma-separated).")
 @click.option(
     "--lifecycle", type=click.Choice([s.value for s in Lifecycle]), help="Only this state."
 )
-@click.option("--json", "json_", is_flag=True, help="JSON output.")
-@click.option("--wide", is_flag=True, help="Show full store paths.")
+@output_options(wide=True)
 @pass_state
-def list_(state: State, tags: str | None, lifecycle: str | None, json_: bool, wide: bool) -> None:
+def list_(state: State, tags: list[str], lifecycle: str | None) -> None:
     """List machines, optionally filtered by tags and lifecycle.
 
     \b
     Example:
       nixfleet machines list --tags prod,web --lifecycle active
     """
-    data = state.client().get("/api/v1/machines", tag=_split(tags) or None, lifecycle=lifecycle)
-    if json_ or state.json:
+    data = state.client().machines(tags, lifecycle)
+    if state.json:
         emit_json(data)
+        return
+    if not data["machines"]:
+        message(
+            f"no {lifecycle} machines; `nixfleet machines list` shows them all"
+            if lifecycle and not tags
+            else empty_fleet_hint(tags)
+        )
         return
     rows = [
         [
             m["id"],
             m["lifecycle"],
-            short_generation(m["current_generation"], wide),
+            short_generation(m["current_generation"], state.wide),
             ago(m["last_report_at"]),
             ",".join(m["tags"]) or "-",
         ]
@@ -112,22 +132,26 @@ def list_(state: State, tags: str | None, lifecycle: str | None, json_: bool, wi
 
 
 @machines.command()
-@click.argument("machine_id")
-@click.option("--json", "json_", is_flag=True, help="JSON output.")
+@machine_argument
+@output_options()
 @pass_state
-def show(state: State, machine_id: str, json_: bool) -> None:
-    """Show one machine with its health and recent reports.
+def show(state: State, machine_id: str) -> None:
+    """Show one machine with its health, uptime and recent reports.
 
     \b
     Example:
       nixfleet machines show web-01
     """
-    _print_machine(state, state.client().get(machine_path(machine_id)), json_)
+    m = state.client().machine(machine_id)
+    if state.json:
+        emit_json(m)
+    else:
+        _print_machine(m)
 
 
 @machines.command()
 @click.argument("machine_id")
-@click.option("--tags", help="Operator tags (comma-separated).")
+@tags_option("Operator tags (comma-separated).")
 @click.option(
     "--lifecycle",
     type=click.Choice(["pending", "provisioning", "active", "maintenance"]),
@@ -138,28 +162,36 @@ def show(state: State, machine_id: str, json_: bool) -> None:
 @click.option(
     "--issue-token", is_flag=True, help="Issue the agent token (printed once, to stdout)."
 )
-@click.option("--json", "json_", is_flag=True, help="JSON output.")
+@secret_output("agent token (with --issue-token)")
+@output_options()
 @pass_state
 def register(
-    state: State, machine_id: str, tags: str | None, lifecycle: str, issue_token: bool, json_: bool
+    state: State,
+    machine_id: str,
+    tags: list[str],
+    lifecycle: str,
+    issue_token: bool,
+    output: Path | None,
 ) -> None:
     """Pre-register a machine before its agent first reports.
 
     \b
     Example:
-      nixfleet machines register web-03 --tags prod,web --issue-token > web-03.token
+      nixfleet machines register web-03 --tags prod,web --issue-token -o web-03.token
     """
-    body = {
-        "id": machine_id,
-        "tags": _split(tags),
-        "lifecycle": lifecycle,
-        "issue_token": issue_token,
-    }
-    m = state.client().post("/api/v1/machines", body)
-    if json_ or state.json:
+    if output and not issue_token:
+        raise click.UsageError("--output is for the token: add --issue-token")
+    if output:
+        with secret_file(output) as write:
+            m = state.client().register_machine(machine_id, tags, lifecycle, True)
+            write(m.get("token", ""))
+        message(f"registered {machine_id}; its agent token is in {output} (mode 0600)")
+        return
+    m = state.client().register_machine(machine_id, tags, lifecycle, issue_token)
+    if state.json:
         emit_json(m)
     elif issue_token:
-        click.echo(m["token"])
+        echo(m.get("token", ""))
         message(
             f"registered {machine_id}; the token above is shown once: install it on the machine"
         )
@@ -168,7 +200,7 @@ def register(
 
 
 @machines.command("set-lifecycle")
-@click.argument("machine_id")
+@machine_argument
 @click.argument("lifecycle", type=click.Choice([s.value for s in Lifecycle]))
 @pass_state
 def set_lifecycle(state: State, machine_id: str, lifecycle: str) -> None:
@@ -178,15 +210,17 @@ def set_lifecycle(state: State, machine_id: str, lifecycle: str) -> None:
     Example:
       nixfleet machines set-lifecycle web-01 maintenance
     """
-    m = state.client().request(
-        "PATCH", machine_path(machine_id, "/lifecycle"), {"lifecycle": lifecycle}
-    )
+    m = state.client().set_lifecycle(machine_id, lifecycle)
     message(f"{machine_id}: {m['lifecycle']}")
 
 
+def _tag_words(words: tuple[str, ...]) -> list[str]:
+    return [t for w in words for t in split_list(w)]
+
+
 @machines.command()
-@click.argument("machine_id")
-@click.argument("tags", nargs=-1, required=True)
+@machine_argument
+@click.argument("tags", nargs=-1, required=True, shell_complete=complete.tag_items)
 @pass_state
 def tag(state: State, machine_id: str, tags: tuple[str, ...]) -> None:
     """Add operator tags to a machine.
@@ -195,30 +229,28 @@ def tag(state: State, machine_id: str, tags: tuple[str, ...]) -> None:
     Example:
       nixfleet machines tag web-01 canary region-eu
     """
-    m = state.client().post(
-        machine_path(machine_id, "/tags"), {"tags": [t for v in tags for t in _split(v)]}
-    )
+    m = state.client().add_tags(machine_id, _tag_words(tags))
     message(f"{machine_id}: tags {', '.join(m['tags'])}")
 
 
 @machines.command()
-@click.argument("machine_id")
-@click.argument("tags", nargs=-1, required=True)
+@machine_argument
+@click.argument("tags", nargs=-1, required=True, shell_complete=complete.tag_items)
 @pass_state
 def untag(state: State, machine_id: str, tags: tuple[str, ...]) -> None:
-    """Remove operator tags (tags from the NixOS config come back on the next report).
+    """Remove operator tags. A tag from the machine's NixOS config
+    (services.nixfleet-agent.tags) cannot be removed here: exit 4, change the config.
 
     \b
     Example:
       nixfleet machines untag web-01 canary
     """
-    body = {"tags": [t for v in tags for t in _split(v)]}
-    m = state.client().request("DELETE", machine_path(machine_id, "/tags"), body)
+    m = state.client().remove_tags(machine_id, _tag_words(tags))
     message(f"{machine_id}: tags {', '.join(m['tags']) or '-'}")
 
 
 @machines.command("set-desired")
-@click.argument("machine_id")
+@machine_argument
 @click.argument("store_path")
 @click.option("--cache-url", help="Binary cache the agent fetches from.")
 @pass_state
@@ -229,13 +261,12 @@ def set_desired(state: State, machine_id: str, store_path: str, cache_url: str |
     Example:
       nixfleet machines set-desired web-01 /nix/store/...-nixos-system-web-01 --cache-url https://cache.example.com
     """
-    body = {"store_path": store_path, "cache_url": cache_url}
-    state.client().request("PUT", machine_path(machine_id, "/desired-generation"), body)
+    state.client().set_desired(machine_id, store_path, cache_url)
     message(f"{machine_id}: desired {store_path}")
 
 
 @machines.command("clear-desired")
-@click.argument("machine_id")
+@machine_argument
 @pass_state
 def clear_desired(state: State, machine_id: str) -> None:
     """Clear a machine's desired generation; its agent keeps what it runs.
@@ -244,12 +275,12 @@ def clear_desired(state: State, machine_id: str) -> None:
     Example:
       nixfleet machines clear-desired web-01
     """
-    state.client().request("DELETE", machine_path(machine_id, "/desired-generation"))
+    state.client().clear_desired(machine_id)
     message(f"{machine_id}: desired generation cleared")
 
 
 @machines.command()
-@click.argument("machine_id")
+@machine_argument
 @pass_state
 def retry(state: State, machine_id: str) -> None:
     """Let the agent retry a desired generation that failed on it.
@@ -258,5 +289,5 @@ def retry(state: State, machine_id: str) -> None:
     Example:
       nixfleet machines retry web-01
     """
-    state.client().post(machine_path(machine_id, "/retry"))
+    state.client().retry(machine_id)
     message(f"{machine_id}: retry requested; the agent tries again on its next poll")

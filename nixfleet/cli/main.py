@@ -6,12 +6,14 @@ import sys
 
 import click
 
-from nixfleet import __version__
+from nixfleet import __version__, entrypoint
+from nixfleet.cli import config
 from nixfleet.cli.context import State, pass_state
-from nixfleet.cli.output import message
+from nixfleet.cli.options import output_options
+from nixfleet.cli.output import COLOR_MODES, message, set_color
 from nixfleet.errors import NixfleetError, UnreachableError
 
-__all__ = ["State", "cli", "main", "pass_state"]
+__all__ = ["State", "cli", "main", "pass_state", "run"]
 
 CP_DOWN_GUIDANCE = """\
 While the control plane is down:
@@ -25,7 +27,8 @@ While the control plane is down:
 @click.option(
     "--control-plane-url",
     metavar="URL",
-    help="Control plane URL [env NIXFLEET_CONTROL_PLANE_URL; default http://127.0.0.1:8470].",
+    help="Control plane URL, e.g. http://127.0.0.1:8470 "
+    "[env NIXFLEET_CONTROL_PLANE_URL; default http://127.0.0.1:8470].",
 )
 @click.option("--api-key", metavar="KEY", help="Operator API key [env NIXFLEET_API_KEY].")
 @click.option(
@@ -33,15 +36,31 @@ While the control plane is down:
     metavar="FILE",
     help="Read the API key from FILE (mode 0600) [env NIXFLEET_API_KEY_FILE].",
 )
-@click.option("--json", "json_", is_flag=True, help="Machine-readable JSON output everywhere.")
+@click.option(
+    "--context",
+    "context_name",
+    metavar="NAME",
+    help="Use this context of the config file (see `nixfleet config`) [env NIXFLEET_CONTEXT].",
+)
+@output_options()
+@click.option(
+    "--color",
+    type=click.Choice(COLOR_MODES),
+    default="auto",
+    show_default=True,
+    help="Colour tables: auto = on a terminal unless NO_COLOR is set (non-empty).",
+)
+@click.option("--debug", is_flag=True, help="On an error, print the Python traceback too.")
 @click.version_option(__version__, prog_name="nixfleet")
-@click.pass_context
+@pass_state
 def cli(
-    ctx: click.Context,
+    state: State,
     control_plane_url: str | None,
     api_key: str | None,
     api_key_file: str | None,
-    json_: bool,
+    context_name: str | None,
+    color: str,
+    debug: bool,
 ) -> None:
     """nixfleet: declarative fleet management for NixOS.
 
@@ -49,13 +68,31 @@ def cli(
     Example:
       export NIXFLEET_CONTROL_PLANE_URL=https://fleet.example.com
       nixfleet status
-      nixfleet machines list --tags prod
+      nixfleet --context staging machines list --tags prod
+      nixfleet --color never status | less
+      nixfleet --debug machines show web-01    # a traceback with any error
     """
-    ctx.obj = State(control_plane_url, api_key, api_key_file, json_)
+    state.url_flag = control_plane_url
+    state.key_flag = api_key
+    state.key_file_flag = api_key_file
+    state.context_flag = context_name
+    state.debug = debug
+    set_color(color)
 
 
 def _register() -> None:
-    from nixfleet.cli import audit, demo, enroll, keys, machines, release, rollout, status
+    from nixfleet.cli import (
+        audit,
+        completion,
+        contexts,
+        demo,
+        enroll,
+        keys,
+        machines,
+        release,
+        rollout,
+        status,
+    )
 
     for command in (
         status.status,
@@ -66,6 +103,8 @@ def _register() -> None:
         release.release,
         rollout.rollout,
         rollout.deploy,
+        contexts.config_group,
+        completion.completion,
         demo.demo,
     ):
         cli.add_command(command)
@@ -76,20 +115,26 @@ def _register() -> None:
 _register()
 
 
+def _guidance(e: NixfleetError) -> None:
+    if isinstance(e, UnreachableError):
+        message(CP_DOWN_GUIDANCE)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run one command; return its exit code (the CLI's one place for that)."""
+    state = State()
+    return entrypoint.run(
+        cli,
+        argv,
+        "nixfleet",
+        obj=state,
+        debug=lambda: state.debug,
+        bug_traceback=False,
+        after_error=_guidance,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
-    try:
-        cli.main(args=argv, prog_name="nixfleet", standalone_mode=False)
-    except click.exceptions.Abort:
-        message("aborted")
-        sys.exit(1)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except NixfleetError as e:
-        message(f"error: {e}")
-        if isinstance(e, UnreachableError):
-            message(CP_DOWN_GUIDANCE)
-        sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    sys.exit(0)
+    if config.completion_requested():
+        cli.main(args=argv, prog_name="nixfleet")  # click's completion protocol; exits
+    sys.exit(run(argv))

@@ -11,8 +11,23 @@ from typing import Any
 import click
 import orjson
 
-from nixfleet.cli.config import color_allowed
+from nixfleet.cli.config import no_color_requested
 from nixfleet.models import parse_time, utcnow
+
+COLOR_MODES = ("auto", "always", "never")
+_color = {"mode": "auto"}
+
+
+def set_color(mode: str | None) -> None:
+    """--color auto|always|never; `auto` means a terminal and no NO_COLOR (no-color.org)."""
+    _color["mode"] = mode or "auto"
+
+
+def use_color() -> bool:
+    mode = _color["mode"]
+    if mode != "auto":
+        return mode == "always"
+    return not no_color_requested() and sys.stdout.isatty()
 
 
 def emit_json(data: Any) -> None:
@@ -32,12 +47,13 @@ def emit_json(data: Any) -> None:
         click.echo(json.dumps(data, indent=2, sort_keys=False))
 
 
-def use_color() -> bool:
-    return color_allowed() and sys.stdout.isatty()
-
-
 def style(text: str, **kwargs: Any) -> str:
     return click.style(text, **kwargs) if use_color() else text
+
+
+def echo(text: str = "") -> None:
+    """A result line on stdout; colour codes pass when --color always asks for them."""
+    click.echo(text, color=use_color() or None)
 
 
 def message(text: str) -> None:
@@ -63,6 +79,16 @@ def short_generation(path: str | None, wide: bool = False) -> str:
     return f"{digest[:7]}-{name}" if name else base[:7]
 
 
+def duration(seconds: int) -> str:
+    """3d 4h, 5h 12m, 7m 3s, 42s: the two largest units."""
+    parts: list[str] = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size or (unit == "s" and not parts):
+            parts.append(f"{seconds // size}{unit}")
+            seconds %= size
+    return " ".join(parts[:2])
+
+
 def ago(value: str | None, now: datetime | None = None) -> str:
     when = parse_time(value)
     if when is None:
@@ -78,13 +104,13 @@ def ago(value: str | None, now: datetime | None = None) -> str:
 def table(
     headers: Sequence[str], rows: Sequence[Sequence[str]], colors: dict[int, Any] | None = None
 ) -> None:
-    """Left-aligned columns; colours (per column, a function of the cell) only on a TTY."""
+    """Left-aligned columns; colours (per column, a function of the cell) when use_color()."""
     widths = [len(h) for h in headers]
     rows = [[printable(cell) for cell in row] for row in rows]
     for row in rows:
         for i, cell in enumerate(row):
             widths[i] = max(widths[i], len(cell))
-    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+    echo("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
     for row in rows:
         cells = []
         for i, (cell, width) in enumerate(zip(row, widths, strict=True)):
@@ -92,4 +118,4 @@ def table(
             if colors and i in colors:
                 padded = style(padded, **colors[i](cell))
             cells.append(padded)
-        click.echo("  ".join(cells).rstrip())
+        echo("  ".join(cells).rstrip())

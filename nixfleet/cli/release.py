@@ -3,27 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import click
 import tomli_w
 
-from nixfleet import flake
+from nixfleet import flake, wire
+from nixfleet.cli import complete
 from nixfleet.cli.context import State, pass_state
-from nixfleet.cli.output import emit_json, message, short_generation, table
+from nixfleet.cli.options import HOST_LIST, output_options, tags_option
+from nixfleet.cli.output import echo, emit_json, message, short_generation, table
 from nixfleet.models import Release, utcnow
 
 
-def _split(value: str | None) -> list[str]:
-    return [t.strip() for t in (value or "").split(",") if t.strip()]
-
-
-def register_release(state: State, release: Release) -> dict[str, Any]:
+def register_release(state: State, release: Release) -> wire.RegisteredRelease:
     """POST a release; the same entries again are idempotent (same id)."""
-    result: dict[str, Any] = state.client().post(
-        "/api/v1/releases", flake.release_document(release)
-    )
-    return result
+    return state.client().register_release(flake.release_document(release))
 
 
 def _print_entries(release: Release, wide: bool = False) -> None:
@@ -49,8 +43,13 @@ def release() -> None:
 
 @release.command()
 @click.option("--flake", "flake_ref", default=".", show_default=True, help="Flake reference.")
-@click.option("--hosts", help="Only these hosts; globs allowed (comma-separated): 'web-*,db-01'.")
-@click.option("--tags", help="Only hosts whose services.nixfleet-agent.tags include ALL of these.")
+@click.option(
+    "--hosts",
+    type=HOST_LIST,
+    default="",
+    help="Only these hosts; globs allowed (comma-separated): 'web-*,db-01'.",
+)
+@tags_option("Only hosts whose services.nixfleet-agent.tags include ALL of these.")
 @click.option("--eval-only", is_flag=True, help="Evaluate store paths without building.")
 @click.option("--push-to", metavar="URL", help="`nix copy --to URL` the closures (a cache).")
 @click.option("--cache-url", metavar="URL", help="Where agents fetch from (default: --push-to).")
@@ -58,13 +57,13 @@ def release() -> None:
 @click.option("--dry-run", is_flag=True, help="Evaluate only; write, push and register nothing.")
 @click.option("--allow-dirty", is_flag=True, help="Allow uncommitted changes in the flake.")
 @click.option("--no-register", is_flag=True, help="Write the TOML but do not contact the CP.")
-@click.option("--json", "json_", is_flag=True, help="Print the release as JSON.")
+@output_options()
 @pass_state
 def create(
     state: State,
     flake_ref: str,
-    hosts: str | None,
-    tags: str | None,
+    hosts: list[str],
+    tags: list[str],
     eval_only: bool,
     push_to: str | None,
     cache_url: str | None,
@@ -72,7 +71,6 @@ def create(
     dry_run: bool,
     allow_dirty: bool,
     no_register: bool,
-    json_: bool,
 ) -> None:
     """Build every nixosConfigurations host of a flake into a release.
 
@@ -89,8 +87,8 @@ def create(
     """
     release = flake.create_release(
         flake_ref,
-        hosts=_split(hosts),
-        tags=_split(tags),
+        hosts=hosts,
+        tags=tags,
         eval_only=eval_only or dry_run,
         push_to=None if dry_run else push_to,
         cache_url=cache_url or (push_to if dry_run else None),
@@ -99,7 +97,7 @@ def create(
         progress=message,
     )
     if dry_run:
-        if json_ or state.json:
+        if state.json:
             emit_json(flake.release_document(release))
         else:
             click.echo(tomli_w.dumps(flake.release_document(release)), nl=False)
@@ -116,10 +114,10 @@ def create(
     if not no_register:
         created = register_release(state, release)["created"]
         message(f"{'registered' if created else 'already registered:'} release {release.id}")
-    if json_ or state.json:
+    if state.json:
         emit_json(flake.release_document(release))
     else:
-        click.echo(release.id)
+        echo(release.id)
 
 
 @release.command("register")
@@ -135,22 +133,25 @@ def register_(state: State, file: Path) -> None:
     rel = flake.read_toml(file)
     created = register_release(state, rel)["created"]
     message(f"{'registered' if created else 'already registered:'} release {rel.id}")
-    click.echo(rel.id)
+    echo(rel.id)
 
 
 @release.command("list")
-@click.option("--json", "json_", is_flag=True, help="JSON output.")
+@output_options()
 @pass_state
-def list_(state: State, json_: bool) -> None:
+def list_(state: State) -> None:
     """List releases, newest first.
 
     \b
     Example:
       nixfleet release list
     """
-    data = state.client().get("/api/v1/releases")
-    if json_ or state.json:
+    data = state.client().releases()
+    if state.json:
         emit_json(data)
+        return
+    if not data["releases"]:
+        message("no releases yet: build one with `nixfleet release create --flake .`")
         return
     rows = [
         [
@@ -166,45 +167,47 @@ def list_(state: State, json_: bool) -> None:
     table(["ID", "CREATED", "HOSTS", "REV", "ROLLOUTS", "BY"], rows)
 
 
+release_argument = click.argument("release_id", shell_complete=complete.release_items)
+
+
 @release.command()
-@click.argument("release_id")
-@click.option("--json", "json_", is_flag=True, help="JSON output.")
-@click.option("--wide", is_flag=True, help="Show full store paths.")
+@release_argument
+@output_options(wide=True)
 @pass_state
-def show(state: State, release_id: str, json_: bool, wide: bool) -> None:
+def show(state: State, release_id: str) -> None:
     """Show one release and its entries.
 
     \b
     Example:
       nixfleet release show rel-3f2a9c1d7e4b --wide
     """
-    data = state.client().get(f"/api/v1/releases/{release_id}")
-    if json_ or state.json:
+    data = state.client().release(release_id)
+    if state.json:
         emit_json(data)
         return
     for key in ("id", "flake_ref", "flake_rev", "cache_url", "created_at", "created_by"):
-        click.echo(f"{key:<11} {data.get(key) or '-'}")
-    click.echo()
-    _print_entries(flake.release_from_document(data), wide)
+        echo(f"{key:<11} {data.get(key) or '-'}")
+    echo()
+    _print_entries(flake.release_from_document(dict(data)), state.wide)
 
 
 @release.command()
-@click.argument("a")
-@click.argument("b")
-@click.option("--json", "json_", is_flag=True, help="JSON output.")
-@click.option("--wide", is_flag=True, help="Show full store paths.")
+@click.argument("a", shell_complete=complete.release_items)
+@click.argument("b", shell_complete=complete.release_items)
+@output_options(wide=True)
 @pass_state
-def diff(state: State, a: str, b: str, json_: bool, wide: bool) -> None:
+def diff(state: State, a: str, b: str) -> None:
     """Per host: what changes from release A to release B.
 
     \b
     Example:
       nixfleet release diff rel-3f2a9c1d7e4b rel-9d0e1f2a3b4c
     """
-    data = state.client().get(f"/api/v1/releases/{a}/diff/{b}")
-    if json_ or state.json:
+    data = state.client().release_diff(a, b)
+    if state.json:
         emit_json(data)
         return
+    wide = state.wide
     rows = [
         ["+", d["hostname"], "-", short_generation(d["store_path"], wide)] for d in data["added"]
     ]
@@ -223,7 +226,7 @@ def diff(state: State, a: str, b: str, json_: bool, wide: bool) -> None:
 
 
 @release.command()
-@click.argument("release_id")
+@release_argument
 @pass_state
 def delete(state: State, release_id: str) -> None:
     """Delete a release (refused while a rollout references it; exit 4).
@@ -232,5 +235,5 @@ def delete(state: State, release_id: str) -> None:
     Example:
       nixfleet release delete rel-3f2a9c1d7e4b
     """
-    state.client().request("DELETE", f"/api/v1/releases/{release_id}")
+    state.client().delete_release(release_id)
     message(f"deleted release {release_id}")

@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import click
 
-from nixfleet import closures, flake, rolloutfile, schemas
+from nixfleet import closures, flake, rolloutfile, wire
+from nixfleet import deploy as deploy_lib
+from nixfleet.cli import complete
 from nixfleet.cli.context import State, pass_state
-from nixfleet.cli.output import emit_json, message, style, table
+from nixfleet.cli.options import (
+    HOST_LIST,
+    CommaList,
+    output_options,
+    rollout_argument,
+    tags_option,
+)
+from nixfleet.cli.output import echo, emit_json, message, style, table
 from nixfleet.cli.release import register_release
-from nixfleet.errors import FieldError, RolloutHaltedError, ValidationError
-from nixfleet.models import RolloutStatus
+from nixfleet.cli.status import poll
+from nixfleet.errors import FieldError, RolloutHaltedError
+from nixfleet.models import RolloutStatus, utcnow
 
 HEALTH_COLORS = {
     "healthy": {"fg": "green"},
@@ -24,10 +32,6 @@ HEALTH_COLORS = {
     "unhealthy": {"fg": "red"},
 }
 SHOW_ALL_UP_TO = 20
-
-
-def _path(ref: str, suffix: str = "") -> str:
-    return f"/api/v1/rollouts/{quote(ref, safe='')}{suffix}"
 
 
 def _document(state: State, file: Path, register: bool) -> dict[str, Any]:
@@ -41,20 +45,20 @@ def _document(state: State, file: Path, register: bool) -> dict[str, Any]:
     return doc
 
 
-def render(data: dict[str, Any], all_machines: bool = False) -> None:
-    click.echo(
+def render(data: wire.Rollout, all_machines: bool = False) -> None:
+    echo(
         f"rollout {data['name']} ({data['id']})  {style(data['status'], bold=True)}  "
         f"release {data['release']}  strategy {data['document']['strategy']}"
     )
     hold = data.get("hold")
     if hold and data["status"] == RolloutStatus.RUNNING.value:
-        click.echo(f"{style(hold['kind'], bold=True)}: {hold['detail']}")
+        echo(f"{style(hold['kind'], bold=True)}: {hold['detail']}")  # DESIGN §11
     for b in data["batches"]:
         counts: dict[str, int] = {}
         for m in b["machines"]:
             counts[m["health"]] = counts.get(m["health"], 0) + 1
         summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-        click.echo(f"batch {b['index'] + 1}  {b['status']:<9}  {b['size']} machine(s)  ({summary})")
+        echo(f"batch {b['index'] + 1}  {b['status']:<9}  {b['size']} machine(s)  ({summary})")
         shown = [
             m
             for m in b["machines"]
@@ -66,10 +70,10 @@ def render(data: dict[str, Any], all_machines: bool = False) -> None:
                 ["  HOST", "HEALTH", "REASON"], rows, colors={1: lambda c: HEALTH_COLORS.get(c, {})}
             )
     for s in data.get("skipped", []):
-        click.echo(f"skipped {s['hostname']}: {s['reason']}")
+        echo(f"skipped {s['hostname']}: {s['reason']}")
 
 
-def halted(data: dict[str, Any]) -> RolloutHaltedError:
+def halted(data: wire.Rollout) -> RolloutHaltedError:
     name = data["name"]
     if data["status"] == RolloutStatus.PAUSED.value:
         why = next(
@@ -88,18 +92,46 @@ def halted(data: dict[str, Any]) -> RolloutHaltedError:
     return RolloutHaltedError(f"rollout {name} was cancelled")
 
 
-def follow(state: State, ref: str, wait: bool, interval: float, json_: bool) -> None:
-    """Redraw until the rollout stops running; with --wait, exit by its outcome."""
+def progress(data: wire.Rollout) -> dict[str, str]:
+    """What a log-friendly wait reports a line for when it changes (the rollout last)."""
+    out: dict[str, str] = {}
+    for b in data["batches"]:
+        out[f"batch {b['index'] + 1}"] = b["status"]
+        for m in b["machines"]:
+            unhealthy = m["health"] == "unhealthy" and m["reason"]
+            out[m["id"]] = f"{m['health']} ({m['reason']})" if unhealthy else m["health"]
+    out[f"rollout {data['name']}"] = data["status"]
+    return out
+
+
+def follow(state: State, ref: str, wait: bool, interval: float) -> None:
+    """Follow a rollout until it stops running; with --wait, exit by its outcome.
+
+    On a terminal the view is redrawn; elsewhere (CI logs) it is printed once, then one
+    line per change. Control-plane blips are waited out, not fatal.
+    """
+    client = state.client()
+    tty = sys.stdout.isatty()
+    seen: dict[str, str] | None = None
     while True:
-        data = state.client().get(_path(ref))
-        if not json_:
-            if not wait:
-                click.clear()
+        data = poll(lambda: client.rollout(ref), interval)
+        if state.json:
+            pass
+        elif tty:
+            click.clear()
             render(data)
+        elif seen is None:
+            render(data)
+        else:
+            now = utcnow().strftime("%H:%M:%S")
+            for key, value in progress(data).items():
+                if seen.get(key) != value:
+                    echo(f"{now}  {key}: {value}")
+        seen = progress(data)
         if data["status"] != RolloutStatus.RUNNING.value:
             break
         time.sleep(interval)
-    if json_:
+    if state.json:
         emit_json(data)
     if wait and data["status"] != RolloutStatus.COMPLETED.value:
         raise halted(data)
@@ -141,22 +173,22 @@ def validate(file: Path) -> None:
     message(f"{file}: ok (rollout {doc['name']}, release {doc['release']}, {doc['strategy']})")
 
 
-def _costs(state: State, data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _costs(state: State, data: wire.Plan) -> dict[str, wire.HostCost]:
     """Per planned host: closure diff, download size, reboot (nixfleet.closures, real nix)."""
     client = state.client()
-    release = client.get(f"/api/v1/releases/{quote(data['release'], safe='')}")
+    release = client.release(data["release"])
     new = {e["hostname"]: e["store_path"] for e in release["entries"]}
-    known = {m["id"]: m for m in client.get("/api/v1/machines")["machines"]}
-    hosts = {
-        h: closures.HostGenerations(
-            known.get(h, {}).get("current_generation"),
-            known.get(h, {}).get("booted_generation"),
-            new[h],
-        )
-        for b in data["batches"]
-        for h in b["hosts"]
-        if h in new
-    }
+    known = {m["id"]: m for m in client.machines()["machines"]}
+    hosts = {}
+    for b in data["batches"]:
+        for h in b["hosts"]:
+            if h in new:
+                m = known.get(h)
+                hosts[h] = closures.HostGenerations(
+                    m["current_generation"] if m else None,
+                    m.get("booted_generation") if m else None,
+                    new[h],
+                )
     costs = closures.host_costs(hosts, release.get("cache_url"))
     return {
         h: {"download_bytes": c.download_bytes, "needs_reboot": c.needs_reboot, "diff": c.diff}
@@ -175,6 +207,22 @@ def _size(n: int | None) -> str:
     return f"{size:.0f} {unit} to download" if unit == "B" else f"{size:.1f} {unit} to download"
 
 
+def _render_costs(hosts: list[str], costs: dict[str, wire.HostCost]) -> None:
+    for h in hosts:
+        c = costs.get(h)
+        if c is None:
+            continue
+        needed = c["needs_reboot"]
+        reboot = (
+            "reboot unknown" if needed is None else ("needs a reboot" if needed else "no reboot")
+        )
+        diff = c["diff"]
+        changes = "diff unknown" if diff is None else f"{len(diff.splitlines())} change(s)"
+        echo(f"  {h}: {_size(c['download_bytes'])}, {reboot}, {changes}")
+        for line in (diff or "").splitlines()[:20]:
+            echo(f"    {line}")
+
+
 @rollout.command()
 @rollout_file
 @click.option(
@@ -183,9 +231,9 @@ def _size(n: int | None) -> str:
     is_flag=True,
     help="Per host: closure diff, download size from the cache, reboot needed (runs nix).",
 )
-@click.option("--json", "json_", is_flag=True, help="JSON output.")
+@output_options()
 @pass_state
-def plan(state: State, file: Path, closures_: bool, json_: bool) -> None:
+def plan(state: State, file: Path, closures_: bool) -> None:
     """Show the batches `apply` would create and the hosts it would skip; changes nothing.
 
     With --closures it also asks the local Nix store and the release's cache, per host,
@@ -196,59 +244,49 @@ def plan(state: State, file: Path, closures_: bool, json_: bool) -> None:
       nixfleet rollout plan -f rollouts/web.yaml
       nixfleet rollout plan -f rollouts/db.yaml --closures
     """
-    data = state.client().post("/api/v1/rollouts/plan", _document(state, file, register=False))
+    data = state.client().plan_rollout(_document(state, file, register=False))
     costs = _costs(state, data) if closures_ else {}
     if costs:
         data["hosts"] = costs
-    if json_ or state.json:
+    if state.json:
         emit_json(data)
         return
-    click.echo(
+    echo(
         f"rollout {data['name']}: {data['targets']} machine(s) in {len(data['batches'])} batch(es)"
     )
     for b in data["batches"]:
-        click.echo(f"batch {b['index'] + 1} ({b['size']}): {', '.join(b['hosts'])}")
+        echo(f"batch {b['index'] + 1} ({b['size']}): {', '.join(b['hosts'])}")
         if b.get("waiting_for_window"):  # DESIGN §11: when it can start, what holds it
-            click.echo(
-                f"  starts no earlier than {b['earliest_start']} ({b['waiting_for_window']})"
-            )
-        if b.get("held_by"):
-            click.echo(f"  {b['at_once']} at a time: {b['held_by']}")
-        for h in b["hosts"]:
-            c = costs.get(h)
-            if c is None:
-                continue
-            reboot = {True: "needs a reboot", False: "no reboot"}.get(
-                c["needs_reboot"], "reboot unknown"
-            )
-            diff = c["diff"]
-            changes = "diff unknown" if diff is None else f"{len(diff.splitlines())} change(s)"
-            click.echo(f"  {h}: {_size(c['download_bytes'])}, {reboot}, {changes}")
-            for line in (diff or "").splitlines()[:20]:
-                click.echo(f"    {line}")
+            echo(f"  starts no earlier than {b.get('earliest_start')} ({b['waiting_for_window']})")
+        if "held_by" in b:
+            echo(f"  {b.get('at_once')} at a time: {b['held_by']}")
+        _render_costs(b["hosts"], costs)
     for s in data["skipped"]:
-        click.echo(f"skipped {s['hostname']}: {s['reason']}")
+        echo(f"skipped {s['hostname']}: {s['reason']}")
+    if not data["targets"]:
+        message("no machine matches the target: check `target` with `nixfleet machines list`")
 
 
-def submit(state: State, doc: dict[str, Any], json_: bool, wait: bool, interval: float) -> None:
-    data = state.client().post("/api/v1/rollouts", doc)
-    if json_ and not wait:
+def submit(state: State, doc: dict[str, Any], wait: bool, interval: float) -> None:
+    data = state.client().apply_rollout(doc)
+    if state.json and not wait:
         emit_json(data)
     else:
         verb = "created" if data["created"] else "unchanged:"
         message(f"{verb} rollout {data['name']} ({data['id']}), {len(data['batches'])} batch(es)")
-        click.echo(data["id"])
+        if not state.json:
+            echo(data["id"])
     if wait:
-        follow(state, data["id"], True, interval, json_)
+        follow(state, data["id"], True, interval)
 
 
 @rollout.command()
 @rollout_file
 @click.option("--wait", is_flag=True, help="Follow until completed (exit 0) or halted (exit 8).")
 @click.option("--interval", default=2.0, show_default=True, help="Seconds between polls.")
-@click.option("--json", "json_", is_flag=True, help="JSON output.")
+@output_options()
 @pass_state
-def apply(state: State, file: Path, wait: bool, interval: float, json_: bool) -> None:
+def apply(state: State, file: Path, wait: bool, interval: float) -> None:
     """Start the rollout a file describes; applying the same file again is a no-op.
 
     A `release:` given as a path to a release TOML is registered first.
@@ -257,54 +295,75 @@ def apply(state: State, file: Path, wait: bool, interval: float, json_: bool) ->
     Example:
       nixfleet rollout apply -f rollouts/web.yaml --wait
     """
-    submit(state, _document(state, file, register=True), json_ or state.json, wait, interval)
+    submit(state, _document(state, file, register=True), wait, interval)
 
 
 @rollout.command("list")
 @click.option(
     "--status", help="Only this status (running, paused, completed, failed, cancelled, invalid)."
 )
-@click.option("--json", "json_", is_flag=True, help="JSON output.")
+@output_options()
 @pass_state
-def list_(state: State, status: str | None, json_: bool) -> None:
+def list_(state: State, status: str | None) -> None:
     """List rollouts, newest first, and invalid rollout files of --rollouts-dir.
 
     \b
     Example:
       nixfleet rollout list --status running
     """
-    data = state.client().get("/api/v1/rollouts", status=status)
-    if json_ or state.json:
+    data = state.client().rollouts(status)
+    if state.json:
         emit_json(data)
+        return
+    if not data["rollouts"]:
+        message(
+            f"no {status} rollouts"
+            if status
+            else "no rollouts yet: "
+            "`nixfleet rollout apply -f FILE` or `nixfleet deploy --release rel-…` starts one"
+        )
         return
     rows = []
     for r in data["rollouts"]:
         if r["status"] == "invalid":
             errs = "; ".join(
-                str(FieldError(e["field"], e["message"], e.get("line"))) for e in r["errors"]
+                str(FieldError(e["field"], e["message"], e.get("line")))
+                for e in r.get("errors", [])
             )
-            rows.append([r["name"] or "-", "-", "invalid", "-", "-", f"{r['file']}: {errs}"])
+            rows.append([r["name"] or "-", "-", "invalid", "-", "-", f"{r.get('file')}: {errs}"])
             continue
-        m = r["machines"]
-        progress = f"{m['healthy']}/{m['total']} healthy" + (
-            f", {m['unhealthy']} unhealthy" if m["unhealthy"] else ""
+        m = r.get("machines", {})
+        counts = f"{m.get('healthy', 0)}/{m.get('total', 0)} healthy" + (
+            f", {m['unhealthy']} unhealthy" if m.get("unhealthy") else ""
         )
-        rows.append([r["name"], r["id"], r["status"], r["release"], progress, r["source"]])
+        rows.append(
+            [
+                r["name"] or "-",
+                r["id"] or "-",
+                r["status"],
+                r.get("release", "-"),
+                counts,
+                r.get("source", "-"),
+            ]
+        )
     table(["NAME", "ID", "STATUS", "RELEASE", "MACHINES", "SOURCE"], rows)
 
 
 @rollout.command()
-@click.argument("rollout_id")
-@click.option("--watch", is_flag=True, help="Redraw until the rollout stops running.")
+@rollout_argument
+@click.option("--watch", is_flag=True, help="Follow until the rollout stops running.")
 @click.option("--wait", is_flag=True, help="Exit 0 when completed, 8 when paused/failed/cancelled.")
 @click.option("--interval", default=2.0, show_default=True, help="Seconds between polls.")
 @click.option("--all", "all_", is_flag=True, help="List healthy machines of big batches too.")
-@click.option("--json", "json_", is_flag=True, help="JSON output.")
+@output_options()
 @pass_state
 def status(
-    state: State, rollout_id: str, watch: bool, wait: bool, interval: float, all_: bool, json_: bool
+    state: State, rollout_id: str, watch: bool, wait: bool, interval: float, all_: bool
 ) -> None:
     """Progress per batch and per machine: pending, healthy, or unhealthy with the reason.
+
+    With --watch or --wait: redrawn on a terminal; elsewhere (CI logs) printed once,
+    then one line per change. Control-plane restarts are waited out.
 
     \b
     Example:
@@ -312,10 +371,10 @@ def status(
       nixfleet rollout status web-2026-11-27 --wait || echo "halted"
     """
     if watch or wait:
-        follow(state, rollout_id, wait, interval, json_ or state.json)
+        follow(state, rollout_id, wait, interval)
         return
-    data = state.client().get(_path(rollout_id))
-    if json_ or state.json:
+    data = state.client().rollout(rollout_id)
+    if state.json:
         emit_json(data)
     else:
         render(data, all_)
@@ -332,10 +391,10 @@ def _control(action: str) -> click.Command:
     doc = f"{CONTROL_HELP[action]}\n\n\b\nExample:\n  nixfleet rollout {action} web-2026-11-27"
 
     @click.command(action, help=doc)
-    @click.argument("rollout_id")
+    @rollout_argument
     @pass_state
     def command(state: State, rollout_id: str) -> None:
-        data = state.client().post(_path(rollout_id, f"/{action}"))
+        data = state.client().control_rollout(rollout_id, action)
         message(f"rollout {data['name']} ({data['id']}): {data['status']}")
 
     return command
@@ -348,63 +407,16 @@ for _action in CONTROL_HELP:
 # --- deploy -------------------------------------------------------------------------
 
 
-def _count_or_text(value: str) -> int | str:
-    value = value.strip()
-    return int(value) if value.isdigit() else value
-
-
-def deploy_document(
-    release: str,
-    tags: list[str],
-    hosts: list[str],
-    strategy: str,
-    batch_size: str | None,
-    failure_threshold: str,
-    on_failure: str,
-    health_timeout: str,
-    soak: str,
-    name: str | None,
-) -> dict[str, Any]:
-    """The rollout document `deploy`'s flags describe (validated like a file)."""
-    target: dict[str, Any] = {}
-    if tags:
-        target["tags"] = tags
-    if hosts:
-        target["hosts"] = hosts
-    doc: dict[str, Any] = {
-        "version": 1,
-        "name": name or "",
-        "release": release,
-        "target": target,
-        "strategy": strategy,
-        "failure_threshold": _count_or_text(failure_threshold),
-        "on_failure": on_failure,
-        "health_timeout": _count_or_text(health_timeout),
-        "soak": _count_or_text(soak),
-    }
-    if batch_size:
-        doc["batches"] = [_count_or_text(b) for b in batch_size.split(",") if b.strip()]
-    if not name:
-        # Same flags, same name: running the same deploy twice is a no-op.
-        digest = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:8]
-        doc["name"] = f"deploy-{release.removeprefix('rel-')}-{digest}"
-    flags = {"batches": "--batch-size", "target": "--tags/--hosts", "release": "--release"}
-    errors = [
-        FieldError(
-            flags.get(e.field.split("[")[0].split(".")[0], "--" + e.field.replace("_", "-")),
-            e.message,
-        )
-        for e in schemas.errors_of("rollout", doc)
-    ]
-    if errors:
-        raise ValidationError("invalid deploy options", errors=errors)
-    return doc
-
-
 @click.command()
-@click.option("--release", "release_ref", required=True, help="Release id, or a release TOML file.")
-@click.option("--tags", help="Machines carrying ALL these tags (comma-separated).")
-@click.option("--hosts", help="Plus these hosts (comma-separated).")
+@click.option(
+    "--release",
+    "release_ref",
+    required=True,
+    shell_complete=complete.release_items,
+    help="Release id, or a release TOML file.",
+)
+@tags_option("Machines carrying ALL these tags (comma-separated).")
+@click.option("--hosts", type=HOST_LIST, default="", help="Plus these hosts (comma-separated).")
 @click.option(
     "--strategy",
     type=click.Choice(["canary", "staged", "all-at-once"]),
@@ -412,7 +424,12 @@ def deploy_document(
     show_default=True,
     help="canary: one machine first; staged: --batch-size batches; all-at-once: one batch.",
 )
-@click.option("--batch-size", help="Batch sizes: counts or percentages, e.g. 1,25%,100%.")
+@click.option(
+    "--batch-size",
+    type=CommaList(),
+    default="",
+    help="Batch sizes: counts or percentages, e.g. 1,25%,100%.",
+)
 @click.option("--failure-threshold", default="0", show_default=True, help="Per batch: N or P%.")
 @click.option(
     "--on-failure",
@@ -432,15 +449,15 @@ def deploy_document(
 @click.option(
     "--interval", default=2.0, show_default=True, help="Seconds between polls with --wait."
 )
-@click.option("--json", "json_", is_flag=True, help="JSON output.")
+@output_options()
 @pass_state
 def deploy(
     state: State,
     release_ref: str,
-    tags: str | None,
-    hosts: str | None,
+    tags: list[str],
+    hosts: list[str],
     strategy: str,
-    batch_size: str | None,
+    batch_size: list[str],
     failure_threshold: str,
     on_failure: str,
     health_timeout: str,
@@ -448,7 +465,6 @@ def deploy(
     name: str | None,
     wait: bool,
     interval: float,
-    json_: bool,
 ) -> None:
     """Roll a release out to machines in one command (the rollout file built from flags).
 
@@ -462,18 +478,17 @@ def deploy(
         rel = flake.read_toml(Path(release_ref))
         register_release(state, rel)
         release_id = rel.id
-    split = [t.strip() for t in (tags or "").split(",") if t.strip()]
-    host_list = [h.strip() for h in (hosts or "").split(",") if h.strip()]
-    doc = deploy_document(
-        release_id,
-        split,
-        host_list,
-        strategy,
-        batch_size,
-        failure_threshold,
-        on_failure,
-        health_timeout,
-        soak,
-        name,
+    options = deploy_lib.DeployOptions(
+        release=release_id,
+        tags=tags,
+        hosts=hosts,
+        strategy=strategy,
+        batch_size=batch_size,
+        failure_threshold=failure_threshold,
+        on_failure=on_failure,
+        health_timeout=health_timeout,
+        soak=soak,
+        name=name,
     )
-    submit(state, doc, json_ or state.json, wait, interval)
+    doc = deploy_lib.document(options)
+    submit(state, doc, wait, interval)

@@ -29,7 +29,7 @@ def checkpoint(settings: Settings, store: Store) -> None:
     store.checkpoint()
 
 
-# Jobs run in order every interval; later issues append to this list.
+# Jobs run in order every interval.
 JOBS: list[Job] = [gitops.job, reconciler.job, checkpoint]
 
 

@@ -9,12 +9,18 @@ from pathlib import Path
 import click
 
 from nixfleet import settings as config
+from nixfleet.entrypoint import ProgramGroup
 from nixfleet.errors import NixfleetError
 from nixfleet.models import utcnow
 from nixfleet.store import Store, audit, credentials
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    "nixfleet-control-plane",
+    cls=ProgramGroup,
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.option(
     "--config", "config_file", type=click.Path(dir_okay=False), help="Settings JSON file."
 )
@@ -117,13 +123,9 @@ def keys_create(settings: config.Settings, name: str, role: str) -> None:
     """
     store = Store(settings.db_path())
     now = utcnow()
-    try:
-        with store.transaction() as conn:
-            key = credentials.create_key(conn, name, role, "host", now)
-            audit.record(conn, "host:cli", "key.create", name, now, {"role": role})
-    except NixfleetError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(e.exit_code)
+    with store.transaction() as conn:
+        key = credentials.create_key(conn, name, role, "host", now)
+        audit.record(conn, "host:cli", "key.create", name, now, {"role": role})
     click.echo(key)
 
 
@@ -157,13 +159,9 @@ def keys_revoke(settings: config.Settings, name: str) -> None:
     """
     store = Store(settings.db_path())
     now = utcnow()
-    try:
-        with store.transaction() as conn:
-            credentials.revoke_key(conn, name, now)
-            audit.record(conn, "host:cli", "key.revoke", name, now)
-    except NixfleetError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(e.exit_code)
+    with store.transaction() as conn:
+        credentials.revoke_key(conn, name, now)
+        audit.record(conn, "host:cli", "key.revoke", name, now)
     click.echo(f"revoked key {name!r}", err=True)
 
 
@@ -183,8 +181,7 @@ def backup(settings: config.Settings, destination: str) -> None:
     """
     target = Path(destination)
     if target.exists():
-        click.echo(f"error: {target} exists; choose a new file name", err=True)
-        sys.exit(1)
+        raise NixfleetError(f"{target} exists; choose a new file name")
     store = Store(settings.db_path())
     store.backup(target)
     store.close()
@@ -192,7 +189,7 @@ def backup(settings: config.Settings, destination: str) -> None:
 
 
 def main() -> None:
-    cli()
+    cli()  # ProgramGroup.main: the one place exceptions become exit codes
 
 
 if __name__ == "__main__":

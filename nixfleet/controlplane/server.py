@@ -16,6 +16,7 @@ after its transaction), stops the loop between ticks and closes the database.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -32,6 +33,7 @@ from waitress.server import create_server
 
 from nixfleet.api import create_app
 from nixfleet.controlplane import background
+from nixfleet.errors import ServiceError, ValidationError
 from nixfleet.models import utcnow
 from nixfleet.settings import Settings
 from nixfleet.store import Store, audit, credentials
@@ -52,9 +54,12 @@ SERVER_OPTIONS: dict[str, Any] = {
 
 def install_admin_key(store: Store, key_file: str) -> None:
     """The module's adminKeyFile: the first admin key, created on the host, never over HTTP."""
-    key = Path(key_file).read_text().strip()
+    try:
+        key = Path(key_file).read_text().strip()
+    except OSError as e:
+        raise ServiceError(f"cannot read admin key file {key_file}: {e.strerror}") from e
     if len(key) < 24:
-        raise SystemExit(
+        raise ValidationError(
             f"admin key file {key_file} holds fewer than 24 characters; use a long random key"
         )
     now = utcnow()
@@ -91,17 +96,28 @@ def _listen(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    sock.bind(addr)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        hint = (
+            "another process (a running control plane?) listens there; stop it or choose "
+            "another --listen HOST:PORT"
+            if e.errno == errno.EADDRINUSE
+            else "choose another --listen HOST:PORT"
+        )
+        raise ServiceError(f"cannot listen on {host}:{port}: {e.strerror}; {hint}") from e
     return sock
 
 
 def serve(settings: Settings) -> None:
+    # The port first: a port in use is one line, and no database file is created for it.
+    sock = _listen(*settings.host_port)
     store = Store(settings.db_path())  # migrations run once, before any fork
     log.info("database %s", store.path)
     if settings.admin_key_file:
         install_admin_key(store, settings.admin_key_file)
     store.close()  # no SQLite connection (or lock) crosses a fork
-    sock = _listen(*settings.host_port)
     primary = os.getpid()
     workers: list[int] = []
     for _ in range(settings.workers - 1):
@@ -129,6 +145,7 @@ def _run(settings: Settings, sock: socket.socket, primary: int | None, workers: 
     server = create_server(app, sockets=[sock], threads=settings.threads, **SERVER_OPTIONS)
     stop = threading.Event()
     failed: list[str] = []
+    interrupted: list[int] = []
 
     def shutdown() -> None:
         if stop.is_set():
@@ -144,6 +161,8 @@ def _run(settings: Settings, sock: socket.socket, primary: int | None, workers: 
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("received signal %d, shutting down", signum)
+        if signum == signal.SIGINT:
+            interrupted.append(signum)
         # Not here: the handler may have interrupted the loop inside the trigger's lock.
         threading.Thread(target=shutdown, daemon=True).start()
 
@@ -172,7 +191,9 @@ def _run(settings: Settings, sock: socket.socket, primary: int | None, workers: 
         _reap(workers)
         log.info("stopped")
     if failed:
-        raise SystemExit(f"stopped because {', '.join(failed)}")
+        raise ServiceError(f"stopped because {', '.join(failed)}")
+    if interrupted and primary is None:
+        raise KeyboardInterrupt  # stopped cleanly; the entry point exits 130 for Ctrl-C
 
 
 def _watch_workers(

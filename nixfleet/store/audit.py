@@ -54,4 +54,9 @@ def query(
         "ORDER BY id DESC LIMIT ?",
         (*params, limit),
     )
-    return [AuditEntry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]
+    return [
+        AuditEntry(
+            r["id"], r["at"], r["actor"], r["action"], r["target"], json.loads(r["detail_json"])
+        )
+        for r in rows
+    ]

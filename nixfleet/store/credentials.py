@@ -134,7 +134,7 @@ def key_role(conn: sqlite3.Connection, key: str) -> tuple[str, str] | None:
         "SELECT name, role FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL",
         (digest(key),),
     ).fetchone()
-    return (row[0], row[1]) if row else None
+    return (row["name"], row["role"]) if row else None
 
 
 def issue_token(conn: sqlite3.Connection, machine_id: str, now: datetime) -> str:

@@ -158,17 +158,33 @@ class Store:
                 "(name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
             )
             done = {r[0] for r in conn.execute("SELECT name FROM schema_migrations")}
-        for name, sql in MIGRATIONS:
-            if name in done:
-                continue
-            with self.transaction() as conn:
-                for statement in _statements(sql):
-                    conn.execute(statement)
-                conn.execute(
-                    "INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)",
-                    (name, isoformat(utcnow())),
-                )
-            applied.append(name)
+        pending = [(name, sql) for name, sql in MIGRATIONS if name not in done]
+        if not pending:
+            return applied
+        # A migration may rebuild a table (0009), which needs foreign keys off; SQLite
+        # honours that only outside a transaction. Each migration checks every foreign
+        # key before it commits instead.
+        with self._write_lock:
+            writer = self._writer_connection()
+            writer.execute("PRAGMA foreign_keys=OFF")
+            try:
+                for name, sql in pending:
+                    with self.transaction() as conn:
+                        for statement in _statements(sql):
+                            conn.execute(statement)
+                        broken = conn.execute("PRAGMA foreign_key_check").fetchall()
+                        if broken:
+                            raise sqlite3.IntegrityError(
+                                f"migration {name}: {len(broken)} row(s) break a foreign key, "
+                                f"e.g. in table {broken[0][0]}"
+                            )
+                        conn.execute(
+                            "INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)",
+                            (name, isoformat(utcnow())),
+                        )
+                    applied.append(name)
+            finally:
+                writer.execute("PRAGMA foreign_keys=ON")
         return applied
 
     def applied_migrations(self) -> list[str]:

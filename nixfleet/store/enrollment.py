@@ -55,19 +55,18 @@ class EnrollToken:
         return "active"
 
 
-def _token(row: sqlite3.Row | tuple[object, ...]) -> EnrollToken:
-    r = tuple(row)
+def _token(r: sqlite3.Row) -> EnrollToken:
     return EnrollToken(
-        id=str(r[0]),
-        created_at=str(r[1]),
-        created_by=str(r[2]),
-        expires_at=str(r[3]),
-        uses_left=int(str(r[4])),
-        uses_total=int(str(r[5])),
-        tags=tuple(json.loads(str(r[6]))),
-        hostname_glob=None if r[7] is None else str(r[7]),
-        revoked_at=None if r[8] is None else str(r[8]),
-        last_used_at=None if r[9] is None else str(r[9]),
+        id=r["id"],
+        created_at=r["created_at"],
+        created_by=r["created_by"],
+        expires_at=r["expires_at"],
+        uses_left=r["uses_left"],
+        uses_total=r["uses_total"],
+        tags=tuple(json.loads(r["tags_json"])),
+        hostname_glob=r["hostname_glob"],
+        revoked_at=r["revoked_at"],
+        last_used_at=r["last_used_at"],
     )
 
 

@@ -321,6 +321,26 @@ SYNC_SQL = (
 )
 STALE_SQL = "(m.last_report_at IS NOT NULL AND m.last_report_at < ?)"
 
+# A machine's entry in GET /api/v1/status, field by field, as SQL writes it: the same
+# keys and values as api.machines.status_json, which is the definition (held to it
+# machine by machine by tests/api/test_status_shape.py). STALE_SQL takes the cutoff.
+STATUS_SQL: dict[str, str] = {
+    "id": "m.id",
+    "lifecycle": "m.lifecycle",
+    "current_generation": "m.current_generation",
+    "desired_generation": "m.desired_generation",
+    "sync": SYNC_SQL,
+    "failed_generation": "m.failed_generation",
+    "last_report_at": "m.last_report_at",
+    "stale": f"json(CASE WHEN {STALE_SQL} THEN 'true' ELSE 'false' END)",
+    "system_state": "m.system_state",
+    "last_message": "m.last_message",
+    "needs_reboot": (
+        "json(CASE m.needs_reboot WHEN 1 THEN 'true' WHEN 0 THEN 'false' ELSE 'null' END)"
+    ),
+    "tags": "json(m.tags_json)",
+}
+
 
 @dataclass(frozen=True)
 class StatusDocument:
@@ -340,39 +360,32 @@ def status_document(
 
     One statement, one scan: SQLite writes each machine's JSON (tags from the row's
     tags_json, kept by triggers), joins them into the array and counts the summary
-    in the same pass. Building a Machine, a dict and JSON text per machine in Python
-    took seconds at 100,000 machines; fetching a row per machine took a quarter of
-    what is left. The inner ORDER BY feeds group_concat in id order: SQLite does not
-    flatten an ordered sub-query into an aggregate.
+    in the same pass, so no Python object per machine (the measurements are in
+    docs/performance.md). The inner ORDER BY feeds group_concat in id order: SQLite
+    does not flatten an ordered sub-query into an aggregate.
     """
     where, params = _filter_sql(tags, lifecycle, "m.")
     cutoff = isoformat(stale_cutoff(now, stale_after))
     syncs = [s.value for s in Sync]
     lifecycles = [life.value for life in Lifecycle]
     sums = ", ".join(
-        [f"sum(sync = '{v}')" for v in syncs] + [f"sum(lifecycle = '{v}')" for v in lifecycles]
+        [f"sum(sync = '{v}') AS \"sync:{v}\"" for v in syncs]
+        + [f"sum(lifecycle = '{v}') AS \"lifecycle:{v}\"" for v in lifecycles]
     )
+    fields = ", ".join(f"'{key}', {expr}" for key, expr in STATUS_SQL.items())
+    stale_params = [cutoff] * "".join(STATUS_SQL.values()).count("?")
     sql = (
-        "SELECT '[' || coalesce(group_concat(o, ','), '') || ']', count(*), "
-        f"coalesce(sum(stale), 0), {sums} FROM ("
-        "SELECT json_object('id', m.id, 'lifecycle', m.lifecycle, "
-        "'current_generation', m.current_generation, "
-        f"'desired_generation', m.desired_generation, 'sync', {SYNC_SQL}, "
-        "'failed_generation', m.failed_generation, 'last_report_at', m.last_report_at, "
-        f"'stale', json(CASE WHEN {STALE_SQL} THEN 'true' ELSE 'false' END), "
-        "'system_state', m.system_state, 'last_message', m.last_message, "
-        "'needs_reboot', json(CASE m.needs_reboot WHEN 1 THEN 'true' WHEN 0 THEN 'false' "
-        "ELSE 'null' END), "
-        "'tags', json(m.tags_json)) AS o, "
+        "SELECT '[' || coalesce(group_concat(o, ','), '') || ']' AS machines, "
+        f"count(*) AS total, coalesce(sum(stale), 0) AS stale, {sums} FROM ("
+        f"SELECT json_object({fields}) AS o, "
         f"{SYNC_SQL} AS sync, {STALE_SQL} AS stale, m.lifecycle AS lifecycle "
         f"FROM machines m{where} ORDER BY m.id)"
     )
-    row = conn.execute(sql, (cutoff, cutoff, *params)).fetchone()
-    counts = [int(n or 0) for n in row[3:]]
-    by_sync = dict(zip(syncs, counts[: len(syncs)], strict=True))
-    by_sync.update(total=int(row[1]), stale=int(row[2]))
-    by_lifecycle = dict(zip(lifecycles, counts[len(syncs) :], strict=True))
-    return StatusDocument(row[0], by_sync, by_lifecycle)
+    row = conn.execute(sql, (*stale_params, cutoff, *params)).fetchone()
+    by_sync = {v: int(row[f"sync:{v}"] or 0) for v in syncs}
+    by_sync.update(total=int(row["total"]), stale=int(row["stale"]))
+    by_lifecycle = {v: int(row[f"lifecycle:{v}"] or 0) for v in lifecycles}
+    return StatusDocument(row["machines"], by_sync, by_lifecycle)
 
 
 @dataclass(frozen=True)

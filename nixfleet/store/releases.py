@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from nixfleet.errors import ConflictError, NotFoundError
-from nixfleet.models import Release, ReleaseEntry, isoformat, parse_time
+from nixfleet.models import Release, ReleaseEntry, isoformat, parse_time, time_of
 
 
 def insert(conn: sqlite3.Connection, release: Release, now: datetime, created_by: str) -> bool:
@@ -54,7 +54,11 @@ def _entries(conn: sqlite3.Connection, ids: list[str]) -> dict[str, list[Release
         ids,
     )
     for r in rows:
-        out[r[0]].append(ReleaseEntry(r[1], r[2], r[3], tuple(json.loads(r[4]))))
+        out[r["release_id"]].append(
+            ReleaseEntry(
+                r["hostname"], r["store_path"], r["platform"], tuple(json.loads(r["tags_json"]))
+            )
+        )
     return out
 
 
@@ -80,7 +84,21 @@ def get(conn: sqlite3.Connection, release_id: str) -> Release:
     return _release(row, _entries(conn, [release_id])[release_id])
 
 
-def list_releases(conn: sqlite3.Connection, limit: int = 100) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class ReleaseSummary:
+    """A release in a listing: its header and counts, not its entries."""
+
+    id: str
+    flake_ref: str | None
+    flake_rev: str | None
+    cache_url: str | None
+    created_at: datetime
+    created_by: str
+    hosts: int
+    rollouts: int  # rollouts that reference it (it cannot be deleted while any does)
+
+
+def list_releases(conn: sqlite3.Connection, limit: int = 100) -> list[ReleaseSummary]:
     """Newest first, with host counts (not the entries: a listing stays small)."""
     rows = conn.execute(
         "SELECT r.*, (SELECT COUNT(*) FROM release_entries e WHERE e.release_id = r.id) AS hosts, "
@@ -89,16 +107,16 @@ def list_releases(conn: sqlite3.Connection, limit: int = 100) -> list[dict[str, 
         (limit,),
     )
     return [
-        {
-            "id": r["id"],
-            "flake_ref": r["flake_ref"],
-            "flake_rev": r["flake_rev"],
-            "cache_url": r["cache_url"],
-            "created_at": r["created_at"],
-            "created_by": r["created_by"],
-            "hosts": r["hosts"],
-            "rollouts": r["rollouts"],
-        }
+        ReleaseSummary(
+            id=r["id"],
+            flake_ref=r["flake_ref"],
+            flake_rev=r["flake_rev"],
+            cache_url=r["cache_url"],
+            created_at=time_of(r["created_at"]),
+            created_by=r["created_by"],
+            hosts=r["hosts"],
+            rollouts=r["rollouts"],
+        )
         for r in rows
     ]
 
@@ -108,13 +126,13 @@ def store_paths(conn: sqlite3.Connection, release_id: str) -> dict[str, str]:
     rows = conn.execute(
         "SELECT hostname, store_path FROM release_entries WHERE release_id = ?", (release_id,)
     )
-    return {r[0]: r[1] for r in rows}
+    return {r["hostname"]: r["store_path"] for r in rows}
 
 
 def delete(conn: sqlite3.Connection, release_id: str) -> None:
     get(conn, release_id)
     used = [
-        r[0]
+        r["name"]
         for r in conn.execute(
             "SELECT name FROM rollouts WHERE release_id = ? ORDER BY created_at", (release_id,)
         )
@@ -125,21 +143,3 @@ def delete(conn: sqlite3.Connection, release_id: str) -> None:
             "a release stays while a rollout records it"
         )
     conn.execute("DELETE FROM releases WHERE id = ?", (release_id,))
-
-
-def diff(a: Release, b: Release) -> dict[str, Any]:
-    """Per host: added (only in b), removed (only in a), changed store path, unchanged."""
-    pa = {e.hostname: e.store_path for e in a.entries}
-    pb = {e.hostname: e.store_path for e in b.entries}
-    return {
-        "from": a.id,
-        "to": b.id,
-        "added": [{"hostname": h, "store_path": pb[h]} for h in sorted(pb.keys() - pa.keys())],
-        "removed": [{"hostname": h, "store_path": pa[h]} for h in sorted(pa.keys() - pb.keys())],
-        "changed": [
-            {"hostname": h, "from": pa[h], "to": pb[h]}
-            for h in sorted(pa.keys() & pb.keys())
-            if pa[h] != pb[h]
-        ],
-        "unchanged": sorted(h for h in pa.keys() & pb.keys() if pa[h] == pb[h]),
-    }

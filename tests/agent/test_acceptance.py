@@ -51,7 +51,7 @@ class AgentRunner:
         self.config_file.write_text(json.dumps(doc))
 
     def env(self) -> dict[str, str]:
-        return fakes.nix_env(NIXFLEET_SWITCH_LOG=str(self.machine.switch_log))
+        return dict(fakes.nix_env(NIXFLEET_SWITCH_LOG=str(self.machine.switch_log)))
 
     def once(self, *flags: str) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(

@@ -154,7 +154,7 @@ def test_lease_reboot_release_against_a_real_control_plane(
     assert holders == ["db-2"]
     # An agent may only touch its own lease.
     with pytest.raises(Exception) as e:
-        c1.request("DELETE", reboot.lease_path("db-2"))
+        c1.release_reboot_lease("db-2")
     assert getattr(e.value, "exit_code", None) == 6
 
 

@@ -23,10 +23,10 @@ from typing import Any
 
 import nixfleet_test_fakes as fakes  # loaded by conftest from tests/nix/fakes.py
 import pytest
+from conftest import ControlPlane, free_port
 
 from nixfleet.models import utcnow
 from nixfleet.store import Store, credentials
-from tests.conftest import ControlPlane, free_port
 
 
 def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 60.0) -> Any:
@@ -321,7 +321,7 @@ def test_two_rollouts_never_exceed_a_fleet_wide_budget(
 def test_plan_closures_tell_cost_and_reboot(
     make_cp: Callable[..., ControlPlane], cache: Any, tmp_path: Path
 ) -> None:
-    from tests.conftest import run_cli
+    from conftest import run_cli
 
     cp = make_cp()
     old = fakes.build_system("plan-k1", kernel="k1")

@@ -59,7 +59,7 @@ def test_reboot_never_answers_nothing(control_plane: Any) -> None:
 
 
 def test_status_and_machines_show_say_needs_reboot(control_plane: Any) -> None:
-    from tests.conftest import run_cli
+    from conftest import run_cli
 
     cp = control_plane
     agent = Client(cp.url, cp.register("db-1", ["db"]))

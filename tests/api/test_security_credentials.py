@@ -46,7 +46,9 @@ def api(store: Store) -> Api:
 def _register(api: Api, admin: str, machine_id: str, token: bool = True) -> str | None:
     status, m = api("POST", "/api/v1/machines", admin, {"id": machine_id, "issue_token": token})
     assert status == 201, m
-    return m.get("token")
+    token = m.get("token")
+    assert token is None or isinstance(token, str)
+    return token
 
 
 def _report(api: Api, machine_id: str, token: str | None) -> int:

@@ -68,7 +68,7 @@ def test_fifty_threads_of_reports_tags_and_lifecycle_changes(control_plane: Cont
 
     conn = sqlite3.connect(control_plane.db)
     for machine in MACHINES:
-        m = control_plane.machine(machine)
+        got = control_plane.machine(machine)
         # Every acknowledged operator tag is there: no lost update.
         expected_tags = {
             f"t{n}-{i}"
@@ -77,10 +77,10 @@ def test_fifty_threads_of_reports_tags_and_lifecycle_changes(control_plane: Cont
             for i in range(ROUNDS)
             if i % 3 != 0
         }
-        assert set(m["operator_tags"]) == expected_tags
-        assert m["agent_tags"] == ["web"]
+        assert set(got["operator_tags"]) == expected_tags
+        assert got["agent_tags"] == ["web"]
         # Lifecycle is where the acknowledged transitions put it (each one toggles).
-        assert m["lifecycle"] == ("maintenance" if transitions_ok[machine] % 2 else "active")
+        assert got["lifecycle"] == ("maintenance" if transitions_ok[machine] % 2 else "active")
         # Every acknowledged report was stored (retention 100 > 12 * 5 + 1) ...
         stored = conn.execute(
             "SELECT COUNT(*) FROM reports WHERE machine_id = ?", (machine,)

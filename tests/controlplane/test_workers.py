@@ -147,4 +147,5 @@ def test_workers_stop_when_the_primary_is_killed(workers_cp: ControlPlane) -> No
     assert wait_until(lambda: not alive(worker))
     assert "primary process" in workers_cp.log.read_text()
     workers_cp.start()  # the port is free again, and the database is intact
-    assert len(children(workers_cp.proc.pid)) == 1  # type: ignore[union-attr]
+    assert workers_cp.proc is not None
+    assert len(children(workers_cp.proc.pid)) == 1

@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import run_cli
 
 from nixfleet import policy, rolloutfile, schemas
 from nixfleet.errors import ValidationError
-from tests.conftest import run_cli
 
 HEAD = (
     "version: 1\nname: db\nrelease: rel-000000000000\ntarget: {tags: [db]}\nstrategy: all-at-once\n"

@@ -8,6 +8,7 @@ cutoff (a zero fraction included, the old trap of comparing stored strings).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -22,7 +23,7 @@ NOW = datetime(2026, 11, 27, 10, 0, 0, tzinfo=UTC)
 STALE_AFTER = 300
 
 
-def _sql(store: Store, expression: str, columns: dict[str, object], *params: object) -> object:
+def _sql(store: Store, expression: str, columns: Mapping[str, object], *params: object) -> object:
     # The expression's own parameters come first in the text, so they bind first.
     names = ", ".join(f"? AS {name}" for name in columns)
     with store.read() as conn:

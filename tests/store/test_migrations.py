@@ -13,7 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from nixfleet.models import TIME_FORMAT, isoformat, parse_time
+from nixfleet.models import (
+    TIME_FORMAT,
+    BatchStatus,
+    Lifecycle,
+    MachineHealth,
+    RolloutStatus,
+    SystemState,
+    isoformat,
+    parse_time,
+)
 from nixfleet.store import Store, machines, migrations, releases
 from nixfleet.store import rollouts as store_rollouts
 
@@ -67,7 +76,7 @@ def test_migrating_the_0007_fixture_loses_nothing_and_fixes_times(old_db: Path) 
             for a, b in zip(old, new, strict=False):
                 if isinstance(a, str) and len(a) == 20 and a.endswith("Z") and a[10] == "T":
                     # the same instant, in the fixed form
-                    assert b == isoformat(parse_time(a))
+                    assert b == isoformat(parse_time(a)) and b is not None
                     assert datetime.strptime(b, TIME_FORMAT).replace(tzinfo=UTC) == parse_time(a)
                 else:
                     assert a == b, (table, old, new)
@@ -87,4 +96,55 @@ def test_a_migrated_database_reads_and_works(old_db: Path) -> None:
         machines.set_tags(conn, "db-01", ["db", "new"], "operator", replace=True)
     with store.read() as conn:
         assert machines.get(conn, "db-01").tags == ("db", "new")
+    store.close()
+
+
+ENUMERATED = [
+    ("machines", "lifecycle", [v.value for v in Lifecycle]),
+    ("machines", "system_state", [v.value for v in SystemState]),
+    ("rollouts", "status", [v.value for v in RolloutStatus]),
+    ("rollout_batches", "status", [v.value for v in BatchStatus]),
+    ("rollout_machines", "health", [v.value for v in MachineHealth]),
+    ("rollout_files", "status", ["applied", "invalid"]),
+    ("machine_tags", "source", ["agent", "operator"]),
+    ("api_keys", "role", ["readonly", "deploy", "admin"]),
+]
+
+
+@pytest.mark.parametrize(("table", "column", "values"), ENUMERATED)
+def test_every_enumerated_column_takes_exactly_its_values(
+    old_db: Path, table: str, column: str, values: list[str]
+) -> None:
+    """Generated from the enums: each value is accepted, anything else refused."""
+    Store(old_db).close()
+    conn = sqlite3.connect(old_db, isolation_level=None)
+    try:
+        conn.execute("BEGIN")
+        assert conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] > 0
+        for value in values:
+            conn.execute(f"UPDATE {table} SET {column} = ?", (value,))
+        for bad in ("bogus", values[0].upper(), ""):
+            with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+                conn.execute(f"UPDATE {table} SET {column} = ?", (bad,))
+        conn.execute("ROLLBACK")
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    ("table", "column", "parent", "where"),
+    [
+        ("rollout_machines", "machine_id", "machines", "machine_id = 'web-00'"),
+        ("rollout_files", "rollout_id", "rollouts", "path = '/srv/rollouts/web.yaml'"),
+    ],
+)
+def test_the_added_foreign_keys_hold(
+    old_db: Path, table: str, column: str, parent: str, where: str
+) -> None:
+    store = Store(old_db)
+    with store.read() as conn:
+        keys = {(r["from"], r["table"]) for r in conn.execute(f"PRAGMA foreign_key_list({table})")}
+    assert (column, parent) in keys
+    with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"), store.transaction() as conn:
+        conn.execute(f"UPDATE {table} SET {column} = 'no-such-row' WHERE {where}")
     store.close()

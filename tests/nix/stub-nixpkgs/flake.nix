@@ -65,6 +65,7 @@
                 })
                 [
                   "curl"
+                  "installShellFiles"
                   "jq"
                   "nix"
                   "nixfmt-rfc-style"

@@ -83,28 +83,28 @@ def test_walkthrough_of_docs_security_md(fresh_cp: ControlPlane, tmp_path: Path)
         assert listed.stdout.startswith("ops\tadmin") and admin not in listed.stdout
 
         # 2. A deploy key for CI, and a readonly key for a dashboard.
-        deploy = rec.cli("keys", "create", "--name", "ci", "--role", "deploy", env=admin_env)
-        deploy_key = deploy.stdout.strip()
-        viewer = rec.cli("keys", "create", "--name", "viewer", "--role", "readonly", env=admin_env)
-        viewer_key = viewer.stdout.strip()
+        ci_file, viewer_file = tmp_path / "ci.key", tmp_path / "viewer.key"
+        deploy = rec.cli(
+            "keys", "create", "--name", "ci", "--role", "deploy", "--output", str(ci_file),
+            env=admin_env,
+        )  # fmt: skip
+        assert deploy.stdout == "" and ci_file.stat().st_mode & 0o777 == 0o600
+        deploy_key = ci_file.read_text().strip()
+        rec.cli(
+            "keys", "create", "--name", "viewer", "--role", "readonly",
+            "--output", str(viewer_file), env=admin_env,
+        )  # fmt: skip
+        viewer_key = viewer_file.read_text().strip()
         keys = rec.cli("keys", "list", env=admin_env).stdout
         assert "ci" in keys and "deploy" in keys and "viewer" in keys and deploy_key not in keys
 
         # 3. Enroll an agent with an enrollment token.
-        et = rec.cli(
-            "enroll-tokens",
-            "create",
-            "--uses",
-            "1",
-            "--expires",
-            "1h",
-            "--tags",
-            "prod",
-            "--hostname-glob",
-            "web-*",
-            env=admin_env,
-        )
-        enroll_token = et.stdout.strip()
+        token_file = tmp_path / "enroll.token"
+        rec.cli(
+            "enroll-tokens", "create", "--uses", "1", "--expires", "1h", "--tags", "prod",
+            "--hostname-glob", "web-*", "--output", str(token_file), env=admin_env,
+        )  # fmt: skip
+        enroll_token = token_file.read_text().strip()
         assert enroll_token.startswith("nfe_")
         # What the agent does with the token file it was given (docs/security.md):
         agent = Client(cp.url, enroll_token)

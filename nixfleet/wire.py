@@ -1,0 +1,400 @@
+"""The JSON shapes of the HTTP API (DESIGN §4), written once as TypedDicts.
+
+The client returns these and the CLI renders them; the API may annotate what it
+builds with the same names, so a field renamed on one side is a type error on the
+other. Times are RFC 3339 UTC strings, generations full store paths or None.
+The client checks the required keys before handing a body on: a server that
+answers without them is not the nixfleet API this client speaks. (No `from __future__
+import annotations` here: TypedDict must see NotRequired at class creation.)
+"""
+
+from typing import Any, NotRequired, TypedDict
+
+# --- machines ---------------------------------------------------------------------
+
+
+class HealthCheck(TypedDict):
+    name: str
+    kind: str
+    passed: bool
+    duration_ms: NotRequired[int]
+    message: NotRequired[str]
+
+
+class Health(TypedDict):
+    all_passed: bool
+    results: list[HealthCheck]
+
+
+class StatusMachine(TypedDict):
+    """One row of `GET /api/v1/status` (the columns `nixfleet status` shows)."""
+
+    id: str
+    lifecycle: str
+    current_generation: str | None
+    desired_generation: str | None
+    sync: str
+    failed_generation: str | None
+    last_report_at: str | None
+    stale: bool
+    system_state: str
+    last_message: str | None
+    needs_reboot: NotRequired[bool | None]  # DESIGN §11: NEEDS REBOOT
+    tags: list[str]
+
+
+class Machine(TypedDict):
+    """A machine as `GET /api/v1/machines` and every machine mutation answer it."""
+
+    id: str
+    lifecycle: str
+    tags: list[str]
+    agent_tags: list[str]
+    operator_tags: list[str]
+    current_generation: str | None
+    desired_generation: str | None
+    desired_cache_url: str | None
+    desired_source: str | None
+    sync: str
+    failed_generation: str | None
+    last_report_at: str | None
+    stale: bool
+    system_state: str
+    last_success: bool | None
+    last_message: str | None
+    agent_version: str | None
+    registered_at: str | None
+    retry_requested_at: str | None
+    needs_reboot: NotRequired[bool | None]
+    booted_generation: NotRequired[str | None]
+
+
+class ReportRecord(TypedDict):
+    received_at: str
+    current_generation: str
+    success: bool
+    message: str
+    attempted_generation: str | None
+    health: Health | None
+    agent_version: str | None
+    uptime_seconds: int | None
+
+
+class MachineDetail(Machine):
+    """`GET /api/v1/machines/{id}`: the machine plus its latest health and reports."""
+
+    health: Health | None
+    recent_reports: list[ReportRecord]
+
+
+class RegisteredMachine(Machine):
+    token: NotRequired[str]
+
+
+class MachineList(TypedDict):
+    machines: list[Machine]
+
+
+class Summary(TypedDict):
+    total: int
+    in_sync: int
+    updating: int
+    failed: int
+    no_desired: int
+    stale: int
+    by_lifecycle: dict[str, int]
+
+
+class Status(TypedDict):
+    generated_at: str
+    stale_after_seconds: int
+    summary: Summary
+    machines: list[StatusMachine]
+
+
+class ReportBody(TypedDict):
+    current_generation: str
+    tags: NotRequired[list[str]]
+    success: NotRequired[bool]
+    message: NotRequired[str]
+    attempted_generation: NotRequired[str]
+    health: NotRequired[Health]
+    agent_version: NotRequired[str]
+    uptime_seconds: NotRequired[int]
+
+
+class ReportAnswer(TypedDict):
+    desired_generation: str | None
+    cache_url: str | None
+    poll_hint: int | None
+    retry_requested_at: NotRequired[str | None]
+    reboot: NotRequired[str]  # "when-needed": the agent may ask for a reboot lease
+
+
+class DesiredGeneration(TypedDict):
+    desired_generation: str | None
+    cache_url: str | None
+    source: NotRequired[str | None]
+
+
+# --- credentials -------------------------------------------------------------------
+
+
+class Key(TypedDict):
+    name: str
+    role: str
+    created_at: str
+    created_by: str
+    revoked_at: str | None
+    active: bool
+
+
+class CreatedKey(Key):
+    key: str
+
+
+class KeyList(TypedDict):
+    keys: list[Key]
+
+
+class MachineToken(TypedDict):
+    machine_id: str
+    token: str
+    rotated: bool
+
+
+class RevokedToken(TypedDict):
+    machine_id: str
+    revoked: bool
+
+
+class EnrollToken(TypedDict):
+    id: str
+    state: str
+    uses_left: int
+    uses_total: int
+    expires_at: str
+    tags: list[str]
+    hostname_glob: str | None
+    created_at: str
+    created_by: str
+    revoked_at: str | None
+    last_used_at: str | None
+
+
+class CreatedEnrollToken(EnrollToken):
+    token: str
+
+
+class EnrollTokenList(TypedDict):
+    enroll_tokens: list[EnrollToken]
+
+
+class Enrolled(TypedDict):
+    machine_id: str
+    token: str
+    enrolled_at: str
+
+
+class AuditEntry(TypedDict):
+    id: int
+    at: str
+    actor: str
+    action: str
+    target: str
+    detail: Any
+
+
+class AuditLog(TypedDict):
+    entries: list[AuditEntry]
+
+
+# --- releases ----------------------------------------------------------------------
+
+
+class ReleaseEntry(TypedDict):
+    hostname: str
+    store_path: str
+    platform: str
+    tags: list[str]
+
+
+class Release(TypedDict):
+    id: str
+    flake_ref: NotRequired[str]
+    flake_rev: NotRequired[str]
+    cache_url: NotRequired[str]
+    created_by: NotRequired[str]
+    created_at: NotRequired[str]
+    entries: list[ReleaseEntry]
+
+
+class RegisteredRelease(Release):
+    created: bool
+
+
+class ReleaseSummary(TypedDict):
+    id: str
+    flake_ref: str | None
+    flake_rev: str | None
+    cache_url: str | None
+    created_at: str
+    created_by: str
+    hosts: int
+    rollouts: int
+
+
+class ReleaseList(TypedDict):
+    releases: list[ReleaseSummary]
+
+
+class HostPath(TypedDict):
+    hostname: str
+    store_path: str
+
+
+ChangedHost = TypedDict("ChangedHost", {"hostname": str, "from": str, "to": str})
+ReleaseDiff = TypedDict(
+    "ReleaseDiff",
+    {
+        "from": str,
+        "to": str,
+        "added": list[HostPath],
+        "removed": list[HostPath],
+        "changed": list[ChangedHost],
+        "unchanged": list[str],
+    },
+)
+
+
+# --- rollouts ----------------------------------------------------------------------
+
+
+class Skipped(TypedDict):
+    hostname: str
+    reason: str
+
+
+class PlannedBatch(TypedDict):
+    index: int
+    size: int
+    hosts: list[str]
+    # DESIGN §11, where windows or a budget apply:
+    earliest_start: NotRequired[str | None]
+    waiting_for_window: NotRequired[str | None]
+    at_once: NotRequired[int]
+    held_by: NotRequired[str]
+
+
+class HostCost(TypedDict):
+    """`rollout plan --closures`, per host (computed by the CLI with real nix)."""
+
+    download_bytes: int | None
+    needs_reboot: bool | None
+    diff: str | None
+
+
+class Plan(TypedDict):
+    name: str
+    release: str
+    strategy: str
+    targets: int
+    batches: list[PlannedBatch]
+    skipped: list[Skipped]
+    hosts: NotRequired[dict[str, HostCost]]
+
+
+class RolloutMachine(TypedDict):
+    id: str
+    health: str
+    reason: str
+    store_path: str | None
+    current_generation: str | None
+    last_report_at: str | None
+
+
+class Batch(TypedDict):
+    index: int
+    status: str
+    size: int
+    started_at: str | None
+    finished_at: str | None
+    machines: list[RolloutMachine]
+
+
+class RolloutEvent(TypedDict):
+    at: str
+    kind: str
+    batch: int | None
+    machine: str | None
+    detail: Any
+
+
+class Hold(TypedDict):
+    kind: str
+    detail: str
+
+
+class Rollout(TypedDict):
+    """`GET /api/v1/rollouts/{id}` and the answer of apply/pause/resume/cancel."""
+
+    id: str
+    name: str
+    release: str
+    status: str
+    source: str
+    created_at: str
+    created_by: str
+    updated_at: str
+    document: dict[str, Any]
+    skipped: list[Skipped]
+    batches: list[Batch]
+    events: list[RolloutEvent]
+    hold: NotRequired[Hold | None]  # DESIGN §11: waiting-for-window, held-by-budget
+
+
+class RebootLease(TypedDict):
+    group: str
+    machine: str
+    acquired_at: str
+    expires_at: str
+
+
+class RebootLeases(TypedDict):
+    """`POST /api/v1/machines/{id}/reboot-lease` (409 when not now, saying why)."""
+
+    granted: bool
+    leases: list[RebootLease]
+
+
+class ReleasedLeases(TypedDict):
+    released: int
+
+
+class AppliedRollout(Rollout):
+    created: bool
+
+
+class RolloutListItem(TypedDict):
+    """A rollout in `GET /api/v1/rollouts`; an invalid GitOps file has file/errors instead."""
+
+    id: str | None
+    name: str | None
+    status: str
+    updated_at: str | None
+    release: NotRequired[str]
+    source: NotRequired[str]
+    created_at: NotRequired[str]
+    created_by: NotRequired[str]
+    machines: NotRequired[dict[str, int]]
+    file: NotRequired[str]
+    errors: NotRequired[list[dict[str, Any]]]
+
+
+class RolloutList(TypedDict):
+    rollouts: list[RolloutListItem]
+
+
+class ServiceHealth(TypedDict):
+    status: str
+    version: str

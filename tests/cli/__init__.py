@@ -1,0 +1,1 @@
+"""Tests of the `nixfleet` CLI: real subprocesses against a real control plane."""
