@@ -101,7 +101,7 @@ def web_server(tmp_path: Path) -> Iterator[str]:
     def handler(*args: object) -> http.server.SimpleHTTPRequestHandler:
         return http.server.SimpleHTTPRequestHandler(*args, directory=str(tmp_path))  # type: ignore[arg-type]
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)  # type: ignore[arg-type]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
