@@ -42,6 +42,7 @@ def status_json(m: Machine, now: datetime, stale_after: int) -> dict[str, Any]:
         "stale": m.stale(now, stale_after),
         "system_state": m.system_state.value,
         "last_message": m.last_message,
+        "needs_reboot": m.needs_reboot,
         "tags": list(m.tags),
     }
 
@@ -58,7 +59,6 @@ def machine_json(m: Machine, now: datetime, stale_after: int) -> dict[str, Any]:
         "agent_version": m.agent_version,
         "registered_at": isoformat(m.registered_at),
         "retry_requested_at": isoformat(m.retry_requested_at),
-        "needs_reboot": m.needs_reboot,
         "booted_generation": m.booted_generation,
     }
 
