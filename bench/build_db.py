@@ -6,7 +6,7 @@ result from a fleet that grew through the API; only the bulk insert is direct SQ
 because registering 100,000 machines one HTTP request at a time would take longer
 than the benchmarks themselves.
 
-    python bench/build_db.py --machines 100000 --reports 3 --out /tmp/fleet.db
+    python bench/build_db.py --machines 100000 --events 3 --out /tmp/fleet.db
 """
 
 from __future__ import annotations
@@ -130,28 +130,18 @@ def _tokens(n: int, now: datetime) -> Iterator[tuple[str, str, str]]:
         yield fleet.hostname(i), credentials.digest(fleet.token(i)), at
 
 
-def _reports(n: int, per_machine: int, now: datetime) -> Iterator[tuple[Any, ...]]:
-    # Interleaved by time, as a real fleet's polls arrive, so rows of one machine are
-    # spread over the table the way they are in production.
+def _events(n: int, per_machine: int, now: datetime) -> Iterator[tuple[Any, ...]]:
+    # History (machine_events): per machine, the last `per_machine` changes were
+    # generation switches, interleaved by time as a real fleet's changes arrive.
     for k in range(per_machine, 0, -1):
         for i in range(n):
             if not reporting(i):
                 continue
-            at = isoformat(now - timedelta(seconds=60 * k + i % 60))
-            yield (
-                fleet.hostname(i),
-                at,
-                fleet.current_generation(i),
-                1,
-                "running",
-                None,
-                REPORT_HEALTH,
-                "0.1.0",
-                86_400 + i,
-            )
+            at = isoformat(now - timedelta(days=k, seconds=i % 60))
+            yield fleet.hostname(i), at, "generation", "agent", fleet.current_generation(i), None
 
 
-def build(path: Path, machines: int, reports_per_machine: int, quiet: bool = False) -> str:
+def build(path: Path, machines: int, events_per_machine: int, quiet: bool = False) -> str:
     """Create the database; return the admin API key."""
     for suffix in ("", "-wal", "-shm"):
         Path(str(path) + suffix).unlink(missing_ok=True)
@@ -178,11 +168,10 @@ def build(path: Path, machines: int, reports_per_machine: int, quiet: bool = Fal
             "INSERT INTO machine_tokens (machine_id, token_hash, created_at) VALUES (?, ?, ?)",
             chunk,
         )
-    for chunk in _chunks(_reports(machines, reports_per_machine, now)):
+    for chunk in _chunks(_events(machines, events_per_machine, now)):
         conn.executemany(
-            "INSERT INTO reports (machine_id, received_at, current_generation, success, "
-            "message, attempted_generation, health_json, agent_version, uptime_seconds) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO machine_events (machine_id, at, kind, source, generation, "
+            "detail_json) VALUES (?, ?, ?, ?, ?, ?)",
             chunk,
         )
     conn.execute("COMMIT")
@@ -192,7 +181,7 @@ def build(path: Path, machines: int, reports_per_machine: int, quiet: bool = Fal
     if not quiet:
         size = path.stat().st_size / 2**20
         print(
-            f"built {path}: {machines} machines, {reports_per_machine} reports each, "
+            f"built {path}: {machines} machines, {events_per_machine} history events each, "
             f"{size:.1f} MiB in {time.monotonic() - started:.1f}s",
             file=sys.stderr,
         )
@@ -202,10 +191,10 @@ def build(path: Path, machines: int, reports_per_machine: int, quiet: bool = Fal
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--machines", type=int, default=100_000)
-    parser.add_argument("--reports", type=int, default=3, help="history rows per machine")
+    parser.add_argument("--events", type=int, default=3, help="history events per machine")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    print(build(args.out, args.machines, args.reports))
+    print(build(args.out, args.machines, args.events))
 
 
 if __name__ == "__main__":

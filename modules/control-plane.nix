@@ -39,7 +39,8 @@ let
     {
       inherit (cfg) listen;
       db = "${stateDir}/nixfleet.db";
-      report_retention = cfg.reportRetention;
+      history_days = cfg.historyDays;
+      history_max_events = cfg.historyMaxEvents;
     }
     // lib.optionalAttrs (cfg.rolloutsDir != null) { rollouts_dir = "${cfg.rolloutsDir}"; }
   ) cfg.settings;
@@ -94,10 +95,16 @@ in
       '';
     };
 
-    reportRetention = mkOption {
+    historyDays = mkOption {
       type = types.ints.positive;
-      default = 100;
-      description = "Agent reports kept per machine; older ones are pruned.";
+      default = 90;
+      description = "Days of machine history (changes, not heartbeats) kept; older events are pruned in the background.";
+    };
+
+    historyMaxEvents = mkOption {
+      type = types.ints.positive;
+      default = 1000;
+      description = "History events kept per machine at most; the oldest beyond it are pruned in the background.";
     };
 
     settings = mkOption {

@@ -315,6 +315,24 @@ class Client:
     def machine(self, machine_id: str) -> wire.MachineDetail:
         return self._call(wire.MachineDetail, "GET", _machine(machine_id))
 
+    def machine_history(
+        self,
+        machine_id: str,
+        since: str | None = None,
+        kinds: Sequence[str] = (),
+        after: int = 0,
+        limit: int = 1000,
+    ) -> wire.MachineHistory:
+        params = {
+            "since": since,
+            "kind": list(kinds) or None,
+            "after": str(after),
+            "limit": str(limit),
+        }
+        return self._call(
+            wire.MachineHistory, "GET", _machine(machine_id, "/history"), params=params
+        )
+
     def register_machine(
         self,
         machine_id: str,

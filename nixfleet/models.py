@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -245,9 +245,9 @@ class Machine:
     failed_generation: str | None = None
     health: HealthResult | None = None
     retry_requested_at: datetime | None = None
+    uptime_seconds: int | None = None  # as of the last report
     needs_reboot: bool | None = None
     booted_generation: str | None = None
-    recent_reports: tuple[Report, ...] = field(default=())
 
     @property
     def sync(self) -> Sync:

@@ -40,7 +40,8 @@ class Settings:
     db: str = ""
     rollouts_dir: str | None = None
     admin_key_file: str | None = None
-    report_retention: int = 100
+    history_days: int = 90
+    history_max_events: int = 1000
     reconcile_interval: float = 2.0
     threads: int = 8
     workers: int = 1
@@ -122,7 +123,8 @@ def _check(s: Settings) -> None:
             FieldError("listen", f"{s.listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8470")
         )
     for name in (
-        "report_retention",
+        "history_days",
+        "history_max_events",
         "threads",
         "workers",
         "stale_after",

@@ -69,22 +69,37 @@ class Machine(TypedDict):
     booted_generation: NotRequired[str | None]
 
 
-class ReportRecord(TypedDict):
-    received_at: str
-    current_generation: str
-    success: bool
-    message: str
-    attempted_generation: str | None
-    health: Health | None
-    agent_version: str | None
-    uptime_seconds: int | None
+class HistoryEvent(TypedDict):
+    """One change in a machine's history (DESIGN §3 History); `kind` is a history.EventKind.
+
+    generation/desired: `generation` is where it went, `previous` where it came from
+    (None: none, or before the oldest event kept); failures: `generation` is the one
+    that failed, detail.reason why; health, tags and lifecycle say it in `detail`.
+    """
+
+    id: int
+    at: str
+    kind: str
+    source: str  # "agent", a rollout's label, or the operator (e.g. "key:ops")
+    generation: str | None
+    previous: str | None
+    detail: dict[str, Any]
+
+
+class MachineHistory(TypedDict):
+    """`GET /api/v1/machines/{id}/history`: one page, oldest first."""
+
+    machine_id: str
+    events: list[HistoryEvent]
+    next_after: int | None  # `after` for the next page; None: no more
 
 
 class MachineDetail(Machine):
-    """`GET /api/v1/machines/{id}`: the machine plus its latest health and reports."""
+    """`GET /api/v1/machines/{id}`: the machine, its latest health and history events."""
 
     health: Health | None
-    recent_reports: list[ReportRecord]
+    uptime_seconds: int | None  # as of the last report
+    history: list[HistoryEvent]
 
 
 class RegisteredMachine(Machine):

@@ -195,7 +195,10 @@ def test_typed_operations_round_trip_the_real_control_plane(control_plane: Contr
     assert answer_["desired_generation"] is None
     assert [m["id"] for m in c.machines(tags=["prod"])["machines"]] == ["web-01"]
     assert c.status()["summary"]["total"] == 1
-    assert c.machine("web-01")["recent_reports"][0]["success"] is True
+    assert c.machine("web-01")["history"][-1]["kind"] == "generation"
+    page = c.machine_history("web-01", kinds=["lifecycle"])
+    assert [e["detail"]["to"] for e in page["events"]] == ["provisioning", "active"]
+    assert page["next_after"] is None
     assert c.create_key("ci", "deploy")["key"].startswith("nfk_")
     assert [k["name"] for k in c.keys()["keys"]] == ["ci", "test-admin"]
     assert c.revoke_key("ci")["active"] is False

@@ -291,7 +291,7 @@ def test_modules_declare_the_contracted_options(options: dict[str, list[dict[str
     }
     assert {
         "enable", "package", "listen", "openFirewall", "settings", "adminKeyFile",
-        "rolloutsDir", "reportRetention", "nginx.enable", "nginx.virtualHost",
+        "rolloutsDir", "historyDays", "historyMaxEvents", "nginx.enable", "nginx.virtualHost",
         "nginx.enableACME", "nginx.forceSSL",
     } <= cp  # fmt: skip
 

@@ -83,7 +83,7 @@ def report(store: Store, host: str, when: datetime, ok: bool = True, **kw: Any) 
         **kw,
     )
     with store.transaction() as conn:
-        machines.record_report(conn, r, 10)
+        machines.record_report(conn, r)
 
 
 def machine(store: Store, host: str) -> machines.Machine:  # type: ignore[name-defined]

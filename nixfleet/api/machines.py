@@ -12,6 +12,7 @@ import falcon
 from nixfleet.api.auth import Perm
 from nixfleet.api.body import read_document
 from nixfleet.api.context import Context
+from nixfleet.api.history import event_json
 from nixfleet.errors import ConflictError, FieldError, ValidationError
 from nixfleet.models import (
     HealthResult,
@@ -22,7 +23,9 @@ from nixfleet.models import (
     utcnow,
     validate_hostname,
 )
-from nixfleet.store import audit, credentials, machines
+from nixfleet.store import audit, credentials, history, machines
+
+LATEST_EVENTS = 20  # events a machine's detail ends with (GET /api/v1/machines/{id})
 
 
 def status_json(m: Machine, now: datetime, stale_after: int) -> dict[str, Any]:
@@ -63,20 +66,8 @@ def machine_json(m: Machine, now: datetime, stale_after: int) -> dict[str, Any]:
     }
 
 
-def report_json(r: Report) -> dict[str, Any]:
-    return {
-        "received_at": isoformat(r.received_at),
-        "current_generation": r.current_generation,
-        "success": r.success,
-        "message": r.message,
-        "attempted_generation": r.attempted_generation,
-        "health": None if r.health is None else r.health.to_dict(),
-        "agent_version": r.agent_version,
-        "uptime_seconds": r.uptime_seconds,
-    }
-
-
-Change = Callable[[sqlite3.Connection, Machine, datetime], dict[str, Any]]
+# Returns the audit detail, or None when nothing changed (no audit row: a no-op).
+Change = Callable[[sqlite3.Connection, Machine, datetime], dict[str, Any] | None]
 
 
 def mutate(
@@ -89,13 +80,15 @@ def mutate(
 ) -> None:
     """One machine mutation: one transaction, one audit row, the machine as the answer.
 
-    change(conn, machine_before, now) writes and returns the audit detail; the
-    machine is read first, so an unknown id is a 404 before anything is written.
+    change(conn, machine_before, now) writes and returns the audit detail (None: it
+    changed nothing, so no audit row); the machine is read first, so an unknown id
+    is a 404 before anything is written.
     """
     now = utcnow()
     with ctx.store.transaction() as conn:
         detail = change(conn, machines.get(conn, machine_id), now)
-        audit.record(conn, req.context.actor.label, action, machine_id, now, detail)
+        if detail is not None:
+            audit.record(conn, req.context.actor.label, action, machine_id, now, detail)
         after = machines.get(conn, machine_id)
     resp.media = machine_json(after, now, ctx.settings.stale_after)
 
@@ -169,14 +162,16 @@ class MachineItem:
         self.ctx = ctx
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, machine_id: str) -> None:
-        """One machine with its recent reports."""
+        """One machine with its latest history events (oldest first)."""
         validate_hostname(machine_id)
         now = utcnow()
         with self.ctx.store.read() as conn:
-            m = machines.get(conn, machine_id, recent=20)
+            m = machines.get(conn, machine_id)
+            latest = history.latest(conn, machine_id, LATEST_EVENTS)
         out = machine_json(m, now, self.ctx.settings.stale_after)
         out["health"] = None if m.health is None else m.health.to_dict()
-        out["recent_reports"] = [report_json(r) for r in m.recent_reports]
+        out["uptime_seconds"] = m.uptime_seconds
+        out["history"] = [event_json(e) for e in latest]
         resp.media = out
 
 
@@ -193,8 +188,14 @@ class MachineLifecycle:
         doc = read_document(req, self.schemas["PATCH"], self.ctx.limit, "lifecycle change")
         target = Lifecycle(doc["lifecycle"])
 
-        def change(conn: sqlite3.Connection, before: Machine, now: datetime) -> dict[str, Any]:
-            previous = machines.set_lifecycle(conn, machine_id, target)
+        actor = req.context.actor.label
+
+        def change(
+            conn: sqlite3.Connection, before: Machine, now: datetime
+        ) -> dict[str, Any] | None:
+            previous = machines.set_lifecycle(conn, machine_id, target, actor, now)
+            if previous is target:
+                return None  # already there: a no-op that scripts may repeat
             if target is Lifecycle.DECOMMISSIONED:
                 credentials.revoke_token(conn, machine_id)
             return {"from": previous.value, "to": target.value}
@@ -215,9 +216,12 @@ class MachineTags:
         validate_hostname(machine_id)
         tags = read_document(req, self.schemas[req.method], self.ctx.limit, "tags")["tags"]
 
+        actor = req.context.actor.label
+
         def change(conn: sqlite3.Connection, before: Machine, now: datetime) -> dict[str, Any]:
             if add:
-                machines.set_tags(conn, machine_id, tags, "operator", replace=False)
+                added, _ = machines.set_tags(conn, machine_id, tags, "operator", replace=False)
+                history.tags_changed(conn, machine_id, now, actor, "operator", added, [])
             else:
                 from_config = [
                     t for t in tags if t in before.agent_tags and t not in before.operator_tags
@@ -228,7 +232,8 @@ class MachineTags:
                         "NixOS config (services.nixfleet-agent.tags): remove it there; "
                         "operators remove only the tags they added"
                     )
-                machines.remove_tags(conn, machine_id, tags)
+                removed = machines.remove_tags(conn, machine_id, tags)
+                history.tags_changed(conn, machine_id, now, actor, "operator", [], removed)
             return {"tags": tags}
 
         mutate(self.ctx, req, resp, machine_id, "machine.tag" if add else "machine.untag", change)
@@ -294,8 +299,11 @@ class DesiredGeneration:
         cache_url: str | None,
         source: str | None,
     ) -> None:
+        actor = req.context.actor.label
+
         def change(conn: sqlite3.Connection, before: Machine, now: datetime) -> dict[str, Any]:
             machines.set_desired(conn, machine_id, path, cache_url, source, now)
+            history.attribute_desired(conn, machine_id, now, actor)
             return {"from": before.desired_generation, "to": path, "cache_url": cache_url}
 
         action = "machine.set-desired" if path else "machine.clear-desired"
@@ -350,7 +358,7 @@ class MachineReport:
             booted_generation=doc.get("booted_generation"),
         )
         with self.ctx.store.transaction() as conn:
-            row, promoted = machines.record_report(conn, report, self.ctx.settings.report_retention)
+            row, promoted = machines.record_report(conn, report)
             if promoted is not None:
                 audit.record(
                     conn,

@@ -75,12 +75,23 @@ def _operation(resource: type[Any], method: str, path: str) -> dict[str, Any]:
             "required": True,
             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}},
         }
-    params = re.findall(r"{(\w+)}", path)
-    if params:
-        op["parameters"] = [
-            {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
-            for p in params
-        ]
+    parameters = [
+        {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+        for p in re.findall(r"{(\w+)}", path)
+    ]
+    # Query parameters a resource declares per method: (name, JSON type, description).
+    parameters += [
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "schema": {"type": kind},
+            "description": text,
+        }
+        for name, kind, text in getattr(resource, "query", {}).get(method, [])
+    ]
+    if parameters:
+        op["parameters"] = parameters
     return op
 
 

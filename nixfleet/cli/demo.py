@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from nixfleet import demo as demo_lib
 from nixfleet.cli.config import child_env
 from nixfleet.cli.output import message
 
@@ -40,4 +39,6 @@ def demo(machines: int, root: Path | None, keep: bool) -> None:
       nixfleet demo
       nixfleet demo --machines 6 --keep
     """
+    from nixfleet import demo as demo_lib  # when used: --help and completion start faster
+
     demo_lib.run(root, machines, keep, child_env(), message, click.echo)

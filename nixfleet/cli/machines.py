@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import click
@@ -10,6 +11,7 @@ from nixfleet import wire
 from nixfleet.cli import complete
 from nixfleet.cli.config import secret_file
 from nixfleet.cli.context import State, pass_state
+from nixfleet.cli.enroll import parse_duration
 from nixfleet.cli.options import (
     machine_argument,
     output_options,
@@ -28,7 +30,8 @@ from nixfleet.cli.output import (
     table,
 )
 from nixfleet.cli.status import empty_fleet_hint
-from nixfleet.models import Lifecycle
+from nixfleet.history import EventKind
+from nixfleet.models import Lifecycle, isoformat, utcnow
 
 
 def _yes_no(value: bool | None) -> str:
@@ -36,8 +39,7 @@ def _yes_no(value: bool | None) -> str:
 
 
 def _print_machine(m: wire.MachineDetail) -> None:
-    reports = m.get("recent_reports") or []
-    uptime = reports[0].get("uptime_seconds") if reports else None
+    uptime = m.get("uptime_seconds")
     fields = [
         ("id", m["id"]),
         ("lifecycle", m["lifecycle"]),
@@ -70,15 +72,36 @@ def _print_machine(m: wire.MachineDetail) -> None:
             echo(printable(line))
     elif health:
         echo(f"{'health checks'.ljust(width)}  none configured")
-    if reports:
-        echo("recent reports:")
-        for r in reports[:10]:
-            ok = "ok  " if r["success"] else "FAIL"
-            line = (
-                f"  {r['received_at']}  {ok} {short_generation(r['current_generation'])}  "
-                f"{r['message']}".rstrip()
-            )
-            echo(printable(line))
+    if m.get("history"):
+        echo("latest history (oldest first; all of it: nixfleet machines history):")
+        for e in m["history"]:
+            echo(printable(f"  {e['at']}  {describe(e)}  [{e['source']}]"))
+
+
+def describe(e: wire.HistoryEvent) -> str:
+    """One line for a history event."""
+    d, kind = e["detail"], e["kind"]
+    gen, prev = short_generation(e["generation"]), short_generation(e["previous"])
+    if kind in ("generation", "desired"):
+        return f"{kind} {prev} -> {gen}"
+    if kind == "deployment-failed":
+        return f"deployment of {gen} failed: {d.get('reason', '')}"
+    if kind == "rolled-back":
+        return f"deployment of {gen} rolled back: {d.get('reason', '')}"
+    if kind == "health":
+        text = f"health {d.get('previous')} -> {d.get('status')}"
+        if d.get("newly_failing"):
+            text += f"; failing: {', '.join(d['newly_failing'])}"
+        if d.get("recovered"):
+            text += f"; passing again: {', '.join(d['recovered'])}"
+        return text
+    if kind == "tags":
+        changes = [f"+{t}" for t in d.get("added", [])] + [f"-{t}" for t in d.get("removed", [])]
+        return f"{d.get('tag_source', '')} tags {' '.join(changes)}"
+    if kind == "lifecycle":
+        reason = f" ({d['reason']})" if d.get("reason") else ""
+        return f"lifecycle {d.get('from')} -> {d.get('to')}{reason}"
+    return kind
 
 
 @click.group()
@@ -136,7 +159,7 @@ def list_(state: State, tags: list[str], lifecycle: str | None) -> None:
 @output_options()
 @pass_state
 def show(state: State, machine_id: str) -> None:
-    """Show one machine with its health, uptime and recent reports.
+    """Show one machine with its health, uptime and latest history events.
 
     \b
     Example:
@@ -147,6 +170,46 @@ def show(state: State, machine_id: str) -> None:
         emit_json(m)
     else:
         _print_machine(m)
+
+
+@machines.command()
+@machine_argument
+@click.option(
+    "--since",
+    metavar="AGE",
+    callback=lambda ctx, param, value: None if value is None else parse_duration(value),
+    help="Only events of the last AGE (e.g. 30m, 24h, 7d).",
+)
+@click.option(
+    "--kind",
+    "kinds",
+    multiple=True,
+    type=click.Choice([k.value for k in EventKind]),
+    help="Only events of this kind (repeatable).",
+)
+@output_options()
+@pass_state
+def history(state: State, machine_id: str, since: int | None, kinds: tuple[str, ...]) -> None:
+    """Show what happened to a machine: its changes, oldest first (heartbeats are not history).
+
+    \b
+    Example:
+      nixfleet machines history web-03 --since 7d
+      nixfleet machines history web-03 --kind generation --kind rolled-back --json
+    """
+    start = None if since is None else isoformat(utcnow() - timedelta(seconds=since))
+    client, events = state.client(), []
+    after: int | None = 0
+    while after is not None:
+        page = client.machine_history(machine_id, start, kinds, after)
+        events.extend(page["events"])
+        after = page["next_after"]
+    if state.json:
+        emit_json(events)
+        return
+    rows = [[e["at"], e["kind"], e["source"], describe(e)] for e in events]
+    table(["TIME", "KIND", "SOURCE", "CHANGE"], rows)
+    message(f"{len(rows)} event(s)")
 
 
 @machines.command()

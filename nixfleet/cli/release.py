@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import tomli_w
 
-from nixfleet import flake, wire
+from nixfleet import wire
 from nixfleet.cli import complete
 from nixfleet.cli.context import State, pass_state
 from nixfleet.cli.options import HOST_LIST, output_options, tags_option
 from nixfleet.cli.output import echo, emit_json, message, short_generation, table
-from nixfleet.models import Release, utcnow
+from nixfleet.models import utcnow
+
+if TYPE_CHECKING:
+    from nixfleet.models import Release
+
+# nixfleet.flake (and jsonschema, tomli_w behind it) is imported where it is used:
+# `--help` and shell completion, which load every command, start faster.
 
 
 def register_release(state: State, release: Release) -> wire.RegisteredRelease:
     """POST a release; the same entries again are idempotent (same id)."""
+    from nixfleet import flake
+
     return state.client().register_release(flake.release_document(release))
 
 
@@ -85,6 +93,10 @@ def create(
       nixfleet release create --flake . --hosts 'web-*' --push-to https://cache.example.com
       REL=$(nixfleet release create --eval-only --no-register)
     """
+    import tomli_w
+
+    from nixfleet import flake
+
     release = flake.create_release(
         flake_ref,
         hosts=hosts,
@@ -130,6 +142,8 @@ def register_(state: State, file: Path) -> None:
     Example:
       nixfleet release register releases/rel-3f2a9c1d7e4b.toml
     """
+    from nixfleet import flake
+
     rel = flake.read_toml(file)
     created = register_release(state, rel)["created"]
     message(f"{'registered' if created else 'already registered:'} release {rel.id}")
@@ -188,6 +202,8 @@ def show(state: State, release_id: str) -> None:
     for key in ("id", "flake_ref", "flake_rev", "cache_url", "created_at", "created_by"):
         echo(f"{key:<11} {data.get(key) or '-'}")
     echo()
+    from nixfleet import flake
+
     _print_entries(flake.release_from_document(dict(data)), state.wide)
 
 

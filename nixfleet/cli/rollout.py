@@ -9,8 +9,7 @@ from typing import Any
 
 import click
 
-from nixfleet import closures, flake, rolloutfile, wire
-from nixfleet import deploy as deploy_lib
+from nixfleet import closures, wire
 from nixfleet.cli import complete
 from nixfleet.cli.context import State, pass_state
 from nixfleet.cli.options import (
@@ -36,6 +35,8 @@ SHOW_ALL_UP_TO = 20
 
 def _document(state: State, file: Path, register: bool) -> dict[str, Any]:
     """A validated rollout file as the API's JSON; a release TOML is registered first."""
+    from nixfleet import rolloutfile  # with PyYAML: imported when used, for a fast --help
+
     rf = rolloutfile.load(file)
     doc, release = rolloutfile.with_release_id(rf)
     if release is not None and register:
@@ -168,6 +169,8 @@ def validate(file: Path) -> None:
     Example:
       nixfleet rollout validate rollouts/web.yaml
     """
+    from nixfleet import rolloutfile
+
     rf = rolloutfile.load(file)
     doc = rf.document
     message(f"{file}: ok (rollout {doc['name']}, release {doc['release']}, {doc['strategy']})")
@@ -473,6 +476,9 @@ def deploy(
       nixfleet deploy --release rel-3f2a9c1d7e4b --tags web,prod --strategy staged \\
         --batch-size 1,25%,100% --failure-threshold 10% --health-timeout 5m --wait
     """
+    from nixfleet import deploy as deploy_lib
+    from nixfleet import flake
+
     release_id = release_ref
     if release_ref.endswith(".toml"):
         rel = flake.read_toml(Path(release_ref))

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
+from datetime import timedelta
 
 from nixfleet import gitops, reconciler
+from nixfleet.models import utcnow
 from nixfleet.settings import Settings
-from nixfleet.store import Store
+from nixfleet.store import Store, history
 
 log = logging.getLogger("nixfleet.controlplane.background")
 
@@ -29,8 +32,51 @@ def checkpoint(settings: Settings, store: Store) -> None:
     store.checkpoint()
 
 
+class PruneHistory:
+    """Prune machine history by age and per-machine cap (DESIGN §3 History).
+
+    Never on the report path: here, at most every `every` seconds, in short
+    transactions (a chunk of events or of machines each), so reports interleave.
+    """
+
+    AGE_CHUNK = 5_000  # events per transaction
+    CAP_MACHINES = 2_000  # machines per transaction
+
+    def __init__(self, every: float = 600.0) -> None:
+        self.every = every
+        self.last: float | None = None
+        self.__name__ = "prune_history"
+
+    def __call__(self, settings: Settings, store: Store) -> None:
+        now = time.monotonic()
+        if self.last is not None and now - self.last < self.every:
+            return
+        self.last = now
+        prune_history(settings, store, self.AGE_CHUNK, self.CAP_MACHINES)
+
+
+def prune_history(settings: Settings, store: Store, age_chunk: int, cap_machines: int) -> int:
+    """Everything older than history_days, then each machine beyond history_max_events."""
+    cutoff = utcnow() - timedelta(days=settings.history_days)
+    deleted = 0
+    while True:
+        with store.transaction() as conn:
+            n = history.prune_age(conn, cutoff, age_chunk)
+        deleted += n
+        if n < age_chunk:
+            break
+    after: str | None = ""
+    while after is not None:
+        with store.transaction() as conn:
+            n, after = history.prune_cap(conn, settings.history_max_events, after, cap_machines)
+        deleted += n
+    if deleted:
+        log.info("pruned %d history events", deleted)
+    return deleted
+
+
 # Jobs run in order every interval.
-JOBS: list[Job] = [gitops.job, reconciler.job, checkpoint]
+JOBS: list[Job] = [gitops.job, reconciler.job, PruneHistory(), checkpoint]
 
 
 def run_once(settings: Settings, store: Store) -> None:

@@ -11,9 +11,10 @@ import json
 import sqlite3
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 
+from nixfleet import history as changes
 from nixfleet.errors import ConflictError, GoneError, NotFoundError
 from nixfleet.models import (
     HealthResult,
@@ -26,14 +27,15 @@ from nixfleet.models import (
     isoformat,
     parse_time,
     stale_cutoff,
+    utcnow,
 )
-from nixfleet.store import reports
+from nixfleet.store import history
 
 COLUMNS = (
     "id, lifecycle, registered_at, current_generation, desired_generation, "
     "desired_cache_url, desired_source, last_report_at, agent_version, system_state, "
     "last_success, last_message, failed_generation, health_json, retry_requested_at, "
-    "needs_reboot, booted_generation"
+    "uptime_seconds, needs_reboot, booted_generation"
 )
 
 
@@ -95,6 +97,7 @@ def _machine(row: sqlite3.Row, tags: dict[str, list[str]] | None) -> Machine:
         failed_generation=row["failed_generation"],
         health=HealthResult.from_dict(json.loads(health)) if health else None,
         retry_requested_at=parse_time(row["retry_requested_at"]),
+        uptime_seconds=row["uptime_seconds"],
         needs_reboot=None if row["needs_reboot"] is None else bool(row["needs_reboot"]),
         booted_generation=row["booted_generation"],
     )
@@ -116,17 +119,14 @@ def machine_ids(
     return [r[0] for r in conn.execute(f"SELECT id FROM machines{where} ORDER BY id", params)]
 
 
-def get(conn: sqlite3.Connection, machine_id: str, recent: int = 0) -> Machine:
+def get(conn: sqlite3.Connection, machine_id: str) -> Machine:
     row = conn.execute(f"SELECT {COLUMNS} FROM machines WHERE id = ?", (machine_id,)).fetchone()
     if row is None:
         raise NotFoundError(
             f"machine {machine_id!r} is not registered; see `nixfleet machines list`"
         )
     where, params = " WHERE id = ?", [machine_id]
-    machine = _machine(row, _tags_by_machine(conn, where, params).get(machine_id))
-    if recent:
-        machine = replace(machine, recent_reports=tuple(reports.recent(conn, machine_id, recent)))
-    return machine
+    return _machine(row, _tags_by_machine(conn, where, params).get(machine_id))
 
 
 def find_lifecycle(conn: sqlite3.Connection, machine_id: str) -> Lifecycle | None:
@@ -163,11 +163,31 @@ def register(
     set_tags(conn, machine_id, tags, "operator", replace=False)
 
 
-def set_lifecycle(conn: sqlite3.Connection, machine_id: str, target: Lifecycle) -> Lifecycle:
-    """Apply a checked transition; return the previous state."""
+def set_lifecycle(
+    conn: sqlite3.Connection,
+    machine_id: str,
+    target: Lifecycle,
+    actor: str = "operator",
+    now: datetime | None = None,
+) -> Lifecycle:
+    """Apply a checked transition and record it; return the previous state.
+
+    The state a machine is already in is a no-op (DESIGN §3): nothing is written, so
+    scripts can repeat it.
+    """
     current = _lifecycle(conn, machine_id)
+    if current is target:
+        return current
     check_transition(machine_id, current, target)
     conn.execute("UPDATE machines SET lifecycle = ? WHERE id = ?", (target.value, machine_id))
+    event = changes.Event(
+        machine_id,
+        now or utcnow(),
+        changes.EventKind.LIFECYCLE,
+        actor,
+        detail={"from": current.value, "to": target.value},
+    )
+    history.add(conn, [event])
     return current
 
 
@@ -178,11 +198,12 @@ def set_tags(
     source: str,
     *,
     replace: bool,
-) -> None:
+) -> tuple[list[str], list[str]]:
     """Add tags of one source; with replace, the given set becomes that source's set.
 
     Writes only the difference: an agent reports the same tags on every poll, so the
     usual case is one indexed read and no write (no dirty pages for the commit).
+    Returns the tags added and removed (for the machine's history).
     """
     wanted = set(tags)
     have = {
@@ -192,24 +213,33 @@ def set_tags(
             (machine_id, source),
         )
     }
-    if replace and have - wanted:
+    removed = sorted(have - wanted) if replace else []
+    added = sorted(wanted - have)
+    if removed:
         conn.executemany(
             "DELETE FROM machine_tags WHERE machine_id = ? AND tag = ? AND source = ?",
-            [(machine_id, t, source) for t in sorted(have - wanted)],
+            [(machine_id, t, source) for t in removed],
         )
-    if wanted - have:
+    if added:
         conn.executemany(
             "INSERT OR IGNORE INTO machine_tags (machine_id, tag, source) VALUES (?, ?, ?)",
-            [(machine_id, t, source) for t in sorted(wanted - have)],
+            [(machine_id, t, source) for t in added],
         )
+    return added, removed
 
 
-def remove_tags(conn: sqlite3.Connection, machine_id: str, tags: Iterable[str]) -> None:
+def remove_tags(conn: sqlite3.Connection, machine_id: str, tags: Iterable[str]) -> list[str]:
+    """Remove operator tags; return those that were there."""
     _lifecycle(conn, machine_id)
-    conn.executemany(
-        "DELETE FROM machine_tags WHERE machine_id = ? AND tag = ? AND source = 'operator'",
-        [(machine_id, t) for t in set(tags)],
-    )
+    removed = []
+    for t in sorted(set(tags)):
+        cur = conn.execute(
+            "DELETE FROM machine_tags WHERE machine_id = ? AND tag = ? AND source = 'operator'",
+            (machine_id, t),
+        )
+        if cur.rowcount:
+            removed.append(t)
+    return removed
 
 
 def set_desired(
@@ -236,20 +266,21 @@ def request_retry(conn: sqlite3.Connection, machine_id: str, now: datetime) -> N
     )
 
 
-def record_report(
-    conn: sqlite3.Connection, report: Report, retention: int
-) -> tuple[sqlite3.Row, Lifecycle | None]:
+def record_report(conn: sqlite3.Connection, report: Report) -> tuple[sqlite3.Row, Lifecycle | None]:
     """Store one agent report: the hot path, a handful of indexed statements.
 
-    Returns the machine's desired-generation row and, when the report moved the
-    machine out of pending/provisioning, the state it left.
+    What it changes is judged against the row as it was (nixfleet.history) and
+    written as events; a heartbeat writes the machine row only. Returns the
+    machine's desired-generation row and, when the report moved the machine out of
+    pending/provisioning, the state it left.
     """
     # The poll hint is the running rollout's (store.rollouts.set_poll_hint), found
     # through rollout_machines_machine; a machine is in at most one active rollout.
     # Its reboot policy (DESIGN §11) is looked up only when the agent needs a reboot.
     row = conn.execute(
         "SELECT lifecycle, desired_generation, desired_cache_url, desired_source, "
-        "retry_requested_at, (SELECT r.poll_hint FROM rollout_machines rm "
+        "retry_requested_at, current_generation, failed_generation, last_success, "
+        "health_json, (SELECT r.poll_hint FROM rollout_machines rm "
         "JOIN rollouts r ON r.id = rm.rollout_id WHERE rm.machine_id = machines.id "
         "AND r.status = 'running' LIMIT 1) AS poll_hint, CASE WHEN ? THEN "
         "(SELECT r.reboot FROM rollout_machines rm JOIN rollouts r ON r.id = rm.rollout_id "
@@ -298,9 +329,30 @@ def record_report(
             report.machine_id,
         ),
     )
+    prior = changes.Prior(
+        current_generation=row["current_generation"],
+        failed_generation=row["failed_generation"],
+        last_success=None if row["last_success"] is None else bool(row["last_success"]),
+        health_json=row["health_json"],
+    )
+    events = []
+    if promoted is not None:
+        detail = {"from": promoted.value, "to": "active", "reason": "first agent report"}
+        events.append(
+            changes.Event(
+                report.machine_id,
+                report.received_at,
+                changes.EventKind.LIFECYCLE,
+                "agent",
+                detail=detail,
+            )
+        )
+    history.add(conn, events + changes.report_events(prior, report))
     if report.tags is not None:
-        set_tags(conn, report.machine_id, report.tags, "agent", replace=True)
-    reports.append(conn, report, health, retention)
+        added, removed = set_tags(conn, report.machine_id, report.tags, "agent", replace=True)
+        history.tags_changed(
+            conn, report.machine_id, report.received_at, "agent", "agent", added, removed
+        )
     return row, promoted
 
 

@@ -197,9 +197,10 @@ def test_c_failing_health_check_rolls_back(
     assert m["failed_generation"] == sick
     assert m["last_message"].startswith("rolled back: health checks failed: marker: exit 1")
     detail = agent.cp.client().get(f"/api/v1/machines/{MID}")
-    latest = detail["recent_reports"][0]
-    assert latest["attempted_generation"] == sick and latest["success"] is False
-    assert latest["health"]["all_passed"] is True  # the rolled-back system is healthy
+    latest = detail["history"][-1]
+    assert (latest["kind"], latest["generation"]) == ("rolled-back", sick)
+    assert latest["detail"]["reason"].startswith("rolled back: health checks failed")
+    assert detail["health"]["all_passed"] is True  # the rolled-back system is healthy
 
 
 @pytest.mark.parametrize("how", ["unsigned", "tampered"])
@@ -352,4 +353,6 @@ def test_enrollment_via_credentials_directory(
     assert token.stat().st_mode & 0o777 == 0o600
     m = control_plane.machine("new-01")
     assert m["current_generation"] == base_system and "enrolled" in m["tags"]
-    assert len(control_plane.client().get("/api/v1/machines/new-01")["recent_reports"]) == 2
+    events = control_plane.client().get("/api/v1/machines/new-01")["history"]
+    # Two reports: the first is a switch to base_system, the second a heartbeat.
+    assert [e["generation"] for e in events if e["kind"] == "generation"] == [base_system]

@@ -19,11 +19,11 @@ from nixfleet.store import Store, credentials
 
 STORE_PATH = "/nix/store/" + "b" * 32 + "-nixos-system-web-01"
 
-# POSTs that change nothing the audit log is about: agent telemetry is kept, with its
-# machine and time, in the reports table (the hot path writes no audit row per poll),
-# except the first report's lifecycle promotion, which is audited.
+# POSTs that change nothing the audit log is about: what agent telemetry changes is
+# kept, with its machine and time, in the machine's history (the hot path writes no
+# audit row per poll), except the first report's lifecycle promotion, which is audited.
 NOT_AUDITED = {
-    ("/api/v1/machines/{machine_id}/report", "POST"): "agent telemetry, kept in reports",
+    ("/api/v1/machines/{machine_id}/report", "POST"): "agent telemetry; changes go to history",
 }
 
 

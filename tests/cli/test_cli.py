@@ -146,14 +146,16 @@ def test_control_plane_down_exits_5_with_guidance(control_plane: ControlPlane) -
 def test_sigterm_keeps_every_acknowledged_write(control_plane: ControlPlane) -> None:
     token = control_plane.register("web-01")
     agent = Client(control_plane.url, token)
-    for i in range(20):
-        agent.report("web-01", {"current_generation": GEN_A, "message": f"poll {i}"})
+    for i in range(20):  # each a change (a switch), so each one is a history event
+        gen = GEN_A if i % 2 == 0 else GEN_B
+        agent.report("web-01", {"current_generation": gen, "message": f"poll {i}"})
     control_plane.stop()  # SIGTERM
     assert "stopped" in control_plane.log.read_text()
     control_plane.start()
     m = control_plane.machine("web-01")
     assert m["last_message"] == "poll 19"
-    assert [r["message"] for r in m["recent_reports"][:3]] == ["poll 19", "poll 18", "poll 17"]
+    switches = [e["generation"] for e in m["history"] if e["kind"] == "generation"]
+    assert len(switches) == 20 and switches[-3:] == [GEN_B, GEN_A, GEN_B]
 
 
 def test_usage_errors_exit_2() -> None:

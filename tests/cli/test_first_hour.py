@@ -6,6 +6,7 @@ pseudo-terminal where terminal behaviour matters.
 
 from __future__ import annotations
 
+import functools
 import http.server
 import os
 import signal
@@ -98,9 +99,7 @@ def test_https_against_a_plain_control_plane_is_one_line(control_plane: ControlP
 def web_server(tmp_path: Path) -> Iterator[str]:
     """Some other web server (Python's own, serving an empty directory)."""
 
-    def handler(*args: object) -> http.server.SimpleHTTPRequestHandler:
-        return http.server.SimpleHTTPRequestHandler(*args, directory=str(tmp_path))  # type: ignore[arg-type]
-
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"

@@ -91,7 +91,9 @@ def test_workers_share_the_socket_and_every_report_lands(workers_cp: ControlPlan
     def poll(machine: str) -> None:
         conn = conns[machine]
         for i in range(10):
-            body = json.dumps({"current_generation": GEN, "message": f"poll {i}"})
+            # a store path per poll: every report is a switch, one history event
+            gen = GEN.replace("w" * 3, f"{i:03d}", 1)
+            body = json.dumps({"current_generation": gen, "message": f"poll {i}"})
             conn.request(
                 "POST",
                 f"/api/v1/machines/{machine}/report",
@@ -115,7 +117,12 @@ def test_workers_share_the_socket_and_every_report_lands(workers_cp: ControlPlan
     assert sum(owned.values()) == len(MACHINES)
     assert all(n > 0 for n in owned.values()), owned
     db = sqlite3.connect(workers_cp.db)
-    rows = dict(db.execute("SELECT machine_id, COUNT(*) FROM reports GROUP BY machine_id"))
+    rows = dict(
+        db.execute(
+            "SELECT machine_id, COUNT(*) FROM machine_events WHERE kind = 'generation' "
+            "GROUP BY machine_id"
+        )
+    )
     last = dict(db.execute("SELECT id, last_message FROM machines"))
     db.close()
     assert rows == {m: 10 for m in MACHINES}

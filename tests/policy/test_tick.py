@@ -60,7 +60,7 @@ def report_all(store: Store, now: datetime, **kw: Any) -> None:
         for m in machines.list_machines(conn):
             current = m.desired_generation or m.current_generation or gen(m.id) + "-old"
             r = Report(m.id, now, current, **kw)
-            machines.record_report(conn, r, 10)
+            machines.record_report(conn, r)
 
 
 def tick(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from nixfleet.history import EventKind
 from nixfleet.models import (
     TIME_FORMAT,
     BatchStatus,
@@ -23,7 +24,7 @@ from nixfleet.models import (
     isoformat,
     parse_time,
 )
-from nixfleet.store import Store, machines, migrations, releases
+from nixfleet.store import Store, history, machines, migrations, releases
 from nixfleet.store import rollouts as store_rollouts
 
 FIXTURE = Path(__file__).parent / "fixtures" / "schema-0007.db"
@@ -68,6 +69,9 @@ def test_migrating_the_0007_fixture_loses_nothing_and_fixes_times(old_db: Path) 
     store.close()
     assert applied == [name for name, _ in migrations.MIGRATIONS]
     after = _tables(old_db)
+    # 0010 carries the report rows into machine_events (test below) and drops them.
+    reports = before.pop("reports")
+    assert len(reports) == 5 and "reports" not in after
     assert {t: len(rows) for t, rows in after.items() if t in before} == {
         t: len(rows) for t, rows in before.items()
     }
@@ -99,6 +103,20 @@ def test_a_migrated_database_reads_and_works(old_db: Path) -> None:
     store.close()
 
 
+def test_the_reports_of_0007_become_the_changes_they_show(old_db: Path) -> None:
+    """web-00's two reports show a switch; the other machines' single reports show nothing."""
+    store = Store(old_db)
+    with store.read() as conn:
+        found = {m: history.latest(conn, m, 10) for m in ("web-00", "web-01", "web-02")}
+    store.close()
+    switch = found["web-00"]
+    assert [(e.kind.value, e.source) for e in switch] == [("generation", "agent")]
+    assert switch[0].previous is None  # the report before the first kept one is unknown
+    assert switch[0].generation is not None and switch[0].generation.endswith("web-00")
+    assert isoformat(switch[0].at) == "2026-11-27T10:00:30.000000Z"
+    assert found["web-01"] == [] and found["web-02"] == []
+
+
 ENUMERATED = [
     ("machines", "lifecycle", [v.value for v in Lifecycle]),
     ("machines", "system_state", [v.value for v in SystemState]),
@@ -108,6 +126,7 @@ ENUMERATED = [
     ("rollout_files", "status", ["applied", "invalid"]),
     ("machine_tags", "source", ["agent", "operator"]),
     ("api_keys", "role", ["readonly", "deploy", "admin"]),
+    ("machine_events", "kind", [k.value for k in EventKind]),
 ]
 
 

@@ -1,0 +1,237 @@
+"""Machine history on a real SQLite file: changes are events, heartbeats are nothing."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from nixfleet.controlplane.background import prune_history
+from nixfleet.history import EventKind
+from nixfleet.models import HealthCheckResult, HealthResult, Lifecycle, Report
+from nixfleet.settings import Settings
+from nixfleet.store import Store, history, machines
+
+T0 = datetime(2026, 11, 27, 9, 0, tzinfo=UTC)
+
+
+def gen(n: int) -> str:
+    return f"/nix/store/{str(n) * 32}-nixos-system-web-03-v{n}"
+
+
+def health(*failing: str) -> HealthResult:
+    names = ("nginx", "disk", "ping")
+    return HealthResult(
+        all_passed=not failing,
+        results=tuple(HealthCheckResult(n, "systemd", n not in failing, 3) for n in names),
+    )
+
+
+class Fleet:
+    """A machine reporting through the real store, one transaction per report."""
+
+    def __init__(self, store: Store, machine: str = "web-03") -> None:
+        self.store, self.id, self.t = store, machine, T0
+        with store.transaction() as conn:
+            machines.register(conn, machine, ["prod"], Lifecycle.PENDING, T0)
+
+    def tick(self, seconds: int = 60) -> datetime:
+        self.t += timedelta(seconds=seconds)
+        return self.t
+
+    def report(self, current: str, **kw: object) -> None:
+        kw.setdefault("health", health())
+        kw.setdefault("tags", ("web",))
+        r = Report(machine_id=self.id, received_at=self.tick(), current_generation=current, **kw)  # type: ignore[arg-type]
+        with self.store.transaction() as conn:
+            machines.record_report(conn, r)
+
+    def desire(self, current: str | None, source: str = "operator") -> None:
+        with self.store.transaction() as conn:
+            machines.set_desired(conn, self.id, current, None, source, self.tick())
+
+    def events(self) -> list[tuple[str, str, str | None, str | None]]:
+        with self.store.read() as conn:
+            found = history.page(conn, self.id, limit=1000).events
+            assert found == history.latest(conn, self.id, 1000)
+        return [(e.kind.value, e.source, e.previous, e.generation) for e in found]
+
+
+def test_heartbeats_append_nothing(store: Store) -> None:
+    f = Fleet(store)
+    f.report(gen(0))
+    before = f.events()
+    for i in range(200):
+        # Durations, messages and uptime change on every poll: still heartbeats.
+        f.report(gen(0), message=f"running {i}", uptime_seconds=i)
+    assert f.events() == before
+    assert before == [
+        ("lifecycle", "agent", None, None),
+        ("generation", "agent", None, gen(0)),
+        ("tags", "agent", None, None),
+    ]
+
+
+def test_the_story_of_a_machine_and_nothing_else(store: Store) -> None:
+    """v1 -> v2 (fails, rolled back) -> v3, a health flap, tags, lifecycle; heartbeats between."""
+    f = Fleet(store)
+
+    def idle(current: str, n: int = 100, **kw: object) -> None:
+        for _ in range(n):
+            f.report(current, **kw)
+
+    f.report(gen(0))
+    idle(gen(0))
+    f.desire(gen(1), "rollout:r1")
+    idle(gen(0), 3)  # fetching: still the old one
+    f.report(gen(1))
+    idle(gen(1))
+    f.desire(gen(2), "rollout:r2")
+    failed = dict(success=False, attempted_generation=gen(2), message="rolled back: nginx failed")
+    f.report(gen(1), **failed)
+    idle(gen(1), 100, **failed)  # the agent repeats the failure until desired changes
+    f.desire(gen(3), "rollout:r3")
+    f.report(gen(3))
+    idle(gen(3))
+    f.report(gen(3), health=health("nginx"))
+    idle(gen(3), 50, health=health("nginx"))
+    f.report(gen(3), health=health("nginx", "disk"))
+    f.report(gen(3))
+    idle(gen(3))
+    f.report(gen(3), tags=("web", "eu"))
+    idle(gen(3), 100, tags=("web", "eu"))
+    with store.transaction() as conn:
+        machines.set_lifecycle(conn, f.id, Lifecycle.MAINTENANCE, "key:ops", f.tick())
+    idle(gen(3), 100, tags=("web", "eu"))
+    assert f.events() == [
+        ("lifecycle", "agent", None, None),
+        ("generation", "agent", None, gen(0)),
+        ("tags", "agent", None, None),
+        ("desired", "rollout:r1", None, gen(1)),
+        ("generation", "agent", gen(0), gen(1)),
+        ("desired", "rollout:r2", gen(1), gen(2)),
+        ("rolled-back", "agent", None, gen(2)),
+        ("desired", "rollout:r3", gen(2), gen(3)),
+        ("generation", "agent", gen(1), gen(3)),
+        ("health", "agent", None, None),
+        ("health", "agent", None, None),
+        ("health", "agent", None, None),
+        ("tags", "agent", None, None),
+        ("lifecycle", "key:ops", None, None),
+    ]
+    with store.read() as conn:
+        got = history.page(conn, f.id, kinds=[EventKind.HEALTH, EventKind.ROLLED_BACK]).events
+    assert [dict(e.detail) for e in got] == [
+        {"reason": "rolled back: nginx failed"},
+        {
+            "status": "failing",
+            "previous": "healthy",
+            "failing": ["nginx"],
+            "newly_failing": ["nginx"],
+            "recovered": [],
+        },
+        {
+            "status": "failing",
+            "previous": "failing",
+            "failing": ["disk", "nginx"],
+            "newly_failing": ["disk"],
+            "recovered": [],
+        },
+        {
+            "status": "healthy",
+            "previous": "failing",
+            "failing": [],
+            "newly_failing": [],
+            "recovered": ["disk", "nginx"],
+        },
+    ]
+    with store.read() as conn:
+        tags = [e.detail for e in history.page(conn, f.id, kinds=[EventKind.TAGS]).events]
+        life = [e.detail for e in history.page(conn, f.id, kinds=[EventKind.LIFECYCLE]).events]
+    assert tags[-1] == {"tag_source": "agent", "added": ["eu"], "removed": []}
+    assert life == [
+        {"from": "pending", "to": "active", "reason": "first agent report"},
+        {"from": "active", "to": "maintenance"},
+    ]
+
+
+def test_a_new_failure_is_an_event_and_its_repeats_are_not(store: Store) -> None:
+    f = Fleet(store)
+    f.report(gen(0))
+    f.desire(gen(2))
+    for _ in range(3):
+        f.report(gen(0), success=False, attempted_generation=gen(2), message="fetch failed")
+    f.desire(gen(4))
+    for _ in range(3):
+        f.report(gen(0), success=False, attempted_generation=gen(4), message="fetch failed")
+    failures = [e for e in f.events() if e[0] == "deployment-failed"]
+    assert failures == [
+        ("deployment-failed", "agent", None, gen(2)),
+        ("deployment-failed", "agent", None, gen(4)),
+    ]
+
+
+def test_paging_and_time_windows(store: Store) -> None:
+    f = Fleet(store)
+    for i in range(25):
+        f.report(gen(i % 10))
+    with store.read() as conn:
+        first = history.page(conn, f.id, kinds=[EventKind.GENERATION], limit=10)
+        second = history.page(conn, f.id, kinds=[EventKind.GENERATION], after=first.next_after or 0)
+        everything = [e.at for e in history.page(conn, f.id, limit=100).events]
+        middle = history.page(conn, f.id, since=everything[5], until=everything[8]).events
+    assert len(first.events) == 10 and first.next_after == first.events[-1].id
+    assert len(second.events) == 15 and second.next_after is None
+    assert [e.at for e in middle] == everything[5:8]
+    # previous is the generation before, even across a page boundary
+    assert second.events[0].previous == first.events[-1].generation
+
+
+def test_pruning_by_age_and_cap_keeps_the_newest(store: Store) -> None:
+    old = Fleet(store, "old-01")
+    old.t = datetime.now(UTC) - timedelta(days=100)
+    for i in range(30):
+        old.report(gen(i % 10))  # 30 generation events, 100 days ago
+    busy = Fleet(store, "busy-01")
+    busy.t = datetime.now(UTC) - timedelta(days=1)
+    for i in range(40):
+        busy.report(gen(i % 10))
+    with store.read() as conn:
+        assert history.count(conn, "old-01") == 32
+        newest = [e.id for e in history.latest(conn, "busy-01", 25)]
+    settings = Settings(history_days=3650, history_max_events=25)
+    assert prune_history(settings, store, age_chunk=7, cap_machines=1) == 7 + 17
+    with store.read() as conn:
+        assert [e.id for e in history.latest(conn, "busy-01", 100)] == newest
+        assert history.count(conn, "old-01") == 25
+    recent = Settings(history_days=30, history_max_events=1000)
+    assert prune_history(recent, store, age_chunk=4, cap_machines=5) == 25
+    with store.read() as conn:
+        assert history.count(conn, "old-01") == 0 and history.count(conn, "busy-01") == 25
+
+
+def test_lifecycle_to_its_own_state_writes_nothing(store: Store) -> None:
+    f = Fleet(store)
+    f.report(gen(0))
+    before = f.events()
+    with store.transaction() as conn:
+        assert machines.set_lifecycle(conn, f.id, Lifecycle.ACTIVE) is Lifecycle.ACTIVE
+    assert f.events() == before
+
+
+@pytest.mark.parametrize("kinds", [[EventKind.DESIRED], [EventKind.DESIRED, EventKind.TAGS]])
+def test_desired_events_come_from_any_statement(store: Store, kinds: list[EventKind]) -> None:
+    f = Fleet(store)
+    f.desire(gen(1), "rollout:a")
+    f.desire(gen(1), "rollout:a")  # unchanged: no event
+    with store.transaction() as conn:
+        conn.execute(
+            "UPDATE machines SET desired_generation = NULL, desired_source = NULL, "
+            "desired_set_at = ? WHERE id = ?",
+            ("2026-11-27T10:00:00.000000Z", f.id),
+        )
+        got = history.page(conn, f.id, kinds=kinds).events
+    assert [(e.source, e.previous, e.generation) for e in got] == [
+        ("rollout:a", None, gen(1)),
+        ("operator", gen(1), None),
+    ]
