@@ -9,7 +9,7 @@ measures from separate load-generator processes on 127.0.0.1:
   status    GET /api/v1/status (client-side wall time, whole body read)
   cli       `nixfleet status --json` end to end (process start to exit)
   tick      one reconciler tick over a rollout of every machine (when it exists)
-  storage   database size with report history at its retention bound
+  storage   database size after 30 simulated days of history (bench/history_bench.py)
   agent     nixfleet-agent RSS and CPU per poll against the control plane
 
 Every figure is the median of --runs runs. Results go to stdout as a table and to
@@ -241,10 +241,10 @@ def bench_tick(db: Path, machines: int, runs: int) -> dict[str, Any]:
     return rollout_bench.run(db, machines, runs)
 
 
-def bench_storage(machines: int, retention: int, workdir: Path) -> dict[str, Any]:
-    import storage_bench
+def bench_storage(machines: int, days: int, workdir: Path) -> dict[str, Any]:
+    import history_bench
 
-    return storage_bench.run(machines, retention, workdir)
+    return history_bench.run(machines, days, workdir)
 
 
 def bench_agent(cp: Server, key: str, workdir: Path, polls: int) -> dict[str, Any]:
@@ -282,7 +282,7 @@ def machine_info() -> dict[str, Any]:
 def run_size(machines: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     print(f"== {machines} machines", file=sys.stderr)
     db = workdir / f"fleet-{machines}.db"
-    key = build_db.build(db, machines, args.reports)
+    key = build_db.build(db, machines, args.events)
     result: dict[str, Any] = {"machines": machines}
     cp_port, bare_port = free_port(), free_port()
     settings = workdir / "settings.json"
@@ -337,7 +337,7 @@ def run_size(machines: int, args: argparse.Namespace, workdir: Path) -> dict[str
         result["tick"] = bench_tick(db, machines, args.runs)
     if "storage" in args.only:
         measured = min(machines, args.storage_machines)
-        st = bench_storage(measured, args.retention, workdir)
+        st = bench_storage(measured, args.history_days, workdir)
         st["measured_machines"] = measured
         st["extrapolated_mib"] = st["db_mib"] * machines / measured
         result["storage"] = st
@@ -388,11 +388,11 @@ def table(results: list[dict[str, Any]]) -> str:
         st = r.get("storage")
         if st:
             lines.append(
-                f"| {n} | database at retention bound ({st['retention']} reports/machine)"
+                f"| {n} | database after {st['days']} days of history"
                 f" | {st['extrapolated_mib']:,.0f} MiB (measured "
-                f"{st['db_mib']:.0f} MiB at "
-                f"{st['measured_machines']:,} machines; +{st['growth_mib']:.1f} MiB after "
-                f"{st['extra_reports']:,} more reports) | bounded |"
+                f"{st['db_mib']:.0f} MiB at {st['measured_machines']:,} machines, "
+                f"{st['events']:,} events; +{st['heartbeat_events']} events after "
+                f"{st['heartbeats']:,} heartbeats) | ≤ 500 MiB |"
             )
         ag = r.get("agent")
         if ag:
@@ -411,8 +411,8 @@ def main() -> None:
     parser.add_argument("--machines", default="100000", help="fleet sizes, comma-separated")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--only", default=",".join(PHASES), help=f"subset of {PHASES}")
-    parser.add_argument("--reports", type=int, default=3, help="history rows per machine")
-    parser.add_argument("--retention", type=int, default=100, help="Settings.report_retention")
+    parser.add_argument("--events", type=int, default=3, help="history events per machine")
+    parser.add_argument("--history-days", type=int, default=30, help="simulated days (storage)")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per report run")
     parser.add_argument("--max-requests", type=int, default=40_000)
     parser.add_argument(
@@ -428,7 +428,7 @@ def main() -> None:
         "--storage-machines",
         type=int,
         default=10_000,
-        help="fleet size for the retention-bound fill (extrapolated linearly to --machines)",
+        help="fleet size of the history fill (extrapolated linearly to --machines)",
     )
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()

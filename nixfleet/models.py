@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, overload
 
 from nixfleet.errors import ConflictError, FieldError, ValidationError
 
@@ -71,6 +71,12 @@ def utcnow() -> datetime:
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
+@overload
+def isoformat(ts: datetime) -> str: ...
+@overload
+def isoformat(ts: None) -> None: ...
+@overload
+def isoformat(ts: datetime | None) -> str | None: ...
 def isoformat(ts: datetime | None) -> str | None:
     """A time in TIME_FORMAT (27 characters); None stays None."""
     if ts is None:
@@ -105,12 +111,25 @@ def stale_cutoff(now: datetime, stale_after: int) -> datetime:
     return now - timedelta(seconds=stale_after)
 
 
-def is_stale(last_report_at: datetime | None, now: datetime, stale_after: int) -> bool:
+def is_stale(
+    last_report_at: datetime | None,
+    now: datetime,
+    stale_after: int,
+    lifecycle: Lifecycle | None = None,
+) -> bool:
     """THE definition of stale (store.machines.STALE_SQL is held to it case by case).
 
     A machine that never reported is not stale, only pending: stale means it went quiet.
+    A decommissioned machine is never stale: it is meant to be quiet (DESIGN §3).
     """
+    if lifecycle is Lifecycle.DECOMMISSIONED:
+        return False
     return last_report_at is not None and last_report_at < stale_cutoff(now, stale_after)
+
+
+def counts_in_sync_summary(lifecycle: Lifecycle) -> bool:
+    """Decommissioned machines are listed but not counted in the sync summary (DESIGN §3)."""
+    return lifecycle is not Lifecycle.DECOMMISSIONED
 
 
 # A release id: rel- + 12 hex digits of a hash of its sorted entries (nixfleet.flake
@@ -254,7 +273,7 @@ class Machine:
         return sync_of(self.desired_generation, self.current_generation, self.failed_generation)
 
     def stale(self, now: datetime, stale_after: int) -> bool:
-        return is_stale(self.last_report_at, now, stale_after)
+        return is_stale(self.last_report_at, now, stale_after, self.lifecycle)
 
 
 # --- releases and rollouts ----------------------------------------------------------------

@@ -93,7 +93,7 @@ def machine(store: Store, host: str) -> machines.Machine:  # type: ignore[name-d
 
 def detail(store: Store, rid: str, now: datetime) -> dict[str, Any]:
     with store.read() as conn:
-        return detail_json(store_rollouts.detail(conn, rid, now))
+        return dict(detail_json(store_rollouts.detail(conn, rid, now)))
 
 
 def deploying_hosts(store: Store, rid: str, now: datetime) -> list[str]:

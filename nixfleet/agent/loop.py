@@ -28,12 +28,13 @@ from nixfleet.agent.reboot import Rebooter
 from nixfleet.agent.reboot import observe as observe_boot
 from nixfleet.agent.state import AgentState, StateStore
 from nixfleet.client import Client
-from nixfleet.errors import NixfleetError, UnreachableError
+from nixfleet.errors import GoneError, NixfleetError, UnreachableError
 from nixfleet.models import HealthResult, parse_time
 
 log = logging.getLogger(__name__)
 
 JITTER = 0.10
+GONE_RETRY = 3600.0  # seconds between attempts once the CP says the machine is decommissioned
 MESSAGE_MAX = 4096
 
 
@@ -262,6 +263,18 @@ class Agent:
                 self.backoff(),
             )
             return Status.UNREACHABLE, delay
+        except GoneError as e:
+            # Decommissioned (DESIGN §3): nothing to do until an operator acts; asking
+            # every poll interval would only load the CP. The current generation stays.
+            self.failed_polls = 0
+            delay = self._delay(GONE_RETRY)
+            log.warning(
+                "control plane says this machine is decommissioned (%s); "
+                "next attempt in %.0fs (once an hour)",
+                e.detail,
+                delay,
+            )
+            return Status.FAILED, delay
         except NixfleetError as e:
             self.failed_polls = 0
             if e.exit_code == Status.AUTH:

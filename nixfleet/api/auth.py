@@ -14,7 +14,8 @@ from typing import Any
 
 import falcon
 
-from nixfleet.errors import AuthenticationError, PermissionDeniedError
+from nixfleet.errors import AuthenticationError, GoneError, PermissionDeniedError
+from nixfleet.models import Lifecycle
 from nixfleet.store import Store
 from nixfleet.store import credentials as creds
 from nixfleet.store.enrollment import ENROLL_PREFIX
@@ -64,8 +65,16 @@ def _resolve(store: Store, token: str | None) -> Actor:
         return ANONYMOUS
     with store.lookup() as conn:  # the warm writer connection when free (see Store)
         if token.startswith(creds.TOKEN_PREFIX):
-            machine = creds.token_machine(conn, token)
-            if machine is not None:
+            found_machine = creds.token_machine_lifecycle(conn, token)
+            if found_machine is not None:
+                machine, lifecycle = found_machine
+                if lifecycle == Lifecycle.DECOMMISSIONED:
+                    # Its token is kept so that its agent learns why (410), not just "no".
+                    raise GoneError(
+                        f"machine {machine!r} is decommissioned: the control plane refuses "
+                        "its agent (which now tries once an hour). Stop the agent, or "
+                        "register the host again under a new id"
+                    )
                 return Actor("machine", machine)
         else:
             found = creds.key_role(conn, token)
@@ -127,7 +136,7 @@ class AuthMiddleware:
                 return
             req.context.actor = _resolve(self.store, token)
             authorize(req.context.actor, perm, params.get("machine_id"))
-        except (AuthenticationError, PermissionDeniedError) as e:
+        except (AuthenticationError, PermissionDeniedError, GoneError) as e:
             # Names the route and the actor, never the presented secret; %r keeps a
             # hostile path (newlines, escapes) on one line of the log.
             log.info("refused %s %r (%s): %s", req.method, req.path, req.context.actor.label, e)

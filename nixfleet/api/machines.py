@@ -9,6 +9,7 @@ from typing import Any
 
 import falcon
 
+from nixfleet import wire
 from nixfleet.api.auth import Perm
 from nixfleet.api.body import read_document
 from nixfleet.api.context import Context
@@ -28,7 +29,7 @@ from nixfleet.store import audit, credentials, history, machines
 LATEST_EVENTS = 20  # events a machine's detail ends with (GET /api/v1/machines/{id})
 
 
-def status_json(m: Machine, now: datetime, stale_after: int) -> dict[str, Any]:
+def status_json(m: Machine, now: datetime, stale_after: int) -> wire.StatusMachine:
     """A machine's entry in GET /api/v1/status (docs/fleet-status.md): the definition.
 
     The status route has SQL write these entries for the whole fleet at once
@@ -50,7 +51,7 @@ def status_json(m: Machine, now: datetime, stale_after: int) -> dict[str, Any]:
     }
 
 
-def machine_json(m: Machine, now: datetime, stale_after: int) -> dict[str, Any]:
+def machine_json(m: Machine, now: datetime, stale_after: int) -> wire.Machine:
     """The full machine: its status entry, plus tags by source, desired source, times."""
     return {
         **status_json(m, now, stale_after),
@@ -148,11 +149,9 @@ class MachineCollection:
             )
             machine = machines.get(conn, machine_id)
         out = machine_json(machine, now, self.ctx.settings.stale_after)
-        if token:
-            out["token"] = token
+        resp.media = {**out, "token": token} if token else out
         resp.status = falcon.HTTP_201
         resp.location = f"/api/v1/machines/{machine_id}"
-        resp.media = out
 
 
 class MachineItem:
@@ -168,11 +167,12 @@ class MachineItem:
         with self.ctx.store.read() as conn:
             m = machines.get(conn, machine_id)
             latest = history.latest(conn, machine_id, LATEST_EVENTS)
-        out = machine_json(m, now, self.ctx.settings.stale_after)
-        out["health"] = None if m.health is None else m.health.to_dict()
-        out["uptime_seconds"] = m.uptime_seconds
-        out["history"] = [event_json(e) for e in latest]
-        resp.media = out
+        resp.media = {
+            **machine_json(m, now, self.ctx.settings.stale_after),
+            "health": None if m.health is None else m.health.to_dict(),
+            "uptime_seconds": m.uptime_seconds,
+            "history": [event_json(e) for e in latest],
+        }
 
 
 class MachineLifecycle:
@@ -196,8 +196,8 @@ class MachineLifecycle:
             previous = machines.set_lifecycle(conn, machine_id, target, actor, now)
             if previous is target:
                 return None  # already there: a no-op that scripts may repeat
-            if target is Lifecycle.DECOMMISSIONED:
-                credentials.revoke_token(conn, machine_id)
+            # A decommissioned machine keeps its token: with it, its agent is told 410
+            # Gone (api.auth) on every request, and backs off to one attempt an hour.
             return {"from": previous.value, "to": target.value}
 
         mutate(self.ctx, req, resp, machine_id, "machine.lifecycle", change)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import falcon
 
+from nixfleet import wire
 from nixfleet.api.auth import Perm
 from nixfleet.api.body import read_json
 from nixfleet.api.context import Context
@@ -30,7 +29,7 @@ def _check_id(release_id: str) -> None:
         )
 
 
-def summary_json(r: releases.ReleaseSummary) -> dict[str, Any]:
+def summary_json(r: releases.ReleaseSummary) -> wire.ReleaseSummary:
     return {
         "id": r.id,
         "flake_ref": r.flake_ref,
@@ -43,7 +42,7 @@ def summary_json(r: releases.ReleaseSummary) -> dict[str, Any]:
     }
 
 
-def diff_json(a: Release, b: Release) -> dict[str, Any]:
+def diff_json(a: Release, b: Release) -> wire.ReleaseDiff:
     """Per host: added (only in b), removed (only in a), changed store path, unchanged."""
     pa = {e.hostname: e.store_path for e in a.entries}
     pb = {e.hostname: e.store_path for e in b.entries}

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import falcon
 
-from nixfleet import policy, rollout
+from nixfleet import policy, rollout, wire
 from nixfleet.api.auth import Perm
 from nixfleet.api.body import read_json
 from nixfleet.api.context import Context
@@ -21,7 +20,8 @@ from nixfleet.store.rollouts import RolloutDetail, RolloutSummary
 STATUSES = [s.value for s in RolloutStatus] + ["invalid"]
 
 
-def summary_json(s: RolloutSummary) -> dict[str, Any]:
+def listed_json(s: RolloutSummary) -> wire.RolloutListItem:
+    counts = {h.value: s.machines.get(h, 0) for h in MachineHealth}
     return {
         "id": s.id,
         "name": s.name,
@@ -31,15 +31,11 @@ def summary_json(s: RolloutSummary) -> dict[str, Any]:
         "created_at": isoformat(s.created_at),
         "created_by": s.created_by,
         "updated_at": isoformat(s.updated_at),
+        "machines": {"total": sum(counts.values()), **counts},
     }
 
 
-def listed_json(s: RolloutSummary) -> dict[str, Any]:
-    counts = {h.value: s.machines.get(h, 0) for h in MachineHealth}
-    return {**summary_json(s), "machines": {"total": sum(counts.values()), **counts}}
-
-
-def invalid_file_json(f: rollout_files.InvalidFile) -> dict[str, Any]:
+def invalid_file_json(f: rollout_files.InvalidFile) -> wire.RolloutListItem:
     return {
         "id": None,
         "name": f.name,
@@ -50,9 +46,17 @@ def invalid_file_json(f: rollout_files.InvalidFile) -> dict[str, Any]:
     }
 
 
-def detail_json(d: RolloutDetail) -> dict[str, Any]:
+def detail_json(d: RolloutDetail) -> wire.Rollout:
+    s = d.summary
     return {
-        **summary_json(d.summary),
+        "id": s.id,
+        "name": s.name,
+        "release": s.release,
+        "status": s.status.value,
+        "source": s.source,
+        "created_at": isoformat(s.created_at),
+        "created_by": s.created_by,
+        "updated_at": isoformat(s.updated_at),
         "document": d.document,
         "skipped": [{"hostname": s.hostname, "reason": s.reason} for s in d.skipped],
         "hold": None if d.hold is None else {"kind": d.hold[0], "detail": d.hold[1]},
@@ -95,17 +99,19 @@ def plan_json(
     p: rollout.Plan,
     outlook: Sequence[gate.Outlook] = (),
     windowed: bool = False,
-) -> dict[str, Any]:
+) -> wire.Plan:
     """The plan; with §11 policy, per batch its earliest start (when windows apply) and,
     when a budget would hold it, how many of its machines start at once and why."""
-    batches: list[dict[str, Any]] = [
+    batches: list[wire.PlannedBatch] = [
         {"index": i, "size": len(hosts), "hosts": list(hosts)} for i, hosts in enumerate(p.batches)
     ]
     for b, o in zip(batches, outlook, strict=False):  # DESIGN §11: time and holds
         if windowed:
-            b.update(earliest_start=isoformat(o.earliest), waiting_for_window=o.waiting_for)
+            b["earliest_start"] = isoformat(o.earliest)
+            b["waiting_for_window"] = o.waiting_for
         if o.held_by is not None:
-            b.update(at_once=o.at_once, held_by=o.held_by)
+            b["at_once"] = o.at_once
+            b["held_by"] = o.held_by
     return {
         "name": spec.name,
         "release": spec.release,

@@ -156,6 +156,16 @@ def token_machine(conn: sqlite3.Connection, token: str) -> str | None:
     return row[0] if row else None
 
 
+def token_machine_lifecycle(conn: sqlite3.Connection, token: str) -> tuple[str, str] | None:
+    """The token's machine and its lifecycle, in one indexed look-up; None if unknown."""
+    row = conn.execute(
+        "SELECT t.machine_id, m.lifecycle FROM machine_tokens t JOIN machines m "
+        "ON m.id = t.machine_id WHERE t.token_hash = ?",
+        (digest(token),),
+    ).fetchone()
+    return (row[0], row[1]) if row else None
+
+
 def revoke_token(conn: sqlite3.Connection, machine_id: str) -> bool:
     """Delete the machine's token (it gets 401 from the next request on); True if it had one."""
     cur = conn.execute("DELETE FROM machine_tokens WHERE machine_id = ?", (machine_id,))

@@ -24,6 +24,7 @@ from nixfleet.models import (
     Sync,
     SystemState,
     check_transition,
+    counts_in_sync_summary,
     isoformat,
     parse_time,
     stale_cutoff,
@@ -371,7 +372,11 @@ SYNC_SQL = (
     "WHEN m.current_generation = m.desired_generation THEN 'in sync' "
     "WHEN m.failed_generation = m.desired_generation THEN 'failed' ELSE 'updating' END"
 )
-STALE_SQL = "(m.last_report_at IS NOT NULL AND m.last_report_at < ?)"
+STALE_SQL = (
+    "(m.lifecycle <> 'decommissioned' AND m.last_report_at IS NOT NULL AND m.last_report_at < ?)"
+)
+# models.counts_in_sync_summary
+SUMMARY_SQL = "(m.lifecycle <> 'decommissioned')"
 
 # A machine's entry in GET /api/v1/status, field by field, as SQL writes it: the same
 # keys and values as api.machines.status_json, which is the definition (held to it
@@ -421,16 +426,17 @@ def status_document(
     syncs = [s.value for s in Sync]
     lifecycles = [life.value for life in Lifecycle]
     sums = ", ".join(
-        [f"sum(sync = '{v}') AS \"sync:{v}\"" for v in syncs]
+        [f"sum(sync = '{v}' AND counted) AS \"sync:{v}\"" for v in syncs]
         + [f"sum(lifecycle = '{v}') AS \"lifecycle:{v}\"" for v in lifecycles]
     )
     fields = ", ".join(f"'{key}', {expr}" for key, expr in STATUS_SQL.items())
     stale_params = [cutoff] * "".join(STATUS_SQL.values()).count("?")
     sql = (
         "SELECT '[' || coalesce(group_concat(o, ','), '') || ']' AS machines, "
-        f"count(*) AS total, coalesce(sum(stale), 0) AS stale, {sums} FROM ("
+        f"coalesce(sum(counted), 0) AS total, coalesce(sum(stale), 0) AS stale, {sums} FROM ("
         f"SELECT json_object({fields}) AS o, "
-        f"{SYNC_SQL} AS sync, {STALE_SQL} AS stale, m.lifecycle AS lifecycle "
+        f"{SYNC_SQL} AS sync, {STALE_SQL} AS stale, {SUMMARY_SQL} AS counted, "
+        "m.lifecycle AS lifecycle "
         f"FROM machines m{where} ORDER BY m.id)"
     )
     row = conn.execute(sql, (*stale_params, cutoff, *params)).fetchone()
@@ -447,12 +453,14 @@ class FleetCounts:
 
 
 def fleet_counts(conn: sqlite3.Connection) -> FleetCounts:
-    """Machines by sync and by lifecycle, every value present (zero where none)."""
+    """Machines by sync (decommissioned ones not counted) and by lifecycle, every value
+    present (zero where none)."""
     by_sync = {s: 0 for s in Sync}
     by_lifecycle = {life: 0 for life in Lifecycle}
     for sync, lifecycle, n in conn.execute(
         f"SELECT {SYNC_SQL}, m.lifecycle, COUNT(*) FROM machines m GROUP BY 1, 2"
     ):
-        by_sync[Sync(sync)] += n
+        if counts_in_sync_summary(Lifecycle(lifecycle)):
+            by_sync[Sync(sync)] += n
         by_lifecycle[Lifecycle(lifecycle)] += n
     return FleetCounts(by_sync, by_lifecycle)

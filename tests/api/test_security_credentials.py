@@ -172,14 +172,14 @@ def test_rotate_token_kills_the_old_one_at_once(api: Api, admin_key: str) -> Non
     assert _report(api, "web-a", out["token"]) == 200
 
 
-def test_revoke_token_and_decommission_give_401(api: Api, admin_key: str) -> None:
+def test_revoke_token_gives_401_and_decommission_410(api: Api, admin_key: str) -> None:
     a = _register(api, admin_key, "web-a")
     b = _register(api, admin_key, "web-b")
     status, out = api("DELETE", "/api/v1/machines/web-a/token", admin_key)
     assert status == 200 and out["revoked"] is True
     assert _report(api, "web-a", a) == 401
     api("PATCH", "/api/v1/machines/web-b/lifecycle", admin_key, {"lifecycle": "decommissioned"})
-    assert _report(api, "web-b", b) == 401
+    assert _report(api, "web-b", b) == 410  # its agent is told why, and backs off
     assert api("POST", "/api/v1/machines/web-b/token", admin_key)[0] == 410
     assert api("POST", "/api/v1/machines/nope/token", admin_key)[0] == 404
 

@@ -55,7 +55,7 @@ def test_status_entries_are_status_json_machine_by_machine(store: Store) -> None
         want = status_json(m, NOW, STALE_AFTER)
         assert list(entry) == list(want) == list(machines.STATUS_SQL)
         assert entry == want
-        full = machine_json(m, NOW, STALE_AFTER)
+        full: dict[str, object] = dict(machine_json(m, NOW, STALE_AFTER))
         assert {k: full[k] for k in want} == want
     assert {e["stale"] for e in entries} == {True, False}
     assert len({e["sync"] for e in entries}) == 4

@@ -13,9 +13,16 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from nixfleet.models import is_stale, isoformat, stale_cutoff, sync_of
+from nixfleet.models import (
+    Lifecycle,
+    counts_in_sync_summary,
+    is_stale,
+    isoformat,
+    stale_cutoff,
+    sync_of,
+)
 from nixfleet.store import Store
-from nixfleet.store.machines import STALE_SQL, SYNC_SQL
+from nixfleet.store.machines import STALE_SQL, SUMMARY_SQL, SYNC_SQL
 
 A, B = "/nix/store/" + "a" * 32 + "-a", "/nix/store/" + "b" * 32 + "-b"
 GENERATIONS = (None, A, B)
@@ -54,8 +61,18 @@ OFFSETS = [None] + [
 
 @pytest.mark.parametrize("offset", OFFSETS)
 @pytest.mark.parametrize("now", [NOW, NOW + timedelta(microseconds=500_000)])
-def test_stale_sql_is_is_stale(store: Store, offset: timedelta | None, now: datetime) -> None:
+@pytest.mark.parametrize("lifecycle", list(Lifecycle))
+def test_stale_sql_is_is_stale(
+    store: Store, offset: timedelta | None, now: datetime, lifecycle: Lifecycle
+) -> None:
     last = None if offset is None else now + offset
-    columns = {"last_report_at": isoformat(last)}
+    columns = {"last_report_at": isoformat(last), "lifecycle": lifecycle.value}
     cutoff = isoformat(stale_cutoff(now, STALE_AFTER))
-    assert bool(_sql(store, STALE_SQL, columns, cutoff)) is is_stale(last, now, STALE_AFTER)
+    expected = is_stale(last, now, STALE_AFTER, lifecycle)
+    assert bool(_sql(store, STALE_SQL, columns, cutoff)) is expected
+
+
+@pytest.mark.parametrize("lifecycle", list(Lifecycle))
+def test_summary_sql_is_counts_in_sync_summary(store: Store, lifecycle: Lifecycle) -> None:
+    columns = {"lifecycle": lifecycle.value}
+    assert bool(_sql(store, SUMMARY_SQL, columns)) is counts_in_sync_summary(lifecycle)

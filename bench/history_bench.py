@@ -1,0 +1,243 @@
+"""Database size after 30 simulated days of a fleet's history (DESIGN §8 Storage).
+
+The fleet: N machines polling once a minute, one deployment a day per machine (each
+host its own system closure, as on NixOS, where the hostname is part of the system),
+health flapping on 1 % of the machines (FLAPS_PER_DAY times a day, failing then
+passing again). 30 days of one-minute polls are 43,200 polls per machine, 4.3 billion
+at 100,000 machines; replaying them through HTTP would take days, and all but the
+changes among them are heartbeats, which write no history. So the changes are written
+set-based, with the very statements and shapes the control plane uses:
+
+- desired generation: one UPDATE of machines per day, as a rollout's ticks issue it;
+  the real trigger (migration 0009) writes the desired events;
+- the switch the next report shows, and the health flaps: INSERT … SELECT of the rows
+  record_report writes for them. That they are the same rows is checked here: a real
+  record_report of a switch and of a flap, on a sample machine, must write exactly the
+  row shapes (kind, source, generation, detail) the bulk statements wrote;
+- heartbeats: HEARTBEATS real reports go through record_report at the end, and the
+  growth they cause is recorded (none expected beyond the machine rows they rewrite).
+
+Then the background pruning job runs once with the default settings (nothing is
+older than 90 days, no machine has 1,000 events) and the file is measured after a
+checkpoint: database plus WAL, not vacuumed.
+
+    python bench/history_bench.py --machines 100000 --days 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import build_db
+import fleet
+
+from nixfleet import history as changes
+from nixfleet.controlplane.background import prune_history
+from nixfleet.models import HealthCheckResult, HealthResult, Report, isoformat
+from nixfleet.settings import Settings
+from nixfleet.store import Store, history
+from nixfleet.store import machines as store_machines
+
+FLAPS_PER_DAY = 3
+HEARTBEATS = 20_000
+
+
+def _settle(store: Store) -> None:
+    """Copy the WAL back and truncate it, so the size measured is the database's own."""
+    store.connection().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def _size(path: Path) -> float:
+    parts = (Path(str(path) + s) for s in ("", "-wal"))
+    return sum(p.stat().st_size for p in parts if p.exists()) / 2**20
+
+
+def _health(failing: bool) -> HealthResult:
+    names = ("nginx", "postgresql", "disk-space")
+    return HealthResult(
+        all_passed=not failing,
+        results=tuple(
+            HealthCheckResult(n, "systemd", not (failing and n == "nginx"), 3, "active")
+            for n in names
+        ),
+    )
+
+
+def _flap_details() -> tuple[str, str]:
+    """The detail JSON record_report writes for a turn to failing and back."""
+    ok, bad = (json.dumps(_health(f).to_dict()) for f in (False, True))
+    gen = fleet.current_generation(0)
+
+    def detail(before: str, after: HealthResult) -> str:
+        prior = changes.Prior(gen, None, True, before)
+        report = Report("x", datetime.now(UTC), gen, health=after)
+        (event,) = changes.report_events(prior, report)
+        return json.dumps(dict(event.detail), separators=(",", ":"))
+
+    return detail(ok, _health(True)), detail(bad, _health(False))
+
+
+def _day(conn: Any, day: int, t0: datetime, failing: str, passing: str) -> None:
+    start = t0 + timedelta(days=day)
+    label = f"rollout:daily-{day:02d}"
+    # Desired: what a rollout's ticks write (spread over the first hour of the day).
+    conn.execute(
+        "UPDATE machines SET desired_generation = '/nix/store/' || lower(hex(randomblob(16))) "
+        "|| '-nixos-system-' || substr(id, 1, 7) || ?, desired_source = ?, "
+        "desired_set_at = strftime('%Y-%m-%dT%H:%M:%f', ?, '+' || (abs(random()) % 3600) "
+        "|| ' seconds') || '000Z'",
+        (f"-24.11.{day:02d}", label, isoformat(start)[:19]),
+    )
+    # The next report shows the switch: one generation event per machine, two minutes on.
+    conn.execute(
+        "INSERT INTO machine_events (machine_id, at, kind, source, generation, detail_json) "
+        "SELECT id, strftime('%Y-%m-%dT%H:%M:%f', substr(desired_set_at, 1, 19), "
+        "'+120 seconds') || '000Z', 'generation', 'agent', desired_generation, NULL "
+        "FROM machines ORDER BY desired_set_at"
+    )
+    conn.execute(
+        "UPDATE machines SET current_generation = desired_generation, "
+        "last_report_at = desired_set_at"
+    )
+    # Health flaps on 1 % of the machines: failing, then passing ten minutes later.
+    for k in range(FLAPS_PER_DAY):
+        at = start + timedelta(hours=4 + 6 * k)
+        for offset, detail in ((0, failing), (600, passing)):
+            conn.execute(
+                "INSERT INTO machine_events (machine_id, at, kind, source, generation, "
+                "detail_json) SELECT id, ?, 'health', 'agent', NULL, ? FROM machines "
+                "WHERE CAST(substr(id, 2, 6) AS INTEGER) % 100 = 0",
+                (isoformat(at + timedelta(seconds=offset)), detail),
+            )
+
+
+def _shape(conn: Any, machine: str, n: int) -> list[tuple[Any, ...]]:
+    rows = conn.execute(
+        "SELECT kind, source, generation IS NOT NULL, detail_json FROM machine_events "
+        "WHERE machine_id = ? ORDER BY id DESC LIMIT ?",
+        (machine, n),
+    )
+    return [tuple(r) for r in rows]
+
+
+def _check_shapes(store: Store, failing: str, passing: str) -> None:
+    """A real switch and flap through record_report write what the bulk rows hold."""
+    host = fleet.hostname(0)  # a flapping machine (0 % 100 == 0)
+    with store.read() as conn:
+        bulk = _shape(conn, host, 4)  # last day: ... flap, flap (newest first)
+        day = _shape(conn, host, 2 * FLAPS_PER_DAY + 2)[-2:]  # desired, generation
+    now = datetime.now(UTC)
+    with store.transaction() as conn:
+        store_machines.set_desired(conn, host, fleet.next_generation(0), None, "rollout:x", now)
+    for k, (gen, health) in enumerate(
+        [
+            (fleet.next_generation(0), _health(False)),
+            (fleet.next_generation(0), _health(True)),
+            (fleet.next_generation(0), _health(False)),
+        ]
+    ):
+        report = Report(host, now + timedelta(seconds=k + 1), gen, health=health)
+        with store.transaction() as conn:
+            store_machines.record_report(conn, report)
+    with store.read() as conn:
+        real = _shape(conn, host, 4)
+    assert real[:2] == bulk[:2], (real, bulk)  # passing again, failing
+    # the same kinds, sources (a rollout's label, the agent) and generations present
+    shape = [(r[0], r[1].split(":")[0], r[2], r[3]) for r in real[2:]]
+    assert shape == [(r[0], r[1].split(":")[0], r[2], r[3]) for r in day], (real, day)
+    assert real[0][3] == passing and real[1][3] == failing
+
+
+def run(machines: int, days: int, workdir: Path) -> dict[str, Any]:
+    db = workdir / f"history-{machines}.db"
+    started = time.perf_counter()
+    build_db.build(db, machines, 0, quiet=True)
+    store = Store(db)
+    _settle(store)
+    base = _size(db)
+    failing, passing = _flap_details()
+    t0 = datetime.now(UTC) - timedelta(days=days + 1)
+    for day in range(days):
+        with store.transaction() as conn:
+            _day(conn, day, t0, failing, passing)
+        store.checkpoint()
+    _check_shapes(store, failing, passing)
+    pruned = prune_history(Settings(), store, 5_000, 2_000)
+    _settle(store)
+    filled = _size(db)
+    with store.read() as conn:
+        events = history.count(conn)
+    reporters = [i for i in range(machines) if build_db.reporting(i)]
+    health = _health(False)
+    now = datetime.now(UTC)
+    with store.read() as conn:
+        current = dict(conn.execute("SELECT id, current_generation FROM machines"))
+    for k in range(HEARTBEATS):
+        i = reporters[k % len(reporters)]
+        host = fleet.hostname(i)
+        report = Report(
+            machine_id=host,
+            received_at=now + timedelta(microseconds=k),
+            current_generation=current[host],
+            message="running",
+            health=health if i % 100 else _health(False),
+            tags=tuple(fleet.agent_tags(i)),
+            agent_version="0.1.0",
+            uptime_seconds=86_400 + k,
+        )
+        with store.transaction() as conn:
+            store_machines.record_report(conn, report)
+        if k % 1000 == 999:
+            store.checkpoint()  # what the control plane's background job does
+    _settle(store)
+    after = _size(db)
+    with store.read() as conn:
+        events_after = history.count(conn)
+    store.close()
+    out = {
+        "machines": machines,
+        "days": days,
+        "flaps_per_day": FLAPS_PER_DAY,
+        "events": events,
+        "pruned": pruned,
+        "base_mib": base,
+        "db_mib": filled,
+        "history_mib": filled - base,
+        "bytes_per_event": (filled - base) * 2**20 / max(events, 1),
+        "heartbeats": HEARTBEATS,
+        "heartbeat_events": events_after - events,
+        "heartbeat_growth_mib": after - filled,
+        "seconds": time.perf_counter() - started,
+    }
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(db) + suffix).unlink(missing_ok=True)
+    print(
+        f"  history {machines:,} machines x {days} days: {filled:.0f} MiB "
+        f"({base:.0f} MiB without history; {events:,} events, "
+        f"{out['bytes_per_event']:.0f} B each); {HEARTBEATS:,} heartbeats: "
+        f"+{events_after - events} events, +{after - filled:.1f} MiB",
+        file=sys.stderr,
+    )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--machines", type=int, default=100_000)
+    parser.add_argument("--days", type=int, default=30)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp"))
+    args = parser.parse_args()
+    print(json.dumps(run(args.machines, args.days, args.workdir), indent=2))
+
+
+if __name__ == "__main__":
+    main()
