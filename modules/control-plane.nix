@@ -43,7 +43,17 @@ let
       history_max_events = cfg.historyMaxEvents;
     }
     // lib.optionalAttrs (cfg.rolloutsDir != null) { rollouts_dir = "${cfg.rolloutsDir}"; }
+    // lib.optionalAttrs (cfg.webhooks != [ ]) {
+      # Each secret is a credential of the unit, at systemd's fixed path for it.
+      webhooks = lib.imap0 (i: w: {
+        inherit (w) url events;
+        secret_file = "/run/credentials/nixfleet-control-plane.service/webhook-${toString i}";
+      }) cfg.webhooks;
+    }
   ) cfg.settings;
+  webhookCredentials = lib.imap0 (
+    i: w: "webhook-${toString i}:${w.secretFile}"
+  ) cfg.webhooks;
 
   configFile = format.generate "nixfleet-control-plane.json" cpConfig;
 in
@@ -92,6 +102,44 @@ in
       description = ''
         Directory of rollout files (YAML, see `schemas/rollout.schema.json`)
         the control plane applies; re-applying an unchanged file is a no-op.
+      '';
+    };
+
+    webhooks = mkOption {
+      type = types.listOf (
+        types.submodule {
+          options = {
+            url = mkOption {
+              type = types.str;
+              example = "https://hooks.example.com/nixfleet";
+              description = "Where events are POSTed (`http://` or `https://`).";
+            };
+            events = mkOption {
+              type = types.listOf types.str;
+              default = [ "*" ];
+              example = [
+                "rollout.failed"
+                "machine.failed"
+              ];
+              description = ''
+                Events sent to this receiver (see docs/webhooks.md), or `"*"` for all.
+              '';
+            };
+            secretFile = mkOption {
+              type = types.path;
+              example = "/run/secrets/nixfleet-webhook";
+              description = ''
+                File holding the HMAC-SHA256 secret the bodies are signed with.
+                Passed with systemd's `LoadCredential=`; must not be in the Nix store.
+              '';
+            };
+          };
+        }
+      );
+      default = [ ];
+      description = ''
+        Webhook receivers: signed JSON POSTs of rollout and machine events, from a
+        durable outbox, retried with back-off for 24 hours (docs/webhooks.md).
       '';
     };
 
@@ -252,7 +300,8 @@ in
         DynamicUser = true;
         StateDirectory = "nixfleet";
         StateDirectoryMode = "0700";
-        LoadCredential = optional (cfg.adminKeyFile != null) "admin-key:${cfg.adminKeyFile}";
+        LoadCredential =
+          optional (cfg.adminKeyFile != null) "admin-key:${cfg.adminKeyFile}" ++ webhookCredentials;
 
         # Binding a port below 1024 is the only privilege it may need.
         CapabilityBoundingSet = if listenPort < 1024 then [ "CAP_NET_BIND_SERVICE" ] else "";

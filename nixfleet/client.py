@@ -492,6 +492,14 @@ class Client:
             raise UsageError(f"unknown rollout action {action!r}: pause, resume or cancel")
         return self._call(wire.Rollout, "POST", _rollout(ref, f"/{action}"), {})
 
+    # --- webhooks -----------------------------------------------------------------------
+
+    def webhook_deliveries(self, failed: bool = False, limit: int = 100) -> wire.WebhookDeliveries:
+        params = {"failed": "true" if failed else None, "limit": str(limit)}
+        return self._call(
+            wire.WebhookDeliveries, "GET", "/api/v1/webhooks/deliveries", params=params
+        )
+
 
 def _q(part: str) -> str:
     return urllib.parse.quote(part, safe="")

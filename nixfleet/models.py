@@ -232,6 +232,7 @@ class Report:
     tags: tuple[str, ...] | None = None
     agent_version: str | None = None
     uptime_seconds: int | None = None
+    output: str | None = None  # the failed switch's output tail (agent.output), sent once
     needs_reboot: bool | None = None  # DESIGN §11: booted kernel/initrd/modules differ
     booted_generation: str | None = None
 
@@ -265,6 +266,7 @@ class Machine:
     health: HealthResult | None = None
     retry_requested_at: datetime | None = None
     uptime_seconds: int | None = None  # as of the last report
+    failed_output: str | None = None  # of the failed generation's switch; read by get() only
     needs_reboot: bool | None = None
     booted_generation: str | None = None
 
@@ -382,6 +384,7 @@ class RolloutSpec:
     on_failure: OnFailure = OnFailure.PAUSE
     health_timeout: int = 300
     soak: int = 0
+    confirm_timeout: int | None = None  # seconds (agent.confirm); None: the agent's default
     skip_lifecycle: tuple[Lifecycle, ...] = ()
 
 

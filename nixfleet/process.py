@@ -39,16 +39,22 @@ def run(
     cwd: str | Path | None = None,
     input: str | None = None,
     check: bool = True,
+    merge_output: bool = False,
 ) -> Completed:
-    """Run argv, capture text output, raise CommandError on non-zero exit or timeout."""
+    """Run argv, capture text output, raise CommandError on non-zero exit or timeout.
+
+    merge_output: stderr goes into stdout, interleaved as written (a switch's log).
+    """
     args = tuple(str(a) for a in argv)
     log.debug("run: %s", " ".join(args))
     started = time.monotonic()
     try:
         proc = subprocess.run(
             args,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT if merge_output else subprocess.PIPE,
             text=True,
+            errors="replace",
             timeout=timeout,
             env=dict(env) if env is not None else None,
             cwd=cwd,
@@ -59,7 +65,9 @@ def run(
         raise CommandError(f"{args[0]} timed out after {timeout:g}s") from e
     except FileNotFoundError as e:
         raise CommandError(f"{args[0]}: command not found; is it installed and on PATH?") from e
-    done = Completed(args, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
+    done = Completed(
+        args, proc.returncode, proc.stdout, proc.stderr or "", time.monotonic() - started
+    )
     log.debug("run: %s exited %d in %.2fs", args[0], proc.returncode, done.seconds)
     if check and proc.returncode != 0:
         tail = proc.stderr.strip()[-STDERR_TAIL:] or proc.stdout.strip()[-STDERR_TAIL:]

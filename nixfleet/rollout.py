@@ -74,6 +74,9 @@ def spec_from_document(doc: Mapping[str, Any]) -> RolloutSpec:
         on_failure=OnFailure(doc.get("on_failure", "pause")),
         health_timeout=parse_duration(doc.get("health_timeout", 300)),
         soak=parse_duration(doc.get("soak", 0)),
+        confirm_timeout=(
+            parse_duration(doc["confirm_timeout"]) if "confirm_timeout" in doc else None
+        ),
         skip_lifecycle=tuple(Lifecycle(s) for s in doc.get("skip_lifecycle", ())),
     )
 

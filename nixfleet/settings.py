@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import urllib.parse
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,6 +20,49 @@ from nixfleet.policy import fleet
 from nixfleet.policy.fleet import FleetPolicy
 
 DEFAULT_PORT = 8470
+
+# What a webhook can subscribe to (docs/webhooks.md, schemas/webhook-event.schema.json);
+# store.migrations' triggers write them, tests/store/test_webhooks.py holds the two equal.
+WEBHOOK_EVENTS = (
+    "rollout.started",
+    "rollout.paused",
+    "rollout.resumed",
+    "rollout.failed",
+    "rollout.completed",
+    "rollout.cancelled",
+    "batch.started",
+    "machine.failed",
+    "machine.unhealthy",
+    "machine.stale",
+    "machine.reboot-needed",
+)
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """One receiver: where to POST, which events, and the file holding the HMAC secret."""
+
+    url: str
+    secret_file: str
+    events: tuple[str, ...] = ("*",)
+
+    def wants(self, event: str) -> bool:
+        return "*" in self.events or event in self.events
+
+
+def display_url(url: str) -> str:
+    """A webhook URL as logs and listings show it: no user info, no query string.
+
+    Receivers such as chat services put their credential in the URL; the path is
+    kept (it tells two receivers on one host apart) but cut short.
+    """
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    path = parts.path if len(parts.path) <= 24 else parts.path[:20] + "..."
+    return f"{parts.scheme}://{host}{port}{path}"
 
 
 def default_db() -> Path:
@@ -49,6 +93,11 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     default_poll_interval: int | None = None
     rollout_poll_hint: int = 5
+    webhooks: tuple[Webhook, ...] = ()
+    webhook_timeout: float = 10.0  # seconds for one delivery attempt, in total
+    webhook_retry_initial: float = 10.0  # first back-off; doubles per failed attempt
+    webhook_retry_max: float = 600.0  # back-off cap
+    webhook_retry_for: float = 86_400.0  # give a delivery up this long after its event
     # DESIGN §11, parsed and documented in nixfleet.policy.fleet (docs/rollouts.md).
     disruption_budgets: tuple[Any, ...] = ()
     default_windows: tuple[Any, ...] = ()
@@ -109,10 +158,63 @@ def load(path: str | Path | None = None, **overrides: Any) -> Settings:
     ]
     if errors:
         raise ValidationError(f"invalid settings file {path}", errors=errors)
+    if "webhooks" in data:
+        data["webhooks"] = parse_webhooks(data["webhooks"])
     settings = replace(Settings(), **data)
     settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
     _check(settings)
     return settings
+
+
+def parse_webhooks(raw: Any) -> tuple[Webhook, ...]:
+    """`webhooks: [{url, events, secret_file}]`, every problem named by its field."""
+    if not isinstance(raw, list):
+        raise ValidationError(
+            "invalid control-plane settings",
+            errors=[FieldError("webhooks", "must be a list of {url, events, secret_file}")],
+        )
+    errors: list[FieldError] = []
+    out: list[Webhook] = []
+    for i, item in enumerate(raw):
+        where = f"webhooks[{i}]"
+        if not isinstance(item, dict):
+            errors.append(FieldError(where, "must be an object {url, events, secret_file}"))
+            continue
+        for key in sorted(set(item) - {"url", "events", "secret_file"}):
+            errors.append(
+                FieldError(f"{where}.{key}", "unknown key; known: url, events, secret_file")
+            )
+        url, secret, events = item.get("url"), item.get("secret_file"), item.get("events", ["*"])
+        if (
+            not isinstance(url, str)
+            or not url.startswith(("http://", "https://"))
+            or (len(url) > 2048 or any(c.isspace() or ord(c) < 32 for c in url))
+        ):
+            errors.append(FieldError(f"{where}.url", "an http:// or https:// URL is required"))
+        if not isinstance(secret, str) or not secret:
+            errors.append(
+                FieldError(
+                    f"{where}.secret_file",
+                    "the path of a file holding the HMAC secret is required (never the secret)",
+                )
+            )
+        known = set(WEBHOOK_EVENTS) | {"*"}
+        if (
+            not isinstance(events, list)
+            or not events
+            or not all(isinstance(e, str) and e in known for e in events)
+        ):
+            errors.append(
+                FieldError(
+                    f"{where}.events",
+                    f"a non-empty list of: *, {', '.join(WEBHOOK_EVENTS)}",
+                )
+            )
+        if not errors:
+            out.append(Webhook(str(url), str(secret), tuple(events)))
+    if errors:
+        raise ValidationError("invalid control-plane settings", errors=errors)
+    return tuple(out)
 
 
 def _check(s: Settings) -> None:
@@ -136,6 +238,16 @@ def _check(s: Settings) -> None:
             errors.append(FieldError(name, "must be a positive integer"))
     if isinstance(s.workers, int) and s.workers > 64:
         errors.append(FieldError("workers", "at most 64; one per CPU core is the useful most"))
+    for name in (
+        "reconcile_interval",
+        "webhook_timeout",
+        "webhook_retry_initial",
+        "webhook_retry_max",
+        "webhook_retry_for",
+    ):
+        value = getattr(s, name)
+        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+            errors.append(FieldError(name, "must be a positive number of seconds"))
     if not isinstance(s.reconcile_interval, int | float) or s.reconcile_interval <= 0:
         errors.append(FieldError("reconcile_interval", "must be a positive number of seconds"))
     errors += fleet.errors(

@@ -100,6 +100,7 @@ class MachineDetail(Machine):
     health: Health | None
     uptime_seconds: int | None  # as of the last report
     history: list[HistoryEvent]
+    failed_output: NotRequired[str | None]  # the failed switch's output tail
 
 
 class RegisteredMachine(Machine):
@@ -143,6 +144,7 @@ class ReportAnswer(TypedDict):
     cache_url: str | None
     poll_hint: int | None
     retry_requested_at: NotRequired[str | None]
+    confirm_timeout: NotRequired[int | None]  # seconds: the rollout's confirm window
     reboot: NotRequired[str]  # "when-needed": the agent may ask for a reboot lease
 
 
@@ -413,3 +415,49 @@ class RolloutList(TypedDict):
 class ServiceHealth(TypedDict):
     status: str
     version: str
+
+
+# --- webhooks ----------------------------------------------------------------------
+
+
+class WebhookRollout(TypedDict):
+    id: str
+    name: str | None
+
+
+class WebhookEvent(TypedDict):
+    """The signed body a receiver gets (schemas/webhook-event.schema.json)."""
+
+    id: int
+    event: str
+    at: str
+    rollout: WebhookRollout | None
+    machine: str | None
+    detail: dict[str, Any]
+
+
+class WebhookAttempt(TypedDict):
+    at: str
+    status: int | None
+    error: str | None
+    duration_ms: int
+
+
+class WebhookDelivery(TypedDict):
+    id: int
+    url: str
+    state: str  # pending | delivered | failed (given up)
+    attempts: int
+    created_at: str
+    expires_at: str
+    next_attempt_at: str | None
+    last_attempt_at: str | None
+    last_status: int | None
+    last_error: str | None
+    finished_at: str | None
+    event: WebhookEvent
+    history: list[WebhookAttempt]
+
+
+class WebhookDeliveries(TypedDict):
+    deliveries: list[WebhookDelivery]

@@ -17,6 +17,7 @@ from pathlib import Path
 from nixfleet import nix, process
 from nixfleet.agent import health as healthmod
 from nixfleet.agent.config import AgentConfig
+from nixfleet.agent.output import tail
 from nixfleet.agent.state import AgentState, InProgress, Outcome, StateStore, now
 from nixfleet.errors import CommandError, NixfleetError
 from nixfleet.models import STORE_PATH_RE, HealthResult
@@ -38,6 +39,7 @@ class Result:
     message: str
     changed: bool
     health: HealthResult | None = None
+    output: str | None = None  # the tail of the switch's output (agent.output), on failure
 
 
 def observe_current(config: AgentConfig) -> str | None:
@@ -67,6 +69,8 @@ class Activator:
     def __init__(self, config: AgentConfig, store: StateStore) -> None:
         self.config = config
         self.store = store
+        self.failed_output: str | None = None  # of the last failed switch
+        self.switch_output: str | None = None  # of the deployment under way
 
     # --- fetch ---------------------------------------------------------------------
 
@@ -109,9 +113,20 @@ class Activator:
                 argv.append(f"--setenv={name}={self.config.environ[name]}")
         return [*argv, script, "switch"]
 
-    def switch(self, path: str, unit: str | None = None) -> None:
+    def switch(self, path: str, unit: str | None = None) -> str:
+        """Run the switch; return its output (stdout and stderr interleaved).
+
+        On failure the CommandError's detail has the output's last lines, and
+        `failed_output` all of it, for the failing report (agent.output.tail).
+        """
         env = self.config.child_env(NIXFLEET_CURRENT_SYSTEM=self.config.current_system)
-        process.run(self._switch_argv(path, unit), env=env, timeout=SWITCH_TIMEOUT)
+        argv = self._switch_argv(path, unit)
+        done = process.run(argv, env=env, timeout=SWITCH_TIMEOUT, check=False, merge_output=True)
+        if done.returncode != 0:
+            self.failed_output = done.stdout
+            last = done.stdout.strip()[-process.STDERR_TAIL :]
+            raise CommandError(f"{' '.join(argv[:3])} exited {done.returncode}: {last}")
+        return done.stdout
 
     def _new_unit(self) -> str | None:
         if not self.config.use_systemd_run:
@@ -151,10 +166,12 @@ class Activator:
         state = self.store.load()
         self.store.save(replace(state, in_progress=record))
         log.info("activating %s (previous: %s)", path, previous or "none")
+        self.switch_output = self.failed_output = None
         try:
             nix.profile_set(self.config.profile, path)
-            self.switch(path, unit)
+            self.switch_output = self.switch(path, unit)
         except NixfleetError as e:
+            self.switch_output = self.failed_output
             return self._rollback(record, f"switch to {path} failed: {e.detail}")
         return self._verify(record)
 
@@ -212,13 +229,26 @@ class Activator:
         self, record: InProgress, success: bool, message: str, result: HealthResult | None
     ) -> Result:
         message = _short(message)
-        outcome = Outcome(record.generation, success, message, now(), record.previous)
+        output = None if success or self.switch_output is None else tail(self.switch_output)
+        self.switch_output = None
+        outcome = Outcome(record.generation, success, message, now(), record.previous, output)
         state: AgentState = self.store.load()
         state = replace(state, in_progress=None, last_outcome=outcome)
         if not success:
             state = state.with_failure(record.generation, message, outcome.at)
         self.store.save(state)
-        return Result(record.generation, success, message, changed=True, health=result)
+        return Result(
+            record.generation, success, message, changed=True, health=result, output=output
+        )
+
+    def roll_back(self, generation: str, previous: str, reason: str) -> Result:
+        """Back from a concluded, successful activation of `generation` (the confirm window).
+
+        Recorded as in progress first, so an agent restarted during it rolls back again.
+        """
+        record = InProgress(generation, previous, None, now(), None)
+        self.store.save(replace(self.store.load(), in_progress=record))
+        return self._rollback(record, reason)
 
     # --- restart recovery ----------------------------------------------------------
 

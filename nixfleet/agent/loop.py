@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from nixfleet import __version__
+from nixfleet.agent import confirm
 from nixfleet.agent import health as healthmod
 from nixfleet.agent.activate import Activator, Result, observe_current
 from nixfleet.agent.config import AgentConfig, read_enroll_token, read_token
@@ -53,16 +54,21 @@ class Desired:
     cache_url: str | None
     poll_hint: float | None
     retry_requested_at: datetime | None
+    confirm_timeout: float | None = None  # the rollout's (agent.confirm); None: the agent's
     reboot: bool = False  # the machine's rollout reboots it when needed (DESIGN §11)
 
     @classmethod
     def from_response(cls, data: dict[str, Any]) -> Desired:
         hint = data.get("poll_hint")
+        confirm = data.get("confirm_timeout")
+        if isinstance(confirm, bool) or not isinstance(confirm, int | float) or confirm <= 0:
+            confirm = None
         return cls(
             generation=data.get("desired_generation"),
             cache_url=data.get("cache_url"),
             poll_hint=float(hint) if isinstance(hint, int | float) and hint > 0 else None,
             retry_requested_at=parse_time(data.get("retry_requested_at")),
+            confirm_timeout=None if confirm is None else min(max(float(confirm), 1.0), 86400.0),
             reboot=data.get("reboot") == "when-needed",
         )
 
@@ -88,6 +94,7 @@ class Agent:
         self.config = config
         self.store = StateStore(config.state_dir)
         self.activator = Activator(config, self.store)
+        self.window = confirm.Window(config.state_dir)
         self.rebooter = Rebooter(config.machine_id, config.state_dir, config.reboot_command)
         self.rng = rng or random.Random()
         self.started = time.monotonic()
@@ -179,6 +186,9 @@ class Agent:
         failed, message = self._failure_for(state, current)
         if failed is not None:
             body.update(success=False, message=message, attempted_generation=failed)
+            last = state.last_outcome
+            if last and last.generation == failed and last.output and not last.output_reported:
+                body["output"] = last.output  # once: the CP keeps it with the failure
         else:
             last = state.last_outcome
             ok = last is not None and last.success and last.generation == current
@@ -207,10 +217,14 @@ class Agent:
                 self.config.current_system,
             )
             return None
-        answer = client.report(self.config.machine_id, self.report_body(current, health))
+        body = self.report_body(current, health)
+        answer = client.report(self.config.machine_id, body)
         desired = Desired.from_response(dict(answer))
         self.desired_seen = True
         state = self.store.load()
+        if "output" in body and state.last_outcome is not None:
+            state = replace(state, last_outcome=replace(state.last_outcome, output_reported=True))
+            self.store.save(state)
         if state.last_desired != desired.generation:
             self.store.save(replace(state, last_desired=desired.generation))
         return desired
@@ -237,6 +251,7 @@ class Agent:
     def _cycle(self) -> tuple[Status, float]:
         if not self.recovered:
             self.recovered = True
+            self._expire_window()
             result = self.activator.recover()
             if result is not None:
                 log.info("recovered unfinished activation: %s", result.message)
@@ -308,9 +323,14 @@ class Agent:
                     "dry-run: nothing to do (current %s, desired %s)", current, desired.generation
                 )
             return Status.OK, desired.poll_hint
+        armed = self.window.load()
         health: HealthResult | None = None
         if current is None:
             desired = self._ask_desired(client)
+        elif armed is not None and armed.generation == current:  # restarted inside the window
+            health = healthmod.run_configured(self.config)
+            desired = self._confirm(armed, health)
+            current = observe_current(self.config)
         else:
             health = healthmod.run_configured(self.config)
             answer = self._report(client, health)
@@ -345,10 +365,75 @@ class Agent:
         )
         self.fetch_failure = None if result.changed or result.success else result
         health = result.health if result.success else healthmod.run_configured(self.config)
+        timeout = desired.confirm_timeout or self.config.confirm_timeout
+        if result.success and result.changed and timeout and current is not None:
+            # Reported right before the switch (above): the confirm window applies.
+            armed = self.window.arm(result.generation, current, timeout)
+            confirmed = self._confirm(armed, health)
+            kept = observe_current(self.config) == result.generation
+            return (Status.OK if kept else Status.FAILED), confirmed.poll_hint
         after = self._report(client, health)
         status = Status.OK if result.success else Status.FAILED
         hint = after.poll_hint if after is not None else desired.poll_hint
         return status, hint
+
+    # --- the confirm window (agent.confirm) -----------------------------------------
+
+    def _confirm(self, armed: confirm.Armed, health: HealthResult | None) -> Desired:
+        """Report until one completes within the window, else roll back and say why.
+
+        Each attempt gets a client whose deadline is what is left of the window, so
+        a network that drops packets cannot hold one attempt past it.
+        """
+        answers: list[Desired] = []
+
+        def report() -> None:
+            left = max(1.0, armed.deadline - time.time())
+            client = Client(
+                self.config.control_plane_url, read_token(self.config), timeout=min(30.0, left)
+            )
+            try:
+                desired = self._report(client, health)
+            finally:
+                client.close()
+            assert desired is not None
+            answers.append(desired)
+
+        if self.window.wait(armed, report, self.stop_event.is_set):
+            return answers[-1]
+        log.error(
+            "%s after switching to %s: rolling back to %s",
+            confirm.reason(armed.timeout),
+            armed.generation,
+            armed.previous,
+        )
+        self.activator.roll_back(armed.generation, armed.previous, confirm.reason(armed.timeout))
+        self.window.disarm()
+        client = self._client()  # report the rollback now if the CP is reachable again
+        assert client is not None
+        after = self._report(client, healthmod.run_configured(self.config))
+        assert after is not None
+        return after
+
+    def _expire_window(self) -> None:
+        """At start: a window whose deadline passed while no agent ran rolls back now."""
+        armed = self.window.load()
+        if armed is None:
+            return
+        state = self.store.load()
+        rolling_back = state.in_progress is not None and (
+            state.in_progress.generation == armed.generation
+        )
+        if observe_current(self.config) != armed.generation and not rolling_back:
+            self.window.disarm()  # concluded (rolled back, or another generation since)
+            return
+        if time.time() < armed.deadline and not rolling_back:
+            return  # still inside: _converge keeps trying to report
+        if rolling_back:
+            self.store.save(replace(state, in_progress=None))
+        log.error("%s: rolling back to %s", confirm.reason(armed.timeout), armed.previous)
+        self.activator.roll_back(armed.generation, armed.previous, confirm.reason(armed.timeout))
+        self.window.disarm()
 
     # --- the loop ------------------------------------------------------------------
 

@@ -45,6 +45,8 @@ class Outcome:
     message: str
     at: str
     previous: str | None = None
+    output: str | None = None  # a failed switch's output tail (agent.output), for reports
+    output_reported: bool = False  # the CP has it: later reports leave it out
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from nixfleet.api import (
     releases,
     rollouts,
     status,
+    webhooks,
 )
 from nixfleet.api.auth import AuthMiddleware
 from nixfleet.api.context import Context
@@ -58,6 +59,7 @@ ROUTES: list[tuple[str, type[Any]]] = [
     ("/api/v1/rollouts/{rollout_id}/pause", rollouts.RolloutPause),
     ("/api/v1/rollouts/{rollout_id}/resume", rollouts.RolloutResume),
     ("/api/v1/rollouts/{rollout_id}/cancel", rollouts.RolloutCancel),
+    ("/api/v1/webhooks/deliveries", webhooks.WebhookDeliveries),
 ]
 
 

@@ -172,6 +172,7 @@ class MachineItem:
             "health": None if m.health is None else m.health.to_dict(),
             "uptime_seconds": m.uptime_seconds,
             "history": [event_json(e) for e in latest],
+            "failed_output": m.failed_output,
         }
 
 
@@ -354,6 +355,7 @@ class MachineReport:
             tags=tuple(tags) if tags is not None else None,
             agent_version=doc.get("agent_version"),
             uptime_seconds=doc.get("uptime_seconds"),
+            output=doc.get("output"),
             needs_reboot=doc.get("needs_reboot"),
             booted_generation=doc.get("booted_generation"),
         )
@@ -369,3 +371,4 @@ class MachineReport:
                     {"from": promoted.value, "to": "active", "reason": "first agent report"},
                 )
         resp.media = desired_json(row, row["poll_hint"] or self.ctx.settings.default_poll_interval)
+        resp.media["confirm_timeout"] = row["confirm_timeout"]

@@ -33,6 +33,8 @@ from nixfleet.cli.status import empty_fleet_hint
 from nixfleet.history import EventKind
 from nixfleet.models import Lifecycle, isoformat, utcnow
 
+OUTPUT_LINES = 40  # of a failed switch's output in `machines show` (all of it in --json)
+
 
 def _yes_no(value: bool | None) -> str:
     return "-" if value is None else ("yes" if value else "no")
@@ -72,6 +74,11 @@ def _print_machine(m: wire.MachineDetail) -> None:
             echo(printable(line))
     elif health:
         echo(f"{'health checks'.ljust(width)}  none configured")
+    output = m.get("failed_output")
+    if output:
+        echo(f"switch output of the failed generation (last {OUTPUT_LINES} lines):")
+        for line in output.splitlines()[-OUTPUT_LINES:]:
+            echo("  " + printable(line))
     if m.get("history"):
         echo("latest history (oldest first; all of it: nixfleet machines history):")
         for e in m["history"]:

@@ -92,6 +92,7 @@ def _register() -> None:
         release,
         rollout,
         status,
+        webhooks,
     )
 
     for command in (
@@ -106,6 +107,7 @@ def _register() -> None:
         contexts.config_group,
         completion.completion,
         demo.demo,
+        webhooks.webhooks,
     ):
         cli.add_command(command)
     machines.machines.add_command(keys.rotate_token)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 from nixfleet import gitops, reconciler
+from nixfleet.controlplane import webhooks
 from nixfleet.models import utcnow
 from nixfleet.settings import Settings
 from nixfleet.store import Store, history
@@ -89,9 +90,12 @@ def run_once(settings: Settings, store: Store) -> None:
 
 def start(settings: Settings, store: Store, stop: threading.Event) -> threading.Thread:
     def loop() -> None:
+        senders = webhooks.start(settings, store, stop)  # the sender runs where the loop runs
         while not stop.is_set():
             run_once(settings, store)
             stop.wait(settings.reconcile_interval)
+        for sender in senders:  # an attempt in flight ends within its deadline
+            sender.join(timeout=settings.webhook_timeout + 5)
 
     thread = threading.Thread(target=loop, name="nixfleet-background", daemon=True)
     thread.start()

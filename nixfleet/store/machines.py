@@ -11,7 +11,7 @@ import json
 import sqlite3
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from nixfleet import history as changes
@@ -127,7 +127,11 @@ def get(conn: sqlite3.Connection, machine_id: str) -> Machine:
             f"machine {machine_id!r} is not registered; see `nixfleet machines list`"
         )
     where, params = " WHERE id = ?", [machine_id]
-    return _machine(row, _tags_by_machine(conn, where, params).get(machine_id))
+    machine = _machine(row, _tags_by_machine(conn, where, params).get(machine_id))
+    output = conn.execute(
+        "SELECT failed_output FROM machines WHERE id = ?", (machine_id,)
+    ).fetchone()[0]
+    return machine if output is None else replace(machine, failed_output=output)
 
 
 def find_lifecycle(conn: sqlite3.Connection, machine_id: str) -> Lifecycle | None:
@@ -262,7 +266,8 @@ def set_desired(
 def request_retry(conn: sqlite3.Connection, machine_id: str, now: datetime) -> None:
     _lifecycle(conn, machine_id)
     conn.execute(
-        "UPDATE machines SET retry_requested_at = ?, failed_generation = NULL WHERE id = ?",
+        "UPDATE machines SET retry_requested_at = ?, failed_generation = NULL, "
+        "failed_output = NULL WHERE id = ?",
         (isoformat(now), machine_id),
     )
 
@@ -283,7 +288,10 @@ def record_report(conn: sqlite3.Connection, report: Report) -> tuple[sqlite3.Row
         "retry_requested_at, current_generation, failed_generation, last_success, "
         "health_json, (SELECT r.poll_hint FROM rollout_machines rm "
         "JOIN rollouts r ON r.id = rm.rollout_id WHERE rm.machine_id = machines.id "
-        "AND r.status = 'running' LIMIT 1) AS poll_hint, CASE WHEN ? THEN "
+        "AND r.status = 'running' LIMIT 1) AS poll_hint, (SELECT r.confirm_timeout "
+        "FROM rollout_machines rm JOIN rollouts r ON r.id = rm.rollout_id "
+        "WHERE rm.machine_id = machines.id AND r.status = 'running' LIMIT 1) "
+        "AS confirm_timeout, CASE WHEN ? THEN "
         "(SELECT r.reboot FROM rollout_machines rm JOIN rollouts r ON r.id = rm.rollout_id "
         "WHERE rm.machine_id = machines.id AND r.status = 'running' AND r.reboot = 'when-needed' "
         "LIMIT 1) END AS reboot "
@@ -303,32 +311,39 @@ def record_report(conn: sqlite3.Connection, report: Report) -> tuple[sqlite3.Row
     promoted = lifecycle if lifecycle in (Lifecycle.PENDING, Lifecycle.PROVISIONING) else None
     health = json.dumps(report.health.to_dict()) if report.health is not None else None
     at = isoformat(report.received_at)
+    failed = None if report.success else report.attempted_generation
     conn.execute(
-        "UPDATE machines SET current_generation = ?, last_report_at = ?, "
-        "agent_version = COALESCE(?, agent_version), system_state = ?, last_success = ?, "
-        "last_message = ?, health_json = ?, uptime_seconds = ?, "
-        "needs_reboot = ?, booted_generation = COALESCE(?, booted_generation), "
-        "failed_generation = CASE WHEN ? IS NOT NULL THEN ? "
-        "  WHEN failed_generation = ? THEN NULL ELSE failed_generation END, "
+        "UPDATE machines SET current_generation = :current, last_report_at = :at, "
+        "agent_version = COALESCE(:version, agent_version), system_state = :state, "
+        "last_success = :success, last_message = :message, health_json = :health, "
+        "uptime_seconds = :uptime, "
+        "needs_reboot = :needs_reboot, booted_generation = COALESCE(:booted, booted_generation), "
+        # The switch output stays with its failure: replaced by a new failure's (or
+        # dropped when it came without), cleared with the failure, else kept (agents
+        # send it once).
+        "failed_output = CASE WHEN :failed IS NOT NULL AND :failed IS NOT failed_generation "
+        "  THEN :output WHEN :failed IS NOT NULL AND :output IS NOT NULL THEN :output "
+        "  WHEN failed_generation = :current THEN NULL ELSE failed_output END, "
+        "failed_generation = CASE WHEN :failed IS NOT NULL THEN :failed "
+        "  WHEN failed_generation = :current THEN NULL ELSE failed_generation END, "
         "lifecycle = CASE WHEN lifecycle IN ('pending', 'provisioning') THEN 'active' "
         "  ELSE lifecycle END "
-        "WHERE id = ?",
-        (
-            report.current_generation,
-            at,
-            report.agent_version,
-            report.system_state.value,
-            int(report.success),
-            report.message,
-            health,
-            report.uptime_seconds,
-            None if report.needs_reboot is None else int(report.needs_reboot),
-            report.booted_generation,
-            None if report.success else report.attempted_generation,
-            report.attempted_generation,
-            report.current_generation,
-            report.machine_id,
-        ),
+        "WHERE id = :id",
+        {
+            "current": report.current_generation,
+            "at": at,
+            "version": report.agent_version,
+            "state": report.system_state.value,
+            "success": int(report.success),
+            "message": report.message,
+            "health": health,
+            "uptime": report.uptime_seconds,
+            "failed": failed,
+            "output": report.output if failed is not None else None,
+            "needs_reboot": None if report.needs_reboot is None else int(report.needs_reboot),
+            "booted": report.booted_generation,
+            "id": report.machine_id,
+        },
     )
     prior = changes.Prior(
         current_generation=row["current_generation"],

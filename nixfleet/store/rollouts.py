@@ -135,6 +135,10 @@ def apply(
         ),
     )
     set_poll_hint(conn, rid, poll_hint)
+    if spec.confirm_timeout is not None:  # one row: the report path reads it (confirm window)
+        conn.execute(
+            "UPDATE rollouts SET confirm_timeout = ? WHERE id = ?", (spec.confirm_timeout, rid)
+        )
     detail = {
         "name": spec.name,
         "release": spec.release,

@@ -97,6 +97,7 @@ def test_report_round_trip(
         "cache_url": None,
         "poll_hint": None,
         "retry_requested_at": None,
+        "confirm_timeout": None,
     }
     r = client.simulate_put(
         "/api/v1/machines/web-01/desired-generation",

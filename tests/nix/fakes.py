@@ -61,10 +61,13 @@ def run(*argv: str | Path, check: bool = True) -> subprocess.CompletedProcess[st
     return proc
 
 
-def build_system(name: str, *, fail: bool = False, healthy: bool = True, kernel: str = "") -> str:
+def build_system(
+    name: str, *, fail: bool = False, healthy: bool = True, extra: str = "", kernel: str = ""
+) -> str:
     """Build a fake system; `name` is salted per test session so paths are fresh.
 
-    `kernel` gives it initrd/kernel/kernel-modules links named after that kernel.
+    `extra`: shell its switch runs after moving the current-system link. `kernel` gives
+    it initrd/kernel/kernel-modules links named after that kernel.
     """
     proc = run(
         "nix-build",
@@ -80,6 +83,8 @@ def build_system(name: str, *, fail: bool = False, healthy: bool = True, kernel:
         "healthy",
         "true" if healthy else "false",
         "--argstr",
+        "extra",
+        extra,
         "kernel",
         kernel,
     )

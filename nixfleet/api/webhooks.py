@@ -1,0 +1,67 @@
+"""Webhook delivery state over HTTP (admin): what was sent where, and how it went."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import falcon
+
+from nixfleet.api.auth import Perm
+from nixfleet.api.context import Context
+from nixfleet.errors import FieldError, ValidationError
+from nixfleet.settings import display_url
+from nixfleet.store import webhooks
+
+MAX_LIMIT = 1000
+
+
+def delivery_json(d: webhooks.Delivery) -> dict[str, Any]:
+    """One delivery as the API and `nixfleet webhooks deliveries --json` show it."""
+    return {
+        "id": d.id,
+        "url": display_url(d.url),
+        "state": d.state,
+        "attempts": d.attempts,
+        "created_at": d.created_at,
+        "expires_at": d.expires_at,
+        "next_attempt_at": d.next_attempt_at,
+        "last_attempt_at": d.last_attempt_at,
+        "last_status": d.last_status,
+        "last_error": d.last_error,
+        "finished_at": d.finished_at,
+        "event": d.event.payload(),
+        "history": [
+            {"at": a.at, "status": a.status, "error": a.error, "duration_ms": a.duration_ms}
+            for a in d.history
+        ],
+    }
+
+
+class WebhookDeliveries:
+    permissions = {"GET": Perm.ADMIN}
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Webhook deliveries, newest first; `failed=true` for failing or given up; `limit`.
+
+        Each delivery carries its event (the signed payload), its state (`pending`,
+        `delivered`, `failed` = given up) and its latest attempts. URLs are shown
+        without user info or query string.
+        """
+        try:
+            limit = req.get_param_as_int("limit", min_value=1, max_value=MAX_LIMIT, default=100)
+        except falcon.HTTPInvalidParam:
+            raise ValidationError(
+                "invalid limit", errors=[FieldError("limit", f"an integer from 1 to {MAX_LIMIT}")]
+            ) from None
+        try:
+            failed = req.get_param_as_bool("failed", default=False)
+        except falcon.HTTPInvalidParam:
+            raise ValidationError(
+                "invalid failed filter", errors=[FieldError("failed", "true or false")]
+            ) from None
+        with self.ctx.store.read() as conn:
+            found = webhooks.deliveries(conn, failed=bool(failed), limit=limit or 100)
+        resp.media = {"deliveries": [delivery_json(d) for d in found]}
