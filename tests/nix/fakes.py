@@ -85,6 +85,7 @@ def build_system(
         "--argstr",
         "extra",
         extra,
+        "--argstr",
         "kernel",
         kernel,
     )
