@@ -248,8 +248,6 @@ def _check(s: Settings) -> None:
         value = getattr(s, name)
         if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
             errors.append(FieldError(name, "must be a positive number of seconds"))
-    if not isinstance(s.reconcile_interval, int | float) or s.reconcile_interval <= 0:
-        errors.append(FieldError("reconcile_interval", "must be a positive number of seconds"))
     errors += fleet.errors(
         s.disruption_budgets, s.default_windows, s.reboot_groups, s.reboot_slots, s.reboot_timeout
     )
