@@ -41,8 +41,11 @@ let
       db = "${stateDir}/nixfleet.db";
       history_days = cfg.historyDays;
       history_max_events = cfg.historyMaxEvents;
+      ui = cfg.ui.enable;
     }
     // lib.optionalAttrs (cfg.rolloutsDir != null) { rollouts_dir = "${cfg.rolloutsDir}"; }
+    # Behind nginx with forced TLS, dashboard cookies are Secure.
+    // lib.optionalAttrs (cfg.nginx.enable && cfg.nginx.forceSSL) { ui_secure_cookie = true; }
     // lib.optionalAttrs (cfg.webhooks != [ ]) {
       # Each secret is a credential of the unit, at systemd's fixed path for it.
       webhooks = lib.imap0 (i: w: {
@@ -102,6 +105,15 @@ in
       description = ''
         Directory of rollout files (YAML, see `schemas/rollout.schema.json`)
         the control plane applies; re-applying an unchanged file is a no-op.
+      '';
+    };
+
+    ui.enable = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Serve the web dashboard under `/ui` (log in with an operator API key).
+        When false, the control plane serves no `/ui` route at all.
       '';
     };
 

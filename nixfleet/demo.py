@@ -443,6 +443,7 @@ def run(
                 "  nixfleet status\n"
                 "  nixfleet rollout status demo-v3\n"
                 "  nixfleet rollout resume demo-v3      # (it will fail again: v3 is broken)\n"
+                f"Dashboard: {demo.cp_url}/ui/ (log in with the key in {root / 'admin.key'})\n"
                 f"Logs: {root}/control-plane.log, {root}/machines/*/agent.log\n"
                 f"Stop it: kill $(cat {root / 'pids'})"
             )

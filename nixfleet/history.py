@@ -14,7 +14,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from nixfleet.models import HealthResult, Report
+from nixfleet.models import HealthResult, Report, health_of
 
 
 class EventKind(StrEnum):
@@ -62,9 +62,7 @@ def _checks(health: HealthResult | None) -> dict[str, bool]:
 
 def health_status(health: HealthResult | None) -> str:
     """The health axis of one report: healthy, failing, or unknown (no checks reported)."""
-    if health is None:
-        return "unknown"
-    return "healthy" if health.all_passed else "failing"
+    return health_of(health).value  # the one definition, in models
 
 
 def report_events(prior: Prior, report: Report) -> list[Event]:

@@ -106,6 +106,21 @@ def sync_of(desired: str | None, current: str | None, failed: str | None) -> Syn
     return Sync.UPDATING
 
 
+class Health(StrEnum):
+    """The second axis beside sync (as Argo CD separates Sync from Health)."""
+
+    HEALTHY = "healthy"
+    FAILING = "failing"
+    UNKNOWN = "unknown"
+
+
+def health_of(health: HealthResult | None) -> Health:
+    """THE definition of health (store.fleet.HEALTH_SQL is held to it case by case)."""
+    if health is None:
+        return Health.UNKNOWN
+    return Health.HEALTHY if health.all_passed else Health.FAILING
+
+
 def stale_cutoff(now: datetime, stale_after: int) -> datetime:
     """Machines last heard from before this instant are stale."""
     return now - timedelta(seconds=stale_after)

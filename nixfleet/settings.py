@@ -93,6 +93,9 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     default_poll_interval: int | None = None
     rollout_poll_hint: int = 5
+    ui: bool = True  # serve the dashboard under /ui (False: no /ui route at all)
+    ui_session_idle: int = 3600  # seconds a dashboard session lives without a request
+    ui_secure_cookie: bool = False  # force Secure cookies (always set behind https)
     webhooks: tuple[Webhook, ...] = ()
     webhook_timeout: float = 10.0  # seconds for one delivery attempt, in total
     webhook_retry_initial: float = 10.0  # first back-off; doubles per failed attempt
@@ -232,12 +235,16 @@ def _check(s: Settings) -> None:
         "stale_after",
         "max_body_bytes",
         "rollout_poll_hint",
+        "ui_session_idle",
     ):
         value = getattr(s, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             errors.append(FieldError(name, "must be a positive integer"))
     if isinstance(s.workers, int) and s.workers > 64:
         errors.append(FieldError("workers", "at most 64; one per CPU core is the useful most"))
+    for name in ("ui", "ui_secure_cookie"):
+        if not isinstance(getattr(s, name), bool):
+            errors.append(FieldError(name, "must be true or false"))
     for name in (
         "reconcile_interval",
         "webhook_timeout",

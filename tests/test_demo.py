@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 from conftest import run_cli
+from ui.conftest import Browserless
 
 
 def test_demo_converges_catches_the_bad_release_and_stays_explorable(tmp_path: Path) -> None:
@@ -39,6 +40,18 @@ def test_demo_converges_catches_the_bad_release_and_stays_explorable(tmp_path: P
         assert by_id["web-04"]["current_generation"] == by_id["web-04"]["desired_generation"]
         rollout = json.loads(run_cli("rollout", "status", "demo-v3", "--json", env=env).stdout)
         assert rollout["status"] == "paused"
+        # The printed dashboard shows the same fleet: the converged machines, the failed canary.
+        url = next(
+            line.split()[1] for line in r.stderr.splitlines() if line.startswith("Dashboard:")
+        )
+        assert url == env["NIXFLEET_CONTROL_PLANE_URL"] + "/ui/"
+        browser = Browserless(env["NIXFLEET_CONTROL_PLANE_URL"])
+        assert browser.login((root / "admin.key").read_text().strip()).status == 303
+        page = browser.get("/ui/").text
+        for m in status["machines"]:
+            row = page[page.index(f'href="/ui/machines/{m["id"]}"') :].split("</tr>", 1)[0]
+            assert f">{m['sync']}</span>" in row, m["id"]
+        assert f'id="count-failed"><span class="n">{status["summary"]["failed"]}<' in page
     finally:
         pids = root / "pids"
         for pid in pids.read_text().split() if pids.exists() else []:

@@ -71,4 +71,8 @@ def create_app(settings: Settings, store: Store) -> falcon.App[falcon.Request, f
     errors.register(app)
     for path, resource in ROUTES:
         app.add_route(path, resource(ctx))
+    if settings.ui:
+        from nixfleet import ui  # the dashboard (and Jinja2) only when it is served
+
+        ui.mount(app, ctx)
     return app

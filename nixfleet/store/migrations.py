@@ -562,13 +562,27 @@ MIGRATIONS: list[tuple[str, str]] = [
         END
         """,
     ),
+    # Dashboard sessions (nixfleet.store.sessions): a row per login, keyed by the hash
+    # of its cookie; the key it was opened with must stay unrevoked for it to count.
+    (
+        "0012_ui_sessions",
+        """
+        CREATE TABLE ui_sessions (
+            token_hash TEXT PRIMARY KEY,
+            key_name TEXT NOT NULL REFERENCES api_keys (name) ON DELETE CASCADE,
+            created_at TEXT NOT NULL,
+            last_seen_at TEXT NOT NULL
+        ) WITHOUT ROWID;
+        CREATE INDEX ui_sessions_last_seen ON ui_sessions (last_seen_at)
+        """,
+    ),
     # Rollout policy (DESIGN §11, issue 18): what the agent says about reboots; the
     # reboot leases (one row per machine and group: the FleetLock semaphore); a
     # rollout's reboot policy as a column (the report path answers it without parsing
     # the document) and what holds it back (waiting-for-window, held-by-budget), so
     # a hold is an event once, not every tick.
     (
-        "0012_rollout_policy",
+        "0013_rollout_policy",
         """
         ALTER TABLE machines ADD COLUMN needs_reboot INTEGER;
         ALTER TABLE machines ADD COLUMN booted_generation TEXT;

@@ -169,7 +169,8 @@ def test_matrix_covers_every_route_falcon_serves(tmp_path: Path) -> None:
     """Routes added to the app outside ROUTES, or responders nobody declared, fail here."""
     store = Store(tmp_path / "db.sqlite")
     try:
-        app = create_app(Settings(db=str(store.path)), store)
+        # The dashboard's pages check sessions themselves: tests/ui/test_routes.py.
+        app = create_app(Settings(db=str(store.path), ui=False), store)
         served = {
             (route.path, method.method)
             for route in falcon.inspect.inspect_app(app).routes

@@ -41,6 +41,7 @@
         "build"
         "falcon"
         "hypothesis"
+        "jinja2"
         "jsonschema"
         "mypy"
         "orjson"
