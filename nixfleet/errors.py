@@ -127,6 +127,28 @@ class UnreachableError(NixfleetError):
     slug = "unreachable"
 
 
+class StoreUnavailableError(NixfleetError):
+    """The database takes no writes now: disk full, read-only, its write lock held
+    elsewhere past the wait limit, or its file replaced or deleted under the process.
+    Answered 503 with Retry-After; reads go on."""
+
+    http_status = 503
+    exit_code = 5
+    title = "Service unavailable"
+    slug = "store-unavailable"
+    retry_after: ClassVar[int] = 5
+
+
+class DatabaseFileError(NixfleetError):
+    """At start-up: the database file is corrupt, empty where one is expected, not a
+    database, or newer than this code. Exit 7 (an invalid input file), no traceback."""
+
+    http_status = 500
+    exit_code = 7
+    title = "Database unusable"
+    slug = "database-unusable"
+
+
 class ProtocolError(NixfleetError):
     """Something answered, but not as the nixfleet API: a web server, TLS/plain mismatch,
     a body that is not the documented JSON object. Not "down": no CP-down guidance."""
@@ -178,6 +200,8 @@ BY_SLUG: dict[str, type[NixfleetError]] = {
         AuthenticationError,
         PermissionDeniedError,
         UnreachableError,
+        StoreUnavailableError,
+        DatabaseFileError,
         ProtocolError,
         ServiceError,
         CommandError,

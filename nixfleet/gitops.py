@@ -15,8 +15,6 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from nixfleet import rolloutfile
 from nixfleet.errors import NixfleetError, ValidationError
 from nixfleet.models import utcnow
@@ -28,6 +26,7 @@ log = logging.getLogger("nixfleet.gitops")
 
 SUFFIXES = (".yaml", ".yml", ".json")
 ACTOR = "gitops"
+MAX_ERRORS = 100  # per file, as stored for `rollout list`: the first ones say enough
 
 
 def scan(directory: Path) -> dict[str, int]:
@@ -58,12 +57,7 @@ class Watcher:
 
 def _name_of(path: Path) -> str:
     """The file's `name:` when it can be read at all, else its stem (for listings)."""
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        doc = None
-    name = doc.get("name") if isinstance(doc, dict) else None
-    return name if isinstance(name, str) and name else path.stem
+    return rolloutfile.read_name(path) or path.stem
 
 
 def apply_file(store: Store, path: Path, mtime_ns: int, poll_hint: int) -> bool:
@@ -84,7 +78,12 @@ def apply_file(store: Store, path: Path, mtime_ns: int, poll_hint: int) -> bool:
             log.info("applied rollout file %s: rollout %s (%s)", path, name, applied.id)
         return True
     except NixfleetError as e:
-        errors = [x.to_dict() for x in e.errors] or [{"field": "(document)", "message": e.detail}]
+        errors = [x.to_dict() for x in e.errors[:MAX_ERRORS]] or [
+            {"field": "(document)", "message": e.detail}
+        ]
+        if len(e.errors) > MAX_ERRORS:
+            more = len(e.errors) - MAX_ERRORS
+            errors.append({"field": "(document)", "message": f"... and {more} more error(s)"})
         with store.transaction() as conn:
             rollout_files.record_file(
                 conn, str(path), now, name=name, rollout_id=None, errors=errors, mtime_ns=mtime_ns

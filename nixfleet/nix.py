@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from nixfleet import process
-from nixfleet.errors import CommandError
+from nixfleet.errors import CommandError, FieldError, ValidationError
 from nixfleet.policy.reboot import BOOT_LINKS
 
 Env = Mapping[str, str] | None
@@ -57,6 +57,22 @@ class Generation:
     created: str
     current: bool
     path: str | None
+
+
+def _paths(paths: Sequence[str]) -> list[str]:
+    """Paths for a command line: absolute, so none can be read as an option.
+
+    `--` goes before them too, but Nix 2.8's nix-store and nix-env still parse
+    `--help` or `--option` after it as options; only an absolute path is safe.
+    """
+    out = [str(p) for p in paths]
+    for p in out:
+        if not p.startswith("/") or "\0" in p:
+            raise ValidationError(
+                f"{p[:100]!r} is not an absolute path; refusing to pass it to nix",
+                errors=[FieldError("path", "must be an absolute store path")],
+            )
+    return out
 
 
 def _nix_cmd(store: str | None) -> list[str]:
@@ -121,7 +137,7 @@ def path_info(
     argv = [*_nix_cmd(store), "path-info", "--json"]
     if recursive:
         argv.append("--recursive")
-    done = process.run([*argv, *paths], env=env, timeout=timeout)
+    done = process.run([*argv, "--", *_paths(paths)], env=env, timeout=timeout)
     return parse_path_info(_json(done.stdout, "nix path-info"))
 
 
@@ -157,8 +173,13 @@ def boot_links(system: str | Path) -> dict[str, str | None]:
 
 def is_valid(path: str, *, env: Env = None) -> bool:
     """True when `path` is a valid path in the local store (nothing to fetch)."""
+    if not path.startswith("/"):
+        return False  # an option such as --help, never a valid path
     done = process.run(
-        ["nix-store", "--check-validity", path], env=env, timeout=QUERY_TIMEOUT, check=False
+        ["nix-store", "--check-validity", "--", *_paths([path])],
+        env=env,
+        timeout=QUERY_TIMEOUT,
+        check=False,
     )
     return done.returncode == 0
 
@@ -182,7 +203,7 @@ def copy_from(
     """
     opts = {"trusted-public-keys": " ".join(trusted_public_keys)} if trusted_public_keys else {}
     process.run(
-        ["nix", "copy", "--from", cache_url, *_options(opts), *paths],
+        ["nix", "copy", "--from", cache_url, *_options(opts), "--", *_paths(paths)],
         env=env,
         timeout=timeout,
     )
@@ -190,7 +211,7 @@ def copy_from(
 
 def realise(paths: Sequence[str], *, env: Env = None, timeout: float = FETCH_TIMEOUT) -> list[str]:
     """Realise paths through the configured substituters (no cache URL given)."""
-    done = process.run(["nix-store", "--realise", *paths], env=env, timeout=timeout)
+    done = process.run(["nix-store", "--realise", "--", *_paths(paths)], env=env, timeout=timeout)
     return [line for line in done.stdout.splitlines() if line.startswith("/")]
 
 
@@ -198,7 +219,7 @@ def copy_to(
     url: str, paths: Sequence[str], *, env: Env = None, timeout: float = FETCH_TIMEOUT
 ) -> None:
     """Push closures to a binary cache or remote store (`release create --push`)."""
-    process.run(["nix", "copy", "--to", url, *paths], env=env, timeout=timeout)
+    process.run(["nix", "copy", "--to", url, "--", *_paths(paths)], env=env, timeout=timeout)
 
 
 def sign(
@@ -213,7 +234,7 @@ def sign(
     argv = ["nix", "store", "sign", "--key-file", str(key_file)]
     if recursive:
         argv.append("--recursive")
-    process.run([*argv, *paths], env=env, timeout=timeout)
+    process.run([*argv, "--", *_paths(paths)], env=env, timeout=timeout)
 
 
 def generate_cache_key(
@@ -234,7 +255,11 @@ def generate_cache_key(
 def profile_set(profile: str | Path, path: str, *, env: Env = None) -> None:
     """Make `path` the new current generation of `profile` (creating its directory)."""
     Path(profile).parent.mkdir(parents=True, exist_ok=True)
-    process.run(["nix-env", "-p", str(profile), "--set", path], env=env, timeout=PROFILE_TIMEOUT)
+    process.run(
+        ["nix-env", "-p", str(profile), "--set", "--", *_paths([path])],
+        env=env,
+        timeout=PROFILE_TIMEOUT,
+    )
 
 
 def profile_rollback(profile: str | Path, *, env: Env = None) -> None:
@@ -321,4 +346,6 @@ def flake_metadata(ref: str, *, env: Env = None, timeout: float = QUERY_TIMEOUT)
 
 def diff_closures(a: str, b: str, *, env: Env = None, timeout: float = QUERY_TIMEOUT) -> str:
     """Human-readable package version changes between two closures (may be empty)."""
-    return process.run(["nix", "store", "diff-closures", a, b], env=env, timeout=timeout).stdout
+    return process.run(
+        ["nix", "store", "diff-closures", "--", *_paths([a, b])], env=env, timeout=timeout
+    ).stdout

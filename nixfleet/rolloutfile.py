@@ -18,6 +18,54 @@ from nixfleet import flake, policy, schemas
 from nixfleet.errors import FieldError, ValidationError
 from nixfleet.models import Release
 
+# A rollout file of 100,000 hosts is ~2 MB and ~100,000 nodes; these bounds leave room
+# for that and refuse an anchor/alias "billion laughs" (a few hundred bytes expanding to
+# gigabytes) after composing, which shares aliased nodes, and before anything walks
+# or constructs the expanded tree.
+MAX_FILE_BYTES = 16 * 1024 * 1024
+MAX_NODES = 500_000
+MAX_SCALAR_CHARS = 32 * 1024 * 1024
+
+
+def _expanded_size(root: yaml.Node) -> tuple[int, int]:
+    """(nodes, scalar characters) of the tree with every alias expanded, without expanding.
+
+    Each distinct node is visited once (aliases are the same node object), children
+    before parents; a recursive alias (a node inside itself) counts as over any limit.
+    """
+    sizes: dict[int, tuple[int, int]] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            on_path.discard(key)
+            nodes, chars = 1, 0
+            for child in _children(node):
+                n, c = sizes[id(child)]
+                nodes, chars = nodes + n, chars + c
+            if isinstance(node, yaml.ScalarNode):
+                chars += len(node.value)
+            sizes[key] = (min(nodes, MAX_NODES + 1), min(chars, MAX_SCALAR_CHARS + 1))
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:
+            return MAX_NODES + 1, 0
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in _children(node) if id(child) not in sizes)
+    return sizes[id(root)]
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
 
 def _walk(node: yaml.Node, path: str, lines: dict[str, int], errors: list[FieldError]) -> None:
     lines.setdefault(path or "(document)", node.start_mark.line + 1)
@@ -56,9 +104,39 @@ def parse(text: str, source: str) -> tuple[Any, dict[str, int], list[FieldError]
 
     Syntax errors raise: nothing else can be said about a file that does not parse.
     """
+    if len(text) > MAX_FILE_BYTES:
+        raise ValidationError(
+            f"{source} is larger than {MAX_FILE_BYTES} bytes",
+            errors=[FieldError("(document)", "split it into several rollout files")],
+        )
+    loader = yaml.SafeLoader(text)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        doc = yaml.safe_load(text)
+        node = loader.get_single_node()
+        if node is not None:
+            nodes, chars = _expanded_size(node)
+            if nodes > MAX_NODES or chars > MAX_SCALAR_CHARS:
+                raise ValidationError(
+                    f"{source} expands past the limit of {MAX_NODES} nodes / "
+                    f"{MAX_SCALAR_CHARS} characters (YAML anchors and aliases)",
+                    errors=[
+                        FieldError(
+                            "(document)",
+                            "expands past the size limit through anchors/aliases; "
+                            "write the values out or use fewer aliases",
+                            node.start_mark.line + 1,
+                        )
+                    ],
+                )
+        doc = loader.construct_document(node) if node is not None else None
+        lines: dict[str, int] = {}
+        errors: list[FieldError] = []
+        if node is not None:
+            _walk(node, "", lines, errors)
+    except RecursionError as e:
+        raise ValidationError(
+            f"{source} is nested too deeply",
+            errors=[FieldError("(document)", "is nested too deeply; flatten it")],
+        ) from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -67,10 +145,8 @@ def parse(text: str, source: str) -> tuple[Any, dict[str, int], list[FieldError]
             f"{source} is not valid YAML or JSON",
             errors=[FieldError("(document)", str(problem), line)],
         ) from e
-    lines: dict[str, int] = {}
-    errors: list[FieldError] = []
-    if node is not None:
-        _walk(node, "", lines, errors)
+    finally:
+        loader.dispose()
     return doc, lines, errors
 
 
@@ -81,12 +157,24 @@ class RolloutFile:
     release_file: Path | None  # set when `release:` names a release TOML
 
 
+def read_name(path: Path) -> str | None:
+    """The file's `name:` if it parses within the limits (for listings), else None."""
+    try:
+        doc, _, _ = parse(path.read_text(), str(path))
+    except (OSError, UnicodeDecodeError, ValidationError):
+        return None
+    name = doc.get("name") if isinstance(doc, dict) else None
+    return name if isinstance(name, str) and name else None
+
+
 def load(path: Path) -> RolloutFile:
     """Parse and validate a rollout file; ValidationError (exit 7) lists every problem."""
     try:
         text = path.read_text()
     except OSError as e:
         raise ValidationError(f"cannot read rollout file {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ValidationError(f"rollout file {path} is not UTF-8 text: {e.reason}") from e
     doc, lines, errors = parse(text, str(path))
     errors += [
         FieldError(e.field, e.message, line_of(e.field, lines))

@@ -18,13 +18,15 @@ import functools
 import json
 import re
 from collections.abc import Callable
+from datetime import datetime
 from importlib import resources
 from typing import Any
 
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, FormatChecker, validators
 from jsonschema import ValidationError as SchemaError
 from referencing import Registry, Resource
 
+from nixfleet import models
 from nixfleet.errors import FieldError, ValidationError
 
 BASE_URI = "https://nixfleet.dev/schemas/"
@@ -54,15 +56,79 @@ def load(name: str) -> dict[str, Any]:
 
 
 @functools.cache
+def ecma_pattern(pattern: str) -> re.Pattern[str]:
+    """A schema pattern compiled with ECMA-262's `$`: the end of the string, nothing after.
+
+    JSON Schema patterns are ECMA-262 regexes, where `$` (no multiline flag) matches
+    only at the very end; Python's `$` also matches before a final newline, so
+    `^[a-z]+$` used to accept "web\\n". Each unescaped `$` outside a character class
+    becomes `\\Z`.
+    """
+    out: list[str] = []
+    escaped = in_class = False
+    for ch in pattern:
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif in_class:
+            in_class = ch != "]"
+        elif ch == "[":
+            in_class = True
+        elif ch == "$":
+            out.append("\\Z")
+            continue
+        out.append(ch)
+    return re.compile("".join(out))
+
+
+def _pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Any:
+    if type(instance) is str and not ecma_pattern(pattern).search(instance):
+        yield SchemaError(f"{instance!r} does not match {pattern!r}")
+
+
+def _is_date_time(value: object) -> bool:
+    """RFC 3339 with a real calendar date ("2026-02-30T00:00:00Z" is refused)."""
+    if type(value) is not str:
+        return True
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        if parsed.tzinfo is None:
+            return False
+        # As stored (UTC, four-digit year): year 672 or 9999-12-31T23:00-02:00 would
+        # be stored in a form no later read parses (models.isoformat/parse_time).
+        stored = models.isoformat(parsed)
+        return stored is not None and models.parse_time(stored) == parsed and parsed.year >= 1970
+    except (ValueError, OverflowError):
+        return False
+
+
+FORMATS = FormatChecker(formats=())
+FORMATS.checks("date-time")(_is_date_time)
+
+# An integer is an int: 90.0 for a duration or a count is a 4xx naming the field, where
+# JSON Schema's own rule (a float with no fraction is an integer) let it reach code
+# that needs an int.
+_Validator = validators.extend(
+    Draft202012Validator,
+    validators={"pattern": _pattern},
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _checker, x: type(x) is int
+    ),
+)
+
+
+@functools.cache
 def validator(name: str) -> Draft202012Validator:
     schema = load(name)
     Draft202012Validator.check_schema(schema)
-    return Draft202012Validator(schema, registry=_registry(), format_checker=None)
+    v: Draft202012Validator = _Validator(schema, registry=_registry(), format_checker=FORMATS)
+    return v
 
 
 Check = Callable[[Any], bool]
 
-# Keywords without effect on validity here (format is an annotation: format_checker=None).
+# Keywords without effect on validity here.
 _ANNOTATIONS = frozenset(
     {
         "$schema",
@@ -73,7 +139,6 @@ _ANNOTATIONS = frozenset(
         "description",
         "default",
         "examples",
-        "format",
         "deprecated",
         "readOnly",
         "writeOnly",
@@ -142,8 +207,12 @@ def _keyword(key: str, value: Any, schema: dict[str, Any], resolver: Any) -> Che
         options = value if key == "enum" else [value]
         strings = frozenset(v for v in options if type(v) is str)
         return lambda x: type(x) is str and x in strings
+    if key == "format":
+        if value != "date-time":
+            return lambda x: True  # an annotation: FORMATS checks date-time only
+        return _is_date_time
     if key == "pattern":
-        search = re.compile(value).search
+        search = ecma_pattern(value).search
         return lambda x: type(x) is not str or search(x) is not None
     if key in ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties"):
         kind = {"L": str, "I": list, "P": dict}[key[3]]
@@ -259,17 +328,87 @@ def _describe(error: SchemaError) -> tuple[str, str]:
     return field_path(path), error.message
 
 
+# What no text field may hold: C0 controls but tab and newline, DEL, C1 controls and
+# lone surrogates (which cannot be encoded as UTF-8, so SQLite and every response
+# would fail on them later). Identifiers allow far less, through their patterns.
+_BAD_TEXT = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def text_errors(document: Any, path: tuple[str | int, ...] = ()) -> list[FieldError]:
+    """Every string (keys included) with a character no text field may hold."""
+    out: list[FieldError] = []
+    stack: list[tuple[tuple[str | int, ...], Any]] = [(path, document)]
+    search = _BAD_TEXT.search
+    while stack:
+        where, value = stack.pop()
+        kind = type(value)
+        if kind is str:
+            bad = search(value)
+            if bad is not None:
+                out.append(FieldError(field_path(where), _bad_char(bad.group())))
+        elif kind is dict:
+            for k, v in value.items():
+                if type(k) is str and search(k) is not None:
+                    out.append(FieldError(field_path(where), f"key {k!r}: {_bad_char(k)}"))
+                stack.append(((*where, k), v))
+        elif kind is list:
+            stack.extend(((*where, i), v) for i, v in enumerate(value))
+    out.reverse()
+    return out
+
+
+def printable(text: str) -> str:
+    """The text with every character text_errors refuses written as an escape (`\\x1b`).
+
+    For text the agent passes on from elsewhere (a health check's output), so that
+    its report is accepted and still says what happened.
+    """
+    return _BAD_TEXT.sub(
+        lambda m: (
+            f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}"
+        ),
+        text,
+    )
+
+
+def _bad_char(text: str) -> str:
+    bad = _BAD_TEXT.search(text)
+    code = ord(bad.group()) if bad else 0
+    kind = "a lone surrogate" if 0xD800 <= code <= 0xDFFF else "a control character"
+    return f"contains {kind} (U+{code:04X}); send printable text"
+
+
 def errors_of(name: str, document: Any) -> list[FieldError]:
     errs = sorted(validator(name).iter_errors(document), key=lambda e: list(map(str, e.path)))
-    return [FieldError(*_describe(e)) for e in errs]
+    return text_errors(document) + [FieldError(*_describe(e)) for e in errs]
 
 
 def validate(name: str, document: Any, what: str | None = None) -> None:
     """Raise ValidationError listing every problem of the document."""
     fast = fast_check(name)
-    if fast is not None and fast(document):
+    if fast is not None and fast(document) and not _has_bad_text(document):
         return
     errors = errors_of(name, document)
     if errors:
         noun = what or name.replace("-", " ")
         raise ValidationError(f"invalid {noun}: {len(errors)} error(s)", errors=errors)
+
+
+def _has_bad_text(document: Any) -> bool:
+    """The hot path's form of text_errors: stops at the first string that fails."""
+    stack = [document]
+    search = _BAD_TEXT.search
+    while stack:
+        value = stack.pop()
+        kind = type(value)
+        if kind is str:
+            if search(value) is not None:
+                return True
+        elif kind is dict:
+            for k, v in value.items():
+                if type(k) is str and search(k) is not None:
+                    return True
+                stack.append(v)
+        elif kind is list:
+            stack.extend(value)
+    return False

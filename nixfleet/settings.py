@@ -93,6 +93,11 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     default_poll_interval: int | None = None
     rollout_poll_hint: int = 5
+    # Limits against hostile clients and faults (docs/security.md "Limits").
+    connection_limit: int = 10_000
+    idle_timeout: int = 30
+    max_header_bytes: int = 64 * 1024
+    write_lock_timeout: float = 5.0
     ui: bool = True  # serve the dashboard under /ui (False: no /ui route at all)
     ui_session_idle: int = 3600  # seconds a dashboard session lives without a request
     ui_secure_cookie: bool = False  # force Secure cookies (always set behind https)
@@ -235,6 +240,9 @@ def _check(s: Settings) -> None:
         "stale_after",
         "max_body_bytes",
         "rollout_poll_hint",
+        "connection_limit",
+        "idle_timeout",
+        "max_header_bytes",
         "ui_session_idle",
     ):
         value = getattr(s, name)
@@ -255,6 +263,8 @@ def _check(s: Settings) -> None:
         value = getattr(s, name)
         if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
             errors.append(FieldError(name, "must be a positive number of seconds"))
+    if not isinstance(s.write_lock_timeout, int | float) or not 0 < s.write_lock_timeout <= 600:
+        errors.append(FieldError("write_lock_timeout", "must be a number of seconds in (0, 600]"))
     errors += fleet.errors(
         s.disruption_budgets, s.default_windows, s.reboot_groups, s.reboot_slots, s.reboot_timeout
     )

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from nixfleet import nix
-from nixfleet.errors import CommandError
+from nixfleet.errors import CommandError, ValidationError
 
 
 def _fakes() -> ModuleType:
@@ -220,3 +220,17 @@ def test_diff_closures_and_cache_key(tmp_path: Path) -> None:
 def test_command_timeout_is_enforced(tmp_path: Path) -> None:
     with pytest.raises(CommandError, match="timed out"):
         nix.eval_json("builtins.seq", options=None, timeout=0.001)
+
+
+def test_paths_are_never_read_as_options() -> None:
+    """A "path" such as --help never reaches a Nix command line as an option."""
+    assert not nix.is_valid("--help")  # nix-store printed its manual and exited 0
+    assert not nix.is_valid("--option")
+    for call in (
+        lambda: nix.realise(["--help"]),
+        lambda: nix.path_info(["--store=/tmp/x"]),
+        lambda: nix.copy_from("file:///tmp/c", ["--option", "x"]),
+        lambda: nix.diff_closures("-a", "/nix/store/x"),
+    ):
+        with pytest.raises(ValidationError, match="not an absolute path"):
+            call()

@@ -38,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "health_checks": {},
     "dry_run": False,
     "allow_insecure": False,
+    "allowed_cache_schemes": [],
     "confirm_timeout": None,
 }
 
@@ -89,6 +90,8 @@ class AgentConfig:
     health_checks: HealthChecks = HealthChecks()
     dry_run: bool = False
     allow_insecure: bool = False
+    # Cache URL schemes accepted from the CP beyond https/http (agent/answer.py).
+    allowed_cache_schemes: tuple[str, ...] = ()
     confirm_timeout: float | None = None  # seconds; a rollout's confirm_timeout overrides
     # Snapshot of the process environment, taken once at load time.
     environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -199,6 +202,7 @@ def load_config(
         ),
         dry_run=bool(merged["dry_run"]),
         allow_insecure=bool(merged["allow_insecure"]),
+        allowed_cache_schemes=tuple(s.lower() for s in merged["allowed_cache_schemes"]),
         confirm_timeout=float(merged["confirm_timeout"]) if merged["confirm_timeout"] else None,
         environ=dict(os.environ if environ is None else environ),
     )

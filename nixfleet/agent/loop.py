@@ -15,12 +15,12 @@ import random
 import threading
 import time
 import urllib.parse
-from dataclasses import dataclass, replace
-from datetime import datetime
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from nixfleet import __version__
+from nixfleet import __version__, schemas
+from nixfleet.agent import answer as answers
 from nixfleet.agent import confirm
 from nixfleet.agent import health as healthmod
 from nixfleet.agent.activate import Activator, Result, observe_current
@@ -30,7 +30,7 @@ from nixfleet.agent.reboot import observe as observe_boot
 from nixfleet.agent.state import AgentState, StateStore
 from nixfleet.client import Client
 from nixfleet.errors import GoneError, NixfleetError, UnreachableError
-from nixfleet.models import HealthResult, parse_time
+from nixfleet.models import HealthResult
 
 log = logging.getLogger(__name__)
 
@@ -48,43 +48,26 @@ class Status(enum.IntEnum):
     AUTH = 6
 
 
-@dataclass(frozen=True)
-class Desired:
-    generation: str | None
-    cache_url: str | None
-    poll_hint: float | None
-    retry_requested_at: datetime | None
-    confirm_timeout: float | None = None  # the rollout's (agent.confirm); None: the agent's
-    reboot: bool = False  # the machine's rollout reboots it when needed (DESIGN §11)
-
-    @classmethod
-    def from_response(cls, data: dict[str, Any]) -> Desired:
-        hint = data.get("poll_hint")
-        confirm = data.get("confirm_timeout")
-        if isinstance(confirm, bool) or not isinstance(confirm, int | float) or confirm <= 0:
-            confirm = None
-        return cls(
-            generation=data.get("desired_generation"),
-            cache_url=data.get("cache_url"),
-            poll_hint=float(hint) if isinstance(hint, int | float) and hint > 0 else None,
-            retry_requested_at=parse_time(data.get("retry_requested_at")),
-            confirm_timeout=None if confirm is None else min(max(float(confirm), 1.0), 86400.0),
-            reboot=data.get("reboot") == "when-needed",
-        )
+def _printable_health(health: dict[str, Any]) -> dict[str, Any]:
+    """Check names and output come from commands: escape what the CP refuses (U+001B …)."""
+    for result in health.get("results", []):
+        for key in ("name", "message"):
+            if isinstance(result.get(key), str):
+                result[key] = schemas.printable(result[key])
+    return health
 
 
 def decide(
-    desired: str | None, current: str | None, state: AgentState, retry_requested_at: datetime | None
+    desired: str | None, current: str | None, state: AgentState, retry_requested_at: str | None
 ) -> bool:
     """Pure: should this cycle deploy `desired`?"""
     if desired is None or desired == current:
         return False
-    failure = state.failures.get(desired)
-    if failure is None:
+    if desired not in state.failures:
         return True
-    # An operator's retry request newer than the failure buys exactly one more attempt:
-    # the new failure (if any) is recorded later than the request.
-    return retry_requested_at is not None and retry_requested_at > failure.time
+    # An operator's retry request buys exactly one more attempt: one the agent has not
+    # tried under yet. Compared as the CP's own value, never with the agent's clock.
+    return retry_requested_at is not None and retry_requested_at != state.retries.get(desired)
 
 
 class Agent:
@@ -179,10 +162,7 @@ class Agent:
             "uptime_seconds": self.uptime(),
         }
         if health is not None:
-            body["health"] = health.to_dict()
-        body.update(
-            observe_boot(self.config.booted_system, self.config.current_system).report_fields()
-        )
+            body["health"] = _printable_health(health.to_dict())
         failed, message = self._failure_for(state, current)
         if failed is not None:
             body.update(success=False, message=message, attempted_generation=failed)
@@ -193,7 +173,7 @@ class Agent:
             last = state.last_outcome
             ok = last is not None and last.success and last.generation == current
             body.update(success=True, message=last.message if ok and last else "running")
-        body["message"] = body["message"][:MESSAGE_MAX]
+        body["message"] = schemas.printable(body["message"])[:MESSAGE_MAX]
         return body
 
     def _failure_for(self, state: AgentState, current: str) -> tuple[str | None, str]:
@@ -208,7 +188,7 @@ class Agent:
             return last.generation, last.message
         return None, ""
 
-    def _report(self, client: Client, health: HealthResult | None) -> Desired | None:
+    def _report(self, client: Client, health: HealthResult | None) -> answers.Answer | None:
         current = observe_current(self.config)
         if current is None:
             log.warning(
@@ -219,7 +199,7 @@ class Agent:
             return None
         body = self.report_body(current, health)
         answer = client.report(self.config.machine_id, body)
-        desired = Desired.from_response(dict(answer))
+        desired = answers.parse(answer, self.config)
         self.desired_seen = True
         state = self.store.load()
         if "output" in body and state.last_outcome is not None:
@@ -229,12 +209,12 @@ class Agent:
             self.store.save(replace(state, last_desired=desired.generation))
         return desired
 
-    def _ask_desired(self, client: Client) -> Desired:
+    def _ask_desired(self, client: Client) -> answers.Answer:
         """Read-only look-up, for dry-run and for a machine with no current system."""
         mid = urllib.parse.quote(self.config.machine_id, safe="")
         answer = client.get(f"/api/v1/machines/{mid}/desired-generation")
         self.desired_seen = True
-        return Desired.from_response(answer if isinstance(answer, dict) else {})
+        return answers.parse(answer, self.config)
 
     # --- one cycle -----------------------------------------------------------------
 
@@ -360,6 +340,7 @@ class Agent:
                 state.failures[desired.generation].message,
             )
             return Status.OK, desired.poll_hint
+        self.store.save(state.with_attempt(desired.generation, desired.retry_requested_at))
         result = self.activator.deploy(
             desired.generation, desired.cache_url or self.config.cache_url
         )
@@ -379,13 +360,13 @@ class Agent:
 
     # --- the confirm window (agent.confirm) -----------------------------------------
 
-    def _confirm(self, armed: confirm.Armed, health: HealthResult | None) -> Desired:
+    def _confirm(self, armed: confirm.Armed, health: HealthResult | None) -> answers.Answer:
         """Report until one completes within the window, else roll back and say why.
 
         Each attempt gets a client whose deadline is what is left of the window, so
         a network that drops packets cannot hold one attempt past it.
         """
-        answers: list[Desired] = []
+        got: list[answers.Answer] = []
 
         def report() -> None:
             left = max(1.0, armed.deadline - time.time())
@@ -397,10 +378,10 @@ class Agent:
             finally:
                 client.close()
             assert desired is not None
-            answers.append(desired)
+            got.append(desired)
 
         if self.window.wait(armed, report, self.stop_event.is_set):
-            return answers[-1]
+            return got[-1]
         log.error(
             "%s after switching to %s: rolling back to %s",
             confirm.reason(armed.timeout),

@@ -67,6 +67,9 @@ class AgentState:
     last_outcome: Outcome | None = None
     failures: dict[str, Failure] = field(default_factory=dict)
     last_desired: str | None = None
+    # generation -> the CP's retry_requested_at when this agent last tried it: a retry
+    # request is new when it differs, whatever either clock says (DESIGN §9 Time).
+    retries: dict[str, str | None] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -75,6 +78,7 @@ class AgentState:
             "last_outcome": asdict(self.last_outcome) if self.last_outcome else None,
             "failures": {k: asdict(v) for k, v in self.failures.items()},
             "last_desired": self.last_desired,
+            "retries": dict(self.retries),
         }
 
     @classmethod
@@ -86,7 +90,14 @@ class AgentState:
             last_outcome=Outcome(**lo) if lo else None,
             failures={k: Failure(**v) for k, v in (data.get("failures") or {}).items()},
             last_desired=data.get("last_desired"),
+            retries=dict(data.get("retries") or {}),
         )
+
+    def with_attempt(self, generation: str, retry_requested_at: str | None) -> AgentState:
+        """Remember the retry request an attempt was made under (kept for failures only)."""
+        retries = {k: v for k, v in self.retries.items() if k in self.failures}
+        retries[generation] = retry_requested_at
+        return replace(self, retries=retries)
 
     def with_failure(self, generation: str, message: str, at: str | None = None) -> AgentState:
         """Remember a failed generation (newest MAX_FAILURES kept)."""

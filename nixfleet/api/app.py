@@ -14,6 +14,7 @@ from nixfleet.api import (
     audit,
     enroll,
     errors,
+    health,
     history,
     keys,
     leases,
@@ -31,6 +32,7 @@ from nixfleet.store import Store
 
 ROUTES: list[tuple[str, type[Any]]] = [
     ("/health", status.Health),
+    ("/ready", health.Ready),
     ("/metrics", status.Metrics),
     ("/api/v1/openapi.json", openapi.OpenAPI),
     ("/api/v1/status", status.Status),

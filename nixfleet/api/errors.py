@@ -8,7 +8,7 @@ from typing import Any
 
 import falcon
 
-from nixfleet.errors import NixfleetError
+from nixfleet.errors import NixfleetError, StoreUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ def handle(req: falcon.Request, resp: falcon.Response, ex: Exception, params: An
             ex.slug,
             [e.to_dict() for e in ex.errors],
         )
+        if isinstance(ex, StoreUnavailableError):
+            resp.set_header("Retry-After", str(ex.retry_after))
     elif isinstance(ex, falcon.HTTPError):
         status = ex.status_code
         slug = {404: "not-found", 405: "method-not-allowed"}.get(status, "http-error")

@@ -45,6 +45,11 @@ from nixfleet.store import Store, audit, credentials
     help="Server processes (default 1); one per core for large fleets.",
 )
 @click.option(
+    "--init",
+    is_flag=True,
+    help="Start a new, empty fleet even in an existing empty (0-byte) database file.",
+)
+@click.option(
     "--log-level",
     default="info",
     type=click.Choice(["debug", "info", "warning", "error"]),
@@ -60,6 +65,7 @@ def cli(
     admin_key_file: str | None,
     reconcile_interval: float | None,
     workers: int | None,
+    init: bool,
     log_level: str,
 ) -> None:
     """Run the nixfleet control plane (API + reconciler) on one SQLite file.
@@ -90,7 +96,7 @@ def cli(
     if ctx.invoked_subcommand is None:
         from nixfleet.controlplane.server import serve
 
-        serve(settings)
+        serve(settings, init=init)
 
 
 @cli.group()

@@ -19,6 +19,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import threading
@@ -43,13 +44,60 @@ log = logging.getLogger("nixfleet.controlplane")
 # Shared with bench/bare_server.py, so the yardstick runs waitress exactly as we do.
 SERVER_OPTIONS: dict[str, Any] = {
     "ident": "nixfleet",
-    "channel_timeout": 60,
-    "connection_limit": 1000,
+    "channel_timeout": 30,
+    # Waitress stops accepting at its connection limit (new connections wait in the
+    # backlog until one closes), so the cap must sit far above what an attacker's idle
+    # sockets can hold while the idle timeout reaps them; ~1,100 idle sockets locked
+    # agents out at the old 1,000. select() cannot watch descriptors past 1,024: poll.
+    "connection_limit": 10_000,
+    "asyncore_use_poll": True,
+    "cleanup_interval": 5,
     "clear_untrusted_proxy_headers": True,
     # Responses up to 64 MiB stay in memory: the default (1 MiB) spooled the ~40 MiB
     # /api/v1/status body of a 100,000-machine fleet through a temporary file.
     "outbuf_overflow": 64 * 2**20,
 }
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """Waitress's options for these settings: its own limits, enforced before any work.
+
+    The body limit is waitress's too (a declared Content-Length over it is answered
+    413 before the body is read; waitress otherwise buffers up to 1 GiB to temporary
+    files before the app sees the request). The connection cap is lowered to what
+    the process's file-descriptor limit allows.
+    """
+    return {
+        **SERVER_OPTIONS,
+        "max_request_body_size": settings.max_body_bytes + 1,  # waitress refuses >= this
+        "max_request_header_size": settings.max_header_bytes,
+        "channel_timeout": settings.idle_timeout,
+        "connection_limit": _connection_cap(settings.connection_limit),
+    }
+
+
+FD_RESERVE = 256  # database, WAL, lock file, logs, subprocesses: not for connections
+
+
+def _connection_cap(wanted: int) -> int:
+    """Raise the soft descriptor limit as far as needed (and allowed); the cap it permits."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = wanted + FD_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < need:
+        new = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+    if soft != resource.RLIM_INFINITY and soft < need:
+        cap = max(16, soft - FD_RESERVE)
+        log.warning(
+            "connection_limit %d lowered to %d: the open-files limit is %d (raise LimitNOFILE)",
+            wanted,
+            cap,
+            soft,
+        )
+        return cap
+    return wanted
 
 
 def install_admin_key(store: Store, key_file: str) -> None:
@@ -110,10 +158,16 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, *, init: bool = False) -> None:
+    """Bind, check the database (quick_check; DatabaseFileError, exit 7), then serve."""
     # The port first: a port in use is one line, and no database file is created for it.
     sock = _listen(*settings.host_port)
-    store = Store(settings.db_path())  # migrations run once, before any fork
+    # Checks and migrations run once, before any fork.
+    try:
+        store = Store(settings.db_path(), init=init, check=True)
+    except BaseException:
+        sock.close()
+        raise
     log.info("database %s", store.path)
     if settings.admin_key_file:
         install_admin_key(store, settings.admin_key_file)
@@ -140,9 +194,11 @@ def serve(settings: Settings) -> None:
 
 def _run(settings: Settings, sock: socket.socket, primary: int | None, workers: list[int]) -> None:
     """One serving process: the primary (primary=None, runs the background loop) or a worker."""
-    store = Store(settings.db_path())
+    store = Store(settings.db_path(), lock_timeout=settings.write_lock_timeout)
     app = create_app(settings, store)
-    server = create_server(app, sockets=[sock], threads=settings.threads, **SERVER_OPTIONS)
+    server = create_server(
+        app, sockets=[sock], threads=settings.threads, **server_options(settings)
+    )
     stop = threading.Event()
     failed: list[str] = []
     interrupted: list[int] = []

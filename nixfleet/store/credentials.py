@@ -24,7 +24,7 @@ from nixfleet.models import isoformat
 ROLES = ("readonly", "deploy", "admin")
 KEY_PREFIX = "nfk_"
 TOKEN_PREFIX = "nfm_"
-KEY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+KEY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
 
 def validate_key_name(name: str) -> str:

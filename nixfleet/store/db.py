@@ -12,22 +12,51 @@ so eight waitress threads racing for the write lock used to spend their time asl
 plane's worker processes (p99 56 ms). A blocked lock is handed over at once: the
 thread lock within a process, the flock between processes (control-plane workers,
 the host-side `keys create`, `backup`). busy_timeout still covers any other writer.
+
+Faults (DESIGN §9) end in StoreUnavailableError (503 + Retry-After), never in a
+writer stuck inside a transaction: a failed COMMIT (disk full) is rolled back, or
+the writer connection is replaced; waiting for the write lock is bounded
+(`lock_timeout`), and after an outside process held it past that, writes fail at
+once until the lock is free again (so waitress threads stay free for reads, which
+never wait for it). The file's identity (device, inode) is checked before every
+write: a database replaced or deleted under the process stops writes with a
+clear error instead of writing to a file nobody will read. At open, an empty file
+where a database is expected, a file that is not a database, and (with `check`)
+a failed `PRAGMA quick_check` raise DatabaseFileError.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import sqlite3
 import threading
+import time
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import NoReturn
 
+from nixfleet.errors import DatabaseFileError, StoreUnavailableError
 from nixfleet.models import isoformat, utcnow
 from nixfleet.store.migrations import MIGRATIONS
 
+log = logging.getLogger(__name__)
+
 BUSY_TIMEOUT_MS = 10_000
+LOCK_TIMEOUT = 5.0  # seconds a write waits for the write lock before a 503
+# SQLite result codes (primary) that mean "the database cannot take this write now".
+UNAVAILABLE = {
+    sqlite3.SQLITE_FULL: "the disk holding the database is full",
+    sqlite3.SQLITE_BUSY: "another process holds the database's write lock",
+    sqlite3.SQLITE_LOCKED: "the database is locked",
+    sqlite3.SQLITE_READONLY: "the database file is read-only",
+    sqlite3.SQLITE_IOERR: "an I/O error on the database file",
+    sqlite3.SQLITE_CANTOPEN: "the database file cannot be opened",
+    sqlite3.SQLITE_PERM: "no permission to write the database file",
+}
 # After a checkpoint has copied the whole WAL back, the next commit rewinds the WAL and
 # truncates the file to this size, so one large transaction does not leave a large file.
 WAL_SIZE_LIMIT = 8 * 1024 * 1024
@@ -44,20 +73,101 @@ class Store:
     alone). The writer's own commits keep its cache valid, so it stays warm.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        init: bool = False,
+        check: bool = False,
+        lock_timeout: float = LOCK_TIMEOUT,
+    ) -> None:
+        """Open (a missing file is created; an empty one only with `init`) and migrate."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock_timeout = lock_timeout
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._write_lock = threading.RLock()  # re-entry fails in BEGIN, not deadlocks
         self._writer: sqlite3.Connection | None = None
+        self._writer_busy_ms = -1
+        self._busy_until = 0.0  # monotonic: an outside writer held the lock; fail fast
         self._lock_fd = -1  # `<db>.lock`, opened by the first write of this process
-        self.migrate()
+        self._identity = (-1, -1)
+        try:
+            self._identity = self._prepare(init)
+            if check:
+                self.quick_check()
+            self.migrate()
+        except sqlite3.DatabaseError as e:
+            self.close()
+            code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
+            if code not in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT):
+                raise  # e.g. a migration's own error: not the file's fault
+            raise DatabaseFileError(
+                f"{self.path} is not a usable SQLite database ({e}); restore it from a "
+                "backup (nixfleet-control-plane backup), or move it away to start anew"
+            ) from e
+        except BaseException:
+            self.close()
+            raise
+
+    def _prepare(self, init: bool) -> tuple[int, int]:
+        """Refuse an empty file where a database is expected; (device, inode) of the file."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        else:
+            if st.st_size == 0 and not init:
+                raise DatabaseFileError(
+                    f"database file {self.path} is empty (0 bytes): a fleet's database was "
+                    "expected there; restore it from a backup, or pass --init to start a "
+                    "new, empty fleet in it"
+                )
+        # A connection of its own (closed again): one kept open across the migrations
+        # would answer schema PRAGMAs from the schema it read before them.
+        conn = self._open()  # creates the file when it is missing
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        finally:
+            with self._lock:
+                self._all.remove(conn)
+            conn.close()
+        st = self.path.stat()
+        return st.st_dev, st.st_ino
+
+    def quick_check(self) -> None:
+        """`PRAGMA quick_check`; DatabaseFileError naming the first problems it found."""
+        rows = [str(r[0]) for r in self.connection().execute("PRAGMA quick_check(20)")]
+        if rows != ["ok"]:
+            raise DatabaseFileError(
+                f"database {self.path} is corrupt (PRAGMA quick_check): "
+                + "; ".join(rows[:5])
+                + "; restore it from a backup (nixfleet-control-plane backup)"
+            )
+
+    def file_problem(self) -> str | None:
+        """Why the file at `path` is no longer the database this process opened, if so."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return f"database file {self.path} was deleted while the control plane ran"
+        except OSError as e:
+            return f"database file {self.path} cannot be read: {e.strerror}"
+        if (st.st_dev, st.st_ino) != self._identity:
+            return f"database file {self.path} was replaced while the control plane ran"
+        return None
 
     def _open(self) -> sqlite3.Connection:
+        # Only the first connection may create the file (mode=rwc, when none exists):
+        # a later one must not make a new empty database where one was deleted.
+        mode = "rwc" if self._identity == (-1, -1) else "rw"
+        problem = None if mode == "rwc" else self.file_problem()
+        if problem is not None:
+            raise StoreUnavailableError(f"{problem}; restart the control plane")
         conn = sqlite3.connect(
-            self.path,
+            f"file:{urllib.parse.quote(str(self.path))}?mode={mode}",
+            uri=True,
             isolation_level=None,
             check_same_thread=False,
             timeout=BUSY_TIMEOUT_MS / 1000,
@@ -114,19 +224,98 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction: all or nothing."""
-        with self._write_lock, self._process_lock():
-            conn = self._writer_connection()
+        """A write transaction: all or nothing; StoreUnavailableError when it cannot be."""
+        if not self._write_lock.acquire(timeout=self.lock_timeout):
+            raise StoreUnavailableError(
+                f"the database write lock was not free within {self.lock_timeout:g} s; retry later"
+            )
+        try:
+            problem = self.file_problem()
+            if problem is not None:
+                log.error("%s; refusing writes (restart the control plane)", problem)
+                raise StoreUnavailableError(f"{problem}; writes are refused until a restart")
+            with self._process_lock():
+                conn = self._begin()
+                self._local.in_transaction = True
+                try:
+                    yield conn
+                except BaseException as e:
+                    self._rollback(conn)
+                    if isinstance(e, sqlite3.Error):
+                        _reraise(e)
+                    raise
+                finally:
+                    self._local.in_transaction = False
+                try:
+                    conn.execute("COMMIT")
+                except sqlite3.Error as e:
+                    # Disk full: the writer must not stay inside this transaction, or
+                    # every later BEGIN fails ("cannot start a transaction within …").
+                    self._rollback(conn)
+                    _reraise(e)
+        finally:
+            self._write_lock.release()
+
+    def _begin(self) -> sqlite3.Connection:
+        conn = self._writer_connection()
+        # After an outside writer held the lock for lock_timeout, do not wait again
+        # until BEGIN succeeds: every thread waiting lock_timeout would starve reads.
+        wait = 0 if time.monotonic() < self._busy_until else int(self.lock_timeout * 1000)
+        if wait != self._writer_busy_ms:
+            conn.execute(f"PRAGMA busy_timeout={wait}")
+            self._writer_busy_ms = wait
+        try:
             conn.execute("BEGIN IMMEDIATE")
-            self._local.in_transaction = True
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            finally:
-                self._local.in_transaction = False
-            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            if e.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                self._busy_until = time.monotonic() + self.lock_timeout
+            if conn.in_transaction:
+                self._rollback(conn)
+            _reraise(e)
+        self._busy_until = 0.0
+        return conn
+
+    def _rollback(self, conn: sqlite3.Connection) -> None:
+        """Leave the transaction; a writer that cannot is replaced by a new one."""
+        if not conn.in_transaction:
+            return  # SQLite rolled back by itself (some I/O and disk-full errors)
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            log.exception("ROLLBACK failed; opening a new writer connection")
+        if conn.in_transaction:
+            with self._lock:
+                if conn in self._all:
+                    self._all.remove(conn)
+            with suppress(sqlite3.Error):
+                conn.close()
+            if self._writer is conn:
+                self._writer = None
+                self._writer_busy_ms = -1
+
+    def readiness(self) -> str | None:
+        """None when the database takes writes and is migrated, else why not (for /ready).
+
+        A real write: an empty transaction proves little (disk full shows at COMMIT),
+        so it rewrites the header's user_version, which appends a page to the WAL.
+        """
+        problem = self.file_problem()
+        if problem is not None:
+            return problem
+        try:
+            applied = set(self.applied_migrations())
+        except sqlite3.Error as e:
+            return f"cannot read the database: {e}"
+        missing = [name for name, _ in MIGRATIONS if name not in applied]
+        if missing:
+            return f"migrations not applied: {', '.join(missing)}"
+        try:
+            with self.transaction() as conn:
+                version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+                conn.execute(f"PRAGMA user_version={version}")
+        except StoreUnavailableError as e:
+            return e.detail
+        return None
 
     @contextmanager
     def lookup(self) -> Iterator[sqlite3.Connection]:
@@ -212,9 +401,11 @@ class Store:
         self.connection().execute("VACUUM INTO ?", (str(target),))
 
     def close(self) -> None:
-        # Closing the last connection checkpoints too, when it can.
-        with suppress(sqlite3.Error):
-            self.checkpoint()
+        # Closing the last connection checkpoints too, when it can (never opening one:
+        # a refused empty file stays empty).
+        if self._all:
+            with suppress(sqlite3.Error):
+                self.checkpoint()
         with self._lock:
             for conn in self._all:
                 conn.close()
@@ -224,6 +415,16 @@ class Store:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def _reraise(e: sqlite3.Error) -> NoReturn:
+    """StoreUnavailableError for the codes that say "not now"; other errors unchanged."""
+    code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
+    reason = UNAVAILABLE.get(code)
+    if reason is None:
+        raise e
+    log.error("database write failed: %s (%s)", reason, e)
+    raise StoreUnavailableError(f"{reason}; the write was not made, retry later") from e
 
 
 def _statements(sql: str) -> list[str]:

@@ -4,7 +4,7 @@ One row per change. A generation or desired event stores only the generation it
 moved *to*; where it came from is the one before it of the same kind, found by a
 window function on read, so a deployment stores each store path twice (desired,
 then current) rather than four times. Desired-generation events are written by a
-trigger (migration 0008) on whatever statement changes machines.desired_generation,
+trigger (migration 0010) on whatever statement changes machines.desired_generation,
 the reconciler's set-based ones included.
 
 Pruning (age, per-machine cap) runs in the background job in short transactions,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 
 from nixfleet import history as changes
-from nixfleet.errors import ConflictError, GoneError, NotFoundError
+from nixfleet.errors import ConflictError, FieldError, GoneError, NotFoundError, ValidationError
 from nixfleet.models import (
     HealthResult,
     Lifecycle,
@@ -31,6 +31,8 @@ from nixfleet.models import (
     utcnow,
 )
 from nixfleet.store import history
+
+MAX_TAGS_PER_SOURCE = 64  # as the tags schema's maxItems: one request cannot add more
 
 COLUMNS = (
     "id, lifecycle, registered_at, current_generation, desired_generation, "
@@ -218,6 +220,12 @@ def set_tags(
             (machine_id, source),
         )
     }
+    kept = wanted if replace else have | wanted
+    if len(kept) > MAX_TAGS_PER_SOURCE:
+        raise ValidationError(
+            f"machine {machine_id} would have {len(kept)} {source} tags",
+            errors=[FieldError("tags", f"at most {MAX_TAGS_PER_SOURCE} {source} tags per machine")],
+        )
     removed = sorted(have - wanted) if replace else []
     added = sorted(wanted - have)
     if removed:

@@ -46,6 +46,7 @@ class AgentRunner:
             "current_system": str(self.machine.current_system),
             "state_dir": str(self.machine.state_dir),
             "trusted_public_keys": [self.cache.public_key],
+            "allowed_cache_schemes": ["file"],  # the test caches are file:// directories
             **extra,
         }
         self.config_file.write_text(json.dumps(doc))

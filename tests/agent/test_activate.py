@@ -4,7 +4,6 @@ driven through the library (no control plane)."""
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import timedelta
 from typing import Any
 
 import nixfleet_test_fakes as fakes  # loaded by conftest from tests/nix/fakes.py
@@ -211,9 +210,12 @@ def test_decide_is_level_triggered() -> None:
     assert decide(b, a, AgentState(), None)
     assert decide(b, None, AgentState(), None)
     assert not decide(b, a, failed, None)
-    assert not decide(b, a, failed, at - timedelta(seconds=1))
-    assert not decide(b, a, failed, at)
-    assert decide(b, a, failed, at + timedelta(seconds=1))
+    # A retry request is one the agent has not tried under yet, compared as the CP's
+    # own value: neither clock matters (the CP's may be behind the agent's).
+    tried = failed.with_attempt(b, "2025-12-31T00:00:00Z")
+    assert not decide(b, a, tried, "2025-12-31T00:00:00Z")
+    assert decide(b, a, tried, "2025-12-30T00:00:00Z")
+    assert decide(b, a, failed, "2025-01-01T00:00:00Z")
     assert decide(a, b, failed, None)  # another generation is not blocked
 
 

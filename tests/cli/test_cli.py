@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import ControlPlane, free_port, run_cli
 
 from nixfleet.client import Client
+from nixfleet.errors import ValidationError
 from nixfleet.store import Store, machines
 
 GEN_A = "/nix/store/" + "a" * 32 + "-nixos-system-web-01"
@@ -168,9 +170,15 @@ def test_usage_errors_exit_2() -> None:
 def test_agent_messages_cannot_drive_the_operators_terminal(control_plane: ControlPlane) -> None:
     token = control_plane.register("web-01")
     evil = "deployed\x1b[2J\x1b]0;pwned\x07\rdone"
-    Client(control_plane.url, token).report(
-        "web-01", {"current_generation": GEN_A, "message": evil}
-    )
+    agent = Client(control_plane.url, token)
+    with pytest.raises(ValidationError):  # the CP refuses control characters (issue 14)
+        agent.report("web-01", {"current_generation": GEN_A, "message": evil})
+    # Text stored before that (an older CP) is still rendered harmlessly.
+    agent.report("web-01", {"current_generation": GEN_A, "message": "placeholder"})
+    db = Store(control_plane.db)
+    with db.transaction() as conn:
+        conn.execute("UPDATE machines SET last_message = ? WHERE id = 'web-01'", (evil,))
+    db.close()
     for args in (("machines", "show", "web-01"), ("status",)):
         r = run_cli(*args, env=env(control_plane))
         assert r.returncode == 0, r.stderr
