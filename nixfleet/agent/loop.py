@@ -163,6 +163,9 @@ class Agent:
         }
         if health is not None:
             body["health"] = _printable_health(health.to_dict())
+        body.update(
+            observe_boot(self.config.booted_system, self.config.current_system).report_fields()
+        )
         failed, message = self._failure_for(state, current)
         if failed is not None:
             body.update(success=False, message=message, attempted_generation=failed)
