@@ -90,37 +90,12 @@ let
       };
     };
 
-  # Only keys the agent knows (it rejects unknown ones, see
-  # schemas/agent-config.schema.json); `settings` is merged over them.
-  agentConfig = lib.recursiveUpdate {
-    control_plane_url = cfg.controlPlaneUrl;
-    machine_id = cfg.machineId;
-    inherit (cfg) tags;
-    poll_interval = cfg.pollInterval;
-    backoff_initial = cfg.backoff.initial;
-    backoff_max = cfg.backoff.max;
-    cache_url = cfg.cacheUrl;
-    trusted_public_keys = cfg.trustedPublicKeys;
-    state_dir = stateDir;
-    # The switch must outlive the agent it may restart, and must run outside
-    # this unit's sandbox: a transient unit gives it both.
-    use_systemd_run = true;
-    health_checks = {
-      inherit (cfg.healthChecks) systemd;
-      http = map (c: {
-        inherit (c) name url timeout;
-        expected_status = c.expectedStatus;
-      }) (lib.attrValues cfg.healthChecks.http);
-      command = map (c: { inherit (c) name argv timeout; }) (
-        lib.attrValues cfg.healthChecks.command
-      );
-    };
-    dry_run = cfg.dryRun;
-    allow_insecure = cfg.allowInsecure;
-  } cfg.settings;
-
-  configFile = format.generate "nixfleet-agent.json" agentConfig;
-  profile = agentConfig.profile or "/nix/var/nix/profiles/system";
+  # The agent's config file at a path that stays the same across generations:
+  # a switch that changes it (tags, checks, ...) is seen by the running agent,
+  # which re-reads the file when it changes (restartIfChanged = false means the
+  # switch never restarts it). See docs/agent.md, "Configuration changes".
+  configPath = "/etc/nixfleet/agent.json";
+  configFile = format.generate "nixfleet-agent.json" cfg.settings;
 in
 {
   options.services.nixfleet-agent = {
@@ -211,26 +186,26 @@ in
     };
 
     tokenFile = mkOption {
-      type = types.nullOr types.path;
+      type = types.nullOr types.externalPath;
       default = null;
       example = "/run/secrets/nixfleet-token";
       description = ''
         File holding this machine's token (from `nixfleet machines register
         --issue-token`). Passed with systemd's `LoadCredential=`, so it may be
-        readable by root only. Must not be in the Nix store, which is
-        world-readable. Without it, the agent uses the token it obtained by
+        readable by root only. A path in the world-readable Nix store is
+        refused when the configuration is evaluated. Without it, the agent uses the token it obtained by
         enrollment (kept in its state directory).
       '';
     };
 
     enrollTokenFile = mkOption {
-      type = types.nullOr types.path;
+      type = types.nullOr types.externalPath;
       default = null;
       example = "/run/secrets/nixfleet-enroll-token";
       description = ''
         File holding an enrollment token, exchanged once for a machine token
-        when the agent has none. Passed with `LoadCredential=`; must not be in
-        the Nix store.
+        when the agent has none. Passed with `LoadCredential=`; a path in the
+        Nix store is refused when the configuration is evaluated.
       '';
     };
 
@@ -288,15 +263,39 @@ in
     };
 
     settings = mkOption {
-      type = format.type;
+      type = types.submodule {
+        freeformType = format.type;
+        options = {
+          use_systemd_run = mkOption {
+            type = types.bool;
+            default = true;
+            description = ''
+              Run `switch-to-configuration` in a transient systemd unit, so the
+              switch outlives the agent it may restart and runs outside this
+              unit's sandbox. Must stay true on NixOS.
+            '';
+          };
+          profile = mkOption {
+            type = types.str;
+            default = "/nix/var/nix/profiles/system";
+            description = ''
+              System profile the agent sets before switching; its directory is
+              the only part of the file system the agent's unit may write
+              besides its state and cache directories.
+            '';
+          };
+        };
+      };
       default = { };
       example = {
-        profile = "/nix/var/nix/profiles/system";
+        current_system = "/run/current-system";
       };
       description = ''
-        Further agent settings (the snake_case keys of
-        `schemas/agent-config.schema.json`), merged over the ones generated
-        from the options above. The agent rejects unknown keys.
+        The agent's configuration file (`/etc/nixfleet/agent.json`), as
+        snake_case keys of `schemas/agent-config.schema.json` (RFC 42). The
+        options above are written into it; a key given both here and by an
+        option is a conflict at evaluation time, never silently overridden
+        (lists, such as `tags`, are concatenated). The agent rejects unknown keys.
       '';
     };
   };
@@ -329,7 +328,7 @@ in
         '';
       }
       {
-        assertion = agentConfig.use_systemd_run;
+        assertion = cfg.settings.use_systemd_run;
         message = ''
           services.nixfleet-agent.settings.use_systemd_run must stay true on NixOS: without
           it switch-to-configuration would run inside the agent's sandbox and die with the
@@ -345,35 +344,44 @@ in
       }
     ];
 
-    warnings =
-      lib.concatMap
-        (
-          name:
-          let
-            file = cfg.${name};
-          in
-          optional (file != null && lib.hasPrefix builtins.storeDir "${file}") ''
-            services.nixfleet-agent.${name} points into the world-readable Nix store; use a
-            path outside it (e.g. provisioned by sops-nix or agenix).
-          ''
-        )
-        [
-          "tokenFile"
-          "enrollTokenFile"
-        ];
+    services.nixfleet-agent.settings = {
+      control_plane_url = cfg.controlPlaneUrl;
+      machine_id = cfg.machineId;
+      inherit (cfg) tags;
+      poll_interval = cfg.pollInterval;
+      backoff_initial = cfg.backoff.initial;
+      backoff_max = cfg.backoff.max;
+      cache_url = cfg.cacheUrl;
+      trusted_public_keys = cfg.trustedPublicKeys;
+      state_dir = stateDir;
+      health_checks = {
+        inherit (cfg.healthChecks) systemd;
+        http = map (c: {
+          inherit (c) name url timeout;
+          expected_status = c.expectedStatus;
+        }) (lib.attrValues cfg.healthChecks.http);
+        command = map (c: { inherit (c) name argv timeout; }) (
+          lib.attrValues cfg.healthChecks.command
+        );
+      };
+      dry_run = cfg.dryRun;
+      allow_insecure = cfg.allowInsecure;
+    };
+
+    environment.etc."nixfleet/agent.json".source = configFile;
 
     systemd.services.nixfleet-agent = {
       description = "nixfleet agent";
       wantedBy = [ "multi-user.target" ];
       wants = [ "network-online.target" ];
+      # Every fetch and profile change goes through the daemon.
+      requires = [ "nix-daemon.socket" ];
       after = [
         "network-online.target"
-        "nix-daemon.service"
+        "nix-daemon.socket"
       ];
-      path = [
-        config.nix.package
-        config.systemd.package
-      ];
+      # NixOS adds coreutils, findutils, grep, sed and systemd to every unit's path.
+      path = [ config.nix.package ];
 
       # The agent runs the switch that activates a new generation. If that
       # switch stopped or restarted this unit, the agent would die before it
@@ -397,7 +405,9 @@ in
       };
 
       serviceConfig = {
-        ExecStart = "${lib.getExe' cfg.package "nixfleet-agent"} --config ${configFile}";
+        # exec: `systemctl start` fails when the agent cannot be executed.
+        Type = "exec";
+        ExecStart = "${lib.getExe' cfg.package "nixfleet-agent"} --config ${configPath}";
         Restart = "always";
         RestartSec = 10;
 
@@ -425,7 +435,7 @@ in
         ProtectSystem = "strict";
         # `nix-env --profile ... --set` and rollbacks write the profile's
         # generation links; everything else in the store goes via the daemon.
-        ReadWritePaths = [ (dirOf profile) ];
+        ReadWritePaths = [ (dirOf cfg.settings.profile) ];
         ProtectHome = true;
         PrivateTmp = true;
         PrivateDevices = true;

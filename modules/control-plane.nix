@@ -20,24 +20,22 @@ let
 
   stateDir = "/var/lib/nixfleet";
 
-  # "HOST:PORT", where HOST may be a bracketed IPv6 address.
-  listenParts = builtins.match "(.+):([0-9]+)" cfg.listen;
-  listenHost = if listenParts == null then "" else builtins.elemAt listenParts 0;
-  listenPort = if listenParts == null then 0 else lib.toInt (builtins.elemAt listenParts 1);
+  inherit (cfg.listen) address port;
+  bracket = host: if lib.hasInfix ":" host then "[${host}]" else host;
   # nginx reaches a wildcard listener through loopback.
   proxyHost =
-    if listenHost == "0.0.0.0" then
+    if address == "0.0.0.0" then
       "127.0.0.1"
-    else if listenHost == "[::]" then
+    else if address == "::" then
       "[::1]"
     else
-      listenHost;
+      bracket address;
 
   # Only keys the control plane knows; `settings` is merged over them. The
   # admin key is passed as a flag pointing into $CREDENTIALS_DIRECTORY.
   cpConfig = lib.recursiveUpdate (
     {
-      inherit (cfg) listen;
+      listen = "${bracket address}:${toString port}";
       db = "${stateDir}/nixfleet.db";
       history_days = cfg.historyDays;
       history_max_events = cfg.historyMaxEvents;
@@ -66,35 +64,46 @@ in
 
     package = mkPackageOption pkgs "nixfleet" { };
 
-    listen = mkOption {
-      type = types.str;
-      default = "127.0.0.1:8470";
-      example = "0.0.0.0:8470";
-      description = ''
-        Address and port (`HOST:PORT`, IPv6 as `[::1]:8470`) the API listens on.
-        It speaks plain HTTP: keep it on loopback behind
-        {option}`services.nixfleet-control-plane.nginx.enable`, or otherwise
-        terminate TLS in front of it.
-      '';
+    listen = {
+      address = mkOption {
+        type = types.str;
+        default = "127.0.0.1";
+        example = "0.0.0.0";
+        description = ''
+          Address the API listens on (IPv6 without brackets, e.g. `::1`; `0.0.0.0`
+          or `::` for all). It speaks plain HTTP: keep it on loopback behind
+          {option}`services.nixfleet-control-plane.nginx.enable`, or otherwise
+          terminate TLS in front of it.
+        '';
+      };
+      port = mkOption {
+        type = types.port;
+        default = 8470;
+        description = ''
+          TCP port the API listens on; the one
+          {option}`services.nixfleet-control-plane.openFirewall` opens.
+        '';
+      };
     };
 
     openFirewall = mkOption {
       type = types.bool;
       default = false;
       description = ''
-        Open the port of {option}`services.nixfleet-control-plane.listen` in the
+        Open {option}`services.nixfleet-control-plane.listen.port` in the
         firewall, or ports 80 and 443 instead when the nginx proxy is enabled.
       '';
     };
 
     adminKeyFile = mkOption {
-      type = types.nullOr types.path;
+      type = types.nullOr types.externalPath;
       default = null;
       example = "/run/secrets/nixfleet-admin-key";
       description = ''
         File holding the first admin API key, accepted by the control plane
         from start-up. Passed with systemd's `LoadCredential=`, so it may be
-        readable by root only; must not be in the world-readable Nix store.
+        readable by root only; a path in the world-readable Nix store is
+        refused when the configuration is evaluated.
       '';
     };
 
@@ -209,7 +218,7 @@ in
         default = false;
         description = ''
           Put an nginx virtual host in front of the control plane, terminating
-          TLS and proxying to {option}`services.nixfleet-control-plane.listen`.
+          TLS and proxying to {option}`services.nixfleet-control-plane.listen.port`.
           Further settings can go to
           `services.nginx.virtualHosts.<virtualHost>` directly.
         '';
@@ -240,13 +249,6 @@ in
   config = mkIf cfg.enable {
     assertions = [
       {
-        assertion = listenParts != null && listenPort > 0 && listenPort < 65536;
-        message = ''
-          services.nixfleet-control-plane.listen = "${cfg.listen}" must be HOST:PORT,
-          e.g. "127.0.0.1:8470" or "[::1]:8470".
-        '';
-      }
-      {
         assertion = cfg.nginx.enable -> cfg.nginx.virtualHost != null;
         message = ''
           services.nixfleet-control-plane.nginx.enable needs
@@ -254,13 +256,6 @@ in
         '';
       }
     ];
-
-    warnings =
-      optional (cfg.adminKeyFile != null && lib.hasPrefix builtins.storeDir "${cfg.adminKeyFile}")
-        ''
-          services.nixfleet-control-plane.adminKeyFile points into the world-readable Nix
-          store; use a path outside it (e.g. provisioned by sops-nix or agenix).
-        '';
 
     # Behind nginx, clients only ever talk to nginx.
     networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall (
@@ -270,7 +265,7 @@ in
           443
         ]
       else
-        [ listenPort ]
+        [ port ]
     );
 
     services.nginx = mkIf cfg.nginx.enable {
@@ -278,7 +273,7 @@ in
       virtualHosts.${cfg.nginx.virtualHost} = {
         inherit (cfg.nginx) enableACME forceSSL;
         locations."/" = {
-          proxyPass = "http://${proxyHost}:${toString listenPort}";
+          proxyPass = "http://${proxyHost}:${toString port}";
           recommendedProxySettings = true;
           # The API refuses bodies over 1 MiB itself; stop them here first.
           extraConfig = ''
@@ -294,6 +289,8 @@ in
       after = [ "network.target" ];
 
       serviceConfig = {
+        # exec: `systemctl start` fails when the server cannot be executed.
+        Type = "exec";
         # %d is $CREDENTIALS_DIRECTORY: the key never appears on the command line.
         ExecStart = lib.concatStringsSep " " (
           [
@@ -316,8 +313,8 @@ in
           optional (cfg.adminKeyFile != null) "admin-key:${cfg.adminKeyFile}" ++ webhookCredentials;
 
         # Binding a port below 1024 is the only privilege it may need.
-        CapabilityBoundingSet = if listenPort < 1024 then [ "CAP_NET_BIND_SERVICE" ] else "";
-        AmbientCapabilities = if listenPort < 1024 then [ "CAP_NET_BIND_SERVICE" ] else "";
+        CapabilityBoundingSet = if port < 1024 then [ "CAP_NET_BIND_SERVICE" ] else "";
+        AmbientCapabilities = if port < 1024 then [ "CAP_NET_BIND_SERVICE" ] else "";
 
         ProtectSystem = "strict";
         ProtectHome = true;
@@ -325,7 +322,7 @@ in
         PrivateDevices = true;
         PrivateMounts = true;
         # A user namespace would confine CAP_NET_BIND_SERVICE to itself.
-        PrivateUsers = listenPort >= 1024;
+        PrivateUsers = port >= 1024;
         ProtectKernelTunables = true;
         ProtectKernelModules = true;
         ProtectKernelLogs = true;

@@ -8,8 +8,12 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
 from conftest import run_cli
 from ui.conftest import Browserless
+
+# Runs under both Nix versions (tests/system/test_nix_versions.py).
+pytestmark = pytest.mark.nix
 
 
 def test_demo_converges_catches_the_bad_release_and_stays_explorable(tmp_path: Path) -> None:

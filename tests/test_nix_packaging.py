@@ -8,8 +8,8 @@ Everything runs with real Nix (Debian's nix-bin is enough) and offline:
 - option declarations are read by evaluating each module with a recording lib
   (tests/nix/option-declarations.nix) and must all be described and documented
   in docs/nixos-modules.md.
-The real module system needs a nixpkgs lib that CI cannot download; that check is
-tests/manual/real_lib_check.py, run by hand before a release (docs/nixos-modules.md).
+The real module system (a nixpkgs lib CI cannot download, given by an environment
+variable) is checked by tests/nix/test_real_lib.py (docs/nixos-modules.md).
 Flake files are copied to a temporary directory and used as a path: flake, so
 uncommitted changes are seen and the work tree is never written to.
 """
@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+# Runs under both Nix versions (tests/system/test_nix_versions.py).
+pytestmark = pytest.mark.nix
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = ["aarch64-linux", "x86_64-linux"]
@@ -290,8 +293,9 @@ def test_modules_declare_the_contracted_options(options: dict[str, list[dict[str
         for o in options["services.nixfleet-control-plane"]
     }
     assert {
-        "enable", "package", "listen", "openFirewall", "settings", "adminKeyFile",
-        "rolloutsDir", "historyDays", "historyMaxEvents", "nginx.enable", "nginx.virtualHost",
+        "enable", "package", "listen.address", "listen.port", "openFirewall", "settings",
+        "adminKeyFile", "rolloutsDir", "historyDays", "historyMaxEvents", "nginx.enable",
+        "nginx.virtualHost",
         "nginx.enableACME", "nginx.forceSSL",
     } <= cp  # fmt: skip
 

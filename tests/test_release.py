@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import ControlPlane, run_cli
 
+# Runs under both Nix versions (tests/system/test_nix_versions.py).
+pytestmark = pytest.mark.nix
+
 FLAKE = Path(__file__).resolve().parent / "nix" / "release-flake"
 
 

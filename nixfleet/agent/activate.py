@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -66,9 +67,13 @@ def _short(text: str) -> str:
 class Activator:
     """Performs activations for one machine; all state goes through `store`."""
 
-    def __init__(self, config: AgentConfig, store: StateStore) -> None:
+    def __init__(
+        self, config: AgentConfig, store: StateStore, stopping: Callable[[], bool] = lambda: False
+    ) -> None:
         self.config = config
         self.store = store
+        # True once the agent was asked to stop (SIGTERM): see deploy().
+        self.stopping = stopping
         self.failed_output: str | None = None  # of the last failed switch
         self.switch_output: str | None = None  # of the deployment under way
 
@@ -171,9 +176,43 @@ class Activator:
             nix.profile_set(self.config.profile, path)
             self.switch_output = self.switch(path, unit)
         except NixfleetError as e:
+            if unit is not None and (self.stopping() or self._unit_running(unit)):
+                return self._detached(record, unit, e.detail)
             self.switch_output = self.failed_output
             return self._rollback(record, f"switch to {path} failed: {e.detail}")
         return self._verify(record)
+
+    def _detached(self, record: InProgress, unit: str, detail: str) -> Result:
+        """`systemd-run --wait` failed, but not necessarily the switch in its unit:
+        systemd stopping or restarting the agent sends SIGTERM to the whole agent
+        cgroup, client included (which then dies when the switch ends, whatever its
+        outcome). So while the agent is stopping, the activation stays recorded as
+        in progress and the next agent concludes it (recover(): wait for the unit,
+        check the current-system link and health). When the client died but the unit
+        still runs otherwise, this agent waits for it and concludes the same way."""
+        if self.stopping():
+            log.warning(
+                "stopping while %s still switches to %s (%s): the next start concludes it",
+                unit,
+                record.generation,
+                detail,
+            )
+            return Result(
+                record.generation,
+                False,
+                f"switch to {record.generation} still running in {unit}; the agent stopped",
+                changed=True,
+            )
+        log.warning("lost the client of switch unit %s (%s); waiting for the unit", unit, detail)
+        self._wait_for_unit(unit)
+        return self._verify(record)
+
+    def _unit_running(self, unit: str) -> bool:
+        try:
+            done = process.run(["systemctl", "is-active", unit], timeout=30, check=False)
+        except NixfleetError:
+            return False
+        return done.stdout.strip() in ("active", "activating", "deactivating", "reloading")
 
     def _verify(self, record: InProgress) -> Result:
         """After a switch: the link must point at the new system and health must pass."""
@@ -256,8 +295,7 @@ class Activator:
         """A switch in its transient unit may still run after the agent was restarted."""
         deadline = time.monotonic() + SWITCH_TIMEOUT
         while time.monotonic() < deadline:
-            done = process.run(["systemctl", "is-active", unit], timeout=30, check=False)
-            if done.stdout.strip() not in ("active", "activating", "deactivating", "reloading"):
+            if not self._unit_running(unit):
                 return
             log.info("switch unit %s still running; waiting", unit)
             time.sleep(UNIT_POLL)

@@ -3,22 +3,30 @@
 This is the only agent module that reads `os.environ` (DESIGN §2 rule 6): it takes
 one snapshot, which the rest of the agent uses (for example as the switch script's
 environment), so behaviour never depends on the environment changing underneath.
+
+The file is re-read when it changes (`reload_if_changed`, a stat per cycle): the
+NixOS module keeps it at /etc/nixfleet/agent.json, which each generation points at
+its own store file, so a switch that changes tags or checks takes effect in the
+next report without restarting the agent (DESIGN §5).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
 import socket
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from nixfleet import schemas
-from nixfleet.errors import FieldError, UsageError, ValidationError
+from nixfleet.errors import FieldError, NixfleetError, UsageError, ValidationError
+
+log = logging.getLogger(__name__)
 
 DEFAULTS: dict[str, Any] = {
     "tags": [],
@@ -70,6 +78,26 @@ class HealthChecks:
 
 
 @dataclass(frozen=True)
+class Source:
+    """Where a config came from, to load it again when the file changes."""
+
+    path: str
+    overrides: Mapping[str, Any]
+    # (device, inode, size, mtime) of the file the path resolves to; None: unreadable.
+    stamp: tuple[int, int, int, int] | None
+
+
+def _stamp(path: str) -> tuple[int, int, int, int] | None:
+    # stat() follows /etc/nixfleet/agent.json -> /etc/static/... -> /nix/store/...:
+    # a new generation's file is a new inode even when its mtime is the epoch.
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     control_plane_url: str
     machine_id: str
@@ -95,6 +123,7 @@ class AgentConfig:
     confirm_timeout: float | None = None  # seconds; a rollout's confirm_timeout overrides
     # Snapshot of the process environment, taken once at load time.
     environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+    source: Source | None = field(default=None, repr=False, compare=False)
 
     def child_env(self, **extra: str) -> dict[str, str]:
         """Environment for a child process: the agent's own plus `extra`."""
@@ -146,6 +175,8 @@ def load_config(
     environ: Mapping[str, str] | None = None,
 ) -> AgentConfig:
     """Merge defaults < config file < overrides (flags; None means unset), validate."""
+    # Stamp before reading: a change that lands during the read is seen next time.
+    source = Source(str(path), dict(overrides or {}), _stamp(str(path))) if path else None
     doc: dict[str, Any] = _read_file(path) if path is not None else {}
     schemas.validate("agent-config", doc, what=f"agent config {path}")
     merged: dict[str, Any] = {**DEFAULTS, **doc}
@@ -205,7 +236,30 @@ def load_config(
         allowed_cache_schemes=tuple(s.lower() for s in merged["allowed_cache_schemes"]),
         confirm_timeout=float(merged["confirm_timeout"]) if merged["confirm_timeout"] else None,
         environ=dict(os.environ if environ is None else environ),
+        source=source,
     )
+
+
+def reload_if_changed(config: AgentConfig) -> AgentConfig | None:
+    """The config loaded afresh if its file changed since `config` was read, else None.
+
+    A changed file that is broken (invalid JSON, refused by the schema) is logged
+    once and the current config is kept: a bad generation must not stop the agent
+    that can roll it back. Flags keep overriding the file.
+    """
+    src = config.source
+    if src is None:
+        return None
+    stamp = _stamp(src.path)
+    if stamp is None or stamp == src.stamp:
+        return None
+    try:
+        fresh = load_config(src.path, src.overrides, config.environ)
+    except NixfleetError as e:
+        log.error("agent config %s changed but is unusable, keeping the old one: %s", src.path, e)
+        return replace(config, source=replace(src, stamp=stamp))
+    log.info("agent config %s changed: re-read it", src.path)
+    return fresh
 
 
 def token_candidates(config: AgentConfig) -> list[Path]:

@@ -24,7 +24,12 @@ from nixfleet.agent import answer as answers
 from nixfleet.agent import confirm
 from nixfleet.agent import health as healthmod
 from nixfleet.agent.activate import Activator, Result, observe_current
-from nixfleet.agent.config import AgentConfig, read_enroll_token, read_token
+from nixfleet.agent.config import (
+    AgentConfig,
+    read_enroll_token,
+    read_token,
+    reload_if_changed,
+)
 from nixfleet.agent.reboot import Rebooter
 from nixfleet.agent.reboot import observe as observe_boot
 from nixfleet.agent.state import AgentState, StateStore
@@ -76,12 +81,12 @@ class Agent:
     def __init__(self, config: AgentConfig, *, rng: random.Random | None = None) -> None:
         self.config = config
         self.store = StateStore(config.state_dir)
-        self.activator = Activator(config, self.store)
+        self.stop_event = threading.Event()
+        self.activator = Activator(config, self.store, stopping=self.stop_event.is_set)
         self.window = confirm.Window(config.state_dir)
         self.rebooter = Rebooter(config.machine_id, config.state_dir, config.reboot_command)
         self.rng = rng or random.Random()
         self.started = time.monotonic()
-        self.stop_event = threading.Event()
         self.client: Client | None = None
         self.failed_polls = 0
         self.recovered = False
@@ -135,6 +140,19 @@ class Agent:
             return int(float(Path("/proc/uptime").read_text().split()[0]))
         except (OSError, ValueError, IndexError):
             return int(time.monotonic() - self.started)
+
+    def _reload_config(self) -> None:
+        """Take a changed config file (a switch may bring new tags); see config.py."""
+        fresh = reload_if_changed(self.config)
+        if fresh is None:
+            return
+        if (fresh.control_plane_url, fresh.token_file) != (
+            self.config.control_plane_url,
+            self.config.token_file,
+        ):
+            self._drop_client()
+        # The state dir (and so the store) stays the one the agent started with.
+        self.config = self.activator.config = fresh
 
     def _drop_client(self) -> None:
         if self.client is not None:
@@ -192,6 +210,7 @@ class Agent:
         return None, ""
 
     def _report(self, client: Client, health: HealthResult | None) -> answers.Answer | None:
+        self._reload_config()
         current = observe_current(self.config)
         if current is None:
             log.warning(
@@ -232,6 +251,7 @@ class Agent:
                 self.client.close()
 
     def _cycle(self) -> tuple[Status, float]:
+        self._reload_config()
         if not self.recovered:
             self.recovered = True
             self._expire_window()

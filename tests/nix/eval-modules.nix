@@ -1,11 +1,14 @@
 # Evaluates modules/*.nix with a real nixpkgs `lib` (passed in, never
 # fetched) outside a full NixOS: the NixOS options the modules set are declared
 # here loosely, so types, defaults, assertions and the rendered unit can be
-# checked without nixpkgs' package set. Used by tests/test_nix_packaging.py
-# when NIXPKGS_LIB points at a nixpkgs checkout's lib/.
+# checked without nixpkgs' package set. Used by tests/nix/test_real_lib.py
+# and tests/nix/render-units.nix, with the lib given by NIXFLEET_NIXPKGS_LIB.
+# `packages` replaces the fake packages' store paths (nixfleet, nix, systemd,
+# coreutils, ...) with real directories, so rendered units can run somewhere.
 {
   lib,
   config ? { },
+  packages ? { },
 }:
 let
   inherit (lib) mkOption types;
@@ -40,14 +43,15 @@ let
   fakePackage = name: {
     type = "derivation";
     inherit name;
-    outPath = "/nix/store/00000000000000000000000000000000-${name}";
+    outPath = packages.${name} or "/nix/store/00000000000000000000000000000000-${name}";
     meta.mainProgram = name;
   };
 
   pkgs = {
     inherit formats;
     nixfleet = fakePackage "nixfleet";
-  };
+  }
+  // lib.genAttrs [ "coreutils" "findutils" "gnugrep" "gnused" ] fakePackage;
 
   loose =
     default:
@@ -88,6 +92,10 @@ let
         type = types.attrsOf types.anything;
         default = { };
       };
+      environment.etc = mkOption {
+        type = types.attrsOf types.anything;
+        default = { };
+      };
       services.nginx = loose { };
     };
   };
@@ -112,7 +120,14 @@ let
     || lib.hasPrefix "services.nixfleet-control-plane." o.name
   ) (lib.optionAttrSetToDocList eval.options);
 
-  # The unit, and the JSON file its ExecStart passes with --config.
+  # The unit, and the JSON file its ExecStart passes with --config (a path in
+  # the store, or one under /etc that environment.etc links into the store).
+  etcSource =
+    file:
+    let
+      entry = eval.config.environment.etc.${lib.removePrefix "/etc/" file} or null;
+    in
+    if lib.hasPrefix "/etc/" file && entry != null then entry.source else file;
   service =
     name:
     let
@@ -124,7 +139,8 @@ let
     else
       {
         inherit unit;
-        config = builtins.fromJSON (builtins.readFile (lib.elemAt argv 2));
+        configFile = lib.elemAt argv 2;
+        config = builtins.fromJSON (builtins.readFile (etcSource (lib.elemAt argv 2)));
       };
 in
 {
@@ -137,6 +153,7 @@ in
 
   failedAssertions = map (a: a.message) (lib.filter (a: !a.assertion) eval.config.assertions);
   inherit (eval.config) warnings;
+  inherit eval pkgs;
 
   agent = service "nixfleet-agent";
   controlPlane = service "nixfleet-control-plane";

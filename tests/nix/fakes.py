@@ -31,6 +31,9 @@ NIX_CONFIG = "\n".join(
     ]
 )
 RUN_ID = uuid.uuid4().hex[:10]
+# How Nix refuses an unsigned or wrongly signed path: "lacks a valid signature" up to
+# 2.18 or so, "lacks a signature by a trusted key" in 2.26 (both run in CI).
+UNTRUSTED = r"lacks a (valid signature|signature by a trusted key)"
 
 
 def require_nix() -> None:

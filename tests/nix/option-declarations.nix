@@ -19,6 +19,8 @@ let
     bool = type "bool" { };
     package = type "package" { };
     path = type "path" { };
+    externalPath = type "path not in the Nix store" { };
+    port = type "port" { };
     str = type "str" { };
     ints.positive = type "positive int" { };
     ints.between = _lo: _hi: type "int between" { };

@@ -63,10 +63,15 @@ in
 
         services.nixfleet-control-plane = {
           enable = true;
-          listen = "0.0.0.0:8470";
+          listen.address = "0.0.0.0";
           openFirewall = true;
-          adminKeyFile = pkgs.writeText "nixfleet-admin-key" adminKey;
+          # Secret options refuse store paths; a copied /etc file is outside the store.
+          adminKeyFile = "/etc/nixfleet-admin-key";
           settings.reconcile_interval = 1;
+        };
+        environment.etc."nixfleet-admin-key" = {
+          text = adminKey;
+          mode = "0400";
         };
 
         environment.systemPackages = [

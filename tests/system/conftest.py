@@ -1,0 +1,58 @@
+"""Fixtures of the system tier: the cached Debian root, the project installed in it.
+
+See docs/system-tests.md. Everything here needs root and systemd-nspawn; what is
+missing is reported by container.require_capabilities (skip, or fail under CI).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+
+def _load(name: str, path: Path) -> ModuleType:
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+HERE = Path(__file__).resolve().parent
+container = _load("nixfleet_test_container", HERE / "container.py")
+units = _load("nixfleet_test_units", HERE.parent / "nix" / "units.py")
+
+
+@pytest.fixture(scope="session")
+def system_root() -> Path:
+    container.require_capabilities()
+    root: Path = container.rootfs()
+    return root
+
+
+@pytest.fixture(scope="session")
+def system_venv(system_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cached dependencies plus this tree's wheel, to bind at container.VENV."""
+    venv: Path = container.session_env(system_root, tmp_path_factory.mktemp("system-env"))
+    return venv
+
+
+@pytest.fixture(scope="session")
+def nix_conf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("nix-conf") / "nix.conf"
+    path.write_text(container.NIX_CONF)
+    return path
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Both Nix runs in the session's output: this machine's and the container's."""
+    if container.RESULTS:
+        terminalreporter.section("Nix versions")
+        for line in container.RESULTS:
+            terminalreporter.write_line(line)
