@@ -12,6 +12,11 @@ benchmark database, then times reconciler.tick through a rollout's whole life:
   complete  the ticks after the soak: verdicts, batch and rollout completed
   revert    a second rollout (on_failure: revert) whose agents all report failure:
             the ticks that fail the batch and restore every machine's desired
+  policy    a third rollout with DESIGN §11 policy active: max_unavailable 10 %, a
+            maintenance window (open), a fleet-wide disruption budget over a third
+            of the fleet (region-eu, 5,000 in flight) and 1 % of the fleet stale;
+            machines start as the budgets free, agents report healthy between
+            ticks: every tick until the rollout completes
 
 The figure of each phase is its slowest tick; the PASSIVE checkpoint the control
 plane runs after each tick (controlplane.background) is timed separately.
@@ -34,9 +39,18 @@ import fleet
 
 from nixfleet import flake, reconciler
 from nixfleet.models import Release, ReleaseEntry, isoformat, utcnow
+from nixfleet.policy import fleet as fleet_policy
 from nixfleet.store import Store, releases, rollouts
 
-PHASES = ("start", "quiet", "judge", "soaking", "complete", "revert")
+PHASES = ("start", "quiet", "judge", "soaking", "complete", "revert", "policy")
+# The §11 settings of the policy phase (the fleet budget) and its rollout's fields.
+POLICY = fleet_policy.from_settings(
+    disruption_budgets=[{"tags": ["region-eu"], "max_in_flight": 5000}]
+)
+POLICY_DOC = {
+    "max_unavailable": "10%",
+    "windows": [{"start": "00:00", "end": "24:00", "timezone": "Europe/Berlin"}],
+}
 
 
 def _fresh(db: Path) -> Store:
@@ -57,8 +71,9 @@ class Clock:
 
     def tick(self, phase: str, advance: float = 2.0) -> int:
         self.now += timedelta(seconds=advance)
+        policy = reconciler.PolicyTick(POLICY if phase == "policy" else fleet_policy.FleetPolicy())
         t0 = time.perf_counter()
-        changed = reconciler.tick(self.store, 5, self.now)
+        changed = reconciler.tick(self.store, 5, self.now, policy=policy)
         self.ticks[phase].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         self.store.checkpoint()
@@ -69,13 +84,14 @@ class Clock:
         while self.tick(phase):
             pass
 
-    def all_report(self, ok: bool) -> None:
+    def all_report(self, ok: bool, quiet: str = "0") -> None:
+        """Every machine with a desired generation reports (but those `quiet` selects)."""
         self.now += timedelta(seconds=1)
         with self.store.transaction() as conn:
             conn.execute(
                 "UPDATE machines SET current_generation = CASE WHEN ? THEN desired_generation "
                 "ELSE current_generation END, last_report_at = ?, system_state = 'ok', "
-                "last_success = ? WHERE desired_generation IS NOT NULL",
+                f"last_success = ? WHERE desired_generation IS NOT NULL AND NOT ({quiet})",
                 (ok, isoformat(self.now), int(ok)),
             )
         self.store.checkpoint()
@@ -116,6 +132,18 @@ def once(db: Path, machines: int) -> Clock:
     clock.until_quiet("start")
     clock.all_report(ok=False)
     clock.until_quiet("revert")
+    # §11: the machines that reported last are the fresh ones; 1 % went quiet (stale).
+    clock.all_report(ok=True)
+    with store.transaction() as conn:
+        conn.execute(
+            "UPDATE machines SET last_report_at = ? WHERE substr(id, 6, 2) = '00'",
+            (isoformat(clock.now - timedelta(hours=1)),),
+        )
+    _rollout(store, machines, "bench-policy", "p", **POLICY_DOC)
+    while clock.tick("policy"):
+        clock.all_report(ok=True, quiet="substr(id, 6, 2) = '00'")
+        if len(clock.ticks["policy"]) > 400:
+            raise RuntimeError("the policy rollout does not complete")
     store.close()
     return clock
 

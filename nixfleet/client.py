@@ -383,6 +383,14 @@ class Client:
         path = _machine(machine_id, "/report")
         return self._call(wire.ReportAnswer, "POST", path, dict(body))
 
+    def take_reboot_lease(self, machine_id: str) -> wire.RebootLeases:
+        """A reboot slot (DESIGN §11); ConflictError (409) says why not now."""
+        path = _machine(machine_id, "/reboot-lease")
+        return self._call(wire.RebootLeases, "POST", path, {})
+
+    def release_reboot_lease(self, machine_id: str) -> wire.ReleasedLeases:
+        return self._call(wire.ReleasedLeases, "DELETE", _machine(machine_id, "/reboot-lease"))
+
     # --- credentials ------------------------------------------------------------------
 
     def rotate_token(self, machine_id: str) -> wire.MachineToken:

@@ -248,6 +248,8 @@ class Report:
     agent_version: str | None = None
     uptime_seconds: int | None = None
     output: str | None = None  # the failed switch's output tail (agent.output), sent once
+    needs_reboot: bool | None = None  # DESIGN §11: booted kernel/initrd/modules differ
+    booted_generation: str | None = None
 
     @property
     def system_state(self) -> SystemState:
@@ -280,6 +282,8 @@ class Machine:
     retry_requested_at: datetime | None = None
     uptime_seconds: int | None = None  # as of the last report
     failed_output: str | None = None  # of the failed generation's switch; read by get() only
+    needs_reboot: bool | None = None
+    booted_generation: str | None = None
 
     @property
     def sync(self) -> Sync:

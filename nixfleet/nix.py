@@ -18,6 +18,7 @@ from typing import Any
 
 from nixfleet import process
 from nixfleet.errors import CommandError, FieldError, ValidationError
+from nixfleet.policy.reboot import BOOT_LINKS
 
 Env = Mapping[str, str] | None
 
@@ -138,6 +139,36 @@ def path_info(
         argv.append("--recursive")
     done = process.run([*argv, "--", *_paths(paths)], env=env, timeout=timeout)
     return parse_path_info(_json(done.stdout, "nix path-info"))
+
+
+def closure_size(
+    path: str, *, store: str | None = None, env: Env = None, timeout: float = QUERY_TIMEOUT
+) -> int | None:
+    """`nix path-info -S`: the NAR size of the path's whole closure in `store` (a cache
+    URL, or the local store); None when the store does not have it."""
+    done = process.run(
+        [*_nix_cmd(store), "path-info", "--json", "-S", path], env=env, timeout=timeout, check=False
+    )
+    if done.returncode != 0:
+        return None
+    data = _json(done.stdout, "nix path-info -S")
+    entries = data if isinstance(data, list) else list((data or {}).values())
+    for entry in entries:
+        if isinstance(entry, dict) and isinstance(entry.get("closureSize"), int):
+            return int(entry["closureSize"])
+    return None
+
+
+def boot_links(system: str | Path) -> dict[str, str | None]:
+    """`readlink SYSTEM/{initrd,kernel,kernel-modules}` (None where a link is missing):
+    what NixOS's autoUpgrade compares to decide that a reboot is needed."""
+    out: dict[str, str | None] = {}
+    for name in BOOT_LINKS:
+        try:
+            out[name] = os.readlink(Path(system) / name)
+        except OSError:
+            out[name] = None
+    return out
 
 
 def is_valid(path: str, *, env: Env = None) -> bool:

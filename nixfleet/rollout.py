@@ -28,6 +28,7 @@ from nixfleet.models import (
     Strategy,
     Threshold,
 )
+from nixfleet.policy import RolloutPolicy
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
 
@@ -231,6 +232,12 @@ class MachineFacts:
     failed_generation: str | None = None
     health_passed: bool | None = None  # None: the agent sent no health result
     last_message: str | None = None
+    # DESIGN §11: when the machine was given its generation (machines.desired_set_at;
+    # under a disruption budget later than the batch's start), whether it needs a
+    # reboot, and whether it holds a reboot lease.
+    given_at: datetime | None = None
+    needs_reboot: bool | None = None
+    rebooting: bool = False
 
 
 @dataclass(frozen=True)
@@ -242,14 +249,26 @@ class Verdict:
 
 
 def judge(
-    f: MachineFacts, started: datetime, now: datetime, health_timeout: int, soak: int
+    f: MachineFacts,
+    started: datetime,
+    now: datetime,
+    health_timeout: int,
+    soak: int,
+    reboot: bool = False,
 ) -> Verdict:
     """Healthy, unhealthy or still pending, counting only reports since `started`.
 
+    `started` is the batch's start, or the machine's own when it was given its
+    generation later (a disruption budget held it back): its health timeout counts
+    from then. With `reboot` (the rollout says `reboot: when-needed`) a machine that
+    still needs a reboot, or is rebooting, is not healthy yet.
     A final verdict (healthy/unhealthy) sticks for the rest of the batch run.
     """
     if f.health is not MachineHealth.PENDING:
         return Verdict(f.machine_id, f.health, "", f.healthy_since)
+    if f.given_at is not None and f.given_at > started:
+        started = f.given_at
+    rebooting = reboot and (f.rebooting or f.needs_reboot is True)
     fresh = f.last_report_at is not None and f.last_report_at >= started
     if fresh and (f.failed_generation == f.store_path or f.last_success is False):
         detail = f": {f.last_message}" if f.last_message else ""
@@ -259,6 +278,7 @@ def judge(
         and f.current_generation == f.store_path
         and f.last_success is not False
         and f.health_passed is not False
+        and not rebooting
     )
     if good:
         since = f.healthy_since or now
@@ -271,8 +291,10 @@ def judge(
         waiting = "no report since the batch started"
     elif f.current_generation != f.store_path:
         waiting = "not yet running the release's generation"
-    else:
+    elif f.health_passed is False:
         waiting = "health checks failing"
+    else:
+        waiting = "rebooting" if f.rebooting else "needs a reboot"
     if (now - started).total_seconds() >= health_timeout:
         return Verdict(
             f.machine_id,
@@ -300,6 +322,7 @@ class RolloutView:
     status: RolloutStatus
     spec: RolloutSpec
     batches: tuple[BatchView, ...]
+    policy: RolloutPolicy = field(default_factory=RolloutPolicy)  # DESIGN §11 fields
 
 
 @dataclass(frozen=True)

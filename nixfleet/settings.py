@@ -6,14 +6,18 @@ may import it without an import loop.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import urllib.parse
 from dataclasses import dataclass, fields, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from nixfleet.errors import FieldError, ValidationError
+from nixfleet.policy import fleet
+from nixfleet.policy.fleet import FleetPolicy
 
 DEFAULT_PORT = 8470
 
@@ -102,6 +106,38 @@ class Settings:
     webhook_retry_initial: float = 10.0  # first back-off; doubles per failed attempt
     webhook_retry_max: float = 600.0  # back-off cap
     webhook_retry_for: float = 86_400.0  # give a delivery up this long after its event
+    # DESIGN §11, parsed and documented in nixfleet.policy.fleet (docs/rollouts.md).
+    disruption_budgets: tuple[Any, ...] = ()
+    default_windows: tuple[Any, ...] = ()
+    reboot_groups: tuple[Any, ...] = ()
+    reboot_slots: int = 1
+    reboot_timeout: int = 900
+    # For tests and drills: a file holding an RFC 3339 time that maintenance windows
+    # are judged by instead of the system clock (health timeouts keep the real one).
+    policy_clock_file: str | None = None
+
+    @functools.cached_property
+    def fleet_policy(self) -> FleetPolicy:
+        """The §11 settings as pure-policy data (parsed once; `load` has checked them)."""
+        return fleet.from_settings(
+            self.disruption_budgets,
+            self.default_windows,
+            self.reboot_groups,
+            self.reboot_slots,
+            self.reboot_timeout,
+        )
+
+    def policy_now(self, now: datetime) -> datetime:
+        """The clock maintenance windows are judged by: `now`, or policy_clock_file's time."""
+        if self.policy_clock_file is None:
+            return now
+        try:
+            text = Path(self.policy_clock_file).read_text().strip()
+            return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+        except (OSError, ValueError) as e:
+            raise ValidationError(
+                f"policy_clock_file {self.policy_clock_file}: cannot read a time from it: {e}"
+            ) from e
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -229,5 +265,8 @@ def _check(s: Settings) -> None:
             errors.append(FieldError(name, "must be a positive number of seconds"))
     if not isinstance(s.write_lock_timeout, int | float) or not 0 < s.write_lock_timeout <= 600:
         errors.append(FieldError("write_lock_timeout", "must be a number of seconds in (0, 600]"))
+    errors += fleet.errors(
+        s.disruption_budgets, s.default_windows, s.reboot_groups, s.reboot_slots, s.reboot_timeout
+    )
     if errors:
         raise ValidationError("invalid control-plane settings", errors=errors)

@@ -39,6 +39,7 @@ class StatusMachine(TypedDict):
     stale: bool
     system_state: str
     last_message: str | None
+    needs_reboot: NotRequired[bool | None]  # DESIGN §11: NEEDS REBOOT
     tags: list[str]
 
 
@@ -64,6 +65,8 @@ class Machine(TypedDict):
     agent_version: str | None
     registered_at: str | None
     retry_requested_at: str | None
+    needs_reboot: NotRequired[bool | None]
+    booted_generation: NotRequired[str | None]
 
 
 class HistoryEvent(TypedDict):
@@ -142,6 +145,7 @@ class ReportAnswer(TypedDict):
     poll_hint: int | None
     retry_requested_at: NotRequired[str | None]
     confirm_timeout: NotRequired[int | None]  # seconds: the rollout's confirm window
+    reboot: NotRequired[str]  # "when-needed": the agent may ask for a reboot lease
 
 
 class DesiredGeneration(TypedDict):
@@ -292,6 +296,19 @@ class PlannedBatch(TypedDict):
     index: int
     size: int
     hosts: list[str]
+    # DESIGN §11, where windows or a budget apply:
+    earliest_start: NotRequired[str | None]
+    waiting_for_window: NotRequired[str | None]
+    at_once: NotRequired[int]
+    held_by: NotRequired[str]
+
+
+class HostCost(TypedDict):
+    """`rollout plan --closures`, per host (computed by the CLI with real nix)."""
+
+    download_bytes: int | None
+    needs_reboot: bool | None
+    diff: str | None
 
 
 class Plan(TypedDict):
@@ -301,6 +318,7 @@ class Plan(TypedDict):
     targets: int
     batches: list[PlannedBatch]
     skipped: list[Skipped]
+    hosts: NotRequired[dict[str, HostCost]]
 
 
 class RolloutMachine(TypedDict):
@@ -329,6 +347,11 @@ class RolloutEvent(TypedDict):
     detail: Any
 
 
+class Hold(TypedDict):
+    kind: str
+    detail: str
+
+
 class Rollout(TypedDict):
     """`GET /api/v1/rollouts/{id}` and the answer of apply/pause/resume/cancel."""
 
@@ -344,6 +367,25 @@ class Rollout(TypedDict):
     skipped: list[Skipped]
     batches: list[Batch]
     events: list[RolloutEvent]
+    hold: NotRequired[Hold | None]  # DESIGN §11: waiting-for-window, held-by-budget
+
+
+class RebootLease(TypedDict):
+    group: str
+    machine: str
+    acquired_at: str
+    expires_at: str
+
+
+class RebootLeases(TypedDict):
+    """`POST /api/v1/machines/{id}/reboot-lease` (409 when not now, saying why)."""
+
+    granted: bool
+    leases: list[RebootLease]
+
+
+class ReleasedLeases(TypedDict):
+    released: int
 
 
 class AppliedRollout(Rollout):

@@ -98,6 +98,22 @@ def test_path_info_and_validity_on_the_real_store() -> None:
     assert not gone.valid
 
 
+def test_closure_size_and_boot_links(cache: Any) -> None:
+    path = fakes.build_system("closure-size", kernel="k9")
+    size = nix.closure_size(path)
+    assert size is not None and size >= (nix.path_info([path])[0].nar_size or 0)
+    missing = "/nix/store/" + "0" * 32 + "-missing"
+    assert nix.closure_size(missing) is None
+    assert nix.closure_size(path, store=cache.url) is None  # not pushed yet
+    cache.push(path)
+    assert nix.closure_size(path, store=cache.url) == size
+    links = nix.boot_links(path)
+    assert links["kernel"] is not None and "linux-k9" in links["kernel"]
+    assert nix.boot_links(fakes.build_system("closure-plain")) == dict.fromkeys(
+        ("initrd", "kernel", "kernel-modules")
+    )
+
+
 def test_signed_copy_over_http_and_refusals(cache: Any, tmp_path: Path) -> None:
     good = fakes.build_system("copy-good")
     nix.sign([good], cache.secret_key)

@@ -37,6 +37,7 @@ class Answer:
     poll_hint: float | None
     retry_requested_at: str | None  # opaque: compared for equality only
     confirm_timeout: float | None = None  # the rollout's (agent.confirm); None: the agent's
+    reboot: bool = False  # the machine's rollout reboots it when needed (DESIGN §11)
 
 
 def parse(data: Any, config: AgentConfig) -> Answer:
@@ -64,6 +65,7 @@ def parse(data: Any, config: AgentConfig) -> Answer:
         clamp_poll_hint(data.get("poll_hint"), config),
         retry,
         None if confirm is None else min(max(float(confirm), 1.0), 86400.0),
+        data.get("reboot") == "when-needed",
     )
 
 

@@ -39,6 +39,8 @@ DEFAULTS: dict[str, Any] = {
     "enroll_token_file": None,
     "profile": "/nix/var/nix/profiles/system",
     "current_system": "/run/current-system",
+    "booted_system": "/run/booted-system",
+    "reboot_command": ["systemctl", "reboot"],
     "state_dir": "/var/lib/nixfleet-agent",
     "use_systemd_run": False,
     "health_checks": {},
@@ -109,6 +111,8 @@ class AgentConfig:
     trusted_public_keys: tuple[str, ...] = ()
     profile: str = "/nix/var/nix/profiles/system"
     current_system: str = "/run/current-system"
+    booted_system: str = "/run/booted-system"
+    reboot_command: tuple[str, ...] = ("systemctl", "reboot")
     state_dir: str = "/var/lib/nixfleet-agent"
     use_systemd_run: bool = False
     health_checks: HealthChecks = HealthChecks()
@@ -207,6 +211,8 @@ def load_config(
         trusted_public_keys=tuple(merged["trusted_public_keys"]),
         profile=merged["profile"],
         current_system=merged["current_system"],
+        booted_system=merged["booted_system"],
+        reboot_command=tuple(merged["reboot_command"]),
         state_dir=merged["state_dir"],
         use_systemd_run=bool(merged["use_systemd_run"]),
         health_checks=HealthChecks(

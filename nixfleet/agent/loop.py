@@ -30,6 +30,8 @@ from nixfleet.agent.config import (
     read_token,
     reload_if_changed,
 )
+from nixfleet.agent.reboot import Rebooter
+from nixfleet.agent.reboot import observe as observe_boot
 from nixfleet.agent.state import AgentState, StateStore
 from nixfleet.client import Client
 from nixfleet.errors import GoneError, NixfleetError, UnreachableError
@@ -82,6 +84,7 @@ class Agent:
         self.stop_event = threading.Event()
         self.activator = Activator(config, self.store, stopping=self.stop_event.is_set)
         self.window = confirm.Window(config.state_dir)
+        self.rebooter = Rebooter(config.machine_id, config.state_dir, config.reboot_command)
         self.rng = rng or random.Random()
         self.started = time.monotonic()
         self.client: Client | None = None
@@ -178,6 +181,9 @@ class Agent:
         }
         if health is not None:
             body["health"] = _printable_health(health.to_dict())
+        body.update(
+            observe_boot(self.config.booted_system, self.config.current_system).report_fields()
+        )
         failed, message = self._failure_for(state, current)
         if failed is not None:
             body.update(success=False, message=message, attempted_generation=failed)
@@ -321,13 +327,16 @@ class Agent:
                 )
             return Status.OK, desired.poll_hint
         armed = self.window.load()
+        health: HealthResult | None = None
         if current is None:
             desired = self._ask_desired(client)
         elif armed is not None and armed.generation == current:  # restarted inside the window
-            desired = self._confirm(armed, healthmod.run_configured(self.config))
+            health = healthmod.run_configured(self.config)
+            desired = self._confirm(armed, health)
             current = observe_current(self.config)
         else:
-            answer = self._report(client, healthmod.run_configured(self.config))
+            health = healthmod.run_configured(self.config)
+            answer = self._report(client, health)
             assert answer is not None
             desired = answer
         state = self.store.load()
@@ -336,6 +345,14 @@ class Agent:
             state = self.store.load()
         if desired.generation is None or desired.generation == current:
             self.fetch_failure = None
+            self.rebooter.step(
+                client,
+                observe_boot(self.config.booted_system, self.config.current_system),
+                current,
+                desired.generation,
+                wanted=desired.reboot,
+                healthy=health is None or health.all_passed,
+            )
             return Status.OK, desired.poll_hint
         if not decide(desired.generation, current, state, desired.retry_requested_at):
             log.info(

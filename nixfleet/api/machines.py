@@ -46,6 +46,7 @@ def status_json(m: Machine, now: datetime, stale_after: int) -> wire.StatusMachi
         "stale": m.stale(now, stale_after),
         "system_state": m.system_state.value,
         "last_message": m.last_message,
+        "needs_reboot": m.needs_reboot,
         "tags": list(m.tags),
     }
 
@@ -62,6 +63,7 @@ def machine_json(m: Machine, now: datetime, stale_after: int) -> wire.Machine:
         "agent_version": m.agent_version,
         "registered_at": isoformat(m.registered_at),
         "retry_requested_at": isoformat(m.retry_requested_at),
+        "booted_generation": m.booted_generation,
     }
 
 
@@ -247,12 +249,17 @@ class MachineTags:
 
 
 def desired_json(row: Any, poll_hint: int | None) -> dict[str, Any]:
-    return {
+    out = {
         "desired_generation": row["desired_generation"],
         "cache_url": row["desired_cache_url"],
         "poll_hint": poll_hint,
         "retry_requested_at": row["retry_requested_at"],
     }
+    if row["reboot"] is not None:
+        # The machine needs a reboot and its rollout coordinates one (DESIGN §11): the
+        # agent then asks for a reboot lease.
+        out["reboot"] = row["reboot"]
+    return out
 
 
 class DesiredGeneration:
@@ -349,6 +356,8 @@ class MachineReport:
             agent_version=doc.get("agent_version"),
             uptime_seconds=doc.get("uptime_seconds"),
             output=doc.get("output"),
+            needs_reboot=doc.get("needs_reboot"),
+            booted_generation=doc.get("booted_generation"),
         )
         with self.ctx.store.transaction() as conn:
             row, promoted = machines.record_report(conn, report)

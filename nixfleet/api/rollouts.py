@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import falcon
 
-from nixfleet import rollout, wire
+from nixfleet import policy, rollout, wire
 from nixfleet.api.auth import Perm
 from nixfleet.api.body import read_json
 from nixfleet.api.context import Context
 from nixfleet.errors import FieldError, ValidationError
 from nixfleet.models import MachineHealth, RolloutSpec, RolloutStatus, isoformat, utcnow
+from nixfleet.policy import budgets, gate
 from nixfleet.store import planning, rollout_control, rollout_files, rollouts
+from nixfleet.store import policy as store_policy
 from nixfleet.store.rollouts import RolloutDetail, RolloutSummary
 
 STATUSES = [s.value for s in RolloutStatus] + ["invalid"]
@@ -55,6 +59,7 @@ def detail_json(d: RolloutDetail) -> wire.Rollout:
         "updated_at": isoformat(s.updated_at),
         "document": d.document,
         "skipped": [{"hostname": s.hostname, "reason": s.reason} for s in d.skipped],
+        "hold": None if d.hold is None else {"kind": d.hold[0], "detail": d.hold[1]},
         "batches": [
             {
                 "index": b.index,
@@ -89,16 +94,30 @@ def detail_json(d: RolloutDetail) -> wire.Rollout:
     }
 
 
-def plan_json(spec: RolloutSpec, p: rollout.Plan) -> wire.Plan:
+def plan_json(
+    spec: RolloutSpec,
+    p: rollout.Plan,
+    outlook: Sequence[gate.Outlook] = (),
+    windowed: bool = False,
+) -> wire.Plan:
+    """The plan; with §11 policy, per batch its earliest start (when windows apply) and,
+    when a budget would hold it, how many of its machines start at once and why."""
+    batches: list[wire.PlannedBatch] = [
+        {"index": i, "size": len(hosts), "hosts": list(hosts)} for i, hosts in enumerate(p.batches)
+    ]
+    for b, o in zip(batches, outlook, strict=False):  # DESIGN §11: time and holds
+        if windowed:
+            b["earliest_start"] = isoformat(o.earliest)
+            b["waiting_for_window"] = o.waiting_for
+        if o.held_by is not None:
+            b["at_once"] = o.at_once
+            b["held_by"] = o.held_by
     return {
         "name": spec.name,
         "release": spec.release,
         "strategy": spec.strategy.value,
         "targets": len(p.targets),
-        "batches": [
-            {"index": i, "size": len(hosts), "hosts": list(hosts)}
-            for i, hosts in enumerate(p.batches)
-        ],
+        "batches": batches,
         "skipped": [{"hostname": s.hostname, "reason": s.reason} for s in p.skipped],
     }
 
@@ -147,10 +166,27 @@ class RolloutPlan:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         """The batches `apply` would create, and the hosts it would skip; changes nothing."""
-        spec = planning.spec_of(read_json(req, self.ctx.limit))
+        doc = read_json(req, self.ctx.limit)
+        spec = planning.spec_of(doc)
+        settings, now = self.ctx.settings, utcnow()
+        fleet = settings.fleet_policy
+        own = policy.from_document(doc)
         with self.ctx.store.read() as conn:
             p, _ = planning.make_plan(conn, spec)
-        resp.media = plan_json(spec, p)
+            tags, down, flight = store_policy.plan_facts(
+                conn, p.targets, now, settings.stale_after, fleet.budgets
+            )
+        limits = budgets.rooms(own.max_unavailable, len(p.targets), down, fleet.budgets, flight)
+        windows = fleet.windows_for(own.windows, spec.target_tags)
+        outlook = gate.outlook(
+            [[tags.get(h, frozenset()) for h in b] for b in p.batches],
+            windows,
+            settings.policy_now(now),
+            spec.health_timeout,
+            spec.soak,
+            limits,
+        )
+        resp.media = plan_json(spec, p, outlook, windowed=bool(windows))
 
 
 class RolloutItem:

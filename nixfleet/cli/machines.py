@@ -36,6 +36,10 @@ from nixfleet.secretfile import secret_file
 OUTPUT_LINES = 40  # of a failed switch's output in `machines show` (all of it in --json)
 
 
+def _yes_no(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "no")
+
+
 def _print_machine(m: wire.MachineDetail) -> None:
     uptime = m.get("uptime_seconds")
     fields = [
@@ -50,6 +54,8 @@ def _print_machine(m: wire.MachineDetail) -> None:
         ("sync", m["sync"]),
         ("failed generation", m["failed_generation"] or "-"),
         ("system state", m["system_state"]),
+        ("needs reboot", _yes_no(m.get("needs_reboot"))),
+        ("booted generation", m.get("booted_generation") or "-"),
         ("last report", ago(m["last_report_at"]) + (" (stale)" if m["stale"] else "")),
         ("uptime", f"{duration(uptime)} (at the last report)" if uptime is not None else "-"),
         ("last message", m["last_message"] or "-"),

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from nixfleet import wire
+from nixfleet import closures, wire
 from nixfleet.cli import complete
 from nixfleet.cli.context import State, pass_state
 from nixfleet.cli.options import (
@@ -51,6 +51,9 @@ def render(data: wire.Rollout, all_machines: bool = False) -> None:
         f"rollout {data['name']} ({data['id']})  {style(data['status'], bold=True)}  "
         f"release {data['release']}  strategy {data['document']['strategy']}"
     )
+    hold = data.get("hold")
+    if hold and data["status"] == RolloutStatus.RUNNING.value:
+        echo(f"{style(hold['kind'], bold=True)}: {hold['detail']}")  # DESIGN §11
     for b in data["batches"]:
         counts: dict[str, int] = {}
         for m in b["machines"]:
@@ -173,18 +176,81 @@ def validate(file: Path) -> None:
     message(f"{file}: ok (rollout {doc['name']}, release {doc['release']}, {doc['strategy']})")
 
 
+def _costs(state: State, data: wire.Plan) -> dict[str, wire.HostCost]:
+    """Per planned host: closure diff, download size, reboot (nixfleet.closures, real nix)."""
+    client = state.client()
+    release = client.release(data["release"])
+    new = {e["hostname"]: e["store_path"] for e in release["entries"]}
+    known = {m["id"]: m for m in client.machines()["machines"]}
+    hosts = {}
+    for b in data["batches"]:
+        for h in b["hosts"]:
+            if h in new:
+                m = known.get(h)
+                hosts[h] = closures.HostGenerations(
+                    m["current_generation"] if m else None,
+                    m.get("booted_generation") if m else None,
+                    new[h],
+                )
+    costs = closures.host_costs(hosts, release.get("cache_url"))
+    return {
+        h: {"download_bytes": c.download_bytes, "needs_reboot": c.needs_reboot, "diff": c.diff}
+        for h, c in costs.items()
+    }
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "download size unknown"
+    size, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            break
+        size /= 1024
+    return f"{size:.0f} {unit} to download" if unit == "B" else f"{size:.1f} {unit} to download"
+
+
+def _render_costs(hosts: list[str], costs: dict[str, wire.HostCost]) -> None:
+    for h in hosts:
+        c = costs.get(h)
+        if c is None:
+            continue
+        needed = c["needs_reboot"]
+        reboot = (
+            "reboot unknown" if needed is None else ("needs a reboot" if needed else "no reboot")
+        )
+        diff = c["diff"]
+        changes = "diff unknown" if diff is None else f"{len(diff.splitlines())} change(s)"
+        echo(f"  {h}: {_size(c['download_bytes'])}, {reboot}, {changes}")
+        for line in (diff or "").splitlines()[:20]:
+            echo(f"    {line}")
+
+
 @rollout.command()
 @rollout_file
+@click.option(
+    "--closures",
+    "closures_",
+    is_flag=True,
+    help="Per host: closure diff, download size from the cache, reboot needed (runs nix).",
+)
 @output_options()
 @pass_state
-def plan(state: State, file: Path) -> None:
+def plan(state: State, file: Path, closures_: bool) -> None:
     """Show the batches `apply` would create and the hosts it would skip; changes nothing.
+
+    With --closures it also asks the local Nix store and the release's cache, per host,
+    what the switch changes, how much it downloads and whether it needs a reboot.
 
     \b
     Example:
       nixfleet rollout plan -f rollouts/web.yaml
+      nixfleet rollout plan -f rollouts/db.yaml --closures
     """
     data = state.client().plan_rollout(_document(state, file, register=False))
+    costs = _costs(state, data) if closures_ else {}
+    if costs:
+        data["hosts"] = costs
     if state.json:
         emit_json(data)
         return
@@ -193,6 +259,11 @@ def plan(state: State, file: Path) -> None:
     )
     for b in data["batches"]:
         echo(f"batch {b['index'] + 1} ({b['size']}): {', '.join(b['hosts'])}")
+        if b.get("waiting_for_window"):  # DESIGN §11: when it can start, what holds it
+            echo(f"  starts no earlier than {b.get('earliest_start')} ({b['waiting_for_window']})")
+        if "held_by" in b:
+            echo(f"  {b.get('at_once')} at a time: {b['held_by']}")
+        _render_costs(b["hosts"], costs)
     for s in data["skipped"]:
         echo(f"skipped {s['hostname']}: {s['reason']}")
     if not data["targets"]:

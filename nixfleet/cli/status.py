@@ -71,7 +71,7 @@ def render(data: wire.Status, wide: bool) -> None:
                 m["lifecycle"],
                 short_generation(m["current_generation"], wide),
                 short_generation(m["desired_generation"], wide),
-                m["sync"],
+                m["sync"] + (" NEEDS REBOOT" if m.get("needs_reboot") else ""),
                 last,
                 ",".join(m["tags"]) or "-",
             ]
@@ -79,7 +79,7 @@ def render(data: wire.Status, wide: bool) -> None:
     table(
         ["HOST", "LIFECYCLE", "CURRENT", "DESIRED", "SYNC", "LAST REPORT", "TAGS"],
         rows,
-        colors={4: lambda cell: SYNC_COLORS.get(cell, {})},
+        colors={4: lambda cell: SYNC_COLORS.get(cell.removesuffix(" NEEDS REBOOT"), {})},
     )
     echo("\n" + summary_line(data["summary"]))
 

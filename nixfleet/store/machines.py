@@ -38,7 +38,7 @@ COLUMNS = (
     "id, lifecycle, registered_at, current_generation, desired_generation, "
     "desired_cache_url, desired_source, last_report_at, agent_version, system_state, "
     "last_success, last_message, failed_generation, health_json, retry_requested_at, "
-    "uptime_seconds"
+    "uptime_seconds, needs_reboot, booted_generation"
 )
 
 
@@ -101,6 +101,8 @@ def _machine(row: sqlite3.Row, tags: dict[str, list[str]] | None) -> Machine:
         health=HealthResult.from_dict(json.loads(health)) if health else None,
         retry_requested_at=parse_time(row["retry_requested_at"]),
         uptime_seconds=row["uptime_seconds"],
+        needs_reboot=None if row["needs_reboot"] is None else bool(row["needs_reboot"]),
+        booted_generation=row["booted_generation"],
     )
 
 
@@ -288,6 +290,7 @@ def record_report(conn: sqlite3.Connection, report: Report) -> tuple[sqlite3.Row
     """
     # The poll hint is the running rollout's (store.rollouts.set_poll_hint), found
     # through rollout_machines_machine; a machine is in at most one active rollout.
+    # Its reboot policy (DESIGN §11) is looked up only when the agent needs a reboot.
     row = conn.execute(
         "SELECT lifecycle, desired_generation, desired_cache_url, desired_source, "
         "retry_requested_at, current_generation, failed_generation, last_success, "
@@ -296,8 +299,12 @@ def record_report(conn: sqlite3.Connection, report: Report) -> tuple[sqlite3.Row
         "AND r.status = 'running' LIMIT 1) AS poll_hint, (SELECT r.confirm_timeout "
         "FROM rollout_machines rm JOIN rollouts r ON r.id = rm.rollout_id "
         "WHERE rm.machine_id = machines.id AND r.status = 'running' LIMIT 1) "
-        "AS confirm_timeout FROM machines WHERE id = ?",
-        (report.machine_id,),
+        "AS confirm_timeout, CASE WHEN ? THEN "
+        "(SELECT r.reboot FROM rollout_machines rm JOIN rollouts r ON r.id = rm.rollout_id "
+        "WHERE rm.machine_id = machines.id AND r.status = 'running' AND r.reboot = 'when-needed' "
+        "LIMIT 1) END AS reboot "
+        "FROM machines WHERE id = ?",
+        (bool(report.needs_reboot), report.machine_id),
     ).fetchone()
     if row is None:
         raise NotFoundError(
@@ -318,6 +325,7 @@ def record_report(conn: sqlite3.Connection, report: Report) -> tuple[sqlite3.Row
         "agent_version = COALESCE(:version, agent_version), system_state = :state, "
         "last_success = :success, last_message = :message, health_json = :health, "
         "uptime_seconds = :uptime, "
+        "needs_reboot = :needs_reboot, booted_generation = COALESCE(:booted, booted_generation), "
         # The switch output stays with its failure: replaced by a new failure's (or
         # dropped when it came without), cleared with the failure, else kept (agents
         # send it once).
@@ -340,6 +348,8 @@ def record_report(conn: sqlite3.Connection, report: Report) -> tuple[sqlite3.Row
             "uptime": report.uptime_seconds,
             "failed": failed,
             "output": report.output if failed is not None else None,
+            "needs_reboot": None if report.needs_reboot is None else int(report.needs_reboot),
+            "booted": report.booted_generation,
             "id": report.machine_id,
         },
     )
@@ -405,6 +415,9 @@ STATUS_SQL: dict[str, str] = {
     "stale": f"json(CASE WHEN {STALE_SQL} THEN 'true' ELSE 'false' END)",
     "system_state": "m.system_state",
     "last_message": "m.last_message",
+    "needs_reboot": (
+        "json(CASE m.needs_reboot WHEN 1 THEN 'true' WHEN 0 THEN 'false' ELSE 'null' END)"
+    ),
     "tags": "json(m.tags_json)",
 }
 

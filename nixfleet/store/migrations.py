@@ -576,4 +576,29 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX ui_sessions_last_seen ON ui_sessions (last_seen_at)
         """,
     ),
+    # Rollout policy (DESIGN §11, issue 18): what the agent says about reboots; the
+    # reboot leases (one row per machine and group: the FleetLock semaphore); a
+    # rollout's reboot policy as a column (the report path answers it without parsing
+    # the document) and what holds it back (waiting-for-window, held-by-budget), so
+    # a hold is an event once, not every tick.
+    (
+        "0013_rollout_policy",
+        """
+        ALTER TABLE machines ADD COLUMN needs_reboot INTEGER;
+        ALTER TABLE machines ADD COLUMN booted_generation TEXT;
+        ALTER TABLE rollouts ADD COLUMN reboot TEXT;
+        ALTER TABLE rollouts ADD COLUMN hold TEXT;
+        ALTER TABLE rollouts ADD COLUMN hold_detail TEXT;
+        UPDATE rollouts SET reboot = json_extract(document_json, '$.reboot');
+        CREATE TABLE reboot_leases (
+            grp TEXT NOT NULL,
+            machine_id TEXT NOT NULL REFERENCES machines (id) ON DELETE CASCADE,
+            rollout_id TEXT,
+            acquired_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL,
+            PRIMARY KEY (grp, machine_id)
+        );
+        CREATE INDEX reboot_leases_machine ON reboot_leases (machine_id)
+        """,
+    ),
 ]

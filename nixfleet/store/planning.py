@@ -10,7 +10,7 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from nixfleet import rollout, schemas
+from nixfleet import policy, rollout, schemas
 from nixfleet.errors import FieldError, ValidationError
 from nixfleet.models import Lifecycle, RolloutSpec, is_release_id
 from nixfleet.store import releases
@@ -19,6 +19,7 @@ from nixfleet.store import releases
 def spec_of(doc: Any, what: str = "rollout") -> RolloutSpec:
     """Validate a rollout document and turn it into a RolloutSpec."""
     schemas.validate("rollout", doc, what)
+    policy.validate(doc, what)
     return rollout.spec_from_document(doc)
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from nixfleet import rollout
+from nixfleet import policy, rollout
 from nixfleet.errors import ConflictError, FieldError, NotFoundError, ValidationError
 from nixfleet.models import (
     BatchStatus,
@@ -27,6 +27,7 @@ from nixfleet.models import (
     parse_time,
     time_of,
 )
+from nixfleet.policy.reboot import RebootPolicy
 from nixfleet.store import audit
 from nixfleet.store.planning import make_plan, spec_of
 from nixfleet.store.verdicts import FACTS_SQL, facts_of
@@ -116,6 +117,8 @@ def apply(
             at,
         ),
     )
+    if doc.get("reboot"):  # a column, so the report path reads it without the document
+        conn.execute("UPDATE rollouts SET reboot = ? WHERE id = ?", (doc["reboot"], rid))
     conn.executemany(
         "INSERT INTO rollout_batches (rollout_id, idx, size, status) VALUES (?, ?, ?, 'pending')",
         [(rid, i, len(b)) for i, b in enumerate(p.batches)],
@@ -239,6 +242,8 @@ class RolloutDetail:
     skipped: tuple[rollout.Skip, ...]
     batches: tuple[BatchDetail, ...]
     events: tuple[RolloutEvent, ...]  # the latest 200, oldest first
+    # DESIGN §11: what holds it back (waiting-for-window, held-by-budget) and why.
+    hold: tuple[str, str] | None = None
 
 
 def resolve(conn: sqlite3.Connection, ref: str) -> str:
@@ -308,8 +313,16 @@ def load_view(conn: sqlite3.Connection, rollout_id: str) -> rollout.RolloutView:
             (rollout_id,),
         )
     )
-    spec = rollout.spec_from_document(json.loads(row["document_json"]))
-    return rollout.RolloutView(row["id"], row["name"], RolloutStatus(row["status"]), spec, batches)
+    doc = json.loads(row["document_json"])
+    spec = rollout.spec_from_document(doc)
+    return rollout.RolloutView(
+        row["id"],
+        row["name"],
+        RolloutStatus(row["status"]),
+        spec,
+        batches,
+        policy.from_document(doc),
+    )
 
 
 def detail(conn: sqlite3.Connection, rollout_id: str, now: datetime) -> RolloutDetail:
@@ -319,6 +332,7 @@ def detail(conn: sqlite3.Connection, rollout_id: str, now: datetime) -> RolloutD
         raise NotFoundError(f"no rollout {rollout_id!r}; see `nixfleet rollout list`")
     view = load_view(conn, rollout_id)
     spec = view.spec
+    rebooting = view.policy.reboot is RebootPolicy.WHEN_NEEDED
     machines: dict[int, list[MachineProgress]] = {}
     for r in conn.execute(
         FACTS_SQL + "WHERE rm.rollout_id = ? ORDER BY rm.position", (rollout_id,)
@@ -329,7 +343,7 @@ def detail(conn: sqlite3.Connection, rollout_id: str, now: datetime) -> RolloutD
         if f.health is MachineHealth.PENDING:
             if batch.status is BatchStatus.DEPLOYING and batch.started_at is not None:
                 reason = rollout.judge(
-                    f, batch.started_at, now, spec.health_timeout, spec.soak
+                    f, batch.started_at, now, spec.health_timeout, spec.soak, rebooting
                 ).reason
             else:
                 reason = f"batch {batch.status}"
@@ -383,4 +397,5 @@ def detail(conn: sqlite3.Connection, rollout_id: str, now: datetime) -> RolloutD
         skipped,
         batches,
         tuple(events),
+        None if row["hold"] is None else (row["hold"], row["hold_detail"] or ""),
     )

@@ -14,6 +14,7 @@ from typing import Any
 
 from nixfleet import rollout
 from nixfleet.models import MachineHealth, isoformat, parse_time
+from nixfleet.policy.reboot import RebootPolicy
 from nixfleet.store import audit
 
 AUDIT_SAMPLE = 20  # machines named in an aggregated audit row
@@ -24,7 +25,8 @@ FACTS_SQL = (
     "SELECT rm.machine_id, rm.store_path, rm.health, rm.healthy_since, m.last_report_at, "
     "m.current_generation, m.last_success, m.failed_generation, "
     "json_extract(m.health_json, '$.all_passed') AS health_passed, m.last_message, "
-    "rm.reason, rm.batch_idx "
+    "rm.reason, rm.batch_idx, m.desired_set_at, m.needs_reboot, "
+    "EXISTS (SELECT 1 FROM reboot_leases l WHERE l.machine_id = m.id) AS rebooting "
     "FROM rollout_machines rm JOIN machines m ON m.id = rm.machine_id "
 )
 
@@ -42,6 +44,9 @@ def facts_of(row: sqlite3.Row) -> rollout.MachineFacts:
         failed_generation=row["failed_generation"],
         health_passed=None if passed is None else bool(passed),
         last_message=row["last_message"],
+        given_at=parse_time(row["desired_set_at"]),
+        needs_reboot=None if row["needs_reboot"] is None else bool(row["needs_reboot"]),
+        rebooting=bool(row["rebooting"]),
     )
 
 
@@ -53,21 +58,28 @@ def facts_of(row: sqlite3.Row) -> rollout.MachineFacts:
 # by tests/store/test_verdicts.py on a table of cases; change both together.
 #
 # The inner query classifies each machine once (S silent since the batch started,
-# F agent reported failure, O other generation, H health checks failing, G good);
-# its OFFSET keeps SQLite from flattening it into the outer one, which would
-# re-evaluate the classification (and its JSON parse) at every reference.
-_STATES = """
+# F agent reported failure, O other generation, H health checks failing, R needs a
+# reboot, B rebooting (holds a reboot lease), G good); its OFFSET keeps SQLite from
+# flattening it into the outer one, which would re-evaluate the classification (and
+# its JSON parse) at every reference. A machine's start is the batch's, or when it
+# was given its generation if that is later (_SINCE: a disruption budget held it).
+_SINCE = "max(:started, coalesce(m.desired_set_at, :started))"
+_STATES = f"""
 SELECT rm.machine_id, rm.position, rm.healthy_since AS since0, m.last_message AS msg,
-  CASE WHEN NOT coalesce(m.last_report_at >= :started, 0) THEN 'S'
+  CASE WHEN NOT coalesce(m.last_report_at >= {_SINCE}, 0) THEN 'S'
     WHEN m.failed_generation = rm.store_path OR m.last_success = 0 THEN 'F'
     WHEN m.current_generation IS NOT rm.store_path THEN 'O'
     WHEN json_extract(m.health_json, '$.all_passed') IS 0 THEN 'H'
-    ELSE 'G' END AS state
+    WHEN :reboot AND EXISTS (SELECT 1 FROM reboot_leases l WHERE l.machine_id = m.id)
+      THEN 'B'
+    WHEN :reboot AND m.needs_reboot = 1 THEN 'R'
+    ELSE 'G' END AS state,
+  {_SINCE} <= :timeout_cutoff AS timed_out
 FROM rollout_machines rm JOIN machines m ON m.id = rm.machine_id
 WHERE rm.rollout_id = :rollout AND rm.batch_idx = :batch AND rm.health = 'pending'
   AND rm.position > :after AND rm.position <= :until
-  AND (:timed_out OR rm.healthy_since IS NOT NULL
-       OR m.last_report_at >= :started)
+  AND ({_SINCE} <= :timeout_cutoff OR rm.healthy_since IS NOT NULL
+       OR m.last_report_at >= {_SINCE})
 LIMIT -1 OFFSET 0
 """
 _VERDICTS = f"""
@@ -75,13 +87,15 @@ SELECT machine_id, position, since0,
   CASE state WHEN 'F' THEN 'unhealthy'
     WHEN 'G' THEN
       CASE WHEN coalesce(since0, :now) <= :soaked THEN 'healthy' ELSE 'pending' END
-    ELSE CASE WHEN :timed_out THEN 'unhealthy' ELSE 'pending' END END AS health,
+    ELSE CASE WHEN timed_out THEN 'unhealthy' ELSE 'pending' END END AS health,
   CASE state
     WHEN 'F' THEN 'agent reported failure' || CASE WHEN msg <> '' THEN ': ' || msg ELSE '' END
     WHEN 'G' THEN 'healthy'
     WHEN 'S' THEN :timed_out_after || 'no report since the batch started)'
     WHEN 'O' THEN :timed_out_after || 'not yet running the release''s generation)'
-    ELSE :timed_out_after || 'health checks failing)' END AS reason,
+    WHEN 'H' THEN :timed_out_after || 'health checks failing)'
+    WHEN 'B' THEN :timed_out_after || 'rebooting)'
+    ELSE :timed_out_after || 'needs a reboot)' END AS reason,
   CASE state WHEN 'G' THEN coalesce(since0, :now) END AS healthy_since
 FROM ({_STATES})
 """
@@ -100,6 +114,7 @@ def judge_params(
     health_timeout: int,
     soak: int,
     window: tuple[int, int] = (-1, 2**62),
+    reboot: bool = False,
 ) -> dict[str, Any]:
     """JUDGE_SQL's parameters: everything judge() derives from the clock, computed once.
 
@@ -113,7 +128,8 @@ def judge_params(
         "started": isoformat(started),
         "now": isoformat(now),
         "soaked": isoformat(now - timedelta(seconds=soak)),
-        "timed_out": int((now - started).total_seconds() >= health_timeout),
+        "timeout_cutoff": isoformat(now - timedelta(seconds=health_timeout)),
+        "reboot": int(reboot),
         "timed_out_after": f"timed out after {rollout.format_duration(health_timeout)} (",
     }
 
@@ -141,7 +157,14 @@ def judge_batch(
         "position INTEGER NOT NULL, health TEXT NOT NULL, reason TEXT, healthy_since TEXT)"
     )
     params = judge_params(
-        view.id, batch.index, batch.started_at, now, spec.health_timeout, spec.soak, window
+        view.id,
+        batch.index,
+        batch.started_at,
+        now,
+        spec.health_timeout,
+        spec.soak,
+        window,
+        reboot=view.policy.reboot is RebootPolicy.WHEN_NEEDED,
     )
     changed = conn.execute("INSERT INTO temp.judged " + JUDGE_SQL, params).rowcount
     if changed:

@@ -180,6 +180,7 @@ STATUS_FIELDS = (
     "stale",
     "system_state",
     "last_message",
+    "needs_reboot",
     "tags",
 )
 

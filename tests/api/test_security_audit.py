@@ -183,6 +183,32 @@ RECIPES.update(
 )
 
 
+def _reboot_lease(w: World, take: bool) -> tuple[str, Any, str | None]:
+    """web-01 in a rollout that reboots (DESIGN §11); with `take`, holding its lease."""
+    body = {
+        "entries": [{"hostname": "web-01", "store_path": STORE_PATH, "platform": "x86_64-linux"}]
+    }
+    release = w.call("POST", "/api/v1/releases", body)["id"]
+    doc = {**_rollout_doc(w), "name": "kernel", "release": release}
+    w.call(
+        "POST",
+        "/api/v1/rollouts",
+        {**doc, "target": {"hosts": ["web-01"]}, "reboot": "when-needed"},
+    )
+    path = "/api/v1/machines/web-01/reboot-lease"
+    if take:
+        w.call("POST", path, None, w.agent)
+    return path, None, w.agent
+
+
+RECIPES.update(
+    {
+        ("/api/v1/machines/{machine_id}/reboot-lease", "POST"): lambda w: _reboot_lease(w, False),
+        ("/api/v1/machines/{machine_id}/reboot-lease", "DELETE"): lambda w: _reboot_lease(w, True),
+    }
+)
+
+
 def _mutating_routes() -> list[tuple[str, str]]:
     return [
         (path, method)

@@ -34,7 +34,7 @@ def test_status_entries_are_status_json_machine_by_machine(store: Store) -> None
             conn.execute(
                 "UPDATE machines SET desired_generation = ?, current_generation = ?, "
                 "failed_generation = ?, last_report_at = ?, last_message = ?, "
-                "system_state = ? WHERE id = ?",
+                "system_state = ?, needs_reboot = ? WHERE id = ?",
                 (
                     desired,
                     current,
@@ -42,6 +42,7 @@ def test_status_entries_are_status_json_machine_by_machine(store: Store) -> None
                     isoformat(report),
                     message,
                     ("ok", "degraded", "error", "unknown")[i % 4],
+                    (None, 0, 1)[i % 3],
                     mid,
                 ),
             )
@@ -58,3 +59,4 @@ def test_status_entries_are_status_json_machine_by_machine(store: Store) -> None
         assert {k: full[k] for k in want} == want
     assert {e["stale"] for e in entries} == {True, False}
     assert len({e["sync"] for e in entries}) == 4
+    assert {e["needs_reboot"] for e in entries} == {None, False, True}

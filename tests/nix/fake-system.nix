@@ -7,6 +7,9 @@
 # With healthy = false the system has no `healthy` marker file, which tests' command
 # health checks look for. `extra` is shell the switch runs (sourced) after moving the
 # link and before failing, e.g. to print a long log or to cut the machine's network.
+# With kernel = "k1" it has initrd, kernel and kernel-modules links, as a NixOS system
+# does, to (dangling) paths named after k1: two systems with the same kernel compare
+# equal, as autoUpgrade's reboot check reads them.
 #
 # For the system tier (tests/system/): `delay` seconds of sleep make the switch slow;
 # `agentConfig` (JSON text) becomes etc/nixfleet/agent.json, which the switch links
@@ -22,6 +25,7 @@
   etcDir ? "/etc",
   record ? "",
   extra ? "",
+  kernel ? "",
 }:
 builtins.derivation {
   name = "nixos-system-fake-${salt}";
@@ -33,6 +37,7 @@ builtins.derivation {
   failSwitch = if fail then "1" else "";
   healthy = if healthy then "1" else "";
   inherit extra;
+  inherit kernel;
   args = [ "-c" ''
     set -e
     mkdir -p $out/bin
@@ -43,6 +48,12 @@ builtins.derivation {
       printf '%s' "$agentConfig" > $out/etc/nixfleet/agent.json
     fi
     if [ -n "$extra" ]; then printf '%s\n' "$extra" > $out/extra.sh; fi
+    if [ -n "$kernel" ]; then
+      k=/nix/store/00000000000000000000000000000000-linux-$kernel
+      ln -s $k/bzImage $out/kernel
+      ln -s $k-initrd/initrd $out/initrd
+      ln -s $k-modules/lib $out/kernel-modules
+    fi
     cat > $out/bin/switch-to-configuration <<EOS
     #!/bin/sh
     record() { if [ -n "$record" ]; then echo "\$1 \$2 $out \$(tr '\\n' ' ' < /proc/self/cgroup)" >> "$record"; fi; }

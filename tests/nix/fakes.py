@@ -64,10 +64,13 @@ def run(*argv: str | Path, check: bool = True) -> subprocess.CompletedProcess[st
     return proc
 
 
-def build_system(name: str, *, fail: bool = False, healthy: bool = True, extra: str = "") -> str:
+def build_system(
+    name: str, *, fail: bool = False, healthy: bool = True, extra: str = "", kernel: str = ""
+) -> str:
     """Build a fake system; `name` is salted per test session so paths are fresh.
 
-    `extra`: shell its switch runs after moving the current-system link.
+    `extra`: shell its switch runs after moving the current-system link. `kernel` gives
+    it initrd/kernel/kernel-modules links named after that kernel.
     """
     proc = run(
         "nix-build",
@@ -85,6 +88,9 @@ def build_system(name: str, *, fail: bool = False, healthy: bool = True, extra: 
         "--argstr",
         "extra",
         extra,
+        "--argstr",
+        "kernel",
+        kernel,
     )
     return proc.stdout.strip().splitlines()[-1]
 

@@ -105,6 +105,35 @@ CASES: list[tuple[str, MachineFacts, float, int]] = [
     ("old generation, timed out", good(current_generation=OLD), TIMEOUT, SOAK),
     ("no generation at all, timed out", good(current_generation=None), TIMEOUT, SOAK),
     ("success unknown, right generation", good(last_success=None), 10, 0),
+    # DESIGN §11: a machine given its generation after the batch started (a disruption
+    # budget held it) counts its reports and its timeout from then.
+    ("given later, reported before", good(given_at=at(10), last_report_at=at(5)), 20, 0),
+    ("given later, reported after", good(given_at=at(10), last_report_at=at(11)), 20, 0),
+    ("given later, silent, batch timed out", MachineFacts("m", GEN, given_at=at(100)), TIMEOUT, 0),
+    (
+        "given later, silent, own timeout",
+        MachineFacts("m", GEN, given_at=at(100)),
+        TIMEOUT + 100,
+        0,
+    ),
+    ("given before the batch", good(given_at=at(-50)), 10, 0),
+    # Without `reboot: when-needed` the reboot facts change nothing.
+    ("needs a reboot, policy never", good(needs_reboot=True), 10, 0),
+    ("rebooting, policy never", good(rebooting=True), 10, 0),
+]
+
+# (name, facts, now, soak) judged with `reboot: when-needed`.
+REBOOT_CASES: list[tuple[str, MachineFacts, float, int]] = [
+    ("needs a reboot", good(needs_reboot=True), 10, 0),
+    ("needs a reboot, timed out", good(needs_reboot=True), TIMEOUT, 0),
+    ("rebooting", good(rebooting=True, needs_reboot=True), 10, 0),
+    ("rebooting, timed out", good(rebooting=True, needs_reboot=False), TIMEOUT, 0),
+    ("rebooted, lease still held", good(rebooting=True, needs_reboot=False), 10, 0),
+    ("rebooted and released", good(needs_reboot=False), 10, 0),
+    ("never said (old agent)", good(needs_reboot=None), 10, 0),
+    ("needs a reboot, soaking clock stops", good(needs_reboot=True, healthy_since=at(6)), 30, SOAK),
+    ("needs a reboot but failed", failed(needs_reboot=True), 10, 0),
+    ("needs a reboot, health failing", good(needs_reboot=True, health_passed=False), TIMEOUT, 0),
 ]
 
 
@@ -113,8 +142,8 @@ def _store_case(store: Store, i: int, f: MachineFacts) -> None:
     with store.transaction() as conn:
         conn.execute(
             "INSERT INTO machines (id, lifecycle, registered_at, current_generation, "
-            "last_report_at, last_success, failed_generation, health_json, last_message) "
-            "VALUES (?, 'active', ?, ?, ?, ?, ?, ?, ?)",
+            "last_report_at, last_success, failed_generation, health_json, last_message, "
+            "desired_set_at, needs_reboot) VALUES (?, 'active', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 f"m{i}",
                 isoformat(STARTED),
@@ -124,8 +153,15 @@ def _store_case(store: Store, i: int, f: MachineFacts) -> None:
                 f.failed_generation,
                 health,
                 f.last_message,
+                isoformat(f.given_at),
+                None if f.needs_reboot is None else int(f.needs_reboot),
             ),
         )
+        if f.rebooting:
+            conn.execute(
+                "INSERT INTO reboot_leases VALUES ('default', ?, 'ro-1', ?, ?)",
+                (f"m{i}", isoformat(STARTED), isoformat(at(3600))),
+            )
         conn.execute(
             "INSERT INTO rollout_machines (rollout_id, machine_id, batch_idx, position, "
             "store_path, health, healthy_since) VALUES ('ro-1', ?, ?, 0, ?, ?, ?)",
@@ -147,14 +183,18 @@ def rollout_store(store: Store) -> Store:
     return store
 
 
-@pytest.mark.parametrize(("name", "f", "now", "soak"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("name", "f", "now", "soak", "reboot"),
+    [(*c, False) for c in CASES] + [(*c, True) for c in REBOOT_CASES],
+    ids=[c[0] for c in CASES] + [f"reboot: {c[0]}" for c in REBOOT_CASES],
+)
 def test_sql_verdict_agrees_with_judge(
-    rollout_store: Store, name: str, f: MachineFacts, now: float, soak: int
+    rollout_store: Store, name: str, f: MachineFacts, now: float, soak: int, reboot: bool
 ) -> None:
     _store_case(rollout_store, 0, f)
-    v = rollout.judge(f, STARTED, at(now), TIMEOUT, soak)
+    v = rollout.judge(f, STARTED, at(now), TIMEOUT, soak, reboot)
     changed = v.health is not f.health or v.healthy_since != f.healthy_since
-    params = verdicts.judge_params("ro-1", 0, STARTED, at(now), TIMEOUT, soak)
+    params = verdicts.judge_params("ro-1", 0, STARTED, at(now), TIMEOUT, soak, reboot=reboot)
     with rollout_store.read() as conn:
         rows = conn.execute(verdicts.JUDGE_SQL, params).fetchall()
     got = [(r["health"], r["reason"], r["healthy_since"]) for r in rows]

@@ -1,0 +1,167 @@
+"""Disruption-budget facts, set-based: who is unavailable, and how far a batch may start.
+
+The SQL twins of nixfleet.policy.budgets: `UNAVAILABLE_SQL` is `unavailable()` over
+every machine at once and `admitted` is `admit()` over a batch's next positions;
+tests/store/test_policy.py holds each to its pure definition on a table of cases.
+
+Nothing here runs per machine in Python. A tick that starts machines under a budget
+first collects the unavailable machines into a temp table (a scan of the active
+rollouts' started, not yet healthy machines, plus the stale, failing and rebooting
+ones: few rows), then counts from it per rollout and per budget.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from nixfleet.models import isoformat
+from nixfleet.policy.budgets import Budget, Room
+
+# Started: its batch began and the batch's desired generations reached its position.
+# Unavailable (budgets.unavailable): stale, failing, rebooting, or started in an active
+# rollout and not yet healthy. :cutoff is the stale cutoff (stored time form).
+UNAVAILABLE_SQL = """
+SELECT rm.machine_id, rm.rollout_id FROM rollout_machines rm
+JOIN rollout_batches b ON b.rollout_id = rm.rollout_id AND b.idx = rm.batch_idx
+WHERE rm.rollout_id IN (SELECT id FROM rollouts WHERE status IN ('running', 'paused'))
+  AND b.started_at IS NOT NULL AND b.status IN ('deploying', 'succeeded', 'failed')
+  AND rm.position <= coalesce(b.started_until, -1) AND rm.health != 'healthy'
+UNION
+SELECT m.id, NULL FROM machines m
+WHERE m.lifecycle != 'decommissioned' AND (
+  (m.last_report_at IS NOT NULL AND m.last_report_at < :cutoff)
+  OR m.system_state IN ('error', 'degraded'))
+UNION
+SELECT machine_id, rollout_id FROM reboot_leases
+"""
+
+
+def _has_tags(column: str, tags: Sequence[str]) -> tuple[str, list[str]]:
+    """SQL true when the machine in `column` carries every tag (all-of selector)."""
+    marks = ",".join("?" * len(tags))
+    return (
+        f"(SELECT COUNT(DISTINCT t.tag) FROM machine_tags t WHERE t.machine_id = {column} "
+        f"AND t.tag IN ({marks})) = {len(tags)}",
+        list(tags),
+    )
+
+
+def collect(conn: sqlite3.Connection, now: datetime, stale_after: int) -> None:
+    """(Re)fill temp.unavailable with every unavailable machine, once per tick."""
+    conn.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS unavailable (machine_id TEXT NOT NULL, rollout_id TEXT)"
+    )
+    conn.execute("DELETE FROM temp.unavailable")
+    cutoff = isoformat(now - timedelta(seconds=stale_after))
+    conn.execute("INSERT INTO temp.unavailable " + UNAVAILABLE_SQL, {"cutoff": cutoff})
+
+
+def add_started(
+    conn: sqlite3.Connection, rollout_id: str, batch: int, after: int, until: int
+) -> None:
+    """Machines a tick just started count as unavailable for the rest of the tick."""
+    conn.execute(
+        "INSERT INTO temp.unavailable SELECT machine_id, rollout_id FROM rollout_machines "
+        "WHERE rollout_id = ? AND batch_idx = ? AND position > ? AND position <= ?",
+        (rollout_id, batch, after, until),
+    )
+
+
+def unavailable_targets(conn: sqlite3.Connection, rollout_id: str) -> int:
+    """The rollout's targets that are unavailable now (each machine once)."""
+    row = conn.execute(
+        "SELECT COUNT(DISTINCT u.machine_id) FROM temp.unavailable u "
+        "WHERE u.machine_id IN (SELECT machine_id FROM rollout_machines WHERE rollout_id = ?)",
+        (rollout_id,),
+    ).fetchone()
+    return int(row[0])
+
+
+def in_flight(conn: sqlite3.Connection, budget: Budget) -> int:
+    """Machines carrying all of the budget's tags that are unavailable now."""
+    has, params = _has_tags("u.machine_id", budget.tags)
+    row = conn.execute(
+        f"SELECT COUNT(DISTINCT u.machine_id) FROM temp.unavailable u WHERE {has}", params
+    ).fetchone()
+    return int(row[0])
+
+
+def admitted(
+    conn: sqlite3.Connection,
+    rollout_id: str,
+    batch: int,
+    after: int,
+    until: int,
+    limits: Sequence[Room],
+) -> tuple[int, str | None]:
+    """How many positions after `after` (up to `until`) start now, and what holds the next.
+
+    The SQL form of budgets.admit: the first position that would overflow a limit is,
+    for a limit applying to every machine, `after + free + 1`, and for a tag budget the
+    (free + 1)-th position carrying its tags; machines start up to the smallest.
+    """
+    stop, held_by = until + 1, None
+    for room in limits:
+        if room.tags is None:
+            bound = after + room.free + 1
+        else:
+            has, params = _has_tags("rm.machine_id", room.tags)
+            row = conn.execute(
+                "SELECT rm.position FROM rollout_machines rm WHERE rm.rollout_id = ? "
+                f"AND rm.batch_idx = ? AND rm.position > ? AND rm.position < ? AND {has} "
+                "ORDER BY rm.position LIMIT 1 OFFSET ?",
+                (rollout_id, batch, after, stop, *params, room.free),
+            ).fetchone()
+            if row is None:
+                continue
+            bound = int(row[0])
+        if bound < stop:
+            stop, held_by = bound, room.label
+    return stop - 1 - after, held_by
+
+
+def hold_of(conn: sqlite3.Connection, rollout_id: str) -> tuple[str | None, str | None]:
+    """What holds the rollout back, as last recorded (kind, detail)."""
+    row = conn.execute(
+        "SELECT hold, hold_detail FROM rollouts WHERE id = ?", (rollout_id,)
+    ).fetchone()
+    return (row[0], row[1]) if row is not None else (None, None)
+
+
+def set_hold(
+    conn: sqlite3.Connection, rollout_id: str, kind: str | None, detail: str | None
+) -> None:
+    conn.execute(
+        "UPDATE rollouts SET hold = ?, hold_detail = ? WHERE id = ?", (kind, detail, rollout_id)
+    )
+
+
+def plan_facts(
+    conn: sqlite3.Connection,
+    hosts: Sequence[str],
+    now: datetime,
+    stale_after: int,
+    budgets: Sequence[Budget],
+) -> tuple[dict[str, frozenset[str]], int, list[int]]:
+    """For `rollout plan`: each target's tags, how many targets are unavailable now, and
+    each budget's machines in flight now (the counts `budgets.rooms` takes)."""
+    collect(conn, now, stale_after)
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS plan_hosts (id TEXT PRIMARY KEY)")
+    conn.execute("DELETE FROM temp.plan_hosts")
+    conn.executemany("INSERT OR IGNORE INTO temp.plan_hosts VALUES (?)", ((h,) for h in hosts))
+    tags = {
+        r[0]: frozenset(json.loads(r[1]))
+        for r in conn.execute(
+            "SELECT m.id, m.tags_json FROM machines m JOIN temp.plan_hosts p ON p.id = m.id"
+        )
+    }
+    down = conn.execute(
+        "SELECT COUNT(DISTINCT u.machine_id) FROM temp.unavailable u "
+        "JOIN temp.plan_hosts p ON p.id = u.machine_id"
+    ).fetchone()[0]
+    flight = [in_flight(conn, b) for b in budgets]
+    conn.execute("DELETE FROM temp.plan_hosts")
+    return tags, int(down), flight

@@ -1,0 +1,1 @@
+"""Tests of nixfleet/policy (a package, so module names never shadow tests/)."""
