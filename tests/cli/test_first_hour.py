@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ControlPlane, free_port, run_cli
+from conftest import ControlPlane, free_port, run_cli, run_on_tty
 
 from nixfleet.client import Client
 
@@ -277,22 +277,7 @@ def test_untag_of_a_tag_from_the_nixos_config_is_an_error(control_plane: Control
 
 
 def on_tty(args: list[str], extra_env: dict[str, str]) -> str:
-    leader, follower = os.openpty()
-    full = {k: v for k, v in os.environ.items() if k != "NO_COLOR"} | extra_env
-    proc = subprocess.Popen(nixfleet(*args), stdout=follower, stderr=follower, env=full)
-    os.close(follower)
-    chunks = []
-    while True:
-        try:
-            data = os.read(leader, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
-    assert proc.wait(timeout=60) == 0
-    os.close(leader)
-    return b"".join(chunks).decode()
+    return run_on_tty(args, {k: v for k, v in os.environ.items() if k != "NO_COLOR"} | extra_env)
 
 
 def test_color_follows_no_color_org_and_the_color_flag(control_plane: ControlPlane) -> None:

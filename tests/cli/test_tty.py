@@ -3,39 +3,10 @@
 from __future__ import annotations
 
 import os
-import pty
-import subprocess
-import sys
 
-from conftest import ControlPlane
+from conftest import ControlPlane, run_on_tty
 
 GEN = "/nix/store/" + "a" * 32 + "-nixos-system-web-01"
-
-
-def run_on_tty(args: list[str], env: dict[str, str]) -> str:
-    leader, follower = pty.openpty()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nixfleet.cli", *args],
-        stdin=follower,
-        stdout=follower,
-        stderr=follower,
-        env=env,
-        close_fds=True,
-    )
-    os.close(follower)
-    chunks = []
-    while True:
-        try:
-            data = os.read(leader, 65536)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
-    proc.wait(timeout=60)
-    os.close(leader)
-    assert proc.returncode == 0
-    return b"".join(chunks).decode()
 
 
 def test_colour_on_a_tty_and_never_with_no_color(control_plane: ControlPlane) -> None:
