@@ -34,6 +34,7 @@ class StatusMachine(TypedDict):
     current_generation: str | None
     desired_generation: str | None
     sync: str
+    health_status: str  # healthy, failing or unknown (models.health_of)
     failed_generation: str | None
     last_report_at: str | None
     stale: bool
@@ -56,6 +57,7 @@ class Machine(TypedDict):
     desired_cache_url: str | None
     desired_source: str | None
     sync: str
+    health_status: str  # healthy, failing or unknown (models.health_of)
     failed_generation: str | None
     last_report_at: str | None
     stale: bool
@@ -118,6 +120,7 @@ class Summary(TypedDict):
     failed: int
     no_desired: int
     stale: int
+    by_health: dict[str, int]
     by_lifecycle: dict[str, int]
 
 
