@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from nixfleet import schemas
+from nixfleet import rollout, schemas
 from nixfleet.errors import FieldError, ValidationError
 
 # The option that sets each top-level field, for error messages.
@@ -66,7 +66,7 @@ def document(opts: DeployOptions) -> dict[str, Any]:
             FLAGS.get(e.field.split("[")[0].split(".")[0], "--" + e.field.replace("_", "-")),
             e.message,
         )
-        for e in schemas.errors_of("rollout", doc)
+        for e in schemas.errors_of(rollout.SCHEMA, doc)
     ]
     if errors:
         raise ValidationError("invalid deploy options", errors=errors)

@@ -36,6 +36,8 @@ from nixfleet.models import (
 
 # --- release identity and documents ---------------------------------------------------
 
+RELEASE_SCHEMA = "release"  # schemas/release.schema.json: API bodies and release TOML files
+
 
 def release_id(entries: Sequence[ReleaseEntry]) -> str:
     """A hash of the sorted entries in the release-id format: same entries, same id."""
@@ -51,7 +53,7 @@ def release_id(entries: Sequence[ReleaseEntry]) -> str:
 
 def release_from_document(doc: Any, what: str = "release") -> Release:
     """Validate a release document (API body or parsed TOML) and build the Release."""
-    schemas.validate("release", doc, what)
+    schemas.validate(RELEASE_SCHEMA, doc, what)
     errors: list[FieldError] = []
     seen: set[str] = set()
     for i, e in enumerate(doc["entries"]):

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from nixfleet import flake, policy, schemas
+from nixfleet import flake, policy, rollout, schemas
 from nixfleet.errors import FieldError, ValidationError
 from nixfleet.models import Release
 
@@ -178,7 +178,7 @@ def load(path: Path) -> RolloutFile:
     doc, lines, errors = parse(text, str(path))
     errors += [
         FieldError(e.field, e.message, line_of(e.field, lines))
-        for e in schemas.errors_of("rollout", doc) + policy.document_errors(doc)
+        for e in schemas.errors_of(rollout.SCHEMA, doc) + policy.document_errors(doc)
     ]
     release_file: Path | None = None
     release = doc.get("release") if isinstance(doc, dict) else None

@@ -8,7 +8,7 @@ answers without them is not the nixfleet API this client speaks. (No `from __fut
 import annotations` here: TypedDict must see NotRequired at class creation.)
 """
 
-from typing import Any, NotRequired, TypedDict
+from typing import Any, NotRequired, TypedDict, final
 
 # --- machines ---------------------------------------------------------------------
 
@@ -352,8 +352,8 @@ class Hold(TypedDict):
     detail: str
 
 
-class Rollout(TypedDict):
-    """`GET /api/v1/rollouts/{id}` and the answer of apply/pause/resume/cancel."""
+class RolloutSummary(TypedDict):
+    """What a rollout's listing and its detail both say of it."""
 
     id: str
     name: str
@@ -363,6 +363,11 @@ class Rollout(TypedDict):
     created_at: str
     created_by: str
     updated_at: str
+
+
+class Rollout(RolloutSummary):
+    """`GET /api/v1/rollouts/{id}` and the answer of apply/pause/resume/cancel."""
+
     document: dict[str, Any]
     skipped: list[Skipped]
     batches: list[Batch]
@@ -392,20 +397,26 @@ class AppliedRollout(Rollout):
     created: bool
 
 
-class RolloutListItem(TypedDict):
-    """A rollout in `GET /api/v1/rollouts`; an invalid GitOps file has file/errors instead."""
+@final
+class ListedRollout(RolloutSummary):
+    """A rollout in `GET /api/v1/rollouts`, with its machines counted by health."""
 
-    id: str | None
+    machines: dict[str, int]
+
+
+@final
+class InvalidRolloutFile(TypedDict):
+    """An invalid GitOps file in `GET /api/v1/rollouts` (`"file" in item` tells them apart)."""
+
+    id: None
     name: str | None
-    status: str
+    status: str  # "invalid"
     updated_at: str | None
-    release: NotRequired[str]
-    source: NotRequired[str]
-    created_at: NotRequired[str]
-    created_by: NotRequired[str]
-    machines: NotRequired[dict[str, int]]
-    file: NotRequired[str]
-    errors: NotRequired[list[dict[str, Any]]]
+    file: str
+    errors: list[dict[str, Any]]
+
+
+RolloutListItem = ListedRollout | InvalidRolloutFile
 
 
 class RolloutList(TypedDict):

@@ -14,7 +14,6 @@ import os
 import random
 import threading
 import time
-import urllib.parse
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from nixfleet.agent.reboot import Rebooter
 from nixfleet.agent.reboot import observe as observe_boot
 from nixfleet.agent.state import AgentState, StateStore
 from nixfleet.client import Client
-from nixfleet.errors import GoneError, NixfleetError, UnreachableError
+from nixfleet.errors import GoneError, NixfleetError, ProtocolError, UnreachableError
 from nixfleet.models import HealthResult
 
 log = logging.getLogger(__name__)
@@ -117,13 +116,13 @@ class Agent:
             return None
         client = Client(self.config.control_plane_url, enroll_token, timeout=30.0)
         try:
-            answer = client.post(
-                "/api/v1/enroll", {"id": self.config.machine_id, "tags": list(self.config.tags)}
-            )
+            token = client.enroll(self.config.machine_id, self.config.tags)["token"]
+        except ProtocolError as e:  # answered, but not with the documented body
+            log.error("enrollment answered without a token: %s", e)
+            return None
         finally:
             client.close()
-        token = str(answer.get("token", "")) if isinstance(answer, dict) else ""
-        if not token:
+        if not isinstance(token, str) or not token:
             log.error("enrollment answered without a token")
             return None
         path = Path(self.config.state_dir) / "token"
@@ -233,8 +232,7 @@ class Agent:
 
     def _ask_desired(self, client: Client) -> answers.Answer:
         """Read-only look-up, for dry-run and for a machine with no current system."""
-        mid = urllib.parse.quote(self.config.machine_id, safe="")
-        answer = client.get(f"/api/v1/machines/{mid}/desired-generation")
+        answer = client.desired_generation(self.config.machine_id)
         self.desired_seen = True
         return answers.parse(answer, self.config)
 

@@ -328,14 +328,13 @@ def list_(state: State, status: str | None) -> None:
         return
     rows = []
     for r in data["rollouts"]:
-        if r["status"] == "invalid":
+        if "file" in r:  # an invalid rollout file
             errs = "; ".join(
-                str(FieldError(e["field"], e["message"], e.get("line")))
-                for e in r.get("errors", [])
+                str(FieldError(e["field"], e["message"], e.get("line"))) for e in r["errors"]
             )
-            rows.append([r["name"] or "-", "-", "invalid", "-", "-", f"{r.get('file')}: {errs}"])
+            rows.append([r["name"] or "-", "-", "invalid", "-", "-", f"{r['file']}: {errs}"])
             continue
-        m = r.get("machines", {})
+        m = r["machines"]
         counts = f"{m.get('healthy', 0)}/{m.get('total', 0)} healthy" + (
             f", {m['unhealthy']} unhealthy" if m.get("unhealthy") else ""
         )
