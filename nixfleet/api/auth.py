@@ -114,7 +114,7 @@ class AuthMiddleware:
         self.store = store
 
     def process_resource(
-        self, req: falcon.Request, resp: falcon.Response, resource: Any, params: dict[str, Any]
+        self, req: falcon.Request, resp: falcon.Response, resource: Any, params: dict[str, str]
     ) -> None:
         req.context.actor = ANONYMOUS
         req.context.enroll_token = None
