@@ -123,7 +123,7 @@ class AuthMiddleware:
         self.cache = cache
 
     def process_resource(
-        self, req: falcon.Request, resp: falcon.Response, resource: Any, params: dict[str, Any]
+        self, req: falcon.Request, resp: falcon.Response, resource: Any, params: dict[str, str]
     ) -> None:
         req.context.actor = ANONYMOUS
         req.context.enroll_token = None

@@ -66,7 +66,7 @@ def machine_json(m: Machine, now: datetime, stale_after: int) -> wire.Machine:
 
 
 # Returns the audit detail, or None when nothing changed (no audit row: a no-op).
-Change = Callable[[sqlite3.Connection, Machine, datetime], dict[str, Any] | None]
+Change = Callable[[sqlite3.Connection, Machine, datetime], wire.JSONObject | None]
 
 
 def mutate(
@@ -191,7 +191,7 @@ class MachineLifecycle:
 
         def change(
             conn: sqlite3.Connection, before: Machine, now: datetime
-        ) -> dict[str, Any] | None:
+        ) -> wire.JSONObject | None:
             previous = machines.set_lifecycle(conn, machine_id, target, actor, now)
             if previous is target:
                 return None  # already there: a no-op that scripts may repeat
@@ -217,7 +217,7 @@ class MachineTags:
 
         actor = req.context.actor.label
 
-        def change(conn: sqlite3.Connection, before: Machine, now: datetime) -> dict[str, Any]:
+        def change(conn: sqlite3.Connection, before: Machine, now: datetime) -> wire.JSONObject:
             if add:
                 added, _ = machines.set_tags(conn, machine_id, tags, "operator", replace=False)
                 history.tags_changed(conn, machine_id, now, actor, "operator", added, [])
@@ -286,7 +286,7 @@ class DesiredGeneration:
     ) -> None:
         actor = req.context.actor.label
 
-        def change(conn: sqlite3.Connection, before: Machine, now: datetime) -> dict[str, Any]:
+        def change(conn: sqlite3.Connection, before: Machine, now: datetime) -> wire.JSONObject:
             machines.set_desired(conn, machine_id, path, cache_url, source, now)
             history.attribute_desired(conn, machine_id, now, actor)
             return {"from": before.desired_generation, "to": path, "cache_url": cache_url}
@@ -305,7 +305,7 @@ class MachineRetry:
         """Ask the agent to retry a desired generation that failed on it."""
         validate_hostname(machine_id)
 
-        def change(conn: sqlite3.Connection, before: Machine, now: datetime) -> dict[str, Any]:
+        def change(conn: sqlite3.Connection, before: Machine, now: datetime) -> wire.JSONObject:
             machines.request_retry(conn, machine_id, now)
             return {"failed_generation": before.failed_generation}
 

@@ -44,7 +44,7 @@ def invalid_file_json(f: rollout_files.InvalidFile) -> wire.InvalidRolloutFile:
         "name": f.name,
         "file": f.path,
         "status": "invalid",
-        "errors": f.errors,
+        "errors": [e.to_dict() for e in f.errors],
         "updated_at": isoformat(f.checked_at),
     }
 

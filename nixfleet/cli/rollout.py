@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -33,7 +32,7 @@ HEALTH_COLORS = {
 SHOW_ALL_UP_TO = 20
 
 
-def _document(state: State, file: Path, register: bool) -> dict[str, Any]:
+def _document(state: State, file: Path, register: bool) -> wire.RolloutDocument:
     """A validated rollout file as the API's JSON; a release TOML is registered first."""
     from nixfleet import rolloutfile  # with PyYAML: imported when used, for a fast --help
 
@@ -270,7 +269,7 @@ def plan(state: State, file: Path, closures_: bool) -> None:
         message("no machine matches the target: check `target` with `nixfleet machines list`")
 
 
-def submit(state: State, doc: dict[str, Any], wait: bool, interval: float) -> None:
+def submit(state: State, doc: wire.RolloutDocument, wait: bool, interval: float) -> None:
     data = state.client().apply_rollout(doc)
     if state.json and not wait:
         emit_json(data)

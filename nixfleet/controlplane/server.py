@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypedDict
 
 from waitress import wasyncore
 from waitress.server import create_server
@@ -43,8 +43,23 @@ from nixfleet.store import Store, audit, credentials
 
 log = logging.getLogger("nixfleet.controlplane")
 
+
+class WaitressOptions(TypedDict, total=False):
+    """The keyword arguments of waitress.create_server that nixfleet sets."""
+
+    ident: str
+    channel_timeout: int
+    connection_limit: int
+    asyncore_use_poll: bool
+    cleanup_interval: int
+    clear_untrusted_proxy_headers: bool
+    outbuf_overflow: int
+    max_request_body_size: int
+    max_request_header_size: int
+
+
 # Shared with bench/bare_server.py, so the yardstick runs waitress exactly as we do.
-SERVER_OPTIONS: dict[str, Any] = {
+SERVER_OPTIONS: WaitressOptions = {
     "ident": "nixfleet",
     "channel_timeout": 30,
     # Waitress stops accepting at its connection limit (new connections wait in the
@@ -61,7 +76,7 @@ SERVER_OPTIONS: dict[str, Any] = {
 }
 
 
-def server_options(settings: Settings) -> dict[str, Any]:
+def server_options(settings: Settings) -> WaitressOptions:
     """Waitress's options for these settings: its own limits, enforced before any work.
 
     The body limit is waitress's too (a declared Content-Length over it is answered

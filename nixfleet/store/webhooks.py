@@ -15,12 +15,12 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 from nixfleet.models import isoformat, stale_cutoff
 from nixfleet.settings import Webhook
 from nixfleet.store.machines import STALE_SQL  # the one SQL form of stale
 from nixfleet.store.rows import from_row
+from nixfleet.wire import JSONObject, WebhookEvent, WebhookRollout
 
 FAN_OUT_BATCH = 1000
 KEEP_ATTEMPTS = 20  # attempts shown per delivery (all are kept until pruned)
@@ -36,10 +36,10 @@ class Event:
     rollout_id: str | None
     rollout_name: str | None
     machine_id: str | None
-    detail: dict[str, Any]
+    detail: JSONObject
 
-    def payload(self) -> dict[str, Any]:
-        rollout = (
+    def payload(self) -> WebhookEvent:
+        rollout: WebhookRollout | None = (
             None if self.rollout_id is None else {"id": self.rollout_id, "name": self.rollout_name}
         )
         return {
@@ -108,7 +108,7 @@ def add(
     *,
     machine_id: str | None = None,
     rollout_id: str | None = None,
-    detail: dict[str, Any] | None = None,
+    detail: JSONObject | None = None,
 ) -> None:
     """An event from Python code, inside the caller's transaction."""
     conn.execute(
