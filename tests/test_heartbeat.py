@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import random
 import sqlite3
-from typing import Any
+from typing import Any, cast
 
 from nixfleet.heartbeat import health_key, is_heartbeat, stored_health_key, system_state
 from nixfleet.models import HealthResult, Lifecycle, Report, utcnow
 from nixfleet.store import Store, machines
 from nixfleet.store import report_cache as rc
+from nixfleet.wire import Health
 
 A = "/nix/store/" + "a" * 32 + "-nixos-system-x"
 B = "/nix/store/" + "b" * 32 + "-nixos-system-x"
@@ -195,6 +196,6 @@ def test_system_state_is_the_reports() -> None:
                 utcnow(),
                 A,
                 success=success,
-                health=HealthResult.from_dict(health) if health is not None else None,
+                health=HealthResult.from_dict(cast(Health, health)) if health is not None else None,
             )
             assert system_state(success, health_key(health)) == report.system_state.value

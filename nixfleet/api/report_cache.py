@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+from nixfleet import wire
 from nixfleet.heartbeat import is_heartbeat
 from nixfleet.models import isoformat
 from nixfleet.store import Store
@@ -55,9 +56,9 @@ def answer(
     retry_requested_at: str | None,
     reboot: str | None,
     confirm_timeout: int | None,
-) -> dict[str, Any]:
+) -> wire.ReportAnswer:
     """The report's answer (DESIGN §4), the same from memory as from the transaction."""
-    out: dict[str, Any] = {
+    out: wire.ReportAnswer = {
         "desired_generation": desired,
         "cache_url": cache_url,
         "poll_hint": poll_hint,
@@ -115,7 +116,7 @@ class ReportCache:
 
     def heartbeat(
         self, machine_id: str, body: Mapping[str, Any], now: datetime
-    ) -> dict[str, Any] | None:
+    ) -> wire.ReportAnswer | None:
         """The answer to a heartbeat (its last-seen queued); None: store the report."""
         if not self._fresh():
             return None
