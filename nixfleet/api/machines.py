@@ -248,8 +248,8 @@ class MachineTags:
         self._change(req, resp, machine_id, add=False)
 
 
-def desired_json(row: Any, poll_hint: int | None) -> dict[str, Any]:
-    out = {
+def desired_json(row: Any, poll_hint: int | None) -> wire.ReportAnswer:
+    out: wire.ReportAnswer = {
         "desired_generation": row["desired_generation"],
         "cache_url": row["desired_cache_url"],
         "poll_hint": poll_hint,
