@@ -76,15 +76,39 @@ SQL = re.compile(
 )
 
 
+def sql_strings(path: Path) -> list[int]:
+    """Lines of the string literals in `path` that read as SQL (docstrings are prose)."""
+    tree = ast.parse(path.read_text())
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    return [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and id(node) not in docstrings
+        and SQL.search(node.value)
+    ]
+
+
 def test_sql_lives_in_store_only() -> None:
     found = [
-        f"{path.relative_to(PACKAGE.parent)}:{i}"
+        f"{path.relative_to(PACKAGE.parent)}:{line}"
         for path in PACKAGE.rglob("*.py")
         if "store" not in path.relative_to(PACKAGE).parts
-        for i, line in enumerate(path.read_text().splitlines(), 1)
-        if SQL.search(line)
+        for line in sql_strings(path)
     ]
     assert found == []
+
+
+def test_the_sql_check_sees_sql() -> None:
+    assert sql_strings(PACKAGE / "store" / "report_cache.py") != []
 
 
 def test_no_module_is_past_the_split_size() -> None:
