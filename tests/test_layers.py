@@ -1,6 +1,7 @@
-"""The house rules a grep can hold (DESIGN §2, rules 2, 7, 9): no import loop among the
-package's modules, SQL only in store/, no module past ~600 lines, one free-form JSON
-object type. Read as text and ASTs; nothing is imported."""
+"""The house rules a grep can hold (DESIGN §2, rules 2, 7, 9, 10): no import loop among
+the package's modules, SQL only in store/, API paths only in the client and the API, no
+module past ~600 lines, one free-form JSON object type. Read as text and ASTs; nothing
+is imported."""
 
 from __future__ import annotations
 
@@ -76,8 +77,8 @@ SQL = re.compile(
 )
 
 
-def sql_strings(path: Path) -> list[int]:
-    """Lines of the string literals in `path` that read as SQL (docstrings are prose)."""
+def literal_lines(path: Path, pattern: re.Pattern[str] = SQL) -> list[int]:
+    """Lines of the string literals in `path` that match (docstrings are prose)."""
     tree = ast.parse(path.read_text())
     docstrings = {
         id(node.body[0].value)
@@ -93,7 +94,7 @@ def sql_strings(path: Path) -> list[int]:
         if isinstance(node, ast.Constant)
         and isinstance(node.value, str)
         and id(node) not in docstrings
-        and SQL.search(node.value)
+        and pattern.search(node.value)
     ]
 
 
@@ -102,13 +103,24 @@ def test_sql_lives_in_store_only() -> None:
         f"{path.relative_to(PACKAGE.parent)}:{line}"
         for path in PACKAGE.rglob("*.py")
         if "store" not in path.relative_to(PACKAGE).parts
-        for line in sql_strings(path)
+        for line in literal_lines(path)
     ]
     assert found == []
 
 
 def test_the_sql_check_sees_sql() -> None:
-    assert sql_strings(PACKAGE / "store" / "report_cache.py") != []
+    assert literal_lines(PACKAGE / "store" / "report_cache.py") != []
+
+
+def test_only_the_client_and_the_api_spell_api_paths() -> None:
+    """DESIGN rule 10: the CLI and the agent call the typed client, never build a URL."""
+    found = [
+        f"{path.relative_to(PACKAGE.parent)}:{line}"
+        for path in PACKAGE.rglob("*.py")
+        if path.name != "client.py" and "api" not in path.relative_to(PACKAGE).parts
+        for line in literal_lines(path, re.compile("/api/v1/"))
+    ]
+    assert found == []
 
 
 def test_no_module_is_past_the_split_size() -> None:
