@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Mapping
@@ -211,7 +210,7 @@ class ReportCache:
         self._loaded = False
         started = time.monotonic()
         with self.store.read() as conn:
-            version = _data_version(conn)
+            version = rc.data_version(conn)
             seq = rc.last_seq(conn)
             found, _ = rc.load_machines(conn)
             rollouts, _ = rc.running_rollouts(conn)
@@ -231,7 +230,7 @@ class ReportCache:
         if published is None:
             return  # no counter: the view never serves
         conn = self.store.connection()
-        version = _data_version(conn)
+        version = rc.data_version(conn)
         if published <= self._seq and version == self._data_version and not self._wanted:
             return
         # Requests take the transaction until _seq moves (below), except after a change
@@ -301,7 +300,3 @@ class ReportCache:
                 self._oldest = time.monotonic() - FLUSH_AFTER
             raise
         self.flushes += 1
-
-
-def _data_version(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("PRAGMA data_version").fetchone()[0])
