@@ -20,8 +20,7 @@ from nixfleet.store.rollouts import RolloutDetail, RolloutSummary
 STATUSES = [s.value for s in RolloutStatus] + ["invalid"]
 
 
-def listed_json(s: RolloutSummary) -> wire.RolloutListItem:
-    counts = {h.value: s.machines.get(h, 0) for h in MachineHealth}
+def summary_json(s: RolloutSummary) -> wire.RolloutSummary:
     return {
         "id": s.id,
         "name": s.name,
@@ -31,32 +30,28 @@ def listed_json(s: RolloutSummary) -> wire.RolloutListItem:
         "created_at": isoformat(s.created_at),
         "created_by": s.created_by,
         "updated_at": isoformat(s.updated_at),
-        "machines": {"total": sum(counts.values()), **counts},
     }
 
 
-def invalid_file_json(f: rollout_files.InvalidFile) -> wire.RolloutListItem:
+def listed_json(s: RolloutSummary) -> wire.ListedRollout:
+    counts = {h.value: s.machines.get(h, 0) for h in MachineHealth}
+    return {**summary_json(s), "machines": {"total": sum(counts.values()), **counts}}
+
+
+def invalid_file_json(f: rollout_files.InvalidFile) -> wire.InvalidRolloutFile:
     return {
         "id": None,
         "name": f.name,
         "file": f.path,
         "status": "invalid",
-        "errors": f.errors,
+        "errors": [e.to_dict() for e in f.errors],
         "updated_at": isoformat(f.checked_at),
     }
 
 
 def detail_json(d: RolloutDetail) -> wire.Rollout:
-    s = d.summary
     return {
-        "id": s.id,
-        "name": s.name,
-        "release": s.release,
-        "status": s.status.value,
-        "source": s.source,
-        "created_at": isoformat(s.created_at),
-        "created_by": s.created_by,
-        "updated_at": isoformat(s.updated_at),
+        **summary_json(d.summary),
         "document": d.document,
         "skipped": [{"hostname": s.hostname, "reason": s.reason} for s in d.skipped],
         "hold": None if d.hold is None else {"kind": d.hold[0], "detail": d.hold[1]},
@@ -124,7 +119,7 @@ def plan_json(
 
 class RolloutCollection:
     permissions = {"GET": Perm.READONLY, "POST": Perm.DEPLOY}
-    schemas = {"POST": "rollout"}
+    schemas = {"POST": rollout.SCHEMA}
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -138,7 +133,9 @@ class RolloutCollection:
                 errors=[FieldError("status", f"one of: {', '.join(STATUSES)}")],
             )
         with self.ctx.store.read() as conn:
-            listed = [listed_json(r) for r in rollouts.list_rollouts(conn, status)]
+            listed: list[wire.RolloutListItem] = [
+                listed_json(r) for r in rollouts.list_rollouts(conn, status)
+            ]
             if status in (None, "invalid"):
                 listed += [invalid_file_json(f) for f in rollout_files.invalid_files(conn)]
         resp.media = {"rollouts": listed}
@@ -159,7 +156,7 @@ class RolloutCollection:
 
 class RolloutPlan:
     permissions = {"POST": Perm.READONLY}
-    schemas = {"POST": "rollout"}
+    schemas = {"POST": rollout.SCHEMA}
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
