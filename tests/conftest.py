@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import socket
@@ -9,10 +10,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -38,6 +39,25 @@ def store(tmp_path: Path) -> Iterator[Store]:
 def admin_key(store: Store) -> str:
     with store.transaction() as conn:
         return credentials.create_key(conn, "test-admin", "admin", "test", utcnow())
+
+
+T = TypeVar("T")
+
+
+def wait_until(
+    what: str, predicate: Callable[[], T], timeout: float = 60.0, interval: float = 0.05
+) -> T:
+    """Poll until `predicate` returns something true and return it; fail naming `what`.
+
+    A deadline against hangs, not a timing assertion.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def free_port() -> int:
@@ -126,15 +146,29 @@ class ControlPlane:
         return m
 
 
-@pytest.fixture
-def control_plane(tmp_path: Path) -> Iterator[ControlPlane]:
-    db = tmp_path / "cp" / "nixfleet.db"
-    db.parent.mkdir()
+def new_control_plane(
+    root: Path, *extra_args: str, settings: dict[str, Any] | None = None
+) -> ControlPlane:
+    """A control plane (not yet started) over a new database in `root` (which must not
+    exist) with the admin key `test-admin`; `settings` become its --config file."""
+    root.mkdir(parents=True)
+    db = root / "nixfleet.db"
     s = Store(db)
     with s.transaction() as conn:
         key = credentials.create_key(conn, "test-admin", "admin", "test", utcnow())
     s.close()
-    cp = ControlPlane(db=db, port=free_port(), admin_key=key, log=tmp_path / "cp" / "cp.log")
+    args = list(extra_args)
+    if settings is not None:
+        (root / "settings.json").write_text(json.dumps(settings))
+        args = ["--config", str(root / "settings.json"), *args]
+    return ControlPlane(
+        db=db, port=free_port(), admin_key=key, log=root / "cp.log", extra_args=args
+    )
+
+
+@pytest.fixture
+def control_plane(tmp_path: Path) -> Iterator[ControlPlane]:
+    cp = new_control_plane(tmp_path / "cp")
     cp.start()
     yield cp
     cp.stop()

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Mapping
@@ -193,7 +192,7 @@ class ReportCache:
         count = self.store.change_count()
         started = time.monotonic()
         with self.store.read() as conn:
-            version = _data_version(conn)
+            version = rc.data_version(conn)
             seq = rc.last_seq(conn)
             found, _ = rc.load_machines(conn)
             rollouts, _ = rc.running_rollouts(conn)
@@ -213,7 +212,7 @@ class ReportCache:
         if count is None:
             return  # no counter: the view never serves
         conn = self.store.connection()
-        version = _data_version(conn)
+        version = rc.data_version(conn)
         if count == self._synced and version == self._data_version and not self._wanted:
             return
         self._synced = None  # requests take the transaction while this runs
@@ -280,7 +279,3 @@ class ReportCache:
                 self._oldest = time.monotonic() - FLUSH_AFTER
             raise
         self.flushes += 1
-
-
-def _data_version(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("PRAGMA data_version").fetchone()[0])

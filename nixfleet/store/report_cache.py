@@ -70,6 +70,11 @@ def last_seq(conn: sqlite3.Connection) -> int:
     return 0 if row is None else int(row[0])
 
 
+def data_version(conn: sqlite3.Connection) -> int:
+    """SQLite's counter of commits by other connections (moves for writes beside Store)."""
+    return int(conn.execute("PRAGMA data_version").fetchone()[0])
+
+
 def changes_since(conn: sqlite3.Connection, seq: int) -> tuple[list[Change], bool]:
     """The changes after `seq`, oldest first, and whether some were pruned before read."""
     rows = conn.execute(
