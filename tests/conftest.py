@@ -222,3 +222,31 @@ def run_on_tty(args: list[str], env: dict[str, str]) -> str:
     os.close(leader)
     assert proc.returncode == 0
     return b"".join(chunks).decode()
+
+
+def sql_writers(statement: str) -> dict[tuple[str, str], set[str]]:
+    """The functions of nixfleet/ (but the migrations) holding SQL that matches the
+    regular expression `statement`, each with the calls it makes: for tests that hold
+    every writer of a column or table to what it must also write."""
+    import ast
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    pattern = re.compile(statement, re.S | re.I)
+    found: dict[tuple[str, str], set[str]] = {}
+    for path in sorted((root / "nixfleet").rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel == "nixfleet/store/migrations.py":
+            continue
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, ast.FunctionDef):
+                continue
+            nodes = list(ast.walk(fn))
+            if any(
+                isinstance(n, ast.Constant) and isinstance(n.value, str) and pattern.search(n.value)
+                for n in nodes
+            ):
+                found[(rel, fn.name)] = {
+                    ast.unparse(n.func) for n in nodes if isinstance(n, ast.Call)
+                }
+    return found

@@ -125,4 +125,17 @@ MIGRATIONS: list[tuple[str, str]] = [
         END
         """,
     ),
+    # Per-row triggers on the tick's bulk writes go (docs/performance.md, "The tick
+    # regression"): even one whose WHEN is false costs ~5 µs a row, a tick ~100 ms per
+    # 20,000. Desired-generation events are written by the writers of
+    # desired_generation themselves, set-based (store.history.add_desired); rollout
+    # events' webhooks by the writers of rollout events (store.rollouts.add_events,
+    # and store.verdicts.judge_batch set-based for machine.unhealthy).
+    (
+        "0015_no_per_row_triggers_on_ticks",
+        """
+        DROP TRIGGER machine_desired_changed;
+        DROP TRIGGER webhook_rollout_event
+        """,
+    ),
 ]
