@@ -231,10 +231,10 @@ class ReportCache:
         )
 
     def catch_up(self) -> None:
-        """Apply what was committed since the last catch-up (nothing: one counter read)."""
+        """Apply what was committed since the last catch-up (nothing new: two cheap reads)."""
         published = self.store.published_changes()
         if published is None:
-            return  # no counter: the view never serves
+            return  # no signal file: the view never serves
         conn = self.store.connection()
         version = rc.data_version(conn)
         if published <= self._seq and version == self._data_version and not self._wanted:
