@@ -5,7 +5,6 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
 
 import falcon
 
@@ -16,10 +15,8 @@ from nixfleet.api.context import Context
 from nixfleet.api.history import event_json
 from nixfleet.errors import ConflictError, FieldError, ValidationError
 from nixfleet.models import (
-    HealthResult,
     Lifecycle,
     Machine,
-    Report,
     isoformat,
     utcnow,
     validate_hostname,
@@ -248,20 +245,6 @@ class MachineTags:
         self._change(req, resp, machine_id, add=False)
 
 
-def desired_json(row: Any, poll_hint: int | None) -> dict[str, Any]:
-    out = {
-        "desired_generation": row["desired_generation"],
-        "cache_url": row["desired_cache_url"],
-        "poll_hint": poll_hint,
-        "retry_requested_at": row["retry_requested_at"],
-    }
-    if row["reboot"] is not None:
-        # The machine needs a reboot and its rollout coordinates one (DESIGN §11): the
-        # agent then asks for a reboot lease.
-        out["reboot"] = row["reboot"]
-    return out
-
-
 class DesiredGeneration:
     permissions = {"GET": Perm.AGENT_OR_READONLY, "PUT": Perm.DEPLOY, "DELETE": Perm.ADMIN}
     schemas = {"PUT": "desired-generation"}
@@ -303,8 +286,7 @@ class DesiredGeneration:
         actor = req.context.actor.label
 
         def change(conn: sqlite3.Connection, before: Machine, now: datetime) -> wire.JSONObject:
-            machines.set_desired(conn, machine_id, path, cache_url, source, now)
-            history.attribute_desired(conn, machine_id, now, actor)
+            machines.set_desired(conn, machine_id, path, cache_url, source, now, actor)
             return {"from": before.desired_generation, "to": path, "cache_url": cache_url}
 
         action = "machine.set-desired" if path else "machine.clear-desired"
@@ -326,49 +308,3 @@ class MachineRetry:
             return {"failed_generation": before.failed_generation}
 
         mutate(self.ctx, req, resp, machine_id, "machine.retry", change)
-
-
-class MachineReport:
-    """The hot path: one validated body, one transaction, one small response."""
-
-    permissions = {"POST": Perm.AGENT}
-    schemas = {"POST": "report"}
-
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
-
-    def on_post(self, req: falcon.Request, resp: falcon.Response, machine_id: str) -> None:
-        """Agent report; the answer is the desired generation, cache URL and poll hint."""
-        validate_hostname(machine_id)
-        doc = read_document(req, self.schemas["POST"], self.ctx.limit, "report")
-        now = utcnow()
-        health = doc.get("health")
-        tags = doc.get("tags")
-        report = Report(
-            machine_id=machine_id,
-            received_at=now,
-            current_generation=doc["current_generation"],
-            success=doc.get("success", True),
-            message=doc.get("message", ""),
-            attempted_generation=doc.get("attempted_generation"),
-            health=HealthResult.from_dict(health) if health is not None else None,
-            tags=tuple(tags) if tags is not None else None,
-            agent_version=doc.get("agent_version"),
-            uptime_seconds=doc.get("uptime_seconds"),
-            output=doc.get("output"),
-            needs_reboot=doc.get("needs_reboot"),
-            booted_generation=doc.get("booted_generation"),
-        )
-        with self.ctx.store.transaction() as conn:
-            row, promoted = machines.record_report(conn, report)
-            if promoted is not None:
-                audit.record(
-                    conn,
-                    req.context.actor.label,
-                    "machine.lifecycle",
-                    machine_id,
-                    now,
-                    {"from": promoted.value, "to": "active", "reason": "first agent report"},
-                )
-        resp.media = desired_json(row, row["poll_hint"] or self.ctx.settings.default_poll_interval)
-        resp.media["confirm_timeout"] = row["confirm_timeout"]

@@ -10,7 +10,8 @@ to restart); a worker whose primary died stops by itself.
 
 Shutdown on SIGTERM/SIGINT stops accepting connections, lets in-flight requests
 finish (every acknowledged write is already committed: a response is only sent
-after its transaction), stops the loop between ticks and closes the database.
+after its transaction; the heartbeats' last-seen times, queued for at most ~1 s,
+are written last), stops the loop between ticks and closes the database.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from waitress import wasyncore
 from waitress.server import create_server
 
 from nixfleet.api import create_app
+from nixfleet.api.report_cache import ReportCache
 from nixfleet.controlplane import background
 from nixfleet.errors import ServiceError, ValidationError
 from nixfleet.models import utcnow
@@ -213,7 +215,8 @@ def serve(settings: Settings, *, init: bool = False) -> None:
 def _run(settings: Settings, sock: socket.socket, primary: int | None, workers: list[int]) -> None:
     """One serving process: the primary (primary=None, runs the background loop) or a worker."""
     store = Store(settings.db_path(), lock_timeout=settings.write_lock_timeout)
-    app = create_app(settings, store)
+    cache = ReportCache(store, settings.default_poll_interval)
+    app = create_app(settings, store, cache)
     server = create_server(
         app, sockets=[sock], threads=settings.threads, **server_options(settings)
     )
@@ -242,6 +245,7 @@ def _run(settings: Settings, sock: socket.socket, primary: int | None, workers: 
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    cache.start()
     loop = background.start(settings, store, stop) if primary is None else None
     if workers:
         threading.Thread(
@@ -261,6 +265,10 @@ def _run(settings: Settings, sock: socket.socket, primary: int | None, workers: 
         server.task_dispatcher.shutdown(cancel_pending=False, timeout=10)
         if loop is not None:
             loop.join(timeout=30)
+        try:
+            cache.close()  # the queued heartbeats' last-seen times
+        except Exception:
+            log.exception("could not write the last heartbeats' last-seen times")
         store.close()
         _reap(workers)
         log.info("stopped")

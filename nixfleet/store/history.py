@@ -3,9 +3,11 @@
 One row per change. A generation or desired event stores only the generation it
 moved *to*; where it came from is the one before it of the same kind, found by a
 window function on read, so a deployment stores each store path twice (desired,
-then current) rather than four times. Desired-generation events are written by a
-trigger (migration 0010) on whatever statement changes machines.desired_generation,
-the reconciler's set-based ones included.
+then current) rather than four times. Desired-generation events are written by
+`add_desired`, which every writer of machines.desired_generation runs over the rows
+it changes (an operator's set/clear, a rollout's batch start and its revert), set-based,
+in the writer's transaction; tests/store/test_history.py checks that no other
+statement writes that column.
 
 Pruning (age, per-machine cap) runs in the background job in short transactions,
 never on the report path.
@@ -62,17 +64,18 @@ def tags_changed(
     add(conn, [Event(machine_id, at, EventKind.TAGS, source, detail=detail)])
 
 
-def attribute_desired(conn: sqlite3.Connection, machine_id: str, at: datetime, actor: str) -> None:
-    """Name the operator behind the desired event the trigger just wrote at `at`.
+def add_desired(conn: sqlite3.Connection, rows: str, params: Sequence[object]) -> int:
+    """A desired event for each row of `rows`: (machine_id, at, source, generation).
 
-    The trigger knows the desired source ("operator", a rollout's label) but not who
-    was behind an operator's request; the API does.
+    `rows` is a SELECT over exactly the machines the caller's next UPDATE changes
+    (the old desired generation IS NOT the new one), run before it in the same
+    transaction, so one statement writes a whole chunk's events. Returns how many.
     """
-    conn.execute(
-        "UPDATE machine_events SET source = ? WHERE id = (SELECT max(id) FROM machine_events "
-        "WHERE machine_id = ? AND kind = 'desired') AND at = ?",
-        (actor, machine_id, isoformat(at)),
-    )
+    return conn.execute(
+        "INSERT INTO machine_events (machine_id, at, kind, source, generation) "
+        f"SELECT machine_id, at, 'desired', source, generation FROM ({rows})",
+        params,
+    ).rowcount
 
 
 @dataclass(frozen=True)

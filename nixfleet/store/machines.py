@@ -30,7 +30,7 @@ from nixfleet.models import (
     stale_cutoff,
     utcnow,
 )
-from nixfleet.store import history
+from nixfleet.store import history, report_cache
 
 MAX_TAGS_PER_SOURCE = 64  # as the tags schema's maxItems: one request cannot add more
 
@@ -262,13 +262,25 @@ def set_desired(
     cache_url: str | None,
     source: str | None,
     now: datetime,
+    actor: str | None = None,
 ) -> None:
+    """An operator's desired generation (None clears it), with its history event.
+
+    The event's source is `actor` (who asked), else the desired source or "operator".
+    """
     _lifecycle(conn, machine_id)
+    history.add_desired(
+        conn,
+        "SELECT id AS machine_id, ? AS at, ? AS source, ? AS generation FROM machines "
+        "WHERE id = ? AND desired_generation IS NOT ?",
+        (isoformat(now), actor or source or "operator", store_path, machine_id, store_path),
+    )
     conn.execute(
         "UPDATE machines SET desired_generation = ?, desired_cache_url = ?, "
         "desired_source = ?, desired_set_at = ? WHERE id = ?",
         (store_path, cache_url, source, isoformat(now), machine_id),
     )
+    report_cache.note_machine(conn, machine_id)  # no trigger on desired (migration 0014)
 
 
 def request_retry(conn: sqlite3.Connection, machine_id: str, now: datetime) -> None:

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from nixfleet import rollout
 from nixfleet.models import MachineHealth, isoformat, parse_time
 from nixfleet.policy.reboot import RebootPolicy
-from nixfleet.store import audit
+from nixfleet.store import audit, webhooks
 
 AUDIT_SAMPLE = 20  # machines named in an aggregated audit row
 
@@ -151,8 +151,8 @@ def judge_batch(
     The tally counts the whole batch. Three statements, and no Python object per
     machine: a temp table of the changed verdicts (a quiet tick finds none), an
     UPDATE from it, and a count by health. Each newly unhealthy machine gets its
-    rollout event (written by INSERT … SELECT); the audit log gets one row per batch
-    and tick.
+    rollout event and its machine.unhealthy webhook (each by one INSERT … SELECT);
+    the audit log gets one row per batch and tick.
     """
     assert batch.started_at is not None
     spec = view.spec
@@ -189,6 +189,14 @@ def judge_batch(
             (view.id, at, batch.index),
         ).rowcount
         if failed:
+            webhooks.add_rows(
+                conn,
+                webhooks.MACHINE_UNHEALTHY,
+                "SELECT ? AS at, ? AS rollout_id, machine_id, json_object('reason', reason, "
+                "'batch', ?) AS detail_json FROM temp.judged WHERE health = 'unhealthy' "
+                "ORDER BY position",
+                (at, view.id, batch.index),
+            )
             sample = [
                 r[0]
                 for r in conn.execute(
@@ -207,15 +215,11 @@ def judge_batch(
                 {**detail, "machines": sample},
             )
         conn.execute("DELETE FROM temp.judged")
-    counts = dict(
-        conn.execute(
-            "SELECT health, COUNT(*) FROM rollout_machines WHERE rollout_id = ? AND batch_idx = ? "
-            "GROUP BY health",
-            (view.id, batch.index),
-        ).fetchall()
-    )
-    tally = rollout.Tally(
-        unhealthy=counts.get(MachineHealth.UNHEALTHY.value, 0),
-        waiting=counts.get(MachineHealth.PENDING.value, 0),
-    )
+    # Two filtered counts in one pass: half the cost of GROUP BY health (its temp B-tree).
+    unhealthy, waiting = conn.execute(
+        "SELECT count(*) FILTER (WHERE health = ?), count(*) FILTER (WHERE health = ?) "
+        "FROM rollout_machines WHERE rollout_id = ? AND batch_idx = ?",
+        (MachineHealth.UNHEALTHY.value, MachineHealth.PENDING.value, view.id, batch.index),
+    ).fetchone()
+    tally = rollout.Tally(unhealthy=unhealthy, waiting=waiting)
     return changed, tally
