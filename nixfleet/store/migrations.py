@@ -138,4 +138,43 @@ MIGRATIONS: list[tuple[str, str]] = [
         DROP TRIGGER webhook_rollout_event
         """,
     ),
+    # Reboots in a machine's history (DESIGN §3 History, §11): kinds 'reboot-needed' and
+    # 'rebooted' (machine_events rebuilt for its CHECK, rows kept with their ids); and
+    # the machine.reboot-needed webhook, by a trigger in the report's transaction when
+    # the agent first says the running generation needs a reboot.
+    (
+        "0016_reboot_history",
+        """
+        CREATE TABLE machine_events_new (
+            id INTEGER PRIMARY KEY,
+            machine_id TEXT NOT NULL REFERENCES machines (id) ON DELETE CASCADE,
+            at TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('generation', 'deployment-failed',
+                'rolled-back', 'health', 'tags', 'lifecycle', 'desired', 'reboot-needed',
+                'rebooted')),
+            source TEXT NOT NULL,
+            generation TEXT,
+            detail_json TEXT
+        );
+        INSERT INTO machine_events_new (id, machine_id, at, kind, source, generation, detail_json)
+            SELECT id, machine_id, at, kind, source, generation, detail_json
+            FROM machine_events ORDER BY id;
+        DROP TABLE machine_events;
+        ALTER TABLE machine_events_new RENAME TO machine_events;
+        CREATE INDEX machine_events_machine ON machine_events (machine_id, id);
+        CREATE TRIGGER webhook_machine_reboot_needed AFTER UPDATE OF needs_reboot ON machines
+        WHEN NEW.needs_reboot = 1 AND OLD.needs_reboot IS NOT 1 BEGIN
+            INSERT INTO webhook_outbox (event, at, rollout_id, machine_id, detail_json)
+            VALUES ('machine.reboot-needed', coalesce(NEW.last_report_at,
+                    strftime('%Y-%m-%dT%H:%M:%f000Z', 'now')),
+                (SELECT rm.rollout_id FROM rollout_machines rm
+                    JOIN rollouts r ON r.id = rm.rollout_id
+                    WHERE rm.machine_id = NEW.id AND r.status IN ('running', 'paused')
+                    ORDER BY r.created_at DESC LIMIT 1),
+                NEW.id,
+                json_object('generation', NEW.current_generation,
+                    'booted_generation', NEW.booted_generation));
+        END
+        """,
+    ),
 ]
