@@ -19,7 +19,7 @@ from nixfleet.cli.options import (
     rollout_argument,
     tags_option,
 )
-from nixfleet.cli.output import echo, emit_json, message, style, table
+from nixfleet.cli.output import echo, emit_json, message, printable, style, table
 from nixfleet.cli.release import register_release
 from nixfleet.cli.status import poll
 from nixfleet.errors import FieldError, RolloutHaltedError
@@ -253,6 +253,7 @@ def plan(state: State, file: Path, closures_: bool) -> None:
         data["hosts"] = costs
     if state.json:
         emit_json(data)
+        warn_targets(data["warnings"])
         return
     echo(
         f"rollout {data['name']}: {data['targets']} machine(s) in {len(data['batches'])} batch(es)"
@@ -268,6 +269,22 @@ def plan(state: State, file: Path, closures_: bool) -> None:
         echo(f"skipped {s['hostname']}: {s['reason']}")
     if not data["targets"]:
         message("no machine matches the target: check `target` with `nixfleet machines list`")
+    warn_targets(data["warnings"])
+
+
+WARNINGS_SHOWN = 10  # per kind; --json has them all
+
+
+def warn_targets(warnings: list[wire.TargetWarning]) -> None:
+    """Targets that will not follow (decommissioned, stale): to stderr, --json or not."""
+    for kind in ("decommissioned", "stale"):
+        mine = [w for w in warnings if w["kind"] == kind]
+        for w in mine[:WARNINGS_SHOWN]:
+            message(f"warning: {printable(w['hostname'])} is {printable(w['detail'])}")
+        if len(mine) > WARNINGS_SHOWN:
+            message(
+                f"warning: and {len(mine) - WARNINGS_SHOWN} more {kind} targets (--json lists them)"
+            )
 
 
 def submit(state: State, doc: dict[str, Any], wait: bool, interval: float) -> None:
@@ -279,6 +296,7 @@ def submit(state: State, doc: dict[str, Any], wait: bool, interval: float) -> No
         message(f"{verb} rollout {data['name']} ({data['id']}), {len(data['batches'])} batch(es)")
         if not state.json:
             echo(data["id"])
+    warn_targets(data["warnings"])
     if wait:
         follow(state, data["id"], True, interval)
 

@@ -601,4 +601,100 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX reboot_leases_machine ON reboot_leases (machine_id)
         """,
     ),
+    # History in a compact layout (issue 16; nixfleet.store.history says what each
+    # column holds, docs/performance.md "Storage" why): events clustered per machine
+    # under (machine number, seq) in a WITHOUT ROWID table, times as integers, kind and
+    # source as small codes, store paths without their constant parts. The events of
+    # 0010's layout are carried over in order (each keeping its path text: references
+    # to an earlier event's path are written by new events only). The desired trigger
+    # is the same rule in the new layout. machine_history shows the rows readably.
+    (
+        "0014_compact_machine_events",
+        """
+        CREATE TABLE machine_numbers (
+            num INTEGER PRIMARY KEY,
+            machine_id TEXT NOT NULL UNIQUE REFERENCES machines (id) ON DELETE CASCADE
+        );
+        INSERT INTO machine_numbers (machine_id) SELECT id FROM machines ORDER BY id;
+        CREATE TRIGGER machine_numbered AFTER INSERT ON machines BEGIN
+            INSERT INTO machine_numbers (machine_id) VALUES (NEW.id);
+        END;
+        CREATE TABLE event_kinds (code INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+        INSERT INTO event_kinds (code, name) VALUES (0, 'desired'), (1, 'generation'),
+            (2, 'health'), (3, 'deployment-failed'), (4, 'rolled-back'), (5, 'tags'),
+            (6, 'lifecycle');
+        CREATE TABLE event_sources (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+        INSERT INTO event_sources (id, name) VALUES (1, 'agent'), (2, 'operator');
+        INSERT OR IGNORE INTO event_sources (name)
+            SELECT source FROM machine_events GROUP BY source ORDER BY min(id);
+        CREATE TABLE events_0014 (
+            machine INTEGER NOT NULL REFERENCES machine_numbers (num) ON DELETE CASCADE,
+            seq INTEGER NOT NULL,
+            at INTEGER NOT NULL,
+            kind INTEGER NOT NULL REFERENCES event_kinds (code),
+            source INTEGER NOT NULL REFERENCES event_sources (id),
+            generation,
+            detail TEXT,
+            PRIMARY KEY (machine, seq)
+        ) WITHOUT ROWID;
+        INSERT INTO events_0014 (machine, seq, at, kind, source, generation, detail)
+        SELECT n.num, row_number() OVER (PARTITION BY e.machine_id ORDER BY e.id),
+            unixepoch(substr(e.at, 1, 19)) * 1000000 + CAST(substr(e.at, 21, 6) AS INTEGER),
+            k.code, s.id,
+            CASE WHEN substr(e.generation, 1, 11) = '/nix/store/'
+                AND substr(e.generation, 12, 1) <> '/' AND length(e.generation) > 11
+                AND instr(e.generation, char(1)) = 0
+                THEN replace(substr(e.generation, 12), '-nixos-system-', char(1))
+                ELSE e.generation END,
+            e.detail_json
+        FROM machine_events e
+        JOIN machine_numbers n ON n.machine_id = e.machine_id
+        JOIN event_kinds k ON k.name = e.kind
+        JOIN event_sources s ON s.name = e.source
+        ORDER BY n.num, e.id;
+        DROP TRIGGER machine_desired_changed;
+        DROP TABLE machine_events;
+        ALTER TABLE events_0014 RENAME TO machine_events;
+        CREATE TRIGGER machine_desired_changed AFTER UPDATE OF desired_generation ON machines
+        WHEN OLD.desired_generation IS NOT NEW.desired_generation BEGIN
+            INSERT OR IGNORE INTO event_sources (name)
+                VALUES (coalesce(NEW.desired_source, 'operator'));
+            INSERT INTO machine_events (machine, seq, at, kind, source, generation)
+            SELECT n.num, coalesce((SELECT max(e.seq) FROM machine_events e
+                    WHERE e.machine = n.num), 0) + 1,
+                unixepoch(substr(t.at, 1, 19)) * 1000000
+                    + CAST(substr(t.at, 21, 6) AS INTEGER),
+                0,
+                (SELECT s.id FROM event_sources s
+                    WHERE s.name = coalesce(NEW.desired_source, 'operator')),
+                CASE WHEN substr(NEW.desired_generation, 1, 11) = '/nix/store/'
+                    AND substr(NEW.desired_generation, 12, 1) <> '/'
+                    AND length(NEW.desired_generation) > 11
+                    AND instr(NEW.desired_generation, char(1)) = 0
+                    THEN replace(substr(NEW.desired_generation, 12), '-nixos-system-', char(1))
+                    ELSE NEW.desired_generation END
+            FROM machine_numbers n, (SELECT coalesce(NEW.desired_set_at,
+                strftime('%Y-%m-%dT%H:%M:%f000Z', 'now')) AS at) t
+            WHERE n.machine_id = NEW.id;
+        END;
+        CREATE VIEW machine_history AS
+        SELECT n.machine_id, e.seq,
+            strftime('%Y-%m-%dT%H:%M:%S', e.at / 1000000, 'unixepoch')
+                || printf('.%06dZ', e.at % 1000000) AS at,
+            k.name AS kind, s.name AS source,
+            CASE WHEN e.path IS NULL OR substr(e.path, 1, 1) = '/' THEN e.path
+                ELSE '/nix/store/' || replace(e.path, char(1), '-nixos-system-')
+                END AS generation,
+            e.detail
+        FROM (SELECT h.machine, h.seq, h.at, h.kind, h.source, h.detail,
+                CASE WHEN typeof(h.generation) = 'integer' THEN
+                    (SELECT x.generation FROM machine_events x WHERE x.machine = h.machine
+                        AND x.seq = h.seq - h.generation)
+                ELSE h.generation END AS path
+            FROM machine_events h) e
+        JOIN machine_numbers n ON n.num = e.machine
+        JOIN event_kinds k ON k.code = e.kind
+        JOIN event_sources s ON s.id = e.source
+        """,
+    ),
 ]
