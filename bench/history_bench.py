@@ -9,7 +9,7 @@ changes among them are heartbeats, which write no history. So the changes are wr
 set-based, with the very statements and shapes the control plane uses:
 
 - desired generation: one UPDATE of machines per day, as a rollout's ticks issue it;
-  the real trigger (migration 0014) writes the desired events;
+  the real trigger (migration 0015) writes the desired events;
 - the switch the next report shows, and the health flaps: INSERT … SELECT of the rows
   record_report writes for them. That they are the same rows is checked here: a real
   record_report of a switch and of a flap, on a sample machine, must write exactly the

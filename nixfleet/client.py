@@ -423,7 +423,7 @@ class Client:
         tags: Sequence[str] = (),
         hostname_glob: str | None = None,
     ) -> wire.CreatedEnrollToken:
-        body: dict[str, Any] = {"uses": uses, "expires_in_seconds": expires_in_seconds}
+        body: wire.EnrollTokenCreate = {"uses": uses, "expires_in_seconds": expires_in_seconds}
         if tags:
             body["tags"] = list(tags)
         if hostname_glob:

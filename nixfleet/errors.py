@@ -8,7 +8,9 @@ ends with, so the mapping lives here and is applied in exactly one place each
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
+
+from nixfleet.wire import FieldErrorBody
 
 
 @dataclass(frozen=True)
@@ -19,8 +21,8 @@ class FieldError:
     message: str
     line: int | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"field": self.field, "message": self.message}
+    def to_dict(self) -> FieldErrorBody:
+        out: FieldErrorBody = {"field": self.field, "message": self.message}
         if self.line is not None:
             out["line"] = self.line
         return out

@@ -54,6 +54,9 @@ def format_duration(seconds: int) -> str:
     return f"{seconds}s"
 
 
+SCHEMA = "rollout"  # schemas/rollout.schema.json: API bodies and GitOps rollout files
+
+
 def _percent_or_count(value: int | str) -> tuple[int, bool]:
     if isinstance(value, str) and value.endswith("%"):
         return int(value[:-1]), True
@@ -61,7 +64,7 @@ def _percent_or_count(value: int | str) -> tuple[int, bool]:
 
 
 def spec_from_document(doc: Mapping[str, Any]) -> RolloutSpec:
-    """A RolloutSpec from a document that `schemas.validate("rollout", …)` accepted."""
+    """A RolloutSpec from a document that `schemas.validate(SCHEMA, …)` accepted."""
     target = doc.get("target", {})
     return RolloutSpec(
         name=doc["name"],

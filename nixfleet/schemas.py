@@ -28,6 +28,7 @@ from referencing import Registry, Resource
 
 from nixfleet import models
 from nixfleet.errors import FieldError, ValidationError
+from nixfleet.wire import JSONObject
 
 BASE_URI = "https://nixfleet.dev/schemas/"
 
@@ -49,9 +50,9 @@ def _registry() -> Registry:
 
 
 @functools.cache
-def load(name: str) -> dict[str, Any]:
+def load(name: str) -> JSONObject:
     """The schema document `schemas/<name>.schema.json`."""
-    data: dict[str, Any] = json.loads((_schema_dir() / f"{name}.schema.json").read_text())
+    data: JSONObject = json.loads((_schema_dir() / f"{name}.schema.json").read_text())
     return data
 
 
@@ -193,7 +194,7 @@ def _compile(schema: Any, resolver: Any) -> Check:
     return every
 
 
-def _keyword(key: str, value: Any, schema: dict[str, Any], resolver: Any) -> Check:
+def _keyword(key: str, value: Any, schema: JSONObject, resolver: Any) -> Check:
     if key == "$ref":
         resolved = resolver.lookup(value)
         return _compile(resolved.contents, resolved.resolver)

@@ -18,6 +18,7 @@ from typing import Any
 from nixfleet.errors import FieldError, ValidationError
 from nixfleet.policy import fleet
 from nixfleet.policy.fleet import FleetPolicy
+from nixfleet.wire import JSONObject
 
 DEFAULT_PORT = 8470
 
@@ -150,7 +151,7 @@ class Settings:
 
 def load(path: str | Path | None = None, **overrides: Any) -> Settings:
     """Settings from an optional JSON file, then non-None overrides; validated."""
-    data: dict[str, Any] = {}
+    data: JSONObject = {}
     if path is not None:
         try:
             data = json.loads(Path(path).read_text())

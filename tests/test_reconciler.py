@@ -402,6 +402,11 @@ def test_batches_started_before_the_bounded_ticks_migration_are_not_rewritten(
         mp.setattr(migrations, "MIGRATIONS", old)
         mp.setattr("nixfleet.store.db.MIGRATIONS", old)
         s = Store(path)
+        with s.transaction() as conn:  # today's writers record changes for the report cache
+            conn.execute(
+                "CREATE TABLE cache_changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT, "
+                "machine_id TEXT, rollout_id TEXT, lo INTEGER, hi INTEGER)"
+            )
         rel = setup_fleet(s)
         with s.transaction() as conn:
             rid = store_rollouts.apply(conn, rollout_doc(rel), "key:test", T0, HINT).id
@@ -410,6 +415,7 @@ def test_batches_started_before_the_bounded_ticks_migration_are_not_rewritten(
                 "WHERE rollout_id = ? AND idx = 0",
                 ("2026-11-27T10:00:00Z", rid),
             )
+            conn.execute("DROP TABLE cache_changes")  # migration 0014 makes the real one
         s.close()
     s = Store(path)
     with s.read() as conn:

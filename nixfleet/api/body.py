@@ -19,12 +19,13 @@ from nixfleet.errors import (
     UnsupportedMediaTypeError,
     UsageError,
 )
+from nixfleet.wire import JSONObject
 
 MAX_DEPTH = 32
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> JSONObject:
+    out: JSONObject = {}
     for key, value in pairs:
         if key in out:
             raise UsageError(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
 
 import falcon
 
@@ -29,7 +28,7 @@ from nixfleet.store.rollouts import RolloutDetail, RolloutSummary
 STATUSES = [s.value for s in RolloutStatus] + ["invalid"]
 
 # The `warnings` of plan and apply answers (the OpenAPI document shows it).
-WARNINGS_SCHEMA: dict[str, Any] = {
+WARNINGS_SCHEMA: wire.JSONObject = {
     "type": "object",
     "required": ["warnings"],
     "properties": {
@@ -74,8 +73,7 @@ def _warnings(
     return [warning_json(w, stale_after) for w in found]
 
 
-def listed_json(s: RolloutSummary) -> wire.RolloutListItem:
-    counts = {h.value: s.machines.get(h, 0) for h in MachineHealth}
+def summary_json(s: RolloutSummary) -> wire.RolloutSummary:
     return {
         "id": s.id,
         "name": s.name,
@@ -85,32 +83,28 @@ def listed_json(s: RolloutSummary) -> wire.RolloutListItem:
         "created_at": isoformat(s.created_at),
         "created_by": s.created_by,
         "updated_at": isoformat(s.updated_at),
-        "machines": {"total": sum(counts.values()), **counts},
     }
 
 
-def invalid_file_json(f: rollout_files.InvalidFile) -> wire.RolloutListItem:
+def listed_json(s: RolloutSummary) -> wire.ListedRollout:
+    counts = {h.value: s.machines.get(h, 0) for h in MachineHealth}
+    return {**summary_json(s), "machines": {"total": sum(counts.values()), **counts}}
+
+
+def invalid_file_json(f: rollout_files.InvalidFile) -> wire.InvalidRolloutFile:
     return {
         "id": None,
         "name": f.name,
         "file": f.path,
         "status": "invalid",
-        "errors": f.errors,
+        "errors": [e.to_dict() for e in f.errors],
         "updated_at": isoformat(f.checked_at),
     }
 
 
 def detail_json(d: RolloutDetail) -> wire.Rollout:
-    s = d.summary
     return {
-        "id": s.id,
-        "name": s.name,
-        "release": s.release,
-        "status": s.status.value,
-        "source": s.source,
-        "created_at": isoformat(s.created_at),
-        "created_by": s.created_by,
-        "updated_at": isoformat(s.updated_at),
+        **summary_json(d.summary),
         "document": d.document,
         "skipped": [{"hostname": s.hostname, "reason": s.reason} for s in d.skipped],
         "hold": None if d.hold is None else {"kind": d.hold[0], "detail": d.hold[1]},
@@ -180,7 +174,7 @@ def plan_json(
 
 class RolloutCollection:
     permissions = {"GET": Perm.READONLY, "POST": Perm.DEPLOY}
-    schemas = {"POST": "rollout"}
+    schemas = {"POST": rollout.SCHEMA}
     answers = {"POST": WARNINGS_SCHEMA}
 
     def __init__(self, ctx: Context) -> None:
@@ -195,7 +189,9 @@ class RolloutCollection:
                 errors=[FieldError("status", f"one of: {', '.join(STATUSES)}")],
             )
         with self.ctx.store.read() as conn:
-            listed = [listed_json(r) for r in rollouts.list_rollouts(conn, status)]
+            listed: list[wire.RolloutListItem] = [
+                listed_json(r) for r in rollouts.list_rollouts(conn, status)
+            ]
             if status in (None, "invalid"):
                 listed += [invalid_file_json(f) for f in rollout_files.invalid_files(conn)]
         resp.media = {"rollouts": listed}
@@ -219,7 +215,7 @@ class RolloutCollection:
 
 class RolloutPlan:
     permissions = {"POST": Perm.READONLY}
-    schemas = {"POST": "rollout"}
+    schemas = {"POST": rollout.SCHEMA}
     answers = {"POST": WARNINGS_SCHEMA}
 
     def __init__(self, ctx: Context) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -33,7 +32,7 @@ HEALTH_COLORS = {
 SHOW_ALL_UP_TO = 20
 
 
-def _document(state: State, file: Path, register: bool) -> dict[str, Any]:
+def _document(state: State, file: Path, register: bool) -> wire.RolloutDocument:
     """A validated rollout file as the API's JSON; a release TOML is registered first."""
     from nixfleet import rolloutfile  # with PyYAML: imported when used, for a fast --help
 
@@ -287,7 +286,7 @@ def warn_targets(warnings: list[wire.TargetWarning]) -> None:
             )
 
 
-def submit(state: State, doc: dict[str, Any], wait: bool, interval: float) -> None:
+def submit(state: State, doc: wire.RolloutDocument, wait: bool, interval: float) -> None:
     data = state.client().apply_rollout(doc)
     if state.json and not wait:
         emit_json(data)
@@ -346,14 +345,13 @@ def list_(state: State, status: str | None) -> None:
         return
     rows = []
     for r in data["rollouts"]:
-        if r["status"] == "invalid":
+        if "file" in r:  # an invalid rollout file
             errs = "; ".join(
-                str(FieldError(e["field"], e["message"], e.get("line")))
-                for e in r.get("errors", [])
+                str(FieldError(e["field"], e["message"], e.get("line"))) for e in r["errors"]
             )
-            rows.append([r["name"] or "-", "-", "invalid", "-", "-", f"{r.get('file')}: {errs}"])
+            rows.append([r["name"] or "-", "-", "invalid", "-", "-", f"{r['file']}: {errs}"])
             continue
-        m = r.get("machines", {})
+        m = r["machines"]
         counts = f"{m.get('healthy', 0)}/{m.get('total', 0)} healthy" + (
             f", {m['unhealthy']} unhealthy" if m.get("unhealthy") else ""
         )

@@ -16,7 +16,7 @@ from nixfleet import gitops, reconciler
 from nixfleet.controlplane import webhooks
 from nixfleet.models import utcnow
 from nixfleet.settings import Settings
-from nixfleet.store import Store, history
+from nixfleet.store import Store, history, report_cache
 
 log = logging.getLogger("nixfleet.controlplane.background")
 
@@ -69,8 +69,14 @@ def prune_history(settings: Settings, store: Store, machines: int) -> int:
     return deleted
 
 
+def prune_cache_changes(settings: Settings, store: Store) -> None:
+    """The report cache's change list keeps its newest rows (store.report_cache)."""
+    with store.transaction() as conn:
+        report_cache.prune(conn)
+
+
 # Jobs run in order every interval.
-JOBS: list[Job] = [gitops.job, reconciler.job, PruneHistory(), checkpoint]
+JOBS: list[Job] = [gitops.job, reconciler.job, PruneHistory(), prune_cache_changes, checkpoint]
 
 
 def run_once(settings: Settings, store: Store) -> None:

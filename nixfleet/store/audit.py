@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from nixfleet.models import isoformat
+from nixfleet.wire import JSONObject
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,7 @@ class AuditEntry:
     actor: str
     action: str
     target: str
-    detail: dict[str, Any]
+    detail: JSONObject
 
 
 def record(

@@ -23,14 +23,21 @@ write: a database replaced or deleted under the process stops writes with a
 clear error instead of writing to a file nobody will read. At open, an empty file
 where a database is expected, a file that is not a database, and (with `check`)
 a failed `PRAGMA quick_check` raise DatabaseFileError.
+
+Every commit also bumps a counter in `<db>.changes` (8 bytes, memory-mapped by
+every process, written under the flock): the report path's in-memory view
+(nixfleet.api.report_cache) compares it with the value it last caught up with, so
+a request knows without any SQLite call whether anything was committed since.
 """
 
 from __future__ import annotations
 
 import fcntl
 import logging
+import mmap
 import os
 import sqlite3
+import struct
 import threading
 import time
 import urllib.parse
@@ -60,6 +67,7 @@ UNAVAILABLE = {
 # After a checkpoint has copied the whole WAL back, the next commit rewinds the WAL and
 # truncates the file to this size, so one large transaction does not leave a large file.
 WAL_SIZE_LIMIT = 8 * 1024 * 1024
+COUNTER_BYTES = 8
 
 
 class Store:
@@ -92,6 +100,8 @@ class Store:
         self._writer_busy_ms = -1
         self._busy_until = 0.0  # monotonic: an outside writer held the lock; fail fast
         self._lock_fd = -1  # `<db>.lock`, opened by the first write of this process
+        self._counter: mmap.mmap | None = None  # `<db>.changes` (change_count)
+        self._counter_failed = False
         self._identity = (-1, -1)
         try:
             self._identity = self._prepare(init)
@@ -253,8 +263,39 @@ class Store:
                     # every later BEGIN fails ("cannot start a transaction within …").
                     self._rollback(conn)
                     _reraise(e)
+                self._bump()  # still under the flock: no bump is lost
         finally:
             self._write_lock.release()
+
+    def _counter_map(self) -> mmap.mmap | None:
+        if self._counter is None and not self._counter_failed:
+            try:
+                fd = os.open(f"{self.path}.changes", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    if os.fstat(fd).st_size < COUNTER_BYTES:
+                        os.ftruncate(fd, COUNTER_BYTES)
+                    self._counter = mmap.mmap(fd, COUNTER_BYTES)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                self._counter_failed = True  # change_count() is None: nothing may trust it
+                log.warning("no change counter at %s.changes (%s)", self.path, e.strerror)
+        return self._counter
+
+    def _bump(self) -> None:
+        counter = self._counter_map()
+        if counter is not None:
+            struct.pack_into("<Q", counter, 0, (struct.unpack_from("<Q", counter)[0] + 1) % 2**64)
+
+    def change_count(self) -> int | None:
+        """The commit counter shared by every process of this database (None: unavailable).
+
+        It moves after every commit made through a Store, in any process; equal values
+        mean nothing was committed in between (by a Store: other writers are noticed
+        through `PRAGMA data_version`, see api.report_cache).
+        """
+        counter = self._counter_map()
+        return None if counter is None else int(struct.unpack_from("<Q", counter)[0])
 
     def _begin(self) -> sqlite3.Connection:
         conn = self._writer_connection()
@@ -415,6 +456,9 @@ class Store:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+        if self._counter is not None:
+            self._counter.close()
+            self._counter = None
 
 
 def _reraise(e: sqlite3.Error) -> NoReturn:

@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from nixfleet.errors import AuthenticationError, NotFoundError, PermissionDeniedError
 from nixfleet.models import isoformat, parse_time
 from nixfleet.store.credentials import digest
+from nixfleet.store.rows import from_row
 
 ENROLL_PREFIX = "nfe_"
 MAX_USES = 100_000
@@ -56,18 +57,7 @@ class EnrollToken:
 
 
 def _token(r: sqlite3.Row) -> EnrollToken:
-    return EnrollToken(
-        id=r["id"],
-        created_at=r["created_at"],
-        created_by=r["created_by"],
-        expires_at=r["expires_at"],
-        uses_left=r["uses_left"],
-        uses_total=r["uses_total"],
-        tags=tuple(json.loads(r["tags_json"])),
-        hostname_glob=r["hostname_glob"],
-        revoked_at=r["revoked_at"],
-        last_used_at=r["last_used_at"],
-    )
+    return from_row(EnrollToken, r, tags=tuple(json.loads(r["tags_json"])))
 
 
 def create(

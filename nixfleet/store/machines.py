@@ -30,7 +30,7 @@ from nixfleet.models import (
     stale_cutoff,
     utcnow,
 )
-from nixfleet.store import history
+from nixfleet.store import history, report_cache
 
 MAX_TAGS_PER_SOURCE = 64  # as the tags schema's maxItems: one request cannot add more
 
@@ -269,6 +269,7 @@ def set_desired(
         "desired_source = ?, desired_set_at = ? WHERE id = ?",
         (store_path, cache_url, source, isoformat(now), machine_id),
     )
+    report_cache.note_machine(conn, machine_id)  # no trigger on desired (migration 0014)
 
 
 def request_retry(conn: sqlite3.Connection, machine_id: str, now: datetime) -> None:

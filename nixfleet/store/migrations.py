@@ -601,6 +601,68 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX reboot_leases_machine ON reboot_leases (machine_id)
         """,
     ),
+    # The report path's in-memory view (nixfleet.api.report_cache, docs/control-plane.md
+    # "Heartbeats"): every change to what a report is answered from, or judged a
+    # heartbeat against, appends a row here in the transaction that makes it, so each
+    # server process reloads exactly what changed. kind 'machine': one machine (its
+    # state, lifecycle, tags, token, retry); 'rollout': a rollout's answer fields
+    # (status, poll hint, confirm window, reboot policy); 'members': the machines of
+    # a rollout at positions (lo, hi] (a new rollout: all of them; a tick writing
+    # desired generations: its chunk, recorded by store.ticks itself, as a per-row
+    # trigger on the bulk desired writes costs the tick 3-9 us a machine).
+    # The desired generation an operator sets is recorded by store.machines.set_desired.
+    (
+        "0014_report_cache",
+        """
+        CREATE TABLE cache_changes (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            kind TEXT NOT NULL CHECK (kind IN ('machine', 'rollout', 'members')),
+            machine_id TEXT,
+            rollout_id TEXT,
+            lo INTEGER,
+            hi INTEGER
+        );
+        CREATE TRIGGER cache_machine_changed AFTER UPDATE OF lifecycle, current_generation,
+            failed_generation, last_success, last_message, system_state, health_json,
+            agent_version, needs_reboot, booted_generation, retry_requested_at, tags_json
+            ON machines
+        WHEN OLD.lifecycle IS NOT NEW.lifecycle
+            OR OLD.current_generation IS NOT NEW.current_generation
+            OR OLD.failed_generation IS NOT NEW.failed_generation
+            OR OLD.last_success IS NOT NEW.last_success
+            OR OLD.last_message IS NOT NEW.last_message
+            OR OLD.system_state IS NOT NEW.system_state
+            OR OLD.health_json IS NOT NEW.health_json
+            OR OLD.agent_version IS NOT NEW.agent_version
+            OR OLD.needs_reboot IS NOT NEW.needs_reboot
+            OR OLD.booted_generation IS NOT NEW.booted_generation
+            OR OLD.retry_requested_at IS NOT NEW.retry_requested_at
+            OR OLD.tags_json IS NOT NEW.tags_json BEGIN
+            INSERT INTO cache_changes (kind, machine_id) VALUES ('machine', NEW.id);
+        END;
+        CREATE TRIGGER cache_token_added AFTER INSERT ON machine_tokens BEGIN
+            INSERT INTO cache_changes (kind, machine_id) VALUES ('machine', NEW.machine_id);
+        END;
+        CREATE TRIGGER cache_token_changed AFTER UPDATE ON machine_tokens BEGIN
+            INSERT INTO cache_changes (kind, machine_id) VALUES ('machine', OLD.machine_id);
+            INSERT INTO cache_changes (kind, machine_id) VALUES ('machine', NEW.machine_id);
+        END;
+        CREATE TRIGGER cache_token_removed AFTER DELETE ON machine_tokens BEGIN
+            INSERT INTO cache_changes (kind, machine_id) VALUES ('machine', OLD.machine_id);
+        END;
+        CREATE TRIGGER cache_rollout_added AFTER INSERT ON rollouts BEGIN
+            INSERT INTO cache_changes (kind, rollout_id) VALUES ('rollout', NEW.id);
+            INSERT INTO cache_changes (kind, rollout_id) VALUES ('members', NEW.id);
+        END;
+        CREATE TRIGGER cache_rollout_changed AFTER UPDATE OF status, poll_hint, confirm_timeout,
+            reboot ON rollouts
+        WHEN OLD.status IS NOT NEW.status OR OLD.poll_hint IS NOT NEW.poll_hint
+            OR OLD.confirm_timeout IS NOT NEW.confirm_timeout
+            OR OLD.reboot IS NOT NEW.reboot BEGIN
+            INSERT INTO cache_changes (kind, rollout_id) VALUES ('rollout', NEW.id);
+        END
+        """,
+    ),
     # History in a compact layout (issue 16; nixfleet.store.history says what each
     # column holds, docs/performance.md "Storage" why): events clustered per machine
     # under (machine number, seq) in a WITHOUT ROWID table, times as integers, kind and
@@ -609,7 +671,7 @@ MIGRATIONS: list[tuple[str, str]] = [
     # to an earlier event's path are written by new events only). The desired trigger
     # is the same rule in the new layout. machine_history shows the rows readably.
     (
-        "0014_compact_machine_events",
+        "0015_compact_machine_events",
         """
         CREATE TABLE machine_numbers (
             num INTEGER PRIMARY KEY,

@@ -29,7 +29,7 @@ from nixfleet.store.machines import STALE_SQL
 
 def spec_of(doc: Any, what: str = "rollout") -> RolloutSpec:
     """Validate a rollout document and turn it into a RolloutSpec."""
-    schemas.validate("rollout", doc, what)
+    schemas.validate(rollout.SCHEMA, doc, what)
     policy.validate(doc, what)
     return rollout.spec_from_document(doc)
 

@@ -31,6 +31,7 @@ from nixfleet.policy.reboot import RebootPolicy
 from nixfleet.store import audit
 from nixfleet.store.planning import make_plan, spec_of
 from nixfleet.store.verdicts import FACTS_SQL, facts_of
+from nixfleet.wire import JSONObject, RolloutDocument
 
 
 def source_label(name: str) -> str:
@@ -178,7 +179,7 @@ def add_events(
         ],
     )
     for e in events:
-        detail: dict[str, Any] = {**e.detail, "rollout": rollout_id}
+        detail: JSONObject = {**e.detail, "rollout": rollout_id}
         if e.batch is not None:
             detail["batch"] = e.batch
         if e.machine_id is not None:
@@ -230,7 +231,7 @@ class RolloutEvent:
     kind: str
     batch: int | None
     machine: str | None
-    detail: dict[str, Any]
+    detail: JSONObject
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,7 @@ class RolloutDetail:
     """Everything `rollout status` shows."""
 
     summary: RolloutSummary
-    document: dict[str, Any]  # the rollout document as applied
+    document: RolloutDocument  # as applied
     skipped: tuple[rollout.Skip, ...]
     batches: tuple[BatchDetail, ...]
     events: tuple[RolloutEvent, ...]  # the latest 200, oldest first

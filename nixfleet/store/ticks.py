@@ -12,6 +12,7 @@ from datetime import datetime
 
 from nixfleet import rollout
 from nixfleet.models import BatchStatus, RolloutStatus, isoformat
+from nixfleet.store.report_cache import note_members
 from nixfleet.store.rollouts import set_poll_hint, source_label
 
 
@@ -128,6 +129,7 @@ def write_desired(
         "AND position > ? AND position <= ?)",
         (view.id, cache_url, label, isoformat(now), view.id, batch, after, until),
     )
+    note_members(conn, view.id, after, until)  # the report path's memory (migration 0014)
     conn.execute(
         "UPDATE rollout_batches SET started_until = ? WHERE rollout_id = ? AND idx = ?",
         (until, view.id, batch),
@@ -160,6 +162,7 @@ def revert(
             "AND machines.desired_source = ?",
             (isoformat(now), rollout_id, after, until, source_label(name)),
         )
+        note_members(conn, rollout_id, after, until)
     more = end is not None and until < end
     conn.execute(
         "UPDATE rollouts SET revert_after = ? WHERE id = ?", (until if more else None, rollout_id)

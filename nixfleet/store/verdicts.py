@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sqlite3
 from datetime import datetime, timedelta
-from typing import Any
 
 from nixfleet import rollout
 from nixfleet.models import MachineHealth, isoformat, parse_time
@@ -115,7 +114,7 @@ def judge_params(
     soak: int,
     window: tuple[int, int] = (-1, 2**62),
     reboot: bool = False,
-) -> dict[str, Any]:
+) -> dict[str, str | int]:
     """JUDGE_SQL's parameters: everything judge() derives from the clock, computed once.
 
     `window` (after, until] limits the judged machines to those positions.

@@ -15,11 +15,12 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 from nixfleet.models import isoformat, stale_cutoff
 from nixfleet.settings import Webhook
 from nixfleet.store.machines import STALE_SQL  # the one SQL form of stale
+from nixfleet.store.rows import from_row
+from nixfleet.wire import JSONObject, WebhookEvent, WebhookRollout
 
 FAN_OUT_BATCH = 1000
 KEEP_ATTEMPTS = 20  # attempts shown per delivery (all are kept until pruned)
@@ -35,10 +36,10 @@ class Event:
     rollout_id: str | None
     rollout_name: str | None
     machine_id: str | None
-    detail: dict[str, Any]
+    detail: JSONObject
 
-    def payload(self) -> dict[str, Any]:
-        rollout = (
+    def payload(self) -> WebhookEvent:
+        rollout: WebhookRollout | None = (
             None if self.rollout_id is None else {"id": self.rollout_id, "name": self.rollout_name}
         )
         return {
@@ -95,16 +96,9 @@ _EVENT_SQL = (
 )
 
 
-def _event(row: sqlite3.Row) -> Event:
-    return Event(
-        id=row["id"],
-        event=row["event"],
-        at=row["at"],
-        rollout_id=row["rollout_id"],
-        rollout_name=row["rollout_name"],
-        machine_id=row["machine_id"],
-        detail=json.loads(row["detail_json"]),
-    )
+def _event(row: sqlite3.Row, id_column: str = "id") -> Event:
+    """The outbox row's Event (`id_column`: where a join keeps the outbox id)."""
+    return from_row(Event, row, id=row[id_column], detail=json.loads(row["detail_json"]))
 
 
 def add(
@@ -114,7 +108,7 @@ def add(
     *,
     machine_id: str | None = None,
     rollout_id: str | None = None,
-    detail: dict[str, Any] | None = None,
+    detail: JSONObject | None = None,
 ) -> None:
     """An event from Python code, inside the caller's transaction."""
     conn.execute(
@@ -299,31 +293,13 @@ def deliveries(
             f"WHERE delivery_id IN ({marks})) WHERE n <= ? ORDER BY delivery_id, id",
             (*ids, KEEP_ATTEMPTS),
         ):
-            history.setdefault(a["delivery_id"], []).append(
-                Attempt(a["at"], a["status"], a["error"], a["duration_ms"])
-            )
+            history.setdefault(a["delivery_id"], []).append(from_row(Attempt, a))
     return [
-        Delivery(
-            id=r["id"],
-            url=r["url"],
-            state=r["state"],
-            attempts=r["attempts"],
-            created_at=r["created_at"],
-            expires_at=r["expires_at"],
+        from_row(
+            Delivery,
+            r,
             next_attempt_at=r["next_attempt_at"] if r["state"] == "pending" else None,
-            last_attempt_at=r["last_attempt_at"],
-            last_status=r["last_status"],
-            last_error=r["last_error"],
-            finished_at=r["finished_at"],
-            event=Event(
-                id=r["outbox_id"],
-                event=r["event"],
-                at=r["at"],
-                rollout_id=r["rollout_id"],
-                rollout_name=r["rollout_name"],
-                machine_id=r["machine_id"],
-                detail=json.loads(r["detail_json"]),
-            ),
+            event=_event(r, "outbox_id"),
             history=tuple(history.get(r["id"], ())),
         )
         for r in rows

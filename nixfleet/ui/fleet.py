@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import falcon
 
@@ -56,7 +56,7 @@ def parse_tags(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(wanted), tuple(unwanted)
 
 
-def parse_query(req: falcon.Request) -> tuple[fleet.FleetQuery, dict[str, Any]]:
+def parse_query(req: falcon.Request) -> tuple[fleet.FleetQuery, dict[str, str | int]]:
     """The page's filters from its query string, and the same as plain params for links."""
     tags_text = (req.get_param("tags") or "")[:1024]
     wanted, unwanted = parse_tags(tags_text)
@@ -97,7 +97,7 @@ def parse_query(req: falcon.Request) -> tuple[fleet.FleetQuery, dict[str, Any]]:
         page=page,
         per_page=PER_PAGE,
     )
-    params = {
+    params: dict[str, str | int] = {
         "tags": tags_text,
         "lifecycle": lifecycle.value if lifecycle else "",
         "sync": sync.value if sync else "",

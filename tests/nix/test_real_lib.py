@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +34,7 @@ def _load(name: str, path: Path) -> ModuleType:
 
 
 units = _load("nixfleet_test_units", Path(__file__).resolve().parent / "units.py")
+
 ROOT: Path = units.ROOT
 EVAL = ROOT / "tests" / "nix" / "eval-modules.nix"
 
@@ -54,27 +54,13 @@ BOTH = (
 )
 
 
+nix_eval = units.nix_eval
+
+
 @pytest.fixture(scope="module")
 def lib() -> str:
-    if shutil.which("nix-instantiate") is None:
-        pytest.fail("nix is not installed: run `apt-get install -y nix-bin` (Debian) and retry")
-    path: str = units.nixpkgs_lib()
+    path: str = units.require_lib()
     return path
-
-
-def nix_eval(expr: str, *, check: bool = True) -> Any:
-    done = subprocess.run(
-        ["nix-instantiate", "--read-write-mode", "--eval", "--strict", "--json", "--expr", expr],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={**os.environ, "NIX_CONFIG": units.NIX_CONFIG},
-    )
-    if not check:
-        return done
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
 
 
 def eval_real(lib: str, config: str) -> Any:
@@ -263,15 +249,6 @@ def test_script_becomes_an_executable_job_script(lib: str, tmp_path: Path) -> No
     assert done.stdout == "ok\n"
 
 
-def _real_packages() -> dict[str, str]:
-    """Directories the units' ExecStart and PATH may point at on this machine."""
-    agent = Path(sys.executable).parent / "nixfleet-agent"
-    if not agent.exists():
-        pytest.fail(f"{agent} is missing: run ./dev setup (the venv provides the package)")
-    usr = {n: "/usr" for n in ("nix", "systemd", "coreutils", "findutils", "gnugrep", "gnused")}
-    return {"nixfleet": str(Path(sys.executable).parent.parent), **usr}
-
-
 def test_systemd_analyze_verify_is_silent(lib: str, tmp_path: Path) -> None:
     if units.systemd_analyze() is None:
         # Not a silent pass: tests/system/test_units.py verifies the same units inside
@@ -280,7 +257,7 @@ def test_systemd_analyze_verify_is_silent(lib: str, tmp_path: Path) -> None:
             "systemd-analyze is missing here (Debian: apt-get install systemd); "
             "tests/system/test_units.py verifies the units inside its container"
         )
-    out = units.render(lib, BOTH, packages=_real_packages(), script_dir=str(tmp_path / "s"))
+    out = units.render(lib, BOTH, packages=units.real_packages(), script_dir=str(tmp_path / "s"))
     written = units.write(out, tmp_path / "units", tmp_path / "s")
     for path in written.units.values():
         code, output = units.verify([path])

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from nixfleet import wire
 from nixfleet.errors import ConflictError
 from nixfleet.flake import release_from_document
 from nixfleet.models import Lifecycle
@@ -48,7 +49,7 @@ def setup(store: Store, **doc: Any) -> str:
         return store_rollouts.apply(conn, {**base, **doc}, "key:test", T0, 5).id
 
 
-def take(store: Store, host: str, now: datetime = T0) -> dict[str, Any]:
+def take(store: Store, host: str, now: datetime = T0) -> wire.RebootLeases:
     with store.transaction() as conn:
         return leases.take(conn, host, FLEET, now, f"machine:{host}")
 

@@ -30,9 +30,17 @@ units = _load("nixfleet_test_units", HERE.parent / "nix" / "units.py")
 
 
 @pytest.fixture(scope="session")
-def system_root() -> Path:
+def system_suite() -> str:
+    """The containers' Debian release: the other one than this machine's (or forced)."""
+    suite: str = container.container_suite()
+    return suite
+
+
+@pytest.fixture(scope="session")
+def system_root(system_suite: str) -> Path:
+    """The one cached root both test files boot: its Nix is the tier's second Nix."""
     container.require_capabilities()
-    root: Path = container.rootfs()
+    root: Path = container.rootfs(system_suite)
     return root
 
 
