@@ -8,8 +8,8 @@ at 100,000 machines; replaying them through HTTP would take days, and all but th
 changes among them are heartbeats, which write no history. So the changes are written
 set-based, with the very statements and shapes the control plane uses:
 
-- desired generation: one UPDATE of machines per day, as a rollout's ticks issue it;
-  the real trigger (migration 0015) writes the desired events;
+- desired generation: one UPDATE of machines per day, as a rollout's ticks issue it,
+  and its desired events by store.history.add_desired, as the ticks write them;
 - the switch the next report shows, and the health flaps: INSERT … SELECT of the rows
   record_report writes for them. That they are the same rows is checked here: a real
   record_report of a switch and of a flap, on a sample machine, must write exactly the
@@ -102,6 +102,13 @@ def _day(conn: Any, day: int, t0: datetime, failing: str, passing: str) -> None:
         "desired_set_at = strftime('%Y-%m-%dT%H:%M:%f', ?, '+' || (abs(random()) % 3600) "
         "|| ' seconds') || '000Z'",
         (f"-24.11.{day:02d}", label, isoformat(start)[:19]),
+    )
+    # Its desired events, as the tick writes them (every machine's generation changed).
+    history.add_desired(
+        conn,
+        "SELECT id AS machine_id, desired_set_at AS at, desired_source AS source, "
+        "desired_generation AS generation FROM machines ORDER BY desired_set_at",
+        (),
     )
     # The next report shows the switch: one generation event per machine, two minutes
     # on, referring to the desired event right before it for its path (k = 1).

@@ -264,7 +264,7 @@ class Client:
         reason = getattr(e, "reason", None) or str(e) or type(e).__name__
         return ProtocolError(f"{self.base_url}: TLS handshake with {where} failed ({reason})")
 
-    # --- generic verbs (tests and tools; commands use the operations below) ---------
+    # --- generic verbs: only tests call these (nixfleet itself uses the operations) --
 
     def get(self, path: str, **params: str | Sequence[str] | None) -> Any:
         return self.request("GET", path, params=params)

@@ -286,8 +286,7 @@ class DesiredGeneration:
         actor = req.context.actor.label
 
         def change(conn: sqlite3.Connection, before: Machine, now: datetime) -> wire.JSONObject:
-            machines.set_desired(conn, machine_id, path, cache_url, source, now)
-            history.attribute_desired(conn, machine_id, now, actor)
+            machines.set_desired(conn, machine_id, path, cache_url, source, now, actor)
             return {"from": before.desired_generation, "to": path, "cache_url": cache_url}
 
         action = "machine.set-desired" if path else "machine.clear-desired"

@@ -33,7 +33,7 @@ class MachineReport:
         if cache is not None:
             known = cache.heartbeat(machine_id, doc, now)
             if known is not None:
-                resp.media = known
+                resp.data = known  # JSON (falcon.MEDIA_JSON, the app's default type)
                 return
         health = doc.get("health")
         tags = doc.get("tags")

@@ -11,15 +11,18 @@ report, and every report while this view may be behind, takes the full
 transaction (api.report), which is always right.
 
 Staying right under every writer (docs/control-plane.md "Heartbeats"):
-- `Store.change_count()` is a counter in a file every process memory-maps, bumped
-  after each commit made through a Store (any process: workers, the reconciler,
-  operators' requests, the GitOps watcher, host commands). The view serves only
-  while the counter equals the value it last caught up with, so a change committed
-  before a report arrives is never answered from memory: a revoked token, a new
-  desired generation, a decommissioned machine take effect at the next request.
-- The background thread then catches up: it reads the `cache_changes` rows after
-  the last one applied (written in the changing transaction by triggers, or by the
-  tick's bulk desired writes) and reloads exactly those machines and rollouts.
+- Every change to what the view holds appends a `cache_changes` row in the
+  changing transaction (triggers; the tick's bulk desired writes record their
+  chunk). `Store.published_changes()` is the last such row committed through a
+  Store, in a file every process memory-maps (written by any process: workers, the
+  reconciler, operators' requests, the GitOps watcher, host commands, after COMMIT
+  and before they answer). The view serves only while it has applied every row
+  published, so a change committed before a report arrives is never answered from
+  memory: a revoked token, a new desired generation, a decommissioned machine take
+  effect at the next request. Commits that change nothing it holds (the
+  heartbeats' batches, most reports' own transactions) publish nothing new.
+- The background thread then catches up: it reads the rows after the last one it
+  applied and reloads exactly those machines and rollouts.
 - A write that bypasses Store (the sqlite3 shell) moves `PRAGMA data_version`,
   which the same thread checks every POLL seconds; until it has caught up the view
   may answer as before that write (≤ ~0.1 s).
@@ -28,8 +31,8 @@ Staying right under every writer (docs/control-plane.md "Heartbeats"):
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Mapping
@@ -47,6 +50,7 @@ log = logging.getLogger(__name__)
 
 FLUSH_AFTER = 0.25  # seconds from a heartbeat's answer until its batch is written
 POLL = 0.05  # seconds between the background thread's checks
+CATCH_UP_EVERY = 0.005  # seconds: the least time between two catch-ups
 
 
 def answer(
@@ -85,10 +89,11 @@ class ReportCache:
         self._tokens: dict[bytes, str] = {}
         self._rollouts: dict[str, CachedRollout] = {}
         self._seq = 0  # the last cache_changes row applied
-        self._synced: int | None = None  # change_count caught up with; None: serve nothing
         self._data_version: int | None = None
         self._wanted: set[str] = set()
-        self._pending: dict[str, tuple[str, int | None]] = {}
+        self._pending: dict[str, tuple[datetime, int | None]] = {}
+        self._answers: dict[str, tuple[CachedMachine, CachedRollout | None, bytes]] = {}
+        self._caught_up_at = 0.0
         self._oldest = 0.0
         self._pending_lock = threading.Lock()
         self._wake = threading.Event()
@@ -101,8 +106,8 @@ class ReportCache:
     # --- the request side: no SQLite ------------------------------------------------
 
     def _fresh(self) -> bool:
-        count = self.store.change_count()
-        if count is not None and count == self._synced:
+        published = self.store.published_changes()
+        if self._loaded and published is not None and published <= self._seq:
             return True
         self._wake.set()
         return False
@@ -114,10 +119,10 @@ class ReportCache:
         machine_id = self._tokens.get(token_digest(token))
         return None if machine_id is None else self._machines.get(machine_id)
 
-    def heartbeat(
-        self, machine_id: str, body: Mapping[str, Any], now: datetime
-    ) -> wire.ReportAnswer | None:
-        """The answer to a heartbeat (its last-seen queued); None: store the report."""
+    def heartbeat(self, machine_id: str, body: Mapping[str, Any], now: datetime) -> bytes | None:
+        """The answer to a heartbeat, as JSON (its last-seen queued); None: store the report.
+
+        The answer's text is kept per machine until its entry or rollout changes."""
         if not self._fresh():
             return None
         m = self._machines.get(machine_id)
@@ -126,9 +131,17 @@ class ReportCache:
         with self._pending_lock:
             if not self._pending:
                 self._oldest = time.monotonic()
-            self._pending[machine_id] = (isoformat(now), body.get("uptime_seconds"))
+            self._pending[machine_id] = (now, body.get("uptime_seconds"))
         self.heartbeats += 1
         rollout = next((r for r in map(self._rollouts.get, m.rollouts) if r is not None), None)
+        done = self._answers.get(machine_id)
+        if done is not None and done[0] is m and done[1] is rollout:
+            return done[2]
+        text = json.dumps(self._answer(m, rollout), ensure_ascii=False).encode()
+        self._answers[machine_id] = (m, rollout, text)
+        return text
+
+    def _answer(self, m: CachedMachine, rollout: CachedRollout | None) -> wire.ReportAnswer:
         if rollout is None:
             return answer(
                 m.desired_generation,
@@ -179,62 +192,69 @@ class ReportCache:
                     self.load()
                 self._wake.wait(POLL)
                 self._wake.clear()
+                # At most every CATCH_UP_EVERY: under a stream of commits (every report a
+                # change) catching up after each would double the cost of each.
+                wait = self._caught_up_at + CATCH_UP_EVERY - time.monotonic()
+                if wait > 0:
+                    self._stop.wait(wait)
                 self.catch_up()
+                self._caught_up_at = time.monotonic()
                 if self._pending and time.monotonic() - self._oldest >= FLUSH_AFTER:
                     self.flush()
             except Exception:
                 log.exception("report cache: retrying in 1 s")
-                self._synced = None
                 self._stop.wait(1.0)
 
     def load(self) -> None:
         """Everything, from one snapshot (at start, and after falling behind the pruning)."""
-        self._synced = None
-        count = self.store.change_count()
+        self._loaded = False
         started = time.monotonic()
         with self.store.read() as conn:
-            version = _data_version(conn)
+            version = rc.data_version(conn)
             seq = rc.last_seq(conn)
             found, _ = rc.load_machines(conn)
             rollouts, _ = rc.running_rollouts(conn)
         self._machines = {m.id: m for m in found}
         self._tokens = {m.token_hash: m.id for m in found if m.token_hash is not None}
         self._rollouts = {r.id: r for r in rollouts}
+        self._answers = {}
         self._seq, self._data_version = seq, version
         self._loaded = True
-        self._synced = count
         log.info(
             "report cache: %d machines loaded in %.2f s", len(found), time.monotonic() - started
         )
 
     def catch_up(self) -> None:
         """Apply what was committed since the last catch-up (nothing: one counter read)."""
-        count = self.store.change_count()
-        if count is None:
+        published = self.store.published_changes()
+        if published is None:
             return  # no counter: the view never serves
         conn = self.store.connection()
-        version = _data_version(conn)
-        if count == self._synced and version == self._data_version and not self._wanted:
+        version = rc.data_version(conn)
+        if published <= self._seq and version == self._data_version and not self._wanted:
             return
-        self._synced = None  # requests take the transaction while this runs
+        # Requests take the transaction until _seq moves (below), except after a change
+        # nobody published (data_version): those may be answered as before it until then.
         wanted = set(self._wanted)
-        with self.store.read() as conn:
-            changes, missed = rc.changes_since(conn, self._seq)
-            if missed:
-                log.warning("report cache: fell behind the pruned changes; reloading")
-            else:
-                ids, rollout_ids = set(wanted), set()
-                for c in changes:
-                    if c.kind == "machine" and c.machine_id is not None:
-                        ids.add(c.machine_id)
-                    elif c.kind == "rollout" and c.rollout_id is not None:
-                        rollout_ids.add(c.rollout_id)
-                    elif c.rollout_id is not None:
-                        ids.update(rc.members(conn, c.rollout_id, c.lo, c.hi))
-                found, gone = rc.load_machines(conn, ids) if ids else ([], [])
-                rollouts, stopped = (
-                    rc.running_rollouts(conn, sorted(rollout_ids)) if rollout_ids else ([], [])
-                )
+        # No read transaction: the rows loaded after the changes were read are at least
+        # as new as those changes (a later change is applied again next time).
+        changes = rc.changes_since(conn, self._seq)
+        missed = bool(changes) and changes[0].seq != self._seq + 1  # pruned meanwhile
+        if missed:
+            log.warning("report cache: fell behind the pruned changes; reloading")
+        else:
+            ids, rollout_ids = set(wanted), set()
+            for c in changes:
+                if c.kind == "machine" and c.machine_id is not None:
+                    ids.add(c.machine_id)
+                elif c.kind == "rollout" and c.rollout_id is not None:
+                    rollout_ids.add(c.rollout_id)
+                elif c.rollout_id is not None:
+                    ids.update(rc.members(conn, c.rollout_id, c.lo, c.hi))
+            found, gone = rc.load_machines(conn, ids) if ids else ([], [])
+            rollouts, stopped = (
+                rc.running_rollouts(conn, sorted(rollout_ids)) if rollout_ids else ([], [])
+            )
         if missed:
             self.load()
             return
@@ -247,10 +267,9 @@ class ReportCache:
         for rollout_id in stopped:
             self._rollouts.pop(rollout_id, None)
         self._wanted -= wanted
+        self._data_version = version
         if changes:
             self._seq = changes[-1].seq
-        self._data_version = version
-        self._synced = count
 
     def _put(self, m: CachedMachine) -> None:
         old = self._machines.get(m.id)
@@ -261,6 +280,7 @@ class ReportCache:
             self._tokens[m.token_hash] = m.id
 
     def _drop(self, machine_id: str) -> None:
+        self._answers.pop(machine_id, None)
         old = self._machines.pop(machine_id, None)
         if old is not None and old.token_hash is not None:
             self._tokens.pop(old.token_hash, None)
@@ -273,14 +293,10 @@ class ReportCache:
             return
         try:
             with self.store.transaction() as conn:
-                rc.write_last_seen(conn, [(m, at, up) for m, (at, up) in rows.items()])
+                rc.write_last_seen(conn, [(m, isoformat(at), up) for m, (at, up) in rows.items()])
         except Exception:
             with self._pending_lock:  # kept for the next attempt; newer ones win
                 self._pending = {**rows, **self._pending}
                 self._oldest = time.monotonic() - FLUSH_AFTER
             raise
         self.flushes += 1
-
-
-def _data_version(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("PRAGMA data_version").fetchone()[0])

@@ -24,10 +24,11 @@ clear error instead of writing to a file nobody will read. At open, an empty fil
 where a database is expected, a file that is not a database, and (with `check`)
 a failed `PRAGMA quick_check` raise DatabaseFileError.
 
-Every commit also bumps a counter in `<db>.changes` (8 bytes, memory-mapped by
-every process, written under the flock): the report path's in-memory view
-(nixfleet.api.report_cache) compares it with the value it last caught up with, so
-a request knows without any SQLite call whether anything was committed since.
+A commit that appended to `cache_changes` (what the report path's in-memory view,
+nixfleet.api.report_cache, depends on) also publishes the table's last sequence
+number in `<db>.changes` (8 bytes, memory-mapped by every process, written under
+the flock, after COMMIT and before the caller answers): a request compares it with
+the last change its process applied, without any SQLite call.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class Store:
         self._writer_busy_ms = -1
         self._busy_until = 0.0  # monotonic: an outside writer held the lock; fail fast
         self._lock_fd = -1  # `<db>.lock`, opened by the first write of this process
-        self._counter: mmap.mmap | None = None  # `<db>.changes` (change_count)
+        self._counter: mmap.mmap | None = None  # `<db>.changes` (published_changes)
         self._counter_failed = False
         self._identity = (-1, -1)
         try:
@@ -257,13 +258,14 @@ class Store:
                 finally:
                     self._local.in_transaction = False
                 try:
+                    seq = self._changes_seq(conn)
                     conn.execute("COMMIT")
                 except sqlite3.Error as e:
                     # Disk full: the writer must not stay inside this transaction, or
                     # every later BEGIN fails ("cannot start a transaction within …").
                     self._rollback(conn)
                     _reraise(e)
-                self._bump()  # still under the flock: no bump is lost
+                self._publish(seq)  # still under the flock: in commit order
         finally:
             self._write_lock.release()
 
@@ -278,21 +280,31 @@ class Store:
                 finally:
                     os.close(fd)
             except OSError as e:
-                self._counter_failed = True  # change_count() is None: nothing may trust it
+                self._counter_failed = True  # published_changes() is None: trust nothing
                 log.warning("no change counter at %s.changes (%s)", self.path, e.strerror)
         return self._counter
 
-    def _bump(self) -> None:
+    @staticmethod
+    def _changes_seq(conn: sqlite3.Connection) -> int | None:
+        try:
+            row = conn.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'cache_changes'"
+            ).fetchone()
+        except sqlite3.OperationalError:
+            return None  # no AUTOINCREMENT table yet (the first migrations)
+        return 0 if row is None else int(row[0])
+
+    def _publish(self, seq: int | None) -> None:
         counter = self._counter_map()
-        if counter is not None:
-            struct.pack_into("<Q", counter, 0, (struct.unpack_from("<Q", counter)[0] + 1) % 2**64)
+        if seq is not None and counter is not None and struct.unpack_from("<Q", counter)[0] != seq:
+            struct.pack_into("<Q", counter, 0, seq)
 
-    def change_count(self) -> int | None:
-        """The commit counter shared by every process of this database (None: unavailable).
+    def published_changes(self) -> int | None:
+        """The last `cache_changes` row committed through a Store (None: unavailable).
 
-        It moves after every commit made through a Store, in any process; equal values
-        mean nothing was committed in between (by a Store: other writers are noticed
-        through `PRAGMA data_version`, see api.report_cache).
+        Written by every process of this database after each commit that moved it, in
+        commit order. Writers that bypass Store (the sqlite3 shell) do not publish;
+        they are noticed through `PRAGMA data_version` (see api.report_cache).
         """
         counter = self._counter_map()
         return None if counter is None else int(struct.unpack_from("<Q", counter)[0])

@@ -1,6 +1,6 @@
 """Machine history (DESIGN §3 History): events written where they happen, pruned apart.
 
-Layout (migration 0015; docs/performance.md "Storage" has the sizes). One row of
+Layout (migration 0016; docs/performance.md "Storage" has the sizes). One row of
 `machine_events` per change, clustered per machine in a WITHOUT ROWID table keyed
 (machine, seq), so a machine's timeline is one contiguous range and nothing else
 indexes it:
@@ -22,9 +22,12 @@ indexes it:
 
 A generation or desired event stores only the generation it moved *to*; where it came
 from is the one before it of the same kind, found by a window function on read.
-Desired-generation events are written by a trigger on whatever statement changes
-machines.desired_generation (or set-based, `add_desired_sql`). `machine_history` is a
-view of the same rows in readable form (for sqlite3 by hand; held to `page` by tests).
+Desired-generation events are written by `add_desired`, which every writer of
+machines.desired_generation runs over the rows it changes (an operator's set/clear, a
+rollout's batch start and its revert), set-based, in the writer's transaction;
+tests/store/test_history.py checks that no other statement writes that column.
+`machine_history` is a view of the same rows in readable form (for sqlite3 by hand;
+held to `page` by tests).
 
 Pruning (age, per-machine cap) runs in the background job in short transactions,
 never on the report path.
@@ -45,7 +48,7 @@ from nixfleet.wire import JSONObject
 MAX_PAGE = 1000
 LOOKBACK = 8  # how far back an event may find the event holding its path
 
-# The stored code of each kind: the rows of event_kinds (migration 0015). Codes never
+# The stored code of each kind: the rows of event_kinds (migration 0016). Codes never
 # change once shipped; a new kind takes the next code (and a migration adds its row).
 KIND_CODES: dict[EventKind, int] = {
     EventKind.DESIRED: 0,
@@ -55,6 +58,8 @@ KIND_CODES: dict[EventKind, int] = {
     EventKind.ROLLED_BACK: 4,
     EventKind.TAGS: 5,
     EventKind.LIFECYCLE: 6,
+    EventKind.REBOOT_NEEDED: 7,
+    EventKind.REBOOTED: 8,
 }
 _KINDS = {code: kind for kind, code in KIND_CODES.items()}
 AGENT, OPERATOR = 1, 2  # the first rows of event_sources
@@ -67,6 +72,8 @@ DETAIL_KEYS: dict[EventKind, tuple[str, ...]] = {
     EventKind.LIFECYCLE: ("from", "to", "reason"),
     EventKind.DEPLOYMENT_FAILED: ("reason",),
     EventKind.ROLLED_BACK: ("reason",),
+    EventKind.REBOOT_NEEDED: ("booted",),
+    EventKind.REBOOTED: ("previous",),
 }
 
 # --- the stored forms, each with its SQL form (held to each other by tests) -------------
@@ -200,21 +207,28 @@ def add(conn: sqlite3.Connection, events: Iterable[Event]) -> None:
         conn.executemany(_INSERT, rows)
 
 
-def add_desired_sql(select: str) -> str:
-    """An INSERT of one desired event per row of `select`, set-based.
+def add_desired(conn: sqlite3.Connection, rows: str, params: Sequence[object]) -> int:
+    """A desired event for each row of `rows`: (machine_id, at, source, generation).
 
-    `select` yields the columns machine_id, at (a stored time text), source_id (from
-    `source_id`) and generation (a store path or NULL); at most one row per machine
-    (each takes its machine's next seq).
+    `rows` is a SELECT over exactly the machines the caller's next UPDATE changes
+    (the old desired generation IS NOT the new one), run before it in the same
+    transaction, so one statement writes a whole chunk's events; `at` is a stored
+    time text, `source` a name, `generation` a store path or NULL. At most one row
+    per machine (each takes its machine's next seq). Returns how many.
     """
-    return (
+    conn.execute(
+        f"INSERT OR IGNORE INTO event_sources (name) SELECT DISTINCT source FROM ({rows})",
+        params,
+    )
+    return conn.execute(
         "INSERT INTO machine_events (machine, seq, at, kind, source, generation) "
         "SELECT n.num, coalesce((SELECT max(e.seq) FROM machine_events e "
         f"WHERE e.machine = n.num), 0) + 1, {micros_sql('d.at')}, "
-        f"{KIND_CODES[EventKind.DESIRED]}, d.source_id, {encode_path_sql('d.generation')} "
-        f"FROM ({select}) AS d "
-        "JOIN machine_numbers n ON n.machine_id = d.machine_id"
-    )
+        f"{KIND_CODES[EventKind.DESIRED]}, s.id, {encode_path_sql('d.generation')} "
+        f"FROM ({rows}) AS d JOIN machine_numbers n ON n.machine_id = d.machine_id "
+        "JOIN event_sources s ON s.name = d.source",
+        params,
+    ).rowcount
 
 
 def tags_changed(
@@ -231,20 +245,6 @@ def tags_changed(
         return
     detail = {"tag_source": tag_source, "added": sorted(added), "removed": sorted(removed)}
     add(conn, [Event(machine_id, at, EventKind.TAGS, source, detail=detail)])
-
-
-def attribute_desired(conn: sqlite3.Connection, machine_id: str, at: datetime, actor: str) -> None:
-    """Name the operator behind the desired event the trigger just wrote at `at`.
-
-    The trigger knows the desired source ("operator", a rollout's label) but not who
-    was behind an operator's request; the API does.
-    """
-    num = _number(conn, machine_id)
-    conn.execute(
-        "UPDATE machine_events SET source = ? WHERE machine = ? AND seq = (SELECT max(seq) "
-        "FROM machine_events WHERE machine = ? AND kind = ?) AND at = ?",
-        (source_id(conn, actor), num, num, KIND_CODES[EventKind.DESIRED], micros(at)),
-    )
 
 
 # --- reading ------------------------------------------------------------------------------

@@ -262,8 +262,19 @@ def set_desired(
     cache_url: str | None,
     source: str | None,
     now: datetime,
+    actor: str | None = None,
 ) -> None:
+    """An operator's desired generation (None clears it), with its history event.
+
+    The event's source is `actor` (who asked), else the desired source or "operator".
+    """
     _lifecycle(conn, machine_id)
+    history.add_desired(
+        conn,
+        "SELECT id AS machine_id, ? AS at, ? AS source, ? AS generation FROM machines "
+        "WHERE id = ? AND desired_generation IS NOT ?",
+        (isoformat(now), actor or source or "operator", store_path, machine_id, store_path),
+    )
     conn.execute(
         "UPDATE machines SET desired_generation = ?, desired_cache_url = ?, "
         "desired_source = ?, desired_set_at = ? WHERE id = ?",

@@ -70,17 +70,20 @@ def last_seq(conn: sqlite3.Connection) -> int:
     return 0 if row is None else int(row[0])
 
 
-def changes_since(conn: sqlite3.Connection, seq: int) -> tuple[list[Change], bool]:
-    """The changes after `seq`, oldest first, and whether some were pruned before read."""
+def data_version(conn: sqlite3.Connection) -> int:
+    """SQLite's counter of commits by other connections (moves for writes beside Store)."""
+    return int(conn.execute("PRAGMA data_version").fetchone()[0])
+
+
+def changes_since(conn: sqlite3.Connection, seq: int) -> list[Change]:
+    """The changes after `seq`, oldest first (rows are numbered without gaps: AUTOINCREMENT,
+    rolled back with their transaction, so a gap after `seq` means pruned)."""
     rows = conn.execute(
         "SELECT seq, kind, machine_id, rollout_id, lo, hi FROM cache_changes WHERE seq > ? "
         "ORDER BY seq",
         (seq,),
     ).fetchall()
-    changes = [Change(*r) for r in rows]
-    floor = conn.execute("SELECT min(seq) FROM cache_changes").fetchone()[0]
-    missed = floor is not None and floor > seq + 1 and seq < last_seq(conn)
-    return changes, missed
+    return [Change(*r) for r in rows]
 
 
 def members(conn: sqlite3.Connection, rollout_id: str, lo: int | None, hi: int | None) -> list[str]:

@@ -28,7 +28,7 @@ from nixfleet.models import (
     time_of,
 )
 from nixfleet.policy.reboot import RebootPolicy
-from nixfleet.store import audit
+from nixfleet.store import audit, webhooks
 from nixfleet.store.planning import make_plan, spec_of
 from nixfleet.store.verdicts import FACTS_SQL, facts_of
 from nixfleet.wire import JSONObject, RolloutDocument
@@ -168,7 +168,8 @@ def add_events(
     events: Sequence[rollout.Event],
     actor: str,
 ) -> None:
-    """Each state change: a rollout_events row and an audit row."""
+    """Each state change: a rollout_events row, an audit row and, for the kinds that
+    are webhook events (store.webhooks.ROLLOUT_EVENTS), an outbox row."""
     at = isoformat(now)
     conn.executemany(
         "INSERT INTO rollout_events (rollout_id, at, kind, batch_idx, machine_id, detail_json) "
@@ -185,6 +186,12 @@ def add_events(
         if e.machine_id is not None:
             detail["machine"] = e.machine_id
         audit.record(conn, actor, f"rollout.{e.kind}", rollout_id, now, detail)
+        hook = webhooks.ROLLOUT_EVENTS.get(e.kind)
+        if hook is not None:
+            body = dict(e.detail) if e.batch is None else {**e.detail, "batch": e.batch}
+            webhooks.add(
+                conn, hook, now, machine_id=e.machine_id, rollout_id=rollout_id, detail=body
+            )
 
 
 # --- reading ------------------------------------------------------------------------

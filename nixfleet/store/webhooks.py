@@ -1,7 +1,11 @@
 """The webhook outbox: events waiting to be sent, deliveries per URL, every attempt.
 
-Events enter the outbox by triggers (migration 0009) inside the transaction of the
-change that caused them, and by `detect_stale` for machines that went quiet. The
+Events enter the outbox inside the transaction of the change that caused them: a
+failed generation by a trigger (migration 0011); rollout events by their writers,
+store.rollouts.add_events (`add`, mapped by ROLLOUT_EVENTS) and, for the machines a
+tick judges unhealthy, store.verdicts.judge_batch (`add_rows`, one statement for
+them all: a per-row trigger cost a tick ~150 ms per 20,000, migration 0014); and
+`detect_stale` for machines that went quiet. The
 sender (nixfleet.controlplane.webhooks) fans each new event out to one delivery per
 subscribed URL, claims due deliveries one at a time (the claim is a lease: a sender
 killed mid-attempt leaves a delivery that becomes due again) and records each
@@ -114,8 +118,38 @@ def add(
     conn.execute(
         "INSERT INTO webhook_outbox (event, at, rollout_id, machine_id, detail_json) "
         "VALUES (?, ?, ?, ?, ?)",
-        (event, isoformat(at), rollout_id, machine_id, json.dumps(detail or {}, sort_keys=True)),
+        (
+            event,
+            isoformat(at),
+            rollout_id,
+            machine_id,
+            json.dumps(detail or {}, sort_keys=True, default=str),
+        ),
     )
+
+
+MACHINE_UNHEALTHY = "machine.unhealthy"
+# The rollout events (rollout_events.kind) that are webhook events, and their names.
+ROLLOUT_EVENTS = {
+    "rollout-created": "rollout.started",
+    "rollout-paused": "rollout.paused",
+    "rollout-resumed": "rollout.resumed",
+    "rollout-failed": "rollout.failed",
+    "rollout-completed": "rollout.completed",
+    "rollout-cancelled": "rollout.cancelled",
+    "batch-started": "batch.started",
+    "machine-unhealthy": MACHINE_UNHEALTHY,
+}
+
+
+def add_rows(conn: sqlite3.Connection, event: str, rows: str, params: Sequence[object]) -> int:
+    """An `event` for each row of the SELECT `rows`: (at, rollout_id, machine_id,
+    detail_json), in the caller's transaction. Returns how many."""
+    return conn.execute(
+        "INSERT INTO webhook_outbox (event, at, rollout_id, machine_id, detail_json) "
+        f"SELECT ?, at, rollout_id, machine_id, detail_json FROM ({rows})",
+        (event, *params),
+    ).rowcount
 
 
 def detect_stale(conn: sqlite3.Connection, now: datetime, stale_after: int) -> int:

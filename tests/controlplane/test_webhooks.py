@@ -11,14 +11,14 @@ import hmac
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ControlPlane, run_cli
+from conftest import ControlPlane, run_cli, wait_until
 
 from nixfleet import schemas
 
@@ -28,15 +28,6 @@ HOSTS = ["web-01", "web-02"]
 
 def gen(host: str, salt: str) -> str:
     return f"/nix/store/{salt * 32}-nixos-system-{host}"
-
-
-def wait_until(what: str, predicate: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from conftest import sql_writers
 
 from nixfleet.controlplane.background import prune_history
 from nixfleet.history import EventKind
@@ -220,21 +221,36 @@ def test_lifecycle_to_its_own_state_writes_nothing(store: Store) -> None:
 
 
 @pytest.mark.parametrize("kinds", [[EventKind.DESIRED], [EventKind.DESIRED, EventKind.TAGS]])
-def test_desired_events_come_from_any_statement(store: Store, kinds: list[EventKind]) -> None:
+def test_desired_events_of_set_and_clear(store: Store, kinds: list[EventKind]) -> None:
     f = Fleet(store)
     f.desire(gen(1), "rollout:a")
     f.desire(gen(1), "rollout:a")  # unchanged: no event
     with store.transaction() as conn:
-        conn.execute(
-            "UPDATE machines SET desired_generation = NULL, desired_source = NULL, "
-            "desired_set_at = ? WHERE id = ?",
-            ("2026-11-27T10:00:00.000000Z", f.id),
-        )
+        machines.set_desired(conn, f.id, None, None, None, f.tick())
+        machines.set_desired(conn, f.id, None, None, None, f.tick())  # unchanged again
+        machines.set_desired(conn, f.id, gen(2), None, "operator", f.tick(), actor="key:ops")
         got = history.page(conn, f.id, kinds=kinds).events
     assert [(e.source, e.previous, e.generation) for e in got] == [
         ("rollout:a", None, gen(1)),
         ("operator", gen(1), None),
+        ("key:ops", None, gen(2)),
     ]
+
+
+# The writers of machines.desired_generation, each of which writes the desired events
+# of the rows it changes (store.history.add_desired): a new writer must join them.
+DESIRED_WRITERS = {
+    ("nixfleet/store/machines.py", "set_desired"),
+    ("nixfleet/store/ticks.py", "write_desired"),
+    ("nixfleet/store/ticks.py", "revert"),
+}
+
+
+def test_every_writer_of_desired_writes_its_events() -> None:
+    writers = sql_writers(r"UPDATE machines SET\b.*\bdesired_generation\s*=")
+    assert set(writers) == DESIRED_WRITERS
+    for (path, name), calls in writers.items():
+        assert "history.add_desired" in calls, f"{path}:{name} writes no desired event"
 
 
 # --- the stored forms (store.history's module docstring) ------------------------------

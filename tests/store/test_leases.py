@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -110,6 +111,13 @@ def test_an_expired_lease_fails_its_machine_and_frees_the_slot(store: Store) -> 
             r[0]
             for r in conn.execute("SELECT kind FROM rollout_events WHERE rollout_id = ?", (rid,))
         ]
+        hooks = conn.execute(
+            "SELECT event, rollout_id, machine_id, detail_json FROM webhook_outbox "
+            "WHERE event = 'machine.unhealthy'"
+        ).fetchall()
     assert row[0] == "unhealthy" and "did not come back" in row[1]
     assert "reboot-lease-expired" in kinds and "machine-unhealthy" in kinds
+    assert [(h[0], h[1], h[2], json.loads(h[3])) for h in hooks] == [
+        ("machine.unhealthy", rid, "db-1", {"reason": row[1]})
+    ]
     assert take(store, "db-2", T0 + timedelta(seconds=601))["granted"]

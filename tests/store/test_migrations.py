@@ -187,7 +187,7 @@ def test_the_0013_fixture_is_what_it_says(db_0013: Path) -> None:
     kinds = {r[0] for r in conn.execute("SELECT kind FROM machine_events")}
     conn.close()
     assert names[-1] == "0013_rollout_policy"
-    assert kinds == {k.value for k in EventKind}
+    assert kinds == {k.value for k in EventKind} - {"reboot-needed", "rebooted"}  # added later
 
 
 def test_0015_carries_every_event_over_and_the_api_answers_as_before(db_0013: Path) -> None:

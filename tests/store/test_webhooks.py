@@ -1,4 +1,4 @@
-"""The webhook outbox in a real SQLite file: triggers, fan-out, leases, attempts."""
+"""The webhook outbox in a real SQLite file: its writers, fan-out, leases, attempts."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import json
 from datetime import timedelta
 
 import pytest
+from conftest import sql_writers
 
-from nixfleet import schemas
+from nixfleet import rollout, schemas
 from nixfleet.controlplane.webhooks import backoff, signature
 from nixfleet.models import Lifecycle, Report, isoformat, utcnow
 from nixfleet.settings import WEBHOOK_EVENTS, Webhook
 from nixfleet.store import Store, machines
+from nixfleet.store import rollouts as store_rollouts
 from nixfleet.store import webhooks as outbox
 
 GEN = "/nix/store/" + "a" * 32 + "-nixos-system-web-01"
@@ -53,26 +55,33 @@ def add_rollout(store: Store) -> None:
 
 def test_every_rollout_event_kind_becomes_its_webhook_event(store: Store) -> None:
     add_rollout(store)
+    kinds = [*ROLLOUT_KINDS, "batch-succeeded", "batch-requeued", "rollout-reverted"]
     with store.transaction() as conn:
-        for kind in [*ROLLOUT_KINDS, "batch-succeeded", "batch-requeued", "rollout-reverted"]:
-            conn.execute(
-                "INSERT INTO rollout_events (rollout_id, at, kind, batch_idx, detail_json) "
-                "VALUES ('ro-1', ?, ?, 2, '{\"x\": 1}')",
-                (isoformat(utcnow()), kind),
-            )
+        store_rollouts.add_events(
+            conn, "ro-1", utcnow(), [rollout.Event(k, 2, detail={"x": 1}) for k in kinds], "t"
+        )
     got = events(store)
     assert [e[0] for e in got] == list(ROLLOUT_KINDS.values())
+    assert outbox.ROLLOUT_EVENTS == ROLLOUT_KINDS
     assert set(ROLLOUT_KINDS.values()) <= set(WEBHOOK_EVENTS)
     assert all(e[2] == {"x": 1, "batch": 2} for e in got)
+
+
+def test_every_writer_of_rollout_events_writes_their_webhooks() -> None:
+    """No trigger (migration 0014): each writer of rollout events writes the outbox rows."""
+    writers = sql_writers(r"INSERT INTO rollout_events\b")
+    assert set(writers) == {
+        ("nixfleet/store/rollouts.py", "add_events"),  # every kind, ROLLOUT_EVENTS
+        ("nixfleet/store/verdicts.py", "judge_batch"),  # machine-unhealthy only
+    }
+    assert "webhooks.add" in writers[("nixfleet/store/rollouts.py", "add_events")]
+    assert "webhooks.add_rows" in writers[("nixfleet/store/verdicts.py", "judge_batch")]
 
 
 def test_an_event_is_written_only_with_the_change_that_caused_it(store: Store) -> None:
     add_rollout(store)
     with pytest.raises(RuntimeError), store.transaction() as conn:
-        conn.execute(
-            "INSERT INTO rollout_events (rollout_id, at, kind) VALUES ('ro-1', ?, 'rollout-paused')",
-            (isoformat(utcnow()),),
-        )
+        store_rollouts.add_events(conn, "ro-1", utcnow(), [rollout.Event("rollout-paused")], "t")
         raise RuntimeError("the change failed")
     assert events(store) == []
 

@@ -128,11 +128,15 @@ def run_once(
     overlays: Sequence[tuple[Path | str, str]] = (),
     env: dict[str, str] | None = None,
     timeout: float = 600,
+    private_network: bool = False,
 ) -> subprocess.CompletedProcess[str]:
     """One command in a throw-away container (no init): for builds and the second Nix run.
 
-    `overlays` mount a host directory read-only with a temporary writable layer."""
-    flags = [f"--bind={src}:{dst}" for src, dst in binds]
+    `overlays` mount a host directory read-only with a temporary writable layer.
+    `private_network`: its own network namespace (loopback only), where it may
+    create namespaces and veth pairs of its own (CAP_NET_ADMIN there)."""
+    flags = ["--private-network"] if private_network else []
+    flags += [f"--bind={src}:{dst}" for src, dst in binds]
     flags += [f"--bind-ro={src}:{dst}" for src, dst in binds_ro]
     flags += [f"--overlay={src}::{dst}" for src, dst in overlays]
     flags += [f"--setenv={k}={v}" for k, v in {"PATH": INNER_PATH, **(env or {})}.items()]

@@ -65,6 +65,7 @@ def inner(
         overlays=[(container.ROOT, "/src")],
         env=env,
         timeout=timeout,
+        private_network=True,  # its own 127.0.0.1: no port shared with this machine's tests
     )
     return done
 
@@ -133,7 +134,7 @@ def test_a_test_assuming_one_path_info_shape_fails_on_the_other(
         binds=[(system_venv, container.VENV)],
         binds_ro=[(probe, "/probe"), (nix_conf, "/etc/nix/nix.conf")],
         env={"PYTHONDONTWRITEBYTECODE": "1", "HOME": "/root"},
-        timeout=120,
+        timeout=120, private_network=True,
     )  # fmt: skip
     inner_nix = inner(system_root, system_venv, nix_conf, None, "nix", "--version").stdout
     versions = (nix_version(host_nix()), nix_version(inner_nix))
