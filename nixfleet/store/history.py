@@ -1,6 +1,6 @@
 """Machine history (DESIGN §3 History): events written where they happen, pruned apart.
 
-Layout (migration 0016; docs/performance.md "Storage" has the sizes). One row of
+Layout (migration 0017; docs/performance.md "Storage" has the sizes). One row of
 `machine_events` per change, clustered per machine in a WITHOUT ROWID table keyed
 (machine, seq), so a machine's timeline is one contiguous range and nothing else
 indexes it:
@@ -48,7 +48,7 @@ from nixfleet.wire import JSONObject
 MAX_PAGE = 1000
 LOOKBACK = 8  # how far back an event may find the event holding its path
 
-# The stored code of each kind: the rows of event_kinds (migration 0016). Codes never
+# The stored code of each kind: the rows of event_kinds (migration 0017). Codes never
 # change once shipped; a new kind takes the next code (and a migration adds its row).
 KIND_CODES: dict[EventKind, int] = {
     EventKind.DESIRED: 0,

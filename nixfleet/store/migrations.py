@@ -138,15 +138,54 @@ MIGRATIONS: list[tuple[str, str]] = [
         DROP TRIGGER webhook_rollout_event
         """,
     ),
+    # Reboots in a machine's history (DESIGN §3 History, §11): kinds 'reboot-needed' and
+    # 'rebooted' (machine_events rebuilt for its CHECK, rows kept with their ids); and
+    # the machine.reboot-needed webhook, by a trigger in the report's transaction when
+    # the agent first says the running generation needs a reboot.
+    (
+        "0016_reboot_history",
+        """
+        CREATE TABLE machine_events_new (
+            id INTEGER PRIMARY KEY,
+            machine_id TEXT NOT NULL REFERENCES machines (id) ON DELETE CASCADE,
+            at TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('generation', 'deployment-failed',
+                'rolled-back', 'health', 'tags', 'lifecycle', 'desired', 'reboot-needed',
+                'rebooted')),
+            source TEXT NOT NULL,
+            generation TEXT,
+            detail_json TEXT
+        );
+        INSERT INTO machine_events_new (id, machine_id, at, kind, source, generation, detail_json)
+            SELECT id, machine_id, at, kind, source, generation, detail_json
+            FROM machine_events ORDER BY id;
+        DROP TABLE machine_events;
+        ALTER TABLE machine_events_new RENAME TO machine_events;
+        CREATE INDEX machine_events_machine ON machine_events (machine_id, id);
+        CREATE TRIGGER webhook_machine_reboot_needed AFTER UPDATE OF needs_reboot ON machines
+        WHEN NEW.needs_reboot = 1 AND OLD.needs_reboot IS NOT 1 BEGIN
+            INSERT INTO webhook_outbox (event, at, rollout_id, machine_id, detail_json)
+            VALUES ('machine.reboot-needed', coalesce(NEW.last_report_at,
+                    strftime('%Y-%m-%dT%H:%M:%f000Z', 'now')),
+                (SELECT rm.rollout_id FROM rollout_machines rm
+                    JOIN rollouts r ON r.id = rm.rollout_id
+                    WHERE rm.machine_id = NEW.id AND r.status IN ('running', 'paused')
+                    ORDER BY r.created_at DESC LIMIT 1),
+                NEW.id,
+                json_object('generation', NEW.current_generation,
+                    'booted_generation', NEW.booted_generation));
+        END
+        """,
+    ),
     # History in a compact layout (issue 16; nixfleet.store.history says what each
     # column holds, docs/performance.md "Storage" why): events clustered per machine
     # under (machine number, seq) in a WITHOUT ROWID table, times as integers, kind and
     # source as small codes, store paths without their constant parts. The events of
-    # 0010's layout are carried over in order (each keeping its path text: references
+    # 0010/0016 layout are carried over in order (each keeping its path text: references
     # to an earlier event's path are written by new events only). machine_history
     # shows the rows readably.
     (
-        "0016_compact_machine_events",
+        "0017_compact_machine_events",
         """
         CREATE TABLE machine_numbers (
             num INTEGER PRIMARY KEY,
@@ -164,7 +203,7 @@ MIGRATIONS: list[tuple[str, str]] = [
         INSERT INTO event_sources (id, name) VALUES (1, 'agent'), (2, 'operator');
         INSERT OR IGNORE INTO event_sources (name)
             SELECT source FROM machine_events GROUP BY source ORDER BY min(id);
-        CREATE TABLE events_0016 (
+        CREATE TABLE events_0017 (
             machine INTEGER NOT NULL REFERENCES machine_numbers (num) ON DELETE CASCADE,
             seq INTEGER NOT NULL,
             at INTEGER NOT NULL,
@@ -174,7 +213,7 @@ MIGRATIONS: list[tuple[str, str]] = [
             detail TEXT,
             PRIMARY KEY (machine, seq)
         ) WITHOUT ROWID;
-        INSERT INTO events_0016 (machine, seq, at, kind, source, generation, detail)
+        INSERT INTO events_0017 (machine, seq, at, kind, source, generation, detail)
         SELECT n.num, row_number() OVER (PARTITION BY e.machine_id ORDER BY e.id),
             unixepoch(substr(e.at, 1, 19)) * 1000000 + CAST(substr(e.at, 21, 6) AS INTEGER),
             k.code, s.id,
@@ -190,7 +229,7 @@ MIGRATIONS: list[tuple[str, str]] = [
         JOIN event_sources s ON s.name = e.source
         ORDER BY n.num, e.id;
         DROP TABLE machine_events;
-        ALTER TABLE events_0016 RENAME TO machine_events;
+        ALTER TABLE events_0017 RENAME TO machine_events;
         CREATE VIEW machine_history AS
         SELECT n.machine_id, e.seq,
             strftime('%Y-%m-%dT%H:%M:%S', e.at / 1000000, 'unixepoch')

@@ -220,6 +220,27 @@ def test_lifecycle_to_its_own_state_writes_nothing(store: Store) -> None:
     assert f.events() == before
 
 
+def test_reboot_needed_and_rebooted(store: Store) -> None:
+    """DESIGN §3 History: reboot needed (once per need), reboot done (booted changed)."""
+    f = Fleet(store)
+    f.report(gen(1), booted_generation=gen(1), needs_reboot=False)  # the first booted: no event
+    f.report(gen(2), booted_generation=gen(1), needs_reboot=True)  # switched to a new kernel
+    f.report(gen(2), booted_generation=gen(1), needs_reboot=True)  # the same need: heartbeat
+    f.report(gen(2), booted_generation=gen(2), needs_reboot=False)  # back from the reboot
+    f.report(gen(2), needs_reboot=False)  # an agent that omits it changes nothing
+    with store.read() as conn:
+        got = [
+            (e.kind.value, e.generation, e.previous, dict(e.detail))
+            for e in history.page(
+                conn, f.id, kinds=[EventKind.REBOOT_NEEDED, EventKind.REBOOTED]
+            ).events
+        ]
+    assert got == [
+        ("reboot-needed", gen(2), None, {"booted": gen(1)}),
+        ("rebooted", gen(2), None, {"previous": gen(1)}),
+    ]
+
+
 @pytest.mark.parametrize("kinds", [[EventKind.DESIRED], [EventKind.DESIRED, EventKind.TAGS]])
 def test_desired_events_of_set_and_clear(store: Store, kinds: list[EventKind]) -> None:
     f = Fleet(store)

@@ -171,7 +171,7 @@ def test_the_added_foreign_keys_hold(
     store.close()
 
 
-# --- 0015: the compact history layout, on a database the 0013 code wrote ---------------
+# --- 0017: the compact history layout, on a database the 0013 code wrote ---------------
 
 
 @pytest.fixture
@@ -190,7 +190,7 @@ def test_the_0013_fixture_is_what_it_says(db_0013: Path) -> None:
     assert kinds == {k.value for k in EventKind} - {"reboot-needed", "rebooted"}  # added later
 
 
-def test_0015_carries_every_event_over_and_the_api_answers_as_before(db_0013: Path) -> None:
+def test_0017_carries_every_event_over_and_the_api_answers_as_before(db_0013: Path) -> None:
     """What the 0013 code's API rendered (schema-0013.history.json), field by field.
 
     Event ids were global then and count per machine now: only their order is kept.
@@ -207,7 +207,7 @@ def test_0015_carries_every_event_over_and_the_api_answers_as_before(db_0013: Pa
         assert [list(e["detail"]) for e in new] == [list(e["detail"]) for e in old]
 
 
-def test_a_0015_database_keeps_writing_and_pruning(db_0013: Path) -> None:
+def test_a_0017_database_keeps_writing_and_pruning(db_0013: Path) -> None:
     store = Store(db_0013)
     with store.transaction() as conn:
         machines.register(conn, "new-01", [], Lifecycle.PENDING, datetime(2026, 11, 28, tzinfo=UTC))
