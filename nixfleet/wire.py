@@ -395,6 +395,9 @@ class RolloutMachine(TypedDict):
     store_path: str | None
     current_generation: str | None
     last_report_at: str | None
+    # The failed switch's output tail (last 4 KiB), for the first 20 unhealthy machines
+    # whose failure is the rollout's generation.
+    failed_output: NotRequired[str]
 
 
 class Batch(TypedDict):

@@ -23,7 +23,7 @@ from nixfleet.models import (
 from nixfleet.policy import budgets, gate
 from nixfleet.store import planning, rollout_control, rollout_files, rollouts
 from nixfleet.store import policy as store_policy
-from nixfleet.store.rollouts import RolloutDetail, RolloutSummary
+from nixfleet.store.rollouts import MachineProgress, RolloutDetail, RolloutSummary
 
 STATUSES = [s.value for s in RolloutStatus] + ["invalid"]
 
@@ -102,6 +102,20 @@ def invalid_file_json(f: rollout_files.InvalidFile) -> wire.InvalidRolloutFile:
     }
 
 
+def machine_json(m: MachineProgress) -> wire.RolloutMachine:
+    out: wire.RolloutMachine = {
+        "id": m.id,
+        "health": m.health.value,
+        "reason": m.reason,
+        "store_path": m.store_path,
+        "current_generation": m.current_generation,
+        "last_report_at": isoformat(m.last_report_at),
+    }
+    if m.failed_output is not None:
+        out["failed_output"] = m.failed_output
+    return out
+
+
 def detail_json(d: RolloutDetail) -> wire.Rollout:
     return {
         **summary_json(d.summary),
@@ -115,17 +129,7 @@ def detail_json(d: RolloutDetail) -> wire.Rollout:
                 "size": b.size,
                 "started_at": isoformat(b.started_at),
                 "finished_at": isoformat(b.finished_at),
-                "machines": [
-                    {
-                        "id": m.id,
-                        "health": m.health.value,
-                        "reason": m.reason,
-                        "store_path": m.store_path,
-                        "current_generation": m.current_generation,
-                        "last_report_at": isoformat(m.last_report_at),
-                    }
-                    for m in b.machines
-                ],
+                "machines": [machine_json(m) for m in b.machines],
             }
             for b in d.batches
         ],

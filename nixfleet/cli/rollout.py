@@ -30,6 +30,7 @@ HEALTH_COLORS = {
     "unhealthy": {"fg": "red"},
 }
 SHOW_ALL_UP_TO = 20
+OUTPUT_LINES = 10  # of each failed switch's output in `rollout status` (more: machines show)
 
 
 def _document(state: State, file: Path, register: bool) -> wire.RolloutDocument:
@@ -69,6 +70,15 @@ def render(data: wire.Rollout, all_machines: bool = False) -> None:
             table(
                 ["  HOST", "HEALTH", "REASON"], rows, colors={1: lambda c: HEALTH_COLORS.get(c, {})}
             )
+        for m in b["machines"]:
+            output = m.get("failed_output")
+            if output:
+                echo(
+                    f"  switch output of {m['id']} (last {OUTPUT_LINES} lines; all of it: "
+                    f"nixfleet machines show {m['id']}):"
+                )
+                for line in output.splitlines()[-OUTPUT_LINES:]:
+                    echo(printable("    " + line))
     for s in data.get("skipped", []):
         echo(f"skipped {s['hostname']}: {s['reason']}")
 
