@@ -410,21 +410,16 @@ def test_the_docs_receiver_accepts_a_real_delivery_and_refuses_a_wrong_secret(
     receivers = [docs_receiver(secret, good_port), docs_receiver(wrong, bad_port)]
     try:
         start_rollout(control_plane)
-        by_url = wait_until(
-            "both receivers to have answered",
-            lambda: (
-                found
-                if {good, bad}
-                <= set(
-                    found := {
-                        d["url"]: d
-                        for d in deliveries(control_plane)
-                        if d["event"]["event"] == "rollout.started" and d["last_status"]
-                    }
-                )
-                else None
-            ),
-        )
+
+        def answered() -> dict[str, dict[str, Any]]:
+            found = {
+                d["url"]: d
+                for d in deliveries(control_plane)
+                if d["event"]["event"] == "rollout.started" and d["last_status"]
+            }
+            return found if {good, bad} <= set(found) else {}
+
+        by_url = wait_until("both receivers to have answered", answered)
     finally:
         for proc in receivers:
             proc.terminate()
