@@ -33,6 +33,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -47,7 +48,17 @@ def unavailable(message: str) -> None:
     """Skip (developer) or fail (CI) saying what is missing and how to get it."""
     if os.environ.get("NIXFLEET_CI") == "1":
         pytest.fail(message + " — under CI (NIXFLEET_CI=1) this is an error, not a skip")
-    pytest.skip(message)
+    pytest.skip(message, allow_module_level=True)
+
+
+def import_psycopg() -> ModuleType:
+    """psycopg, for a test module (an older .venv without the extra skips, CI fails)."""
+    try:
+        import psycopg
+    except ImportError:
+        unavailable("psycopg is not installed: pip install -e '.[postgresql]' (./dev setup does)")
+        raise
+    return psycopg
 
 
 def bin_dir() -> Path | None:
@@ -231,10 +242,7 @@ class Cluster:
 
 def server_or_skip() -> tuple[Server, Cluster | None]:
     """The server to test against and, when we started it, its cluster (to stop)."""
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        unavailable("psycopg is not installed: pip install -e '.[postgresql]' (./dev setup does)")
+    import_psycopg()
     given = os.environ.get(URL_VAR)
     if given:
         return Server(given), None
