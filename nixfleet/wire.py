@@ -368,6 +368,15 @@ class HostCost(TypedDict):
     diff: str | None
 
 
+class TargetWarning(TypedDict):
+    """A target of plan/apply that will not follow as things stand (DESIGN §3 Lifecycle)."""
+
+    hostname: str
+    kind: str  # "decommissioned" or "stale"
+    detail: str
+    last_report_at: str | None
+
+
 class Plan(TypedDict):
     name: str
     release: str
@@ -375,6 +384,7 @@ class Plan(TypedDict):
     targets: int
     batches: list[PlannedBatch]
     skipped: list[Skipped]
+    warnings: list[TargetWarning]
     hosts: NotRequired[dict[str, HostCost]]
 
 
@@ -455,6 +465,7 @@ class ReleasedLeases(TypedDict):
 
 class AppliedRollout(Rollout):
     created: bool
+    warnings: list[TargetWarning]  # as in Plan, for the rollout's machines
 
 
 @final

@@ -262,6 +262,7 @@ def plan(state: State, file: Path, closures_: bool) -> None:
         data["hosts"] = costs
     if state.json:
         emit_json(data)
+        warn_targets(data["warnings"])
         return
     echo(
         f"rollout {data['name']}: {data['targets']} machine(s) in {len(data['batches'])} batch(es)"
@@ -277,6 +278,22 @@ def plan(state: State, file: Path, closures_: bool) -> None:
         echo(f"skipped {s['hostname']}: {s['reason']}")
     if not data["targets"]:
         message("no machine matches the target: check `target` with `nixfleet machines list`")
+    warn_targets(data["warnings"])
+
+
+WARNINGS_SHOWN = 10  # per kind; --json has them all
+
+
+def warn_targets(warnings: list[wire.TargetWarning]) -> None:
+    """Targets that will not follow (decommissioned, stale): to stderr, --json or not."""
+    for kind in ("decommissioned", "stale"):
+        mine = [w for w in warnings if w["kind"] == kind]
+        for w in mine[:WARNINGS_SHOWN]:
+            message(f"warning: {printable(w['hostname'])} is {printable(w['detail'])}")
+        if len(mine) > WARNINGS_SHOWN:
+            message(
+                f"warning: and {len(mine) - WARNINGS_SHOWN} more {kind} targets (--json lists them)"
+            )
 
 
 def submit(state: State, doc: wire.RolloutDocument, wait: bool, interval: float) -> None:
@@ -288,6 +305,7 @@ def submit(state: State, doc: wire.RolloutDocument, wait: bool, interval: float)
         message(f"{verb} rollout {data['name']} ({data['id']}), {len(data['batches'])} batch(es)")
         if not state.json:
             echo(data["id"])
+    warn_targets(data["warnings"])
     if wait:
         follow(state, data["id"], True, interval)
 
