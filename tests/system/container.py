@@ -166,8 +166,11 @@ def run_once(
 
 
 def _dependencies() -> list[str]:
+    """The project's dependencies and what its tests import (the PostgreSQL extra
+    too: a test module that cannot import psycopg fails collection under CI)."""
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return [*meta["dependencies"], "pytest", "hypothesis", "setuptools", "wheel"]
+    extras = meta.get("optional-dependencies", {}).get("postgresql", [])
+    return [*meta["dependencies"], *extras, "pytest", "hypothesis", "setuptools", "wheel"]
 
 
 def python_env(root: Path) -> Path:
