@@ -273,7 +273,13 @@ def judge(
         started = f.given_at
     rebooting = reboot and (f.rebooting or f.needs_reboot is True)
     fresh = f.last_report_at is not None and f.last_report_at >= started
-    if fresh and (f.failed_generation == f.store_path or f.last_success is False):
+    # A failure that names another generation is not this batch's: the agent keeps
+    # reporting its last failure until it has seen the new desired generation, so
+    # the first report after the batch starts may still carry the previous one.
+    failed = f.failed_generation == f.store_path or (
+        f.last_success is False and f.failed_generation is None
+    )
+    if fresh and failed:
         detail = f": {f.last_message}" if f.last_message else ""
         return Verdict(f.machine_id, MachineHealth.UNHEALTHY, f"agent reported failure{detail}")
     good = (
@@ -294,6 +300,8 @@ def judge(
         waiting = "no report since the batch started"
     elif f.current_generation != f.store_path:
         waiting = "not yet running the release's generation"
+    elif f.last_success is False:
+        waiting = "still reporting the failure of another generation"
     elif f.health_passed is False:
         waiting = "health checks failing"
     else:

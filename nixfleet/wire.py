@@ -368,6 +368,15 @@ class HostCost(TypedDict):
     diff: str | None
 
 
+class TargetWarning(TypedDict):
+    """A target of plan/apply that will not follow as things stand (DESIGN §3 Lifecycle)."""
+
+    hostname: str
+    kind: str  # "decommissioned" or "stale"
+    detail: str
+    last_report_at: str | None
+
+
 class Plan(TypedDict):
     name: str
     release: str
@@ -375,6 +384,7 @@ class Plan(TypedDict):
     targets: int
     batches: list[PlannedBatch]
     skipped: list[Skipped]
+    warnings: list[TargetWarning]
     hosts: NotRequired[dict[str, HostCost]]
 
 
@@ -385,6 +395,9 @@ class RolloutMachine(TypedDict):
     store_path: str | None
     current_generation: str | None
     last_report_at: str | None
+    # The failed switch's output tail (last 4 KiB), for the first 20 unhealthy machines
+    # whose failure is the rollout's generation.
+    failed_output: NotRequired[str]
 
 
 class Batch(TypedDict):
@@ -452,6 +465,7 @@ class ReleasedLeases(TypedDict):
 
 class AppliedRollout(Rollout):
     created: bool
+    warnings: list[TargetWarning]  # as in Plan, for the rollout's machines
 
 
 @final

@@ -91,7 +91,7 @@ def picture(conn: sqlite3.Connection, machine_id: str) -> tuple[Any, ...]:
         "SELECT tag, source FROM machine_tags WHERE machine_id = ? ORDER BY 1, 2", (machine_id,)
     ).fetchall()
     events = conn.execute(
-        "SELECT count(*) FROM machine_events WHERE machine_id = ?", (machine_id,)
+        "SELECT count(*) FROM machine_history WHERE machine_id = ?", (machine_id,)
     ).fetchone()[0]
     return kept, [tuple(t) for t in tags], events
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
-from nixfleet import reconciler
+from nixfleet import reconciler, wire
 from nixfleet.api.rollouts import detail_json
+from nixfleet.cli import rollout as cli_rollout
 from nixfleet.errors import ConflictError, NotFoundError, ValidationError
 from nixfleet.flake import release_from_document
 from nixfleet.history import EventKind
@@ -194,6 +195,33 @@ def test_each_machine_judged_unhealthy_is_one_webhook_event(store: Store) -> Non
     assert [(h[0], h[1], json.loads(h[2])) for h in hooks] == [
         (rid, h, {"reason": reason, "batch": 1}) for h in ("web-02", "web-03")
     ]
+
+
+def test_rollout_status_shows_the_failing_machines_switch_output(
+    store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 19: why a switch failed, without ssh: the output tail in `rollout status`."""
+    rel = setup_fleet(store)
+    rid = apply(store, rollout_doc(rel))
+    tick(store, at(0))  # batch 1: web-00
+    noise = "".join(f"activating unit {i}\n" for i in range(2000))
+    output = noise + "warning: the following units failed: fake.service\x1b[0m"
+    report(store, "web-00", at(1), ok=False, output=output)
+    tick(store, at(2))
+    d = detail(store, rid, at(2))
+    assert d["status"] == "paused"
+    (m,) = d["batches"][0]["machines"]
+    assert m["health"] == "unhealthy"
+    assert m["failed_output"] == output[-store_rollouts.OUTPUT_TAIL :]
+    assert all("failed_output" not in x for b in d["batches"][1:] for x in b["machines"])
+    cli_rollout.render(cast(wire.Rollout, d))
+    shown = capsys.readouterr().out
+    assert "switch output of web-00 (last 10 lines; all of it: nixfleet machines show web-00)" in (
+        shown
+    )
+    assert "    warning: the following units failed: fake.service" in shown
+    assert "activating unit 1991\n" in shown and "activating unit 1990\n" not in shown
+    assert "\x1b" not in shown
 
 
 def test_revert_restores_each_machines_own_previous_desired(store: Store) -> None:

@@ -70,6 +70,9 @@ def _operation(resource: type[Any], method: str, path: str) -> OpenAPIOperation:
             },
         },
     }
+    answer = getattr(resource, "answers", {}).get(method)
+    if answer:  # what the answer is documented to carry (JSON Schema, other keys allowed)
+        op["responses"]["200"]["content"]["application/json"] = {"schema": answer}
     body = getattr(resource, "schemas", {}).get(method)
     if body:
         op["requestBody"] = {

@@ -306,8 +306,9 @@ def record_report(conn: sqlite3.Connection, report: Report) -> tuple[sqlite3.Row
     row = conn.execute(
         "SELECT lifecycle, desired_generation, desired_cache_url, desired_source, "
         "retry_requested_at, current_generation, failed_generation, last_success, "
-        "health_json, (SELECT r.poll_hint FROM rollout_machines rm "
-        "JOIN rollouts r ON r.id = rm.rollout_id WHERE rm.machine_id = machines.id "
+        "health_json, needs_reboot, booted_generation, "
+        "(SELECT r.poll_hint FROM rollout_machines rm JOIN rollouts r ON r.id = rm.rollout_id "
+        "WHERE rm.machine_id = machines.id "
         "AND r.status = 'running' LIMIT 1) AS poll_hint, (SELECT r.confirm_timeout "
         "FROM rollout_machines rm JOIN rollouts r ON r.id = rm.rollout_id "
         "WHERE rm.machine_id = machines.id AND r.status = 'running' LIMIT 1) "
@@ -370,6 +371,8 @@ def record_report(conn: sqlite3.Connection, report: Report) -> tuple[sqlite3.Row
         failed_generation=row["failed_generation"],
         last_success=None if row["last_success"] is None else bool(row["last_success"]),
         health_json=row["health_json"],
+        needs_reboot=None if row["needs_reboot"] is None else bool(row["needs_reboot"]),
+        booted_generation=row["booted_generation"],
     )
     events = []
     if promoted is not None:

@@ -138,4 +138,116 @@ MIGRATIONS: list[tuple[str, str]] = [
         DROP TRIGGER webhook_rollout_event
         """,
     ),
+    # Reboots in a machine's history (DESIGN §3 History, §11): kinds 'reboot-needed' and
+    # 'rebooted' (machine_events rebuilt for its CHECK, rows kept with their ids); and
+    # the machine.reboot-needed webhook, by a trigger in the report's transaction when
+    # the agent first says the running generation needs a reboot.
+    (
+        "0016_reboot_history",
+        """
+        CREATE TABLE machine_events_new (
+            id INTEGER PRIMARY KEY,
+            machine_id TEXT NOT NULL REFERENCES machines (id) ON DELETE CASCADE,
+            at TEXT NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('generation', 'deployment-failed',
+                'rolled-back', 'health', 'tags', 'lifecycle', 'desired', 'reboot-needed',
+                'rebooted')),
+            source TEXT NOT NULL,
+            generation TEXT,
+            detail_json TEXT
+        );
+        INSERT INTO machine_events_new (id, machine_id, at, kind, source, generation, detail_json)
+            SELECT id, machine_id, at, kind, source, generation, detail_json
+            FROM machine_events ORDER BY id;
+        DROP TABLE machine_events;
+        ALTER TABLE machine_events_new RENAME TO machine_events;
+        CREATE INDEX machine_events_machine ON machine_events (machine_id, id);
+        CREATE TRIGGER webhook_machine_reboot_needed AFTER UPDATE OF needs_reboot ON machines
+        WHEN NEW.needs_reboot = 1 AND OLD.needs_reboot IS NOT 1 BEGIN
+            INSERT INTO webhook_outbox (event, at, rollout_id, machine_id, detail_json)
+            VALUES ('machine.reboot-needed', coalesce(NEW.last_report_at,
+                    strftime('%Y-%m-%dT%H:%M:%f000Z', 'now')),
+                (SELECT rm.rollout_id FROM rollout_machines rm
+                    JOIN rollouts r ON r.id = rm.rollout_id
+                    WHERE rm.machine_id = NEW.id AND r.status IN ('running', 'paused')
+                    ORDER BY r.created_at DESC LIMIT 1),
+                NEW.id,
+                json_object('generation', NEW.current_generation,
+                    'booted_generation', NEW.booted_generation));
+        END
+        """,
+    ),
+    # History in a compact layout (issue 16; nixfleet.store.history says what each
+    # column holds, docs/performance.md "Storage" why): events clustered per machine
+    # under (machine number, seq) in a WITHOUT ROWID table, times as integers, kind and
+    # source as small codes, store paths without their constant parts. The events of
+    # 0010/0016 layout are carried over in order (each keeping its path text: references
+    # to an earlier event's path are written by new events only). machine_history
+    # shows the rows readably.
+    (
+        "0017_compact_machine_events",
+        """
+        CREATE TABLE machine_numbers (
+            num INTEGER PRIMARY KEY,
+            machine_id TEXT NOT NULL UNIQUE REFERENCES machines (id) ON DELETE CASCADE
+        );
+        INSERT INTO machine_numbers (machine_id) SELECT id FROM machines ORDER BY id;
+        CREATE TRIGGER machine_numbered AFTER INSERT ON machines BEGIN
+            INSERT INTO machine_numbers (machine_id) VALUES (NEW.id);
+        END;
+        CREATE TABLE event_kinds (code INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+        INSERT INTO event_kinds (code, name) VALUES (0, 'desired'), (1, 'generation'),
+            (2, 'health'), (3, 'deployment-failed'), (4, 'rolled-back'), (5, 'tags'),
+            (6, 'lifecycle'), (7, 'reboot-needed'), (8, 'rebooted');
+        CREATE TABLE event_sources (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+        INSERT INTO event_sources (id, name) VALUES (1, 'agent'), (2, 'operator');
+        INSERT OR IGNORE INTO event_sources (name)
+            SELECT source FROM machine_events GROUP BY source ORDER BY min(id);
+        CREATE TABLE events_0017 (
+            machine INTEGER NOT NULL REFERENCES machine_numbers (num) ON DELETE CASCADE,
+            seq INTEGER NOT NULL,
+            at INTEGER NOT NULL,
+            kind INTEGER NOT NULL REFERENCES event_kinds (code),
+            source INTEGER NOT NULL REFERENCES event_sources (id),
+            generation,
+            detail TEXT,
+            PRIMARY KEY (machine, seq)
+        ) WITHOUT ROWID;
+        INSERT INTO events_0017 (machine, seq, at, kind, source, generation, detail)
+        SELECT n.num, row_number() OVER (PARTITION BY e.machine_id ORDER BY e.id),
+            unixepoch(substr(e.at, 1, 19)) * 1000000 + CAST(substr(e.at, 21, 6) AS INTEGER),
+            k.code, s.id,
+            CASE WHEN substr(e.generation, 1, 11) = '/nix/store/'
+                AND substr(e.generation, 12, 1) <> '/' AND length(e.generation) > 11
+                AND instr(e.generation, char(1)) = 0
+                THEN replace(substr(e.generation, 12), '-nixos-system-', char(1))
+                ELSE e.generation END,
+            e.detail_json
+        FROM machine_events e
+        JOIN machine_numbers n ON n.machine_id = e.machine_id
+        JOIN event_kinds k ON k.name = e.kind
+        JOIN event_sources s ON s.name = e.source
+        ORDER BY n.num, e.id;
+        DROP TABLE machine_events;
+        ALTER TABLE events_0017 RENAME TO machine_events;
+        CREATE VIEW machine_history AS
+        SELECT n.machine_id, e.seq,
+            strftime('%Y-%m-%dT%H:%M:%S', e.at / 1000000, 'unixepoch')
+                || printf('.%06dZ', e.at % 1000000) AS at,
+            k.name AS kind, s.name AS source,
+            CASE WHEN e.path IS NULL OR substr(e.path, 1, 1) = '/' THEN e.path
+                ELSE '/nix/store/' || replace(e.path, char(1), '-nixos-system-')
+                END AS generation,
+            e.detail
+        FROM (SELECT h.machine, h.seq, h.at, h.kind, h.source, h.detail,
+                CASE WHEN typeof(h.generation) = 'integer' THEN
+                    (SELECT x.generation FROM machine_events x WHERE x.machine = h.machine
+                        AND x.seq = h.seq - h.generation)
+                ELSE h.generation END AS path
+            FROM machine_events h) e
+        JOIN machine_numbers n ON n.num = e.machine
+        JOIN event_kinds k ON k.code = e.kind
+        JOIN event_sources s ON s.id = e.source
+        """,
+    ),
 ]

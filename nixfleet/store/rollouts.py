@@ -220,6 +220,15 @@ class MachineProgress:
     store_path: str
     current_generation: str | None
     last_report_at: datetime | None
+    # The tail of the failed switch's output (issue 19): for the first OUTPUT_MACHINES
+    # unhealthy machines whose failure is this rollout's generation; else None.
+    failed_output: str | None = None
+
+
+# `rollout status` shows why a switch failed without ssh: the output tail of this many
+# unhealthy machines, this many characters each (all of it: `nixfleet machines show`).
+OUTPUT_MACHINES = 20
+OUTPUT_TAIL = 4096
 
 
 @dataclass(frozen=True)
@@ -341,6 +350,15 @@ def detail(conn: sqlite3.Connection, rollout_id: str, now: datetime) -> RolloutD
     view = load_view(conn, rollout_id)
     spec = view.spec
     rebooting = view.policy.reboot is RebootPolicy.WHEN_NEEDED
+    outputs = dict(
+        conn.execute(
+            "SELECT rm.machine_id, substr(m.failed_output, -?) FROM rollout_machines rm "
+            "JOIN machines m ON m.id = rm.machine_id WHERE rm.rollout_id = ? "
+            "AND rm.health = 'unhealthy' AND m.failed_generation = rm.store_path "
+            "AND m.failed_output IS NOT NULL ORDER BY rm.position LIMIT ?",
+            (OUTPUT_TAIL, rollout_id, OUTPUT_MACHINES),
+        ).fetchall()
+    )
     machines: dict[int, list[MachineProgress]] = {}
     for r in conn.execute(
         FACTS_SQL + "WHERE rm.rollout_id = ? ORDER BY rm.position", (rollout_id,)
@@ -363,6 +381,7 @@ def detail(conn: sqlite3.Connection, rollout_id: str, now: datetime) -> RolloutD
                 f.store_path,
                 f.current_generation,
                 f.last_report_at,
+                outputs.get(f.machine_id),
             )
         )
     finished = {

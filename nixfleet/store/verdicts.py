@@ -57,8 +57,10 @@ def facts_of(row: sqlite3.Row) -> rollout.MachineFacts:
 # by tests/store/test_verdicts.py on a table of cases; change both together.
 #
 # The inner query classifies each machine once (S silent since the batch started,
-# F agent reported failure, O other generation, H health checks failing, R needs a
-# reboot, B rebooting (holds a reboot lease), G good); its OFFSET keeps SQLite from
+# F agent reported failure — of this generation, or naming none —, O other
+# generation, E still reporting another generation's failure, H health checks
+# failing, R needs a reboot, B rebooting (holds a reboot lease), G good); its
+# OFFSET keeps SQLite from
 # flattening it into the outer one, which would re-evaluate the classification (and
 # its JSON parse) at every reference. A machine's start is the batch's, or when it
 # was given its generation if that is later (_SINCE: a disruption budget held it).
@@ -66,8 +68,10 @@ _SINCE = "max(:started, coalesce(m.desired_set_at, :started))"
 _STATES = f"""
 SELECT rm.machine_id, rm.position, rm.healthy_since AS since0, m.last_message AS msg,
   CASE WHEN NOT coalesce(m.last_report_at >= {_SINCE}, 0) THEN 'S'
-    WHEN m.failed_generation = rm.store_path OR m.last_success = 0 THEN 'F'
+    WHEN m.failed_generation = rm.store_path
+      OR (m.last_success = 0 AND m.failed_generation IS NULL) THEN 'F'
     WHEN m.current_generation IS NOT rm.store_path THEN 'O'
+    WHEN m.last_success = 0 THEN 'E'
     WHEN json_extract(m.health_json, '$.all_passed') IS 0 THEN 'H'
     WHEN :reboot AND EXISTS (SELECT 1 FROM reboot_leases l WHERE l.machine_id = m.id)
       THEN 'B'
@@ -92,6 +96,7 @@ SELECT machine_id, position, since0,
     WHEN 'G' THEN 'healthy'
     WHEN 'S' THEN :timed_out_after || 'no report since the batch started)'
     WHEN 'O' THEN :timed_out_after || 'not yet running the release''s generation)'
+    WHEN 'E' THEN :timed_out_after || 'still reporting the failure of another generation)'
     WHEN 'H' THEN :timed_out_after || 'health checks failing)'
     WHEN 'B' THEN :timed_out_after || 'rebooting)'
     ELSE :timed_out_after || 'needs a reboot)' END AS reason,

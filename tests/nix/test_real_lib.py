@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from nixfleet import schemas
+from nixfleet.agent.config import load_config
 
 
 def _load(name: str, path: Path) -> ModuleType:
@@ -111,6 +112,32 @@ def test_seed_config_renders_what_the_agent_accepts(lib: str) -> None:
     assert cp["config"]["db"] == "/var/lib/nixfleet/nixfleet.db"
     assert cp["config"]["listen"] == "127.0.0.1:8470"
     assert cp["unit"]["serviceConfig"]["DynamicUser"] is True
+
+
+def test_reboot_options_render_into_the_agents_config(lib: str, tmp_path: Path) -> None:
+    """booted_system / reboot_command (DESIGN §11 Reboots): defaults and set values."""
+    seed = eval_real(lib, "{ " + SEED_AGENT + " }")["agent"]["config"]
+    assert seed["booted_system"] == "/run/booted-system"
+    assert seed["reboot_command"] == ["systemctl", "reboot"]
+    out = eval_real(
+        lib,
+        "{ "
+        + SEED_AGENT
+        + ' services.nixfleet-agent.bootedSystem = "/run/test-booted";'
+        + ' services.nixfleet-agent.rebootCommand = ["/run/wrappers/bin/record" "reboot"]; }',
+    )
+    assert out["failedAssertions"] == []
+    agent = out["agent"]["config"]
+    assert agent["booted_system"] == "/run/test-booted"
+    assert agent["reboot_command"] == ["/run/wrappers/bin/record", "reboot"]
+    schemas.validate("agent-config", agent, what="rendered agent config")
+    (tmp_path / "agent.json").write_text(json.dumps(agent))
+    config = load_config(tmp_path / "agent.json")
+    assert config.booted_system == "/run/test-booted"
+    assert config.reboot_command == ("/run/wrappers/bin/record", "reboot")
+    for bad in ('bootedSystem = "run/x"', "rebootCommand = [ ]", 'rebootCommand = [ "" ]'):
+        error = eval_error(lib, "{ " + SEED_AGENT + f" services.nixfleet-agent.{bad}; }}")
+        assert "is not of type" in error, bad
 
 
 def test_agent_config_lives_at_a_path_stable_across_generations(lib: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -110,6 +111,19 @@ def test_a_new_failed_generation_is_one_machine_failed_event(store: Store) -> No
         "current_generation": GEN,
         "message": "rolled back: boom",
     }
+
+
+def test_a_machine_that_first_needs_a_reboot_is_one_reboot_needed_event(store: Store) -> None:
+    with store.transaction() as conn:
+        machines.register(conn, "web-01", [], Lifecycle.PENDING, utcnow())
+    needs = (False, True, True, False, True)  # repeats are the same need; then a new one
+    for i, flag in enumerate(needs):
+        r = replace(report(True, i), needs_reboot=flag, booted_generation=BAD)
+        with store.transaction() as conn:
+            machines.record_report(conn, r)
+    got = events(store)
+    assert [(e[0], e[1]) for e in got] == [("machine.reboot-needed", "web-01")] * 2
+    assert got[0][2] == {"generation": GEN, "booted_generation": BAD}
 
 
 def test_fan_out_claim_and_attempts(store: Store) -> None:

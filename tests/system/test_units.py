@@ -2,13 +2,14 @@
 
 One container for the module: the units are rendered INSIDE it from
 modules/*.nix by the real nixpkgs lib (tests/nix/render-units.nix, with the
-container's Nix 2.26), installed in /etc/systemd/system and started as a NixOS
+container's Nix), installed in /etc/systemd/system and started as a NixOS
 machine would start them. The machine's "NixOS systems" are fake closures built
 in the container's own store (tests/nix/fake-system.nix); each carries the agent
 config file the module renders for it, which its switch links to
 /etc/nixfleet/agent.json as NixOS's /etc activation does. The test process talks
 to the control plane over 127.0.0.1 (the container shares the host's network)
-with the real client and CLI.
+with the real client and CLI. The box has a disk (container.Container.disk), so
+the last test can reboot it for real and boot it again with its state.
 """
 
 from __future__ import annotations
