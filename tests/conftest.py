@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from postgres_cluster import Server, server_or_skip
 
 from nixfleet.client import Client
 from nixfleet.models import utcnow
@@ -39,6 +40,26 @@ def store(tmp_path: Path) -> Iterator[Store]:
 def admin_key(store: Store) -> str:
     with store.transaction() as conn:
         return credentials.create_key(conn, "test-admin", "admin", "test", utcnow())
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Server]:
+    """NIXFLEET_TEST_DATABASE_URL's server, else a throwaway cluster for the session
+    (tests/postgres_cluster.py; skipped with the reason, or failed under CI, without)."""
+    server, cluster = server_or_skip()
+    try:
+        yield server
+    finally:
+        if cluster is not None:
+            cluster.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: Server) -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL database of this test's own (dropped after)."""
+    url = postgres_server.create_database()
+    yield url
+    postgres_server.drop_database(url)
 
 
 T = TypeVar("T")
