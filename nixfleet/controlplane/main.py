@@ -31,6 +31,10 @@ from nixfleet.store import Store, audit, credentials
     "--db", help="SQLite database file (default: $STATE_DIRECTORY or ~/.local/state/nixfleet)."
 )
 @click.option(
+    "--database-url",
+    help="sqlite:PATH (as --db) or postgresql://USER@HOST/DB; no password in it.",
+)
+@click.option(
     "--rollouts-dir", type=click.Path(file_okay=False), help="Apply rollout files from DIR."
 )
 @click.option(
@@ -63,6 +67,7 @@ def cli(
     config_file: str | None,
     listen: str | None,
     db: str | None,
+    database_url: str | None,
     rollouts_dir: str | None,
     admin_key_file: str | None,
     reconcile_interval: float | None,
@@ -87,6 +92,7 @@ def cli(
             config_file,
             listen=listen,
             db=db,
+            database_url=database_url,
             rollouts_dir=rollouts_dir,
             admin_key_file=admin_key_file,
             reconcile_interval=reconcile_interval,
