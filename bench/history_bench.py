@@ -95,7 +95,7 @@ def _day(conn: Any, day: int, t0: datetime, failing: str, passing: str) -> None:
     start = t0 + timedelta(days=day)
     label = f"rollout:daily-{day:02d}"
     # Desired: what a rollout's ticks write (spread over the first hour of the day);
-    # the real trigger writes the desired events.
+    # its desired events are written below, by the function the ticks use.
     conn.execute(
         "UPDATE machines SET desired_generation = '/nix/store/' || lower(hex(randomblob(16))) "
         "|| '-nixos-system-' || substr(id, 1, 7) || ?, desired_source = ?, "
