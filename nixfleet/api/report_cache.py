@@ -101,6 +101,7 @@ class ReportCache:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._loaded = False
+        self._writable = True  # the last flush succeeded (else answer nothing from memory)
         self.heartbeats = 0  # answered from memory (approximate: not locked)
         self.flushes = 0
 
@@ -109,7 +110,7 @@ class ReportCache:
     def _fresh(self, machine_id: str) -> bool:
         """Whether the view holds everything committed about this machine (and rollouts)."""
         published = self.store.published_changes()
-        if not self._loaded or published is None:
+        if not self._loaded or published is None or not self._writable:
             return False
         applied = self._seq
         if published <= applied:
@@ -301,8 +302,13 @@ class ReportCache:
             with self.store.transaction() as conn:
                 rc.write_last_seen(conn, [(m, isoformat(at), up) for m, (at, up) in rows.items()])
         except Exception:
+            # Until a batch is written again, reports take the transaction: they are
+            # refused as it is (503, disk full or a replaced file) instead of being
+            # acknowledged from memory and lost.
+            self._writable = False
             with self._pending_lock:  # kept for the next attempt; newer ones win
                 self._pending = {**rows, **self._pending}
                 self._oldest = time.monotonic() - FLUSH_AFTER
             raise
+        self._writable = True
         self.flushes += 1

@@ -244,3 +244,17 @@ def test_a_change_to_one_machine_leaves_the_others_answered_from_memory(env: Env
     )
     assert env.report().status_code == 410
     assert report_02().status_code == 200 and env.cache.heartbeats == 2
+
+
+def test_when_a_batch_cannot_be_written_reports_take_the_transaction(env: Env) -> None:
+    env.warm()
+    assert env.report().status_code == 200 and env.cache.heartbeats == 1
+    moved = env.store.path.with_suffix(".moved")
+    env.store.path.rename(moved)  # the file replaced under the process: writes refused
+    with pytest.raises(Exception, match="deleted"):
+        env.cache.flush()
+    assert env.report().status_code == 503  # not acknowledged from memory
+    assert env.cache.heartbeats == 1
+    moved.rename(env.store.path)
+    env.cache.flush()  # the queued one is written after all
+    assert env.report().status_code == 200 and env.cache.heartbeats == 2
