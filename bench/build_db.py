@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fleet
 
+from nixfleet.history import EventKind
 from nixfleet.models import isoformat
-from nixfleet.store import Store, credentials
+from nixfleet.store import Store, credentials, history
 
 CHUNK = 20_000
 REPORT_HEALTH = json.dumps(fleet.HEALTH)
@@ -130,15 +131,20 @@ def _tokens(n: int, now: datetime) -> Iterator[tuple[str, str, str]]:
         yield fleet.hostname(i), credentials.digest(fleet.token(i)), at
 
 
-def _events(n: int, per_machine: int, now: datetime) -> Iterator[tuple[Any, ...]]:
+def _events(
+    n: int, per_machine: int, now: datetime, numbers: dict[str, int]
+) -> Iterator[tuple[Any, ...]]:
     # History (machine_events): per machine, the last `per_machine` changes were
     # generation switches, interleaved by time as a real fleet's changes arrive.
     for k in range(per_machine, 0, -1):
         for i in range(n):
             if not reporting(i):
                 continue
-            at = isoformat(now - timedelta(days=k, seconds=i % 60))
-            yield fleet.hostname(i), at, "generation", "agent", fleet.current_generation(i), None
+            host = fleet.hostname(i)
+            at = history.micros(now - timedelta(days=k, seconds=i % 60))
+            gen = history.encode_path(fleet.current_generation(i))
+            code = history.KIND_CODES[EventKind.GENERATION]
+            yield numbers[host], per_machine - k + 1, at, code, history.AGENT, gen, None
 
 
 def build(path: Path, machines: int, events_per_machine: int, quiet: bool = False) -> str:
@@ -168,10 +174,11 @@ def build(path: Path, machines: int, events_per_machine: int, quiet: bool = Fals
             "INSERT INTO machine_tokens (machine_id, token_hash, created_at) VALUES (?, ?, ?)",
             chunk,
         )
-    for chunk in _chunks(_events(machines, events_per_machine, now)):
+    numbers = dict(conn.execute("SELECT machine_id, num FROM machine_numbers"))
+    for chunk in _chunks(_events(machines, events_per_machine, now, numbers)):
         conn.executemany(
-            "INSERT INTO machine_events (machine_id, at, kind, source, generation, "
-            "detail_json) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO machine_events (machine, seq, at, kind, source, generation, "
+            "detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
             chunk,
         )
     conn.execute("COMMIT")

@@ -79,3 +79,18 @@ def report_body(i: int) -> dict[str, Any]:
 
 def report_bytes(i: int) -> bytes:
     return json.dumps(report_body(i)).encode()
+
+
+def change_body(i: int, nonce: int) -> dict[str, Any]:
+    """A report that changes state: a new message, health turning with the nonce's parity."""
+    body = report_body(i)
+    body["message"] = f"deployed {nonce}"
+    if nonce % 2:
+        results = [dict(r) for r in HEALTH["results"]]
+        results[1].update(passed=False, message="failed")
+        body["health"] = {"all_passed": False, "results": results}
+    return body
+
+
+def change_bytes(i: int, nonce: int) -> bytes:
+    return json.dumps(change_body(i, nonce)).encode()

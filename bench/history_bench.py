@@ -8,8 +8,8 @@ at 100,000 machines; replaying them through HTTP would take days, and all but th
 changes among them are heartbeats, which write no history. So the changes are written
 set-based, with the very statements and shapes the control plane uses:
 
-- desired generation: one UPDATE of machines per day, as a rollout's ticks issue it;
-  the real trigger (migration 0009) writes the desired events;
+- desired generation: one UPDATE of machines per day, as a rollout's ticks issue it,
+  and its desired events by store.history.add_desired, as the ticks write them;
 - the switch the next report shows, and the health flaps: INSERT … SELECT of the rows
   record_report writes for them. That they are the same rows is checked here: a real
   record_report of a switch and of a flap, on a sample machine, must write exactly the
@@ -41,7 +41,8 @@ import build_db
 import fleet
 
 from nixfleet import history as changes
-from nixfleet.controlplane.background import prune_history
+from nixfleet.controlplane.background import PruneHistory, prune_history
+from nixfleet.history import EventKind
 from nixfleet.models import HealthCheckResult, HealthResult, Report, isoformat
 from nixfleet.settings import Settings
 from nixfleet.store import Store, history
@@ -73,7 +74,7 @@ def _health(failing: bool) -> HealthResult:
 
 
 def _flap_details() -> tuple[str, str]:
-    """The detail JSON record_report writes for a turn to failing and back."""
+    """The stored detail record_report writes for a turn to failing and back."""
     ok, bad = (json.dumps(_health(f).to_dict()) for f in (False, True))
     gen = fleet.current_generation(0)
 
@@ -81,15 +82,20 @@ def _flap_details() -> tuple[str, str]:
         prior = changes.Prior(gen, None, True, before)
         report = Report("x", datetime.now(UTC), gen, health=after)
         (event,) = changes.report_events(prior, report)
-        return json.dumps(dict(event.detail), separators=(",", ":"))
+        return history.encode_detail(event.kind, event.detail) or ""
 
     return detail(ok, _health(True)), detail(bad, _health(False))
+
+
+def _next_seq(num: str) -> str:
+    return f"coalesce((SELECT max(e.seq) FROM machine_events e WHERE e.machine = {num}), 0) + 1"
 
 
 def _day(conn: Any, day: int, t0: datetime, failing: str, passing: str) -> None:
     start = t0 + timedelta(days=day)
     label = f"rollout:daily-{day:02d}"
-    # Desired: what a rollout's ticks write (spread over the first hour of the day).
+    # Desired: what a rollout's ticks write (spread over the first hour of the day);
+    # its desired events are written below, by the function the ticks use.
     conn.execute(
         "UPDATE machines SET desired_generation = '/nix/store/' || lower(hex(randomblob(16))) "
         "|| '-nixos-system-' || substr(id, 1, 7) || ?, desired_source = ?, "
@@ -97,12 +103,21 @@ def _day(conn: Any, day: int, t0: datetime, failing: str, passing: str) -> None:
         "|| ' seconds') || '000Z'",
         (f"-24.11.{day:02d}", label, isoformat(start)[:19]),
     )
-    # The next report shows the switch: one generation event per machine, two minutes on.
+    # Its desired events, as the tick writes them (every machine's generation changed).
+    history.add_desired(
+        conn,
+        "SELECT id AS machine_id, desired_set_at AS at, desired_source AS source, "
+        "desired_generation AS generation FROM machines ORDER BY desired_set_at",
+        (),
+    )
+    # The next report shows the switch: one generation event per machine, two minutes
+    # on, referring to the desired event right before it for its path (k = 1).
     conn.execute(
-        "INSERT INTO machine_events (machine_id, at, kind, source, generation, detail_json) "
-        "SELECT id, strftime('%Y-%m-%dT%H:%M:%f', substr(desired_set_at, 1, 19), "
-        "'+120 seconds') || '000Z', 'generation', 'agent', desired_generation, NULL "
-        "FROM machines ORDER BY desired_set_at"
+        "INSERT INTO machine_events (machine, seq, at, kind, source, generation, detail) "
+        f"SELECT n.num, {_next_seq('n.num')}, {history.micros_sql('m.desired_set_at')} "
+        "+ 120000000, ?, ?, 1, NULL FROM machines m "
+        "JOIN machine_numbers n ON n.machine_id = m.id ORDER BY m.desired_set_at",
+        (history.KIND_CODES[EventKind.GENERATION], history.AGENT),
     )
     conn.execute(
         "UPDATE machines SET current_generation = desired_generation, "
@@ -113,17 +128,26 @@ def _day(conn: Any, day: int, t0: datetime, failing: str, passing: str) -> None:
         at = start + timedelta(hours=4 + 6 * k)
         for offset, detail in ((0, failing), (600, passing)):
             conn.execute(
-                "INSERT INTO machine_events (machine_id, at, kind, source, generation, "
-                "detail_json) SELECT id, ?, 'health', 'agent', NULL, ? FROM machines "
-                "WHERE CAST(substr(id, 2, 6) AS INTEGER) % 100 = 0",
-                (isoformat(at + timedelta(seconds=offset)), detail),
+                "INSERT INTO machine_events (machine, seq, at, kind, source, generation, "
+                f"detail) SELECT n.num, {_next_seq('n.num')}, ?, ?, ?, NULL, ? "
+                "FROM machine_numbers n "
+                "WHERE CAST(substr(n.machine_id, 2, 6) AS INTEGER) % 100 = 0",
+                (
+                    history.micros(at + timedelta(seconds=offset)),
+                    history.KIND_CODES[EventKind.HEALTH],
+                    history.AGENT,
+                    detail,
+                ),
             )
 
 
 def _shape(conn: Any, machine: str, n: int) -> list[tuple[Any, ...]]:
+    """Newest first: kind, source, the path (None, "path" held, or k: k events back), detail."""
     rows = conn.execute(
-        "SELECT kind, source, generation IS NOT NULL, detail_json FROM machine_events "
-        "WHERE machine_id = ? ORDER BY id DESC LIMIT ?",
+        "SELECT e.kind, s.name, CASE WHEN typeof(e.generation) = 'text' THEN 'path' "
+        "ELSE e.generation END, e.detail FROM machine_events e "
+        "JOIN event_sources s ON s.id = e.source WHERE e.machine = "
+        "(SELECT num FROM machine_numbers WHERE machine_id = ?) ORDER BY e.seq DESC LIMIT ?",
         (machine, n),
     )
     return [tuple(r) for r in rows]
@@ -134,7 +158,7 @@ def _check_shapes(store: Store, failing: str, passing: str) -> None:
     host = fleet.hostname(0)  # a flapping machine (0 % 100 == 0)
     with store.read() as conn:
         bulk = _shape(conn, host, 4)  # last day: ... flap, flap (newest first)
-        day = _shape(conn, host, 2 * FLAPS_PER_DAY + 2)[-2:]  # desired, generation
+        day = _shape(conn, host, 2 * FLAPS_PER_DAY + 2)[-2:]  # generation, desired
     now = datetime.now(UTC)
     with store.transaction() as conn:
         store_machines.set_desired(conn, host, fleet.next_generation(0), None, "rollout:x", now)
@@ -151,10 +175,11 @@ def _check_shapes(store: Store, failing: str, passing: str) -> None:
     with store.read() as conn:
         real = _shape(conn, host, 4)
     assert real[:2] == bulk[:2], (real, bulk)  # passing again, failing
-    # the same kinds, sources (a rollout's label, the agent) and generations present
+    # the same kinds, sources (a rollout's label, the agent) and paths (held, referred to)
     shape = [(r[0], r[1].split(":")[0], r[2], r[3]) for r in real[2:]]
     assert shape == [(r[0], r[1].split(":")[0], r[2], r[3]) for r in day], (real, day)
     assert real[0][3] == passing and real[1][3] == failing
+    assert real[2][2] == 1 and real[3][2] == "path"
 
 
 def run(machines: int, days: int, workdir: Path) -> dict[str, Any]:
@@ -171,7 +196,7 @@ def run(machines: int, days: int, workdir: Path) -> dict[str, Any]:
             _day(conn, day, t0, failing, passing)
         store.checkpoint()
     _check_shapes(store, failing, passing)
-    pruned = prune_history(Settings(), store, 5_000, 2_000)
+    pruned = prune_history(Settings(), store, PruneHistory.MACHINES)
     _settle(store)
     filled = _size(db)
     with store.read() as conn:

@@ -41,10 +41,10 @@ class LoadResult:
         return self.requests / self.seconds if self.seconds else 0.0
 
 
-def _requests(indices: list[int]) -> list[tuple[str, bytes, dict[str, str]]]:
+def _requests(indices: list[int], nonce: int | None) -> list[tuple[str, bytes, dict[str, str]]]:
     out = []
     for i in indices:
-        body = fleet.report_bytes(i)
+        body = fleet.report_bytes(i) if nonce is None else fleet.change_bytes(i, nonce)
         headers = {
             "Authorization": f"Bearer {fleet.token(i)}",
             "Content-Type": "application/json",
@@ -94,8 +94,9 @@ def _process(
     stop_at: float,
     limit: int,
     queue: mp.Queue[Any],
+    nonce: int | None,
 ) -> None:
-    prepared = [_requests(s) for s in slices]
+    prepared = [_requests(s, nonce) for s in slices]
     out: list[Any] = []
     threads = [
         threading.Thread(target=_thread, args=(port, reqs, start_at, stop_at, limit, out))
@@ -120,8 +121,13 @@ def run(
     duration: float = 5.0,
     max_requests: int = 50_000,
     offset: int = 0,
+    change: int | None = None,
 ) -> LoadResult:
-    """Drive POST .../report at the server on port; return throughput and latency."""
+    """Drive POST .../report at the server on port; return throughput and latency.
+
+    The bodies are what the database holds (heartbeats), or with `change` (a nonce)
+    reports that change each machine's state (fleet.change_body).
+    """
     conns = processes * threads
     per_conn = max(1, max_requests // conns)
     # Each connection gets a disjoint slice of machines; `offset` rotates the fleet so
@@ -144,6 +150,7 @@ def run(
                 stop_at,
                 per_conn,
                 queue,
+                change,
             ),
         )
         for p in range(processes)

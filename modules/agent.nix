@@ -253,6 +253,35 @@ in
       '';
     };
 
+    bootedSystem = mkOption {
+      type = types.strMatching "/.*";
+      default = "/run/booted-system";
+      description = ''
+        The system the machine booted. After a switch the agent compares its
+        kernel, initrd and kernel modules with the new generation's (as
+        {option}`system.autoUpgrade` does) and reports whether a reboot is
+        needed; with a rollout's `reboot: when-needed` it then reboots under a
+        reboot lease (docs/rollouts.md, "Reboots"). Change it only in tests.
+      '';
+    };
+
+    rebootCommand = mkOption {
+      type = types.nonEmptyListOf (types.strMatching ".+");
+      default = [
+        "systemctl"
+        "reboot"
+      ];
+      example = [
+        "systemctl"
+        "kexec"
+      ];
+      description = ''
+        Command and arguments, run without a shell, that reboot the machine
+        once the agent holds a reboot lease. It runs from the agent's unit
+        (systemd is on its path), through the agent's one subprocess choke point.
+      '';
+    };
+
     allowInsecure = mkOption {
       type = types.bool;
       default = false;
@@ -366,6 +395,8 @@ in
       };
       dry_run = cfg.dryRun;
       allow_insecure = cfg.allowInsecure;
+      booted_system = cfg.bootedSystem;
+      reboot_command = cfg.rebootCommand;
     };
 
     environment.etc."nixfleet/agent.json".source = configFile;

@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from subprocess import Popen
-from typing import Any
 
 from nixfleet import nix, process, wire
 from nixfleet.client import Client
@@ -241,7 +240,7 @@ class Demo:
             raise CommandError(f"`nixfleet {' '.join(args)}` exited {done.returncode}")
         return done.stdout
 
-    def release(self, version: str, broken: bool = False) -> dict[str, Any]:
+    def release(self, version: str, broken: bool = False) -> wire.Release:
         self.write_flake(version, broken)
         push = f"file://{self.root / 'cache'}?secret-key={self.root / 'cache.sk'}"
         out = self.nixfleet(
@@ -258,11 +257,11 @@ class Demo:
             "--json",
             quiet=True,
         )
-        rel: dict[str, Any] = json.loads(out)
+        rel: wire.Release = json.loads(out)
         self.say(f"  release {rel['id']}: {len(rel['entries'])} hosts, pushed to the signed cache")
         return rel
 
-    def install(self, rel: dict[str, Any]) -> None:
+    def install(self, rel: wire.Release) -> None:
         """Give each machine its first generation, as the installer would have."""
         for entry in rel["entries"]:
             d = self.machine_dir(entry["hostname"])
@@ -272,7 +271,7 @@ class Demo:
             link.unlink(missing_ok=True)
             link.symlink_to(entry["store_path"])
 
-    def forget(self, rel: dict[str, Any]) -> None:
+    def forget(self, rel: wire.Release) -> None:
         """Drop a release's closures from the local store, so agents must fetch them."""
         paths = [e["store_path"] for e in rel["entries"]]
         process.run(["nix-store", "--delete", *paths], env=self.env, timeout=120, check=False)

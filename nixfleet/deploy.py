@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
 
-from nixfleet import schemas
+from nixfleet import rollout, schemas
 from nixfleet.errors import FieldError, ValidationError
+from nixfleet.wire import RolloutDocument
 
 # The option that sets each top-level field, for error messages.
 FLAGS = {"batches": "--batch-size", "target": "--tags/--hosts", "release": "--release"}
@@ -37,15 +37,15 @@ def _count_or_text(value: str) -> int | str:
     return int(value) if value.isdigit() else value
 
 
-def document(opts: DeployOptions) -> dict[str, Any]:
+def document(opts: DeployOptions) -> RolloutDocument:
     """The validated rollout document; without a name, one derived from the options
     (the same deploy run twice is the same rollout, i.e. a no-op)."""
-    target: dict[str, Any] = {}
+    target: dict[str, list[str]] = {}
     if opts.tags:
         target["tags"] = list(opts.tags)
     if opts.hosts:
         target["hosts"] = list(opts.hosts)
-    doc: dict[str, Any] = {
+    doc: RolloutDocument = {
         "version": 1,
         "name": opts.name or "",
         "release": opts.release,
@@ -66,7 +66,7 @@ def document(opts: DeployOptions) -> dict[str, Any]:
             FLAGS.get(e.field.split("[")[0].split(".")[0], "--" + e.field.replace("_", "-")),
             e.message,
         )
-        for e in schemas.errors_of("rollout", doc)
+        for e in schemas.errors_of(rollout.SCHEMA, doc)
     ]
     if errors:
         raise ValidationError("invalid deploy options", errors=errors)

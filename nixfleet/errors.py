@@ -8,7 +8,9 @@ ends with, so the mapping lives here and is applied in exactly one place each
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
+
+from nixfleet.wire import FieldErrorBody
 
 
 @dataclass(frozen=True)
@@ -19,8 +21,8 @@ class FieldError:
     message: str
     line: int | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"field": self.field, "message": self.message}
+    def to_dict(self) -> FieldErrorBody:
+        out: FieldErrorBody = {"field": self.field, "message": self.message}
         if self.line is not None:
             out["line"] = self.line
         return out
@@ -137,6 +139,13 @@ class StoreUnavailableError(NixfleetError):
     title = "Service unavailable"
     slug = "store-unavailable"
     retry_after: ClassVar[int] = 5
+
+
+class NotLeaderError(StoreUnavailableError):
+    """A background transaction of a replica that is no longer the leader (its
+    fencing epoch is not the database's, docs/scaling.md): it wrote nothing. The
+    background jobs stop on it; were it to reach a client, it is a 503 like any
+    store that takes no writes now."""
 
 
 class DatabaseFileError(NixfleetError):

@@ -24,7 +24,7 @@ from typing import Any
 
 import tomli_w
 
-from nixfleet import nix, schemas
+from nixfleet import nix, schemas, wire
 from nixfleet.errors import FieldError, UsageError, ValidationError
 from nixfleet.models import (
     Release,
@@ -35,6 +35,8 @@ from nixfleet.models import (
 )
 
 # --- release identity and documents ---------------------------------------------------
+
+RELEASE_SCHEMA = "release"  # schemas/release.schema.json: API bodies and release TOML files
 
 
 def release_id(entries: Sequence[ReleaseEntry]) -> str:
@@ -51,7 +53,7 @@ def release_id(entries: Sequence[ReleaseEntry]) -> str:
 
 def release_from_document(doc: Any, what: str = "release") -> Release:
     """Validate a release document (API body or parsed TOML) and build the Release."""
-    schemas.validate("release", doc, what)
+    schemas.validate(RELEASE_SCHEMA, doc, what)
     errors: list[FieldError] = []
     seen: set[str] = set()
     for i, e in enumerate(doc["entries"]):
@@ -87,16 +89,20 @@ def release_from_document(doc: Any, what: str = "release") -> Release:
     )
 
 
-def release_document(release: Release) -> dict[str, Any]:
+def release_document(release: Release) -> wire.Release:
     """The JSON/TOML shape of a release; absent values are omitted (TOML has no null)."""
-    out: dict[str, Any] = {"id": release.id}
-    for key in ("flake_ref", "flake_rev", "cache_url", "created_by"):
-        value = getattr(release, key)
-        if value is not None:
-            out[key] = value
+    head: wire.ReleaseHeader = {"id": release.id}
+    if release.flake_ref is not None:
+        head["flake_ref"] = release.flake_ref
+    if release.flake_rev is not None:
+        head["flake_rev"] = release.flake_rev
+    if release.cache_url is not None:
+        head["cache_url"] = release.cache_url
+    if release.created_by is not None:
+        head["created_by"] = release.created_by
     if release.created_at is not None:
-        out["created_at"] = isoformat(release.created_at)
-    out["entries"] = [
+        head["created_at"] = isoformat(release.created_at)
+    entries: list[wire.ReleaseEntry] = [
         {
             "hostname": e.hostname,
             "store_path": e.store_path,
@@ -105,7 +111,7 @@ def release_document(release: Release) -> dict[str, Any]:
         }
         for e in release.entries
     ]
-    return out
+    return {**head, "entries": entries}
 
 
 # --- TOML files ----------------------------------------------------------------------

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nixfleet import rolloutfile
-from nixfleet.errors import NixfleetError, ValidationError
+from nixfleet.errors import FieldError, NixfleetError, ValidationError
 from nixfleet.models import utcnow
 from nixfleet.settings import Settings
 from nixfleet.store import Store, releases, rollout_files
@@ -78,12 +78,10 @@ def apply_file(store: Store, path: Path, mtime_ns: int, poll_hint: int) -> bool:
             log.info("applied rollout file %s: rollout %s (%s)", path, name, applied.id)
         return True
     except NixfleetError as e:
-        errors = [x.to_dict() for x in e.errors[:MAX_ERRORS]] or [
-            {"field": "(document)", "message": e.detail}
-        ]
+        errors = list(e.errors[:MAX_ERRORS]) or [FieldError("(document)", e.detail)]
         if len(e.errors) > MAX_ERRORS:
             more = len(e.errors) - MAX_ERRORS
-            errors.append({"field": "(document)", "message": f"... and {more} more error(s)"})
+            errors.append(FieldError("(document)", f"... and {more} more error(s)"))
         with store.transaction() as conn:
             rollout_files.record_file(
                 conn, str(path), now, name=name, rollout_id=None, errors=errors, mtime_ns=mtime_ns

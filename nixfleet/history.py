@@ -2,7 +2,7 @@
 
 Pure: what a report changed, judged against what the store held before it. The
 store (nixfleet.store.history) writes and reads the events; the desired generation's
-changes are written by a trigger (migration 0008), whatever code path sets it.
+changes are written by each writer of it (store.history.add_desired).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ class EventKind(StrEnum):
     TAGS = "tags"  # tags added/removed (agent-sourced or operator-sourced)
     LIFECYCLE = "lifecycle"  # lifecycle state changed (from -> to)
     DESIRED = "desired"  # desired generation changed (from -> to), by rollout or operator
+    REBOOT_NEEDED = "reboot-needed"  # the running generation needs a reboot (DESIGN §11)
+    REBOOTED = "rebooted"  # the machine booted another generation (booted: from -> to)
 
 
 # Kinds whose `previous` is the `generation` of the machine's event of the same kind
@@ -54,6 +56,8 @@ class Prior:
     failed_generation: str | None
     last_success: bool | None
     health_json: str | None
+    needs_reboot: bool | None = None
+    booted_generation: str | None = None
 
 
 def _checks(health: HealthResult | None) -> dict[str, bool]:
@@ -101,6 +105,27 @@ def report_events(prior: Prior, report: Report) -> list[Event]:
     health = _health_event(prior.health_json, report)
     if health is not None:
         out.append(health)
+    out.extend(_reboot_events(prior, report))
+    return out
+
+
+def _reboot_events(prior: Prior, report: Report) -> list[Event]:
+    """Reboot needed: the agent says so and did not before (it says so on every poll
+    until the machine reboots). Rebooted: the booted generation it reports changed
+    (the first one an agent reports is no reboot anyone saw)."""
+    out: list[Event] = []
+    at, mid = report.received_at, report.machine_id
+    booted = report.booted_generation
+    before = prior.booted_generation
+    if booted is not None and before is not None and booted != before:
+        out.append(Event(mid, at, EventKind.REBOOTED, "agent", booted, detail={"previous": before}))
+    if report.needs_reboot and prior.needs_reboot is not True:
+        detail = {"booted": booted} if booted is not None else {}
+        out.append(
+            Event(
+                mid, at, EventKind.REBOOT_NEEDED, "agent", report.current_generation, detail=detail
+            )
+        )
     return out
 
 

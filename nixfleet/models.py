@@ -6,8 +6,9 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, overload
+from typing import overload
 
+from nixfleet import wire
 from nixfleet.errors import ConflictError, FieldError, ValidationError
 
 HOSTNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
@@ -200,7 +201,7 @@ class HealthResult:
     all_passed: bool
     results: tuple[HealthCheckResult, ...] = ()
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> wire.Health:
         """The DESIGN §4 wire shape (the inverse of from_dict)."""
         return {
             "all_passed": self.all_passed,
@@ -217,7 +218,7 @@ class HealthResult:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> HealthResult:
+    def from_dict(cls, data: wire.Health) -> HealthResult:
         return cls(
             all_passed=bool(data["all_passed"]),
             results=tuple(

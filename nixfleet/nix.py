@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from nixfleet import process
 from nixfleet.errors import CommandError, FieldError, ValidationError
@@ -335,10 +335,24 @@ def build(
     return parse_build_output(process.run(argv, env=env, timeout=timeout).stdout)
 
 
-def flake_metadata(ref: str, *, env: Env = None, timeout: float = QUERY_TIMEOUT) -> dict[str, Any]:
+class FlakeLocked(TypedDict, total=False):
+    rev: str
+
+
+class FlakeMetadata(TypedDict, total=False):
+    """The part of `nix flake metadata --json` nixfleet reads (Nix sends more)."""
+
+    url: str
+    revision: str  # absent for a dirty tree
+    dirtyRevision: str  # Nix >= 2.17, for a dirty git tree
+    lastModified: int
+    locked: FlakeLocked
+
+
+def flake_metadata(ref: str, *, env: Env = None, timeout: float = QUERY_TIMEOUT) -> FlakeMetadata:
     """`nix flake metadata --json REF` (url, revision, lastModified, locks...)."""
     done = process.run(["nix", "flake", "metadata", "--json", ref], env=env, timeout=timeout)
-    data = _json(done.stdout, "nix flake metadata")
+    data: FlakeMetadata = _json(done.stdout, "nix flake metadata")
     if not isinstance(data, dict):
         raise CommandError("nix flake metadata: expected a JSON object")
     return data

@@ -54,6 +54,9 @@ def format_duration(seconds: int) -> str:
     return f"{seconds}s"
 
 
+SCHEMA = "rollout"  # schemas/rollout.schema.json: API bodies and GitOps rollout files
+
+
 def _percent_or_count(value: int | str) -> tuple[int, bool]:
     if isinstance(value, str) and value.endswith("%"):
         return int(value[:-1]), True
@@ -61,7 +64,7 @@ def _percent_or_count(value: int | str) -> tuple[int, bool]:
 
 
 def spec_from_document(doc: Mapping[str, Any]) -> RolloutSpec:
-    """A RolloutSpec from a document that `schemas.validate("rollout", …)` accepted."""
+    """A RolloutSpec from a document that `schemas.validate(SCHEMA, …)` accepted."""
     target = doc.get("target", {})
     return RolloutSpec(
         name=doc["name"],
@@ -270,7 +273,13 @@ def judge(
         started = f.given_at
     rebooting = reboot and (f.rebooting or f.needs_reboot is True)
     fresh = f.last_report_at is not None and f.last_report_at >= started
-    if fresh and (f.failed_generation == f.store_path or f.last_success is False):
+    # A failure that names another generation is not this batch's: the agent keeps
+    # reporting its last failure until it has seen the new desired generation, so
+    # the first report after the batch starts may still carry the previous one.
+    failed = f.failed_generation == f.store_path or (
+        f.last_success is False and f.failed_generation is None
+    )
+    if fresh and failed:
         detail = f": {f.last_message}" if f.last_message else ""
         return Verdict(f.machine_id, MachineHealth.UNHEALTHY, f"agent reported failure{detail}")
     good = (
@@ -291,6 +300,8 @@ def judge(
         waiting = "no report since the batch started"
     elif f.current_generation != f.store_path:
         waiting = "not yet running the release's generation"
+    elif f.last_success is False:
+        waiting = "still reporting the failure of another generation"
     elif f.health_passed is False:
         waiting = "health checks failing"
     else:

@@ -14,9 +14,10 @@ from typing import Any
 
 import yaml
 
-from nixfleet import flake, policy, schemas
+from nixfleet import flake, policy, rollout, schemas
 from nixfleet.errors import FieldError, ValidationError
 from nixfleet.models import Release
+from nixfleet.wire import RolloutDocument
 
 # A rollout file of 100,000 hosts is ~2 MB and ~100,000 nodes; these bounds leave room
 # for that and refuse an anchor/alias "billion laughs" (a few hundred bytes expanding to
@@ -153,7 +154,7 @@ def parse(text: str, source: str) -> tuple[Any, dict[str, int], list[FieldError]
 @dataclass(frozen=True)
 class RolloutFile:
     path: Path
-    document: dict[str, Any]
+    document: RolloutDocument
     release_file: Path | None  # set when `release:` names a release TOML
 
 
@@ -178,7 +179,7 @@ def load(path: Path) -> RolloutFile:
     doc, lines, errors = parse(text, str(path))
     errors += [
         FieldError(e.field, e.message, line_of(e.field, lines))
-        for e in schemas.errors_of("rollout", doc) + policy.document_errors(doc)
+        for e in schemas.errors_of(rollout.SCHEMA, doc) + policy.document_errors(doc)
     ]
     release_file: Path | None = None
     release = doc.get("release") if isinstance(doc, dict) else None
@@ -194,7 +195,7 @@ def load(path: Path) -> RolloutFile:
     return RolloutFile(path, doc, release_file)
 
 
-def with_release_id(rf: RolloutFile) -> tuple[dict[str, Any], Release | None]:
+def with_release_id(rf: RolloutFile) -> tuple[RolloutDocument, Release | None]:
     """The document with `release:` as an id, and the Release read from its file (if any)."""
     if rf.release_file is None:
         return rf.document, None

@@ -28,6 +28,7 @@ from referencing import Registry, Resource
 
 from nixfleet import models
 from nixfleet.errors import FieldError, ValidationError
+from nixfleet.wire import JSONObject
 
 BASE_URI = "https://nixfleet.dev/schemas/"
 
@@ -49,9 +50,9 @@ def _registry() -> Registry:
 
 
 @functools.cache
-def load(name: str) -> dict[str, Any]:
+def load(name: str) -> JSONObject:
     """The schema document `schemas/<name>.schema.json`."""
-    data: dict[str, Any] = json.loads((_schema_dir() / f"{name}.schema.json").read_text())
+    data: JSONObject = json.loads((_schema_dir() / f"{name}.schema.json").read_text())
     return data
 
 
@@ -193,7 +194,7 @@ def _compile(schema: Any, resolver: Any) -> Check:
     return every
 
 
-def _keyword(key: str, value: Any, schema: dict[str, Any], resolver: Any) -> Check:
+def _keyword(key: str, value: Any, schema: JSONObject, resolver: Any) -> Check:
     if key == "$ref":
         resolved = resolver.lookup(value)
         return _compile(resolved.contents, resolved.resolver)
@@ -332,6 +333,9 @@ def _describe(error: SchemaError) -> tuple[str, str]:
 # lone surrogates (which cannot be encoded as UTF-8, so SQLite and every response
 # would fail on them later). Identifiers allow far less, through their patterns.
 _BAD_TEXT = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+# In strict JSON text (no raw C0 controls; valid UTF-8 holds no surrogates), a string
+# can hold one of those only through an escape or a raw DEL/C1 character.
+_MAYBE_BAD = re.compile("[\\\\\x7f-\x9f]")
 
 
 def text_errors(document: Any, path: tuple[str | int, ...] = ()) -> list[FieldError]:
@@ -383,10 +387,19 @@ def errors_of(name: str, document: Any) -> list[FieldError]:
     return text_errors(document) + [FieldError(*_describe(e)) for e in errs]
 
 
-def validate(name: str, document: Any, what: str | None = None) -> None:
-    """Raise ValidationError listing every problem of the document."""
+def validate(name: str, document: Any, what: str | None = None, *, source: str = "") -> None:
+    """Raise ValidationError listing every problem of the document.
+
+    `source`: the JSON text the document was parsed from (strictly: no raw control
+    characters), when the caller has it; text without an escape or a DEL/C1
+    character cannot hold a bad character, so the per-string walk is skipped.
+    """
     fast = fast_check(name)
-    if fast is not None and fast(document) and not _has_bad_text(document):
+    if (
+        fast is not None
+        and fast(document)
+        and ((source and _MAYBE_BAD.search(source) is None) or not _has_bad_text(document))
+    ):
         return
     errors = errors_of(name, document)
     if errors:

@@ -8,7 +8,40 @@ answers without them is not the nixfleet API this client speaks. (No `from __fut
 import annotations` here: TypedDict must see NotRequired at class creation.)
 """
 
-from typing import Any, NotRequired, TypedDict
+from typing import Any, NotRequired, TypedDict, final
+
+# --- JSON in general ---------------------------------------------------------------
+
+JSONObject = dict[str, Any]
+"""A JSON object whose keys are not fixed by the API: an event's `detail` (its keys
+depend on the event's kind), a document before its schema accepted it, a JSON Schema
+or the OpenAPI document. The one spelling of a free-form object; every shape that is
+fixed has its TypedDict below (docs/architecture.md lists where this one is used)."""
+
+
+RolloutDocument = JSONObject
+"""A rollout document (API body, GitOps file, what `deploy` builds): its one shape is
+schemas/rollout.schema.json, validated where it enters; rollout.spec_from_document
+turns it into the typed RolloutSpec."""
+
+
+class FieldErrorBody(TypedDict):
+    """One field's problem in a problem+json body (errors.FieldError on the wire)."""
+
+    field: str
+    message: str
+    line: NotRequired[int]
+
+
+class Problem(TypedDict):
+    """Every error answer (application/problem+json, RFC 9457)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: NotRequired[list[FieldErrorBody]]
+
 
 # --- machines ---------------------------------------------------------------------
 
@@ -85,7 +118,7 @@ class HistoryEvent(TypedDict):
     source: str  # "agent", a rollout's label, or the operator (e.g. "key:ops")
     generation: str | None
     previous: str | None
-    detail: dict[str, Any]
+    detail: JSONObject
 
 
 class MachineHistory(TypedDict):
@@ -131,11 +164,21 @@ class Status(TypedDict):
     machines: list[StatusMachine]
 
 
-class ReportBody(TypedDict):
+class BootFields(TypedDict):
+    """The report's DESIGN §11 fields: what the machine booted, and whether it must."""
+
+    needs_reboot: NotRequired[bool]
+    booted_generation: NotRequired[str]
+
+
+class ReportBody(BootFields):
+    """`POST /api/v1/machines/{id}/report` (schemas/report.schema.json)."""
+
     current_generation: str
     tags: NotRequired[list[str]]
     success: NotRequired[bool]
     message: NotRequired[str]
+    output: NotRequired[str]  # the failed switch's output tail, sent once
     attempted_generation: NotRequired[str]
     health: NotRequired[Health]
     agent_version: NotRequired[str]
@@ -202,6 +245,15 @@ class EnrollToken(TypedDict):
     last_used_at: str | None
 
 
+class EnrollTokenCreate(TypedDict):
+    """`POST /api/v1/enroll-tokens` (schemas/enroll-token-create.schema.json)."""
+
+    uses: NotRequired[int]
+    expires_in_seconds: NotRequired[int]
+    tags: NotRequired[list[str]]
+    hostname_glob: NotRequired[str]
+
+
 class CreatedEnrollToken(EnrollToken):
     token: str
 
@@ -222,7 +274,7 @@ class AuditEntry(TypedDict):
     actor: str
     action: str
     target: str
-    detail: Any
+    detail: JSONObject
 
 
 class AuditLog(TypedDict):
@@ -239,13 +291,18 @@ class ReleaseEntry(TypedDict):
     tags: list[str]
 
 
-class Release(TypedDict):
+class ReleaseHeader(TypedDict):
+    """A release but its entries; absent values are omitted (release TOML has no null)."""
+
     id: str
     flake_ref: NotRequired[str]
     flake_rev: NotRequired[str]
     cache_url: NotRequired[str]
     created_by: NotRequired[str]
     created_at: NotRequired[str]
+
+
+class Release(ReleaseHeader):
     entries: list[ReleaseEntry]
 
 
@@ -314,6 +371,15 @@ class HostCost(TypedDict):
     diff: str | None
 
 
+class TargetWarning(TypedDict):
+    """A target of plan/apply that will not follow as things stand (DESIGN §3 Lifecycle)."""
+
+    hostname: str
+    kind: str  # "decommissioned" or "stale"
+    detail: str
+    last_report_at: str | None
+
+
 class Plan(TypedDict):
     name: str
     release: str
@@ -321,6 +387,7 @@ class Plan(TypedDict):
     targets: int
     batches: list[PlannedBatch]
     skipped: list[Skipped]
+    warnings: list[TargetWarning]
     hosts: NotRequired[dict[str, HostCost]]
 
 
@@ -331,6 +398,9 @@ class RolloutMachine(TypedDict):
     store_path: str | None
     current_generation: str | None
     last_report_at: str | None
+    # The failed switch's output tail (last 4 KiB), for the first 20 unhealthy machines
+    # whose failure is the rollout's generation.
+    failed_output: NotRequired[str]
 
 
 class Batch(TypedDict):
@@ -347,7 +417,7 @@ class RolloutEvent(TypedDict):
     kind: str
     batch: int | None
     machine: str | None
-    detail: Any
+    detail: JSONObject
 
 
 class Hold(TypedDict):
@@ -355,8 +425,8 @@ class Hold(TypedDict):
     detail: str
 
 
-class Rollout(TypedDict):
-    """`GET /api/v1/rollouts/{id}` and the answer of apply/pause/resume/cancel."""
+class RolloutSummary(TypedDict):
+    """What a rollout's listing and its detail both say of it."""
 
     id: str
     name: str
@@ -366,7 +436,12 @@ class Rollout(TypedDict):
     created_at: str
     created_by: str
     updated_at: str
-    document: dict[str, Any]
+
+
+class Rollout(RolloutSummary):
+    """`GET /api/v1/rollouts/{id}` and the answer of apply/pause/resume/cancel."""
+
+    document: RolloutDocument  # as applied
     skipped: list[Skipped]
     batches: list[Batch]
     events: list[RolloutEvent]
@@ -393,22 +468,29 @@ class ReleasedLeases(TypedDict):
 
 class AppliedRollout(Rollout):
     created: bool
+    warnings: list[TargetWarning]  # as in Plan, for the rollout's machines
 
 
-class RolloutListItem(TypedDict):
-    """A rollout in `GET /api/v1/rollouts`; an invalid GitOps file has file/errors instead."""
+@final
+class ListedRollout(RolloutSummary):
+    """A rollout in `GET /api/v1/rollouts`, with its machines counted by health."""
 
-    id: str | None
+    machines: dict[str, int]
+
+
+@final
+class InvalidRolloutFile(TypedDict):
+    """An invalid GitOps file in `GET /api/v1/rollouts` (`"file" in item` tells them apart)."""
+
+    id: None
     name: str | None
-    status: str
+    status: str  # "invalid"
     updated_at: str | None
-    release: NotRequired[str]
-    source: NotRequired[str]
-    created_at: NotRequired[str]
-    created_by: NotRequired[str]
-    machines: NotRequired[dict[str, int]]
-    file: NotRequired[str]
-    errors: NotRequired[list[dict[str, Any]]]
+    file: str
+    errors: list[FieldErrorBody]
+
+
+RolloutListItem = ListedRollout | InvalidRolloutFile
 
 
 class RolloutList(TypedDict):
@@ -436,7 +518,7 @@ class WebhookEvent(TypedDict):
     at: str
     rollout: WebhookRollout | None
     machine: str | None
-    detail: dict[str, Any]
+    detail: JSONObject
 
 
 class WebhookAttempt(TypedDict):
@@ -464,3 +546,32 @@ class WebhookDelivery(TypedDict):
 
 class WebhookDeliveries(TypedDict):
     deliveries: list[WebhookDelivery]
+
+
+# --- the OpenAPI document (GET /api/v1/openapi.json) -------------------------------
+# Its operations are built by api/openapi.py from the route table; the schemas inside
+# are those of schemas/ (JSONObject), and so is the document as a whole.
+
+OpenAPIParameter = TypedDict(
+    "OpenAPIParameter",
+    {
+        "name": str,
+        "in": str,  # "path" or "query"
+        "required": bool,
+        "schema": JSONObject,
+        "description": NotRequired[str],
+    },
+)
+
+OpenAPIOperation = TypedDict(
+    "OpenAPIOperation",
+    {
+        "operationId": str,
+        "summary": str,
+        "security": list[dict[str, list[str]]],
+        "x-nixfleet-permission": str,
+        "responses": JSONObject,
+        "requestBody": NotRequired[JSONObject],
+        "parameters": NotRequired[list[OpenAPIParameter]],
+    },
+)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import socket
@@ -9,12 +10,13 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
+from postgres_cluster import Server, server_or_skip
 
 from nixfleet.client import Client
 from nixfleet.models import utcnow
@@ -38,6 +40,45 @@ def store(tmp_path: Path) -> Iterator[Store]:
 def admin_key(store: Store) -> str:
     with store.transaction() as conn:
         return credentials.create_key(conn, "test-admin", "admin", "test", utcnow())
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Server]:
+    """NIXFLEET_TEST_DATABASE_URL's server, else a throwaway cluster for the session
+    (tests/postgres_cluster.py; skipped with the reason, or failed under CI, without)."""
+    server, cluster = server_or_skip()
+    try:
+        yield server
+    finally:
+        if cluster is not None:
+            cluster.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: Server) -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL database of this test's own (dropped after)."""
+    url = postgres_server.create_database()
+    yield url
+    postgres_server.drop_database(url)
+
+
+T = TypeVar("T")
+
+
+def wait_until(
+    what: str, predicate: Callable[[], T], timeout: float = 60.0, interval: float = 0.05
+) -> T:
+    """Poll until `predicate` returns something true and return it; fail naming `what`.
+
+    A deadline against hangs, not a timing assertion.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def free_port() -> int:
@@ -126,15 +167,29 @@ class ControlPlane:
         return m
 
 
-@pytest.fixture
-def control_plane(tmp_path: Path) -> Iterator[ControlPlane]:
-    db = tmp_path / "cp" / "nixfleet.db"
-    db.parent.mkdir()
+def new_control_plane(
+    root: Path, *extra_args: str, settings: dict[str, Any] | None = None
+) -> ControlPlane:
+    """A control plane (not yet started) over a new database in `root` (which must not
+    exist) with the admin key `test-admin`; `settings` become its --config file."""
+    root.mkdir(parents=True)
+    db = root / "nixfleet.db"
     s = Store(db)
     with s.transaction() as conn:
         key = credentials.create_key(conn, "test-admin", "admin", "test", utcnow())
     s.close()
-    cp = ControlPlane(db=db, port=free_port(), admin_key=key, log=tmp_path / "cp" / "cp.log")
+    args = list(extra_args)
+    if settings is not None:
+        (root / "settings.json").write_text(json.dumps(settings))
+        args = ["--config", str(root / "settings.json"), *args]
+    return ControlPlane(
+        db=db, port=free_port(), admin_key=key, log=root / "cp.log", extra_args=args
+    )
+
+
+@pytest.fixture
+def control_plane(tmp_path: Path) -> Iterator[ControlPlane]:
+    cp = new_control_plane(tmp_path / "cp")
     cp.start()
     yield cp
     cp.stop()
@@ -188,3 +243,31 @@ def run_on_tty(args: list[str], env: dict[str, str]) -> str:
     os.close(leader)
     assert proc.returncode == 0
     return b"".join(chunks).decode()
+
+
+def sql_writers(statement: str) -> dict[tuple[str, str], set[str]]:
+    """The functions of nixfleet/ (but the migrations) holding SQL that matches the
+    regular expression `statement`, each with the calls it makes: for tests that hold
+    every writer of a column or table to what it must also write."""
+    import ast
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    pattern = re.compile(statement, re.S | re.I)
+    found: dict[tuple[str, str], set[str]] = {}
+    for path in sorted((root / "nixfleet").rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel == "nixfleet/store/migrations.py":
+            continue
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, ast.FunctionDef):
+                continue
+            nodes = list(ast.walk(fn))
+            if any(
+                isinstance(n, ast.Constant) and isinstance(n.value, str) and pattern.search(n.value)
+                for n in nodes
+            ):
+                found[(rel, fn.name)] = {
+                    ast.unparse(n.func) for n in nodes if isinstance(n, ast.Call)
+                }
+    return found

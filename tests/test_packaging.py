@@ -1,4 +1,5 @@
-"""The wheel ships the JSON Schemas and py.typed, and works from a fresh venv."""
+"""The wheel ships the JSON Schemas, the migrations' SQL and py.typed, and works from a fresh
+venv."""
 
 from __future__ import annotations
 
@@ -33,6 +34,12 @@ def test_wheel_ships_schemas_and_validates_with_them(tmp_path: Path) -> None:
     shipped = {Path(n).name for n in names if n.startswith("nixfleet/schemas/")}
     assert shipped == {p.name for p in (ROOT / "schemas").glob("*.json")}
     assert "nixfleet/py.typed" in names
+    sql_dir = ROOT / "nixfleet" / "store" / "sql"  # SQLite's, and postgresql/ beside them
+    sql = {
+        n.removeprefix("nixfleet/store/sql/") for n in names if n.startswith("nixfleet/store/sql/")
+    }
+    assert sql == {p.relative_to(sql_dir).as_posix() for p in sql_dir.rglob("*.sql")} != set()
+    assert "postgresql/0001_api_keys_audit.sql" in sql
 
     env_dir = tmp_path / "venv"
     # The dependencies come from this interpreter's site-packages; nixfleet itself only
@@ -45,7 +52,8 @@ def test_wheel_ships_schemas_and_validates_with_them(tmp_path: Path) -> None:
         timeout=300,
     )
     script = (
-        "import nixfleet, nixfleet.schemas as s\n"
+        "import nixfleet, nixfleet.schemas as s, nixfleet.store.migrations as m\n"
+        "assert len(m.MIGRATIONS) > 12 and all(sql.strip() for _, sql in m.MIGRATIONS)\n"
         "assert nixfleet.__file__.startswith(%r), nixfleet.__file__\n"
         "s.validate('report', {'current_generation': '/nix/store/' + 'a' * 32 + '-x'})\n"
         "try:\n"

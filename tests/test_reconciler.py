@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
-from nixfleet import reconciler
+from nixfleet import reconciler, wire
 from nixfleet.api.rollouts import detail_json
+from nixfleet.cli import rollout as cli_rollout
 from nixfleet.errors import ConflictError, NotFoundError, ValidationError
 from nixfleet.flake import release_from_document
+from nixfleet.history import EventKind
 from nixfleet.models import Lifecycle, Report
-from nixfleet.store import Store, audit, machines, planning, releases, rollout_control
+from nixfleet.store import Store, audit, history, machines, planning, releases, rollout_control
 from nixfleet.store import rollouts as store_rollouts
 
 T0 = datetime(2026, 11, 27, 10, 0, tzinfo=UTC)
@@ -29,13 +31,18 @@ def at(seconds: float) -> datetime:
     return T0 + timedelta(seconds=seconds)
 
 
-def setup_fleet(store: Store, n: int = 10, release_hosts: int | None = None) -> str:
-    """n machines web-00.. tagged web, each with its own previous desired generation."""
+def setup_fleet(
+    store: Store, n: int = 10, release_hosts: int | None = None, desired: bool = True
+) -> str:
+    """n machines web-00.. tagged web, each with its own previous desired generation
+    (with `desired`; without, none: a schema older than the history table has no events)."""
     hosts = [f"web-{i:02}" for i in range(n)]
     with store.transaction() as conn:
         for h in hosts:
             machines.register(conn, h, ["web"], Lifecycle.ACTIVE, T0)
-            machines.set_desired(conn, h, gen(h, "o"), f"https://old-cache/{h}", "operator", T0)
+            if desired:
+                cache = f"https://old-cache/{h}"
+                machines.set_desired(conn, h, gen(h, "o"), cache, "operator", T0)
         doc = {
             "cache_url": "https://cache.example.com",
             "entries": [
@@ -172,6 +179,49 @@ def test_failure_pauses_then_resume_completes(store: Store) -> None:
     assert [b["status"] for b in d["batches"]] == ["succeeded"] * 3
     kinds = [e["kind"] for e in d["events"]]
     assert "rollout-resumed" in kinds and "batch-requeued" in kinds
+
+
+def test_each_machine_judged_unhealthy_is_one_webhook_event(store: Store) -> None:
+    rel = setup_fleet(store)
+    rid = apply(store, rollout_doc(rel))
+    t = drive(store, rid, 0, fail={"web-02", "web-03"})
+    assert detail(store, rid, at(t))["status"] == "paused"
+    with store.read() as conn:
+        hooks = conn.execute(
+            "SELECT rollout_id, machine_id, detail_json FROM webhook_outbox "
+            "WHERE event = 'machine.unhealthy' ORDER BY id"
+        ).fetchall()
+    reason = "agent reported failure: rolled back: fake.service failed"
+    assert [(h[0], h[1], json.loads(h[2])) for h in hooks] == [
+        (rid, h, {"reason": reason, "batch": 1}) for h in ("web-02", "web-03")
+    ]
+
+
+def test_rollout_status_shows_the_failing_machines_switch_output(
+    store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 19: why a switch failed, without ssh: the output tail in `rollout status`."""
+    rel = setup_fleet(store)
+    rid = apply(store, rollout_doc(rel))
+    tick(store, at(0))  # batch 1: web-00
+    noise = "".join(f"activating unit {i}\n" for i in range(2000))
+    output = noise + "warning: the following units failed: fake.service\x1b[0m"
+    report(store, "web-00", at(1), ok=False, output=output)
+    tick(store, at(2))
+    d = detail(store, rid, at(2))
+    assert d["status"] == "paused"
+    (m,) = d["batches"][0]["machines"]
+    assert m["health"] == "unhealthy"
+    assert m["failed_output"] == output[-store_rollouts.OUTPUT_TAIL :]
+    assert all("failed_output" not in x for b in d["batches"][1:] for x in b["machines"])
+    cli_rollout.render(cast(wire.Rollout, d))
+    shown = capsys.readouterr().out
+    assert "switch output of web-00 (last 10 lines; all of it: nixfleet machines show web-00)" in (
+        shown
+    )
+    assert "    warning: the following units failed: fake.service" in shown
+    assert "activating unit 1991\n" in shown and "activating unit 1990\n" not in shown
+    assert "\x1b" not in shown
 
 
 def test_revert_restores_each_machines_own_previous_desired(store: Store) -> None:
@@ -391,6 +441,68 @@ def test_a_failing_window_fails_the_batch_and_the_revert_continues_over_ticks(
         assert conn.execute("SELECT revert_after FROM rollouts").fetchone()[0] is None
 
 
+def test_each_desired_change_of_a_rollout_is_one_history_event(store: Store) -> None:
+    """Chunked starts, a requeued batch and a chunked revert: one event per real change."""
+    rel = setup_fleet(store)
+    with store.transaction() as conn:  # one machine had no desired generation at all
+        machines.set_desired(conn, "web-01", None, None, None, T0)
+    rid = apply(store, all_at_once(rel, on_failure="pause"))
+    for i in range(4):
+        reconciler.tick(store, HINT, at(i), limit=3)
+    for i in range(10):
+        report(store, f"web-{i:02}", at(5), ok=i != 8)
+    for i in range(4):
+        reconciler.tick(store, HINT, at(6 + i), limit=3)
+    assert detail(store, rid, at(9))["status"] == "paused"
+    with store.transaction() as conn:  # resume: the batch starts again, nothing changes
+        rollout_control.control(conn, "web-rollout", "resume", "key:ops", at(10), HINT)
+    for i in range(4):
+        reconciler.tick(store, HINT, at(11 + i), limit=3)
+    with store.read() as conn:
+        # setup: 10 set + 1 clear; the rollout: 10, once although the batch started twice
+        desired = sum(
+            len(history.page(conn, f"web-{i:02}", kinds=[EventKind.DESIRED]).events)
+            for i in range(10)
+        )
+    assert desired == 21
+    with store.read() as conn:
+        got = [
+            (e.source, e.previous, e.generation)
+            for e in history.page(conn, "web-01", kinds=[EventKind.DESIRED]).events
+        ]
+    assert got == [
+        ("operator", None, gen("web-01", "o")),
+        ("operator", gen("web-01", "o"), None),
+        ("rollout:web-rollout", None, gen("web-01")),
+    ]
+
+
+def test_a_revert_over_ticks_writes_each_machines_desired_event_back(store: Store) -> None:
+    rel = setup_fleet(store)
+    with store.transaction() as conn:
+        machines.set_desired(conn, "web-01", None, None, None, T0)
+    rid = apply(store, all_at_once(rel, on_failure="revert"))
+    for i in range(4):
+        reconciler.tick(store, HINT, at(i), limit=3)
+    for i in range(10):
+        report(store, f"web-{i:02}", at(5), ok=i != 8)
+    for i in range(8):
+        reconciler.tick(store, HINT, at(6 + i), limit=3)
+    assert detail(store, rid, at(14))["status"] == "failed"
+    with store.read() as conn:
+        for i in range(10):
+            h = f"web-{i:02}"
+            got = [
+                (e.source, e.previous, e.generation)
+                for e in history.page(conn, h, kinds=[EventKind.DESIRED]).events
+            ]
+            old = None if h == "web-01" else gen(h, "o")
+            assert got[-2:] == [
+                ("rollout:web-rollout", old, gen(h)),
+                ("operator", gen(h), old),
+            ], h
+
+
 def test_batches_started_before_the_bounded_ticks_migration_are_not_rewritten(
     tmp_path: Path,
 ) -> None:
@@ -401,8 +513,14 @@ def test_batches_started_before_the_bounded_ticks_migration_are_not_rewritten(
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(migrations, "MIGRATIONS", old)
         mp.setattr("nixfleet.store.db.MIGRATIONS", old)
+        mp.setattr("nixfleet.store.webhooks.ROLLOUT_EVENTS", {})  # no outbox before 0011
         s = Store(path)
-        rel = setup_fleet(s)
+        with s.transaction() as conn:  # today's writers record changes for the report cache
+            conn.execute(
+                "CREATE TABLE cache_changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT, "
+                "machine_id TEXT, rollout_id TEXT, lo INTEGER, hi INTEGER)"
+            )
+        rel = setup_fleet(s, desired=False)
         with s.transaction() as conn:
             rid = store_rollouts.apply(conn, rollout_doc(rel), "key:test", T0, HINT).id
             conn.execute(
@@ -410,6 +528,7 @@ def test_batches_started_before_the_bounded_ticks_migration_are_not_rewritten(
                 "WHERE rollout_id = ? AND idx = 0",
                 ("2026-11-27T10:00:00Z", rid),
             )
+            conn.execute("DROP TABLE cache_changes")  # migration 0014 makes the real one
         s.close()
     s = Store(path)
     with s.read() as conn:

@@ -282,6 +282,22 @@ GOOD = {"last_report_at": FRESH, "current_generation": GEN, "last_success": True
             None,
         ),
         (
+            # The report that brings the news of this batch still carries the agent's
+            # failure of the generation before (it names it): not this batch's failure.
+            facts(
+                last_report_at=FRESH,
+                current_generation=OLD,
+                last_success=False,
+                failed_generation="/nix/store/" + "e" * 32 + "-nixos-system-before",
+                last_message="rolled back: unit failed",
+            ),
+            at(20),
+            0,
+            MachineHealth.PENDING,
+            "not yet running the release's generation",
+            None,
+        ),
+        (
             facts(
                 last_report_at=FRESH,
                 current_generation=OLD,

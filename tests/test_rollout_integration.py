@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import tomli_w
 import yaml
-from conftest import ControlPlane, free_port, run_cli
+from conftest import ControlPlane, new_control_plane, run_cli, wait_until
 
 from nixfleet.client import Client
 from nixfleet.errors import NixfleetError
@@ -29,15 +28,6 @@ HOSTS = [f"web-{i:02}" for i in range(10)]
 
 def gen(host: str, salt: str) -> str:
     return f"/nix/store/{salt * 32}-nixos-system-{host}"
-
-
-def wait_until(what: str, predicate: Callable[[], bool], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Agent:
@@ -100,22 +90,15 @@ class Fleet:
 @pytest.fixture
 def cp(tmp_path: Path) -> Iterator[ControlPlane]:
     """A control plane reconciling every 0.1 s, with a readonly key next to the admin key."""
-    db = tmp_path / "cp" / "nixfleet.db"
-    db.parent.mkdir()
-    s = Store(db)
-    with s.transaction() as conn:
-        key = credentials.create_key(conn, "test-admin", "admin", "test", utcnow())
-        readonly = credentials.create_key(conn, "viewer", "readonly", "test", utcnow())
-    s.close()
     rollouts_dir = tmp_path / "rollouts"
     rollouts_dir.mkdir()
-    plane = ControlPlane(
-        db=db,
-        port=free_port(),
-        admin_key=key,
-        log=tmp_path / "cp" / "cp.log",
-        extra_args=["--reconcile-interval", "0.1", "--rollouts-dir", str(rollouts_dir)],
+    plane = new_control_plane(
+        tmp_path / "cp", "--reconcile-interval", "0.1", "--rollouts-dir", str(rollouts_dir)
     )
+    s = Store(plane.db)
+    with s.transaction() as conn:
+        readonly = credentials.create_key(conn, "viewer", "readonly", "test", utcnow())
+    s.close()
     plane.readonly_key = readonly  # type: ignore[attr-defined]
     plane.rollouts_dir = rollouts_dir  # type: ignore[attr-defined]
     plane.start()

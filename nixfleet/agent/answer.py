@@ -4,7 +4,9 @@ The agent trusts nothing in the answer: a desired generation must be a store pat
 before it reaches a Nix command line, a cache URL must use https:// or http:// (or a
 scheme the machine's own config allows, such as file:// in tests), a poll hint is
 clamped to [1 s, poll interval] (NaN, Infinity or 1e9 cannot make it sleep for years
-or crash), and a body that is not the documented object is an error of this cycle.
+or crash), a confirm window must be a positive number of seconds (clamped to
+[1 s, the agent config's own maximum]: the rollout's window is bounded as the agent's
+is), and a body that is not the documented object is an error of this cycle.
 The retry request is kept as the CP's own string: the agent compares it only with
 values it saw before, never with its own clock (the two clocks may disagree).
 """
@@ -17,11 +19,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from nixfleet import schemas
 from nixfleet.agent.config import AgentConfig
 from nixfleet.errors import FieldError, ValidationError
 from nixfleet.models import STORE_PATH_RE
 
 MIN_POLL = 1.0
+MIN_CONFIRM = 1.0
 DEFAULT_CACHE_SCHEMES = ("https", "http")
 MAX_URL = 2048
 MAX_STORE_PATH = 400
@@ -54,19 +58,46 @@ def parse(data: Any, config: AgentConfig) -> Answer:
     if retry is not None and not (isinstance(retry, str) and 0 < len(retry) <= MAX_TOKEN):
         errors.append(FieldError("retry_requested_at", "must be null or a short string"))
         retry = None
+    confirm = confirm_window(data.get("confirm_timeout"), errors)
     if errors:
         raise ValidationError("the control plane's answer is invalid; ignoring it", errors=errors)
-    confirm = data.get("confirm_timeout")
-    if isinstance(confirm, bool) or not isinstance(confirm, int | float) or not confirm > 0:
-        confirm = None  # also NaN
     return Answer(
         generation,
         cache_url,
         clamp_poll_hint(data.get("poll_hint"), config),
         retry,
-        None if confirm is None else min(max(float(confirm), 1.0), 86400.0),
+        confirm,
         data.get("reboot") == "when-needed",
     )
+
+
+def max_confirm() -> float:
+    """The longest confirm window: the agent config schema's bound, named there once."""
+    bound = schemas.load("agent-config")["properties"]["confirm_timeout"]["maximum"]
+    return float(bound)
+
+
+def confirm_window(value: Any, errors: list[FieldError]) -> float | None:
+    """The rollout's confirm window in seconds, within [1 s, max_confirm()]; None: none.
+
+    Not a positive finite number (a string, true, NaN, Infinity, 0, -5): an error of the
+    field, so the answer is ignored rather than its window silently dropped.
+    """
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        errors.append(
+            FieldError(
+                "confirm_timeout", f"{str(value)[:40]!r} is not a positive number of seconds"
+            )
+        )
+        return None
+    return min(max(float(value), MIN_CONFIRM), max_confirm())
 
 
 def clamp_poll_hint(hint: Any, config: AgentConfig) -> float | None:

@@ -25,10 +25,11 @@ from typing import Any
 
 from nixfleet import schemas
 from nixfleet.errors import FieldError, NixfleetError, UsageError, ValidationError
+from nixfleet.wire import JSONObject
 
 log = logging.getLogger(__name__)
 
-DEFAULTS: dict[str, Any] = {
+DEFAULTS: JSONObject = {
     "tags": [],
     "poll_interval": 60,
     "backoff_initial": 5,
@@ -130,7 +131,7 @@ class AgentConfig:
         return {**self.environ, **extra}
 
 
-def _read_file(path: str | Path) -> dict[str, Any]:
+def _read_file(path: str | Path) -> JSONObject:
     try:
         text = Path(path).read_text()
     except OSError as e:
@@ -177,9 +178,9 @@ def load_config(
     """Merge defaults < config file < overrides (flags; None means unset), validate."""
     # Stamp before reading: a change that lands during the read is seen next time.
     source = Source(str(path), dict(overrides or {}), _stamp(str(path))) if path else None
-    doc: dict[str, Any] = _read_file(path) if path is not None else {}
+    doc: JSONObject = _read_file(path) if path is not None else {}
     schemas.validate("agent-config", doc, what=f"agent config {path}")
-    merged: dict[str, Any] = {**DEFAULTS, **doc}
+    merged: JSONObject = {**DEFAULTS, **doc}
     for key, value in (overrides or {}).items():
         if value is None or (key == "trusted_public_keys" and not value):
             continue

@@ -14,12 +14,10 @@ import os
 import random
 import threading
 import time
-import urllib.parse
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-from nixfleet import __version__, schemas
+from nixfleet import __version__, schemas, wire
 from nixfleet.agent import answer as answers
 from nixfleet.agent import confirm
 from nixfleet.agent import health as healthmod
@@ -34,7 +32,7 @@ from nixfleet.agent.reboot import Rebooter
 from nixfleet.agent.reboot import observe as observe_boot
 from nixfleet.agent.state import AgentState, StateStore
 from nixfleet.client import Client
-from nixfleet.errors import GoneError, NixfleetError, UnreachableError
+from nixfleet.errors import GoneError, NixfleetError, ProtocolError, UnreachableError
 from nixfleet.models import HealthResult
 
 log = logging.getLogger(__name__)
@@ -53,12 +51,12 @@ class Status(enum.IntEnum):
     AUTH = 6
 
 
-def _printable_health(health: dict[str, Any]) -> dict[str, Any]:
+def _printable_health(health: wire.Health) -> wire.Health:
     """Check names and output come from commands: escape what the CP refuses (U+001B …)."""
-    for result in health.get("results", []):
-        for key in ("name", "message"):
-            if isinstance(result.get(key), str):
-                result[key] = schemas.printable(result[key])
+    for result in health["results"]:
+        result["name"] = schemas.printable(result["name"])
+        if "message" in result:
+            result["message"] = schemas.printable(result["message"])
     return health
 
 
@@ -117,13 +115,13 @@ class Agent:
             return None
         client = Client(self.config.control_plane_url, enroll_token, timeout=30.0)
         try:
-            answer = client.post(
-                "/api/v1/enroll", {"id": self.config.machine_id, "tags": list(self.config.tags)}
-            )
+            token = client.enroll(self.config.machine_id, self.config.tags)["token"]
+        except ProtocolError as e:  # answered, but not with the documented body
+            log.error("enrollment answered without a token: %s", e)
+            return None
         finally:
             client.close()
-        token = str(answer.get("token", "")) if isinstance(answer, dict) else ""
-        if not token:
+        if not isinstance(token, str) or not token:
             log.error("enrollment answered without a token")
             return None
         path = Path(self.config.state_dir) / "token"
@@ -170,10 +168,10 @@ class Agent:
 
     # --- reports -------------------------------------------------------------------
 
-    def report_body(self, current: str, health: HealthResult | None) -> dict[str, Any]:
+    def report_body(self, current: str, health: HealthResult | None) -> wire.ReportBody:
         """DESIGN §4 report body: the failure that concerns the desired generation, if any."""
         state = self.store.load()
-        body: dict[str, Any] = {
+        body: wire.ReportBody = {
             "current_generation": current,
             "tags": list(self.config.tags),
             "agent_version": __version__,
@@ -181,19 +179,18 @@ class Agent:
         }
         if health is not None:
             body["health"] = _printable_health(health.to_dict())
-        body.update(
-            observe_boot(self.config.booted_system, self.config.current_system).report_fields()
-        )
+        boot = observe_boot(self.config.booted_system, self.config.current_system)
+        body = {**body, **boot.report_fields()}
         failed, message = self._failure_for(state, current)
         if failed is not None:
-            body.update(success=False, message=message, attempted_generation=failed)
+            body["success"], body["message"], body["attempted_generation"] = False, message, failed
             last = state.last_outcome
             if last and last.generation == failed and last.output and not last.output_reported:
                 body["output"] = last.output  # once: the CP keeps it with the failure
         else:
             last = state.last_outcome
             ok = last is not None and last.success and last.generation == current
-            body.update(success=True, message=last.message if ok and last else "running")
+            body["success"], body["message"] = True, last.message if ok and last else "running"
         body["message"] = schemas.printable(body["message"])[:MESSAGE_MAX]
         return body
 
@@ -233,8 +230,7 @@ class Agent:
 
     def _ask_desired(self, client: Client) -> answers.Answer:
         """Read-only look-up, for dry-run and for a machine with no current system."""
-        mid = urllib.parse.quote(self.config.machine_id, safe="")
-        answer = client.get(f"/api/v1/machines/{mid}/desired-generation")
+        answer = client.desired_generation(self.config.machine_id)
         self.desired_seen = True
         return answers.parse(answer, self.config)
 

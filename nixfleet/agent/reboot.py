@@ -19,9 +19,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from nixfleet import nix, process
+from nixfleet import nix, process, wire
 from nixfleet.client import Client
 from nixfleet.errors import CommandError, ConflictError, NixfleetError
 from nixfleet.models import STORE_PATH_RE, isoformat, utcnow
@@ -40,9 +39,9 @@ class BootState:
     needs_reboot: bool
     changed: tuple[str, ...] = ()
 
-    def report_fields(self) -> dict[str, Any]:
+    def report_fields(self) -> wire.BootFields:
         """The report body's §11 fields."""
-        out: dict[str, Any] = {"needs_reboot": self.needs_reboot}
+        out: wire.BootFields = {"needs_reboot": self.needs_reboot}
         if self.booted_generation is not None:
             out["booted_generation"] = self.booted_generation
         return out
@@ -74,7 +73,8 @@ class Rebooter:
         self.file = Path(state_dir) / LEASE_FILE
         self.command = tuple(command)
 
-    def holding(self) -> dict[str, Any] | None:
+    def holding(self) -> wire.JSONObject | None:
+        """The lease this machine took and has not given back ({generation, taken_at})."""
         try:
             data = json.loads(self.file.read_text())
         except (OSError, ValueError):

@@ -15,9 +15,10 @@ import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 from nixfleet.models import isoformat, parse_time, utcnow
+from nixfleet.wire import JSONObject
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,17 @@ class Failure:
         return ts
 
 
+class StateFile(TypedDict):
+    """state.json as written (version 1); `from_dict` also reads older, partial files."""
+
+    version: int
+    in_progress: JSONObject | None  # an InProgress
+    last_outcome: JSONObject | None  # an Outcome
+    failures: dict[str, JSONObject]  # generation -> a Failure
+    last_desired: str | None
+    retries: dict[str, str | None]
+
+
 @dataclass(frozen=True)
 class AgentState:
     in_progress: InProgress | None = None
@@ -71,7 +83,7 @@ class AgentState:
     # request is new when it differs, whatever either clock says (DESIGN §9 Time).
     retries: dict[str, str | None] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> StateFile:
         return {
             "version": 1,
             "in_progress": asdict(self.in_progress) if self.in_progress else None,
@@ -82,7 +94,7 @@ class AgentState:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AgentState:
+    def from_dict(cls, data: JSONObject) -> AgentState:
         ip = data.get("in_progress")
         lo = data.get("last_outcome")
         return cls(

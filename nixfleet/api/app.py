@@ -21,12 +21,14 @@ from nixfleet.api import (
     machines,
     openapi,
     releases,
+    report,
     rollouts,
     status,
     webhooks,
 )
 from nixfleet.api.auth import AuthMiddleware
 from nixfleet.api.context import Context
+from nixfleet.api.report_cache import ReportCache
 from nixfleet.settings import Settings
 from nixfleet.store import Store
 
@@ -38,7 +40,7 @@ ROUTES: list[tuple[str, type[Any]]] = [
     ("/api/v1/status", status.Status),
     ("/api/v1/machines", machines.MachineCollection),
     ("/api/v1/machines/{machine_id}", machines.MachineItem),
-    ("/api/v1/machines/{machine_id}/report", machines.MachineReport),
+    ("/api/v1/machines/{machine_id}/report", report.MachineReport),
     ("/api/v1/machines/{machine_id}/history", history.MachineHistory),
     ("/api/v1/machines/{machine_id}/lifecycle", machines.MachineLifecycle),
     ("/api/v1/machines/{machine_id}/tags", machines.MachineTags),
@@ -65,9 +67,12 @@ ROUTES: list[tuple[str, type[Any]]] = [
 ]
 
 
-def create_app(settings: Settings, store: Store) -> falcon.App[falcon.Request, falcon.Response]:
-    ctx = Context(settings=settings, store=store)
-    app = falcon.App(middleware=[AuthMiddleware(store)], cors_enable=False)
+def create_app(
+    settings: Settings, store: Store, cache: ReportCache | None = None
+) -> falcon.App[falcon.Request, falcon.Response]:
+    """The API; with `cache` (the server's, started by it) heartbeats skip SQLite."""
+    ctx = Context(settings=settings, store=store, cache=cache)
+    app = falcon.App(middleware=[AuthMiddleware(store, cache)], cors_enable=False)
     app.req_options.strip_url_path_trailing_slash = True
     app.resp_options.default_media_type = falcon.MEDIA_JSON
     errors.register(app)

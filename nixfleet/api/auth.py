@@ -14,6 +14,7 @@ from typing import Any
 
 import falcon
 
+from nixfleet.api.report_cache import ReportCache
 from nixfleet.errors import AuthenticationError, GoneError, PermissionDeniedError
 from nixfleet.models import Lifecycle
 from nixfleet.store import Store
@@ -60,22 +61,29 @@ def _bearer(req: falcon.Request) -> str | None:
     return token.strip()
 
 
-def _resolve(store: Store, token: str | None) -> Actor:
+def _machine_actor(machine: str, lifecycle: str) -> Actor:
+    if lifecycle == Lifecycle.DECOMMISSIONED:
+        # Its token is kept so that its agent learns why (410), not just "no".
+        raise GoneError(
+            f"machine {machine!r} is decommissioned: the control plane refuses "
+            "its agent (which now tries once an hour). Stop the agent, or "
+            "register the host again under a new id"
+        )
+    return Actor("machine", machine)
+
+
+def _resolve(store: Store, token: str | None, cache: ReportCache | None = None) -> Actor:
     if token is None:
         return ANONYMOUS
+    if cache is not None and token.startswith(creds.TOKEN_PREFIX):
+        cached = cache.token_machine(token)  # None: unknown, or the view may be behind
+        if cached is not None:
+            return _machine_actor(cached.id, cached.known.lifecycle)
     with store.lookup() as conn:  # the warm writer connection when free (see Store)
         if token.startswith(creds.TOKEN_PREFIX):
             found_machine = creds.token_machine_lifecycle(conn, token)
             if found_machine is not None:
-                machine, lifecycle = found_machine
-                if lifecycle == Lifecycle.DECOMMISSIONED:
-                    # Its token is kept so that its agent learns why (410), not just "no".
-                    raise GoneError(
-                        f"machine {machine!r} is decommissioned: the control plane refuses "
-                        "its agent (which now tries once an hour). Stop the agent, or "
-                        "register the host again under a new id"
-                    )
-                return Actor("machine", machine)
+                return _machine_actor(*found_machine)
         else:
             found = creds.key_role(conn, token)
             if found is not None:
@@ -110,11 +118,12 @@ def authorize(actor: Actor, perm: Perm, machine_id: str | None) -> None:
 
 
 class AuthMiddleware:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, cache: ReportCache | None = None) -> None:
         self.store = store
+        self.cache = cache
 
     def process_resource(
-        self, req: falcon.Request, resp: falcon.Response, resource: Any, params: dict[str, Any]
+        self, req: falcon.Request, resp: falcon.Response, resource: Any, params: dict[str, str]
     ) -> None:
         req.context.actor = ANONYMOUS
         req.context.enroll_token = None
@@ -134,7 +143,7 @@ class AuthMiddleware:
             if perm is Perm.ENROLL:
                 self._enroll(req, token)
                 return
-            req.context.actor = _resolve(self.store, token)
+            req.context.actor = _resolve(self.store, token, self.cache)
             authorize(req.context.actor, perm, params.get("machine_id"))
         except (AuthenticationError, PermissionDeniedError, GoneError) as e:
             # Names the route and the actor, never the presented secret; %r keeps a

@@ -19,12 +19,13 @@ from nixfleet.errors import (
     UnsupportedMediaTypeError,
     UsageError,
 )
+from nixfleet.wire import JSONObject
 
 MAX_DEPTH = 32
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> JSONObject:
+    out: JSONObject = {}
     for key, value in pairs:
         if key in out:
             raise UsageError(
@@ -64,6 +65,10 @@ def parse_json(raw: bytes) -> Any:
 
 
 def read_json(req: falcon.Request, limit: int) -> Any:
+    return parse_json(_read_body(req, limit))
+
+
+def _read_body(req: falcon.Request, limit: int) -> bytes:
     ctype = (req.content_type or "").split(";")[0].strip().lower()
     if ctype != "application/json":
         raise UnsupportedMediaTypeError(
@@ -77,11 +82,14 @@ def read_json(req: falcon.Request, limit: int) -> Any:
         raise PayloadTooLargeError(f"request body exceeds the {limit}-byte limit")
     if not raw:
         raise UsageError("request body is empty; send a JSON object")
-    return parse_json(raw)
+    return raw
 
 
 def read_document(req: falcon.Request, schema: str, limit: int, what: str | None = None) -> Any:
     """A JSON body that the named schema accepts."""
-    doc = read_json(req, limit)
-    schemas.validate(schema, doc, what)
+    raw = _read_body(req, limit)
+    doc = parse_json(raw)
+    # parse_json decoded it strictly, so this cannot fail; the text lets validation
+    # skip its per-string walk for text that holds no escape.
+    schemas.validate(schema, doc, what, source=raw.decode("utf-8"))
     return doc

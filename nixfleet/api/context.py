@@ -1,9 +1,10 @@
-"""What every resource shares: the store and the settings."""
+"""What every resource shares: the store, the settings and the report cache."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from nixfleet.api.report_cache import ReportCache
 from nixfleet.settings import Settings
 from nixfleet.store import Store
 
@@ -12,6 +13,7 @@ from nixfleet.store import Store
 class Context:
     settings: Settings
     store: Store
+    cache: ReportCache | None = None  # the report path's memory (api.report_cache)
 
     @property
     def limit(self) -> int:

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import sqlite3
 from datetime import datetime, timedelta
-from typing import Any
 
 import falcon
 
-from nixfleet import schemas
+from nixfleet import schemas, wire
 from nixfleet.api.auth import Perm
 from nixfleet.api.body import read_document, read_json
 from nixfleet.api.context import Context
@@ -33,7 +32,7 @@ from nixfleet.store.enrollment import EnrollToken
 TOKEN_ID_MAX = 32
 
 
-def token_json(t: EnrollToken, now: datetime) -> dict[str, Any]:
+def token_json(t: EnrollToken, now: datetime) -> wire.EnrollToken:
     return {
         "id": t.id,
         "state": t.state(now),

@@ -9,6 +9,7 @@ from typing import Any
 import falcon
 
 from nixfleet.errors import NixfleetError, StoreUnavailableError
+from nixfleet.wire import FieldErrorBody, Problem
 
 log = logging.getLogger(__name__)
 
@@ -22,9 +23,9 @@ def problem(
     title: str,
     detail: str,
     slug: str,
-    errors: list[dict[str, Any]] | None = None,
+    errors: list[FieldErrorBody] | None = None,
 ) -> None:
-    body: dict[str, Any] = {
+    body: Problem = {
         "type": TYPE_BASE + slug,
         "title": title,
         "status": status,

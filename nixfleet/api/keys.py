@@ -6,10 +6,9 @@ the audit log and the process log only ever name keys and machines.
 
 from __future__ import annotations
 
-from typing import Any
-
 import falcon
 
+from nixfleet import wire
 from nixfleet.api.auth import Perm
 from nixfleet.api.body import read_document
 from nixfleet.api.context import Context
@@ -19,7 +18,7 @@ from nixfleet.store import audit, credentials, machines
 from nixfleet.store.credentials import ApiKey
 
 
-def key_json(k: ApiKey) -> dict[str, Any]:
+def key_json(k: ApiKey) -> wire.Key:
     return {
         "name": k.name,
         "role": k.role,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
 
 import falcon
 
@@ -18,10 +17,8 @@ from nixfleet.errors import ConflictError, FieldError, ValidationError
 from nixfleet.filters import MachineFilter
 from nixfleet.models import (
     Health,
-    HealthResult,
     Lifecycle,
     Machine,
-    Report,
     Sync,
     health_of,
     isoformat,
@@ -73,7 +70,7 @@ def machine_json(m: Machine, now: datetime, stale_after: int) -> wire.Machine:
 
 
 # Returns the audit detail, or None when nothing changed (no audit row: a no-op).
-Change = Callable[[sqlite3.Connection, Machine, datetime], dict[str, Any] | None]
+Change = Callable[[sqlite3.Connection, Machine, datetime], wire.JSONObject | None]
 
 
 def mutate(
@@ -219,7 +216,7 @@ class MachineLifecycle:
 
         def change(
             conn: sqlite3.Connection, before: Machine, now: datetime
-        ) -> dict[str, Any] | None:
+        ) -> wire.JSONObject | None:
             previous = machines.set_lifecycle(conn, machine_id, target, actor, now)
             if previous is target:
                 return None  # already there: a no-op that scripts may repeat
@@ -245,7 +242,7 @@ class MachineTags:
 
         actor = req.context.actor.label
 
-        def change(conn: sqlite3.Connection, before: Machine, now: datetime) -> dict[str, Any]:
+        def change(conn: sqlite3.Connection, before: Machine, now: datetime) -> wire.JSONObject:
             if add:
                 added, _ = machines.set_tags(conn, machine_id, tags, "operator", replace=False)
                 history.tags_changed(conn, machine_id, now, actor, "operator", added, [])
@@ -272,20 +269,6 @@ class MachineTags:
     def on_delete(self, req: falcon.Request, resp: falcon.Response, machine_id: str) -> None:
         """Remove operator tags (agent tags come from the NixOS config)."""
         self._change(req, resp, machine_id, add=False)
-
-
-def desired_json(row: Any, poll_hint: int | None) -> dict[str, Any]:
-    out = {
-        "desired_generation": row["desired_generation"],
-        "cache_url": row["desired_cache_url"],
-        "poll_hint": poll_hint,
-        "retry_requested_at": row["retry_requested_at"],
-    }
-    if row["reboot"] is not None:
-        # The machine needs a reboot and its rollout coordinates one (DESIGN §11): the
-        # agent then asks for a reboot lease.
-        out["reboot"] = row["reboot"]
-    return out
 
 
 class DesiredGeneration:
@@ -328,9 +311,8 @@ class DesiredGeneration:
     ) -> None:
         actor = req.context.actor.label
 
-        def change(conn: sqlite3.Connection, before: Machine, now: datetime) -> dict[str, Any]:
-            machines.set_desired(conn, machine_id, path, cache_url, source, now)
-            history.attribute_desired(conn, machine_id, now, actor)
+        def change(conn: sqlite3.Connection, before: Machine, now: datetime) -> wire.JSONObject:
+            machines.set_desired(conn, machine_id, path, cache_url, source, now, actor)
             return {"from": before.desired_generation, "to": path, "cache_url": cache_url}
 
         action = "machine.set-desired" if path else "machine.clear-desired"
@@ -347,54 +329,8 @@ class MachineRetry:
         """Ask the agent to retry a desired generation that failed on it."""
         validate_hostname(machine_id)
 
-        def change(conn: sqlite3.Connection, before: Machine, now: datetime) -> dict[str, Any]:
+        def change(conn: sqlite3.Connection, before: Machine, now: datetime) -> wire.JSONObject:
             machines.request_retry(conn, machine_id, now)
             return {"failed_generation": before.failed_generation}
 
         mutate(self.ctx, req, resp, machine_id, "machine.retry", change)
-
-
-class MachineReport:
-    """The hot path: one validated body, one transaction, one small response."""
-
-    permissions = {"POST": Perm.AGENT}
-    schemas = {"POST": "report"}
-
-    def __init__(self, ctx: Context) -> None:
-        self.ctx = ctx
-
-    def on_post(self, req: falcon.Request, resp: falcon.Response, machine_id: str) -> None:
-        """Agent report; the answer is the desired generation, cache URL and poll hint."""
-        validate_hostname(machine_id)
-        doc = read_document(req, self.schemas["POST"], self.ctx.limit, "report")
-        now = utcnow()
-        health = doc.get("health")
-        tags = doc.get("tags")
-        report = Report(
-            machine_id=machine_id,
-            received_at=now,
-            current_generation=doc["current_generation"],
-            success=doc.get("success", True),
-            message=doc.get("message", ""),
-            attempted_generation=doc.get("attempted_generation"),
-            health=HealthResult.from_dict(health) if health is not None else None,
-            tags=tuple(tags) if tags is not None else None,
-            agent_version=doc.get("agent_version"),
-            uptime_seconds=doc.get("uptime_seconds"),
-            output=doc.get("output"),
-            needs_reboot=doc.get("needs_reboot"),
-            booted_generation=doc.get("booted_generation"),
-        )
-        with self.ctx.store.transaction() as conn:
-            row, promoted = machines.record_report(conn, report)
-            if promoted is not None:
-                audit.record(
-                    conn,
-                    req.context.actor.label,
-                    "machine.lifecycle",
-                    machine_id,
-                    now,
-                    {"from": promoted.value, "to": "active", "reason": "first agent report"},
-                )
-        resp.media = desired_json(row, row["poll_hint"] or self.ctx.settings.default_poll_interval)
-        resp.media["confirm_timeout"] = row["confirm_timeout"]

@@ -17,6 +17,7 @@ import falcon
 from nixfleet import __version__, schemas
 from nixfleet.api.auth import Perm
 from nixfleet.api.context import Context
+from nixfleet.wire import JSONObject, OpenAPIOperation, OpenAPIParameter
 
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
@@ -50,11 +51,11 @@ def _security(perm: Perm) -> list[dict[str, list[str]]]:
     return [{"apiKey": [perm.value]}]
 
 
-def _operation(resource: type[Any], method: str, path: str) -> dict[str, Any]:
+def _operation(resource: type[Any], method: str, path: str) -> OpenAPIOperation:
     responder = getattr(resource, f"on_{method.lower()}")
     doc = inspect.getdoc(responder) or inspect.getdoc(resource) or ""
     perm: Perm = resource.permissions[method]
-    op: dict[str, Any] = {
+    op: OpenAPIOperation = {
         "operationId": f"{method.lower()}{re.sub(r'[^A-Za-z0-9]+', '_', path)}".rstrip("_"),
         "summary": doc.splitlines()[0] if doc else path,
         "security": _security(perm),
@@ -69,13 +70,16 @@ def _operation(resource: type[Any], method: str, path: str) -> dict[str, Any]:
             },
         },
     }
+    answer = getattr(resource, "answers", {}).get(method)
+    if answer:  # what the answer is documented to carry (JSON Schema, other keys allowed)
+        op["responses"]["200"]["content"]["application/json"] = {"schema": answer}
     body = getattr(resource, "schemas", {}).get(method)
     if body:
         op["requestBody"] = {
             "required": True,
             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}},
         }
-    parameters = [
+    parameters: list[OpenAPIParameter] = [
         {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
         for p in re.findall(r"{(\w+)}", path)
     ]
@@ -96,7 +100,7 @@ def _operation(resource: type[Any], method: str, path: str) -> dict[str, Any]:
 
 
 @functools.cache
-def schema_components() -> dict[str, Any]:
+def schema_components() -> dict[str, JSONObject]:
     from importlib import resources
 
     names = sorted(
@@ -107,8 +111,8 @@ def schema_components() -> dict[str, Any]:
     return {name: _rewrite_refs(schemas.load(name), name) for name in names}
 
 
-def document(routes: list[tuple[str, type[Any]]]) -> dict[str, Any]:
-    paths: dict[str, Any] = {}
+def document(routes: list[tuple[str, type[Any]]]) -> JSONObject:
+    paths: dict[str, dict[str, OpenAPIOperation]] = {}
     for path, resource in routes:
         paths[path] = {
             method.lower(): _operation(resource, method, path)

@@ -9,7 +9,7 @@ from nixfleet.api.auth import Perm
 from nixfleet.api.body import read_json
 from nixfleet.api.context import Context
 from nixfleet.errors import NotFoundError
-from nixfleet.flake import release_document, release_from_document
+from nixfleet.flake import RELEASE_SCHEMA, release_document, release_from_document
 from nixfleet.models import (
     RELEASE_ID_DIGITS,
     RELEASE_ID_PREFIX,
@@ -62,7 +62,7 @@ def diff_json(a: Release, b: Release) -> wire.ReleaseDiff:
 
 class ReleaseCollection:
     permissions = {"GET": Perm.READONLY, "POST": Perm.DEPLOY}
-    schemas = {"POST": "release"}
+    schemas = {"POST": RELEASE_SCHEMA}
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
+from datetime import datetime
 
 import falcon
 
@@ -11,17 +13,67 @@ from nixfleet.api.auth import Perm
 from nixfleet.api.body import read_json
 from nixfleet.api.context import Context
 from nixfleet.errors import FieldError, ValidationError
-from nixfleet.models import MachineHealth, RolloutSpec, RolloutStatus, isoformat, utcnow
+from nixfleet.models import (
+    MachineHealth,
+    RolloutSpec,
+    RolloutStatus,
+    isoformat,
+    utcnow,
+)
 from nixfleet.policy import budgets, gate
 from nixfleet.store import planning, rollout_control, rollout_files, rollouts
 from nixfleet.store import policy as store_policy
-from nixfleet.store.rollouts import RolloutDetail, RolloutSummary
+from nixfleet.store.rollouts import MachineProgress, RolloutDetail, RolloutSummary
 
 STATUSES = [s.value for s in RolloutStatus] + ["invalid"]
 
+# The `warnings` of plan and apply answers (the OpenAPI document shows it).
+WARNINGS_SCHEMA: wire.JSONObject = {
+    "type": "object",
+    "required": ["warnings"],
+    "properties": {
+        "warnings": {
+            "description": "targets that will not follow as things stand: decommissioned "
+            "(their reports are refused) or stale (no report for stale_after), by hostname",
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["hostname", "kind", "detail", "last_report_at"],
+                "properties": {
+                    "hostname": {"type": "string"},
+                    "kind": {"enum": ["decommissioned", "stale"]},
+                    "detail": {"type": "string"},
+                    "last_report_at": {"type": ["string", "null"], "format": "date-time"},
+                },
+            },
+        }
+    },
+}
 
-def listed_json(s: RolloutSummary) -> wire.RolloutListItem:
-    counts = {h.value: s.machines.get(h, 0) for h in MachineHealth}
+
+def warning_json(w: planning.TargetWarning, stale_after: int) -> wire.TargetWarning:
+    last = isoformat(w.last_report_at)
+    if w.kind == "decommissioned":
+        detail = (
+            "decommissioned: its reports are refused, so it will not switch "
+            "(`skip_lifecycle: [decommissioned]` leaves it out)"
+        )
+    else:
+        detail = (
+            f"stale: no report since {last} (stale after {stale_after} s); "
+            "it switches only once its agent reports again"
+        )
+    return {"hostname": w.hostname, "kind": w.kind, "detail": detail, "last_report_at": last}
+
+
+def _warnings(
+    conn: sqlite3.Connection, hosts: Sequence[str], now: datetime, stale_after: int
+) -> list[wire.TargetWarning]:
+    found = planning.target_warnings(conn, hosts, now, stale_after)
+    return [warning_json(w, stale_after) for w in found]
+
+
+def summary_json(s: RolloutSummary) -> wire.RolloutSummary:
     return {
         "id": s.id,
         "name": s.name,
@@ -31,32 +83,42 @@ def listed_json(s: RolloutSummary) -> wire.RolloutListItem:
         "created_at": isoformat(s.created_at),
         "created_by": s.created_by,
         "updated_at": isoformat(s.updated_at),
-        "machines": {"total": sum(counts.values()), **counts},
     }
 
 
-def invalid_file_json(f: rollout_files.InvalidFile) -> wire.RolloutListItem:
+def listed_json(s: RolloutSummary) -> wire.ListedRollout:
+    counts = {h.value: s.machines.get(h, 0) for h in MachineHealth}
+    return {**summary_json(s), "machines": {"total": sum(counts.values()), **counts}}
+
+
+def invalid_file_json(f: rollout_files.InvalidFile) -> wire.InvalidRolloutFile:
     return {
         "id": None,
         "name": f.name,
         "file": f.path,
         "status": "invalid",
-        "errors": f.errors,
+        "errors": [e.to_dict() for e in f.errors],
         "updated_at": isoformat(f.checked_at),
     }
 
 
+def machine_json(m: MachineProgress) -> wire.RolloutMachine:
+    out: wire.RolloutMachine = {
+        "id": m.id,
+        "health": m.health.value,
+        "reason": m.reason,
+        "store_path": m.store_path,
+        "current_generation": m.current_generation,
+        "last_report_at": isoformat(m.last_report_at),
+    }
+    if m.failed_output is not None:
+        out["failed_output"] = m.failed_output
+    return out
+
+
 def detail_json(d: RolloutDetail) -> wire.Rollout:
-    s = d.summary
     return {
-        "id": s.id,
-        "name": s.name,
-        "release": s.release,
-        "status": s.status.value,
-        "source": s.source,
-        "created_at": isoformat(s.created_at),
-        "created_by": s.created_by,
-        "updated_at": isoformat(s.updated_at),
+        **summary_json(d.summary),
         "document": d.document,
         "skipped": [{"hostname": s.hostname, "reason": s.reason} for s in d.skipped],
         "hold": None if d.hold is None else {"kind": d.hold[0], "detail": d.hold[1]},
@@ -67,17 +129,7 @@ def detail_json(d: RolloutDetail) -> wire.Rollout:
                 "size": b.size,
                 "started_at": isoformat(b.started_at),
                 "finished_at": isoformat(b.finished_at),
-                "machines": [
-                    {
-                        "id": m.id,
-                        "health": m.health.value,
-                        "reason": m.reason,
-                        "store_path": m.store_path,
-                        "current_generation": m.current_generation,
-                        "last_report_at": isoformat(m.last_report_at),
-                    }
-                    for m in b.machines
-                ],
+                "machines": [machine_json(m) for m in b.machines],
             }
             for b in d.batches
         ],
@@ -99,6 +151,7 @@ def plan_json(
     p: rollout.Plan,
     outlook: Sequence[gate.Outlook] = (),
     windowed: bool = False,
+    warnings: Sequence[wire.TargetWarning] = (),
 ) -> wire.Plan:
     """The plan; with §11 policy, per batch its earliest start (when windows apply) and,
     when a budget would hold it, how many of its machines start at once and why."""
@@ -119,12 +172,14 @@ def plan_json(
         "targets": len(p.targets),
         "batches": batches,
         "skipped": [{"hostname": s.hostname, "reason": s.reason} for s in p.skipped],
+        "warnings": list(warnings),
     }
 
 
 class RolloutCollection:
     permissions = {"GET": Perm.READONLY, "POST": Perm.DEPLOY}
-    schemas = {"POST": "rollout"}
+    schemas = {"POST": rollout.SCHEMA}
+    answers = {"POST": WARNINGS_SCHEMA}
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -138,7 +193,9 @@ class RolloutCollection:
                 errors=[FieldError("status", f"one of: {', '.join(STATUSES)}")],
             )
         with self.ctx.store.read() as conn:
-            listed = [listed_json(r) for r in rollouts.list_rollouts(conn, status)]
+            listed: list[wire.RolloutListItem] = [
+                listed_json(r) for r in rollouts.list_rollouts(conn, status)
+            ]
             if status in (None, "invalid"):
                 listed += [invalid_file_json(f) for f in rollout_files.invalid_files(conn)]
         resp.media = {"rollouts": listed}
@@ -152,14 +209,18 @@ class RolloutCollection:
                 conn, doc, req.context.actor.label, now, self.ctx.settings.rollout_poll_hint
             )
             out = detail_json(rollouts.detail(conn, applied.id, now))
+            hosts = [m["id"] for b in out["batches"] for m in b["machines"]]
+            warnings = _warnings(conn, hosts, now, self.ctx.settings.stale_after)
         resp.status = falcon.HTTP_201 if applied.created else falcon.HTTP_200
         resp.location = f"/api/v1/rollouts/{applied.id}"
-        resp.media = {**out, "created": applied.created}
+        answer: wire.AppliedRollout = {**out, "created": applied.created, "warnings": warnings}
+        resp.media = answer
 
 
 class RolloutPlan:
     permissions = {"POST": Perm.READONLY}
-    schemas = {"POST": "rollout"}
+    schemas = {"POST": rollout.SCHEMA}
+    answers = {"POST": WARNINGS_SCHEMA}
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -176,6 +237,7 @@ class RolloutPlan:
             tags, down, flight = store_policy.plan_facts(
                 conn, p.targets, now, settings.stale_after, fleet.budgets
             )
+            warnings = _warnings(conn, p.targets, now, settings.stale_after)
         limits = budgets.rooms(own.max_unavailable, len(p.targets), down, fleet.budgets, flight)
         windows = fleet.windows_for(own.windows, spec.target_tags)
         outlook = gate.outlook(
@@ -186,7 +248,7 @@ class RolloutPlan:
             spec.soak,
             limits,
         )
-        resp.media = plan_json(spec, p, outlook, windowed=bool(windows))
+        resp.media = plan_json(spec, p, outlook, windowed=bool(windows), warnings=warnings)
 
 
 class RolloutItem:

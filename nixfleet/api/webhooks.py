@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import falcon
 
+from nixfleet import wire
 from nixfleet.api.auth import Perm
 from nixfleet.api.context import Context
 from nixfleet.errors import FieldError, ValidationError
@@ -15,7 +14,7 @@ from nixfleet.store import webhooks
 MAX_LIMIT = 1000
 
 
-def delivery_json(d: webhooks.Delivery) -> dict[str, Any]:
+def delivery_json(d: webhooks.Delivery) -> wire.WebhookDelivery:
     """One delivery as the API and `nixfleet webhooks deliveries --json` show it."""
     return {
         "id": d.id,

@@ -22,11 +22,11 @@ import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import tomli_w
 
 from nixfleet.errors import NotFoundError, UsageError
+from nixfleet.wire import JSONObject
 
 DEFAULT_URL = "http://127.0.0.1:8470"
 CONTEXT_KEYS = ("control_plane_url", "api_key_file")
@@ -73,7 +73,7 @@ def read_secret_file(path: Path) -> str:
 # --- the config file --------------------------------------------------------------
 
 
-def load_file(path: Path | None = None) -> dict[str, Any]:
+def load_file(path: Path | None = None) -> JSONObject:
     path = path or config_path()
     if not path.exists():
         return {}
@@ -91,7 +91,7 @@ def load_file(path: Path | None = None) -> dict[str, Any]:
     return data
 
 
-def save_file(data: dict[str, Any], path: Path | None = None) -> Path:
+def save_file(data: JSONObject, path: Path | None = None) -> Path:
     path = path or config_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -100,8 +100,8 @@ def save_file(data: dict[str, Any], path: Path | None = None) -> Path:
     return path
 
 
-def contexts(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    found: dict[str, dict[str, Any]] = data.get("contexts", {})
+def contexts(data: JSONObject) -> dict[str, JSONObject]:
+    found: dict[str, JSONObject] = data.get("contexts", {})
     return found
 
 
@@ -132,7 +132,7 @@ def delete_context(name: str) -> Path:
     return save_file(data)
 
 
-def _known(data: dict[str, Any]) -> str:
+def _known(data: JSONObject) -> str:
     names = sorted(contexts(data))
     if not names:
         return f" in {config_path()}; create one with `nixfleet config set-context NAME`"
@@ -170,7 +170,7 @@ def resolve(
     data = load_file(path)
     named = context_flag or env_context()
     chosen = named or data.get("current_context")
-    ctx: dict[str, Any] = {}
+    ctx: JSONObject = {}
     if chosen:
         if chosen not in contexts(data):
             if named:

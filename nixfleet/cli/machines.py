@@ -110,6 +110,11 @@ def describe(e: wire.HistoryEvent) -> str:
     if kind == "lifecycle":
         reason = f" ({d['reason']})" if d.get("reason") else ""
         return f"lifecycle {d.get('from')} -> {d.get('to')}{reason}"
+    if kind == "reboot-needed":
+        booted = f" (booted {short_generation(d['booted'])})" if d.get("booted") else ""
+        return f"reboot needed to run {gen}{booted}"
+    if kind == "rebooted":
+        return f"rebooted {short_generation(d.get('previous'))} -> {gen}"
     return kind
 
 

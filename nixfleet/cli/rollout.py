@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -19,7 +18,7 @@ from nixfleet.cli.options import (
     rollout_argument,
     tags_option,
 )
-from nixfleet.cli.output import echo, emit_json, message, style, table
+from nixfleet.cli.output import echo, emit_json, message, printable, style, table
 from nixfleet.cli.release import register_release
 from nixfleet.cli.status import poll
 from nixfleet.errors import FieldError, RolloutHaltedError
@@ -31,9 +30,10 @@ HEALTH_COLORS = {
     "unhealthy": {"fg": "red"},
 }
 SHOW_ALL_UP_TO = 20
+OUTPUT_LINES = 10  # of each failed switch's output in `rollout status` (more: machines show)
 
 
-def _document(state: State, file: Path, register: bool) -> dict[str, Any]:
+def _document(state: State, file: Path, register: bool) -> wire.RolloutDocument:
     """A validated rollout file as the API's JSON; a release TOML is registered first."""
     from nixfleet import rolloutfile  # with PyYAML: imported when used, for a fast --help
 
@@ -70,6 +70,15 @@ def render(data: wire.Rollout, all_machines: bool = False) -> None:
             table(
                 ["  HOST", "HEALTH", "REASON"], rows, colors={1: lambda c: HEALTH_COLORS.get(c, {})}
             )
+        for m in b["machines"]:
+            output = m.get("failed_output")
+            if output:
+                echo(
+                    f"  switch output of {m['id']} (last {OUTPUT_LINES} lines; all of it: "
+                    f"nixfleet machines show {m['id']}):"
+                )
+                for line in output.splitlines()[-OUTPUT_LINES:]:
+                    echo(printable("    " + line))
     for s in data.get("skipped", []):
         echo(f"skipped {s['hostname']}: {s['reason']}")
 
@@ -253,6 +262,7 @@ def plan(state: State, file: Path, closures_: bool) -> None:
         data["hosts"] = costs
     if state.json:
         emit_json(data)
+        warn_targets(data["warnings"])
         return
     echo(
         f"rollout {data['name']}: {data['targets']} machine(s) in {len(data['batches'])} batch(es)"
@@ -268,9 +278,25 @@ def plan(state: State, file: Path, closures_: bool) -> None:
         echo(f"skipped {s['hostname']}: {s['reason']}")
     if not data["targets"]:
         message("no machine matches the target: check `target` with `nixfleet machines list`")
+    warn_targets(data["warnings"])
 
 
-def submit(state: State, doc: dict[str, Any], wait: bool, interval: float) -> None:
+WARNINGS_SHOWN = 10  # per kind; --json has them all
+
+
+def warn_targets(warnings: list[wire.TargetWarning]) -> None:
+    """Targets that will not follow (decommissioned, stale): to stderr, --json or not."""
+    for kind in ("decommissioned", "stale"):
+        mine = [w for w in warnings if w["kind"] == kind]
+        for w in mine[:WARNINGS_SHOWN]:
+            message(f"warning: {printable(w['hostname'])} is {printable(w['detail'])}")
+        if len(mine) > WARNINGS_SHOWN:
+            message(
+                f"warning: and {len(mine) - WARNINGS_SHOWN} more {kind} targets (--json lists them)"
+            )
+
+
+def submit(state: State, doc: wire.RolloutDocument, wait: bool, interval: float) -> None:
     data = state.client().apply_rollout(doc)
     if state.json and not wait:
         emit_json(data)
@@ -279,6 +305,7 @@ def submit(state: State, doc: dict[str, Any], wait: bool, interval: float) -> No
         message(f"{verb} rollout {data['name']} ({data['id']}), {len(data['batches'])} batch(es)")
         if not state.json:
             echo(data["id"])
+    warn_targets(data["warnings"])
     if wait:
         follow(state, data["id"], True, interval)
 
@@ -328,14 +355,13 @@ def list_(state: State, status: str | None) -> None:
         return
     rows = []
     for r in data["rollouts"]:
-        if r["status"] == "invalid":
+        if "file" in r:  # an invalid rollout file
             errs = "; ".join(
-                str(FieldError(e["field"], e["message"], e.get("line")))
-                for e in r.get("errors", [])
+                str(FieldError(e["field"], e["message"], e.get("line"))) for e in r["errors"]
             )
-            rows.append([r["name"] or "-", "-", "invalid", "-", "-", f"{r.get('file')}: {errs}"])
+            rows.append([r["name"] or "-", "-", "invalid", "-", "-", f"{r['file']}: {errs}"])
             continue
-        m = r.get("machines", {})
+        m = r["machines"]
         counts = f"{m.get('healthy', 0)}/{m.get('total', 0)} healthy" + (
             f", {m['unhealthy']} unhealthy" if m.get("unhealthy") else ""
         )

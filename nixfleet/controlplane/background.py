@@ -16,7 +16,7 @@ from nixfleet import gitops, reconciler
 from nixfleet.controlplane import webhooks
 from nixfleet.models import utcnow
 from nixfleet.settings import Settings
-from nixfleet.store import Store, history
+from nixfleet.store import Store, history, report_cache
 
 log = logging.getLogger("nixfleet.controlplane.background")
 
@@ -37,11 +37,10 @@ class PruneHistory:
     """Prune machine history by age and per-machine cap (DESIGN §3 History).
 
     Never on the report path: here, at most every `every` seconds, in short
-    transactions (a chunk of events or of machines each), so reports interleave.
+    transactions (a chunk of machines each, both bounds at once), so reports interleave.
     """
 
-    AGE_CHUNK = 5_000  # events per transaction
-    CAP_MACHINES = 2_000  # machines per transaction
+    MACHINES = 2_000  # machines per transaction
 
     def __init__(self, every: float = 600.0) -> None:
         self.every = every
@@ -53,31 +52,31 @@ class PruneHistory:
         if self.last is not None and now - self.last < self.every:
             return
         self.last = now
-        prune_history(settings, store, self.AGE_CHUNK, self.CAP_MACHINES)
+        prune_history(settings, store, self.MACHINES)
 
 
-def prune_history(settings: Settings, store: Store, age_chunk: int, cap_machines: int) -> int:
-    """Everything older than history_days, then each machine beyond history_max_events."""
+def prune_history(settings: Settings, store: Store, machines: int) -> int:
+    """Everything older than history_days and each machine's beyond history_max_events."""
     cutoff = utcnow() - timedelta(days=settings.history_days)
     deleted = 0
-    while True:
-        with store.transaction() as conn:
-            n = history.prune_age(conn, cutoff, age_chunk)
-        deleted += n
-        if n < age_chunk:
-            break
-    after: str | None = ""
+    after: int | None = 0
     while after is not None:
         with store.transaction() as conn:
-            n, after = history.prune_cap(conn, settings.history_max_events, after, cap_machines)
+            n, after = history.prune(conn, cutoff, settings.history_max_events, after, machines)
         deleted += n
     if deleted:
         log.info("pruned %d history events", deleted)
     return deleted
 
 
+def prune_cache_changes(settings: Settings, store: Store) -> None:
+    """The report cache's change list keeps its newest rows (store.report_cache)."""
+    with store.transaction() as conn:
+        report_cache.prune(conn)
+
+
 # Jobs run in order every interval.
-JOBS: list[Job] = [gitops.job, reconciler.job, PruneHistory(), checkpoint]
+JOBS: list[Job] = [gitops.job, reconciler.job, PruneHistory(), prune_cache_changes, checkpoint]
 
 
 def run_once(settings: Settings, store: Store) -> None:

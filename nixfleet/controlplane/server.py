@@ -10,7 +10,8 @@ to restart); a worker whose primary died stops by itself.
 
 Shutdown on SIGTERM/SIGINT stops accepting connections, lets in-flight requests
 finish (every acknowledged write is already committed: a response is only sent
-after its transaction), stops the loop between ticks and closes the database.
+after its transaction; the heartbeats' last-seen times, queued for at most ~1 s,
+are written last), stops the loop between ticks and closes the database.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypedDict
 
 from waitress import wasyncore
 from waitress.server import create_server
 
 from nixfleet.api import create_app
+from nixfleet.api.report_cache import ReportCache
 from nixfleet.controlplane import background
 from nixfleet.errors import ServiceError, ValidationError
 from nixfleet.models import utcnow
@@ -41,8 +43,23 @@ from nixfleet.store import Store, audit, credentials
 
 log = logging.getLogger("nixfleet.controlplane")
 
+
+class WaitressOptions(TypedDict, total=False):
+    """The keyword arguments of waitress.create_server that nixfleet sets."""
+
+    ident: str
+    channel_timeout: int
+    connection_limit: int
+    asyncore_use_poll: bool
+    cleanup_interval: int
+    clear_untrusted_proxy_headers: bool
+    outbuf_overflow: int
+    max_request_body_size: int
+    max_request_header_size: int
+
+
 # Shared with bench/bare_server.py, so the yardstick runs waitress exactly as we do.
-SERVER_OPTIONS: dict[str, Any] = {
+SERVER_OPTIONS: WaitressOptions = {
     "ident": "nixfleet",
     "channel_timeout": 30,
     # Waitress stops accepting at its connection limit (new connections wait in the
@@ -59,7 +76,7 @@ SERVER_OPTIONS: dict[str, Any] = {
 }
 
 
-def server_options(settings: Settings) -> dict[str, Any]:
+def server_options(settings: Settings) -> WaitressOptions:
     """Waitress's options for these settings: its own limits, enforced before any work.
 
     The body limit is waitress's too (a declared Content-Length over it is answered
@@ -198,7 +215,8 @@ def serve(settings: Settings, *, init: bool = False) -> None:
 def _run(settings: Settings, sock: socket.socket, primary: int | None, workers: list[int]) -> None:
     """One serving process: the primary (primary=None, runs the background loop) or a worker."""
     store = Store(settings.db_path(), lock_timeout=settings.write_lock_timeout)
-    app = create_app(settings, store)
+    cache = ReportCache(store, settings.default_poll_interval)
+    app = create_app(settings, store, cache)
     server = create_server(
         app, sockets=[sock], threads=settings.threads, **server_options(settings)
     )
@@ -227,6 +245,7 @@ def _run(settings: Settings, sock: socket.socket, primary: int | None, workers: 
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    cache.start()
     loop = background.start(settings, store, stop) if primary is None else None
     if workers:
         threading.Thread(
@@ -246,6 +265,10 @@ def _run(settings: Settings, sock: socket.socket, primary: int | None, workers: 
         server.task_dispatcher.shutdown(cancel_pending=False, timeout=10)
         if loop is not None:
             loop.join(timeout=30)
+        try:
+            cache.close()  # the queued heartbeats' last-seen times
+        except Exception:
+            log.exception("could not write the last heartbeats' last-seen times")
         store.close()
         _reap(workers)
         log.info("stopped")

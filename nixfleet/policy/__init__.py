@@ -32,7 +32,7 @@ class RolloutPolicy:
 
 
 def from_document(doc: Mapping[str, Any]) -> RolloutPolicy:
-    """The policy of a document that `schemas.validate("rollout", …)` accepted."""
+    """The policy of a document that `schemas.validate(rollout.SCHEMA, …)` accepted."""
     return RolloutPolicy(
         max_unavailable=MaxUnavailable.parse(doc.get("max_unavailable")),
         windows=windows_mod.parse(doc.get("windows")),

@@ -22,6 +22,7 @@ from typing import Any
 
 from nixfleet.errors import FieldError
 from nixfleet.models import MachineHealth
+from nixfleet.policy import taggroups
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class Budget:
     max_in_flight: int
 
     def matches(self, tags: Iterable[str]) -> bool:
-        return set(self.tags) <= set(tags)
+        return taggroups.selects(self.tags, tags)
 
     def label(self) -> str:
         return f"disruption budget [{', '.join(self.tags)}] (max_in_flight {self.max_in_flight})"
@@ -89,7 +90,7 @@ class Room:
     tags: tuple[str, ...] | None = None  # None: applies to every machine of the rollout
 
     def applies(self, tags: frozenset[str]) -> bool:
-        return self.tags is None or set(self.tags) <= tags
+        return self.tags is None or taggroups.selects(self.tags, tags)
 
 
 def rooms(
@@ -147,33 +148,12 @@ def parse_budgets(items: Sequence[Mapping[str, Any]] | None) -> tuple[Budget, ..
 
 def budget_errors(items: Any, field: str = "disruption_budgets") -> list[FieldError]:
     """Field errors of the settings' `disruption_budgets` (a list of {tags, max_in_flight})."""
-    from nixfleet.models import TAG_RE
-
-    if items is None:
-        return []
-    if not isinstance(items, list):
-        return [FieldError(field, "must be a list of {tags: [...], max_in_flight: N}")]
     out: list[FieldError] = []
-    for i, item in enumerate(items):
-        where = f"{field}[{i}]"
-        if not isinstance(item, Mapping):
-            out.append(FieldError(where, "must be an object {tags: [...], max_in_flight: N}"))
-            continue
-        extra = sorted(set(item) - {"tags", "max_in_flight"})
-        if extra:
-            out.append(
-                FieldError(f"{where}.{extra[0]}", "unknown field; allowed: max_in_flight, tags")
-            )
-        tags = item.get("tags")
-        if (
-            not isinstance(tags, list)
-            or not tags
-            or not all(isinstance(t, str) and TAG_RE.match(t) for t in tags)
-        ):
-            out.append(
-                FieldError(f"{where}.tags", "must be a non-empty list of tags, e.g. [db, prod]")
-            )
-        n = item.get("max_in_flight")
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            out.append(FieldError(f"{where}.max_in_flight", "must be a positive integer"))
+    if items is None:
+        return out
+    shape = "{tags: [...], max_in_flight: N}"
+    for where, item in taggroups.entries(items, field, shape, ("tags", "max_in_flight"), out):
+        message = "must be a non-empty list of tags, e.g. [db, prod]"
+        taggroups.check_tags(out, where, item.get("tags"), message)
+        taggroups.check_count(out, where, item, "max_in_flight")
     return out

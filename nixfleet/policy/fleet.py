@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nixfleet.errors import FieldError
-from nixfleet.models import TAG_RE
-from nixfleet.policy import budgets, leases
+from nixfleet.policy import budgets, leases, taggroups
 from nixfleet.policy import windows as windows_mod
 from nixfleet.policy.budgets import Budget
 from nixfleet.policy.leases import Group
@@ -116,24 +115,10 @@ def errors(
         list(reboot_groups) if isinstance(reboot_groups, tuple) else reboot_groups
     )
     items = list(default_windows) if isinstance(default_windows, tuple) else default_windows
-    if not isinstance(items, list):
-        out.append(FieldError("default_windows", "must be a list of {tags: [...], windows: [...]}"))
-        items = []
-    for i, d in enumerate(items):
-        where = f"default_windows[{i}]"
-        if not isinstance(d, Mapping):
-            out.append(FieldError(where, "must be an object {tags: [...], windows: [...]}"))
-            continue
-        extra = sorted(set(d) - {"tags", "windows"})
-        if extra:
-            out.append(FieldError(f"{where}.{extra[0]}", "unknown field; allowed: tags, windows"))
-        tags = d.get("tags", [])
-        if not isinstance(tags, list) or not all(
-            isinstance(t, str) and TAG_RE.match(t) for t in tags
-        ):
-            out.append(
-                FieldError(f"{where}.tags", "must be a list of tags ([] matches every rollout)")
-            )
+    what = "{tags: [...], windows: [...]}"
+    for where, d in taggroups.entries(items, "default_windows", what, ("tags", "windows"), out):
+        message = "must be a list of tags ([] matches every rollout)"
+        taggroups.check_tags(out, where, d.get("tags", []), message, empty=True)
         ws = d.get("windows")
         if not isinstance(ws, list) or not ws:
             out.append(FieldError(f"{where}.windows", "must be a non-empty list of windows"))

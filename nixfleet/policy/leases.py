@@ -21,6 +21,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from nixfleet.errors import FieldError
+from nixfleet.models import TAG_RE
+from nixfleet.policy import taggroups
 
 DEFAULT_GROUP = "default"
 
@@ -32,7 +34,7 @@ class Group:
     tags: tuple[str, ...] = ()  # () only for the default group
 
     def matches(self, tags: Iterable[str]) -> bool:
-        return bool(self.tags) and set(self.tags) <= set(tags)
+        return bool(self.tags) and taggroups.selects(self.tags, tags)
 
 
 @dataclass(frozen=True)
@@ -123,35 +125,18 @@ def parse_groups(items: Sequence[Mapping[str, Any]] | None) -> tuple[Group, ...]
 
 def group_errors(items: Any, field: str = "reboot_groups") -> list[FieldError]:
     """Field errors of the settings' `reboot_groups`: [{tags, slots, name?}]."""
-    from nixfleet.models import TAG_RE
-
-    if items is None:
-        return []
-    if not isinstance(items, list):
-        return [FieldError(field, "must be a list of {tags: [...], slots: N}")]
     out: list[FieldError] = []
+    if items is None:
+        return out
     names: set[str] = set()
-    for i, item in enumerate(items):
-        where = f"{field}[{i}]"
-        if not isinstance(item, Mapping):
-            out.append(FieldError(where, "must be an object {tags: [...], slots: N}"))
-            continue
-        extra = sorted(set(item) - {"tags", "slots", "name"})
-        if extra:
-            out.append(
-                FieldError(f"{where}.{extra[0]}", "unknown field; allowed: name, slots, tags")
-            )
-        tags = item.get("tags")
-        if (
-            not isinstance(tags, list)
-            or not tags
-            or not all(isinstance(t, str) and TAG_RE.match(t) for t in tags)
+    shape = "{tags: [...], slots: N}"
+    for where, item in taggroups.entries(items, field, shape, ("tags", "slots", "name"), out):
+        tags = item.get("tags", [])
+        if not taggroups.check_tags(
+            out, where, tags, "must be a non-empty list of tags, e.g. [db]"
         ):
-            out.append(FieldError(f"{where}.tags", "must be a non-empty list of tags, e.g. [db]"))
             continue
-        n = item.get("slots")
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            out.append(FieldError(f"{where}.slots", "must be a positive integer"))
+        taggroups.check_count(out, where, item, "slots")
         name = item.get("name") or "+".join(sorted(set(tags)))
         if not isinstance(name, str) or not TAG_RE.match(name) or name == DEFAULT_GROUP:
             out.append(FieldError(f"{where}.name", "must be a tag-like name other than 'default'"))

@@ -23,6 +23,12 @@ write: a database replaced or deleted under the process stops writes with a
 clear error instead of writing to a file nobody will read. At open, an empty file
 where a database is expected, a file that is not a database, and (with `check`)
 a failed `PRAGMA quick_check` raise DatabaseFileError.
+
+A commit that appended to `cache_changes` (what the report path's in-memory view,
+nixfleet.api.report_cache, depends on) also publishes those rows in `<db>.changes`
+(store.changes: memory-mapped by every process, written under the flock, after
+COMMIT and before the caller answers), so a request knows without any SQLite call
+whether its machine changed since its process last caught up.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from typing import NoReturn
 
 from nixfleet.errors import DatabaseFileError, StoreUnavailableError
 from nixfleet.models import isoformat, utcnow
+from nixfleet.store import changes
 from nixfleet.store.migrations import MIGRATIONS
 
 log = logging.getLogger(__name__)
@@ -92,6 +99,7 @@ class Store:
         self._writer_busy_ms = -1
         self._busy_until = 0.0  # monotonic: an outside writer held the lock; fail fast
         self._lock_fd = -1  # `<db>.lock`, opened by the first write of this process
+        self._signal = changes.ChangeSignal(Path(f"{self.path}.changes"))
         self._identity = (-1, -1)
         try:
             self._identity = self._prepare(init)
@@ -247,14 +255,24 @@ class Store:
                 finally:
                     self._local.in_transaction = False
                 try:
+                    pending = self._signal.pending(conn)
                     conn.execute("COMMIT")
                 except sqlite3.Error as e:
                     # Disk full: the writer must not stay inside this transaction, or
                     # every later BEGIN fails ("cannot start a transaction within …").
                     self._rollback(conn)
                     _reraise(e)
+                self._signal.publish(pending)  # still under the flock: in commit order
         finally:
             self._write_lock.release()
+
+    def published_changes(self) -> int | None:
+        """The last `cache_changes` row committed through a Store (store.changes)."""
+        return self._signal.published()
+
+    def changes_touch(self, applied: int, published: int, machine_id: str) -> bool:
+        """Whether a published row after `applied` may concern the machine (store.changes)."""
+        return self._signal.touches(applied, published, changes.key(machine_id))
 
     def _begin(self) -> sqlite3.Connection:
         conn = self._writer_connection()
@@ -415,6 +433,7 @@ class Store:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+        self._signal.close()
 
 
 def _reraise(e: sqlite3.Error) -> NoReturn:

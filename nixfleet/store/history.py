@@ -1,11 +1,33 @@
 """Machine history (DESIGN §3 History): events written where they happen, pruned apart.
 
-One row per change. A generation or desired event stores only the generation it
-moved *to*; where it came from is the one before it of the same kind, found by a
-window function on read, so a deployment stores each store path twice (desired,
-then current) rather than four times. Desired-generation events are written by a
-trigger (migration 0010) on whatever statement changes machines.desired_generation,
-the reconciler's set-based ones included.
+Layout (migration 0017; docs/performance.md "Storage" has the sizes). One row of
+`machine_events` per change, clustered per machine in a WITHOUT ROWID table keyed
+(machine, seq), so a machine's timeline is one contiguous range and nothing else
+indexes it:
+
+- `machine`: the machine's number (`machine_numbers`, given by a trigger when the
+  machine row is inserted) instead of its id text, repeated per event;
+- `seq`: 1, 2, 3 … per machine, the event's order and its `id` in the API;
+- `at`: microseconds since 1970 UTC (`micros`; its SQL form `micros_sql`);
+- `kind`: a small code (`KIND_CODES`, the rows of `event_kinds`); `source`: an id in
+  `event_sources` ("agent" = 1, "operator" = 2, actors and rollout labels after);
+- `generation`: the store path, stored without what every path repeats
+  (`encode_path`: no "/nix/store/", "-nixos-system-" as one byte), or, where an event
+  of the `LOOKBACK` events before it holds the same path, the integer k: "the path of
+  the event k before this one" (a switch after its desired event stores 1, which SQLite
+  keeps in the record header: no byte at all). The pruning job writes the path back
+  into an event whose holder it deletes;
+- `detail`: JSON; the usual shapes as an array of values in the kind's key order
+  (`DETAIL_KEYS`), anything else as the object itself.
+
+A generation or desired event stores only the generation it moved *to*; where it came
+from is the one before it of the same kind, found by a window function on read.
+Desired-generation events are written by `add_desired`, which every writer of
+machines.desired_generation runs over the rows it changes (an operator's set/clear, a
+rollout's batch start and its revert), set-based, in the writer's transaction;
+tests/store/test_history.py checks that no other statement writes that column.
+`machine_history` is a view of the same rows in readable form (for sqlite3 by hand;
+held to `page` by tests).
 
 Pruning (age, per-machine cap) runs in the background job in short transactions,
 never on the report path.
@@ -15,35 +37,198 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from nixfleet.history import CHAINED, Event, EventKind
-from nixfleet.models import isoformat, parse_time
+from nixfleet.wire import JSONObject
 
 MAX_PAGE = 1000
+LOOKBACK = 8  # how far back an event may find the event holding its path
+
+# The stored code of each kind: the rows of event_kinds (migration 0017). Codes never
+# change once shipped; a new kind takes the next code (and a migration adds its row).
+KIND_CODES: dict[EventKind, int] = {
+    EventKind.DESIRED: 0,
+    EventKind.GENERATION: 1,
+    EventKind.HEALTH: 2,
+    EventKind.DEPLOYMENT_FAILED: 3,
+    EventKind.ROLLED_BACK: 4,
+    EventKind.TAGS: 5,
+    EventKind.LIFECYCLE: 6,
+    EventKind.REBOOT_NEEDED: 7,
+    EventKind.REBOOTED: 8,
+}
+_KINDS = {code: kind for kind, code in KIND_CODES.items()}
+AGENT, OPERATOR = 1, 2  # the first rows of event_sources
+
+# A detail with exactly these keys, in this order (or a prefix of them), is stored as
+# the array of its values; any other detail as its JSON object.
+DETAIL_KEYS: dict[EventKind, tuple[str, ...]] = {
+    EventKind.HEALTH: ("status", "previous", "failing", "newly_failing", "recovered"),
+    EventKind.TAGS: ("tag_source", "added", "removed"),
+    EventKind.LIFECYCLE: ("from", "to", "reason"),
+    EventKind.DEPLOYMENT_FAILED: ("reason",),
+    EventKind.ROLLED_BACK: ("reason",),
+    EventKind.REBOOT_NEEDED: ("booted",),
+    EventKind.REBOOTED: ("previous",),
+}
+
+# --- the stored forms, each with its SQL form (held to each other by tests) -------------
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_PREFIX, _SYSTEM, _MARK = "/nix/store/", "-nixos-system-", "\x01"
+
+
+def micros(ts: datetime) -> int:
+    """A time as stored in machine_events.at: microseconds since 1970 UTC (exact)."""
+    return (ts - _EPOCH) // timedelta(microseconds=1)
+
+
+def from_micros(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def micros_sql(text: str) -> str:
+    """SQL: a stored time text (models.TIME_FORMAT) as micros."""
+    return f"(unixepoch(substr({text}, 1, 19)) * 1000000 + CAST(substr({text}, 21, 6) AS INTEGER))"
+
+
+def encode_path(path: str) -> str:
+    """The stored form of a store path; any other text is kept as it is.
+
+    Encoded forms never start with "/", so decode tells them apart from kept ones.
+    """
+    rest = path[len(_PREFIX) :]
+    if path.startswith(_PREFIX) and rest[:1] not in ("/", "") and _MARK not in path:
+        return rest.replace(_SYSTEM, _MARK)
+    return path
+
+
+def decode_path(stored: str) -> str:
+    if stored.startswith("/"):
+        return stored
+    return _PREFIX + stored.replace(_MARK, _SYSTEM)
+
+
+def encode_path_sql(path: str) -> str:
+    """SQL: encode_path of the text `path` (NULL stays NULL)."""
+    return (
+        f"CASE WHEN substr({path}, 1, 11) = '/nix/store/' AND substr({path}, 12, 1) <> '/' "
+        f"AND length({path}) > 11 AND instr({path}, char(1)) = 0 "
+        f"THEN replace(substr({path}, 12), '-nixos-system-', char(1)) ELSE {path} END"
+    )
+
+
+def encode_detail(kind: EventKind, detail: Mapping[str, Any]) -> str | None:
+    if not detail:
+        return None
+    names = tuple(detail)
+    if names == DETAIL_KEYS.get(kind, ())[: len(names)]:
+        return json.dumps([detail[k] for k in names], separators=(",", ":"))
+    return json.dumps(dict(detail), separators=(",", ":"))
+
+
+def decode_detail(kind: EventKind, stored: str | None) -> JSONObject:
+    if stored is None:
+        return {}
+    value = json.loads(stored)
+    if isinstance(value, list):
+        return dict(zip(DETAIL_KEYS[kind], value, strict=False))
+    return dict(value)
+
+
+# --- writing ------------------------------------------------------------------------------
 
 _INSERT = (
-    "INSERT INTO machine_events (machine_id, at, kind, source, generation, detail_json) "
-    "VALUES (?, ?, ?, ?, ?, ?)"
+    "INSERT INTO machine_events (machine, seq, at, kind, source, generation, detail) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 
 
+def source_id(conn: sqlite3.Connection, name: str) -> int:
+    """The id of a source name in event_sources, added on first use."""
+    if name == "agent":
+        return AGENT
+    if name == "operator":
+        return OPERATOR
+    conn.execute("INSERT OR IGNORE INTO event_sources (name) VALUES (?)", (name,))
+    return int(conn.execute("SELECT id FROM event_sources WHERE name = ?", (name,)).fetchone()[0])
+
+
+def _number(conn: sqlite3.Connection, machine_id: str) -> int:
+    row = conn.execute("SELECT num FROM machine_numbers WHERE machine_id = ?", (machine_id,))
+    found = row.fetchone()
+    if found is None:
+        raise LookupError(f"machine {machine_id!r} has no number (not registered?)")
+    return int(found[0])
+
+
 def add(conn: sqlite3.Connection, events: Iterable[Event]) -> None:
-    rows = [
-        (
-            e.machine_id,
-            isoformat(e.at),
-            e.kind.value,
-            e.source,
-            e.generation,
-            json.dumps(dict(e.detail), separators=(",", ":")) if e.detail else None,
-        )
-        for e in events
-    ]
+    """Append events in order (each machine's after its newest)."""
+    by_machine: dict[str, list[Event]] = {}
+    for e in events:
+        by_machine.setdefault(e.machine_id, []).append(e)
+    rows: list[tuple[object, ...]] = []
+    for machine_id, mine in by_machine.items():
+        num = _number(conn, machine_id)
+        # The newest events, newest first: the next seq, and the paths to refer to.
+        window: list[tuple[int, object]] = [
+            (int(r[0]), r[1])
+            for r in conn.execute(
+                "SELECT seq, generation FROM machine_events WHERE machine = ? "
+                "ORDER BY seq DESC LIMIT ?",
+                (num, LOOKBACK),
+            )
+        ]
+        seq = window[0][0] if window else 0
+        for e in mine:
+            seq += 1
+            stored: object = None
+            if e.generation is not None:
+                stored = encode_path(e.generation)
+                stored = next((seq - s for s, g in window if g == stored), stored)
+            source = source_id(conn, e.source)
+            rows.append(
+                (
+                    num,
+                    seq,
+                    micros(e.at),
+                    KIND_CODES[e.kind],
+                    source,
+                    stored,
+                    encode_detail(e.kind, e.detail),
+                )
+            )
+            window = [(seq, stored), *window[: LOOKBACK - 1]]
     if rows:
         conn.executemany(_INSERT, rows)
+
+
+def add_desired(conn: sqlite3.Connection, rows: str, params: Sequence[object]) -> int:
+    """A desired event for each row of `rows`: (machine_id, at, source, generation).
+
+    `rows` is a SELECT over exactly the machines the caller's next UPDATE changes
+    (the old desired generation IS NOT the new one), run before it in the same
+    transaction, so one statement writes a whole chunk's events; `at` is a stored
+    time text, `source` a name, `generation` a store path or NULL. At most one row
+    per machine (each takes its machine's next seq). Returns how many.
+    """
+    conn.execute(
+        f"INSERT OR IGNORE INTO event_sources (name) SELECT DISTINCT source FROM ({rows})",
+        params,
+    )
+    return conn.execute(
+        "INSERT INTO machine_events (machine, seq, at, kind, source, generation) "
+        "SELECT n.num, coalesce((SELECT max(e.seq) FROM machine_events e "
+        f"WHERE e.machine = n.num), 0) + 1, {micros_sql('d.at')}, "
+        f"{KIND_CODES[EventKind.DESIRED]}, s.id, {encode_path_sql('d.generation')} "
+        f"FROM ({rows}) AS d JOIN machine_numbers n ON n.machine_id = d.machine_id "
+        "JOIN event_sources s ON s.name = d.source",
+        params,
+    ).rowcount
 
 
 def tags_changed(
@@ -62,17 +247,7 @@ def tags_changed(
     add(conn, [Event(machine_id, at, EventKind.TAGS, source, detail=detail)])
 
 
-def attribute_desired(conn: sqlite3.Connection, machine_id: str, at: datetime, actor: str) -> None:
-    """Name the operator behind the desired event the trigger just wrote at `at`.
-
-    The trigger knows the desired source ("operator", a rollout's label) but not who
-    was behind an operator's request; the API does.
-    """
-    conn.execute(
-        "UPDATE machine_events SET source = ? WHERE id = (SELECT max(id) FROM machine_events "
-        "WHERE machine_id = ? AND kind = 'desired') AND at = ?",
-        (actor, machine_id, isoformat(at)),
-    )
+# --- reading ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -81,29 +256,37 @@ class Page:
     next_after: int | None  # pass as `after` for the next page; None: this was the last
 
 
-_CHAINED_SQL = ", ".join(f"'{k.value}'" for k in sorted(CHAINED))
+_CHAINED_SQL = ", ".join(str(KIND_CODES[k]) for k in sorted(CHAINED))
 
 
 def _select(where: str) -> str:
+    # The machine's events with each path resolved (a reference read from its holder),
+    # `previous` from the event of the same kind before; then the page's filter.
     return (
-        "SELECT * FROM (SELECT id, machine_id, at, kind, source, generation, detail_json, "
-        f"CASE WHEN kind IN ({_CHAINED_SQL}) THEN lag(generation) OVER w END AS previous "
-        "FROM machine_events WHERE machine_id = ? WINDOW w AS (PARTITION BY kind ORDER BY id)) "
-        f"{where}"
+        "SELECT r.*, s.name AS source_name FROM (SELECT *, CASE WHEN kind IN "
+        f"({_CHAINED_SQL}) THEN lag(path) OVER w END AS previous FROM (SELECT e.seq, e.at, "
+        "e.kind, e.source, e.detail, CASE WHEN typeof(e.generation) = 'integer' THEN "
+        "(SELECT h.generation FROM machine_events h WHERE h.machine = e.machine "
+        "AND h.seq = e.seq - e.generation) ELSE e.generation END AS path "
+        "FROM machine_events e WHERE e.machine = "
+        "(SELECT num FROM machine_numbers WHERE machine_id = ?)) "
+        "WINDOW w AS (PARTITION BY kind ORDER BY seq)) r "
+        f"JOIN event_sources s ON s.id = r.source {where}"
     )
 
 
-def _event(row: sqlite3.Row) -> Event:
-    detail = row["detail_json"]
+def _event(machine_id: str, row: sqlite3.Row) -> Event:
+    kind = _KINDS[row["kind"]]
+    path, previous = row["path"], row["previous"]
     return Event(
-        machine_id=row["machine_id"],
-        at=parse_time(row["at"]),  # type: ignore[arg-type]
-        kind=EventKind(row["kind"]),
-        source=row["source"],
-        generation=row["generation"],
-        previous=row["previous"],
-        detail=json.loads(detail) if detail else {},
-        id=row["id"],
+        machine_id=machine_id,
+        at=from_micros(row["at"]),
+        kind=kind,
+        source=row["source_name"],
+        generation=None if path is None else decode_path(path),
+        previous=None if previous is None else decode_path(previous),
+        detail=decode_detail(kind, row["detail"]),
+        id=row["seq"],
     )
 
 
@@ -118,72 +301,92 @@ def page(
     limit: int = 100,
 ) -> Page:
     """Events oldest first, from after `after` (an event id), at most `limit` of them."""
-    clauses = ["id > ?"]
+    clauses = ["r.seq > ?"]
     params: list[object] = [machine_id, after]
     if since is not None:
-        clauses.append("at >= ?")
-        params.append(isoformat(since))
+        clauses.append("r.at >= ?")
+        params.append(micros(since))
     if until is not None:
-        clauses.append("at < ?")
-        params.append(isoformat(until))
+        clauses.append("r.at < ?")
+        params.append(micros(until))
     if kinds:
-        clauses.append(f"kind IN ({','.join('?' * len(kinds))})")
-        params.extend(k.value for k in kinds)
-    sql = _select("WHERE " + " AND ".join(clauses) + " ORDER BY id LIMIT ?")
+        clauses.append(f"r.kind IN ({','.join('?' * len(kinds))})")
+        params.extend(KIND_CODES[k] for k in kinds)
+    sql = _select("WHERE " + " AND ".join(clauses) + " ORDER BY r.seq LIMIT ?")
     rows = conn.execute(sql, (*params, limit + 1)).fetchall()
-    events = [_event(r) for r in rows[:limit]]
+    events = [_event(machine_id, r) for r in rows[:limit]]
     return Page(events, events[-1].id if len(rows) > limit else None)
 
 
 def latest(conn: sqlite3.Connection, machine_id: str, n: int) -> list[Event]:
     """The newest n events, oldest first (what `machines show` ends with)."""
-    rows = conn.execute(_select("ORDER BY id DESC LIMIT ?"), (machine_id, n)).fetchall()
-    return [_event(r) for r in reversed(rows)]
+    rows = conn.execute(_select("ORDER BY r.seq DESC LIMIT ?"), (machine_id, n)).fetchall()
+    return [_event(machine_id, r) for r in reversed(rows)]
+
+
+def count(
+    conn: sqlite3.Connection, machine_id: str | None = None, kind: EventKind | None = None
+) -> int:
+    sql, params = "SELECT count(*) FROM machine_events e", []
+    clauses: list[str] = []
+    if machine_id is not None:
+        clauses.append("e.machine = (SELECT num FROM machine_numbers WHERE machine_id = ?)")
+        params.append(machine_id)
+    if kind is not None:
+        clauses.append(f"e.kind = {KIND_CODES[kind]}")
+    if clauses:
+        sql += " WHERE " + " AND ".join(clauses)
+    return int(conn.execute(sql, params).fetchone()[0])
 
 
 # --- pruning (the background job; each call is one short transaction) -----------------
 
+# Per machine of a range of numbers, the last seq to delete: the (cap+1)-th newest
+# event, or the one before the first event at or after the cutoff, whichever is later
+# (0: nothing). Times grow with seq (the control plane's clock), so "before the first
+# recent one" is "older than the cutoff" without an index on the time.
+_EDGES = (
+    "SELECT num, max(coalesce((SELECT e.seq FROM machine_events e WHERE e.machine = n.num "
+    "ORDER BY e.seq DESC LIMIT 1 OFFSET :cap), 0), coalesce((SELECT e.seq - 1 "
+    "FROM machine_events e WHERE e.machine = n.num AND e.at >= :cutoff ORDER BY e.seq "
+    "LIMIT 1), (SELECT max(e.seq) FROM machine_events e WHERE e.machine = n.num), 0)) "
+    "AS edge FROM machine_numbers n WHERE n.num > :after AND n.num <= :last"
+)
+# Before the holder of a path goes, the events after it that refer to it get the path.
+_KEEP_PATHS = (
+    "UPDATE machine_events AS e SET generation = (SELECT h.generation FROM machine_events h "
+    "WHERE h.machine = e.machine AND h.seq = e.seq - e.generation) WHERE e.machine = :num "
+    "AND e.seq > :edge AND e.seq <= :edge + :lookback AND typeof(e.generation) = 'integer' "
+    "AND e.seq - e.generation <= :edge"
+)
 
-def prune_age(conn: sqlite3.Connection, cutoff: datetime, chunk: int) -> int:
-    """Delete events older than cutoff among the `chunk` oldest ids; return how many.
 
-    Ids grow with time, so the oldest events are the lowest ids and no index on the
-    time is needed; the caller repeats while a whole chunk went.
-    """
-    cur = conn.execute(
-        "DELETE FROM machine_events WHERE id IN "
-        "(SELECT id FROM machine_events ORDER BY id LIMIT ?) AND at < ?",
-        (chunk, isoformat(cutoff)),
-    )
-    return cur.rowcount
+def prune(
+    conn: sqlite3.Connection, cutoff: datetime, cap: int, after: int, machines: int
+) -> tuple[int, int | None]:
+    """Events older than cutoff, and beyond the newest `cap`, of the next `machines`
+    machines (by number) after `after`.
 
-
-def prune_cap(
-    conn: sqlite3.Connection, cap: int, after_machine: str, machines: int
-) -> tuple[int, str | None]:
-    """Keep the newest `cap` events of the next `machines` machines after `after_machine`.
-
-    Returns how many events went and the last machine id covered (None: no more).
+    Returns how many events went and the last machine number covered (None: no more).
     """
     last = conn.execute(
-        "SELECT max(id) FROM (SELECT id FROM machines WHERE id > ? ORDER BY id LIMIT ?)",
-        (after_machine, machines),
+        "SELECT max(num) FROM (SELECT num FROM machine_numbers WHERE num > ? ORDER BY num LIMIT ?)",
+        (after, machines),
     ).fetchone()[0]
     if last is None:
         return 0, None
-    cur = conn.execute(
-        "DELETE FROM machine_events WHERE id IN (SELECT e.id FROM (SELECT m.id AS mid, "
-        "(SELECT x.id FROM machine_events x WHERE x.machine_id = m.id "
-        "ORDER BY x.id DESC LIMIT 1 OFFSET ?) AS edge FROM machines m "
-        "WHERE m.id > ? AND m.id <= ?) t "
-        "JOIN machine_events e ON e.machine_id = t.mid AND e.id <= t.edge)",
-        (cap, after_machine, last),
-    )
-    return cur.rowcount, last
-
-
-def count(conn: sqlite3.Connection, machine_id: str | None = None) -> int:
-    if machine_id is None:
-        return int(conn.execute("SELECT count(*) FROM machine_events").fetchone()[0])
-    row = conn.execute("SELECT count(*) FROM machine_events WHERE machine_id = ?", (machine_id,))
-    return int(row.fetchone()[0])
+    edges = [
+        {"num": r[0], "edge": r[1], "lookback": LOOKBACK}
+        for r in conn.execute(
+            _EDGES, {"cap": cap, "cutoff": micros(cutoff), "after": after, "last": last}
+        )
+        if r[1] > 0
+    ]
+    conn.executemany(_KEEP_PATHS, edges)
+    deleted = 0
+    for e in edges:
+        cur = conn.execute(
+            "DELETE FROM machine_events WHERE machine = ? AND seq <= ?", (e["num"], e["edge"])
+        )
+        deleted += cur.rowcount
+    return deleted, int(last)

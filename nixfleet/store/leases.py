@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from nixfleet import policy, rollout
+from nixfleet import policy, rollout, wire
 from nixfleet.errors import ConflictError, NotFoundError
 from nixfleet.models import isoformat, parse_time
 from nixfleet.policy import leases, windows
@@ -74,7 +74,7 @@ def held(conn: sqlite3.Connection, groups: list[str]) -> list[leases.Lease]:
     ]
 
 
-def lease_json(lease: leases.Lease) -> dict[str, Any]:
+def lease_json(lease: leases.Lease) -> wire.RebootLease:
     return {
         "group": lease.group,
         "machine": lease.machine_id,
@@ -90,7 +90,7 @@ def take(
     now: datetime,
     actor: str,
     window_now: datetime | None = None,
-) -> dict[str, Any]:
+) -> wire.RebootLeases:
     """Grant the machine its reboot slots, or raise ConflictError saying why not yet.
 
     `window_now` is the clock windows are judged by (settings.policy_now; `now`).

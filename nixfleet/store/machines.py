@@ -32,7 +32,7 @@ from nixfleet.models import (
     stale_cutoff,
     utcnow,
 )
-from nixfleet.store import history
+from nixfleet.store import history, report_cache
 
 MAX_TAGS_PER_SOURCE = 64  # as the tags schema's maxItems: one request cannot add more
 
@@ -264,13 +264,25 @@ def set_desired(
     cache_url: str | None,
     source: str | None,
     now: datetime,
+    actor: str | None = None,
 ) -> None:
+    """An operator's desired generation (None clears it), with its history event.
+
+    The event's source is `actor` (who asked), else the desired source or "operator".
+    """
     _lifecycle(conn, machine_id)
+    history.add_desired(
+        conn,
+        "SELECT id AS machine_id, ? AS at, ? AS source, ? AS generation FROM machines "
+        "WHERE id = ? AND desired_generation IS NOT ?",
+        (isoformat(now), actor or source or "operator", store_path, machine_id, store_path),
+    )
     conn.execute(
         "UPDATE machines SET desired_generation = ?, desired_cache_url = ?, "
         "desired_source = ?, desired_set_at = ? WHERE id = ?",
         (store_path, cache_url, source, isoformat(now), machine_id),
     )
+    report_cache.note_machine(conn, machine_id)  # no trigger on desired (migration 0014)
 
 
 def request_retry(conn: sqlite3.Connection, machine_id: str, now: datetime) -> None:
@@ -296,8 +308,9 @@ def record_report(conn: sqlite3.Connection, report: Report) -> tuple[sqlite3.Row
     row = conn.execute(
         "SELECT lifecycle, desired_generation, desired_cache_url, desired_source, "
         "retry_requested_at, current_generation, failed_generation, last_success, "
-        "health_json, (SELECT r.poll_hint FROM rollout_machines rm "
-        "JOIN rollouts r ON r.id = rm.rollout_id WHERE rm.machine_id = machines.id "
+        "health_json, needs_reboot, booted_generation, "
+        "(SELECT r.poll_hint FROM rollout_machines rm JOIN rollouts r ON r.id = rm.rollout_id "
+        "WHERE rm.machine_id = machines.id "
         "AND r.status = 'running' LIMIT 1) AS poll_hint, (SELECT r.confirm_timeout "
         "FROM rollout_machines rm JOIN rollouts r ON r.id = rm.rollout_id "
         "WHERE rm.machine_id = machines.id AND r.status = 'running' LIMIT 1) "
@@ -360,6 +373,8 @@ def record_report(conn: sqlite3.Connection, report: Report) -> tuple[sqlite3.Row
         failed_generation=row["failed_generation"],
         last_success=None if row["last_success"] is None else bool(row["last_success"]),
         health_json=row["health_json"],
+        needs_reboot=None if row["needs_reboot"] is None else bool(row["needs_reboot"]),
+        booted_generation=row["booted_generation"],
     )
     events = []
     if promoted is not None:

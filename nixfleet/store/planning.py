@@ -1,24 +1,35 @@
 """Planning a rollout against the fleet: which machines, in which batches.
 
 Reads only: the machines a spec targets and their lifecycles, and the release's
-store paths; nixfleet.rollout.plan decides.
+store paths; nixfleet.rollout.plan decides. `target_warnings` names the targets that
+will not follow (DESIGN §3 Lifecycle: decommissioned or stale), for plan and apply.
 """
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from nixfleet import policy, rollout, schemas
 from nixfleet.errors import FieldError, ValidationError
-from nixfleet.models import Lifecycle, RolloutSpec, is_release_id
+from nixfleet.models import (
+    Lifecycle,
+    RolloutSpec,
+    is_release_id,
+    isoformat,
+    parse_time,
+    stale_cutoff,
+)
 from nixfleet.store import releases
+from nixfleet.store.machines import STALE_SQL
 
 
 def spec_of(doc: Any, what: str = "rollout") -> RolloutSpec:
     """Validate a rollout document and turn it into a RolloutSpec."""
-    schemas.validate("rollout", doc, what)
+    schemas.validate(rollout.SCHEMA, doc, what)
     policy.validate(doc, what)
     return rollout.spec_from_document(doc)
 
@@ -37,18 +48,57 @@ def _tagged(conn: sqlite3.Connection, tags: Sequence[str]) -> dict[str, Lifecycl
     return {r["id"]: Lifecycle(r["lifecycle"]) for r in rows}
 
 
-def _lifecycles(conn: sqlite3.Connection, hosts: Iterable[str]) -> dict[str, Lifecycle]:
+def _of_hosts(
+    conn: sqlite3.Connection, hosts: Iterable[str], sql: str, params: Sequence[object] = ()
+) -> list[sqlite3.Row]:
+    """Rows of `sql` (a query joining machines m with wanted_hosts w) for these hosts."""
     hosts = list(hosts)
     if not hosts:
-        return {}
+        return []
     conn.execute("CREATE TEMP TABLE IF NOT EXISTS wanted_hosts (id TEXT PRIMARY KEY)")
     conn.execute("DELETE FROM wanted_hosts")
     conn.executemany("INSERT OR IGNORE INTO wanted_hosts VALUES (?)", ((h,) for h in hosts))
-    rows = conn.execute(
-        "SELECT m.id, m.lifecycle FROM machines m JOIN wanted_hosts w ON w.id = m.id"
-    ).fetchall()
+    rows = conn.execute(sql, params).fetchall()
     conn.execute("DELETE FROM wanted_hosts")
+    return rows
+
+
+def _lifecycles(conn: sqlite3.Connection, hosts: Iterable[str]) -> dict[str, Lifecycle]:
+    rows = _of_hosts(
+        conn, hosts, "SELECT m.id, m.lifecycle FROM machines m JOIN wanted_hosts w ON w.id = m.id"
+    )
     return {r["id"]: Lifecycle(r["lifecycle"]) for r in rows}
+
+
+@dataclass(frozen=True)
+class TargetWarning:
+    """A target that will not follow the rollout as it stands (DESIGN §3 Lifecycle)."""
+
+    hostname: str
+    kind: str  # "decommissioned" (its reports are refused) or "stale" (models.is_stale)
+    last_report_at: datetime | None
+
+
+def target_warnings(
+    conn: sqlite3.Connection, hosts: Iterable[str], now: datetime, stale_after: int
+) -> list[TargetWarning]:
+    """The targets among `hosts` that are decommissioned or stale, by hostname."""
+    rows = _of_hosts(
+        conn,
+        hosts,
+        "SELECT m.id, m.lifecycle, m.last_report_at FROM machines m "
+        "JOIN wanted_hosts w ON w.id = m.id "
+        f"WHERE m.lifecycle = 'decommissioned' OR {STALE_SQL} ORDER BY m.id",
+        (isoformat(stale_cutoff(now, stale_after)),),
+    )
+    return [
+        TargetWarning(
+            r["id"],
+            "decommissioned" if r["lifecycle"] == Lifecycle.DECOMMISSIONED.value else "stale",
+            parse_time(r["last_report_at"]),
+        )
+        for r in rows
+    ]
 
 
 def make_plan(conn: sqlite3.Connection, spec: RolloutSpec) -> tuple[rollout.Plan, dict[str, str]]:

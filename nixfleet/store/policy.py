@@ -29,14 +29,16 @@ JOIN rollout_batches b ON b.rollout_id = rm.rollout_id AND b.idx = rm.batch_idx
 WHERE rm.rollout_id IN (SELECT id FROM rollouts WHERE status IN ('running', 'paused'))
   AND b.started_at IS NOT NULL AND b.status IN ('deploying', 'succeeded', 'failed')
   AND rm.position <= coalesce(b.started_until, -1) AND rm.health != 'healthy'
-UNION
+UNION ALL
 SELECT m.id, NULL FROM machines m
 WHERE m.lifecycle != 'decommissioned' AND (
   (m.last_report_at IS NOT NULL AND m.last_report_at < :cutoff)
   OR m.system_state IN ('error', 'degraded'))
-UNION
+UNION ALL
 SELECT machine_id, rollout_id FROM reboot_leases
 """
+# UNION ALL: a machine may be listed more than once; every count of it is DISTINCT
+# (and a UNION's two temp B-trees cost ~20 ms at 100,000 machines).
 
 
 def _has_tags(column: str, tags: Sequence[str]) -> tuple[str, list[str]]:
@@ -72,9 +74,11 @@ def add_started(
 
 def unavailable_targets(conn: sqlite3.Connection, rollout_id: str) -> int:
     """The rollout's targets that are unavailable now (each machine once)."""
+    # A primary-key look-up per unavailable machine (few), not an IN list built from
+    # every target of the rollout (100,000 rows, every tick).
     row = conn.execute(
         "SELECT COUNT(DISTINCT u.machine_id) FROM temp.unavailable u "
-        "WHERE u.machine_id IN (SELECT machine_id FROM rollout_machines WHERE rollout_id = ?)",
+        "JOIN rollout_machines rm ON rm.rollout_id = ? AND rm.machine_id = u.machine_id",
         (rollout_id,),
     ).fetchone()
     return int(row[0])

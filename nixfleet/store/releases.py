@@ -14,6 +14,7 @@ from datetime import datetime
 
 from nixfleet.errors import ConflictError, NotFoundError
 from nixfleet.models import Release, ReleaseEntry, isoformat, parse_time, time_of
+from nixfleet.store.rows import from_row
 
 
 def insert(conn: sqlite3.Connection, release: Release, now: datetime, created_by: str) -> bool:
@@ -106,19 +107,7 @@ def list_releases(conn: sqlite3.Connection, limit: int = 100) -> list[ReleaseSum
         "FROM releases r ORDER BY r.created_at DESC, r.id LIMIT ?",
         (limit,),
     )
-    return [
-        ReleaseSummary(
-            id=r["id"],
-            flake_ref=r["flake_ref"],
-            flake_rev=r["flake_rev"],
-            cache_url=r["cache_url"],
-            created_at=time_of(r["created_at"]),
-            created_by=r["created_by"],
-            hosts=r["hosts"],
-            rollouts=r["rollouts"],
-        )
-        for r in rows
-    ]
+    return [from_row(ReleaseSummary, r, created_at=time_of(r["created_at"])) for r in rows]
 
 
 def store_paths(conn: sqlite3.Connection, release_id: str) -> dict[str, str]:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
+from nixfleet.errors import FieldError
 from nixfleet.models import isoformat, parse_time
 
 
@@ -18,7 +18,7 @@ class InvalidFile:
 
     path: str
     name: str | None
-    errors: list[dict[str, Any]]
+    errors: tuple[FieldError, ...]
     checked_at: datetime
 
 
@@ -29,7 +29,7 @@ def record_file(
     *,
     name: str | None,
     rollout_id: str | None,
-    errors: Sequence[Mapping[str, Any]] = (),
+    errors: Sequence[FieldError] = (),
     mtime_ns: int | None = None,
 ) -> None:
     conn.execute(
@@ -43,7 +43,7 @@ def record_file(
             "invalid" if errors else "applied",
             name,
             rollout_id,
-            json.dumps(list(errors)),
+            json.dumps([e.to_dict() for e in errors]),
             mtime_ns,
             isoformat(now),
         ),
@@ -66,7 +66,7 @@ def invalid_files(conn: sqlite3.Connection) -> list[InvalidFile]:
         InvalidFile(
             r["path"],
             r["name"],
-            json.loads(r["errors_json"]),
+            tuple(FieldError(**e) for e in json.loads(r["errors_json"])),
             parse_time(r["checked_at"]),  # type: ignore[arg-type]
         )
         for r in rows

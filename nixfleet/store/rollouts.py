@@ -28,9 +28,10 @@ from nixfleet.models import (
     time_of,
 )
 from nixfleet.policy.reboot import RebootPolicy
-from nixfleet.store import audit
+from nixfleet.store import audit, webhooks
 from nixfleet.store.planning import make_plan, spec_of
 from nixfleet.store.verdicts import FACTS_SQL, facts_of
+from nixfleet.wire import JSONObject, RolloutDocument
 
 
 def source_label(name: str) -> str:
@@ -167,7 +168,8 @@ def add_events(
     events: Sequence[rollout.Event],
     actor: str,
 ) -> None:
-    """Each state change: a rollout_events row and an audit row."""
+    """Each state change: a rollout_events row, an audit row and, for the kinds that
+    are webhook events (store.webhooks.ROLLOUT_EVENTS), an outbox row."""
     at = isoformat(now)
     conn.executemany(
         "INSERT INTO rollout_events (rollout_id, at, kind, batch_idx, machine_id, detail_json) "
@@ -178,12 +180,18 @@ def add_events(
         ],
     )
     for e in events:
-        detail: dict[str, Any] = {**e.detail, "rollout": rollout_id}
+        detail: JSONObject = {**e.detail, "rollout": rollout_id}
         if e.batch is not None:
             detail["batch"] = e.batch
         if e.machine_id is not None:
             detail["machine"] = e.machine_id
         audit.record(conn, actor, f"rollout.{e.kind}", rollout_id, now, detail)
+        hook = webhooks.ROLLOUT_EVENTS.get(e.kind)
+        if hook is not None:
+            body = dict(e.detail) if e.batch is None else {**e.detail, "batch": e.batch}
+            webhooks.add(
+                conn, hook, now, machine_id=e.machine_id, rollout_id=rollout_id, detail=body
+            )
 
 
 # --- reading ------------------------------------------------------------------------
@@ -212,6 +220,15 @@ class MachineProgress:
     store_path: str
     current_generation: str | None
     last_report_at: datetime | None
+    # The tail of the failed switch's output (issue 19): for the first OUTPUT_MACHINES
+    # unhealthy machines whose failure is this rollout's generation; else None.
+    failed_output: str | None = None
+
+
+# `rollout status` shows why a switch failed without ssh: the output tail of this many
+# unhealthy machines, this many characters each (all of it: `nixfleet machines show`).
+OUTPUT_MACHINES = 20
+OUTPUT_TAIL = 4096
 
 
 @dataclass(frozen=True)
@@ -230,7 +247,7 @@ class RolloutEvent:
     kind: str
     batch: int | None
     machine: str | None
-    detail: dict[str, Any]
+    detail: JSONObject
 
 
 @dataclass(frozen=True)
@@ -238,7 +255,7 @@ class RolloutDetail:
     """Everything `rollout status` shows."""
 
     summary: RolloutSummary
-    document: dict[str, Any]  # the rollout document as applied
+    document: RolloutDocument  # as applied
     skipped: tuple[rollout.Skip, ...]
     batches: tuple[BatchDetail, ...]
     events: tuple[RolloutEvent, ...]  # the latest 200, oldest first
@@ -333,6 +350,15 @@ def detail(conn: sqlite3.Connection, rollout_id: str, now: datetime) -> RolloutD
     view = load_view(conn, rollout_id)
     spec = view.spec
     rebooting = view.policy.reboot is RebootPolicy.WHEN_NEEDED
+    outputs = dict(
+        conn.execute(
+            "SELECT rm.machine_id, substr(m.failed_output, -?) FROM rollout_machines rm "
+            "JOIN machines m ON m.id = rm.machine_id WHERE rm.rollout_id = ? "
+            "AND rm.health = 'unhealthy' AND m.failed_generation = rm.store_path "
+            "AND m.failed_output IS NOT NULL ORDER BY rm.position LIMIT ?",
+            (OUTPUT_TAIL, rollout_id, OUTPUT_MACHINES),
+        ).fetchall()
+    )
     machines: dict[int, list[MachineProgress]] = {}
     for r in conn.execute(
         FACTS_SQL + "WHERE rm.rollout_id = ? ORDER BY rm.position", (rollout_id,)
@@ -355,6 +381,7 @@ def detail(conn: sqlite3.Connection, rollout_id: str, now: datetime) -> RolloutD
                 f.store_path,
                 f.current_generation,
                 f.last_report_at,
+                outputs.get(f.machine_id),
             )
         )
     finished = {

@@ -1,7 +1,9 @@
 """What a reconciler tick writes: batch starts, desired generations, reverts, states.
 
 nixfleet.reconciler decides (with nixfleet.rollout) and calls these inside its one
-transaction; each is a few set-based statements per batch, never one per machine.
+transaction; each is a few set-based statements per batch, never one per machine
+(the machines' desired-generation history events included: store.history.add_desired
+over the same set, not a trigger per row).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from datetime import datetime
 
 from nixfleet import rollout
 from nixfleet.models import BatchStatus, RolloutStatus, isoformat
+from nixfleet.store import history
+from nixfleet.store.report_cache import note_members
 from nixfleet.store.rollouts import set_poll_hint, source_label
 
 
@@ -118,6 +122,16 @@ def write_desired(
     cache_url = conn.execute(
         "SELECT cache_url FROM releases WHERE id = ?", (view.spec.release,)
     ).fetchone()["cache_url"]
+    # The machines' desired events (history), the same set as the UPDATE's where the
+    # generation changes, by one statement before it.
+    history.add_desired(
+        conn,
+        "SELECT rm.machine_id, ? AS at, ? AS source, rm.store_path AS generation "
+        "FROM rollout_machines rm JOIN machines m ON m.id = rm.machine_id "
+        "WHERE rm.rollout_id = ? AND rm.batch_idx = ? AND rm.position > ? "
+        "AND rm.position <= ? AND m.desired_generation IS NOT rm.store_path",
+        (isoformat(now), label, view.id, batch, after, until),
+    )
     # IN + a correlated look-up, not UPDATE … FROM: ~30% faster here, as FROM
     # materialises the join before updating.
     conn.execute(
@@ -128,6 +142,7 @@ def write_desired(
         "AND position > ? AND position <= ?)",
         (view.id, cache_url, label, isoformat(now), view.id, batch, after, until),
     )
+    note_members(conn, view.id, after, until)  # the report path's memory (migration 0014)
     conn.execute(
         "UPDATE rollout_batches SET started_until = ? WHERE rollout_id = ? AND idx = ?",
         (until, view.id, batch),
@@ -151,6 +166,16 @@ def revert(
     ).fetchone()["end"]
     until = min(end if end is not None else -1, after + budget)
     if until > after:
+        at, label = isoformat(now), source_label(name)
+        history.add_desired(
+            conn,
+            "SELECT rm.machine_id, ? AS at, coalesce(rm.prev_source, 'operator') AS source, "
+            "rm.prev_generation AS generation FROM rollout_machines rm "
+            "JOIN machines m ON m.id = rm.machine_id WHERE rm.rollout_id = ? "
+            "AND rm.position > ? AND rm.position <= ? AND m.desired_generation IS rm.store_path "
+            "AND m.desired_source = ? AND m.desired_generation IS NOT rm.prev_generation",
+            (at, rollout_id, after, until, label),
+        )
         conn.execute(
             "UPDATE machines SET desired_generation = rm.prev_generation, "
             "desired_cache_url = rm.prev_cache_url, desired_source = rm.prev_source, "
@@ -158,8 +183,9 @@ def revert(
             "AND rm.position > ? AND rm.position <= ? "
             "AND machines.id = rm.machine_id AND machines.desired_generation IS rm.store_path "
             "AND machines.desired_source = ?",
-            (isoformat(now), rollout_id, after, until, source_label(name)),
+            (at, rollout_id, after, until, label),
         )
+        note_members(conn, rollout_id, after, until)
     more = end is not None and until < end
     conn.execute(
         "UPDATE rollouts SET revert_after = ? WHERE id = ?", (until if more else None, rollout_id)

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import sqlite3
 from datetime import datetime, timedelta
-from typing import Any
 
 from nixfleet import rollout
 from nixfleet.models import MachineHealth, isoformat, parse_time
 from nixfleet.policy.reboot import RebootPolicy
-from nixfleet.store import audit
+from nixfleet.store import audit, webhooks
 
 AUDIT_SAMPLE = 20  # machines named in an aggregated audit row
 
@@ -58,8 +57,10 @@ def facts_of(row: sqlite3.Row) -> rollout.MachineFacts:
 # by tests/store/test_verdicts.py on a table of cases; change both together.
 #
 # The inner query classifies each machine once (S silent since the batch started,
-# F agent reported failure, O other generation, H health checks failing, R needs a
-# reboot, B rebooting (holds a reboot lease), G good); its OFFSET keeps SQLite from
+# F agent reported failure — of this generation, or naming none —, O other
+# generation, E still reporting another generation's failure, H health checks
+# failing, R needs a reboot, B rebooting (holds a reboot lease), G good); its
+# OFFSET keeps SQLite from
 # flattening it into the outer one, which would re-evaluate the classification (and
 # its JSON parse) at every reference. A machine's start is the batch's, or when it
 # was given its generation if that is later (_SINCE: a disruption budget held it).
@@ -67,8 +68,10 @@ _SINCE = "max(:started, coalesce(m.desired_set_at, :started))"
 _STATES = f"""
 SELECT rm.machine_id, rm.position, rm.healthy_since AS since0, m.last_message AS msg,
   CASE WHEN NOT coalesce(m.last_report_at >= {_SINCE}, 0) THEN 'S'
-    WHEN m.failed_generation = rm.store_path OR m.last_success = 0 THEN 'F'
+    WHEN m.failed_generation = rm.store_path
+      OR (m.last_success = 0 AND m.failed_generation IS NULL) THEN 'F'
     WHEN m.current_generation IS NOT rm.store_path THEN 'O'
+    WHEN m.last_success = 0 THEN 'E'
     WHEN json_extract(m.health_json, '$.all_passed') IS 0 THEN 'H'
     WHEN :reboot AND EXISTS (SELECT 1 FROM reboot_leases l WHERE l.machine_id = m.id)
       THEN 'B'
@@ -93,6 +96,7 @@ SELECT machine_id, position, since0,
     WHEN 'G' THEN 'healthy'
     WHEN 'S' THEN :timed_out_after || 'no report since the batch started)'
     WHEN 'O' THEN :timed_out_after || 'not yet running the release''s generation)'
+    WHEN 'E' THEN :timed_out_after || 'still reporting the failure of another generation)'
     WHEN 'H' THEN :timed_out_after || 'health checks failing)'
     WHEN 'B' THEN :timed_out_after || 'rebooting)'
     ELSE :timed_out_after || 'needs a reboot)' END AS reason,
@@ -115,7 +119,7 @@ def judge_params(
     soak: int,
     window: tuple[int, int] = (-1, 2**62),
     reboot: bool = False,
-) -> dict[str, Any]:
+) -> dict[str, str | int]:
     """JUDGE_SQL's parameters: everything judge() derives from the clock, computed once.
 
     `window` (after, until] limits the judged machines to those positions.
@@ -147,8 +151,8 @@ def judge_batch(
     The tally counts the whole batch. Three statements, and no Python object per
     machine: a temp table of the changed verdicts (a quiet tick finds none), an
     UPDATE from it, and a count by health. Each newly unhealthy machine gets its
-    rollout event (written by INSERT … SELECT); the audit log gets one row per batch
-    and tick.
+    rollout event and its machine.unhealthy webhook (each by one INSERT … SELECT);
+    the audit log gets one row per batch and tick.
     """
     assert batch.started_at is not None
     spec = view.spec
@@ -185,6 +189,14 @@ def judge_batch(
             (view.id, at, batch.index),
         ).rowcount
         if failed:
+            webhooks.add_rows(
+                conn,
+                webhooks.MACHINE_UNHEALTHY,
+                "SELECT ? AS at, ? AS rollout_id, machine_id, json_object('reason', reason, "
+                "'batch', ?) AS detail_json FROM temp.judged WHERE health = 'unhealthy' "
+                "ORDER BY position",
+                (at, view.id, batch.index),
+            )
             sample = [
                 r[0]
                 for r in conn.execute(
@@ -203,15 +215,11 @@ def judge_batch(
                 {**detail, "machines": sample},
             )
         conn.execute("DELETE FROM temp.judged")
-    counts = dict(
-        conn.execute(
-            "SELECT health, COUNT(*) FROM rollout_machines WHERE rollout_id = ? AND batch_idx = ? "
-            "GROUP BY health",
-            (view.id, batch.index),
-        ).fetchall()
-    )
-    tally = rollout.Tally(
-        unhealthy=counts.get(MachineHealth.UNHEALTHY.value, 0),
-        waiting=counts.get(MachineHealth.PENDING.value, 0),
-    )
+    # Two filtered counts in one pass: half the cost of GROUP BY health (its temp B-tree).
+    unhealthy, waiting = conn.execute(
+        "SELECT count(*) FILTER (WHERE health = ?), count(*) FILTER (WHERE health = ?) "
+        "FROM rollout_machines WHERE rollout_id = ? AND batch_idx = ?",
+        (MachineHealth.UNHEALTHY.value, MachineHealth.PENDING.value, view.id, batch.index),
+    ).fetchone()
+    tally = rollout.Tally(unhealthy=unhealthy, waiting=waiting)
     return changed, tally

@@ -1,7 +1,11 @@
 """The webhook outbox: events waiting to be sent, deliveries per URL, every attempt.
 
-Events enter the outbox by triggers (migration 0009) inside the transaction of the
-change that caused them, and by `detect_stale` for machines that went quiet. The
+Events enter the outbox inside the transaction of the change that caused them: a
+failed generation by a trigger (migration 0011); rollout events by their writers,
+store.rollouts.add_events (`add`, mapped by ROLLOUT_EVENTS) and, for the machines a
+tick judges unhealthy, store.verdicts.judge_batch (`add_rows`, one statement for
+them all: a per-row trigger cost a tick ~150 ms per 20,000, migration 0014); and
+`detect_stale` for machines that went quiet. The
 sender (nixfleet.controlplane.webhooks) fans each new event out to one delivery per
 subscribed URL, claims due deliveries one at a time (the claim is a lease: a sender
 killed mid-attempt leaves a delivery that becomes due again) and records each
@@ -15,11 +19,12 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 from nixfleet.models import isoformat, stale_cutoff
 from nixfleet.settings import Webhook
 from nixfleet.store.machines import STALE_SQL  # the one SQL form of stale
+from nixfleet.store.rows import from_row
+from nixfleet.wire import JSONObject, WebhookEvent, WebhookRollout
 
 FAN_OUT_BATCH = 1000
 KEEP_ATTEMPTS = 20  # attempts shown per delivery (all are kept until pruned)
@@ -35,10 +40,10 @@ class Event:
     rollout_id: str | None
     rollout_name: str | None
     machine_id: str | None
-    detail: dict[str, Any]
+    detail: JSONObject
 
-    def payload(self) -> dict[str, Any]:
-        rollout = (
+    def payload(self) -> WebhookEvent:
+        rollout: WebhookRollout | None = (
             None if self.rollout_id is None else {"id": self.rollout_id, "name": self.rollout_name}
         )
         return {
@@ -95,16 +100,9 @@ _EVENT_SQL = (
 )
 
 
-def _event(row: sqlite3.Row) -> Event:
-    return Event(
-        id=row["id"],
-        event=row["event"],
-        at=row["at"],
-        rollout_id=row["rollout_id"],
-        rollout_name=row["rollout_name"],
-        machine_id=row["machine_id"],
-        detail=json.loads(row["detail_json"]),
-    )
+def _event(row: sqlite3.Row, id_column: str = "id") -> Event:
+    """The outbox row's Event (`id_column`: where a join keeps the outbox id)."""
+    return from_row(Event, row, id=row[id_column], detail=json.loads(row["detail_json"]))
 
 
 def add(
@@ -114,14 +112,44 @@ def add(
     *,
     machine_id: str | None = None,
     rollout_id: str | None = None,
-    detail: dict[str, Any] | None = None,
+    detail: JSONObject | None = None,
 ) -> None:
     """An event from Python code, inside the caller's transaction."""
     conn.execute(
         "INSERT INTO webhook_outbox (event, at, rollout_id, machine_id, detail_json) "
         "VALUES (?, ?, ?, ?, ?)",
-        (event, isoformat(at), rollout_id, machine_id, json.dumps(detail or {}, sort_keys=True)),
+        (
+            event,
+            isoformat(at),
+            rollout_id,
+            machine_id,
+            json.dumps(detail or {}, sort_keys=True, default=str),
+        ),
     )
+
+
+MACHINE_UNHEALTHY = "machine.unhealthy"
+# The rollout events (rollout_events.kind) that are webhook events, and their names.
+ROLLOUT_EVENTS = {
+    "rollout-created": "rollout.started",
+    "rollout-paused": "rollout.paused",
+    "rollout-resumed": "rollout.resumed",
+    "rollout-failed": "rollout.failed",
+    "rollout-completed": "rollout.completed",
+    "rollout-cancelled": "rollout.cancelled",
+    "batch-started": "batch.started",
+    "machine-unhealthy": MACHINE_UNHEALTHY,
+}
+
+
+def add_rows(conn: sqlite3.Connection, event: str, rows: str, params: Sequence[object]) -> int:
+    """An `event` for each row of the SELECT `rows`: (at, rollout_id, machine_id,
+    detail_json), in the caller's transaction. Returns how many."""
+    return conn.execute(
+        "INSERT INTO webhook_outbox (event, at, rollout_id, machine_id, detail_json) "
+        f"SELECT ?, at, rollout_id, machine_id, detail_json FROM ({rows})",
+        (event, *params),
+    ).rowcount
 
 
 def detect_stale(conn: sqlite3.Connection, now: datetime, stale_after: int) -> int:
@@ -299,31 +327,13 @@ def deliveries(
             f"WHERE delivery_id IN ({marks})) WHERE n <= ? ORDER BY delivery_id, id",
             (*ids, KEEP_ATTEMPTS),
         ):
-            history.setdefault(a["delivery_id"], []).append(
-                Attempt(a["at"], a["status"], a["error"], a["duration_ms"])
-            )
+            history.setdefault(a["delivery_id"], []).append(from_row(Attempt, a))
     return [
-        Delivery(
-            id=r["id"],
-            url=r["url"],
-            state=r["state"],
-            attempts=r["attempts"],
-            created_at=r["created_at"],
-            expires_at=r["expires_at"],
+        from_row(
+            Delivery,
+            r,
             next_attempt_at=r["next_attempt_at"] if r["state"] == "pending" else None,
-            last_attempt_at=r["last_attempt_at"],
-            last_status=r["last_status"],
-            last_error=r["last_error"],
-            finished_at=r["finished_at"],
-            event=Event(
-                id=r["outbox_id"],
-                event=r["event"],
-                at=r["at"],
-                rollout_id=r["rollout_id"],
-                rollout_name=r["rollout_name"],
-                machine_id=r["machine_id"],
-                detail=json.loads(r["detail_json"]),
-            ),
+            event=_event(r, "outbox_id"),
             history=tuple(history.get(r["id"], ())),
         )
         for r in rows

@@ -17,13 +17,14 @@ import falcon
 import falcon.testing
 
 from nixfleet.api.auth import Actor, authorize
+from nixfleet.wire import JSONObject
 
 
 def call(
     resource: Any,
     method: str,
     actor: Actor,
-    body: dict[str, Any] | None = None,
+    body: JSONObject | None = None,
     query: dict[str, str] | None = None,
     **params: str,
 ) -> Any:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import falcon
 
 from nixfleet import filters
@@ -16,7 +14,7 @@ REFRESH_SECONDS = 5
 PER_PAGE = 50
 
 
-def parse_query(req: falcon.Request) -> tuple[fleet.FleetQuery, dict[str, Any]]:
+def parse_query(req: falcon.Request) -> tuple[fleet.FleetQuery, dict[str, str | int]]:
     """The page's filters from its query string (filters.parse, as the CLI and API parse
     theirs), and the same as plain params for links."""
     tags_text = req.get_param("tags") or ""

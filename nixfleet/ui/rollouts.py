@@ -6,10 +6,9 @@ documented rollout JSON (docs/api.md), and pause/resume/cancel are the API's.
 
 from __future__ import annotations
 
-from typing import Any
-
 import falcon
 
+from nixfleet import wire
 from nixfleet.api import rollouts as rollouts_api
 from nixfleet.errors import FieldError, ValidationError
 from nixfleet.ui import bridge
@@ -26,7 +25,7 @@ OFFERED = {"running": ("pause", "cancel"), "paused": ("resume", "cancel")}
 STATUSES = rollouts_api.STATUSES
 
 
-def progress(batch: dict[str, Any]) -> dict[str, int]:
+def progress(batch: wire.Batch) -> dict[str, int]:
     """A batch's machines by health, for its progress bar."""
     counts = {"healthy": 0, "unhealthy": 0, "pending": 0, "total": 0}
     for m in batch["machines"]:

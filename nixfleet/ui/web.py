@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -151,7 +151,7 @@ class UI:
         self.env.filters.update(ago=_ago, short=_short, time=_time, query=self.query, value=_value)
 
     @staticmethod
-    def query(params: dict[str, Any], **changes: Any) -> str:
+    def query(params: Mapping[str, object], **changes: object) -> str:
         """The query string of params with changes applied (None or '' removes a key)."""
         merged = {**params, **changes}
         pairs = []
@@ -205,14 +205,14 @@ class Page:
     def __init__(self, ui: UI) -> None:
         self.ui = ui
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response, **params: Any) -> None:
+    def on_get(self, req: falcon.Request, resp: falcon.Response, **params: str) -> None:
         self._serve(req, resp, "GET", params)
 
-    def on_post(self, req: falcon.Request, resp: falcon.Response, **params: Any) -> None:
+    def on_post(self, req: falcon.Request, resp: falcon.Response, **params: str) -> None:
         self._serve(req, resp, "POST", params)
 
     def _serve(
-        self, req: falcon.Request, resp: falcon.Response, method: str, params: dict[str, Any]
+        self, req: falcon.Request, resp: falcon.Response, method: str, params: dict[str, str]
     ) -> None:
         resp.set_headers(SECURITY_HEADERS)
         if method not in self.roles:

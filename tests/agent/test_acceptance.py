@@ -11,13 +11,13 @@ import json
 import re
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import nixfleet_test_fakes as fakes  # loaded by conftest from tests/nix/fakes.py
 import pytest
+from conftest import wait_until as wait_for
 
 # Runs under both Nix versions (tests/system/test_nix_versions.py).
 pytestmark = pytest.mark.nix
@@ -106,17 +106,6 @@ def agent(machine: Any, control_plane: Any, cache: Any, tmp_path: Path) -> Itera
     if runner.proc is not None:
         runner.proc.kill()
         runner.proc.wait()
-
-
-def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 30.0) -> Any:
-    """Wait for a condition (a deadline against hangs, not a timing assertion)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_a_fetch_from_signed_cache_switch_and_report(

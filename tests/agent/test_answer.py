@@ -167,6 +167,43 @@ def test_untrusted_generations_and_cache_urls_never_reach_nix(
     assert state.in_progress is None and state.last_outcome is None  # nothing was attempted
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(None, None), (120, 120.0), (0.2, 1.0), (10**9, 86400.0), (86400, 86400.0)],
+)
+def test_a_confirm_window_is_clamped_to_the_agents_own_bounds(
+    make_config: Callable[..., AgentConfig], value: Any, expected: float | None
+) -> None:
+    got = answer.parse({"desired_generation": GEN, "confirm_timeout": value}, make_config())
+    assert got.confirm_timeout == expected
+    assert answer.max_confirm() == 86400.0  # agent-config.schema.json's maximum
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"desired_generation": null, "cache_url": null, "poll_hint": 5, "confirm_timeout": "120s"}',
+        b'{"desired_generation": null, "cache_url": null, "poll_hint": 5, "confirm_timeout": true}',
+        b'{"desired_generation": null, "cache_url": null, "poll_hint": 5, "confirm_timeout": 0}',
+        b'{"desired_generation": null, "cache_url": null, "poll_hint": 5, "confirm_timeout": -5}',
+        b'{"desired_generation": null, "cache_url": null, "poll_hint": 5, "confirm_timeout": NaN}',
+        b'{"desired_generation": null, "cache_url": null, "poll_hint": 5, "confirm_timeout": Infinity}',
+        b'{"desired_generation": null, "cache_url": null, "poll_hint": 5, "confirm_timeout": [120]}',
+    ],
+)
+def test_a_bad_confirm_window_is_an_error_of_the_cycle_naming_it(
+    hostile: HostileCP,
+    hostile_agent: Agent,
+    raw: bytes,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    hostile.answer(raw)
+    status, delay = hostile_agent.cycle()  # no exception escapes
+    assert status is Status.FAILED
+    assert "confirm_timeout" in caplog.text
+    assert 0 < delay <= 60 * 1.11
+
+
 def test_a_scheme_the_config_allows_is_accepted(make_config: Callable[..., AgentConfig]) -> None:
     config = make_config(allowed_cache_schemes=["file"])
     got = answer.parse({"desired_generation": GEN, "cache_url": "file:///srv/cache"}, config)

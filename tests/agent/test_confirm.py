@@ -15,7 +15,6 @@ import secrets
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import nixfleet_test_fakes as fakes  # loaded by conftest from tests/nix/fakes.py
 import pytest
+from conftest import wait_until as conftest_wait_until
 
 from nixfleet.models import utcnow
 from nixfleet.store import Store, credentials
@@ -54,13 +54,7 @@ def ip(*args: str) -> str:
 
 
 def wait_until(what: str, predicate: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    return conftest_wait_until(what, predicate, timeout, interval=0.2)
 
 
 @dataclass

@@ -16,28 +16,20 @@ import os
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import nixfleet_test_fakes as fakes  # loaded by conftest from tests/nix/fakes.py
 import pytest
-from conftest import ControlPlane, free_port
+from conftest import ControlPlane, new_control_plane
+from conftest import wait_until as conftest_wait_until
 
-from nixfleet.models import utcnow
-from nixfleet.store import Store, credentials
+from nixfleet.store import Store
 
 
 def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 60.0) -> Any:
-    """A deadline against hangs, not a timing assertion."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    return conftest_wait_until(what, predicate, timeout, interval=0.1)
 
 
 @pytest.fixture
@@ -45,21 +37,7 @@ def make_cp(tmp_path: Path) -> Iterator[Callable[..., ControlPlane]]:
     started: list[ControlPlane] = []
 
     def make(**settings: Any) -> ControlPlane:
-        root = tmp_path / "cp"
-        root.mkdir()
-        db = root / "nixfleet.db"
-        s = Store(db)
-        with s.transaction() as conn:
-            key = credentials.create_key(conn, "test-admin", "admin", "test", utcnow())
-        s.close()
-        (root / "settings.json").write_text(json.dumps(settings))
-        cp = ControlPlane(
-            db=db,
-            port=free_port(),
-            admin_key=key,
-            log=root / "cp.log",
-            extra_args=["--config", str(root / "settings.json"), "--reconcile-interval", "0.2"],
-        )
+        cp = new_control_plane(tmp_path / "cp", "--reconcile-interval", "0.2", settings=settings)
         cp.start()
         started.append(cp)
         return cp

@@ -13,12 +13,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import ControlPlane, free_port, run_cli, run_on_tty
+from conftest import wait_until as wait_for
 
 from nixfleet.client import Client
 
@@ -28,15 +28,6 @@ DOWN_GUIDANCE = "While the control plane is down"
 
 def env(cp: ControlPlane) -> dict[str, str]:
     return {"NIXFLEET_CONTROL_PLANE_URL": cp.url, "NIXFLEET_API_KEY": cp.admin_key}
-
-
-def wait_for(what: str, predicate: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Running:

@@ -11,11 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import CliResult, ControlPlane, free_port
+from conftest import CliResult, ControlPlane, new_control_plane
 
 from nixfleet.client import Client
-from nixfleet.models import utcnow
-from nixfleet.store import Store, credentials
 
 HOSTS = ["web-01", "web-02", "web-03"]
 
@@ -26,19 +24,7 @@ def gen(host: str, salt: str) -> str:
 
 @pytest.fixture
 def cp(tmp_path: Path) -> Iterator[ControlPlane]:
-    db = tmp_path / "cp" / "nixfleet.db"
-    db.parent.mkdir()
-    store = Store(db)
-    with store.transaction() as conn:
-        key = credentials.create_key(conn, "test-admin", "admin", "test", utcnow())
-    store.close()
-    plane = ControlPlane(
-        db=db,
-        port=free_port(),
-        admin_key=key,
-        log=tmp_path / "cp" / "cp.log",
-        extra_args=["--reconcile-interval", "0.1"],
-    )
+    plane = new_control_plane(tmp_path / "cp", "--reconcile-interval", "0.1")
     plane.start()
     yield plane
     plane.stop()

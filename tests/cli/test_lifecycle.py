@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import urllib.request
+from pathlib import Path
 
 from conftest import ControlPlane, run_cli
 
@@ -65,3 +66,70 @@ def test_set_lifecycle_to_the_current_state_is_a_quiet_no_op(control_plane: Cont
     # Still refused: a transition the table does not have (exit 4, naming the states).
     r = run_cli("machines", "set-lifecycle", "web-01", "maintenance", env=env(cp))
     assert r.returncode == 4 and "provisioning" in r.stderr and "maintenance" in r.stderr
+
+
+def test_plan_and_apply_warn_about_decommissioned_and_stale_targets(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """DESIGN §3 Lifecycle: both answers carry `warnings`; the CLI prints them to stderr."""
+    cp = control_plane
+    idle = [f"idle-{i:02}" for i in range(12)]
+    for name in ("web-01", "web-02", "old-01", *idle):
+        tags = ["idle"] if name.startswith("idle") else ["web"]
+        Client(cp.url, cp.register(name, tags)).report(name, {"current_generation": GEN})
+    cp.client().set_lifecycle("old-01", "decommissioned")
+    db = sqlite3.connect(cp.db)
+    with db:
+        db.execute(
+            "UPDATE machines SET last_report_at = ? WHERE id = 'web-02' OR id LIKE 'idle-%'",
+            (LONG_AGO,),
+        )
+    db.close()
+    release = cp.client().register_release(
+        {
+            "cache_url": "https://cache.example.com",
+            "entries": [
+                {"hostname": h, "store_path": GEN, "platform": "x86_64-linux"}
+                for h in ("web-01", "web-02", "old-01", *idle)
+            ],
+        }
+    )["id"]
+
+    def rollout_file(name: str, tag: str, **extra: object) -> str:
+        doc = {"version": 1, "name": name, "release": release, "target": {"tags": [tag]}}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(json.dumps({**doc, "strategy": "all-at-once", **extra}))
+        return str(path)
+
+    web = rollout_file("web", "web")
+    plan = run_cli("rollout", "plan", "-f", web, env=env(cp))
+    assert plan.returncode == 0, plan.stderr
+    assert "warning: old-01 is decommissioned: its reports are refused" in plan.stderr
+    assert f"warning: web-02 is stale: no report since {LONG_AGO}" in plan.stderr
+    assert "web-01" not in plan.stderr and "warning" not in plan.stdout
+    doc = json.loads(run_cli("rollout", "plan", "-f", web, "--json", env=env(cp)).stdout)
+    assert [(w["hostname"], w["kind"], w["last_report_at"]) for w in doc["warnings"]] == [
+        ("old-01", "decommissioned", doc["warnings"][0]["last_report_at"]),
+        ("web-02", "stale", LONG_AGO),
+    ]
+    applied = run_cli("rollout", "apply", "-f", web, "--json", env=env(cp))
+    assert applied.returncode == 0, applied.stderr
+    assert json.loads(applied.stdout)["warnings"] == doc["warnings"]
+    assert "warning: old-01 is decommissioned" in applied.stderr
+    again = run_cli("rollout", "apply", "-f", web, env=env(cp))  # unchanged: still warned
+    assert "unchanged" in again.stderr and "warning: web-02 is stale" in again.stderr
+    # Skipping decommissioned targets leaves only the stale one to warn about.
+    skipping = rollout_file("web-skip", "web", skip_lifecycle=["decommissioned"])
+    plan = run_cli("rollout", "plan", "-f", skipping, env=env(cp))
+    assert "old-01 is decommissioned" not in plan.stderr and "web-02 is stale" in plan.stderr
+    # Many: ten named per kind, then how many more.
+    plan = run_cli("rollout", "plan", "-f", rollout_file("idle", "idle"), env=env(cp))
+    warned = [line for line in plan.stderr.splitlines() if line.startswith("warning:")]
+    assert (
+        len(warned) == 11 and warned[-1] == "warning: and 2 more stale targets (--json lists them)"
+    )
+    # The answers' documented shape says so.
+    spec = cp.client().get("/api/v1/openapi.json")
+    for path in ("/api/v1/rollouts", "/api/v1/rollouts/plan"):
+        answer = spec["paths"][path]["post"]["responses"]["200"]["content"]["application/json"]
+        assert answer["schema"]["required"] == ["warnings"]

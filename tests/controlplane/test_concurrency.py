@@ -88,7 +88,7 @@ def test_fifty_threads_of_reports_tags_and_lifecycle_changes(control_plane: Cont
         assert got["agent_tags"] == ["web"]
         # Every acknowledged report was stored: each is one generation event ...
         stored = conn.execute(
-            "SELECT COUNT(*) FROM machine_events WHERE machine_id = ? AND kind = 'generation'",
+            "SELECT COUNT(*) FROM machine_history WHERE machine_id = ? AND kind = 'generation'",
             (machine,),
         ).fetchone()[0]
         assert stored == reports_sent[machine] + 1
@@ -101,7 +101,7 @@ def test_fifty_threads_of_reports_tags_and_lifecycle_changes(control_plane: Cont
             (machine,),
         ).fetchone()[0]
         changed = conn.execute(
-            "SELECT COUNT(*) FROM machine_events WHERE machine_id = ? AND kind = 'lifecycle' "
+            "SELECT COUNT(*) FROM machine_history WHERE machine_id = ? AND kind = 'lifecycle' "
             "AND source LIKE 'key:%'",
             (machine,),
         ).fetchone()[0]

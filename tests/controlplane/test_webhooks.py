@@ -9,16 +9,19 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ControlPlane, run_cli
+from conftest import ControlPlane, free_port, run_cli, wait_until
 
 from nixfleet import schemas
 
@@ -28,15 +31,6 @@ HOSTS = ["web-01", "web-02"]
 
 def gen(host: str, salt: str) -> str:
     return f"/nix/store/{salt * 32}-nixos-system-{host}"
-
-
-def wait_until(what: str, predicate: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @dataclass
@@ -117,13 +111,14 @@ def receiver() -> Iterator[Receiver]:
     r.stop()
 
 
-def configure(cp: ControlPlane, tmp_path: Path, receiver: Receiver, **extra: Any) -> Path:
-    """Restart the CP with a settings file subscribing the receiver; return the file."""
+def configure(cp: ControlPlane, tmp_path: Path, receiver: Receiver | str, **extra: Any) -> Path:
+    """Restart the CP with a settings file subscribing the receiver (or URL); return it."""
     secret = tmp_path / "webhook-secret"
     secret.write_text(SECRET + "\n")
     secret.chmod(0o600)
+    url = receiver if isinstance(receiver, str) else receiver.url
     settings = {
-        "webhooks": [{"url": receiver.url, "events": ["*"], "secret_file": str(secret)}],
+        "webhooks": [{"url": url, "events": ["*"], "secret_file": str(secret)}],
         "webhook_timeout": 1.0,
         "webhook_retry_initial": 0.2,
         "webhook_retry_max": 0.4,
@@ -375,3 +370,59 @@ def test_bad_webhook_settings_name_the_field(
     control_plane.extra_args = ["--config", str(path)]
     with pytest.raises(RuntimeError, match=field.replace("[", r"\[").replace("]", r"\]")):
         control_plane.start(timeout=10)
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "webhooks.md"
+
+
+def docs_receiver(secret_file: Path, port: int) -> subprocess.Popen[bytes]:
+    """docs/webhooks.md's receiver, run as written: only its secret file and port are
+    this test's (each replaced exactly once, so the docs cannot drift from the test)."""
+    text = DOCS.read_text()
+    after = text.split("A receiver in ten lines of Python:", 1)[1]
+    code = after.split("```python\n", 1)[1].split("```", 1)[0]
+    assert code.count('"/run/secrets/nixfleet-webhook"') == 1 and code.count("9000") == 1
+    code = code.replace('"/run/secrets/nixfleet-webhook"', repr(str(secret_file)))
+    proc = subprocess.Popen([sys.executable, "-c", code.replace("9000", str(port))])
+
+    def listening() -> bool:
+        assert proc.poll() is None, "the docs' receiver exited"
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_until("the docs' receiver to listen", listening)
+    return proc
+
+
+def test_the_docs_receiver_accepts_a_real_delivery_and_refuses_a_wrong_secret(
+    control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    good_port, bad_port = free_port(), free_port()
+    good, bad = f"http://127.0.0.1:{good_port}/", f"http://127.0.0.1:{bad_port}/"
+    wrong = tmp_path / "another-secret"
+    wrong.write_text("not-the-secret-the-control-plane-signs-with\n")
+    secret = configure(control_plane, tmp_path, good).parent / "webhook-secret"
+    settings = json.loads((tmp_path / "cp-settings.json").read_text())
+    settings["webhooks"].append({"url": bad, "events": ["*"], "secret_file": str(secret)})
+    (tmp_path / "cp-settings.json").write_text(json.dumps(settings))
+    control_plane.stop()
+    control_plane.start()
+    receivers = [docs_receiver(secret, good_port), docs_receiver(wrong, bad_port)]
+    try:
+        start_rollout(control_plane)
+
+        def answered() -> dict[str, dict[str, Any]]:
+            found = {
+                d["url"]: d
+                for d in deliveries(control_plane)
+                if d["event"]["event"] == "rollout.started" and d["last_status"]
+            }
+            return found if {good, bad} <= set(found) else {}
+
+        by_url = wait_until("both receivers to have answered", answered)
+    finally:
+        for proc in receivers:
+            proc.terminate()
+            proc.wait(10)
+    assert by_url[good]["state"] == "delivered" and by_url[good]["last_status"] == 204
+    assert by_url[bad]["state"] == "pending" and by_url[bad]["last_status"] == 401

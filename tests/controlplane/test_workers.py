@@ -119,7 +119,7 @@ def test_workers_share_the_socket_and_every_report_lands(workers_cp: ControlPlan
     db = sqlite3.connect(workers_cp.db)
     rows = dict(
         db.execute(
-            "SELECT machine_id, COUNT(*) FROM machine_events WHERE kind = 'generation' "
+            "SELECT machine_id, COUNT(*) FROM machine_history WHERE kind = 'generation' "
             "GROUP BY machine_id"
         )
     )

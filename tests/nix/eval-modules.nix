@@ -50,8 +50,9 @@ let
   pkgs = {
     inherit formats;
     nixfleet = fakePackage "nixfleet";
+    stdenv.hostPlatform.system = builtins.currentSystem;
   }
-  // lib.genAttrs [ "coreutils" "findutils" "gnugrep" "gnused" ] fakePackage;
+  // lib.genAttrs [ "coreutils" "findutils" "gnugrep" "gnused" "curl" "jq" ] fakePackage;
 
   loose =
     default:
@@ -94,6 +95,23 @@ let
       };
       environment.etc = mkOption {
         type = types.attrsOf types.anything;
+        default = { };
+      };
+      environment.systemPackages = mkOption {
+        type = types.listOf types.package;
+        default = [ ];
+      };
+      # As nixos/modules/system/activation/specialisation.nix declares it; each
+      # one is evaluated by extendModules (see ./eval-vm-nodes.nix).
+      specialisation = mkOption {
+        type = types.attrsOf (
+          types.submodule {
+            options.configuration = mkOption {
+              type = types.deferredModule;
+              default = { };
+            };
+          }
+        );
         default = { };
       };
       services.nginx = loose { };

@@ -183,6 +183,9 @@ let
 in
 {
   units = mapAttrs' (name: def: nameValuePair "${name}.service" (render name def)) eval.config.systemd.services;
-  etc = mapAttrs (_: entry: "${entry.source}") eval.config.environment.etc;
+  # NixOS writes `text` entries to the store (pkgs.writeText); builtins.toFile here.
+  etc = mapAttrs (
+    name: entry: if entry ? source then "${entry.source}" else builtins.toFile (baseNameOf name) entry.text
+  ) eval.config.environment.etc;
   inherit (r) failedAssertions warnings;
 }

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +19,10 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from conftest import new_control_plane
 
 from nixfleet import schemas
+from nixfleet.agent.config import load_config
 
 
 def _load(name: str, path: Path) -> ModuleType:
@@ -35,6 +36,7 @@ def _load(name: str, path: Path) -> ModuleType:
 
 
 units = _load("nixfleet_test_units", Path(__file__).resolve().parent / "units.py")
+
 ROOT: Path = units.ROOT
 EVAL = ROOT / "tests" / "nix" / "eval-modules.nix"
 
@@ -54,27 +56,13 @@ BOTH = (
 )
 
 
+nix_eval = units.nix_eval
+
+
 @pytest.fixture(scope="module")
 def lib() -> str:
-    if shutil.which("nix-instantiate") is None:
-        pytest.fail("nix is not installed: run `apt-get install -y nix-bin` (Debian) and retry")
-    path: str = units.nixpkgs_lib()
+    path: str = units.require_lib()
     return path
-
-
-def nix_eval(expr: str, *, check: bool = True) -> Any:
-    done = subprocess.run(
-        ["nix-instantiate", "--read-write-mode", "--eval", "--strict", "--json", "--expr", expr],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={**os.environ, "NIX_CONFIG": units.NIX_CONFIG},
-    )
-    if not check:
-        return done
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
 
 
 def eval_real(lib: str, config: str) -> Any:
@@ -125,6 +113,32 @@ def test_seed_config_renders_what_the_agent_accepts(lib: str) -> None:
     assert cp["config"]["db"] == "/var/lib/nixfleet/nixfleet.db"
     assert cp["config"]["listen"] == "127.0.0.1:8470"
     assert cp["unit"]["serviceConfig"]["DynamicUser"] is True
+
+
+def test_reboot_options_render_into_the_agents_config(lib: str, tmp_path: Path) -> None:
+    """booted_system / reboot_command (DESIGN §11 Reboots): defaults and set values."""
+    seed = eval_real(lib, "{ " + SEED_AGENT + " }")["agent"]["config"]
+    assert seed["booted_system"] == "/run/booted-system"
+    assert seed["reboot_command"] == ["systemctl", "reboot"]
+    out = eval_real(
+        lib,
+        "{ "
+        + SEED_AGENT
+        + ' services.nixfleet-agent.bootedSystem = "/run/test-booted";'
+        + ' services.nixfleet-agent.rebootCommand = ["/run/wrappers/bin/record" "reboot"]; }',
+    )
+    assert out["failedAssertions"] == []
+    agent = out["agent"]["config"]
+    assert agent["booted_system"] == "/run/test-booted"
+    assert agent["reboot_command"] == ["/run/wrappers/bin/record", "reboot"]
+    schemas.validate("agent-config", agent, what="rendered agent config")
+    (tmp_path / "agent.json").write_text(json.dumps(agent))
+    config = load_config(tmp_path / "agent.json")
+    assert config.booted_system == "/run/test-booted"
+    assert config.reboot_command == ("/run/wrappers/bin/record", "reboot")
+    for bad in ('bootedSystem = "run/x"', "rebootCommand = [ ]", 'rebootCommand = [ "" ]'):
+        error = eval_error(lib, "{ " + SEED_AGENT + f" services.nixfleet-agent.{bad}; }}")
+        assert "is not of type" in error, bad
 
 
 def test_agent_config_lives_at_a_path_stable_across_generations(lib: str) -> None:
@@ -263,15 +277,6 @@ def test_script_becomes_an_executable_job_script(lib: str, tmp_path: Path) -> No
     assert done.stdout == "ok\n"
 
 
-def _real_packages() -> dict[str, str]:
-    """Directories the units' ExecStart and PATH may point at on this machine."""
-    agent = Path(sys.executable).parent / "nixfleet-agent"
-    if not agent.exists():
-        pytest.fail(f"{agent} is missing: run ./dev setup (the venv provides the package)")
-    usr = {n: "/usr" for n in ("nix", "systemd", "coreutils", "findutils", "gnugrep", "gnused")}
-    return {"nixfleet": str(Path(sys.executable).parent.parent), **usr}
-
-
 def test_systemd_analyze_verify_is_silent(lib: str, tmp_path: Path) -> None:
     if units.systemd_analyze() is None:
         # Not a silent pass: tests/system/test_units.py verifies the same units inside
@@ -280,8 +285,32 @@ def test_systemd_analyze_verify_is_silent(lib: str, tmp_path: Path) -> None:
             "systemd-analyze is missing here (Debian: apt-get install systemd); "
             "tests/system/test_units.py verifies the units inside its container"
         )
-    out = units.render(lib, BOTH, packages=_real_packages(), script_dir=str(tmp_path / "s"))
+    out = units.render(lib, BOTH, packages=units.real_packages(), script_dir=str(tmp_path / "s"))
     written = units.write(out, tmp_path / "units", tmp_path / "s")
     for path in written.units.values():
         code, output = units.verify([path])
         assert (code, output) == (0, ""), f"{path.name}:\n{output}"
+
+
+def test_the_control_plane_unit_starts_only_once_ready(lib: str, tmp_path: Path) -> None:
+    """ExecStartPost probes GET /ready with the unit's own config: the rendered command
+    line, run as systemd would, returns 0 against a real control plane listening there."""
+    cp = new_control_plane(tmp_path / "cp")
+    config = (
+        "{ services.nixfleet-control-plane = { enable = true; "
+        f'listen.address = "0.0.0.0"; listen.port = {cp.port}; }}; }}'
+    )
+    out = units.render(lib, config, packages=units.real_packages(), script_dir=str(tmp_path / "s"))
+    text = out["units"]["nixfleet-control-plane.service"]["text"]
+    (start,) = lines(text, "ExecStart")
+    (post,) = lines(text, "ExecStartPost")
+    argv = post.split()
+    assert argv[:3] == start.split()[:3]  # the same program and settings file
+    assert argv[3:] == ["wait-ready", "--timeout", "60"]
+    cp.start()
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=70, check=False)
+    finally:
+        cp.stop()
+    assert done.returncode == 0, done.stderr
+    assert f"0.0.0.0:{cp.port} is ready" in done.stderr

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,39 @@ def nixpkgs_lib() -> str:
             pytest.fail(f"{why} ({REQUIRE_VAR}=1: the real-lib tests must run here)")
         pytest.skip(why)
     return lib
+
+
+def require_lib() -> str:
+    """The real lib for tests that evaluate with it: nix-instantiate must be there too."""
+    if shutil.which("nix-instantiate") is None:
+        pytest.fail("nix is not installed: run `apt-get install -y nix-bin` (Debian) and retry")
+    return nixpkgs_lib()
+
+
+def nix_eval(expr: str, *, check: bool = True) -> Any:
+    """`nix-instantiate --eval --strict --json` of `expr`: its value (or, unchecked,
+    the finished process)."""
+    done = subprocess.run(
+        ["nix-instantiate", "--read-write-mode", "--eval", "--strict", "--json", "--expr", expr],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "NIX_CONFIG": NIX_CONFIG},
+    )
+    if not check:
+        return done
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def real_packages() -> dict[str, str]:
+    """Directories the units' ExecStart and PATH may point at on this machine."""
+    agent = Path(sys.executable).parent / "nixfleet-agent"
+    if not agent.exists():
+        pytest.fail(f"{agent} is missing: run ./dev setup (the venv provides the package)")
+    usr = {n: "/usr" for n in ("nix", "systemd", "coreutils", "findutils", "gnugrep", "gnused")}
+    return {"nixfleet": str(Path(sys.executable).parent.parent), **usr}
 
 
 def nix_string(value: str) -> str:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from conftest import sql_writers
 
 from nixfleet.controlplane.background import prune_history
 from nixfleet.history import EventKind
-from nixfleet.models import HealthCheckResult, HealthResult, Lifecycle, Report
+from nixfleet.models import HealthCheckResult, HealthResult, Lifecycle, Report, isoformat
 from nixfleet.settings import Settings
 from nixfleet.store import Store, history, machines
 
@@ -200,12 +201,12 @@ def test_pruning_by_age_and_cap_keeps_the_newest(store: Store) -> None:
         assert history.count(conn, "old-01") == 32
         newest = [e.id for e in history.latest(conn, "busy-01", 25)]
     settings = Settings(history_days=3650, history_max_events=25)
-    assert prune_history(settings, store, age_chunk=7, cap_machines=1) == 7 + 17
+    assert prune_history(settings, store, machines=1) == 7 + 17
     with store.read() as conn:
         assert [e.id for e in history.latest(conn, "busy-01", 100)] == newest
         assert history.count(conn, "old-01") == 25
     recent = Settings(history_days=30, history_max_events=1000)
-    assert prune_history(recent, store, age_chunk=4, cap_machines=5) == 25
+    assert prune_history(recent, store, machines=5) == 25
     with store.read() as conn:
         assert history.count(conn, "old-01") == 0 and history.count(conn, "busy-01") == 25
 
@@ -219,19 +220,170 @@ def test_lifecycle_to_its_own_state_writes_nothing(store: Store) -> None:
     assert f.events() == before
 
 
+def test_reboot_needed_and_rebooted(store: Store) -> None:
+    """DESIGN §3 History: reboot needed (once per need), reboot done (booted changed)."""
+    f = Fleet(store)
+    f.report(gen(1), booted_generation=gen(1), needs_reboot=False)  # the first booted: no event
+    f.report(gen(2), booted_generation=gen(1), needs_reboot=True)  # switched to a new kernel
+    f.report(gen(2), booted_generation=gen(1), needs_reboot=True)  # the same need: heartbeat
+    f.report(gen(2), booted_generation=gen(2), needs_reboot=False)  # back from the reboot
+    f.report(gen(2), needs_reboot=False)  # an agent that omits it changes nothing
+    with store.read() as conn:
+        got = [
+            (e.kind.value, e.generation, e.previous, dict(e.detail))
+            for e in history.page(
+                conn, f.id, kinds=[EventKind.REBOOT_NEEDED, EventKind.REBOOTED]
+            ).events
+        ]
+    assert got == [
+        ("reboot-needed", gen(2), None, {"booted": gen(1)}),
+        ("rebooted", gen(2), None, {"previous": gen(1)}),
+    ]
+
+
 @pytest.mark.parametrize("kinds", [[EventKind.DESIRED], [EventKind.DESIRED, EventKind.TAGS]])
-def test_desired_events_come_from_any_statement(store: Store, kinds: list[EventKind]) -> None:
+def test_desired_events_of_set_and_clear(store: Store, kinds: list[EventKind]) -> None:
     f = Fleet(store)
     f.desire(gen(1), "rollout:a")
     f.desire(gen(1), "rollout:a")  # unchanged: no event
     with store.transaction() as conn:
-        conn.execute(
-            "UPDATE machines SET desired_generation = NULL, desired_source = NULL, "
-            "desired_set_at = ? WHERE id = ?",
-            ("2026-11-27T10:00:00.000000Z", f.id),
-        )
+        machines.set_desired(conn, f.id, None, None, None, f.tick())
+        machines.set_desired(conn, f.id, None, None, None, f.tick())  # unchanged again
+        machines.set_desired(conn, f.id, gen(2), None, "operator", f.tick(), actor="key:ops")
         got = history.page(conn, f.id, kinds=kinds).events
     assert [(e.source, e.previous, e.generation) for e in got] == [
         ("rollout:a", None, gen(1)),
         ("operator", gen(1), None),
+        ("key:ops", None, gen(2)),
     ]
+
+
+# The writers of machines.desired_generation, each of which writes the desired events
+# of the rows it changes (store.history.add_desired): a new writer must join them.
+DESIRED_WRITERS = {
+    ("nixfleet/store/machines.py", "set_desired"),
+    ("nixfleet/store/ticks.py", "write_desired"),
+    ("nixfleet/store/ticks.py", "revert"),
+}
+
+
+def test_every_writer_of_desired_writes_its_events() -> None:
+    writers = sql_writers(r"UPDATE machines SET\b.*\bdesired_generation\s*=")
+    assert set(writers) == DESIRED_WRITERS
+    for (path, name), calls in writers.items():
+        assert "history.add_desired" in calls, f"{path}:{name} writes no desired event"
+
+
+# --- the stored forms (store.history's module docstring) ------------------------------
+
+PATHS = [
+    gen(1),
+    "/nix/store/" + "a" * 32 + "-nixos-system-web-01-nixos-system-x-24.11",
+    "/nix/store/" + "b" * 32 + "-hello-2.12",
+    "/nix/store/" + "c" * 32 + "-odd\x01name",  # kept as it is: the mark is in it
+    "/nix/store//weird",
+    "/nix/store/",
+    "/elsewhere/x",
+]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_store_paths_encode_the_same_in_python_and_sql(store: Store, path: str) -> None:
+    encoded = history.encode_path(path)
+    assert history.decode_path(encoded) == path
+    assert not encoded.startswith("/") or encoded == path
+    with store.read() as conn:
+        sql = conn.execute(f"SELECT {history.encode_path_sql('?1')}", (path,)).fetchone()[0]
+    assert sql == encoded
+
+
+@pytest.mark.parametrize(
+    "at",
+    [
+        T0,
+        T0 + timedelta(microseconds=1),
+        datetime(1999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+        datetime(2038, 1, 19, 3, 14, 8, 123_456, tzinfo=UTC),
+    ],
+)
+def test_times_are_microseconds_in_python_and_sql(store: Store, at: datetime) -> None:
+    us = history.micros(at)
+    assert history.from_micros(us) == at
+    with store.read() as conn:
+        assert (
+            conn.execute(f"SELECT {history.micros_sql('?1')}", (isoformat(at),)).fetchone()[0] == us
+        )
+
+
+def test_a_switch_refers_to_its_desired_event_and_keeps_its_path_when_pruned(
+    store: Store,
+) -> None:
+    f = Fleet(store)
+    f.report(gen(0))
+    f.desire(gen(1), "rollout:r1")
+    f.report(gen(1))
+    for i in range(3):
+        f.report(gen(1), health=health("nginx") if i % 2 == 0 else health())
+    with store.read() as conn:
+        stored = conn.execute(
+            "SELECT seq, generation FROM machine_events WHERE machine = "
+            "(SELECT num FROM machine_numbers WHERE machine_id = ?) ORDER BY seq",
+            (f.id,),
+        ).fetchall()
+    # lifecycle, generation (its own path), tags, desired (its path), generation: "1 back"
+    assert [type(g).__name__ for _, g in stored[:5]] == [
+        "NoneType",
+        "str",
+        "NoneType",
+        "str",
+        "int",
+    ]
+    assert stored[4][1] == 1
+    before = f.events()
+    settings = Settings(history_days=3650, history_max_events=len(stored) - 4)
+    assert prune_history(settings, store, machines=10) == 4  # the desired event went
+    # the same events but the first, whose previous went with the events before it
+    assert f.events()[1:] == before[5:]
+    assert f.events()[0] == ("generation", "agent", None, gen(1))
+
+
+def test_machine_history_view_reads_as_page_does(store: Store) -> None:
+    f = Fleet(store)
+    f.report(gen(0))
+    f.desire(gen(1), "rollout:r1")
+    f.report(gen(1), health=health("disk"))
+    f.report(gen(1), success=False, attempted_generation=gen(2), message="fetch failed")
+    with store.transaction() as conn:
+        machines.set_lifecycle(conn, f.id, Lifecycle.MAINTENANCE, "key:ops", f.tick())
+    with store.read() as conn:
+        events = history.page(conn, f.id).events
+        view = conn.execute(
+            "SELECT seq, at, kind, source, generation, detail FROM machine_history "
+            "WHERE machine_id = ? ORDER BY seq",
+            (f.id,),
+        ).fetchall()
+    assert [(r[0], r[1], r[2], r[3], r[4]) for r in view] == [
+        (e.id, isoformat(e.at), e.kind.value, e.source, e.generation) for e in events
+    ]
+    assert [history.decode_detail(e.kind, r[5]) for e, r in zip(events, view, strict=True)] == [
+        dict(e.detail) for e in events
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kind", "detail", "compact"),
+    [
+        (EventKind.TAGS, {"tag_source": "agent", "added": ["eu"], "removed": []}, True),
+        (EventKind.LIFECYCLE, {"from": "active", "to": "maintenance"}, True),
+        (EventKind.LIFECYCLE, {"to": "maintenance", "from": "active"}, False),  # other order
+        (EventKind.HEALTH, {"status": "failing", "extra": 1}, False),
+        (EventKind.GENERATION, {"anything": True}, False),
+    ],
+)
+def test_details_are_stored_compactly_and_read_back_unchanged(
+    kind: EventKind, detail: dict[str, object], compact: bool
+) -> None:
+    stored = history.encode_detail(kind, detail)
+    assert stored is not None and stored.startswith("[") is compact
+    back = history.decode_detail(kind, stored)
+    assert back == detail and list(back) == list(detail)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
+from nixfleet import wire
 from nixfleet.errors import ConflictError
 from nixfleet.flake import release_from_document
 from nixfleet.models import Lifecycle
@@ -48,7 +50,7 @@ def setup(store: Store, **doc: Any) -> str:
         return store_rollouts.apply(conn, {**base, **doc}, "key:test", T0, 5).id
 
 
-def take(store: Store, host: str, now: datetime = T0) -> dict[str, Any]:
+def take(store: Store, host: str, now: datetime = T0) -> wire.RebootLeases:
     with store.transaction() as conn:
         return leases.take(conn, host, FLEET, now, f"machine:{host}")
 
@@ -109,6 +111,13 @@ def test_an_expired_lease_fails_its_machine_and_frees_the_slot(store: Store) -> 
             r[0]
             for r in conn.execute("SELECT kind FROM rollout_events WHERE rollout_id = ?", (rid,))
         ]
+        hooks = conn.execute(
+            "SELECT event, rollout_id, machine_id, detail_json FROM webhook_outbox "
+            "WHERE event = 'machine.unhealthy'"
+        ).fetchall()
     assert row[0] == "unhealthy" and "did not come back" in row[1]
     assert "reboot-lease-expired" in kinds and "machine-unhealthy" in kinds
+    assert [(h[0], h[1], h[2], json.loads(h[3])) for h in hooks] == [
+        ("machine.unhealthy", rid, "db-1", {"reason": row[1]})
+    ]
     assert take(store, "db-2", T0 + timedelta(seconds=601))["granted"]

@@ -6,6 +6,7 @@ with today's store migrates it; nothing may be lost, and every read must still w
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 from datetime import UTC, datetime
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from nixfleet.api.history import event_json
 from nixfleet.history import EventKind
 from nixfleet.models import (
     TIME_FORMAT,
@@ -28,6 +30,7 @@ from nixfleet.store import Store, history, machines, migrations, releases
 from nixfleet.store import rollouts as store_rollouts
 
 FIXTURE = Path(__file__).parent / "fixtures" / "schema-0007.db"
+FIXTURE_0013 = FIXTURE.with_name("schema-0013.db")  # make_0013.py; its history beside it
 
 
 def _tables(path: Path) -> dict[str, list[tuple[object, ...]]]:
@@ -126,7 +129,6 @@ ENUMERATED = [
     ("rollout_files", "status", ["applied", "invalid"]),
     ("machine_tags", "source", ["agent", "operator"]),
     ("api_keys", "role", ["readonly", "deploy", "admin"]),
-    ("machine_events", "kind", [k.value for k in EventKind]),
 ]
 
 
@@ -166,4 +168,81 @@ def test_the_added_foreign_keys_hold(
     assert (column, parent) in keys
     with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"), store.transaction() as conn:
         conn.execute(f"UPDATE {table} SET {column} = 'no-such-row' WHERE {where}")
+    store.close()
+
+
+# --- 0017: the compact history layout, on a database the 0013 code wrote ---------------
+
+
+@pytest.fixture
+def db_0013(tmp_path: Path) -> Path:
+    target = tmp_path / "nixfleet.db"
+    shutil.copyfile(FIXTURE_0013, target)
+    return target
+
+
+def test_the_0013_fixture_is_what_it_says(db_0013: Path) -> None:
+    conn = sqlite3.connect(db_0013)
+    names = [r[0] for r in conn.execute("SELECT name FROM schema_migrations ORDER BY name")]
+    kinds = {r[0] for r in conn.execute("SELECT kind FROM machine_events")}
+    conn.close()
+    assert names[-1] == "0013_rollout_policy"
+    assert kinds == {k.value for k in EventKind} - {"reboot-needed", "rebooted"}  # added later
+
+
+def test_0017_carries_every_event_over_and_the_api_answers_as_before(db_0013: Path) -> None:
+    """What the 0013 code's API rendered (schema-0013.history.json), field by field.
+
+    Event ids were global then and count per machine now: only their order is kept.
+    """
+    rendered = json.loads(FIXTURE_0013.with_suffix(".history.json").read_text())
+    store = Store(db_0013)
+    with store.read() as conn:
+        now = {m: [event_json(e) for e in history.latest(conn, m, 100)] for m in rendered}
+    store.close()
+    for machine, old in rendered.items():
+        new = now[machine]
+        assert [e["id"] for e in new] == list(range(1, len(old) + 1))
+        assert [{**e, "id": 0} for e in new] == [{**e, "id": 0} for e in old], machine
+        assert [list(e["detail"]) for e in new] == [list(e["detail"]) for e in old]
+
+
+def test_a_0017_database_keeps_writing_and_pruning(db_0013: Path) -> None:
+    store = Store(db_0013)
+    with store.transaction() as conn:
+        machines.register(conn, "new-01", [], Lifecycle.PENDING, datetime(2026, 11, 28, tzinfo=UTC))
+        machines.set_desired(
+            conn,
+            "web-00",
+            "/nix/store/" + "q" * 32 + "-x",
+            None,
+            "operator",
+            datetime(2026, 11, 28, tzinfo=UTC),
+        )
+        machines.set_lifecycle(
+            conn, "new-01", Lifecycle.ACTIVE, "key:admin", datetime(2026, 11, 28, 1, tzinfo=UTC)
+        )
+    with store.read() as conn:
+        web = history.latest(conn, "web-00", 2)
+        new = history.latest(conn, "new-01", 5)
+    assert [(e.kind, e.previous, e.generation) for e in web][-1] == (
+        EventKind.DESIRED,
+        "/nix/store/" + "n" * 32 + "-nixos-system-web-00",
+        "/nix/store/" + "q" * 32 + "-x",
+    )
+    assert [(e.id, e.kind, e.source) for e in new] == [(1, EventKind.LIFECYCLE, "key:admin")]
+    with store.transaction() as conn:
+        deleted, _ = history.prune(conn, datetime(2026, 11, 27, 10, 0, 30, tzinfo=UTC), 1000, 0, 10)
+    assert deleted > 0
+    store.close()
+
+
+def test_event_kinds_are_the_kind_codes(db_0013: Path) -> None:
+    """The stored kinds are exactly history.KIND_CODES; any other code is refused."""
+    store = Store(db_0013)
+    with store.read() as conn:
+        rows = dict(conn.execute("SELECT name, code FROM event_kinds").fetchall())
+    assert rows == {k.value: c for k, c in history.KIND_CODES.items()}
+    with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"), store.transaction() as conn:
+        conn.execute("UPDATE machine_events SET kind = ?", (max(rows.values()) + 1,))
     store.close()

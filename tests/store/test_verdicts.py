@@ -56,6 +56,18 @@ def failed(**kw: Any) -> MachineFacts:
 
 
 CASES: list[tuple[str, MachineFacts, float, int]] = [
+    (
+        "fresh report still carrying the failure of the generation before",
+        failed(failed_generation=OLD),
+        10,
+        SOAK,
+    ),
+    (
+        "on the release's generation, still reporting another generation's failure",
+        failed(current_generation=GEN, failed_generation=OLD),
+        10,
+        SOAK,
+    ),
     # (name, facts, now in seconds after STARTED, soak)
     ("silent, before the timeout", MachineFacts("m", GEN), 10, SOAK),
     ("silent, at the timeout", MachineFacts("m", GEN), TIMEOUT, SOAK),

@@ -1,19 +1,22 @@
-"""The webhook outbox in a real SQLite file: triggers, fan-out, leases, attempts."""
+"""The webhook outbox in a real SQLite file: its writers, fan-out, leases, attempts."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import json
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
+from conftest import sql_writers
 
-from nixfleet import schemas
+from nixfleet import rollout, schemas
 from nixfleet.controlplane.webhooks import backoff, signature
 from nixfleet.models import Lifecycle, Report, isoformat, utcnow
 from nixfleet.settings import WEBHOOK_EVENTS, Webhook
 from nixfleet.store import Store, machines
+from nixfleet.store import rollouts as store_rollouts
 from nixfleet.store import webhooks as outbox
 
 GEN = "/nix/store/" + "a" * 32 + "-nixos-system-web-01"
@@ -53,26 +56,33 @@ def add_rollout(store: Store) -> None:
 
 def test_every_rollout_event_kind_becomes_its_webhook_event(store: Store) -> None:
     add_rollout(store)
+    kinds = [*ROLLOUT_KINDS, "batch-succeeded", "batch-requeued", "rollout-reverted"]
     with store.transaction() as conn:
-        for kind in [*ROLLOUT_KINDS, "batch-succeeded", "batch-requeued", "rollout-reverted"]:
-            conn.execute(
-                "INSERT INTO rollout_events (rollout_id, at, kind, batch_idx, detail_json) "
-                "VALUES ('ro-1', ?, ?, 2, '{\"x\": 1}')",
-                (isoformat(utcnow()), kind),
-            )
+        store_rollouts.add_events(
+            conn, "ro-1", utcnow(), [rollout.Event(k, 2, detail={"x": 1}) for k in kinds], "t"
+        )
     got = events(store)
     assert [e[0] for e in got] == list(ROLLOUT_KINDS.values())
+    assert outbox.ROLLOUT_EVENTS == ROLLOUT_KINDS
     assert set(ROLLOUT_KINDS.values()) <= set(WEBHOOK_EVENTS)
     assert all(e[2] == {"x": 1, "batch": 2} for e in got)
+
+
+def test_every_writer_of_rollout_events_writes_their_webhooks() -> None:
+    """No trigger (migration 0014): each writer of rollout events writes the outbox rows."""
+    writers = sql_writers(r"INSERT INTO rollout_events\b")
+    assert set(writers) == {
+        ("nixfleet/store/rollouts.py", "add_events"),  # every kind, ROLLOUT_EVENTS
+        ("nixfleet/store/verdicts.py", "judge_batch"),  # machine-unhealthy only
+    }
+    assert "webhooks.add" in writers[("nixfleet/store/rollouts.py", "add_events")]
+    assert "webhooks.add_rows" in writers[("nixfleet/store/verdicts.py", "judge_batch")]
 
 
 def test_an_event_is_written_only_with_the_change_that_caused_it(store: Store) -> None:
     add_rollout(store)
     with pytest.raises(RuntimeError), store.transaction() as conn:
-        conn.execute(
-            "INSERT INTO rollout_events (rollout_id, at, kind) VALUES ('ro-1', ?, 'rollout-paused')",
-            (isoformat(utcnow()),),
-        )
+        store_rollouts.add_events(conn, "ro-1", utcnow(), [rollout.Event("rollout-paused")], "t")
         raise RuntimeError("the change failed")
     assert events(store) == []
 
@@ -101,6 +111,19 @@ def test_a_new_failed_generation_is_one_machine_failed_event(store: Store) -> No
         "current_generation": GEN,
         "message": "rolled back: boom",
     }
+
+
+def test_a_machine_that_first_needs_a_reboot_is_one_reboot_needed_event(store: Store) -> None:
+    with store.transaction() as conn:
+        machines.register(conn, "web-01", [], Lifecycle.PENDING, utcnow())
+    needs = (False, True, True, False, True)  # repeats are the same need; then a new one
+    for i, flag in enumerate(needs):
+        r = replace(report(True, i), needs_reboot=flag, booted_generation=BAD)
+        with store.transaction() as conn:
+            machines.record_report(conn, r)
+    got = events(store)
+    assert [(e[0], e[1]) for e in got] == [("machine.reboot-needed", "web-01")] * 2
+    assert got[0][2] == {"generation": GEN, "booted_generation": BAD}
 
 
 def test_fan_out_claim_and_attempts(store: Store) -> None:

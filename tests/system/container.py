@@ -3,7 +3,7 @@
 The root file system is built once by make-rootfs.sh (debootstrap from this
 machine's apt mirror) and never written to: every container mounts it as an
 overlay with a tmpfs on top (`--volatile=overlay`), so each boot starts clean and
-gets its own Nix store (Debian 13's Nix 2.26). The Python environment for the
+gets its own Nix store (the container release's nix-bin). The Python environment for the
 project (its dependencies from PyPI, inside the container) is cached beside it;
 each session copies it and installs the wheel built from the working tree.
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -30,7 +31,9 @@ import pytest
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 CACHE = Path(os.environ.get("NIXFLEET_ROOTFS_CACHE", "/var/cache/nixfleet-tests"))
-SUITE = os.environ.get("NIXFLEET_ROOTFS_SUITE", "trixie")
+# Debian release -> the other one, whose nix-bin (2.8 or 2.26) the container brings.
+OTHER_RELEASE = {"bookworm": "trixie", "trixie": "bookworm"}
+SUITE_VAR = "NIXFLEET_ROOTFS_SUITE"  # forces the container's release (docs/system-tests.md)
 INNER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 VENV = "/opt/nixfleet"  # where the project is installed inside containers
 NIX_CONF = "sandbox = false\nsubstituters =\nexperimental-features = nix-command flakes\n"
@@ -39,6 +42,27 @@ BOOT_TIMEOUT = 90.0
 RESULTS: list[str] = []
 # The host's trust store, which may hold a proxy's CA the Debian root lacks.
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+
+
+def host_release() -> str:
+    """This machine's Debian codename (VERSION_CODENAME), "" when it has none."""
+    try:
+        text = Path("/etc/os-release").read_text()
+    except OSError:
+        return ""
+    found = re.search(r"^VERSION_CODENAME=(\S+)$", text, re.MULTILINE)
+    return found.group(1).strip('"') if found else ""
+
+
+def container_suite() -> str:
+    """The Debian release of the tier's containers: the other one than this machine's
+    (Debian 12 -> 13, 13 -> 12, anything else -> 13), or NIXFLEET_ROOTFS_SUITE."""
+    forced = os.environ.get(SUITE_VAR, "").strip()
+    if forced:
+        if not re.fullmatch(r"[a-z][a-z0-9-]*", forced):
+            pytest.fail(f"{SUITE_VAR}={forced!r} is not a Debian suite name (bookworm, trixie)")
+        return forced
+    return OTHER_RELEASE.get(host_release(), "trixie")
 
 
 def require_capabilities() -> None:
@@ -70,24 +94,44 @@ def _run(argv: Sequence[str], timeout: float, what: str) -> subprocess.Completed
     return done
 
 
-def rootfs() -> Path:
-    """The cached Debian root (built on first use: ~1.5 minutes)."""
+def prebuild(suite: str, log: Path) -> subprocess.Popen[bytes] | None:
+    """Start building the root in the background (None when it cannot be built here).
+
+    The suite's other tests run meanwhile, so a fresh CI machine does not wait the
+    2 to 4 minutes of debootstrap on the tier's critical path; rootfs() then finds the
+    root built, or waits on make-rootfs.sh's lock for the build to finish."""
+    if os.geteuid() != 0 or shutil.which("debootstrap") is None:
+        return None
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [str(HERE / "make-rootfs.sh"), suite],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+        )  # fmt: skip
+
+
+def rootfs(suite: str) -> Path:
+    """The cached Debian root of `suite` (built on first use: ~1.5 minutes)."""
     done = _run(
-        [str(HERE / "make-rootfs.sh"), SUITE], 1200, "building the Debian root (make-rootfs.sh)"
+        [str(HERE / "make-rootfs.sh"), suite], 1200, f"building the {suite} root (make-rootfs.sh)"
     )
     return Path(done.stdout.strip().splitlines()[-1])
 
 
-def _nspawn_base(root: Path) -> list[str]:
+def _nspawn_base(root: Path, *, volatile: bool = True) -> list[str]:
     return [
         "systemd-nspawn",
         "--quiet",
         "--register=no",
         "--keep-unit",
-        "--volatile=overlay",
+        *(["--volatile=overlay"] if volatile else []),
         "-D",
         str(root),
     ]
+
+
+# systemd-nspawn's exit status when the container's systemd rebooted (the
+# systemd-nspawn@.service unit restarts on it: RestartForceExitStatus=133).
+REBOOTED = 133
 
 
 def run_once(
@@ -99,11 +143,15 @@ def run_once(
     overlays: Sequence[tuple[Path | str, str]] = (),
     env: dict[str, str] | None = None,
     timeout: float = 600,
+    private_network: bool = False,
 ) -> subprocess.CompletedProcess[str]:
-    """One command in a throw-away container (no init): for builds and the Nix 2.26 run.
+    """One command in a throw-away container (no init): for builds and the second Nix run.
 
-    `overlays` mount a host directory read-only with a temporary writable layer."""
-    flags = [f"--bind={src}:{dst}" for src, dst in binds]
+    `overlays` mount a host directory read-only with a temporary writable layer.
+    `private_network`: its own network namespace (loopback only), where it may
+    create namespaces and veth pairs of its own (CAP_NET_ADMIN there)."""
+    flags = ["--private-network"] if private_network else []
+    flags += [f"--bind={src}:{dst}" for src, dst in binds]
     flags += [f"--bind-ro={src}:{dst}" for src, dst in binds_ro]
     flags += [f"--overlay={src}::{dst}" for src, dst in overlays]
     flags += [f"--setenv={k}={v}" for k, v in {"PATH": INNER_PATH, **(env or {})}.items()]
@@ -118,8 +166,11 @@ def run_once(
 
 
 def _dependencies() -> list[str]:
+    """The project's dependencies and what its tests import (the PostgreSQL extra
+    too: a test module that cannot import psycopg fails collection under CI)."""
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return [*meta["dependencies"], "pytest", "hypothesis", "setuptools", "wheel"]
+    extras = meta.get("optional-dependencies", {}).get("postgresql", [])
+    return [*meta["dependencies"], *extras, "pytest", "hypothesis", "setuptools", "wheel"]
 
 
 def python_env(root: Path) -> Path:
@@ -208,23 +259,53 @@ def _inner_init(nspawn: int) -> int | None:
 
 @dataclass
 class Container:
-    """A booted container: systemd as PID 1 on the cached root."""
+    """A booted container: systemd as PID 1 on the cached root.
+
+    By default its writes go to a tmpfs (`--volatile=overlay`) and vanish with it.
+    With `disk` (a host directory), they go to an overlay upper layer there instead,
+    mounted by us over the cached root: the container keeps its /etc, /var and Nix
+    store across boots, so it can reboot (nspawn exits REBOOTED) and boot() again on
+    the same disk, as a machine does."""
 
     root: Path
     log: Path
     binds: list[tuple[Path | str, str]] = field(default_factory=list)
     binds_ro: list[tuple[Path | str, str]] = field(default_factory=list)
     hostname: str = "nixfleet-box"
+    disk: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
     pid1: int = 0
+    boots: int = 0
+
+    def _mount_disk(self) -> Path:
+        assert self.disk is not None
+        merged = self.disk / "merged"
+        if os.path.ismount(merged):
+            return merged
+        for d in ("upper", "work", "merged"):
+            (self.disk / d).mkdir(parents=True, exist_ok=True)
+        options = (
+            f"lowerdir={self.root},upperdir={self.disk / 'upper'},workdir={self.disk / 'work'}"
+        )
+        _run(["mount", "-t", "overlay", "overlay", "-o", options, str(merged)], 30,
+             "mounting the container's disk (overlayfs)")  # fmt: skip
+        return merged
 
     def boot(self) -> None:
         flags = [f"--bind={src}:{dst}" for src, dst in self.binds]
         flags += [f"--bind-ro={src}:{dst}" for src, dst in self.binds_ro]
+        base = (
+            _nspawn_base(self._mount_disk(), volatile=False)
+            if self.disk is not None
+            else _nspawn_base(self.root)
+        )
+        self.boots += 1
         logf = self.log.open("ab")
+        logf.write(f"\n--- boot {self.boots} ---\n".encode())
+        logf.flush()
         self.proc = subprocess.Popen(
             [
-                *_nspawn_base(self.root),
+                *base,
                 "-b",
                 "--console=pipe",
                 f"--hostname={self.hostname}",
@@ -295,14 +376,27 @@ class Container:
             "journalctl", "-u", unit, "-n", str(lines), "--no-pager", "-o", "cat", check=False
         ).stdout
 
+    def wait_exit(self, timeout: float) -> int:
+        """Wait for the container to end by itself (a reboot or poweroff inside)."""
+        assert self.proc is not None
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"the container did not end within {timeout:.0f} s:\n{self.console()}"
+            ) from None
+        self.proc, self.pid1 = None, 0
+        return code
+
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.run("systemctl", "poweroff", "--no-block", check=False, timeout=30)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.run("systemctl", "poweroff", "--no-block", check=False, timeout=30)
+                try:
+                    self.proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            self.proc = None
+        if self.disk is not None and os.path.ismount(self.disk / "merged"):
+            subprocess.run(["umount", str(self.disk / "merged")], check=False, timeout=60)

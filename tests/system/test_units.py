@@ -2,13 +2,14 @@
 
 One container for the module: the units are rendered INSIDE it from
 modules/*.nix by the real nixpkgs lib (tests/nix/render-units.nix, with the
-container's Nix 2.26), installed in /etc/systemd/system and started as a NixOS
+container's Nix), installed in /etc/systemd/system and started as a NixOS
 machine would start them. The machine's "NixOS systems" are fake closures built
 in the container's own store (tests/nix/fake-system.nix); each carries the agent
 config file the module renders for it, which its switch links to
 /etc/nixfleet/agent.json as NixOS's /etc activation does. The test process talks
 to the control plane over 127.0.0.1 (the container shares the host's network)
-with the real client and CLI.
+with the real client and CLI. The box has a disk (container.Container.disk), so
+the last test can reboot it for real and boot it again with its state.
 """
 
 from __future__ import annotations
@@ -30,12 +31,16 @@ import pytest
 import yaml
 
 from nixfleet.client import Client
+from nixfleet.errors import NixfleetError
 
 pytestmark = [pytest.mark.system, pytest.mark.nix]
 
 MID = "box"
 ADMIN_KEY = "system-tier-admin-key-0123456789abcdef"
-SCRIPTS = "/run/nixfleet-unit-scripts"
+# Persistent paths (the box reboots in the last test): NixOS keeps job scripts in
+# the store; secrets here live on the box's disk, not in a /run that a boot empties.
+SCRIPTS = "/etc/nixfleet-unit-scripts"
+KEYS = "/var/lib/nixfleet-keys"
 RECORD = "/srv/share/switches.log"
 AGENT = "nixfleet-agent.service"
 CP = "nixfleet-control-plane.service"
@@ -108,7 +113,11 @@ class Box:
                 "--argstr", "salt", f"{name}-{self.salt}", "--argstr", "agentConfig", agent_json,
                 "--argstr", "record", RECORD]  # fmt: skip
         for key, value in args.items():
-            argv += ["--arg", key, json.dumps(value) if not isinstance(value, str) else value]
+            argv += (
+                ["--argstr", key, value]
+                if isinstance(value, str)
+                else ["--arg", key, json.dumps(value)]
+            )
         out: str = self.c.run(*argv, timeout=300).stdout.strip().splitlines()[-1]
         return out
 
@@ -121,6 +130,38 @@ class Box:
     def main_pid(self, unit: str) -> int:
         out = self.c.run("systemctl", "show", "-P", "MainPID", unit).stdout
         return int(out.strip())
+
+
+# What NixOS's stage 2 and boot activation do that the agent relies on: the booted
+# generation is the system profile's, /run/booted-system and /run/current-system
+# point at it, and its /etc (here: the agent's config) is linked. Not a module unit:
+# the fake of the boot, as fake-system.nix is the fake of the switch.
+BOOT = "fake-nixos-boot.service"
+FAKE_BOOT_SCRIPT = """\
+#!/bin/sh
+set -eu
+system=$(readlink -e /nix/var/nix/profiles/system)
+ln -sfn "$system" /run/booted-system
+ln -sfn "$system" /run/current-system
+mkdir -p /etc/nixfleet
+ln -sfn "$system/etc/nixfleet/agent.json" /etc/nixfleet/agent.json
+"""
+FAKE_BOOT = f"""\
+[Unit]
+Description=Fake NixOS stage 2: /run/booted-system, /run/current-system, /etc links
+DefaultDependencies=no
+After=local-fs.target
+Before=sysinit.target
+ConditionPathExists=/nix/var/nix/profiles/system
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart={SCRIPTS}/fake-nixos-boot
+
+[Install]
+WantedBy=sysinit.target
+"""
 
 
 PACKAGES = {
@@ -137,14 +178,14 @@ def machine_config(port: int, tags: list[str]) -> str:
       services.nixfleet-control-plane = {{
         enable = true;
         listen.port = {port};
-        adminKeyFile = "/run/keys/nixfleet-admin-key";
+        adminKeyFile = "{KEYS}/admin-key";
         settings.reconcile_interval = 1;
       }};
       services.nixfleet-agent = {{
         enable = true;
         controlPlaneUrl = "http://127.0.0.1:{port}";
         tags = [ {tag_list} ];
-        tokenFile = "/run/keys/nixfleet-token";
+        tokenFile = "{KEYS}/token";
         pollInterval = 1;
         backoff = {{ initial = 1; max = 2; }};
       }};
@@ -162,6 +203,7 @@ def box(
     c = container.Container(
         root=system_root,
         log=work / "console.log",
+        disk=work / "disk",
         binds=[(system_venv, container.VENV), (share, "/srv/share")],
         binds_ro=[(container.ROOT, "/src"), (lib, "/nixpkgs-lib"), (nix_conf, "/etc/nix/nix.conf")],
         hostname=MID,
@@ -174,8 +216,13 @@ def box(
             c.write(f"/etc/systemd/system/{name}", unit["text"])
             for script, text in unit["scripts"].items():
                 c.write(f"{SCRIPTS}/{script}", text, 0o755)
-        c.write("/run/keys/nixfleet-admin-key", ADMIN_KEY + "\n", 0o600)
+        c.write(f"/etc/systemd/system/{BOOT}", FAKE_BOOT)
+        c.write(f"{SCRIPTS}/fake-nixos-boot", FAKE_BOOT_SCRIPT, 0o755)
+        c.run("systemctl", "enable", BOOT)
+        c.write(f"{KEYS}/admin-key", ADMIN_KEY + "\n", 0o600)
+        c.run("mkdir", "-p", "/var/log/journal")  # a journal that survives the reboot
         c.run("systemctl", "daemon-reload")
+        c.run("journalctl", "--flush")
         yield b
     finally:
         for unit in (AGENT, CP):
@@ -189,12 +236,11 @@ def running(box: Box) -> Box:
     box.c.run("systemctl", "enable", "--now", CP)
     wait_for("the control plane to answer", lambda: _health(box.url))
     token = box.client().post("/api/v1/machines", {"id": MID, "issue_token": True})["token"]
-    box.c.write("/run/keys/nixfleet-token", token + "\n", 0o600)
+    box.c.write(f"{KEYS}/token", token + "\n", 0o600)
     first = box.system("gen0", ["prod", "web"])
+    # As if the machine had been installed with `first` and booted it.
     box.c.run("nix-env", "--profile", "/nix/var/nix/profiles/system", "--set", first)
-    box.c.run("ln", "-sfn", first, "/run/current-system")
-    box.c.run("mkdir", "-p", "/etc/nixfleet")
-    box.c.run("ln", "-sfn", f"{first}/etc/nixfleet/agent.json", "/etc/nixfleet/agent.json")
+    box.c.run("systemctl", "start", BOOT)
     box.c.run("systemctl", "enable", "--now", AGENT)
     return box
 
@@ -255,19 +301,19 @@ def test_agent_reports_with_its_credential(running: Box) -> None:
     assert running.c.run("systemctl", "is-active", AGENT).stdout.strip() == "active"
 
 
-def test_rollout_switches_in_a_transient_unit(running: Box, tmp_path: Path) -> None:
-    new = running.system("gen1", ["prod", "web"])
+def apply_rollout(box: Box, tmp_path: Path, name: str, store_path: str, **fields: Any) -> None:
+    """A release of `store_path` for the box and a rollout of it, with the real CLI."""
     from nixfleet.flake import release_from_document, write_toml
 
     release = write_toml(
         release_from_document(
             {
                 "flake_ref": "git+file:///srv/fleet",
-                "flake_rev": "0" * 40,
+                "flake_rev": os.urandom(20).hex(),
                 "entries": [
                     {
                         "hostname": MID,
-                        "store_path": new,
+                        "store_path": store_path,
                         "platform": "x86_64-linux",
                         "tags": ["prod"],
                     }
@@ -276,26 +322,36 @@ def test_rollout_switches_in_a_transient_unit(running: Box, tmp_path: Path) -> N
         ),
         tmp_path / "releases",
     )
-    rollout = tmp_path / "rollout.yaml"
+    rollout = tmp_path / f"{name}.yaml"
     rollout.write_text(
         yaml.safe_dump(
             {
                 "version": 1,
-                "name": "system-tier",
+                "name": name,
                 "release": str(release),
                 "target": {"tags": ["prod"]},
                 "strategy": "all-at-once",
                 "health_timeout": "5m",
+                **fields,
             }
         )
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NIXFLEET_")}
-    env.update(NIXFLEET_CONTROL_PLANE_URL=running.url, NIXFLEET_API_KEY=ADMIN_KEY)
     done = subprocess.run(
         [sys.executable, "-m", "nixfleet.cli", "rollout", "apply", "-f", str(rollout)],
-        capture_output=True, text=True, env=env, timeout=60, check=False,
+        capture_output=True, text=True, env=cli_env(box), timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
+
+
+def cli_env(box: Box) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NIXFLEET_")}
+    env.update(NIXFLEET_CONTROL_PLANE_URL=box.url, NIXFLEET_API_KEY=ADMIN_KEY)
+    return env
+
+
+def test_rollout_switches_in_a_transient_unit(running: Box, tmp_path: Path) -> None:
+    new = running.system("gen1", ["prod", "web"])
+    apply_rollout(running, tmp_path, "system-tier", new)
     wait_for(
         "the agent to deploy the rollout's generation",
         reported(running, new, last_success=True, last_message=f"deployed {new}"),
@@ -338,9 +394,7 @@ def test_a_switch_that_changes_the_tags_shows_in_the_next_report(running: Box) -
     assert running.main_pid(AGENT) == pid, "the switch must not restart the agent"
     out = subprocess.run(
         [sys.executable, "-m", "nixfleet.cli", "machines", "list", "--tags", "api", "--json"],
-        capture_output=True, text=True, timeout=60, check=False,
-        env={**{k: v for k, v in os.environ.items() if not k.startswith("NIXFLEET_")},
-             "NIXFLEET_CONTROL_PLANE_URL": running.url, "NIXFLEET_API_KEY": ADMIN_KEY},
+        capture_output=True, text=True, timeout=60, check=False, env=cli_env(running),
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert MID in out.stdout
@@ -375,3 +429,66 @@ def test_security_exposure_is_within_bounds_and_recorded(running: Box) -> None:
         level = float(re.findall(r"Overall exposure level for \S+: ([0-9.]+)", out)[0])
         assert level <= bound, f"{unit}: exposure {level} > {bound}\n{out}"
         assert f"| `{unit}` | {level} |" in docs, f"record {unit}'s exposure {level} in the docs"
+
+
+# --- a reboot (issue 18): last, it reboots the box ----------------------------------
+
+
+def reported_after_boot(box: Box, generation: str) -> Callable[[], dict[str, Any] | None]:
+    """The report of `generation` as the booted one (the CP itself may be booting)."""
+    check = reported(box, generation, last_success=True, needs_reboot=False)
+
+    def after_boot() -> dict[str, Any] | None:
+        try:
+            m = check()
+        except NixfleetError:  # unreachable, or not ready yet
+            return None
+        return m if m is not None and m.get("booted_generation") == generation else None
+
+    return after_boot
+
+
+def wait_for_reboot(box: Box, timeout: float = 120.0) -> int:
+    """Wait for the container's systemd to end (its exit status says how), failing
+    early with the agent's log when the agent could not reboot it."""
+    assert box.c.proc is not None
+    deadline = time.monotonic() + timeout
+    while box.c.proc.poll() is None:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the box did not reboot:\n{agent_log(box)}")
+        if "reboot command failed" in box.c.journal(AGENT, 50):
+            raise AssertionError(f"the agent could not reboot the box:\n{agent_log(box)}")
+        time.sleep(1)
+    code: int = box.c.wait_exit(10)
+    return code
+
+
+def test_a_kernel_change_reboots_under_a_lease_and_reports_the_booted_generation(
+    running: Box, tmp_path: Path
+) -> None:
+    """`reboot: when-needed` and a generation with another kernel: the agent switches,
+    takes the reboot lease and runs its reboot command (`systemctl reboot`, the real
+    one, inside the container); systemd reboots the box, which systemd-nspawn shows by
+    ending with 133; the test boots it again on the same disk, as the machine's
+    firmware would. The agent comes back on the new generation, reports it as booted,
+    and gives the lease back once healthy; the rollout completes."""
+    c = running.c
+    booted = c.run("readlink", "/run/booted-system").stdout.strip()
+    new = running.system("gen5-kernel", ["prod", "api"], kernel="k2")
+    apply_rollout(running, tmp_path, "kernel", new, reboot="when-needed")
+    assert wait_for_reboot(running) == container.REBOOTED
+    c.boot()
+    m = wait_for("the report of the booted generation", reported_after_boot(running, new))
+    assert m["booted_generation"] != booted
+    assert c.run("readlink", "/run/booted-system").stdout.strip() == new
+    log = running.c.journal(AGENT, 2000)  # both boots: the journal is on the disk
+    assert f"reboot lease taken; rebooting into {new}" in log, log
+    wait_for("the lease to be given back", lambda: "reboot lease released" in agent_log(running))
+    rollout = wait_for(
+        "the rollout to complete",
+        lambda: (
+            (r := running.client().get("/api/v1/rollouts/kernel"))["status"] == "completed" and r
+        ),
+    )
+    events = [(e["kind"], e["machine"]) for e in rollout["events"]]
+    assert events.index(("machine-rebooting", MID)) < events.index(("machine-rebooted", MID))
