@@ -212,6 +212,34 @@ def backup(settings: config.Settings, destination: str) -> None:
     click.echo(f"backed up {settings.db_path()} to {target}", err=True)
 
 
+@cli.command("wait-ready")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0, 3600),
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait before giving up (exit 5).",
+)
+@click.pass_obj
+def wait_ready(settings: config.Settings, timeout: float) -> None:
+    """Wait until the control plane at --listen answers GET /ready with 200.
+
+    /ready is 200 once the database is migrated and takes a real write; the NixOS
+    module runs this as the unit's ExecStartPost, so `systemctl start` (and a
+    `nixos-rebuild switch`) finishes only when the control plane is ready.
+    Exit 0 when ready, 5 (naming the last answer) when not within the timeout.
+
+    \b
+    Example:
+      nixfleet-control-plane --listen 127.0.0.1:8470 wait-ready --timeout 30
+    """
+    from nixfleet.controlplane.readiness import wait_until_ready
+
+    host, port = settings.host_port
+    wait_until_ready(host, port, timeout)
+    click.echo(f"control plane at {settings.listen} is ready", err=True)
+
+
 def main() -> None:
     cli()  # ProgramGroup.main: the one place exceptions become exit codes
 

@@ -13,6 +13,12 @@ from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 
+class Row(Protocol):
+    """A result row: by column name (DESIGN rule 9) or position (sqlite3.Row, pg.Row)."""
+
+    def __getitem__(self, key: str | int, /) -> Any: ...
+
+
 class Cursor(Protocol):
     @property
     def rowcount(self) -> int: ...

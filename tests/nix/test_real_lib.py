@@ -19,6 +19,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from conftest import new_control_plane
 
 from nixfleet import schemas
 from nixfleet.agent.config import load_config
@@ -289,3 +290,27 @@ def test_systemd_analyze_verify_is_silent(lib: str, tmp_path: Path) -> None:
     for path in written.units.values():
         code, output = units.verify([path])
         assert (code, output) == (0, ""), f"{path.name}:\n{output}"
+
+
+def test_the_control_plane_unit_starts_only_once_ready(lib: str, tmp_path: Path) -> None:
+    """ExecStartPost probes GET /ready with the unit's own config: the rendered command
+    line, run as systemd would, returns 0 against a real control plane listening there."""
+    cp = new_control_plane(tmp_path / "cp")
+    config = (
+        "{ services.nixfleet-control-plane = { enable = true; "
+        f'listen.address = "0.0.0.0"; listen.port = {cp.port}; }}; }}'
+    )
+    out = units.render(lib, config, packages=units.real_packages(), script_dir=str(tmp_path / "s"))
+    text = out["units"]["nixfleet-control-plane.service"]["text"]
+    (start,) = lines(text, "ExecStart")
+    (post,) = lines(text, "ExecStartPost")
+    argv = post.split()
+    assert argv[:3] == start.split()[:3]  # the same program and settings file
+    assert argv[3:] == ["wait-ready", "--timeout", "60"]
+    cp.start()
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=70, check=False)
+    finally:
+        cp.stop()
+    assert done.returncode == 0, done.stderr
+    assert f"0.0.0.0:{cp.port} is ready" in done.stderr

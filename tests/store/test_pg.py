@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from postgres_cluster import free_port, import_psycopg
+from postgres_cluster import Cluster, bin_dir, free_port, import_psycopg, unavailable
 
 from nixfleet.errors import StoreUnavailableError
 
@@ -114,3 +114,24 @@ def test_an_unreachable_server_is_a_clear_error() -> None:
     url = f"postgresql://nixfleet@127.0.0.1:{free_port()}/nixfleet?connect_timeout=1"
     with pytest.raises(StoreUnavailableError, match="cannot connect to the PostgreSQL database"):
         pg.PgStore(url, timeout=1.0)
+
+
+def test_readiness_says_when_the_server_is_gone() -> None:
+    """/ready reflects the database: a server that stopped is a reason, not a hang."""
+    found = bin_dir()
+    if found is None:
+        unavailable("no PostgreSQL binaries (Debian: apt-get install postgresql)")
+    assert found is not None
+    cluster = Cluster(found)
+    try:
+        server = cluster.start()
+        store = pg.PgStore(server.url + "?connect_timeout=2", max_size=2, timeout=1.0)
+        assert store.readiness() is None
+        cluster.stop()
+        reason = store.readiness()
+        assert reason is not None and "unavailable" in reason
+        with pytest.raises(StoreUnavailableError):
+            store.ping()
+        store.close()
+    finally:
+        cluster.stop()
