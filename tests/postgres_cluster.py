@@ -6,7 +6,8 @@ names a server to use. Without it the harness starts its own cluster from the
 installed by ./dev): `initdb` in a new temporary directory, the server on a free
 port of 127.0.0.1 (its socket in that directory), run as an unprivileged user
 when we are root (PostgreSQL refuses to run as root), and the directory removed
-when the test session ends. The cluster is for tests only: trust authentication
+when the test session ends
+(or the test process dies: see WATCHDOG). The cluster is for tests only: trust authentication
 on 127.0.0.1 and no fsync (a test never survives the machine crashing; kill -9 of
 a process, what the durability tests do, loses nothing with fsync off).
 
@@ -21,6 +22,7 @@ system tier does (tests/system/container.py).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -42,6 +44,19 @@ BIN_GLOB = "/usr/lib/postgresql/*/bin"
 UNPRIVILEGED = "nobody"  # the user our own cluster runs as when we are root
 USER = "nixfleet"  # the cluster's superuser (initdb -U)
 START_TIMEOUT = 60.0
+# The server runs under this watchdog, whose stdin is a pipe from the test process:
+# when that closes (stop(), or the test process killed, even by SIGKILL) it stops the
+# server (fast shutdown) and removes the cluster's directory, so nothing is left.
+WATCHDOG = """
+root=$1; shift
+"$@" <&- &
+pid=$!
+trap 'kill -INT "$pid" 2>/dev/null' TERM INT
+read -r _ || true
+kill -INT "$pid" 2>/dev/null
+wait "$pid"
+rm -rf "$root"
+"""
 
 
 def unavailable(message: str) -> None:
@@ -175,6 +190,11 @@ class Cluster:
             os.chown(self.log, *ident)
         self.proc = subprocess.Popen(
             [
+                "/bin/sh",
+                "-c",
+                WATCHDOG,
+                "nixfleet-pg-watchdog",
+                str(self.root),
                 str(self.bin / "postgres"),
                 "-D",
                 str(self.data),
@@ -193,6 +213,7 @@ class Cluster:
                 "-c",
                 "max_connections=200",
             ],
+            stdin=subprocess.PIPE,
             stdout=logf,
             stderr=logf,
             env=env,
@@ -230,14 +251,21 @@ class Cluster:
         """Fast shutdown (SIGINT: disconnect clients, no waiting), then remove the files."""
         if self.proc is not None:
             if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGINT)
+                assert self.proc.stdin is not None
+                self.proc.stdin.close()  # the watchdog stops the server
                 try:
                     self.proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
+                    self._kill_server()
                     self.proc.kill()
                     self.proc.wait(timeout=30)
             self.proc = None
         shutil.rmtree(self.root, ignore_errors=True)
+
+    def _kill_server(self) -> None:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            pid = int((self.data / "postmaster.pid").read_text().split()[0])
+            os.kill(pid, signal.SIGKILL)
 
 
 def server_or_skip() -> tuple[Server, Cluster | None]:

@@ -28,7 +28,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-RING = 4096  # slots: more unapplied rows than this and every machine waits
+RING = 4096  # slots
+SCAN = 256  # unapplied rows a request looks through; beyond that every machine waits
 HEADER = 16
 SLOT = struct.Struct("<QQ")  # seq, key
 SIZE = HEADER + RING * SLOT.size
@@ -72,7 +73,7 @@ class ChangeSignal:
     def touches(self, applied: int, published: int, machine: int) -> bool:
         """Whether a row in (applied, published] may concern the machine with key `machine`."""
         m = self._mapped()
-        if m is None or published - applied > RING:
+        if m is None or published - applied > SCAN:
             return True
         for s in range(applied + 1, published + 1):
             seq, k = SLOT.unpack_from(m, HEADER + (s % RING) * SLOT.size)

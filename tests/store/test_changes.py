@@ -31,8 +31,8 @@ def test_published_rows_name_their_machines_and_rollout_rows_name_every_one(
     other = changes.ChangeSignal(Path(f"{store.path}.changes"))
     assert other.published() == last
     assert not other.touches(start, published, changes.key("b"))
-    # A reader far behind (more rows than the ring holds) trusts nothing.
-    assert other.touches(last - changes.RING - 1, last, changes.key("b"))
+    # A reader far behind (more rows than a request looks through) trusts nothing.
+    assert other.touches(last - changes.SCAN - 1, last, changes.key("b"))
     other.close()
 
 

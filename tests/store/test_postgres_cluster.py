@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import os
 import pwd
+import signal
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
+from conftest import wait_until
 from postgres_cluster import (
     UNPRIVILEGED,
     Cluster,
@@ -112,3 +117,46 @@ def test_no_server_skips_for_a_developer_and_fails_under_ci(
     monkeypatch.delenv("NIXFLEET_CI")
     with pytest.raises(pytest.skip.Exception, match="no PostgreSQL server"):
         unavailable("no PostgreSQL server")
+
+
+KILLED_OWNER = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from postgres_cluster import Cluster, bin_dir
+cluster = Cluster(bin_dir())
+cluster.start()
+pid = (cluster.data / "postmaster.pid").read_text().split()[0]
+print(cluster.root, pid, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_killed_test_process_leaves_no_server_behind() -> None:
+    """SIGKILL of the process that started a cluster stops the server and removes it."""
+    if bin_dir() is None:
+        unavailable("no PostgreSQL binaries (Debian: apt-get install postgresql)")
+    owner = subprocess.Popen(
+        [sys.executable, "-c", KILLED_OWNER, str(Path(__file__).resolve().parent.parent)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert owner.stdout is not None
+        root, pid = owner.stdout.readline().split()
+        assert Path(root).is_dir()
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait(timeout=30)
+
+        def gone() -> bool:
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                return not Path(root).exists()
+            return False
+
+        wait_until("the orphaned server to stop and its directory to go", gone, timeout=30)
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait(timeout=30)
