@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pty
@@ -13,6 +14,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, TypeVar
 
 import pytest
@@ -23,6 +25,20 @@ from nixfleet.models import utcnow
 from nixfleet.store import Store, credentials
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_file(name: str, path: Path) -> ModuleType:
+    """A Python file that is not on the import path (bench scripts, tests/nix helpers)
+    loaded once as module `name`; a unique name keeps it apart from same-named packages
+    (bench/hostile.py vs tests/hostile/)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
 
 # Real Nix runs offline here: no substituters (else each build waits on the public
 # cache), flakes on. A developer's own NIX_CONFIG wins.

@@ -9,33 +9,19 @@ The same rendered files run under systemd as PID 1 in tests/system/.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
-from conftest import new_control_plane
+from conftest import load_file, new_control_plane
 
 from nixfleet import schemas
 from nixfleet.agent.config import load_config
 
-
-def _load(name: str, path: Path) -> ModuleType:
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-units = _load("nixfleet_test_units", Path(__file__).resolve().parent / "units.py")
+units = load_file("nixfleet_test_units", Path(__file__).resolve().parent / "units.py")
 
 ROOT: Path = units.ROOT
 EVAL = ROOT / "tests" / "nix" / "eval-modules.nix"

@@ -6,31 +6,18 @@ missing is reported by container.require_capabilities (skip, or fail under CI).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
-from types import ModuleType
 
 import pytest
-
-
-def _load(name: str, path: Path) -> ModuleType:
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
+from conftest import load_file
 
 HERE = Path(__file__).resolve().parent
-container = _load("nixfleet_test_container", HERE / "container.py")
-units = _load("nixfleet_test_units", HERE.parent / "nix" / "units.py")
+container = load_file("nixfleet_test_container", HERE / "container.py")
+units = load_file("nixfleet_test_units", HERE.parent / "nix" / "units.py")
 
 
 @pytest.fixture(scope="session")
