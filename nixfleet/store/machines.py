@@ -449,9 +449,11 @@ def filter_sql(f: MachineFilter, cutoff: str) -> tuple[str, list[object]]:
         params += [*wanted, len(wanted)]
     unwanted = sorted(set(f.not_tags))
     if unwanted:
+        # One set built from the tag index, then a lookup per machine: ~35 % less CPU at
+        # 100,000 machines than a correlated NOT EXISTS (docs/performance.md, Dashboard).
         clauses.append(
-            "NOT EXISTS (SELECT 1 FROM machine_tags t WHERE t.machine_id = m.id "
-            f"AND t.tag IN ({','.join('?' * len(unwanted))}))"
+            "m.id NOT IN (SELECT machine_id FROM machine_tags "
+            f"WHERE tag IN ({','.join('?' * len(unwanted))}))"
         )
         params += unwanted
     for expr, value in (
