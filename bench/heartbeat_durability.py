@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import http.client
+import importlib.util
 import json
 import os
 import random
@@ -38,12 +39,25 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
+from types import ModuleType
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
-from hostile import Plane  # noqa: E402
+
+def _hostile() -> ModuleType:
+    """bench/hostile.py by path: under pytest the name `hostile` is tests/hostile/."""
+    name = "nixfleet_bench_hostile"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, BENCH / "hostile.py")
+        assert spec is not None and spec.loader is not None
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+Plane = _hostile().Plane
 
 from nixfleet.models import Lifecycle, utcnow  # noqa: E402
 from nixfleet.store import Store, credentials, machines  # noqa: E402

@@ -41,7 +41,7 @@ import build_db
 import fleet
 
 from nixfleet import history as changes
-from nixfleet.controlplane.background import PruneHistory, prune_history
+from nixfleet.controlplane.background import PruneHistory, prune_cache_changes, prune_history
 from nixfleet.history import EventKind
 from nixfleet.models import HealthCheckResult, HealthResult, Report, isoformat
 from nixfleet.settings import Settings
@@ -95,7 +95,7 @@ def _day(conn: Any, day: int, t0: datetime, failing: str, passing: str) -> None:
     start = t0 + timedelta(days=day)
     label = f"rollout:daily-{day:02d}"
     # Desired: what a rollout's ticks write (spread over the first hour of the day);
-    # the real trigger writes the desired events.
+    # its desired events are written below, by the function the ticks use.
     conn.execute(
         "UPDATE machines SET desired_generation = '/nix/store/' || lower(hex(randomblob(16))) "
         "|| '-nixos-system-' || substr(id, 1, 7) || ?, desired_source = ?, "
@@ -187,6 +187,7 @@ def run(machines: int, days: int, workdir: Path) -> dict[str, Any]:
     started = time.perf_counter()
     build_db.build(db, machines, 0, quiet=True)
     store = Store(db)
+    prune_cache_changes(Settings(), store)  # as the background job does every tick
     _settle(store)
     base = _size(db)
     failing, passing = _flap_details()
@@ -194,6 +195,7 @@ def run(machines: int, days: int, workdir: Path) -> dict[str, Any]:
     for day in range(days):
         with store.transaction() as conn:
             _day(conn, day, t0, failing, passing)
+        prune_cache_changes(Settings(), store)  # the report cache's change list: bounded
         store.checkpoint()
     _check_shapes(store, failing, passing)
     pruned = prune_history(Settings(), store, PruneHistory.MACHINES)
@@ -222,7 +224,8 @@ def run(machines: int, days: int, workdir: Path) -> dict[str, Any]:
         with store.transaction() as conn:
             store_machines.record_report(conn, report)
         if k % 1000 == 999:
-            store.checkpoint()  # what the control plane's background job does
+            prune_cache_changes(Settings(), store)  # what the control plane's background
+            store.checkpoint()  # job does
     _settle(store)
     after = _size(db)
     with store.read() as conn:

@@ -5,12 +5,16 @@
                acknowledged write (a 201 received) must be in the database.
   sockets      holds N idle and M half-sent sockets on the control plane and counts
                how many agent reports (fresh connection each) still succeed.
+  burst        opens N new connections at once, then times one agent report on a
+               fresh connection behind them (waitress accepts one connection per
+               loop turn, so the first request behind a burst waits for the rest).
 
 CI runs small versions of both (tests/hostile/test_durability.py, test_limits.py);
 this script runs the full-size ones and prints the figures as JSON:
 
     python bench/hostile.py durability --kills 50 --writers 4
     python bench/hostile.py sockets --idle 5000 --slow 500 --reports 100
+    python bench/hostile.py burst --sizes 0,1000,3000,6000
 """
 
 from __future__ import annotations
@@ -212,6 +216,51 @@ def sockets(workdir: Path, idle: int = 5000, slow: int = 500, reports: int = 100
         plane.stop()
 
 
+@dataclass
+class Burst:
+    connections: int
+    open_s: float  # opening the burst's sockets (the kernel completes them)
+    report_s: float  # the agent report right behind it, connect to answer
+
+
+def burst(workdir: Path, sizes: list[int]) -> list[Burst]:
+    """Per size: open that many connections as fast as possible, then time a report."""
+    import resource
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(sizes) + 1024), hard))
+    db = workdir / "nixfleet.db"
+    key = _admin_db(db)
+    plane = Plane(db, workdir / "cp.log")
+    plane.start()
+    report = {"current_generation": "/nix/store/" + "a" * 32 + "-nixos-system-web-01"}
+    results: list[Burst] = []
+    try:
+        _status, body = _request(
+            plane.port, "POST", "/api/v1/machines", {"id": "web-01", "issue_token": True}, key
+        )
+        token = json.loads(body)["token"]
+        for size in sizes:
+            held: list[socket.socket] = []
+            try:
+                started = time.monotonic()
+                for _ in range(size):
+                    held.append(socket.create_connection(("127.0.0.1", plane.port), timeout=30))
+                opened = time.monotonic()
+                status, _ = _request(
+                    plane.port, "POST", "/api/v1/machines/web-01/report", report, token, 60
+                )
+                assert status == 200, status
+                results.append(Burst(size, opened - started, time.monotonic() - opened))
+            finally:
+                for s in held:
+                    s.close()
+            time.sleep(2)  # let the closed burst drain before the next size
+    finally:
+        plane.stop()
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -222,11 +271,17 @@ def main() -> None:
     s.add_argument("--idle", type=int, default=5000)
     s.add_argument("--slow", type=int, default=500)
     s.add_argument("--reports", type=int, default=100)
+    b = sub.add_parser("burst")
+    b.add_argument("--sizes", default="0,1000,3000,6000")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         result: Any
         if args.what == "durability":
             result = durability(Path(tmp), args.kills, args.writers)
+        elif args.what == "burst":
+            sizes = [int(n) for n in args.sizes.split(",")]
+            print(json.dumps([asdict(r) for r in burst(Path(tmp), sizes)], indent=2))
+            return
         else:
             result = sockets(Path(tmp), args.idle, args.slow, args.reports)
     print(json.dumps(asdict(result), indent=2))

@@ -139,7 +139,7 @@ def wait_for_report_cache(cp: Server, db: Path, reporters: list[int], workers: i
 
     A heartbeat answered from memory commits nothing, so `PRAGMA data_version` of a
     connection of our own does not move across it (a flush of earlier ones might:
-    retried). Each fresh connection lands on some process; 4 in a row per worker.
+    retried). Each fresh connection lands on some process; 8 in a row per worker.
     """
     import sqlite3
 
@@ -151,7 +151,7 @@ def wait_for_report_cache(cp: Server, db: Path, reporters: list[int], workers: i
     t0 = time.monotonic()
     streak = 0
     k = 0
-    while streak < 4 * workers and time.monotonic() - t0 < 30:
+    while streak < 8 * workers and time.monotonic() - t0 < 60:
         i = reporters[k % len(reporters)]
         k += 1
         conn = http.client.HTTPConnection("127.0.0.1", cp.port, timeout=30)

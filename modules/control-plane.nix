@@ -303,6 +303,17 @@ in
             "%d/admin-key"
           ]
         );
+        # The unit is started (and `nixos-rebuild switch` succeeds) only once
+        # GET /ready is 200: migrated, and the database takes a real write.
+        # Within TimeoutStartSec's default 90 s; else the start fails and is retried.
+        ExecStartPost = lib.concatStringsSep " " [
+          (lib.getExe' cfg.package "nixfleet-control-plane")
+          "--config"
+          "${configFile}"
+          "wait-ready"
+          "--timeout"
+          "60"
+        ];
         Restart = "on-failure";
         RestartSec = 5;
 

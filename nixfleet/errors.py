@@ -141,6 +141,13 @@ class StoreUnavailableError(NixfleetError):
     retry_after: ClassVar[int] = 5
 
 
+class NotLeaderError(StoreUnavailableError):
+    """A background transaction of a replica that is no longer the leader (its
+    fencing epoch is not the database's, docs/scaling.md): it wrote nothing. The
+    background jobs stop on it; were it to reach a client, it is a 503 like any
+    store that takes no writes now."""
+
+
 class DatabaseFileError(NixfleetError):
     """At start-up: the database file is corrupt, empty where one is expected, not a
     database, or newer than this code. Exit 7 (an invalid input file), no traceback."""

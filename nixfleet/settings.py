@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from nixfleet import database_url
+from nixfleet.database_url import DatabaseURL
 from nixfleet.errors import FieldError, ValidationError
 from nixfleet.policy import fleet
 from nixfleet.policy.fleet import FleetPolicy
@@ -83,6 +85,8 @@ def default_db() -> Path:
 class Settings:
     listen: str = f"127.0.0.1:{DEFAULT_PORT}"
     db: str = ""
+    # sqlite:PATH, a file path, or postgresql://… (nixfleet.database_url); "" is `db`.
+    database_url: str = ""
     rollouts_dir: str | None = None
     admin_key_file: str | None = None
     history_days: int = 90
@@ -145,8 +149,28 @@ class Settings:
         host, _, port = self.listen.rpartition(":")
         return host.strip("[]") or "127.0.0.1", int(port)
 
+    @property
+    def database(self) -> DatabaseURL:
+        """The database to open: `database_url`, else the SQLite file `db` (or the default)."""
+        if self.database_url:
+            return database_url.parse(self.database_url)
+        return DatabaseURL("sqlite", path=Path(self.db) if self.db else default_db())
+
     def db_path(self) -> Path:
-        return Path(self.db) if self.db else default_db()
+        """The SQLite file; a PostgreSQL `database_url` is refused, naming the field."""
+        database = self.database
+        if database.path is None:
+            raise ValidationError(
+                "invalid control-plane settings",
+                errors=[
+                    FieldError(
+                        "database_url",
+                        "the PostgreSQL store is not in this version yet (docs/scaling.md "
+                        '"PostgreSQL backend: design"); use an SQLite file',
+                    )
+                ],
+            )
+        return database.path
 
 
 def load(path: str | Path | None = None, **overrides: Any) -> Settings:
@@ -264,6 +288,15 @@ def _check(s: Settings) -> None:
         value = getattr(s, name)
         if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
             errors.append(FieldError(name, "must be a positive number of seconds"))
+    if s.db and s.database_url:
+        errors.append(
+            FieldError("database_url", "give either db (an SQLite file) or database_url, not both")
+        )
+    elif s.database_url:
+        try:
+            database_url.parse(s.database_url)
+        except ValidationError as e:
+            errors += e.errors
     if not isinstance(s.write_lock_timeout, int | float) or not 0 < s.write_lock_timeout <= 600:
         errors.append(FieldError("write_lock_timeout", "must be a number of seconds in (0, 600]"))
     errors += fleet.errors(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pty
@@ -13,15 +14,31 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, TypeVar
 
 import pytest
+from postgres_cluster import Server, server_or_skip
 
 from nixfleet.client import Client
 from nixfleet.models import utcnow
 from nixfleet.store import Store, credentials
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_file(name: str, path: Path) -> ModuleType:
+    """A Python file that is not on the import path (bench scripts, tests/nix helpers)
+    loaded once as module `name`; a unique name keeps it apart from same-named packages
+    (bench/hostile.py vs tests/hostile/)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
 
 # Real Nix runs offline here: no substituters (else each build waits on the public
 # cache), flakes on. A developer's own NIX_CONFIG wins.
@@ -39,6 +56,26 @@ def store(tmp_path: Path) -> Iterator[Store]:
 def admin_key(store: Store) -> str:
     with store.transaction() as conn:
         return credentials.create_key(conn, "test-admin", "admin", "test", utcnow())
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Server]:
+    """NIXFLEET_TEST_DATABASE_URL's server, else a throwaway cluster for the session
+    (tests/postgres_cluster.py; skipped with the reason, or failed under CI, without)."""
+    server, cluster = server_or_skip()
+    try:
+        yield server
+    finally:
+        if cluster is not None:
+            cluster.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: Server) -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL database of this test's own (dropped after)."""
+    url = postgres_server.create_database()
+    yield url
+    postgres_server.drop_database(url)
 
 
 T = TypeVar("T")

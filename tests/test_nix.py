@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
+from conftest import load_file
 
 from nixfleet import nix
 from nixfleet.errors import CommandError, ValidationError
@@ -19,19 +17,7 @@ from nixfleet.errors import CommandError, ValidationError
 pytestmark = pytest.mark.nix
 
 
-def _fakes() -> ModuleType:
-    name = "nixfleet_test_fakes"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).parent / "nix" / "fakes.py"
-        )
-        assert spec is not None and spec.loader is not None
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-fakes = _fakes()
+fakes = load_file("nixfleet_test_fakes", Path(__file__).parent / "nix" / "fakes.py")
 
 
 @pytest.fixture(autouse=True)

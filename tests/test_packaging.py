@@ -34,8 +34,12 @@ def test_wheel_ships_schemas_and_validates_with_them(tmp_path: Path) -> None:
     shipped = {Path(n).name for n in names if n.startswith("nixfleet/schemas/")}
     assert shipped == {p.name for p in (ROOT / "schemas").glob("*.json")}
     assert "nixfleet/py.typed" in names
-    sql = {Path(n).name for n in names if n.startswith("nixfleet/store/sql/")}
-    assert sql == {p.name for p in (ROOT / "nixfleet" / "store" / "sql").glob("*.sql")} != set()
+    sql_dir = ROOT / "nixfleet" / "store" / "sql"  # SQLite's, and postgresql/ beside them
+    sql = {
+        n.removeprefix("nixfleet/store/sql/") for n in names if n.startswith("nixfleet/store/sql/")
+    }
+    assert sql == {p.relative_to(sql_dir).as_posix() for p in sql_dir.rglob("*.sql")} != set()
+    assert "postgresql/0001_api_keys_audit.sql" in sql
 
     env_dir = tmp_path / "venv"
     # The dependencies come from this interpreter's site-packages; nixfleet itself only

@@ -13,14 +13,15 @@ transaction (api.report), which is always right.
 Staying right under every writer (docs/control-plane.md "Heartbeats"):
 - Every change to what the view holds appends a `cache_changes` row in the
   changing transaction (triggers; the tick's bulk desired writes record their
-  chunk). `Store.published_changes()` is the last such row committed through a
-  Store, in a file every process memory-maps (written by any process: workers, the
-  reconciler, operators' requests, the GitOps watcher, host commands, after COMMIT
-  and before they answer). The view serves only while it has applied every row
-  published, so a change committed before a report arrives is never answered from
-  memory: a revoked token, a new desired generation, a decommissioned machine take
-  effect at the next request. Commits that change nothing it holds (the
-  heartbeats' batches, most reports' own transactions) publish nothing new.
+  chunk). Each commit through a Store (any process: workers, the reconciler,
+  operators' requests, the GitOps watcher, host commands) publishes its rows in a
+  file every process memory-maps (store.changes), after COMMIT and before it
+  answers. A machine is answered from memory only when no published row after the
+  last one this process applied concerns it (or every machine: a rollout's), so a
+  change committed before a report arrives is never answered from memory: a
+  revoked token, a new desired generation, a decommissioned machine take effect
+  at the next request. Commits that change nothing the view holds (the
+  heartbeats' batches, most reports' own transactions) publish nothing.
 - The background thread then catches up: it reads the rows after the last one it
   applied and reloads exactly those machines and rollouts.
 - A write that bypasses Store (the sqlite3 shell) moves `PRAGMA data_version`,
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 
 FLUSH_AFTER = 0.25  # seconds from a heartbeat's answer until its batch is written
 POLL = 0.05  # seconds between the background thread's checks
-CATCH_UP_EVERY = 0.005  # seconds: the least time between two catch-ups
+CATCH_UP_EVERY = 0.05  # seconds: the least time between two catch-ups
 
 
 def answer(
@@ -100,30 +101,35 @@ class ReportCache:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._loaded = False
+        self._writable = True  # the last flush succeeded (else answer nothing from memory)
         self.heartbeats = 0  # answered from memory (approximate: not locked)
         self.flushes = 0
 
     # --- the request side: no SQLite ------------------------------------------------
 
-    def _fresh(self) -> bool:
+    def _fresh(self, machine_id: str) -> bool:
+        """Whether the view holds everything committed about this machine (and rollouts)."""
         published = self.store.published_changes()
-        if self._loaded and published is not None and published <= self._seq:
+        if not self._loaded or published is None or not self._writable:
+            return False
+        applied = self._seq
+        if published <= applied:
             return True
         self._wake.set()
-        return False
+        return not self.store.changes_touch(applied, published, machine_id)
 
     def token_machine(self, token: str) -> CachedMachine | None:
         """The machine whose token this is, when the view is current; else None (ask SQLite)."""
-        if not self._fresh():
-            return None
         machine_id = self._tokens.get(token_digest(token))
-        return None if machine_id is None else self._machines.get(machine_id)
+        if machine_id is None or not self._fresh(machine_id):
+            return None
+        return self._machines.get(machine_id)
 
     def heartbeat(self, machine_id: str, body: Mapping[str, Any], now: datetime) -> bytes | None:
         """The answer to a heartbeat, as JSON (its last-seen queued); None: store the report.
 
         The answer's text is kept per machine until its entry or rollout changes."""
-        if not self._fresh():
+        if not self._fresh(machine_id):
             return None
         m = self._machines.get(machine_id)
         if m is None or not is_heartbeat(m.known, body):
@@ -193,7 +199,8 @@ class ReportCache:
                 self._wake.wait(POLL)
                 self._wake.clear()
                 # At most every CATCH_UP_EVERY: under a stream of commits (every report a
-                # change) catching up after each would double the cost of each.
+                # change) catching up after each would double the cost of each; only
+                # the changed machines wait for it (store.changes).
                 wait = self._caught_up_at + CATCH_UP_EVERY - time.monotonic()
                 if wait > 0:
                     self._stop.wait(wait)
@@ -225,10 +232,10 @@ class ReportCache:
         )
 
     def catch_up(self) -> None:
-        """Apply what was committed since the last catch-up (nothing: one counter read)."""
+        """Apply what was committed since the last catch-up (nothing new: two cheap reads)."""
         published = self.store.published_changes()
         if published is None:
-            return  # no counter: the view never serves
+            return  # no signal file: the view never serves
         conn = self.store.connection()
         version = rc.data_version(conn)
         if published <= self._seq and version == self._data_version and not self._wanted:
@@ -295,8 +302,13 @@ class ReportCache:
             with self.store.transaction() as conn:
                 rc.write_last_seen(conn, [(m, isoformat(at), up) for m, (at, up) in rows.items()])
         except Exception:
+            # Until a batch is written again, reports take the transaction: they are
+            # refused as it is (503, disk full or a replaced file) instead of being
+            # acknowledged from memory and lost.
+            self._writable = False
             with self._pending_lock:  # kept for the next attempt; newer ones win
                 self._pending = {**rows, **self._pending}
                 self._oldest = time.monotonic() - FLUSH_AFTER
             raise
+        self._writable = True
         self.flushes += 1

@@ -31,6 +31,10 @@ from nixfleet.store import Store, audit, credentials
     "--db", help="SQLite database file (default: $STATE_DIRECTORY or ~/.local/state/nixfleet)."
 )
 @click.option(
+    "--database-url",
+    help="sqlite:PATH (as --db) or postgresql://USER@HOST/DB; no password in it.",
+)
+@click.option(
     "--rollouts-dir", type=click.Path(file_okay=False), help="Apply rollout files from DIR."
 )
 @click.option(
@@ -63,6 +67,7 @@ def cli(
     config_file: str | None,
     listen: str | None,
     db: str | None,
+    database_url: str | None,
     rollouts_dir: str | None,
     admin_key_file: str | None,
     reconcile_interval: float | None,
@@ -87,6 +92,7 @@ def cli(
             config_file,
             listen=listen,
             db=db,
+            database_url=database_url,
             rollouts_dir=rollouts_dir,
             admin_key_file=admin_key_file,
             reconcile_interval=reconcile_interval,
@@ -204,6 +210,34 @@ def backup(settings: config.Settings, destination: str) -> None:
     store.backup(target)
     store.close()
     click.echo(f"backed up {settings.db_path()} to {target}", err=True)
+
+
+@cli.command("wait-ready")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0, 3600),
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait before giving up (exit 5).",
+)
+@click.pass_obj
+def wait_ready(settings: config.Settings, timeout: float) -> None:
+    """Wait until the control plane at --listen answers GET /ready with 200.
+
+    /ready is 200 once the database is migrated and takes a real write; the NixOS
+    module runs this as the unit's ExecStartPost, so `systemctl start` (and a
+    `nixos-rebuild switch`) finishes only when the control plane is ready.
+    Exit 0 when ready, 5 (naming the last answer) when not within the timeout.
+
+    \b
+    Example:
+      nixfleet-control-plane --listen 127.0.0.1:8470 wait-ready --timeout 30
+    """
+    from nixfleet.controlplane.readiness import wait_until_ready
+
+    host, port = settings.host_port
+    wait_until_ready(host, port, timeout)
+    click.echo(f"control plane at {settings.listen} is ready", err=True)
 
 
 def main() -> None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from nixfleet.models import isoformat
+from nixfleet.store.conn import Connection
 from nixfleet.wire import JSONObject
 
 
@@ -24,7 +24,7 @@ class AuditEntry:
 
 
 def record(
-    conn: sqlite3.Connection,
+    conn: Connection,
     actor: str,
     action: str,
     target: str,
@@ -38,7 +38,7 @@ def record(
 
 
 def query(
-    conn: sqlite3.Connection,
+    conn: Connection,
     actor: str | None = None,
     action: str | None = None,
     target: str | None = None,

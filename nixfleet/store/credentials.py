@@ -14,12 +14,12 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
 
 from nixfleet.errors import ConflictError, FieldError, NotFoundError, ValidationError
 from nixfleet.models import isoformat
+from nixfleet.store.conn import Connection
 
 ROLES = ("readonly", "deploy", "admin")
 KEY_PREFIX = "nfk_"
@@ -56,9 +56,7 @@ class ApiKey:
     revoked_at: str | None
 
 
-def create_key(
-    conn: sqlite3.Connection, name: str, role: str, created_by: str, now: datetime
-) -> str:
+def create_key(conn: Connection, name: str, role: str, created_by: str, now: datetime) -> str:
     """A new random key (returned once); a revoked key's name may be reused."""
     validate_key_name(name)
     if role not in ROLES:
@@ -79,7 +77,7 @@ def create_key(
 
 
 def import_key(
-    conn: sqlite3.Connection, name: str, role: str, key: str, created_by: str, now: datetime
+    conn: Connection, name: str, role: str, key: str, created_by: str, now: datetime
 ) -> bool:
     """Install a key whose plaintext the host provides (the admin key file); idempotent."""
     hashed = digest(key)
@@ -94,7 +92,7 @@ def import_key(
     return True
 
 
-def list_keys(conn: sqlite3.Connection, include_revoked: bool = True) -> list[ApiKey]:
+def list_keys(conn: Connection, include_revoked: bool = True) -> list[ApiKey]:
     where = "" if include_revoked else " WHERE revoked_at IS NULL"
     rows = conn.execute(
         f"SELECT name, role, created_at, created_by, revoked_at FROM api_keys{where} ORDER BY name"
@@ -102,7 +100,7 @@ def list_keys(conn: sqlite3.Connection, include_revoked: bool = True) -> list[Ap
     return [ApiKey(*r) for r in rows]
 
 
-def get_key(conn: sqlite3.Connection, name: str) -> ApiKey:
+def get_key(conn: Connection, name: str) -> ApiKey:
     row = conn.execute(
         "SELECT name, role, created_at, created_by, revoked_at FROM api_keys WHERE name = ?",
         (name,),
@@ -112,14 +110,14 @@ def get_key(conn: sqlite3.Connection, name: str) -> ApiKey:
     return ApiKey(*row)
 
 
-def active_admins(conn: sqlite3.Connection) -> list[str]:
+def active_admins(conn: Connection) -> list[str]:
     rows = conn.execute(
         "SELECT name FROM api_keys WHERE role = 'admin' AND revoked_at IS NULL ORDER BY name"
     )
     return [r[0] for r in rows]
 
 
-def revoke_key(conn: sqlite3.Connection, name: str, now: datetime) -> None:
+def revoke_key(conn: Connection, name: str, now: datetime) -> None:
     cur = conn.execute(
         "UPDATE api_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
         (isoformat(now), name),
@@ -128,7 +126,7 @@ def revoke_key(conn: sqlite3.Connection, name: str, now: datetime) -> None:
         raise NotFoundError(f"no active API key named {name!r}; see `nixfleet keys list`")
 
 
-def key_role(conn: sqlite3.Connection, key: str) -> tuple[str, str] | None:
+def key_role(conn: Connection, key: str) -> tuple[str, str] | None:
     """(name, role) of an active key, or None."""
     row = conn.execute(
         "SELECT name, role FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL",
@@ -137,7 +135,7 @@ def key_role(conn: sqlite3.Connection, key: str) -> tuple[str, str] | None:
     return (row["name"], row["role"]) if row else None
 
 
-def issue_token(conn: sqlite3.Connection, machine_id: str, now: datetime) -> str:
+def issue_token(conn: Connection, machine_id: str, now: datetime) -> str:
     """Issue (or rotate: the old token stops working at once) a machine's agent token."""
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     conn.execute(
@@ -149,14 +147,14 @@ def issue_token(conn: sqlite3.Connection, machine_id: str, now: datetime) -> str
     return token
 
 
-def token_machine(conn: sqlite3.Connection, token: str) -> str | None:
+def token_machine(conn: Connection, token: str) -> str | None:
     row = conn.execute(
         "SELECT machine_id FROM machine_tokens WHERE token_hash = ?", (digest(token),)
     ).fetchone()
     return row[0] if row else None
 
 
-def token_machine_lifecycle(conn: sqlite3.Connection, token: str) -> tuple[str, str] | None:
+def token_machine_lifecycle(conn: Connection, token: str) -> tuple[str, str] | None:
     """The token's machine and its lifecycle, in one indexed look-up; None if unknown."""
     row = conn.execute(
         "SELECT t.machine_id, m.lifecycle FROM machine_tokens t JOIN machines m "
@@ -166,12 +164,12 @@ def token_machine_lifecycle(conn: sqlite3.Connection, token: str) -> tuple[str, 
     return (row[0], row[1]) if row else None
 
 
-def revoke_token(conn: sqlite3.Connection, machine_id: str) -> bool:
+def revoke_token(conn: Connection, machine_id: str) -> bool:
     """Delete the machine's token (it gets 401 from the next request on); True if it had one."""
     cur = conn.execute("DELETE FROM machine_tokens WHERE machine_id = ?", (machine_id,))
     return cur.rowcount > 0
 
 
-def has_token(conn: sqlite3.Connection, machine_id: str) -> bool:
+def has_token(conn: Connection, machine_id: str) -> bool:
     row = conn.execute("SELECT 1 FROM machine_tokens WHERE machine_id = ?", (machine_id,))
     return row.fetchone() is not None

@@ -25,20 +25,18 @@ where a database is expected, a file that is not a database, and (with `check`)
 a failed `PRAGMA quick_check` raise DatabaseFileError.
 
 A commit that appended to `cache_changes` (what the report path's in-memory view,
-nixfleet.api.report_cache, depends on) also publishes the table's last sequence
-number in `<db>.changes` (8 bytes, memory-mapped by every process, written under
-the flock, after COMMIT and before the caller answers): a request compares it with
-the last change its process applied, without any SQLite call.
+nixfleet.api.report_cache, depends on) also publishes those rows in `<db>.changes`
+(store.changes: memory-mapped by every process, written under the flock, after
+COMMIT and before the caller answers), so a request knows without any SQLite call
+whether its machine changed since its process last caught up.
 """
 
 from __future__ import annotations
 
 import fcntl
 import logging
-import mmap
 import os
 import sqlite3
-import struct
 import threading
 import time
 import urllib.parse
@@ -49,6 +47,7 @@ from typing import NoReturn
 
 from nixfleet.errors import DatabaseFileError, StoreUnavailableError
 from nixfleet.models import isoformat, utcnow
+from nixfleet.store import changes
 from nixfleet.store.migrations import MIGRATIONS
 
 log = logging.getLogger(__name__)
@@ -68,7 +67,6 @@ UNAVAILABLE = {
 # After a checkpoint has copied the whole WAL back, the next commit rewinds the WAL and
 # truncates the file to this size, so one large transaction does not leave a large file.
 WAL_SIZE_LIMIT = 8 * 1024 * 1024
-COUNTER_BYTES = 8
 
 
 class Store:
@@ -101,8 +99,7 @@ class Store:
         self._writer_busy_ms = -1
         self._busy_until = 0.0  # monotonic: an outside writer held the lock; fail fast
         self._lock_fd = -1  # `<db>.lock`, opened by the first write of this process
-        self._counter: mmap.mmap | None = None  # `<db>.changes` (published_changes)
-        self._counter_failed = False
+        self._signal = changes.ChangeSignal(Path(f"{self.path}.changes"))
         self._identity = (-1, -1)
         try:
             self._identity = self._prepare(init)
@@ -258,56 +255,24 @@ class Store:
                 finally:
                     self._local.in_transaction = False
                 try:
-                    seq = self._changes_seq(conn)
+                    pending = self._signal.pending(conn)
                     conn.execute("COMMIT")
                 except sqlite3.Error as e:
                     # Disk full: the writer must not stay inside this transaction, or
                     # every later BEGIN fails ("cannot start a transaction within …").
                     self._rollback(conn)
                     _reraise(e)
-                self._publish(seq)  # still under the flock: in commit order
+                self._signal.publish(pending)  # still under the flock: in commit order
         finally:
             self._write_lock.release()
 
-    def _counter_map(self) -> mmap.mmap | None:
-        if self._counter is None and not self._counter_failed:
-            try:
-                fd = os.open(f"{self.path}.changes", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                try:
-                    if os.fstat(fd).st_size < COUNTER_BYTES:
-                        os.ftruncate(fd, COUNTER_BYTES)
-                    self._counter = mmap.mmap(fd, COUNTER_BYTES)
-                finally:
-                    os.close(fd)
-            except OSError as e:
-                self._counter_failed = True  # published_changes() is None: trust nothing
-                log.warning("no change counter at %s.changes (%s)", self.path, e.strerror)
-        return self._counter
-
-    @staticmethod
-    def _changes_seq(conn: sqlite3.Connection) -> int | None:
-        try:
-            row = conn.execute(
-                "SELECT seq FROM sqlite_sequence WHERE name = 'cache_changes'"
-            ).fetchone()
-        except sqlite3.OperationalError:
-            return None  # no AUTOINCREMENT table yet (the first migrations)
-        return 0 if row is None else int(row[0])
-
-    def _publish(self, seq: int | None) -> None:
-        counter = self._counter_map()
-        if seq is not None and counter is not None and struct.unpack_from("<Q", counter)[0] != seq:
-            struct.pack_into("<Q", counter, 0, seq)
-
     def published_changes(self) -> int | None:
-        """The last `cache_changes` row committed through a Store (None: unavailable).
+        """The last `cache_changes` row committed through a Store (store.changes)."""
+        return self._signal.published()
 
-        Written by every process of this database after each commit that moved it, in
-        commit order. Writers that bypass Store (the sqlite3 shell) do not publish;
-        they are noticed through `PRAGMA data_version` (see api.report_cache).
-        """
-        counter = self._counter_map()
-        return None if counter is None else int(struct.unpack_from("<Q", counter)[0])
+    def changes_touch(self, applied: int, published: int, machine_id: str) -> bool:
+        """Whether a published row after `applied` may concern the machine (store.changes)."""
+        return self._signal.touches(applied, published, changes.key(machine_id))
 
     def _begin(self) -> sqlite3.Connection:
         conn = self._writer_connection()
@@ -468,9 +433,7 @@ class Store:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
-        if self._counter is not None:
-            self._counter.close()
-            self._counter = None
+        self._signal.close()
 
 
 def _reraise(e: sqlite3.Error) -> NoReturn:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import fnmatch
 import json
 import secrets
-import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from nixfleet.errors import AuthenticationError, NotFoundError, PermissionDeniedError
 from nixfleet.models import isoformat, parse_time
+from nixfleet.store.conn import Connection, Row
 from nixfleet.store.credentials import digest
 from nixfleet.store.rows import from_row
 
@@ -56,12 +56,12 @@ class EnrollToken:
         return "active"
 
 
-def _token(r: sqlite3.Row) -> EnrollToken:
+def _token(r: Row) -> EnrollToken:
     return from_row(EnrollToken, r, tags=tuple(json.loads(r["tags_json"])))
 
 
 def create(
-    conn: sqlite3.Connection,
+    conn: Connection,
     *,
     uses: int,
     lifetime: timedelta,
@@ -91,19 +91,19 @@ def create(
     return get(conn, token_id), secret
 
 
-def get(conn: sqlite3.Connection, token_id: str) -> EnrollToken:
+def get(conn: Connection, token_id: str) -> EnrollToken:
     row = conn.execute(f"SELECT {COLUMNS} FROM enroll_tokens WHERE id = ?", (token_id,)).fetchone()
     if row is None:
         raise NotFoundError(f"no enrollment token {token_id!r}; see `nixfleet enroll-tokens list`")
     return _token(row)
 
 
-def list_tokens(conn: sqlite3.Connection) -> list[EnrollToken]:
+def list_tokens(conn: Connection) -> list[EnrollToken]:
     rows = conn.execute(f"SELECT {COLUMNS} FROM enroll_tokens ORDER BY created_at, id")
     return [_token(r) for r in rows]
 
 
-def revoke(conn: sqlite3.Connection, token_id: str, now: datetime) -> EnrollToken:
+def revoke(conn: Connection, token_id: str, now: datetime) -> EnrollToken:
     found = get(conn, token_id)
     if found.revoked_at is None:
         conn.execute(
@@ -112,7 +112,7 @@ def revoke(conn: sqlite3.Connection, token_id: str, now: datetime) -> EnrollToke
     return get(conn, token_id)
 
 
-def redeem(conn: sqlite3.Connection, secret: str, machine_id: str, now: datetime) -> EnrollToken:
+def redeem(conn: Connection, secret: str, machine_id: str, now: datetime) -> EnrollToken:
     """Check the token for this machine and use it up by one; call inside the transaction
     that registers the machine, so a later failure gives the use back.
 

@@ -198,7 +198,11 @@ def running_rollouts(
 
 
 def write_last_seen(conn: sqlite3.Connection, seen: Sequence[tuple[str, str, int | None]]) -> None:
-    """Heartbeats' (machine, time, uptime), in one statement; a later report is kept."""
+    """Heartbeats' (machine, time, uptime); a later report is kept.
+
+    executemany of one prepared UPDATE: ~1.4 ms for 300 machines, where one UPDATE …
+    FROM json_each(?) of the same rows took ~16 ms (docs/performance.md).
+    """
     conn.executemany(
         "UPDATE machines SET last_report_at = ?2, uptime_seconds = ?3 "
         "WHERE id = ?1 AND (last_report_at IS NULL OR last_report_at < ?2)",

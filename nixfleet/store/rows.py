@@ -8,9 +8,10 @@ dataclass is read by every query that selects its column.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any, TypeVar
+
+from nixfleet.store.conn import Row
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -18,6 +19,6 @@ if TYPE_CHECKING:
 T = TypeVar("T", bound="DataclassInstance")
 
 
-def from_row(cls: type[T], row: sqlite3.Row, **given: Any) -> T:
+def from_row(cls: type[T], row: Row, **given: Any) -> T:
     """A `cls` from `row`: each field the column of its name, unless `given`."""
     return cls(**{f.name: given[f.name] if f.name in given else row[f.name] for f in fields(cls)})

@@ -11,11 +11,11 @@ does not write on every request.
 from __future__ import annotations
 
 import secrets
-import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from nixfleet.models import isoformat, parse_time
+from nixfleet.store.conn import Connection
 from nixfleet.store.credentials import digest
 
 SESSION_PREFIX = "nfs_"
@@ -30,7 +30,7 @@ class Session:
     last_seen_at: datetime
 
 
-def create(conn: sqlite3.Connection, key_name: str, now: datetime) -> str:
+def create(conn: Connection, key_name: str, now: datetime) -> str:
     """A new session for key_name; returns the cookie value (shown once, never stored)."""
     token = SESSION_PREFIX + secrets.token_urlsafe(32)
     at = isoformat(now)
@@ -42,7 +42,7 @@ def create(conn: sqlite3.Connection, key_name: str, now: datetime) -> str:
     return token
 
 
-def find(conn: sqlite3.Connection, token: str, now: datetime, idle: int) -> Session | None:
+def find(conn: Connection, token: str, now: datetime, idle: int) -> Session | None:
     """The live session of this cookie value, or None (unknown, idle too long, key revoked)."""
     row = conn.execute(
         "SELECT s.key_name, k.role, s.created_at, s.last_seen_at FROM ui_sessions s "
@@ -55,7 +55,7 @@ def find(conn: sqlite3.Connection, token: str, now: datetime, idle: int) -> Sess
     return Session(row[0], row[1], parse_time(row[2]), parse_time(row[3]))  # type: ignore[arg-type]
 
 
-def touch(conn: sqlite3.Connection, token: str, now: datetime) -> None:
+def touch(conn: Connection, token: str, now: datetime) -> None:
     """Move the idle deadline on (callers do so when TOUCH_EVERY has passed)."""
     conn.execute(
         "UPDATE ui_sessions SET last_seen_at = ? WHERE token_hash = ?",
@@ -63,11 +63,11 @@ def touch(conn: sqlite3.Connection, token: str, now: datetime) -> None:
     )
 
 
-def delete(conn: sqlite3.Connection, token: str) -> None:
+def delete(conn: Connection, token: str) -> None:
     conn.execute("DELETE FROM ui_sessions WHERE token_hash = ?", (digest(token),))
 
 
-def prune(conn: sqlite3.Connection, now: datetime, idle: int) -> int:
+def prune(conn: Connection, now: datetime, idle: int) -> int:
     """Forget sessions idle past their expiry; returns how many."""
     cur = conn.execute(
         "DELETE FROM ui_sessions WHERE last_seen_at < ?",

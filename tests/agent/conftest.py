@@ -3,31 +3,17 @@ on the real Nix store, signed binary caches on 127.0.0.1, and agent configs."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+from conftest import load_file
 
 from nixfleet.agent.config import AgentConfig, load_config
 
-
-def load_fakes() -> ModuleType:
-    name = "nixfleet_test_fakes"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "nix" / "fakes.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-fakes = load_fakes()
+fakes = load_file("nixfleet_test_fakes", Path(__file__).resolve().parents[1] / "nix" / "fakes.py")
 Machine = fakes.Machine
 
 

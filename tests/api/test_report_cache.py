@@ -219,3 +219,42 @@ def test_the_thread_catches_up_and_flushes_by_itself(env: Env) -> None:
     # Each report after the view caught up is a heartbeat, and reaches the row in time.
     assert until(lambda: env.report().status_code == 200 and env.cache.heartbeats > 0)
     assert until(lambda: env.row()["last_report_at"] > before)
+
+
+def test_a_change_to_one_machine_leaves_the_others_answered_from_memory(env: Env) -> None:
+    r = env.client.simulate_post(
+        "/api/v1/machines", json={"id": "web-02", "issue_token": True}, headers=env.admin
+    )
+    other = r.json["token"]
+
+    def report_02() -> Any:
+        return env.client.simulate_post(
+            "/api/v1/machines/web-02/report",
+            json=BODY,
+            headers={"Authorization": f"Bearer {other}"},
+        )
+
+    assert report_02().status_code == 200
+    env.warm()
+    assert report_02().status_code == 200 and env.cache.heartbeats == 1
+    # web-01 is decommissioned; the view has not caught up: web-01 is refused (from
+    # SQLite), web-02 still answered from memory.
+    env.client.simulate_patch(
+        "/api/v1/machines/web-01/lifecycle", json={"lifecycle": "decommissioned"}, headers=env.admin
+    )
+    assert env.report().status_code == 410
+    assert report_02().status_code == 200 and env.cache.heartbeats == 2
+
+
+def test_when_a_batch_cannot_be_written_reports_take_the_transaction(env: Env) -> None:
+    env.warm()
+    assert env.report().status_code == 200 and env.cache.heartbeats == 1
+    moved = env.store.path.with_suffix(".moved")
+    env.store.path.rename(moved)  # the file replaced under the process: writes refused
+    with pytest.raises(Exception, match="deleted"):
+        env.cache.flush()
+    assert env.report().status_code == 503  # not acknowledged from memory
+    assert env.cache.heartbeats == 1
+    moved.rename(env.store.path)
+    env.cache.flush()  # the queued one is written after all
+    assert env.report().status_code == 200 and env.cache.heartbeats == 2

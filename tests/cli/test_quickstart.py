@@ -65,13 +65,22 @@ def tracked_files() -> list[str]:
     return [f for f in out.split("\0") if f and ((ROOT / f).is_file() or (ROOT / f).is_symlink())]
 
 
-def test_a_lone_clone_passes(tmp_path: Path) -> None:
-    """README's commands need nothing beside the clone (no ../shared, no sibling checkout).
+LONE_TESTS = ["tests/test_docs.py", "tests/nix/test_real_lib.py"]
+LIB_SKIP = "no nixpkgs lib: NIXFLEET_NIXPKGS_LIB is unset and the flake's nixpkgs input"
 
-    The essentials of `./dev test` that depend on what surrounds the repository run in
-    a copy placed alone in an empty directory: the docs checks (every link of README and
-    docs/ resolves inside the copy, the references are current) with the copy's own
-    package, and `./dev` itself parses and answers.
+
+def test_a_lone_clone_passes(tmp_path: Path) -> None:
+    """README's two commands need nothing beside the clone (no ../shared, no sibling).
+
+    A copy of the tracked files is placed alone in an empty directory and README's
+    commands run in it, literally `./dev demo` and `./dev test`, bounded: the demo
+    fleet (2 machines) to completion, then `./dev test` (ruff, ruff format, mypy over
+    the whole copy) with the tests that depend on what surrounds the repository —
+    the docs checks (every link of README and docs/ resolves inside the copy) and the
+    real-nixpkgs-lib module tests, which must skip naming the reason (no ../shared,
+    nothing to fetch offline). NIXFLEET_DEV_VENV points `./dev` at this checkout's
+    already set-up venv, so nothing is downloaded; the copy's own package runs (it
+    comes first on PYTHONPATH: asserted by the bytecode its imports leave in the copy).
     """
     lone = tmp_path / "alone" / "nixfleet"
     for name in tracked_files():
@@ -79,31 +88,51 @@ def test_a_lone_clone_passes(tmp_path: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, target, follow_symlinks=False)  # as git checks them out
     assert sorted(p.name for p in lone.parent.iterdir()) == ["nixfleet"]
+    assert not (lone / ".venv").exists() and not (lone.parent.parent / "shared").exists()
     for page in [lone / "README.md", *(lone / "docs").glob("*.md")]:
         assert "../shared" not in page.read_text(), f"{page.name} points outside the clone"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NIXFLEET_")}
-    env["PYTHONPATH"] = str(lone)
-    which = subprocess.run(
-        [sys.executable, "-c", "import nixfleet; print(nixfleet.__file__)"],
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("NIXFLEET_") and k not in ("PYTHONPATH", "PYTHONDONTWRITEBYTECODE")
+    }
+    env["NIXFLEET_DEV_VENV"] = str(BIN.parent)
+
+    demo = subprocess.run(
+        ["./dev", "demo", "--machines", "2"],
         cwd=lone,
         env=env,
         capture_output=True,
         text=True,
-        check=True,
-    )
-    assert which.stdout.strip() == str(lone / "nixfleet" / "__init__.py")
-    docs = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_docs.py"],
-        cwd=lone,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        timeout=300,
         check=False,
     )
-    assert docs.returncode == 0, docs.stdout[-3000:] + docs.stderr[-2000:]
+    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+    assert "rollout-completed" in demo.stdout + demo.stderr
+    assert demo.stdout.rstrip().endswith("1/2 machines in sync, 1 failed")  # canary caught
+    assert (lone / "nixfleet" / "__pycache__").is_dir(), "the demo did not run the copy"
+
+    test = subprocess.run(
+        ["./dev", "test", "-p", "no:cacheprovider", "-rs", *LONE_TESTS],
+        cwd=lone,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
+    out = test.stdout + test.stderr
+    assert test.returncode == 0, test.stdout[-4000:] + test.stderr[-2000:]
+    assert "Success: no issues found" in out  # mypy ran over the copy
+    summary = re.search(r"(\d+) passed, (\d+) skipped", out)
+    assert summary, out[-2000:]
+    assert int(summary.group(1)) >= 50 and int(summary.group(2)) >= 10, summary.group(0)
+    skips = [line for line in out.splitlines() if line.startswith("SKIPPED")]
+    assert skips and all(LIB_SKIP in line and "NIXFLEET_NIXPKGS_LIB=" in line for line in skips)
+
     usage = subprocess.run(["./dev"], cwd=lone, capture_output=True, text=True, check=False)
     assert usage.returncode == 2 and "./dev test" in usage.stdout + usage.stderr
     ci = (lone / ".ci" / "run").read_text()
     readme = (lone / "README.md").read_text()
-    assert "./dev test" in readme and "exec ./dev test" in ci  # CI runs README's command
+    assert "./dev test" in readme and "./dev demo" in readme
+    assert "exec ./dev test" in ci  # CI runs README's command

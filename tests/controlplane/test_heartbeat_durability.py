@@ -6,27 +6,17 @@ The full runs (`--kills 25`, 1 and 2 workers) are in docs/performance.md.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, load_file
 
 
 def _harness() -> ModuleType:
-    name = "nixfleet_bench_heartbeat_durability"
-    if name not in sys.modules:
-        sys.path.insert(0, str(ROOT / "bench"))
-        spec = importlib.util.spec_from_file_location(
-            name, ROOT / "bench" / "heartbeat_durability.py"
-        )
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_file(
+        "nixfleet_bench_heartbeat_durability", ROOT / "bench" / "heartbeat_durability.py"
+    )
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -6,23 +6,14 @@ docs/control-plane.md; here a few kills keep CI short.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
-from conftest import ROOT
+from conftest import ROOT, load_file
 
 
 def _harness() -> ModuleType:
-    name = "nixfleet_bench_hostile"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / "hostile.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_file("nixfleet_bench_hostile", ROOT / "bench" / "hostile.py")
 
 
 def test_kill_9_loses_no_acknowledged_write(tmp_path: Path) -> None:

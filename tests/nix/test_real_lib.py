@@ -9,32 +9,19 @@ The same rendered files run under systemd as PID 1 in tests/system/.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
+from conftest import load_file, new_control_plane
 
 from nixfleet import schemas
 from nixfleet.agent.config import load_config
 
-
-def _load(name: str, path: Path) -> ModuleType:
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-units = _load("nixfleet_test_units", Path(__file__).resolve().parent / "units.py")
+units = load_file("nixfleet_test_units", Path(__file__).resolve().parent / "units.py")
 
 ROOT: Path = units.ROOT
 EVAL = ROOT / "tests" / "nix" / "eval-modules.nix"
@@ -289,3 +276,27 @@ def test_systemd_analyze_verify_is_silent(lib: str, tmp_path: Path) -> None:
     for path in written.units.values():
         code, output = units.verify([path])
         assert (code, output) == (0, ""), f"{path.name}:\n{output}"
+
+
+def test_the_control_plane_unit_starts_only_once_ready(lib: str, tmp_path: Path) -> None:
+    """ExecStartPost probes GET /ready with the unit's own config: the rendered command
+    line, run as systemd would, returns 0 against a real control plane listening there."""
+    cp = new_control_plane(tmp_path / "cp")
+    config = (
+        "{ services.nixfleet-control-plane = { enable = true; "
+        f'listen.address = "0.0.0.0"; listen.port = {cp.port}; }}; }}'
+    )
+    out = units.render(lib, config, packages=units.real_packages(), script_dir=str(tmp_path / "s"))
+    text = out["units"]["nixfleet-control-plane.service"]["text"]
+    (start,) = lines(text, "ExecStart")
+    (post,) = lines(text, "ExecStartPost")
+    argv = post.split()
+    assert argv[:3] == start.split()[:3]  # the same program and settings file
+    assert argv[3:] == ["wait-ready", "--timeout", "60"]
+    cp.start()
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=70, check=False)
+    finally:
+        cp.stop()
+    assert done.returncode == 0, done.stderr
+    assert f"0.0.0.0:{cp.port} is ready" in done.stderr

@@ -15,29 +15,16 @@ runs them (prelude first).
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
+from conftest import load_file
 
 from nixfleet import schemas
 
-
-def _load(name: str, path: Path) -> ModuleType:
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-units = _load("nixfleet_test_units", Path(__file__).resolve().parent / "units.py")
+units = load_file("nixfleet_test_units", Path(__file__).resolve().parent / "units.py")
 
 pytestmark = pytest.mark.nix
 

@@ -6,27 +6,18 @@ missing is reported by container.require_capabilities (skip, or fail under CI).
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+import os
+import signal
+import subprocess
+import tempfile
 from pathlib import Path
-from types import ModuleType
 
 import pytest
-
-
-def _load(name: str, path: Path) -> ModuleType:
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
+from conftest import load_file
 
 HERE = Path(__file__).resolve().parent
-container = _load("nixfleet_test_container", HERE / "container.py")
-units = _load("nixfleet_test_units", HERE.parent / "nix" / "units.py")
+container = load_file("nixfleet_test_container", HERE / "container.py")
+units = load_file("nixfleet_test_units", HERE.parent / "nix" / "units.py")
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +47,29 @@ def nix_conf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("nix-conf") / "nix.conf"
     path.write_text(container.NIX_CONF)
     return path
+
+
+_PREBUILD: list[subprocess.Popen[bytes]] = []
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """When the tier's tests are selected, start building its root right away (in
+    the background, while the rest of the suite runs before them)."""
+    if session.config.option.collectonly or not any(
+        item.get_closest_marker("system") for item in session.items
+    ):
+        return
+    log = Path(tempfile.gettempdir()) / f"nixfleet-make-rootfs-{os.getpid()}.log"
+    proc = container.prebuild(container.container_suite(), log)
+    if proc is not None:
+        _PREBUILD.append(proc)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for proc in _PREBUILD:  # a session cut short leaves no build behind
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

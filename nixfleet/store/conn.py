@@ -1,0 +1,58 @@
+"""What a store function needs of a connection, whichever the backend.
+
+`sqlite3.Connection` is one as it is; `store.pg.PgConnection` wraps a psycopg
+connection into one (placeholders translated, rows read by name and position).
+A noun module typed with `Connection` runs on both backends, and `AnyStore` is
+the store interface both offer (docs/scaling.md "PostgreSQL backend: design").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+
+class Row(Protocol):
+    """A result row: by column name (DESIGN rule 9) or position (sqlite3.Row, pg.Row)."""
+
+    def __getitem__(self, key: str | int, /) -> Any: ...
+
+
+class Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Connection(Protocol):
+    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Cursor: ...
+
+
+class AnyStore(Protocol):
+    """The store interface both backends offer (store.db.Store, store.pg.PgStore).
+
+    So far what the ported noun modules' callers use; it grows as modules are ported
+    (docs/scaling.md "PostgreSQL backend: design").
+    """
+
+    def transaction(self) -> AbstractContextManager[Connection]: ...
+
+    def read(self) -> AbstractContextManager[Connection]: ...
+
+    def lookup(self) -> AbstractContextManager[Connection]: ...
+
+    def migrate(self) -> list[str]: ...
+
+    def applied_migrations(self) -> list[str]: ...
+
+    def readiness(self) -> str | None: ...
+
+    def ping(self) -> None: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,251 @@
+"""The PostgreSQL store (psycopg 3 + psycopg_pool): the first slice of DESIGN §13.
+
+`PgStore` offers the transactions of `store.db.Store` (one write transaction per
+request, `read()` one snapshot, `lookup()` one autocommit query) over a connection
+pool, and `PgConnection` makes a psycopg connection a `store.conn.Connection`, so
+the noun modules' SQL (written with SQLite's `?`) runs unchanged where the dialects
+agree: each statement's `?` become `%s` (and a literal `%` doubles), outside string
+literals, quoted identifiers and comments, translated once per statement text; rows
+are read by column name and by position, as `sqlite3.Row`.
+
+The schema so far is the credentials' API keys and the audit log
+(`store/sql/postgresql/`); the rest, the replicas' leader lock and LISTEN/NOTIFY
+are designed in docs/scaling.md and not here yet. Nothing outside the tests opens a
+PgStore: settings refuse `postgresql://` until the whole store exists.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from importlib import resources
+from typing import Any
+
+import psycopg
+from psycopg.rows import RowMaker
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from nixfleet.errors import StoreUnavailableError
+from nixfleet.models import isoformat, utcnow
+from nixfleet.store.conn import Cursor
+
+log = logging.getLogger(__name__)
+
+POOL_TIMEOUT = 5.0  # seconds a request waits for a pooled connection before a 503
+# pg_advisory_xact_lock keys (advisory locks are per database); docs/scaling.md.
+MIGRATION_LOCK = 0x6E66_0001
+
+
+def migrations() -> list[tuple[str, str]]:
+    """(name, SQL) of `store/sql/postgresql/NNNN_name.sql`, in order."""
+    folder = resources.files("nixfleet.store") / "sql" / "postgresql"
+    files = sorted((f for f in folder.iterdir() if f.name.endswith(".sql")), key=lambda f: f.name)
+    return [(f.name.removesuffix(".sql"), f.read_text()) for f in files]
+
+
+@functools.lru_cache(maxsize=4096)
+def translate(sql: str) -> str:
+    """SQLite's `?` placeholders as psycopg's `%s`; a literal `%` as `%%`.
+
+    Quoted text ('…', "…") and comments (-- …, /* … */) are copied as they are.
+    """
+    out: list[str] = []
+    i, n = 0, len(sql)
+    while i < n:
+        c = sql[i]
+        if c in "'\"":
+            end = i + 1
+            while end < n:
+                if sql[end] == c:
+                    if end + 1 < n and sql[end + 1] == c:  # '' or "" inside the quotes
+                        end += 2
+                        continue
+                    break
+                end += 1
+            out.append(sql[i : end + 1].replace("%", "%%"))
+            i = end + 1
+        elif sql.startswith("--", i):
+            end = sql.find("\n", i)
+            end = n if end < 0 else end
+            out.append(sql[i:end].replace("%", "%%"))
+            i = end
+        elif sql.startswith("/*", i):
+            end = sql.find("*/", i + 2)
+            end = n if end < 0 else end + 2
+            out.append(sql[i:end].replace("%", "%%"))
+            i = end
+        elif c == "?":
+            out.append("%s")
+            i += 1
+        elif c == "%":
+            out.append("%%")
+            i += 1
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+class Row(tuple[Any, ...]):
+    """A result row read by position or by column name, like `sqlite3.Row`."""
+
+    _index: dict[str, int] = {}
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            return tuple.__getitem__(self, self._index[key])
+        return tuple.__getitem__(self, key)
+
+    def keys(self) -> list[str]:
+        return list(self._index)
+
+
+@functools.lru_cache(maxsize=1024)
+def _row_class(names: tuple[str, ...]) -> type[Row]:
+    return type("Row", (Row,), {"_index": {name: i for i, name in enumerate(names)}})
+
+
+def row_factory(cursor: psycopg.Cursor[Any]) -> RowMaker[Row]:
+    names = tuple(d.name for d in cursor.description or ())
+    cls = _row_class(names)
+
+    def make(values: Sequence[Any]) -> Row:
+        return cls(values)
+
+    return make
+
+
+class PgConnection:
+    """A psycopg connection as a `store.conn.Connection`."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.raw = conn
+
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Cursor:
+        return self.raw.execute(translate(sql), tuple(parameters))
+
+
+def _unavailable(e: Exception) -> StoreUnavailableError:
+    log.error("database unavailable: %s", e)
+    return StoreUnavailableError(f"the database is unavailable ({e}); retry later")
+
+
+class PgStore:
+    """A PostgreSQL database; pooled connections; named migrations on open."""
+
+    def __init__(self, conninfo: str, *, max_size: int = 8, timeout: float = POOL_TIMEOUT) -> None:
+        self.timeout = timeout
+        self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            conninfo,
+            min_size=1,
+            max_size=max_size,
+            kwargs={"autocommit": True, "row_factory": row_factory},
+            open=False,
+            name="nixfleet",
+        )
+        try:
+            try:
+                self._pool.open(wait=True, timeout=timeout)
+            except PoolTimeout as e:
+                raise StoreUnavailableError(
+                    f"cannot connect to the PostgreSQL database within {timeout:g} s; "
+                    "check database_url and that the server runs"
+                ) from e
+            self.migrate()
+        except BaseException:
+            self._pool.close()
+            raise
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        try:
+            with self._pool.connection(timeout=self.timeout) as conn:
+                yield conn
+        except PoolTimeout as e:
+            raise _unavailable(e) from e
+        except psycopg.OperationalError as e:
+            raise _unavailable(e) from e
+
+    @contextmanager
+    def transaction(self) -> Iterator[PgConnection]:
+        """A write transaction (READ COMMITTED): all or nothing."""
+        with self._connection() as conn, conn.transaction():
+            yield PgConnection(conn)
+
+    @contextmanager
+    def read(self) -> Iterator[PgConnection]:
+        """A read-only transaction on one snapshot (REPEATABLE READ)."""
+        with self._connection() as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            yield PgConnection(conn)
+
+    @contextmanager
+    def lookup(self) -> Iterator[PgConnection]:
+        """A connection for one small autocommit read."""
+        with self._connection() as conn:
+            yield PgConnection(conn)
+
+    def migrate(self) -> list[str]:
+        """Apply pending migrations, each in its own transaction; return their names.
+
+        An advisory lock held for each migration's transaction keeps two replicas
+        starting at once from applying the same migration twice.
+        """
+        applied: list[str] = []
+        with self._connection() as conn:
+            with conn.transaction():  # IF NOT EXISTS alone races: a unique violation
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations "
+                    "(name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
+                )
+            for name, sql in migrations():
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+                    done = conn.execute(
+                        "SELECT 1 FROM schema_migrations WHERE name = %s", (name,)
+                    ).fetchone()
+                    if done:
+                        continue
+                    conn.execute(sql.encode())  # a script: no parameters, several statements
+                    conn.execute(
+                        "INSERT INTO schema_migrations (name, applied_at) VALUES (%s, %s)",
+                        (name, isoformat(utcnow())),
+                    )
+                applied.append(name)
+        return applied
+
+    def applied_migrations(self) -> list[str]:
+        with self.lookup() as conn:
+            rows = conn.execute("SELECT name FROM schema_migrations ORDER BY name")
+            return [r[0] for r in rows]
+
+    def readiness(self) -> str | None:
+        """None when the database takes writes and is migrated, else why not (for /ready)."""
+        try:
+            applied = set(self.applied_migrations())
+            missing = [name for name, _ in migrations() if name not in applied]
+            if missing:
+                return f"migrations not applied: {', '.join(missing)}"
+            with self.transaction() as conn:
+                row = conn.execute("SELECT pg_is_in_recovery() AS standby").fetchone()
+                if row is None or row["standby"]:
+                    return "the database is a standby (read-only)"
+                conn.execute(
+                    "UPDATE schema_migrations SET applied_at = applied_at WHERE name = ?",
+                    (max(applied),),
+                )
+        except StoreUnavailableError as e:
+            return e.detail
+        except psycopg.Error as e:
+            return f"cannot use the database: {e}"
+        return None
+
+    def ping(self) -> None:
+        with self.lookup() as conn:
+            conn.execute("SELECT 1").fetchone()
+
+    def close(self) -> None:
+        self._pool.close()

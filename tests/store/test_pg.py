@@ -1,0 +1,137 @@
+"""The PostgreSQL store's own parts: placeholders, rows, migrations, faults."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from postgres_cluster import Cluster, bin_dir, free_port, import_psycopg, unavailable
+
+from nixfleet.errors import StoreUnavailableError
+
+import_psycopg()  # skip (a .venv without the extra) or fail (CI) before the imports below
+import psycopg  # noqa: E402
+
+from nixfleet.store import pg  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("sqlite", "postgresql"),
+    [
+        ("SELECT 1", "SELECT 1"),
+        (
+            "SELECT * FROM t WHERE a = ? AND b IN (?, ?)",
+            "SELECT * FROM t WHERE a = %s AND b IN (%s, %s)",
+        ),
+        ("SELECT '?', 'it''s ?' WHERE x = ?", "SELECT '?', 'it''s ?' WHERE x = %s"),
+        ('SELECT "odd?name" FROM t WHERE y = ?', 'SELECT "odd?name" FROM t WHERE y = %s'),
+        (
+            "SELECT a % 2 FROM t WHERE n LIKE 'a%' AND m = ?",
+            "SELECT a %% 2 FROM t WHERE n LIKE 'a%%' AND m = %s",
+        ),
+        ("SELECT ? -- why?\n, ?", "SELECT %s -- why?\n, %s"),
+        ("SELECT /* what? */ ?", "SELECT /* what? */ %s"),
+    ],
+)
+def test_placeholders_are_translated_outside_quotes_and_comments(
+    sqlite: str, postgresql: str
+) -> None:
+    assert pg.translate(sqlite) == postgresql
+
+
+def test_translated_sql_runs_and_rows_read_by_name_and_position(postgres_url: str) -> None:
+    store = pg.PgStore(postgres_url, max_size=2)
+    try:
+        with store.transaction() as conn:
+            conn.execute(
+                "INSERT INTO api_keys (name, role, key_hash, created_at, created_by) "
+                "VALUES (?, 'admin', ?, '2026-12-02T12:00:00.000000Z', 'test')",
+                ("a%b", "h1"),
+            )
+            row = conn.execute(
+                "SELECT name, role AS r, '?' AS q FROM api_keys "
+                "WHERE name LIKE 'a%' AND key_hash = ?",
+                ("h1",),
+            ).fetchone()
+        assert row is not None
+        assert (row["name"], row["r"], row["q"]) == ("a%b", "admin", "?")
+        assert (row[0], row[1]) == ("a%b", "admin")
+        name, role, q = row
+        assert (name, role, q) == ("a%b", "admin", "?")
+        assert row.keys() == ["name", "r", "q"]
+        assert dict(zip(row.keys(), row, strict=True)) == {"name": "a%b", "r": "admin", "q": "?"}
+        with pytest.raises(KeyError):
+            row["missing"]
+    finally:
+        store.close()
+
+
+def test_replicas_starting_at_once_apply_each_migration_once(postgres_url: str) -> None:
+    stores: list[pg.PgStore] = []
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            stores.append(pg.PgStore(postgres_url, max_size=1))
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=start) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    try:
+        assert errors == []
+        assert len(stores) == 3
+        names = [name for name, _ in pg.migrations()]
+        assert stores[0].applied_migrations() == names
+        with stores[0].read() as conn:
+            rows = conn.execute("SELECT count(*) AS n FROM schema_migrations").fetchone()
+        assert rows["n"] == len(names)
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_a_lost_connection_is_a_503_once_then_replaced(postgres_url: str) -> None:
+    store = pg.PgStore(postgres_url, max_size=1)
+    try:
+        with store.lookup() as conn:
+            pid = conn.execute("SELECT pg_backend_pid() AS pid").fetchone()["pid"]
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        with pytest.raises(StoreUnavailableError), store.transaction() as conn:
+            conn.execute("SELECT 1")
+        with store.transaction() as conn:
+            assert conn.execute("SELECT 1 AS one").fetchone()["one"] == 1
+        assert store.readiness() is None
+    finally:
+        store.close()
+
+
+def test_an_unreachable_server_is_a_clear_error() -> None:
+    url = f"postgresql://nixfleet@127.0.0.1:{free_port()}/nixfleet?connect_timeout=1"
+    with pytest.raises(StoreUnavailableError, match="cannot connect to the PostgreSQL database"):
+        pg.PgStore(url, timeout=1.0)
+
+
+def test_readiness_says_when_the_server_is_gone() -> None:
+    """/ready reflects the database: a server that stopped is a reason, not a hang."""
+    found = bin_dir()
+    if found is None:
+        unavailable("no PostgreSQL binaries (Debian: apt-get install postgresql)")
+    assert found is not None
+    cluster = Cluster(found)
+    try:
+        server = cluster.start()
+        store = pg.PgStore(server.url + "?connect_timeout=2", max_size=2, timeout=1.0)
+        assert store.readiness() is None
+        cluster.stop()
+        reason = store.readiness()
+        assert reason is not None and "unavailable" in reason
+        with pytest.raises(StoreUnavailableError):
+            store.ping()
+        store.close()
+    finally:
+        cluster.stop()
