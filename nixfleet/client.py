@@ -38,6 +38,7 @@ from nixfleet.errors import (
     UnreachableError,
     UsageError,
 )
+from nixfleet.filters import MachineFilter
 
 USER_AGENT = f"nixfleet/{__version__}"
 MAX_RESPONSE_BYTES = 256 * 2**20  # the status of 100,000 machines is ~40 MiB
@@ -306,12 +307,14 @@ class Client:
 
     # --- fleet and machines -------------------------------------------------------------
 
-    def status(self, tags: Sequence[str] = (), lifecycle: str | None = None) -> wire.Status:
-        params = {"tag": list(tags) or None, "lifecycle": lifecycle}
+    def status(self, f: MachineFilter | None = None) -> wire.Status:
+        params = filter_query(f or MachineFilter())
         return self._call(wire.Status, "GET", "/api/v1/status", params=params)
 
-    def machines(self, tags: Sequence[str] = (), lifecycle: str | None = None) -> wire.MachineList:
-        params = {"tag": list(tags) or None, "lifecycle": lifecycle}
+    def machines(
+        self, tags: Sequence[str] = (), f: MachineFilter | None = None
+    ) -> wire.MachineList:
+        params = filter_query(f or MachineFilter(tags=tuple(tags)))
         return self._call(wire.MachineList, "GET", "/api/v1/machines", params=params)
 
     def machine(self, machine_id: str) -> wire.MachineDetail:
@@ -583,3 +586,18 @@ def _error_for(status: int, payload: Mapping[str, Any]) -> NixfleetError:
         if isinstance(e, Mapping)
     ]
     return cls(detail, errors=errors)
+
+
+def filter_query(f: MachineFilter) -> dict[str, str | None]:
+    """The query string of GET /api/v1/status and /machines for a filter (None: absent)."""
+    tags = [*f.tags, *(f"!{t}" for t in f.not_tags)]
+    return {
+        "tag": ",".join(tags) or None,
+        "lifecycle": f.lifecycle.value if f.lifecycle else None,
+        "sync": f.sync.value if f.sync else None,
+        "health": f.health.value if f.health else None,
+        "stale": None if f.stale is None else ("true" if f.stale else "false"),
+        "host": f.search or None,
+        "sort": f.sort if f.sort != "host" else None,
+        "dir": "desc" if f.descending else None,
+    }

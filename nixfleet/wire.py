@@ -67,6 +67,7 @@ class StatusMachine(TypedDict):
     current_generation: str | None
     desired_generation: str | None
     sync: str
+    health_status: str  # healthy, failing or unknown (models.health_of)
     failed_generation: str | None
     last_report_at: str | None
     stale: bool
@@ -89,6 +90,7 @@ class Machine(TypedDict):
     desired_cache_url: str | None
     desired_source: str | None
     sync: str
+    health_status: str  # healthy, failing or unknown (models.health_of)
     failed_generation: str | None
     last_report_at: str | None
     stale: bool
@@ -151,6 +153,7 @@ class Summary(TypedDict):
     failed: int
     no_desired: int
     stale: int
+    by_health: dict[str, int]
     by_lifecycle: dict[str, int]
 
 

@@ -8,15 +8,19 @@ from datetime import datetime
 
 import falcon
 
-from nixfleet import wire
+from nixfleet import filters, wire
 from nixfleet.api.auth import Perm
 from nixfleet.api.body import read_document
 from nixfleet.api.context import Context
 from nixfleet.api.history import event_json
 from nixfleet.errors import ConflictError, FieldError, ValidationError
+from nixfleet.filters import MachineFilter
 from nixfleet.models import (
+    Health,
     Lifecycle,
     Machine,
+    Sync,
+    health_of,
     isoformat,
     utcnow,
     validate_hostname,
@@ -38,6 +42,7 @@ def status_json(m: Machine, now: datetime, stale_after: int) -> wire.StatusMachi
         "current_generation": m.current_generation,
         "desired_generation": m.desired_generation,
         "sync": m.sync.value,
+        "health_status": health_of(m.health).value,
         "failed_generation": m.failed_generation,
         "last_report_at": isoformat(m.last_report_at),
         "stale": m.stale(now, stale_after),
@@ -91,38 +96,59 @@ def mutate(
     resp.media = machine_json(after, now, ctx.settings.stale_after)
 
 
-def _lifecycle_param(value: str | None) -> str | None:
-    if value is None:
-        return None
-    try:
-        return Lifecycle(value).value
-    except ValueError:
+def filter_params(req: falcon.Request) -> MachineFilter:
+    """The filters.MachineFilter a query string names (FILTER_QUERY documents it).
+
+    `?tag=a&tag=b` and `?tag=a,b` both mean: carrying a and b; `!c` excludes.
+    """
+    tags = ",".join(req.get_param_as_list("tag") or [])
+    direction = req.get_param("dir") or "asc"
+    if direction not in ("asc", "desc"):
         raise ValidationError(
-            f"unknown lifecycle {value!r}",
-            errors=[FieldError("lifecycle", f"one of: {', '.join(Lifecycle)}")],
-        ) from None
+            f"invalid dir {direction[:64]!r}: allowed asc, desc",
+            errors=[FieldError("dir", "one of: asc, desc")],
+        )
+    return filters.parse(
+        tags=tags,
+        lifecycle=req.get_param("lifecycle"),
+        sync=req.get_param("sync"),
+        health=req.get_param("health"),
+        stale=req.get_param("stale"),
+        host=req.get_param("host"),
+        sort=req.get_param("sort"),
+        descending=direction == "desc",
+        names={"tags": "tag"},
+    )
 
 
-def tag_params(req: falcon.Request) -> list[str]:
-    """`?tag=a&tag=b` and `?tag=a,b` both mean: carrying a and b."""
-    return [t for v in req.get_param_as_list("tag") or [] for t in v.split(",") if t]
+# The query string of the two fleet reads, for the OpenAPI document.
+FILTER_QUERY = [
+    ("tag", "string", "tags, comma-separated or repeated: all must match; `!tag` excludes"),
+    ("lifecycle", "string", f"one of: {', '.join(Lifecycle)}"),
+    ("sync", "string", f"one of: {', '.join(filters.sync_word(s) for s in Sync)}"),
+    ("health", "string", f"one of: {', '.join(Health)}"),
+    ("stale", "string", "true (only stale machines) or false (none)"),
+    ("host", "string", "a host name glob (`web-*`), or a case-insensitive substring"),
+    ("sort", "string", f"one of: {', '.join(filters.SORT_KEYS)} (default host)"),
+    ("dir", "string", "asc (default) or desc"),
+]
 
 
 class MachineCollection:
     permissions = {"GET": Perm.READONLY, "POST": Perm.ADMIN}
     schemas = {"POST": "machine-register"}
+    query = {"GET": FILTER_QUERY}
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        """List machines; `tag` (repeatable: all must match) and `lifecycle` filter."""
-        lifecycle = _lifecycle_param(req.get_param("lifecycle"))
-        tags = tag_params(req)
+        """List machines, filtered as GET /api/v1/status filters (docs/fleet-status.md)."""
+        f = filter_params(req)
         now = utcnow()
-        with self.ctx.store.read() as conn:
-            found = machines.list_machines(conn, tags, lifecycle)
         stale = self.ctx.settings.stale_after
+        with self.ctx.store.read() as conn:
+            found = machines.list_filtered(conn, f, now, stale)
         resp.media = {"machines": [machine_json(m, now, stale) for m in found]}
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:

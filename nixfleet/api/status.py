@@ -9,24 +9,26 @@ import falcon
 from nixfleet import __version__
 from nixfleet.api.auth import Perm
 from nixfleet.api.context import Context
-from nixfleet.api.machines import tag_params
+from nixfleet.api.machines import FILTER_QUERY, filter_params
+from nixfleet.models import Health as HealthAxis
 from nixfleet.models import Lifecycle, Sync, isoformat, utcnow
 from nixfleet.store import machines
 
 
 class Status:
     permissions = {"GET": Perm.READONLY}
+    query = {"GET": FILTER_QUERY}
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        """Fleet summary and desired vs current generation of every machine."""
+        """Desired vs current generation and health of the machines asked for, and a summary."""
+        f = filter_params(req)
         now = utcnow()
         stale = self.ctx.settings.stale_after
-        tags, lifecycle = tag_params(req), req.get_param("lifecycle")
         with self.ctx.store.read() as conn:
-            doc = machines.status_document(conn, tags, lifecycle, now, stale)
+            doc = machines.status_document(conn, f, now, stale)
         by_sync, by_lifecycle = doc.by_sync, doc.by_lifecycle
         head = {
             "generated_at": isoformat(now),
@@ -38,6 +40,7 @@ class Status:
                 "failed": by_sync.get(Sync.FAILED.value, 0),
                 "no_desired": by_sync.get(Sync.NO_DESIRED.value, 0),
                 "stale": by_sync["stale"],
+                "by_health": {h.value: doc.by_health.get(h.value, 0) for h in HealthAxis},
                 "by_lifecycle": {s.value: by_lifecycle.get(s.value, 0) for s in Lifecycle},
             },
         }
@@ -66,7 +69,9 @@ class Metrics:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Prometheus text format gauges."""
-        counts = machines.fleet_counts(self.ctx.store.connection())
+        conn = self.ctx.store.connection()
+        counts = machines.fleet_counts(conn)
+        stale = machines.stale_count(conn, utcnow(), self.ctx.settings.stale_after)
         by_sync, by_lifecycle = counts.by_sync, counts.by_lifecycle
         in_sync, failed = by_sync[Sync.IN_SYNC], by_sync[Sync.FAILED]
         drift = by_sync[Sync.UPDATING] + failed  # desired set, not running it
@@ -83,6 +88,18 @@ class Metrics:
             "# HELP nixfleet_machines_failed Machines whose desired generation failed there.",
             "# TYPE nixfleet_machines_failed gauge",
             f"nixfleet_machines_failed {failed}",
+            "# HELP nixfleet_machines_health Machines by health (healthy, failing, unknown).",
+            "# TYPE nixfleet_machines_health gauge",
+            *(
+                f'nixfleet_machines_health{{health="{h.value}"}} {counts.by_health[h]}'
+                for h in HealthAxis
+            ),
+            "# HELP nixfleet_machines_sync Machines by sync state.",
+            "# TYPE nixfleet_machines_sync gauge",
+            *(f'nixfleet_machines_sync{{sync="{s.value}"}} {by_sync[s]}' for s in Sync),
+            "# HELP nixfleet_machines_stale Machines whose agent went quiet (stale).",
+            "# TYPE nixfleet_machines_stale gauge",
+            f"nixfleet_machines_stale {stale}",
         ]
         resp.content_type = "text/plain; version=0.0.4"
         resp.text = "\n".join(lines) + "\n"

@@ -12,6 +12,7 @@ from nixfleet.cli import complete
 from nixfleet.cli.context import State, pass_state
 from nixfleet.cli.enroll import parse_duration
 from nixfleet.cli.options import (
+    filter_options,
     machine_argument,
     output_options,
     secret_output,
@@ -28,7 +29,8 @@ from nixfleet.cli.output import (
     short_generation,
     table,
 )
-from nixfleet.cli.status import empty_fleet_hint
+from nixfleet.cli.status import empty_fleet_hint, status_table
+from nixfleet.filters import MachineFilter
 from nixfleet.history import EventKind
 from nixfleet.models import Lifecycle, isoformat, utcnow
 from nixfleet.secretfile import secret_file
@@ -128,42 +130,36 @@ def machines() -> None:
 
 
 @machines.command("list")
-@tags_option("Only machines carrying ALL these tags (comma-separated).")
-@click.option(
-    "--lifecycle", type=click.Choice([s.value for s in Lifecycle]), help="Only this state."
-)
+@filter_options
 @output_options(wide=True)
+@click.option("--no-headers", is_flag=True, help="Rows only: no header line, no count.")
 @pass_state
-def list_(state: State, tags: list[str], lifecycle: str | None) -> None:
-    """List machines, optionally filtered by tags and lifecycle.
+def list_(state: State, machine_filter: MachineFilter, no_headers: bool) -> None:
+    """List machines (the columns of `nixfleet status`), filtered as `status` filters.
 
     \b
     Example:
       nixfleet machines list --tags prod,web --lifecycle active
+      nixfleet machines list 'db-*' --sync failed
     """
-    data = state.client().machines(tags, lifecycle)
+    f = machine_filter
+    data = state.client().machines(f=f)
     if state.json:
         emit_json(data)
         return
     if not data["machines"]:
-        message(
-            f"no {lifecycle} machines; `nixfleet machines list` shows them all"
-            if lifecycle and not tags
-            else empty_fleet_hint(tags)
-        )
+        if f.lifecycle and f == MachineFilter(
+            lifecycle=f.lifecycle, sort=f.sort, descending=f.descending
+        ):
+            message(f"no {f.lifecycle.value} machines; `nixfleet machines list` shows them all")
+        else:
+            message(
+                empty_fleet_hint(f.tags, f != MachineFilter(sort=f.sort, descending=f.descending))
+            )
         return
-    rows = [
-        [
-            m["id"],
-            m["lifecycle"],
-            short_generation(m["current_generation"], state.wide),
-            ago(m["last_report_at"]),
-            ",".join(m["tags"]) or "-",
-        ]
-        for m in data["machines"]
-    ]
-    table(["HOST", "LIFECYCLE", "CURRENT", "LAST REPORT", "TAGS"], rows)
-    message(f"{len(rows)} machine(s)")
+    status_table(data["machines"], state.wide, not no_headers)
+    if not no_headers:
+        message(f"{len(data['machines'])} machine(s)")
 
 
 @machines.command()

@@ -7,14 +7,18 @@ or after the command name. `TAG_LIST` is the one parser of comma-separated lists
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 
+from nixfleet import filters
 from nixfleet.cli import complete
 from nixfleet.cli.context import State
+from nixfleet.errors import UsageError, ValidationError
+from nixfleet.models import Health, Lifecycle, Sync
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -96,6 +100,62 @@ def secret_output(what: str) -> Callable[[F], F]:
         type=click.Path(dir_okay=False, path_type=Path),
         help=f"Write the {what} to this new file (mode 0600) instead of stdout.",
     )
+
+
+def filter_options(f: F) -> F:
+    """The fleet filters of `status` and `machines list` (nixfleet.filters, parsed once).
+
+    The command receives `machine_filter` (a MachineFilter) instead of the raw
+    options; a bad value is a usage error (exit 2) naming it and the allowed ones.
+    """
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            kwargs["machine_filter"] = filters.parse(
+                tags=kwargs.pop("tags"),
+                lifecycle=kwargs.pop("lifecycle"),
+                sync=kwargs.pop("sync"),
+                health=kwargs.pop("health"),
+                stale="true" if kwargs.pop("stale") else None,
+                host=kwargs.pop("host"),
+                sort=kwargs.pop("sort"),
+                descending=kwargs.pop("reverse"),
+                names={"tags": "--tags", "lifecycle": "--lifecycle", "sync": "--sync",
+                       "health": "--health", "host": "HOST", "sort": "--sort"},
+            )  # fmt: skip
+        except ValidationError as e:
+            raise UsageError(e.detail) from None
+        return f(*args, **kwargs)
+
+    decorators = [
+        click.argument("host", required=False, shell_complete=complete.machine_items),
+        click.option(
+            "--tags",
+            default="",
+            metavar="TAG,…",
+            shell_complete=TAG_LIST.shell_complete,
+            help="Only machines carrying all these tags (comma-separated); !TAG excludes.",
+        ),
+        click.option("--lifecycle", metavar="STATE", help=f"Only: {', '.join(Lifecycle)}."),
+        click.option(
+            "--sync",
+            metavar="STATE",
+            help=f"Only: {', '.join(filters.sync_word(s) for s in Sync)}.",
+        ),
+        click.option("--health", metavar="STATE", help=f"Only: {', '.join(Health)}."),
+        click.option("--stale", is_flag=True, help="Only machines whose agent went quiet."),
+        click.option(
+            "--sort",
+            metavar="KEY",
+            help=f"Order by: {', '.join(filters.SORT_KEYS)} (default host).",
+        ),
+        click.option("--reverse", is_flag=True, help="Reverse the --sort order."),
+    ]
+    out: Any = wrapper
+    for d in reversed(decorators):
+        out = d(out)
+    return cast(F, out)
 
 
 def tags_option(help_text: str) -> Callable[[F], F]:

@@ -102,7 +102,10 @@ def ago(value: str | None, now: datetime | None = None) -> str:
 
 
 def table(
-    headers: Sequence[str], rows: Sequence[Sequence[str]], colors: dict[int, Any] | None = None
+    headers: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    colors: dict[int, Any] | None = None,
+    show_headers: bool = True,
 ) -> None:
     """Left-aligned columns; colours (per column, a function of the cell) when use_color()."""
     widths = [len(h) for h in headers]
@@ -110,7 +113,8 @@ def table(
     for row in rows:
         for i, cell in enumerate(row):
             widths[i] = max(widths[i], len(cell))
-    echo("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
+    if show_headers:
+        echo("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
     for row in rows:
         cells = []
         for i, (cell, width) in enumerate(zip(row, widths, strict=True)):

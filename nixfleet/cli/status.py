@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import click
 
 from nixfleet import wire
 from nixfleet.cli.context import State, pass_state
-from nixfleet.cli.options import output_options, tags_option
+from nixfleet.cli.options import filter_options, output_options
 from nixfleet.cli.output import ago, echo, emit_json, message, short_generation, table
 from nixfleet.errors import UnreachableError
-from nixfleet.models import Sync
+from nixfleet.filters import MachineFilter
+from nixfleet.models import Health, Sync
 
-SYNC_COLORS = {
+HEALTH_COLORS: dict[str, dict[str, Any]] = {
+    Health.HEALTHY.value: {"fg": "green"},
+    Health.FAILING.value: {"fg": "red", "bold": True},
+    Health.UNKNOWN.value: {"dim": True},
+}
+SYNC_COLORS: dict[str, dict[str, Any]] = {
     Sync.IN_SYNC.value: {"fg": "green"},
     Sync.UPDATING.value: {"fg": "yellow"},
     Sync.FAILED.value: {"fg": "red", "bold": True},
@@ -46,12 +52,14 @@ def poll(fetch: Callable[[], T], interval: float) -> T:
         return result
 
 
-def empty_fleet_hint(tags: list[str]) -> str:
+def empty_fleet_hint(tags: Sequence[str], filtered: bool = False) -> str:
     if tags:
         return (
             f"no machine carries all of the tags {','.join(tags)}; "
             "`nixfleet machines list` shows every machine and its tags"
         )
+    if filtered:
+        return "no machine matches these filters; `nixfleet status` shows them all"
     return (
         "no machines yet. Register one (`nixfleet machines register HOST --issue-token`), "
         "or let agents enroll (`nixfleet enroll-tokens create`); "
@@ -59,29 +67,49 @@ def empty_fleet_hint(tags: list[str]) -> str:
     )
 
 
-def render(data: wire.Status, wide: bool) -> None:
-    rows = []
-    for m in data["machines"]:
-        last = ago(m["last_report_at"])
-        if m["stale"] and m["last_report_at"]:
-            last += " (stale)"
-        rows.append(
-            [
-                m["id"],
-                m["lifecycle"],
-                short_generation(m["current_generation"], wide),
-                short_generation(m["desired_generation"], wide),
-                m["sync"] + (" NEEDS REBOOT" if m.get("needs_reboot") else ""),
-                last,
-                ",".join(m["tags"]) or "-",
-            ]
-        )
-    table(
-        ["HOST", "LIFECYCLE", "CURRENT", "DESIRED", "SYNC", "LAST REPORT", "TAGS"],
-        rows,
-        colors={4: lambda cell: SYNC_COLORS.get(cell.removesuffix(" NEEDS REBOOT"), {})},
-    )
-    echo("\n" + summary_line(data["summary"]))
+STATUS_HEADERS = [
+    "HOST",
+    "LIFECYCLE",
+    "CURRENT",
+    "DESIRED",
+    "SYNC",
+    "HEALTH",
+    "LAST REPORT",
+    "TAGS",
+]
+STATUS_COLORS: dict[int, Callable[[str], dict[str, Any]]] = {
+    4: lambda cell: SYNC_COLORS.get(cell.removesuffix(" NEEDS REBOOT"), {}),
+    5: lambda cell: HEALTH_COLORS.get(cell, {}),
+}
+
+
+def status_row(m: wire.StatusMachine | wire.Machine, wide: bool) -> list[str]:
+    """One machine as `status` and `machines list` show it (STATUS_HEADERS)."""
+    last = ago(m["last_report_at"])
+    if m["stale"] and m["last_report_at"]:
+        last += " (stale)"
+    return [
+        m["id"],
+        m["lifecycle"],
+        short_generation(m["current_generation"], wide),
+        short_generation(m["desired_generation"], wide),
+        m["sync"] + (" NEEDS REBOOT" if m.get("needs_reboot") else ""),
+        m["health_status"],
+        last,
+        ",".join(m["tags"]) or "-",
+    ]
+
+
+def status_table(
+    machines: Sequence[wire.StatusMachine | wire.Machine], wide: bool, headers: bool = True
+) -> None:
+    table(STATUS_HEADERS, [status_row(m, wide) for m in machines], STATUS_COLORS, headers)
+
+
+def render(data: wire.Status, wide: bool, headers: bool = True) -> None:
+    status_table(data["machines"], wide, headers)
+    if headers:
+        echo("\n" + summary_line(data["summary"]))
 
 
 def summary_line(s: wire.Summary) -> str:
@@ -93,7 +121,11 @@ def summary_line(s: wire.Summary) -> str:
         (s["stale"], "stale"),
     )
     parts += [f"{n} {label}" for n, label in counts if n]
-    return ", ".join(parts)
+    by_health = s["by_health"]
+    health = [f"{by_health[h.value]} {h.value}" for h in Health if by_health.get(h.value)]
+    if not by_health.get(Health.HEALTHY.value) and not by_health.get(Health.FAILING.value):
+        health = []  # no machine runs health checks: nothing to say
+    return ", ".join(parts) + (f"; health: {', '.join(health)}" if health else "")
 
 
 def fresh_fleet_hint(s: wire.Summary) -> str | None:
@@ -110,14 +142,15 @@ def _signature(data: wire.Status) -> object:
     """What a non-TTY watch reprints on: everything but the ticking times."""
     return [
         (m["id"], m["lifecycle"], m["current_generation"], m["desired_generation"], m["sync"],
-         m["stale"], tuple(m["tags"]))
+         m["health_status"], m["stale"], tuple(m["tags"]))
         for m in data["machines"]
     ]  # fmt: skip
 
 
 @click.command()
 @output_options(wide=True)
-@tags_option("Only machines carrying all these tags (comma-separated).")
+@filter_options
+@click.option("--no-headers", is_flag=True, help="Rows only: no header line, no summary.")
 @click.option(
     "--watch",
     is_flag=True,
@@ -127,37 +160,45 @@ def _signature(data: wire.Status) -> object:
     "--interval", default=2.0, show_default=True, help="Seconds between polls with --watch."
 )
 @pass_state
-def status(state: State, tags: list[str], watch: bool, interval: float) -> None:
-    """Desired vs current generation of every machine, and a summary.
+def status(
+    state: State, machine_filter: MachineFilter, no_headers: bool, watch: bool, interval: float
+) -> None:
+    """Desired vs current generation and health of every machine, and a summary.
 
     Columns: HOST, LIFECYCLE, CURRENT (from the agent's most recent report),
-    DESIRED (from the active rollout's release entry, if any), SYNC, LAST
-    REPORT (marked stale past the control plane's threshold) and TAGS. Not on a
-    terminal, --watch prints the table again only when something changed.
+    DESIRED (from the active rollout's release entry, if any), SYNC, HEALTH
+    (healthy, failing, unknown: the agent's health checks), LAST REPORT (marked
+    stale past the control plane's threshold) and TAGS. HOST (optional) is a glob
+    (`'web-*'`) or a part of the host name. Not on a terminal, --watch prints the
+    table again only when something changed.
 
     \b
     Example:
       nixfleet status
+      nixfleet status 'web-*' --tags prod,!canary --sync failed
+      nixfleet status --health failing --sort last-report --no-headers
       nixfleet status --tags prod,web --watch --interval 5
       nixfleet status --json | jq '.machines[] | select(.sync != "in sync")'
     """
     client = state.client()
+    f = machine_filter
+    filtered = f.selects_some
     tty = sys.stdout.isatty()
     last: object = None
     while True:
-        data = poll(lambda: client.status(tags), interval) if watch else client.status(tags)
+        data = poll(lambda: client.status(f), interval) if watch else client.status(f)
         if state.json:
             emit_json(data)
         elif not data["machines"]:
             if not watch or last is None:
-                message(empty_fleet_hint(tags))
+                message(empty_fleet_hint(f.tags, filtered))
             last = []
         elif tty or _signature(data) != last:
             if watch and tty:
                 click.clear()
-            render(data, state.wide)
+            render(data, state.wide, not no_headers)
             hint = fresh_fleet_hint(data["summary"])
-            if hint and not watch:
+            if hint and not watch and not filtered:
                 message(hint)
             last = _signature(data)
         if not watch:

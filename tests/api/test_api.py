@@ -175,6 +175,7 @@ STATUS_FIELDS = (
     "current_generation",
     "desired_generation",
     "sync",
+    "health_status",
     "failed_generation",
     "last_report_at",
     "stale",
@@ -233,7 +234,12 @@ def test_status_agrees_with_the_machine_list_under_every_filter(
         machines.remove_tags(conn, "m-4", ["db"])  # the agent still reports db
         machines.set_tags(conn, "m-4", [], "agent", replace=True)  # now it does not
 
-    for query in ("", "tag=prod", "tag=prod&tag=web", "tag=web", "lifecycle=active", "tag=none"):
+    for query in (
+        *("", "tag=prod", "tag=prod&tag=web", "tag=web", "lifecycle=active", "tag=none"),
+        *("tag=prod,!web", "sync=failed", "sync=in-sync", "sync=no desired", "stale=true"),
+        *("stale=false", "health=unknown", "host=m-*", "host=M-3", "sort=sync&dir=desc"),
+        "sort=last-report",
+    ):
         status = client.simulate_get("/api/v1/status", query_string=query, headers=admin)
         listed = client.simulate_get("/api/v1/machines", query_string=query, headers=admin)
         assert status.status_code == listed.status_code == 200, (status.text, listed.text)

@@ -9,6 +9,7 @@ import json
 from datetime import UTC, datetime, timedelta
 
 from nixfleet.api.machines import machine_json, status_json
+from nixfleet.filters import MachineFilter
 from nixfleet.models import Lifecycle, isoformat
 from nixfleet.store import Store, machines
 
@@ -47,7 +48,7 @@ def test_status_entries_are_status_json_machine_by_machine(store: Store) -> None
                 ),
             )
     with store.read() as conn:
-        doc = machines.status_document(conn, [], None, NOW, STALE_AFTER)
+        doc = machines.status_document(conn, MachineFilter(), NOW, STALE_AFTER)
         fleet = machines.list_machines(conn)
     entries = json.loads(doc.machines_json)
     assert len(entries) == len(fleet) == len(cases)

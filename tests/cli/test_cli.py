@@ -44,6 +44,7 @@ def test_status_table_and_summary(control_plane: ControlPlane) -> None:
         "CURRENT",
         "DESIRED",
         "SYNC",
+        "HEALTH",
         "LAST",
         "REPORT",
         "TAGS",
@@ -56,7 +57,7 @@ def test_status_table_and_summary(control_plane: ControlPlane) -> None:
     assert re.search(r"\d+s ago", rows["web-01"])
     assert "prod,web" in rows["web-01"]
     assert "\x1b[" not in r.stdout  # not a TTY: no colour
-    assert lines[-1] == "1/3 machines in sync, 1 updating, 1 no desired"
+    assert lines[-1] == "1/3 machines in sync, 1 updating, 1 no desired"  # no health checks
     wide = run_cli("status", "--wide", env=env(control_plane))
     assert GEN_A in wide.stdout
 

@@ -245,6 +245,7 @@ def test_a_closed_pipe_ends_quietly(control_plane: ControlPlane) -> None:
         "CURRENT",
         "DESIRED",
         "SYNC",
+        "HEALTH",
         "LAST",
         "REPORT",
         "TAGS",
