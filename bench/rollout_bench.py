@@ -18,8 +18,12 @@ benchmark database, then times reconciler.tick through a rollout's whole life:
             machines start as the budgets free, agents report healthy between
             ticks: every tick until the rollout completes
 
-The figure of each phase is its slowest tick; the PASSIVE checkpoint the control
+The figure of each phase is its slowest tick, in wall time and in CPU time of this
+process (time.process_time: on a shared, loaded machine the wall time includes
+waiting for a core, the CPU time much less); the PASSIVE checkpoint the control
 plane runs after each tick (controlplane.background) is timed separately.
+bench/tick_profile.py runs the same scenario and times each statement of the
+slowest tick of every phase.
 """
 
 from __future__ import annotations
