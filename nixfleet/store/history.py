@@ -318,9 +318,15 @@ def page(
     return Page(events, events[-1].id if len(rows) > limit else None)
 
 
-def latest(conn: sqlite3.Connection, machine_id: str, n: int) -> list[Event]:
-    """The newest n events, oldest first (what `machines show` ends with)."""
-    rows = conn.execute(_select("ORDER BY r.seq DESC LIMIT ?"), (machine_id, n)).fetchall()
+def latest(
+    conn: sqlite3.Connection, machine_id: str, n: int, before: int | None = None
+) -> list[Event]:
+    """The newest n events (before the event id `before`, if given), oldest first (what
+    `machines show` ends with; the dashboard's timeline pages back with `before`)."""
+    where, params = ("WHERE r.seq < ? ", [before]) if before is not None else ("", [])
+    rows = conn.execute(
+        _select(where + "ORDER BY r.seq DESC LIMIT ?"), (machine_id, *params, n)
+    ).fetchall()
     return [_event(machine_id, r) for r in reversed(rows)]
 
 

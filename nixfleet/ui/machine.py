@@ -11,7 +11,7 @@ from nixfleet.store import history, machines
 from nixfleet.ui import bridge
 from nixfleet.ui.web import PREFIX, Page, Viewer
 
-RECENT = 50  # history events on the page (the CLI: `nixfleet machines history HOST`)
+RECENT = 50  # history events a timeline page shows ("older" pages back, server-side)
 
 
 def _flash(changed: str | None) -> str:
@@ -27,13 +27,24 @@ class MachinePage(Page):
         self, req: falcon.Request, resp: falcon.Response, viewer: Viewer, machine_id: str
     ) -> None:
         validate_hostname(machine_id)
+        try:
+            before = req.get_param_as_int("before", min_value=1)
+        except falcon.HTTPInvalidParam:
+            raise ValidationError(
+                "invalid before", errors=[FieldError("before", "an event id (a whole number)")]
+            ) from None
         now = utcnow()
         with self.ui.ctx.store.read() as conn:
             m = machines.get(conn, machine_id)
-            events = history.latest(conn, machine_id, RECENT)
+            events = history.latest(conn, machine_id, RECENT + 1, before)
+        # One more than a page read: whether there is an older page, and where it starts.
+        older = events[1].id if len(events) > RECENT else None
+        events = events[-RECENT:]
+        part = req.get_param("part") == "timeline"  # htmx: the next (older) items only
         self.ui.render(
             resp,
-            "machine.html",
+            "_timeline.html" if part else "machine.html",
+            older=older,
             viewer=viewer,
             m=m,
             now=now,
