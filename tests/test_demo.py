@@ -27,7 +27,7 @@ def test_demo_converges_catches_the_bad_release_and_stays_explorable(tmp_path: P
         assert "4/4 machines in sync" in r.stdout
         # ... the bad one was caught by the canary, rolled back on the machine, paused.
         assert "rolled back: switch to" in out and "rollout-paused" in out
-        assert r.stdout.rstrip().endswith("3/4 machines in sync, 1 failed")
+        assert r.stdout.rstrip().endswith("3/4 machines in sync, 1 failed; health: 4 healthy")
         # --keep: the fleet is still there, and the printed commands work.
         env = {
             "NIXFLEET_CONTROL_PLANE_URL": next(

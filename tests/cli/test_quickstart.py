@@ -109,7 +109,8 @@ def test_a_lone_clone_passes(tmp_path: Path) -> None:
     )
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
     assert "rollout-completed" in demo.stdout + demo.stderr
-    assert demo.stdout.rstrip().endswith("1/2 machines in sync, 1 failed")  # canary caught
+    last = demo.stdout.rstrip().splitlines()[-1]
+    assert last.startswith("1/2 machines in sync, 1 failed; health: ")  # canary caught
     assert (lone / "nixfleet" / "__pycache__").is_dir(), "the demo did not run the copy"
 
     test = subprocess.run(
