@@ -18,9 +18,7 @@ dribbles a byte every few seconds cannot hold a caller past it.
 from __future__ import annotations
 
 import http.client
-import io
 import json
-import socket
 import ssl
 import time
 import urllib.parse
@@ -29,7 +27,7 @@ from typing import Any, TypeVar, cast
 
 import orjson
 
-from nixfleet import __version__, wire
+from nixfleet import __version__, deadline_http, wire
 from nixfleet.errors import (
     BY_SLUG,
     FieldError,
@@ -65,43 +63,6 @@ def check_url(url: str) -> urllib.parse.SplitResult:
             f"control plane URL {url!r}: expected http://HOST[:PORT] or https://HOST[:PORT]"
         )
     return parsed
-
-
-class _DeadlineReader(io.RawIOBase):
-    """A socket's read side that gives up at a fixed moment, however the bytes trickle."""
-
-    def __init__(self, sock: socket.socket, deadline: float, keep: Any) -> None:
-        self._sock = sock
-        self._deadline = deadline
-        # The socket's own makefile() holds a reference that keeps the descriptor open
-        # when the connection is closed under a response (HTTP/1.0, Connection: close).
-        self._keep = keep
-
-    def close(self) -> None:
-        self._keep.close()
-        super().close()
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        remaining = self._deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("deadline exceeded")
-        self._sock.settimeout(remaining)
-        return self._sock.recv_into(buffer)
-
-
-class _Response(http.client.HTTPResponse):
-    deadline = 0.0
-
-    def __init__(self, sock: socket.socket, *args: Any, **kwargs: Any) -> None:
-        super().__init__(sock, *args, **kwargs)
-        self.fp = io.BufferedReader(_DeadlineReader(sock, self.deadline, self.fp))
-
-
-def _response_class(deadline: float) -> type[_Response]:
-    return type("_DeadlineResponse", (_Response,), {"deadline": deadline})
 
 
 class Client:
@@ -201,7 +162,7 @@ class Client:
                 if conn.sock is None:
                     conn.connect()
                 conn.sock.settimeout(max(deadline - time.monotonic(), 0.001))
-                conn.response_class = _response_class(deadline)
+                conn.response_class = deadline_http.response_class(deadline)
                 conn.request(method, url, body=data, headers=headers)
                 resp = conn.getresponse()
                 raw = resp.read(MAX_RESPONSE_BYTES + 1)
@@ -219,7 +180,9 @@ class Client:
                 if attempt == 1 and reused:
                     continue
                 where = f"{self._host}:{self._port or 80}"
-                if self._scheme == "http" and _speaks_tls(self._host, self._port or 80):
+                if self._scheme == "http" and deadline_http.speaks_tls(
+                    self._host, self._port or 80
+                ):
                     raise ProtocolError(
                         f"{self.base_url}: {where} speaks TLS, not plain HTTP (it dropped a "
                         f"plain request); use https://{where}"
@@ -231,7 +194,7 @@ class Client:
                 self.close()
                 raise self._tls_failure(e) from e
             except TimeoutError as e:
-                in_handshake = self._scheme == "https" and not handshake_done(conn)
+                in_handshake = self._scheme == "https" and not deadline_http.handshake_done(conn)
                 self.close()
                 if in_handshake:
                     raise self._tls_failure(e) from e
@@ -256,7 +219,7 @@ class Client:
     def _tls_failure(self, e: Exception) -> NixfleetError:
         """A failed TLS handshake: say whether plain HTTP answers there instead."""
         where = f"{self._host}:{self._port or 443}"
-        plain = _plain_http_answer(self._host, self._port or 443)
+        plain = deadline_http.plain_http_answer(self._host, self._port or 443)
         if plain is None:
             return UnreachableError(f"control plane at {self.base_url} is unreachable: {e}")
         if plain:
@@ -532,43 +495,6 @@ def _snippet(raw: bytes, size: int = 60) -> str:
     text = " ".join(raw[:size].decode(errors="replace").split())
     text = "".join(c if c.isprintable() else "?" for c in text)
     return repr(text + ("…" if len(raw) > size else ""))
-
-
-def handshake_done(conn: http.client.HTTPConnection) -> bool:
-    return isinstance(conn.sock, ssl.SSLSocket)
-
-
-def _plain_http_answer(host: str, port: int) -> str | None:
-    """What a plain-HTTP request to host:port gets: its status line, "" if nothing
-    HTTP-like, None if nothing accepts the connection at all."""
-    try:
-        sock = socket.create_connection((host, port), timeout=2.0)
-    except OSError:
-        return None
-    try:
-        sock.settimeout(2.0)
-        sock.sendall(f"HEAD / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
-        line = sock.recv(200).split(b"\r\n", 1)[0]
-    except OSError:
-        return ""
-    finally:
-        sock.close()
-    return line.decode(errors="replace") if line.startswith(b"HTTP/") else ""
-
-
-def _speaks_tls(host: str, port: int) -> bool:
-    """Whether a TLS handshake succeeds at host:port (no verification: only asking)."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    try:
-        with (
-            socket.create_connection((host, port), timeout=2.0) as raw,
-            context.wrap_socket(raw, server_hostname=host),
-        ):
-            return True
-    except (OSError, ValueError):
-        return False
 
 
 def _error_for(status: int, payload: Mapping[str, Any]) -> NixfleetError:

@@ -27,6 +27,8 @@ from conftest import wait_until as conftest_wait_until
 from nixfleet.models import utcnow
 from nixfleet.store import Store, credentials
 
+pytestmark = pytest.mark.nix  # real Nix: also run under the other Debian's Nix (tests/system)
+
 MID = "web-01"
 CP_ADDR, AGENT_ADDR, NET = "10.213.7.1", "10.213.7.2", "10.213.7.0/30"
 PORT = 8470

@@ -17,6 +17,8 @@ from nixfleet.agent.reboot import Rebooter
 from nixfleet.client import Client
 from nixfleet.store import Store
 
+pytestmark = pytest.mark.nix  # real Nix: also run under the other Debian's Nix (tests/system)
+
 
 @pytest.fixture(scope="module")
 def systems() -> dict[str, str]:

@@ -27,6 +27,8 @@ from conftest import wait_until as conftest_wait_until
 
 from nixfleet.store import Store
 
+pytestmark = pytest.mark.nix  # real Nix: also run under the other Debian's Nix (tests/system)
+
 
 def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 60.0) -> Any:
     return conftest_wait_until(what, predicate, timeout, interval=0.1)
