@@ -3,7 +3,7 @@
 `parse` turns the texts an operator typed (CLI options, an API query string, the
 dashboard's form) into a `MachineFilter`, once, refusing a bad value with the value
 and the allowed ones (CLI exit 2, API 422) — never an empty result. The SQL that
-applies it is store.machines.filter_sql; sync, health and stale mean what
+applies it is store.status.filter_sql; sync, health and stale mean what
 models.sync_of / health_of / is_stale say.
 """
 

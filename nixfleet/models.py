@@ -97,7 +97,7 @@ def time_of(value: str) -> datetime:
 
 
 def sync_of(desired: str | None, current: str | None, failed: str | None) -> Sync:
-    """THE definition of sync (store.machines.SYNC_SQL is held to it case by case)."""
+    """THE definition of sync (store.status.SYNC_SQL is held to it case by case)."""
     if desired is None:
         return Sync.NO_DESIRED
     if current == desired:
@@ -133,7 +133,7 @@ def is_stale(
     stale_after: int,
     lifecycle: Lifecycle | None = None,
 ) -> bool:
-    """THE definition of stale (store.machines.STALE_SQL is held to it case by case).
+    """THE definition of stale (store.status.STALE_SQL is held to it case by case).
 
     A machine that never reported is not stale, only pending: stale means it went quiet.
     A decommissioned machine is never stale: it is meant to be quiet (DESIGN §3).

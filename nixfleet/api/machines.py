@@ -34,7 +34,7 @@ def status_json(m: Machine, now: datetime, stale_after: int) -> wire.StatusMachi
     """A machine's entry in GET /api/v1/status (docs/fleet-status.md): the definition.
 
     The status route has SQL write these entries for the whole fleet at once
-    (store.machines.STATUS_SQL, held to this function machine by machine).
+    (store.status.STATUS_SQL, held to this function machine by machine).
     """
     return {
         "id": m.id,

@@ -12,7 +12,7 @@ from nixfleet.api.context import Context
 from nixfleet.api.machines import FILTER_QUERY, filter_params
 from nixfleet.models import Health as HealthAxis
 from nixfleet.models import Lifecycle, Sync, isoformat, utcnow
-from nixfleet.store import machines
+from nixfleet.store import status
 
 
 class Status:
@@ -28,7 +28,7 @@ class Status:
         now = utcnow()
         stale = self.ctx.settings.stale_after
         with self.ctx.store.read() as conn:
-            doc = machines.status_document(conn, f, now, stale)
+            doc = status.status_document(conn, f, now, stale)
         by_sync, by_lifecycle = doc.by_sync, doc.by_lifecycle
         head = {
             "generated_at": isoformat(now),
@@ -70,8 +70,8 @@ class Metrics:
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Prometheus text format gauges."""
         conn = self.ctx.store.connection()
-        counts = machines.fleet_counts(conn)
-        stale = machines.stale_count(conn, utcnow(), self.ctx.settings.stale_after)
+        counts = status.fleet_counts(conn)
+        stale = status.stale_count(conn, utcnow(), self.ctx.settings.stale_after)
         by_sync, by_lifecycle = counts.by_sync, counts.by_lifecycle
         in_sync, failed = by_sync[Sync.IN_SYNC], by_sync[Sync.FAILED]
         drift = by_sync[Sync.UPDATING] + failed  # desired set, not running it

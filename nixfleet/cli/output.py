@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypedDict
 
 import click
 import orjson
 
 from nixfleet.cli.config import no_color_requested
 from nixfleet.models import parse_time, utcnow
+
+
+class Style(TypedDict, total=False):
+    """The keyword arguments of click.style that table cells use."""
+
+    fg: str
+    bold: bool
+    dim: bool
+
+
+ColumnStyles = dict[int, Callable[[str], Style]]  # column index -> style of a cell
 
 COLOR_MODES = ("auto", "always", "never")
 _color = {"mode": "auto"}
@@ -104,7 +115,7 @@ def ago(value: str | None, now: datetime | None = None) -> str:
 def table(
     headers: Sequence[str],
     rows: Sequence[Sequence[str]],
-    colors: dict[int, Any] | None = None,
+    colors: ColumnStyles | None = None,
     show_headers: bool = True,
 ) -> None:
     """Left-aligned columns; colours (per column, a function of the cell) when use_color()."""

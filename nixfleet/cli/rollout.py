@@ -18,13 +18,13 @@ from nixfleet.cli.options import (
     rollout_argument,
     tags_option,
 )
-from nixfleet.cli.output import echo, emit_json, message, printable, style, table
+from nixfleet.cli.output import Style, echo, emit_json, message, printable, style, table
 from nixfleet.cli.release import register_release
 from nixfleet.cli.status import poll
 from nixfleet.errors import FieldError, RolloutHaltedError
 from nixfleet.models import RolloutStatus, utcnow
 
-HEALTH_COLORS = {
+HEALTH_COLORS: dict[str, Style] = {
     "healthy": {"fg": "green"},
     "pending": {"fg": "yellow"},
     "unhealthy": {"fg": "red"},

@@ -5,24 +5,33 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import click
 
 from nixfleet import wire
 from nixfleet.cli.context import State, pass_state
 from nixfleet.cli.options import filter_options, output_options
-from nixfleet.cli.output import ago, echo, emit_json, message, short_generation, table
+from nixfleet.cli.output import (
+    ColumnStyles,
+    Style,
+    ago,
+    echo,
+    emit_json,
+    message,
+    short_generation,
+    table,
+)
 from nixfleet.errors import UnreachableError
 from nixfleet.filters import MachineFilter
 from nixfleet.models import Health, Sync
 
-HEALTH_COLORS: dict[str, dict[str, Any]] = {
+HEALTH_COLORS: dict[str, Style] = {
     Health.HEALTHY.value: {"fg": "green"},
     Health.FAILING.value: {"fg": "red", "bold": True},
     Health.UNKNOWN.value: {"dim": True},
 }
-SYNC_COLORS: dict[str, dict[str, Any]] = {
+SYNC_COLORS: dict[str, Style] = {
     Sync.IN_SYNC.value: {"fg": "green"},
     Sync.UPDATING.value: {"fg": "yellow"},
     Sync.FAILED.value: {"fg": "red", "bold": True},
@@ -77,7 +86,7 @@ STATUS_HEADERS = [
     "LAST REPORT",
     "TAGS",
 ]
-STATUS_COLORS: dict[int, Callable[[str], dict[str, Any]]] = {
+STATUS_COLORS: ColumnStyles = {
     4: lambda cell: SYNC_COLORS.get(cell.removesuffix(" NEEDS REBOOT"), {}),
     5: lambda cell: HEALTH_COLORS.get(cell, {}),
 }

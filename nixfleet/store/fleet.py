@@ -2,9 +2,9 @@
 
 Two statements whatever the fleet size: one aggregate pass for the counters (by
 sync, health, lifecycle, stale) and for how many machines match, and one indexed or
-sorted read of a single page. Sync and stale are machines.SYNC_SQL / STALE_SQL (held
+sorted read of a single page. Sync and stale are status.SYNC_SQL / STALE_SQL (held
 to models.sync_of / is_stale); health is HEALTH_SQL, held to models.health_of; the
-filters are machines.filter_sql, the one SQL form of a filters.MachineFilter.
+filters are status.filter_sql, the one SQL form of a filters.MachineFilter.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from datetime import datetime
 
 from nixfleet.filters import MachineFilter
 from nixfleet.models import Health, Lifecycle, Sync, isoformat, parse_time, stale_cutoff
-from nixfleet.store import machines
-from nixfleet.store.machines import HEALTH_SQL, STALE_SQL, SYNC_SQL
+from nixfleet.store import status
+from nixfleet.store.status import HEALTH_SQL, STALE_SQL, SYNC_SQL
 
-# The sort keys the page offers (filters.SORT_KEYS; SQL in machines.SORT_SQL).
-SORTS = machines.SORT_SQL
+# The sort keys the page offers (filters.SORT_KEYS; SQL in status.SORT_SQL).
+SORTS = status.SORT_SQL
 MAX_PER_PAGE = 500
 
 
@@ -61,7 +61,7 @@ class FleetPage:
 def page(conn: sqlite3.Connection, q: FleetQuery, now: datetime, stale_after: int) -> FleetPage:
     """The counters of the whole fleet, how many match q, and page q.page of them."""
     cutoff = isoformat(stale_cutoff(now, stale_after)) or ""
-    pred, params = machines.filter_sql(q, cutoff)
+    pred, params = status.filter_sql(q, cutoff)
     sums = ", ".join(
         [f"sum(sync = '{s.value}')" for s in Sync]
         + [f"sum(health = '{h.value}')" for h in Health]
@@ -84,7 +84,7 @@ def page(conn: sqlite3.Connection, q: FleetQuery, now: datetime, stale_after: in
         "SELECT m.id, m.lifecycle, m.current_generation, m.desired_generation, "
         f"{SYNC_SQL} AS sync, {HEALTH_SQL} AS health, m.last_report_at, {STALE_SQL} AS stale, "
         "m.system_state, m.last_message, m.tags_json "
-        f"FROM machines m{where} ORDER BY {machines.order_sql(q)} "
+        f"FROM machines m{where} ORDER BY {status.order_sql(q)} "
         "LIMIT ? OFFSET ?",
         (cutoff, *params, per_page, offset),
     )

@@ -24,7 +24,7 @@ from nixfleet.models import (
     stale_cutoff,
 )
 from nixfleet.store import releases
-from nixfleet.store.machines import STALE_SQL
+from nixfleet.store.status import STALE_SQL
 
 
 def spec_of(doc: Any, what: str = "rollout") -> RolloutSpec:

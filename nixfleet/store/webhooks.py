@@ -22,8 +22,8 @@ from datetime import datetime, timedelta
 
 from nixfleet.models import isoformat, stale_cutoff
 from nixfleet.settings import Webhook
-from nixfleet.store.machines import STALE_SQL  # the one SQL form of stale
 from nixfleet.store.rows import from_row
+from nixfleet.store.status import STALE_SQL  # the one SQL form of stale
 from nixfleet.wire import JSONObject, WebhookEvent, WebhookRollout
 
 FAN_OUT_BATCH = 1000

@@ -1,5 +1,5 @@
 """A machine's status entry is built once: api.machines.status_json is the definition,
-and the SQL that writes the whole fleet's entries (store.machines.STATUS_SQL) gives the
+and the SQL that writes the whole fleet's entries (store.status.STATUS_SQL) gives the
 same keys and values for every machine of a generated fleet."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from nixfleet.api.machines import machine_json, status_json
 from nixfleet.filters import MachineFilter
 from nixfleet.models import Lifecycle, isoformat
-from nixfleet.store import Store, machines
+from nixfleet.store import Store, machines, status
 
 NOW = datetime(2026, 11, 27, 10, 0, 0, 250_000, tzinfo=UTC)
 STALE_AFTER = 300
@@ -48,13 +48,13 @@ def test_status_entries_are_status_json_machine_by_machine(store: Store) -> None
                 ),
             )
     with store.read() as conn:
-        doc = machines.status_document(conn, MachineFilter(), NOW, STALE_AFTER)
+        doc = status.status_document(conn, MachineFilter(), NOW, STALE_AFTER)
         fleet = machines.list_machines(conn)
     entries = json.loads(doc.machines_json)
     assert len(entries) == len(fleet) == len(cases)
     for entry, m in zip(entries, fleet, strict=True):
         want = status_json(m, NOW, STALE_AFTER)
-        assert list(entry) == list(want) == list(machines.STATUS_SQL)
+        assert list(entry) == list(want) == list(status.STATUS_SQL)
         assert entry == want
         full: dict[str, object] = dict(machine_json(m, NOW, STALE_AFTER))
         assert {k: full[k] for k in want} == want

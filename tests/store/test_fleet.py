@@ -26,9 +26,9 @@ from nixfleet.models import (
     is_stale,
     isoformat,
 )
-from nixfleet.store import Store, fleet, machines
+from nixfleet.store import Store, fleet, machines, status
 from nixfleet.store.fleet import FleetQuery
-from nixfleet.store.machines import HEALTH_SQL
+from nixfleet.store.status import HEALTH_SQL
 
 NOW = datetime(2026, 12, 2, 12, 0, 0, tzinfo=UTC)
 STALE_AFTER = 300
@@ -150,7 +150,7 @@ def test_counters_are_the_whole_fleet_whatever_the_filter(fleet_store: Store) ->
     with fleet_store.read() as conn:
         every = machines.list_machines(conn)
         got = fleet.page(conn, FleetQuery(tags=("db",), per_page=1), NOW, STALE_AFTER)
-        doc = machines.status_document(conn, MachineFilter(), NOW, STALE_AFTER)
+        doc = status.status_document(conn, MachineFilter(), NOW, STALE_AFTER)
     assert got.total == len(every) == doc.by_sync["total"]
     assert got.stale == doc.by_sync["stale"]
     for s in Sync:

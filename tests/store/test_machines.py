@@ -22,7 +22,7 @@ from nixfleet.models import (
     sync_of,
 )
 from nixfleet.store import Store
-from nixfleet.store.machines import STALE_SQL, SUMMARY_SQL, SYNC_SQL
+from nixfleet.store.status import STALE_SQL, SUMMARY_SQL, SYNC_SQL
 
 A, B = "/nix/store/" + "a" * 32 + "-a", "/nix/store/" + "b" * 32 + "-b"
 GENERATIONS = (None, A, B)
