@@ -17,7 +17,7 @@ from datetime import datetime
 from nixfleet.filters import MachineFilter
 from nixfleet.models import Health, Lifecycle, Sync, isoformat, parse_time, stale_cutoff
 from nixfleet.store import status
-from nixfleet.store.status import HEALTH_SQL, STALE_SQL, SYNC_SQL
+from nixfleet.store.status import HEALTH_SQL, STALE_SQL, SUMMARY_SQL, SYNC_SQL
 
 # The sort keys the page offers (filters.SORT_KEYS; SQL in status.SORT_SQL).
 SORTS = status.SORT_SQL
@@ -51,8 +51,10 @@ class FleetRow:
 class FleetPage:
     rows: list[FleetRow]
     matching: int  # machines the filters select (all pages)
-    total: int  # the whole fleet
+    total: int  # the whole fleet, decommissioned machines included (all are listed)
+    counted: int  # the machines the summary counts (models.counts_in_sync_summary)
     stale: int
+    # by_sync and by_health count as the status summary does: decommissioned left out
     by_sync: dict[Sync, int] = field(default_factory=dict)
     by_health: dict[Health, int] = field(default_factory=dict)
     by_lifecycle: dict[Lifecycle, int] = field(default_factory=dict)
@@ -63,18 +65,20 @@ def page(conn: sqlite3.Connection, q: FleetQuery, now: datetime, stale_after: in
     cutoff = isoformat(stale_cutoff(now, stale_after)) or ""
     pred, params = status.filter_sql(q, cutoff)
     sums = ", ".join(
-        [f"sum(sync = '{s.value}')" for s in Sync]
-        + [f"sum(health = '{h.value}')" for h in Health]
+        [f"sum(sync = '{s.value}' AND counted)" for s in Sync]
+        + [f"sum(health = '{h.value}' AND counted)" for h in Health]
         + [f"sum(lifecycle = '{life.value}')" for life in Lifecycle]
     )
     # One pass over the fleet: the counters, and how many machines the filters select.
     counted = conn.execute(
-        f"SELECT count(*), coalesce(sum(stale), 0), coalesce(sum(hit), 0), {sums} FROM ("
+        "SELECT count(*), coalesce(sum(stale), 0), coalesce(sum(hit), 0), "
+        f"coalesce(sum(counted), 0), {sums} FROM ("
         f"SELECT {SYNC_SQL} AS sync, {HEALTH_SQL} AS health, m.lifecycle AS lifecycle, "
-        f"{STALE_SQL} AS stale, {f'({pred})' if pred else '1'} AS hit FROM machines m)",
+        f"{STALE_SQL} AS stale, {SUMMARY_SQL} AS counted, "
+        f"{f'({pred})' if pred else '1'} AS hit FROM machines m)",
         (cutoff, *params),
     ).fetchone()
-    n = [int(v or 0) for v in counted[3:]]
+    n = [int(v or 0) for v in counted[4:]]
     syncs, healths = len(Sync), len(Health)
     matching = int(counted[2])
     where = f" WHERE {pred}" if pred else ""
@@ -107,6 +111,7 @@ def page(conn: sqlite3.Connection, q: FleetQuery, now: datetime, stale_after: in
         ],
         matching=matching,
         total=int(counted[0]),
+        counted=int(counted[3]),
         stale=int(counted[1]),
         by_sync=dict(zip(Sync, n[:syncs], strict=True)),
         by_health=dict(zip(Health, n[syncs : syncs + healths], strict=True)),

@@ -291,6 +291,10 @@ def test_static_files_are_hashed_and_cached_for_a_year(cp: ControlPlane, keys: K
 
 
 def test_fleet_counters_match_the_status_api(cp: ControlPlane, keys: Keys) -> None:
+    # A decommissioned machine is listed but never counted (DESIGN §3), on both sides.
+    admin = Client(cp.url, keys.admin)
+    admin.register_machine("retired-01", tags=[], lifecycle="pending", issue_token=False)
+    admin.set_lifecycle("retired-01", "decommissioned")
     b = logged_in(cp, keys.readonly)
     summary = Client(cp.url, keys.readonly).get("/api/v1/status")["summary"]
     page = b.get("/ui").text
@@ -307,6 +311,10 @@ def test_fleet_counters_match_the_status_api(cp: ControlPlane, keys: Keys) -> No
         assert m, element
         assert int(m.group(1)) == summary[field], field
     assert summary["failed"] == 1 and summary["updating"] >= 1  # the fleet is varied
+    for health, n in summary["by_health"].items():
+        m = re.search(rf'id="count-{health}"><span class="n">(\d+)</span>', page)
+        assert m and int(m.group(1)) == n, health
+    assert "retired-01" in b.get("/ui?q=retired").text  # listed all the same
 
 
 def test_hostile_markup_is_escaped(cp: ControlPlane, keys: Keys) -> None:
