@@ -125,13 +125,24 @@ class ReportCache:
             return None
         return self._machines.get(machine_id)
 
-    def heartbeat(self, machine_id: str, body: Mapping[str, Any], now: datetime) -> bytes | None:
+    def heartbeat(
+        self,
+        machine_id: str,
+        body: Mapping[str, Any],
+        now: datetime,
+        entry: CachedMachine | None = None,
+    ) -> bytes | None:
         """The answer to a heartbeat, as JSON (its last-seen queued); None: store the report.
 
-        The answer's text is kept per machine until its entry or rollout changes."""
-        if not self._fresh(machine_id):
+        `entry`: the machine's entry as `token_machine` found it current for this
+        request (saves asking again). The answer's text is kept per machine until its
+        entry or rollout changes."""
+        if entry is not None and entry.id == machine_id:
+            m: CachedMachine | None = entry
+        elif self._fresh(machine_id):
+            m = self._machines.get(machine_id)
+        else:
             return None
-        m = self._machines.get(machine_id)
         if m is None or not is_heartbeat(m.known, body):
             return None
         with self._pending_lock:
