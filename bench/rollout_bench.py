@@ -150,6 +150,15 @@ def once(db: Path, machines: int) -> Clock:
         clock.all_report(ok=True, quiet="substr(id, 6, 2) = '00'")
         if len(clock.ticks["policy"]) > 400:
             raise RuntimeError("the policy rollout does not complete")
+    with store.transaction() as conn:
+        status = conn.execute("SELECT status FROM rollouts WHERE name = 'bench-policy'").fetchone()[
+            0
+        ]
+    if status != "completed" or len(clock.ticks["policy"]) < 10:
+        # e.g. held by its window: the phase would have measured nothing
+        raise RuntimeError(
+            f"the policy rollout is {status} after {len(clock.ticks['policy'])} ticks"
+        )
     store.close()
     return clock
 

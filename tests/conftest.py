@@ -6,7 +6,6 @@ import importlib.util
 import json
 import os
 import pty
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 import pytest
+from ports import free_port  # one home: tests/ports.py
 from postgres_cluster import Server, server_or_skip
 
 from nixfleet.client import Client
@@ -95,13 +95,6 @@ def wait_until(
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass

@@ -28,7 +28,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -38,6 +37,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from ports import free_port  # one home: tests/ports.py
 
 URL_VAR = "NIXFLEET_TEST_DATABASE_URL"
 BIN_GLOB = "/usr/lib/postgresql/*/bin"
@@ -86,13 +86,6 @@ def bin_dir() -> Path | None:
     if initdb and shutil.which("postgres"):
         return Path(initdb).parent
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass

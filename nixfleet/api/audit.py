@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import falcon
 
+from nixfleet.api import params
 from nixfleet.api.auth import Perm
 from nixfleet.api.context import Context
 from nixfleet.errors import FieldError, ValidationError
 from nixfleet.store import audit
 
 MAX_LIMIT = 10_000
+LIMIT = params.limit(MAX_LIMIT)
 FILTER_MAX = 256
 
 
@@ -25,6 +27,14 @@ def _filter(req: falcon.Request, name: str) -> str | None:
 
 class AuditLog:
     permissions = {"GET": Perm.READONLY}
+    query = {
+        "GET": [
+            ("actor", "string", "only entries of this actor (exact, e.g. `key:ops`)"),
+            ("action", "string", "only entries of this action (exact, e.g. `machine.register`)"),
+            ("target", "string", "only entries about this target (exact, e.g. `web-01`)"),
+            LIMIT,
+        ]
+    }
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -35,16 +45,11 @@ class AuditLog:
         Actors look like `key:<name>`, `machine:<id>`, `enroll:<token id>`, `host:<how>`
         or the reconciler's label, exactly as they appear in the entries.
         """
-        try:
-            limit = req.get_param_as_int("limit", min_value=1, max_value=MAX_LIMIT, default=100)
-        except falcon.HTTPInvalidParam:
-            raise ValidationError(
-                "invalid limit", errors=[FieldError("limit", f"an integer from 1 to {MAX_LIMIT}")]
-            ) from None
+        limit = LIMIT.read(req)
         actor = _filter(req, "actor")
         with self.ctx.store.read() as conn:
             entries = audit.query(
-                conn, actor, _filter(req, "action"), _filter(req, "target"), limit or 100
+                conn, actor, _filter(req, "action"), _filter(req, "target"), limit
             )
         resp.media = {
             "entries": [

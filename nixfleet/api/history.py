@@ -7,8 +7,10 @@ from datetime import datetime
 import falcon
 
 from nixfleet import wire
+from nixfleet.api import params
 from nixfleet.api.auth import Perm
 from nixfleet.api.context import Context
+from nixfleet.api.params import IntParam
 from nixfleet.errors import FieldError, ValidationError
 from nixfleet.history import Event, EventKind
 from nixfleet.models import isoformat, parse_time, validate_hostname
@@ -43,16 +45,8 @@ def _time(req: falcon.Request, name: str) -> datetime | None:
     return ts
 
 
-def _int(req: falcon.Request, name: str, default: int, low: int, high: int) -> int:
-    value = req.get_param(name)
-    if value is None:
-        return default
-    if not value.isdigit() or not low <= int(value) <= high:
-        raise ValidationError(
-            f"invalid {name} {value!r}",
-            errors=[FieldError(name, f"an integer from {low} to {high}")],
-        )
-    return int(value)
+AFTER = IntParam("after", 0, 2**62, 0, "the `next_after` of the previous page")
+LIMIT = params.limit(history.MAX_PAGE, what="events per page")
 
 
 def kind_params(req: falcon.Request) -> list[EventKind]:
@@ -75,8 +69,8 @@ class MachineHistory:
             ("since", "string", "only events at or after this RFC 3339 time"),
             ("until", "string", "only events before this RFC 3339 time"),
             ("kind", "string", f"event kinds, comma-separated: {', '.join(EventKind)}"),
-            ("after", "integer", "the `next_after` of the previous page"),
-            ("limit", "integer", f"events per page, 1 to {history.MAX_PAGE} (default 100)"),
+            AFTER,
+            LIMIT,
         ]
     }
 
@@ -88,8 +82,7 @@ class MachineHistory:
         validate_hostname(machine_id)
         since, until = _time(req, "since"), _time(req, "until")
         kinds = kind_params(req)
-        after = _int(req, "after", 0, 0, 2**62)
-        limit = _int(req, "limit", 100, 1, history.MAX_PAGE)
+        after, limit = AFTER.read(req), LIMIT.read(req)
         with self.ctx.store.read() as conn:
             machines.get(conn, machine_id)  # 404 for an unknown machine
             found = history.page(

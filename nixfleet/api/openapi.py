@@ -17,6 +17,7 @@ import falcon
 from nixfleet import __version__, schemas
 from nixfleet.api.auth import Perm
 from nixfleet.api.context import Context
+from nixfleet.api.params import IntParam
 from nixfleet.wire import JSONObject, OpenAPIOperation, OpenAPIParameter
 
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
@@ -83,17 +84,22 @@ def _operation(resource: type[Any], method: str, path: str) -> OpenAPIOperation:
         {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
         for p in re.findall(r"{(\w+)}", path)
     ]
-    # Query parameters a resource declares per method: (name, JSON type, description).
-    parameters += [
-        {
-            "name": name,
-            "in": "query",
-            "required": False,
-            "schema": {"type": kind},
-            "description": text,
-        }
-        for name, kind, text in getattr(resource, "query", {}).get(method, [])
-    ]
+    # Query parameters a resource declares per method: (name, JSON type, description),
+    # or an api.params.IntParam (an integer with its range, read by the same object).
+    for q in getattr(resource, "query", {}).get(method, []):
+        if isinstance(q, IntParam):
+            parameters.append(q.openapi())
+        else:
+            name, kind, text = q
+            parameters.append(
+                {
+                    "name": name,
+                    "in": "query",
+                    "required": False,
+                    "schema": {"type": kind},
+                    "description": text,
+                }
+            )
     if parameters:
         op["parameters"] = parameters
     return op

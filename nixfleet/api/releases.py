@@ -5,6 +5,7 @@ from __future__ import annotations
 import falcon
 
 from nixfleet import wire
+from nixfleet.api import params
 from nixfleet.api.auth import Perm
 from nixfleet.api.body import read_json
 from nixfleet.api.context import Context
@@ -19,6 +20,8 @@ from nixfleet.models import (
     utcnow,
 )
 from nixfleet.store import audit, releases
+
+LIMIT = params.limit(10_000, what="releases (newest first)")
 
 
 def _check_id(release_id: str) -> None:
@@ -63,13 +66,14 @@ def diff_json(a: Release, b: Release) -> wire.ReleaseDiff:
 class ReleaseCollection:
     permissions = {"GET": Perm.READONLY, "POST": Perm.DEPLOY}
     schemas = {"POST": RELEASE_SCHEMA}
+    query = {"GET": [LIMIT]}
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """List releases, newest first, with host and rollout counts."""
-        limit = req.get_param_as_int("limit", min_value=1, max_value=10000) or 100
+        limit = LIMIT.read(req)
         with self.ctx.store.read() as conn:
             listed = releases.list_releases(conn, limit)
         resp.media = {"releases": [summary_json(r) for r in listed]}

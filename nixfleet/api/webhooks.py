@@ -5,6 +5,7 @@ from __future__ import annotations
 import falcon
 
 from nixfleet import wire
+from nixfleet.api import params
 from nixfleet.api.auth import Perm
 from nixfleet.api.context import Context
 from nixfleet.errors import FieldError, ValidationError
@@ -12,6 +13,7 @@ from nixfleet.settings import display_url
 from nixfleet.store import webhooks
 
 MAX_LIMIT = 1000
+LIMIT = params.limit(MAX_LIMIT, what="deliveries")
 
 
 def delivery_json(d: webhooks.Delivery) -> wire.WebhookDelivery:
@@ -38,6 +40,7 @@ def delivery_json(d: webhooks.Delivery) -> wire.WebhookDelivery:
 
 class WebhookDeliveries:
     permissions = {"GET": Perm.ADMIN}
+    query = {"GET": [("failed", "boolean", "only failing or given-up deliveries"), LIMIT]}
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -49,12 +52,7 @@ class WebhookDeliveries:
         `delivered`, `failed` = given up) and its latest attempts. URLs are shown
         without user info or query string.
         """
-        try:
-            limit = req.get_param_as_int("limit", min_value=1, max_value=MAX_LIMIT, default=100)
-        except falcon.HTTPInvalidParam:
-            raise ValidationError(
-                "invalid limit", errors=[FieldError("limit", f"an integer from 1 to {MAX_LIMIT}")]
-            ) from None
+        limit = LIMIT.read(req)
         try:
             failed = req.get_param_as_bool("failed", default=False)
         except falcon.HTTPInvalidParam:
@@ -62,5 +60,5 @@ class WebhookDeliveries:
                 "invalid failed filter", errors=[FieldError("failed", "true or false")]
             ) from None
         with self.ctx.store.read() as conn:
-            found = webhooks.deliveries(conn, failed=bool(failed), limit=limit or 100)
+            found = webhooks.deliveries(conn, failed=bool(failed), limit=limit)
         resp.media = {"deliveries": [delivery_json(d) for d in found]}

@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from zoneinfo import ZoneInfo
 
 from nixfleet import rollout
 from nixfleet.models import isoformat
@@ -50,22 +49,13 @@ def start_time(windows: Sequence[Window], now: datetime, need: int) -> datetime 
         return now
     long_enough: datetime | None = None
     any_start: datetime | None = None
-    for w in windows:
-        for day in range(-1, 9):
-            local = now.astimezone(ZoneInfo(w.timezone)).date()
-            occ = w.occurrence(local + timedelta(days=day))
-            if occ is None or occ[0] >= occ[1]:
-                continue
-            start, end = occ
-            if start <= now < end:
-                continue  # the current one, already found too short
-            if start < now:
-                continue
-            any_start = start if any_start is None or start < any_start else any_start
-            if (end - start) >= timedelta(seconds=need) and (
-                long_enough is None or start < long_enough
-            ):
-                long_enough = start
+    for start, end in windows_mod.intervals(windows, now):
+        if start <= now:
+            continue  # past, or the current one, already found too short
+        any_start = start if any_start is None else any_start
+        if (end - start) >= timedelta(seconds=need):
+            long_enough = start
+            break
     if long_enough is not None:
         return long_enough
     if cur is not None:

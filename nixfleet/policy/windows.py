@@ -99,14 +99,30 @@ def _occurrences_around(
             yield occ
 
 
+def intervals(
+    windows: Sequence[Window], now: datetime, days_ahead: int = 8
+) -> list[tuple[datetime, datetime]]:
+    """The windows' open stretches from a day before `now` to `days_ahead` after, in order.
+
+    Occurrences that overlap or touch are one stretch: `every day 00:00-24:00` is open
+    without a break, and `fri 22:00-24:00` with `sat 00:00-06:00` is one night. Empty
+    occurrences (a wall-clock stretch skipped by DST) are left out.
+    """
+    found = sorted(
+        occ for w in windows for occ in _occurrences_around(w, now, days_ahead) if occ[0] < occ[1]
+    )
+    merged: list[tuple[datetime, datetime]] = []
+    for start, end in found:
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
 def current(windows: Sequence[Window], now: datetime) -> tuple[datetime, datetime] | None:
-    """The open occurrence containing `now` (the one closing last), if any."""
-    best: tuple[datetime, datetime] | None = None
-    for w in windows:
-        for start, end in _occurrences_around(w, now, 1):
-            if start <= now < end and (best is None or end > best[1]):
-                best = (start, end)
-    return best
+    """The open stretch containing `now` (occurrences that touch taken together), if any."""
+    return next((s for s in intervals(windows, now) if s[0] <= now < s[1]), None)
 
 
 def is_open(windows: Sequence[Window], now: datetime) -> bool:
@@ -122,12 +138,8 @@ def next_open(windows: Sequence[Window], now: datetime) -> datetime | None:
     """
     if is_open(windows, now):
         return now
-    best: datetime | None = None
-    for w in windows:
-        for start, _end in _occurrences_around(w, now, 8):  # a week, and a day each side
-            if now < start < _end and (best is None or start < best):
-                best = start
-    return best
+    # A week, and a day each side.
+    return next((start for start, _end in intervals(windows, now) if start > now), None)
 
 
 # --- documents ----------------------------------------------------------------------

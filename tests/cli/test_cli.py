@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ControlPlane, free_port, run_cli
+from conftest import ControlPlane, run_cli
+from ports import free_port
 
 from nixfleet.client import Client
 from nixfleet.errors import ValidationError

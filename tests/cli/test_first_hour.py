@@ -17,8 +17,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ControlPlane, free_port, run_cli, run_on_tty
+from conftest import ControlPlane, run_cli, run_on_tty
 from conftest import wait_until as wait_for
+from ports import free_port
 
 from nixfleet.client import Client
 

@@ -10,7 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, free_port
+from conftest import ROOT
+from ports import free_port
 
 BIN = Path(sys.executable).parent
 

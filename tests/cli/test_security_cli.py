@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import CliResult, ControlPlane, free_port, run_cli
+from conftest import CliResult, ControlPlane, run_cli
+from ports import free_port
 
 from nixfleet.client import Client
 from nixfleet.errors import AuthenticationError, PermissionDeniedError

@@ -6,7 +6,8 @@ import subprocess
 import sys
 import time
 
-from conftest import ControlPlane, free_port
+from conftest import ControlPlane
+from ports import free_port
 
 PROGRAM = [sys.executable, "-m", "nixfleet.controlplane.main"]
 

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ControlPlane, free_port, run_cli, wait_until
+from conftest import ControlPlane, run_cli, wait_until
+from ports import free_port
 
 from nixfleet import schemas
 

@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, ControlPlane, free_port
+from conftest import ROOT, ControlPlane
+from ports import free_port
 
 from hostile.wire import raw, send
 from nixfleet.models import utcnow

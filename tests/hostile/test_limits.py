@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ControlPlane, free_port
+from conftest import ControlPlane
+from ports import free_port
 
 from nixfleet.client import Client
 

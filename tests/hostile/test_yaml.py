@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, ControlPlane, free_port
+from conftest import ROOT, ControlPlane
+from ports import free_port
 
 from hostile.wire import raw
 from nixfleet import rolloutfile

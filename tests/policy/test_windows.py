@@ -30,6 +30,9 @@ NIGHT_BERLIN = win(start="00:00", end="06:00", timezone="Europe/Berlin")
 SAT_LATE = win(days=["sat"], start="22:00", end="24:00")
 # America/New_York: 2026-03-08 02:00 EST -> 03:00 EDT (07:00Z): 02:00-03:00 is empty that day.
 NY_SKIPPED = win(start="02:00", end="03:00", timezone="America/New_York")
+# Every day, the whole day: one window without a break (its occurrences touch).
+ALWAYS_BERLIN = win(start="00:00", end="24:00", timezone="Europe/Berlin")
+SUN_EARLY = win(days=["sun"], start="00:00", end="04:00")  # with SAT_LATE: one night
 
 
 @pytest.mark.parametrize(
@@ -115,6 +118,38 @@ def test_current_gives_the_open_interval() -> None:
     assert windows.current([OFFICE], z("2026-12-02T16:00:00Z")) is None
 
 
+@pytest.mark.parametrize(
+    ("ws", "now", "expected"),
+    [
+        # 23:19 CET: the day's occurrence closes at midnight, the next opens then: one
+        # stretch, from a day back to the look-ahead (8 days)
+        ([ALWAYS_BERLIN], "2026-12-02T22:19:00Z", ("2026-11-30T23:00:00Z", "2026-12-10T23:00:00Z")),
+        # Saturday 22:00 to Sunday 04:00 UTC, from two windows
+        (
+            [SAT_LATE, SUN_EARLY],
+            "2026-12-05T23:30:00Z",
+            ("2026-12-05T22:00:00Z", "2026-12-06T04:00:00Z"),
+        ),
+        (
+            [SUN_EARLY, SAT_LATE],
+            "2026-12-06T01:00:00Z",
+            ("2026-12-05T22:00:00Z", "2026-12-06T04:00:00Z"),
+        ),
+        # overlapping occurrences of two windows
+        (
+            [OFFICE, win(start="15:00", end="18:00", timezone="Europe/Berlin")],
+            "2026-12-02T16:30:00Z",
+            ("2026-12-02T08:00:00Z", "2026-12-02T17:00:00Z"),
+        ),
+        ([SAT_LATE], "2026-12-05T23:30:00Z", ("2026-12-05T22:00:00Z", "2026-12-06T00:00:00Z")),
+    ],
+)
+def test_touching_occurrences_are_one_stretch(
+    ws: list[Window], now: str, expected: tuple[str, str]
+) -> None:
+    assert windows.current(ws, z(now)) == (z(expected[0]), z(expected[1]))
+
+
 def test_days_default_to_every_day_and_labels_read_back() -> None:
     assert win(start="01:00", end="02:00").days == windows.ALL_DAYS
     assert OFFICE.label() == "mon,tue,wed,thu 09:00-16:00 Europe/Berlin"
@@ -162,6 +197,15 @@ SHORT = win(days=["mon"], start="09:00", end="09:10")  # 10 minutes, UTC
         ([SHORT], "2026-12-07T10:00:00Z", 3600, "2026-12-14T09:00:00Z"),
         # the short one would be first, but the long one fits
         ([SHORT, OFFICE], "2026-12-06T12:00:00Z", 3600, "2026-12-07T08:00:00Z"),
+        # a whole-day window every day: open at 23:19 with an hour needed (the next
+        # day's occurrence continues it), DST night included
+        ([ALWAYS_BERLIN], "2026-12-02T22:19:00Z", 3600, "2026-12-02T22:19:00Z"),
+        ([ALWAYS_BERLIN], "2026-03-28T22:30:00Z", 7200, "2026-03-28T22:30:00Z"),
+        # two hours of Saturday night only with Sunday's early hours
+        ([SAT_LATE], "2026-12-05T23:30:00Z", 3600, "2026-12-12T22:00:00Z"),
+        ([SAT_LATE, SUN_EARLY], "2026-12-05T23:30:00Z", 3600, "2026-12-05T23:30:00Z"),
+        # the next long-enough stretch is made of two windows
+        ([SAT_LATE, SUN_EARLY], "2026-12-06T03:30:00Z", 7200, "2026-12-12T22:00:00Z"),
     ],
 )
 def test_start_time(ws: list[Window], now: str, need: int, expected: str) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import threading
 
 import pytest
-from postgres_cluster import Cluster, bin_dir, free_port, import_psycopg, unavailable
+from ports import free_port
+from postgres_cluster import Cluster, bin_dir, import_psycopg, unavailable
 
 from nixfleet.errors import StoreUnavailableError
 

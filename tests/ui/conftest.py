@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ControlPlane, free_port
+from conftest import ControlPlane
+from ports import free_port
 
 from nixfleet.models import utcnow
 from nixfleet.store import Store, credentials
