@@ -21,7 +21,7 @@ import re
 from collections.abc import Callable
 from datetime import datetime
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 from jsonschema import Draft202012Validator, FormatChecker, validators
 from jsonschema import ValidationError as SchemaError
@@ -196,7 +196,7 @@ class _Compiler:
 
     def __init__(self) -> None:
         self.functions: list[str] = []
-        self.consts: dict[str, Any] = {"_MISSING": _MISSING, "_is_date_time": _is_date_time}
+        self.consts: dict[str, object] = {"_MISSING": _MISSING, "_is_date_time": _is_date_time}
         self.done: dict[int, str] = {}  # id(schema) -> its function (recursion, reuse)
         self.count = 0
 
@@ -316,9 +316,9 @@ def _compile(schema: Any, resolver: Any) -> Check:
     """A predicate that is True only for documents jsonschema accepts."""
     compiler = _Compiler()
     top = compiler.function(schema, resolver)
-    namespace: dict[str, Any] = dict(compiler.consts)
+    namespace: dict[str, object] = dict(compiler.consts)
     exec("\n\n".join(compiler.functions), namespace)  # noqa: S102 (our own generated code)
-    check: Check = namespace[top]
+    check = cast(Check, namespace[top])
     return check
 
 
