@@ -250,4 +250,18 @@ MIGRATIONS: list[tuple[str, str]] = [
         JOIN event_sources s ON s.id = e.source
         """,
     ),
+    # Retention of deployments (issue 16, storage): a finished rollout older than
+    # rollout_retention_days keeps its row, batches and events but loses its per-machine
+    # rows; each batch keeps its health counts. An unused old release keeps its header
+    # (rollouts and the audit log name it) but loses its entries. store.retention.
+    (
+        "0018_deployment_retention",
+        """
+        ALTER TABLE rollouts ADD COLUMN machines_pruned_at TEXT;
+        ALTER TABLE rollout_batches ADD COLUMN healthy INTEGER;
+        ALTER TABLE rollout_batches ADD COLUMN unhealthy INTEGER;
+        ALTER TABLE rollout_batches ADD COLUMN pending INTEGER;
+        ALTER TABLE releases ADD COLUMN pruned_at TEXT;
+        """,
+    ),
 ]
