@@ -7,11 +7,22 @@ so the original stays as built).
 
     python bench/build_db.py --machines 100000 --out /tmp/fleet.db
     python bench/report_profile.py --db /tmp/fleet.db --reports 4000 [--profile change]
+    python bench/report_profile.py --db /tmp/fleet.db --reports 500 --rounds 10 \
+        --threads 8 --bound
+
+--bound also runs state-changing reports (health turning: one event each) with their
+transaction replaced, in alternation with the real ones: "minimal transaction" keeps
+everything a commit costs here (write lock, file check, flock, BEGIN IMMEDIATE, one
+UPDATE of the machine's row firing the view's trigger, the published rows, COMMIT,
+the view's catch-up of that machine) but none of the report's own statements and
+judgement; "no SQLite" skips the transaction altogether. What a report path with a
+durable commit cannot go below, on this stack.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import pstats
@@ -35,7 +46,8 @@ import fleet  # noqa: E402
 from nixfleet.api import create_app  # noqa: E402
 from nixfleet.api.report_cache import ReportCache  # noqa: E402
 from nixfleet.settings import Settings  # noqa: E402
-from nixfleet.store import Store  # noqa: E402
+from nixfleet.store import Store, machines  # noqa: E402
+from nixfleet.store import db as store_db  # noqa: E402
 
 App = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -70,6 +82,36 @@ def call(app: App, env: dict[str, Any]) -> str:
 
     b"".join(app(env, start))
     return status[0]
+
+
+# --bound: which transaction a report gets ("real", "minimal", "none").
+MODE = {"tx": "real"}
+_ANSWER = {
+    "desired_generation": None,
+    "desired_cache_url": None,
+    "poll_hint": None,
+    "retry_requested_at": None,
+    "reboot": None,
+    "confirm_timeout": None,
+}
+_record_report = machines.record_report
+_transaction = store_db.Store.transaction
+
+
+def _bound_record_report(conn: Any, report: Any) -> Any:
+    if MODE["tx"] == "real":
+        return _record_report(conn, report)
+    if MODE["tx"] == "minimal":
+        conn.execute(
+            "UPDATE machines SET last_message = ? WHERE id = ?", (report.message, report.machine_id)
+        )
+    return _ANSWER, None
+
+
+def _bound_transaction(self: Store) -> Any:
+    if MODE["tx"] == "none":
+        return contextlib.nullcontext(None)
+    return _transaction(self)
 
 
 def _serve(app: App, envs: list[dict[str, Any]]) -> None:
@@ -113,7 +155,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="request threads (8: waitress's)")
     parser.add_argument("--profile", choices=("heartbeat", "change", "none"), default="none")
+    parser.add_argument(
+        "--bound", action="store_true", help="also the two substituted transactions"
+    )
     args = parser.parse_args()
+    if args.bound:
+        machines.record_report = _bound_record_report  # type: ignore[assignment]
+        store_db.Store.transaction = _bound_transaction  # type: ignore[assignment,method-assign]
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "fleet.db"
         shutil.copy(args.db, db)
@@ -129,6 +177,9 @@ def main() -> None:
         steady = [i for i in reporters if i % 2 == 0]
         changing = [i for i in reporters if i % 2 == 1]
         results: dict[str, list[float]] = {"heartbeat": [], "change": [], "change+event": []}
+        if args.bound:
+            results.update({"minimal transaction": [], "no SQLite": []})
+        spare = changing[2 * args.reports * args.rounds :]
         for rnd in range(args.rounds):
             part = slice(rnd * args.reports, (rnd + 1) * args.reports)
             hb = [environ(i, fleet.report_bytes(i)) for i in steady[part]]
@@ -143,9 +194,21 @@ def main() -> None:
             results["heartbeat"].append(run(app, hb, last and args.profile == "heartbeat", t))
             results["change"].append(run(app, ch, last and args.profile == "change", t))
             results["change+event"].append(run(app, ev, False, t))
+            if args.bound:
+                for k, (name, mode) in enumerate(
+                    (("minimal transaction", "minimal"), ("no SQLite", "none"))
+                ):
+                    lo = (2 * rnd + k) * args.reports
+                    same = [
+                        environ(i, fleet.change_bytes(i, 2 * rnd + 1))
+                        for i in spare[lo : lo + args.reports]
+                    ]
+                    MODE["tx"] = mode
+                    results[name].append(run(app, same, False, t))
+                    MODE["tx"] = "real"
         for name, values in results.items():
             print(
-                f"{name:13s} CPU per report: median {statistics.median(values):6.0f} µs "
+                f"{name:19s} CPU per report: median {statistics.median(values):6.0f} µs "
                 f"({', '.join(f'{v:.0f}' for v in values)})"
             )
         cache.close()
