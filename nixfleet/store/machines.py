@@ -295,6 +295,32 @@ def request_retry(conn: sqlite3.Connection, machine_id: str, now: datetime) -> N
     )
 
 
+# The report's one read: the machine's row, its running rollout's answer fields, and
+# what the rest of the transaction needs (built once: it is the hot path).
+_REPORT_ROW = (
+    "SELECT lifecycle, desired_generation, desired_cache_url, desired_source, "
+    "retry_requested_at, current_generation, failed_generation, last_success, "
+    "health_json, needs_reboot, booted_generation, "
+    "(SELECT r.poll_hint FROM rollout_machines rm JOIN rollouts r ON r.id = rm.rollout_id "
+    "WHERE rm.machine_id = machines.id "
+    "AND r.status = 'running' LIMIT 1) AS poll_hint, (SELECT r.confirm_timeout "
+    "FROM rollout_machines rm JOIN rollouts r ON r.id = rm.rollout_id "
+    "WHERE rm.machine_id = machines.id AND r.status = 'running' LIMIT 1) "
+    "AS confirm_timeout, CASE WHEN ? THEN "
+    "(SELECT r.reboot FROM rollout_machines rm JOIN rollouts r ON r.id = rm.rollout_id "
+    "WHERE rm.machine_id = machines.id AND r.status = 'running' AND r.reboot = 'when-needed' "
+    "LIMIT 1) END AS reboot, "
+    # What the rest of the transaction needs, in this one row (each SQLite call
+    # hands the GIL to another thread under load): the agent's tags, and the
+    # machine's history number and newest events.
+    "(SELECT json_group_array(tag) FROM machine_tags WHERE machine_id = machines.id "
+    "AND source = 'agent') AS agent_tags, "
+    f"{history.NUMBER_SQL.format(machine_id='machines.id')} AS num, "
+    f"{history.WINDOW_SQL.format(machine_id='machines.id')} AS window "
+    "FROM machines WHERE id = ?"
+)
+
+
 def record_report(conn: sqlite3.Connection, report: Report) -> tuple[sqlite3.Row, Lifecycle | None]:
     """Store one agent report: the hot path, a handful of indexed statements.
 
@@ -307,26 +333,7 @@ def record_report(conn: sqlite3.Connection, report: Report) -> tuple[sqlite3.Row
     # through rollout_machines_machine; a machine is in at most one active rollout.
     # Its reboot policy (DESIGN §11) is looked up only when the agent needs a reboot.
     row = conn.execute(
-        "SELECT lifecycle, desired_generation, desired_cache_url, desired_source, "
-        "retry_requested_at, current_generation, failed_generation, last_success, "
-        "health_json, needs_reboot, booted_generation, "
-        "(SELECT r.poll_hint FROM rollout_machines rm JOIN rollouts r ON r.id = rm.rollout_id "
-        "WHERE rm.machine_id = machines.id "
-        "AND r.status = 'running' LIMIT 1) AS poll_hint, (SELECT r.confirm_timeout "
-        "FROM rollout_machines rm JOIN rollouts r ON r.id = rm.rollout_id "
-        "WHERE rm.machine_id = machines.id AND r.status = 'running' LIMIT 1) "
-        "AS confirm_timeout, CASE WHEN ? THEN "
-        "(SELECT r.reboot FROM rollout_machines rm JOIN rollouts r ON r.id = rm.rollout_id "
-        "WHERE rm.machine_id = machines.id AND r.status = 'running' AND r.reboot = 'when-needed' "
-        "LIMIT 1) END AS reboot, "
-        # What the rest of the transaction needs, in this one row (each SQLite call
-        # hands the GIL to another thread under load): the agent's tags, and the
-        # machine's history number and newest events.
-        "(SELECT json_group_array(tag) FROM machine_tags WHERE machine_id = machines.id "
-        "AND source = 'agent') AS agent_tags, "
-        f"{history.NUMBER_SQL.format(machine_id='machines.id')} AS num, "
-        f"{history.WINDOW_SQL.format(machine_id='machines.id')} AS window "
-        "FROM machines WHERE id = ?",
+        _REPORT_ROW,
         (bool(report.needs_reboot), report.machine_id),
     ).fetchone()
     if row is None:
