@@ -15,13 +15,22 @@ set-based, with the very statements and shapes the control plane uses:
   record_report of a switch and of a flap, on a sample machine, must write exactly the
   row shapes (kind, source, generation, detail) the bulk statements wrote;
 - heartbeats: HEARTBEATS real reports go through record_report at the end, and the
-  growth they cause is recorded (none expected beyond the machine rows they rewrite).
+  growth they cause is recorded (none expected beyond the machine rows they rewrite);
+- deployments (unless --no-deployments): each day's desired generations come from a
+  release of every host (release_entries) and a completed rollout over the whole
+  fleet (three batches: 1, 25 %, the rest; one rollout_machines row per machine in
+  the shape store.rollouts.apply and the ticks leave it, prev_* included), with its
+  events and audit rows written by store.rollouts.add_events. After each day the
+  retention job (controlplane.retention.prune_deployments, default settings) runs at
+  that day's time, as the control plane's background job would: rollouts and
+  releases older than rollout_retention_days are condensed and pruned, and the pages
+  they free are reused by the next days' rows.
 
 Then the background pruning job runs once with the default settings (nothing is
 older than 90 days, no machine has 1,000 events) and the file is measured after a
 checkpoint: database plus WAL, not vacuumed.
 
-    python bench/history_bench.py --machines 100000 --days 30
+    python bench/history_bench.py --machines 100000 --days 30 [--no-deployments]
 """
 
 from __future__ import annotations
@@ -41,12 +50,15 @@ import build_db
 import fleet
 
 from nixfleet import history as changes
+from nixfleet import rollout
 from nixfleet.controlplane.background import PruneHistory, prune_cache_changes, prune_history
+from nixfleet.controlplane.retention import Pruned, prune_deployments
 from nixfleet.history import EventKind
 from nixfleet.models import HealthCheckResult, HealthResult, Report, isoformat
 from nixfleet.settings import Settings
 from nixfleet.store import Store, history
 from nixfleet.store import machines as store_machines
+from nixfleet.store import rollouts as store_rollouts
 
 FLAPS_PER_DAY = 3
 HEARTBEATS = 20_000
@@ -141,6 +153,57 @@ def _day(conn: Any, day: int, t0: datetime, failing: str, passing: str) -> None:
             )
 
 
+def _deploy(conn: Any, day: int, start: datetime) -> None:
+    """The day's release and its completed rollout over the fleet, as the CP stores them
+    (run after the day's desired UPDATE: the release holds today's generations)."""
+    label = f"daily-{day:02d}"
+    release, rid = f"rel-{day:012x}", f"{label}-{day:08x}"
+    at = isoformat(start)
+    conn.execute(
+        "INSERT INTO releases (id, flake_ref, flake_rev, cache_url, created_at, created_by) "
+        "VALUES (?, 'github:example/fleet', ?, 'https://cache.example.com', ?, 'key:ci')",
+        (release, f"{day:040x}", at),
+    )
+    conn.execute(
+        "INSERT INTO release_entries (release_id, hostname, store_path, platform, tags_json) "
+        "SELECT ?, id, desired_generation, 'x86_64-linux', tags_json FROM machines",
+        (release,),
+    )
+    n = conn.execute("SELECT COUNT(*) FROM machines").fetchone()[0]
+    sizes = [1, -(-n // 4), n - 1 - -(-n // 4)]
+    done = isoformat(start + timedelta(hours=1))
+    doc = {"version": 1, "name": label, "release": release, "target": {"tags": ["web"]}}
+    conn.execute(
+        "INSERT INTO rollouts (id, name, release_id, status, document_json, document_hash, "
+        "skipped_json, source, created_at, created_by, updated_at) "
+        "VALUES (?, ?, ?, 'completed', ?, ?, '[]', 'api', ?, 'key:ci', ?)",
+        (rid, label, release, json.dumps(doc), f"{day:064x}", at, done),
+    )
+    conn.executemany(
+        "INSERT INTO rollout_batches (rollout_id, idx, size, status, started_at, finished_at, "
+        "started_until, judged_until) VALUES (?, ?, ?, 'succeeded', ?, ?, ?, ?)",
+        [(rid, i, size, at, done, size, size) for i, size in enumerate(sizes)],
+    )
+    # prev_*: the generation before today's (yesterday's release entry; none on day 0).
+    conn.execute(
+        "INSERT INTO rollout_machines (rollout_id, machine_id, batch_idx, position, store_path, "
+        "touched, prev_generation, prev_cache_url, prev_source, health, reason, healthy_since, "
+        "decided_at) SELECT ?, m.id, CASE WHEN o.pos = 0 THEN 0 WHEN o.pos <= ? THEN 1 "
+        "ELSE 2 END, o.pos, m.desired_generation, 1, p.store_path, "
+        "'https://cache.example.com', ?, 'healthy', 'healthy', m.desired_set_at, ? "
+        "FROM machines m JOIN (SELECT id, ROW_NUMBER() OVER (ORDER BY id) - 1 AS pos "
+        "FROM machines) o ON o.id = m.id LEFT JOIN release_entries p "
+        "ON p.release_id = ? AND p.hostname = m.id",
+        (rid, sizes[1], f"rollout:daily-{day - 1:02d}", done, f"rel-{day - 1:012x}"),
+    )
+    events = [rollout.Event("rollout-created", detail={"name": label, "release": release})]
+    for i, size in enumerate(sizes):
+        events.append(rollout.Event("batch-started", i, detail={"size": size}))
+        events.append(rollout.Event("batch-succeeded", i, detail={"healthy": size}))
+    events.append(rollout.Event("rollout-completed"))
+    store_rollouts.add_events(conn, rid, start, events, "reconciler")
+
+
 def _shape(conn: Any, machine: str, n: int) -> list[tuple[Any, ...]]:
     """Newest first: kind, source, the path (None, "path" held, or k: k events back), detail."""
     rows = conn.execute(
@@ -182,7 +245,15 @@ def _check_shapes(store: Store, failing: str, passing: str) -> None:
     assert real[2][2] == 1 and real[3][2] == "path"
 
 
-def run(machines: int, days: int, workdir: Path) -> dict[str, Any]:
+def _table_rows(store: Store) -> dict[str, int]:
+    with store.read() as conn:
+        return {
+            t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+            for t in ("releases", "release_entries", "rollouts", "rollout_machines")
+        }
+
+
+def run(machines: int, days: int, workdir: Path, deployments: bool = True) -> dict[str, Any]:
     db = workdir / f"history-{machines}.db"
     started = time.perf_counter()
     build_db.build(db, machines, 0, quiet=True)
@@ -192,10 +263,20 @@ def run(machines: int, days: int, workdir: Path) -> dict[str, Any]:
     base = _size(db)
     failing, passing = _flap_details()
     t0 = datetime.now(UTC) - timedelta(days=days + 1)
+    retained = Pruned()
+    retention_cpu = 0.0
     for day in range(days):
         with store.transaction() as conn:
             _day(conn, day, t0, failing, passing)
+            if deployments:
+                _deploy(conn, day, t0 + timedelta(days=day))
         prune_cache_changes(Settings(), store)  # the report cache's change list: bounded
+        if deployments:  # the background job, at the end of that simulated day
+            cpu = time.process_time()
+            got = prune_deployments(Settings(), store, now=t0 + timedelta(days=day + 1))
+            retention_cpu += time.process_time() - cpu
+            for field in ("rollouts", "rollout_machines", "releases", "release_entries"):
+                setattr(retained, field, getattr(retained, field) + getattr(got, field))
         store.checkpoint()
     _check_shapes(store, failing, passing)
     pruned = prune_history(Settings(), store, PruneHistory.MACHINES)
@@ -203,6 +284,7 @@ def run(machines: int, days: int, workdir: Path) -> dict[str, Any]:
     filled = _size(db)
     with store.read() as conn:
         events = history.count(conn)
+    rows = _table_rows(store)
     reporters = [i for i in range(machines) if build_db.reporting(i)]
     health = _health(False)
     now = datetime.now(UTC)
@@ -244,6 +326,11 @@ def run(machines: int, days: int, workdir: Path) -> dict[str, Any]:
         "heartbeats": HEARTBEATS,
         "heartbeat_events": events_after - events,
         "heartbeat_growth_mib": after - filled,
+        "deployments": deployments,
+        "retention_days": Settings().rollout_retention_days,
+        "retention_pruned": vars(retained),
+        "retention_cpu_seconds": retention_cpu,
+        "rows_after": rows,
         "seconds": time.perf_counter() - started,
     }
     for suffix in ("", "-wal", "-shm"):
@@ -263,8 +350,14 @@ def main() -> None:
     parser.add_argument("--machines", type=int, default=100_000)
     parser.add_argument("--days", type=int, default=30)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp"))
+    parser.add_argument(
+        "--no-deployments",
+        action="store_true",
+        help="history only: no daily release and rollout rows (the session-4 figure)",
+    )
     args = parser.parse_args()
-    print(json.dumps(run(args.machines, args.days, args.workdir), indent=2))
+    out = run(args.machines, args.days, args.workdir, deployments=not args.no_deployments)
+    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -91,6 +91,9 @@ class Settings:
     admin_key_file: str | None = None
     history_days: int = 90
     history_max_events: int = 1000
+    # Days a finished rollout keeps its per-machine rows and an unused release its
+    # entries (store.retention; docs/rollouts.md "Retention").
+    rollout_retention_days: int = 14
     reconcile_interval: float = 2.0
     threads: int = 8
     workers: int = 1
@@ -260,6 +263,7 @@ def _check(s: Settings) -> None:
     for name in (
         "history_days",
         "history_max_events",
+        "rollout_retention_days",
         "threads",
         "workers",
         "stale_after",

@@ -319,6 +319,7 @@ class ReleaseSummary(TypedDict):
     created_by: str
     hosts: int
     rollouts: int
+    pruned_at: str | None  # its entries were pruned (docs/releases.md "Retention")
 
 
 class ReleaseList(TypedDict):
@@ -409,7 +410,8 @@ class Batch(TypedDict):
     size: int
     started_at: str | None
     finished_at: str | None
-    machines: list[RolloutMachine]
+    machines: list[RolloutMachine]  # none once the rollout's machines are pruned
+    counts: dict[str, int]  # machines by health (kept when the machines are pruned)
 
 
 class RolloutEvent(TypedDict):
@@ -436,6 +438,8 @@ class RolloutSummary(TypedDict):
     created_at: str
     created_by: str
     updated_at: str
+    # When its per-machine rows were pruned (docs/rollouts.md "Retention"), else null.
+    machines_pruned_at: str | None
 
 
 class Rollout(RolloutSummary):

@@ -520,6 +520,7 @@ def test_batches_started_before_the_bounded_ticks_migration_are_not_rewritten(
                 "CREATE TABLE cache_changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT, "
                 "machine_id TEXT, rollout_id TEXT, lo INTEGER, hi INTEGER)"
             )
+            conn.execute("ALTER TABLE releases ADD COLUMN pruned_at TEXT")  # read since 0018
         rel = setup_fleet(s, desired=False)
         with s.transaction() as conn:
             rid = store_rollouts.apply(conn, rollout_doc(rel), "key:test", T0, HINT).id
@@ -529,6 +530,7 @@ def test_batches_started_before_the_bounded_ticks_migration_are_not_rewritten(
                 ("2026-11-27T10:00:00Z", rid),
             )
             conn.execute("DROP TABLE cache_changes")  # migration 0014 makes the real one
+            conn.execute("ALTER TABLE releases DROP COLUMN pruned_at")  # and 0018 this
         s.close()
     s = Store(path)
     with s.read() as conn:

@@ -72,13 +72,21 @@ def _machine_actor(machine: str, lifecycle: str) -> Actor:
     return Actor("machine", machine)
 
 
-def _resolve(store: Store, token: str | None, cache: ReportCache | None = None) -> Actor:
+def _resolve(
+    store: Store, token: str | None, cache: ReportCache | None = None, context: Any = None
+) -> Actor:
+    """The token's actor; with `cache` and `context`, a machine answered from the
+    view leaves its entry in `context.cached_machine` (the report path judges the
+    report against that same entry, current as of this look-up)."""
     if token is None:
         return ANONYMOUS
     if cache is not None and token.startswith(creds.TOKEN_PREFIX):
         cached = cache.token_machine(token)  # None: unknown, or the view may be behind
         if cached is not None:
-            return _machine_actor(cached.id, cached.known.lifecycle)
+            actor = _machine_actor(cached.id, cached.known.lifecycle)
+            if context is not None:
+                context.cached_machine = cached
+            return actor
     with store.lookup() as conn:  # the warm writer connection when free (see Store)
         if token.startswith(creds.TOKEN_PREFIX):
             found_machine = creds.token_machine_lifecycle(conn, token)
@@ -127,6 +135,7 @@ class AuthMiddleware:
     ) -> None:
         req.context.actor = ANONYMOUS
         req.context.enroll_token = None
+        req.context.cached_machine = None
         if resource is None:
             return
         perms: dict[str, Perm] = getattr(resource, "permissions", {})
@@ -143,7 +152,7 @@ class AuthMiddleware:
             if perm is Perm.ENROLL:
                 self._enroll(req, token)
                 return
-            req.context.actor = _resolve(self.store, token, self.cache)
+            req.context.actor = _resolve(self.store, token, self.cache, req.context)
             authorize(req.context.actor, perm, params.get("machine_id"))
         except (AuthenticationError, PermissionDeniedError, GoneError) as e:
             # Names the route and the actor, never the presented secret; %r keeps a

@@ -42,6 +42,7 @@ def summary_json(r: releases.ReleaseSummary) -> wire.ReleaseSummary:
         "created_by": r.created_by,
         "hosts": r.hosts,
         "rollouts": r.rollouts,
+        "pruned_at": isoformat(r.pruned_at),
     }
 
 

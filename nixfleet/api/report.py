@@ -31,7 +31,7 @@ class MachineReport:
         now = utcnow()
         cache = self.ctx.cache
         if cache is not None:
-            known = cache.heartbeat(machine_id, doc, now)
+            known = cache.heartbeat(machine_id, doc, now, req.context.cached_machine)
             if known is not None:
                 resp.data = known  # JSON (falcon.MEDIA_JSON, the app's default type)
                 return

@@ -23,7 +23,7 @@ from nixfleet.models import (
 from nixfleet.policy import budgets, gate
 from nixfleet.store import planning, rollout_control, rollout_files, rollouts
 from nixfleet.store import policy as store_policy
-from nixfleet.store.rollouts import MachineProgress, RolloutDetail, RolloutSummary
+from nixfleet.store.rollouts import BatchDetail, MachineProgress, RolloutDetail, RolloutSummary
 
 STATUSES = [s.value for s in RolloutStatus] + ["invalid"]
 
@@ -83,6 +83,7 @@ def summary_json(s: RolloutSummary) -> wire.RolloutSummary:
         "created_at": isoformat(s.created_at),
         "created_by": s.created_by,
         "updated_at": isoformat(s.updated_at),
+        "machines_pruned_at": isoformat(s.machines_pruned_at),
     }
 
 
@@ -116,6 +117,16 @@ def machine_json(m: MachineProgress) -> wire.RolloutMachine:
     return out
 
 
+def batch_counts(b: BatchDetail) -> dict[str, int]:
+    """Machines by health: kept by a condensed rollout's batch, else counted."""
+    if b.counts is not None:
+        return {h.value: b.counts.get(h, 0) for h in MachineHealth}
+    counts = {h.value: 0 for h in MachineHealth}
+    for m in b.machines:
+        counts[m.health.value] += 1
+    return counts
+
+
 def detail_json(d: RolloutDetail) -> wire.Rollout:
     return {
         **summary_json(d.summary),
@@ -130,6 +141,7 @@ def detail_json(d: RolloutDetail) -> wire.Rollout:
                 "started_at": isoformat(b.started_at),
                 "finished_at": isoformat(b.finished_at),
                 "machines": [machine_json(m) for m in b.machines],
+                "counts": batch_counts(b),
             }
             for b in d.batches
         ],

@@ -171,7 +171,7 @@ def list_(state: State) -> None:
         [
             r["id"],
             r["created_at"],
-            str(r["hosts"]),
+            "pruned" if r.get("pruned_at") else str(r["hosts"]),
             (r["flake_rev"] or "-")[:12],
             str(r["rollouts"]),
             r["created_by"],

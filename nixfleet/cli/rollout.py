@@ -54,10 +54,14 @@ def render(data: wire.Rollout, all_machines: bool = False) -> None:
     hold = data.get("hold")
     if hold and data["status"] == RolloutStatus.RUNNING.value:
         echo(f"{style(hold['kind'], bold=True)}: {hold['detail']}")  # DESIGN §11
+    pruned = data.get("machines_pruned_at")
+    if pruned:
+        echo(
+            f"per-machine detail pruned at {pruned} (rollout_retention_days); the counts "
+            "remain, each machine's part is in `nixfleet machines history HOST`"
+        )
     for b in data["batches"]:
-        counts: dict[str, int] = {}
-        for m in b["machines"]:
-            counts[m["health"]] = counts.get(m["health"], 0) + 1
+        counts = {k: v for k, v in b["counts"].items() if v}
         summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
         echo(f"batch {b['index'] + 1}  {b['status']:<9}  {b['size']} machine(s)  ({summary})")
         shown = [

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 from nixfleet import gitops, reconciler
-from nixfleet.controlplane import webhooks
+from nixfleet.controlplane import retention, webhooks
 from nixfleet.models import utcnow
 from nixfleet.settings import Settings
 from nixfleet.store import Store, history, report_cache
@@ -76,7 +76,14 @@ def prune_cache_changes(settings: Settings, store: Store) -> None:
 
 
 # Jobs run in order every interval.
-JOBS: list[Job] = [gitops.job, reconciler.job, PruneHistory(), prune_cache_changes, checkpoint]
+JOBS: list[Job] = [
+    gitops.job,
+    reconciler.job,
+    PruneHistory(),
+    retention.PruneDeployments(),
+    prune_cache_changes,
+    checkpoint,
+]
 
 
 def run_once(settings: Settings, store: Store) -> None:

@@ -142,9 +142,8 @@ def decode_detail(kind: EventKind, stored: str | None) -> JSONObject:
 
 # --- writing ------------------------------------------------------------------------------
 
-_INSERT = (
-    "INSERT INTO machine_events (machine, seq, at, kind, source, generation, detail) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+_INSERT_MANY = (
+    "INSERT INTO machine_events (machine, seq, at, kind, source, generation, detail) VALUES "
 )
 
 
@@ -166,23 +165,53 @@ def _number(conn: sqlite3.Connection, machine_id: str) -> int:
     return int(found[0])
 
 
-def add(conn: sqlite3.Connection, events: Iterable[Event]) -> None:
-    """Append events in order (each machine's after its newest)."""
+# The newest LOOKBACK events of a machine, newest first: (seq, stored generation).
+Window = list[tuple[int, object]]
+
+# SQL: the machine's number and its window as JSON ([[seq, generation], …]), for the
+# machine whose id is the expression `machine_id` (a report reads both with its row).
+NUMBER_SQL = "(SELECT num FROM machine_numbers WHERE machine_id = {machine_id})"
+WINDOW_SQL = (
+    "(SELECT json_group_array(json_array(w.seq, w.generation)) FROM (SELECT seq, generation "
+    f"FROM machine_events WHERE machine = {NUMBER_SQL} ORDER BY seq DESC LIMIT {LOOKBACK}) w)"
+)
+
+
+def window_of(text: str | None) -> Window:
+    """WINDOW_SQL's JSON as a Window (newest first)."""
+    rows = json.loads(text) if text else []
+    return sorted(((int(seq), gen) for seq, gen in rows), key=lambda r: -r[0])
+
+
+def add(
+    conn: sqlite3.Connection,
+    events: Iterable[Event],
+    known: Mapping[str, tuple[int, Window]] | None = None,
+) -> None:
+    """Append events in order (each machine's after its newest), in one INSERT.
+
+    `known`: per machine, its number and window as read in this transaction
+    (NUMBER_SQL, WINDOW_SQL), which saves reading them again.
+    """
     by_machine: dict[str, list[Event]] = {}
     for e in events:
         by_machine.setdefault(e.machine_id, []).append(e)
-    rows: list[tuple[object, ...]] = []
+    rows: list[object] = []
     for machine_id, mine in by_machine.items():
-        num = _number(conn, machine_id)
-        # The newest events, newest first: the next seq, and the paths to refer to.
-        window: list[tuple[int, object]] = [
-            (int(r[0]), r[1])
-            for r in conn.execute(
-                "SELECT seq, generation FROM machine_events WHERE machine = ? "
-                "ORDER BY seq DESC LIMIT ?",
-                (num, LOOKBACK),
-            )
-        ]
+        found = known.get(machine_id) if known is not None else None
+        if found is not None:
+            num, window = found
+        else:
+            num = _number(conn, machine_id)
+            # The newest events, newest first: the next seq, and the paths to refer to.
+            window = [
+                (int(r[0]), r[1])
+                for r in conn.execute(
+                    "SELECT seq, generation FROM machine_events WHERE machine = ? "
+                    "ORDER BY seq DESC LIMIT ?",
+                    (num, LOOKBACK),
+                )
+            ]
         seq = window[0][0] if window else 0
         for e in mine:
             seq += 1
@@ -191,7 +220,7 @@ def add(conn: sqlite3.Connection, events: Iterable[Event]) -> None:
                 stored = encode_path(e.generation)
                 stored = next((seq - s for s, g in window if g == stored), stored)
             source = source_id(conn, e.source)
-            rows.append(
+            rows.extend(
                 (
                     num,
                     seq,
@@ -203,8 +232,11 @@ def add(conn: sqlite3.Connection, events: Iterable[Event]) -> None:
                 )
             )
             window = [(seq, stored), *window[: LOOKBACK - 1]]
-    if rows:
-        conn.executemany(_INSERT, rows)
+    # One statement per 500 events (each SQLite call hands the GIL over under load).
+    for start in range(0, len(rows), 500 * 7):
+        chunk = rows[start : start + 500 * 7]
+        values = ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * (len(chunk) // 7))
+        conn.execute(_INSERT_MANY + values, chunk)
 
 
 def add_desired(conn: sqlite3.Connection, rows: str, params: Sequence[object]) -> int:
@@ -249,10 +281,24 @@ def tags_changed(
     removed: Sequence[str],
 ) -> None:
     """One tags event for what actually changed (nothing when nothing did)."""
+    event = tags_event(machine_id, at, source, tag_source, added, removed)
+    if event is not None:
+        add(conn, [event])
+
+
+def tags_event(
+    machine_id: str,
+    at: datetime,
+    source: str,
+    tag_source: str,
+    added: Sequence[str],
+    removed: Sequence[str],
+) -> Event | None:
+    """tags_changed's event, not yet written (None when nothing changed)."""
     if not added and not removed:
-        return
+        return None
     detail = {"tag_source": tag_source, "added": sorted(added), "removed": sorted(removed)}
-    add(conn, [Event(machine_id, at, EventKind.TAGS, source, detail=detail)])
+    return Event(machine_id, at, EventKind.TAGS, source, detail=detail)
 
 
 # --- reading ------------------------------------------------------------------------------

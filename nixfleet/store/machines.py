@@ -205,21 +205,24 @@ def set_tags(
     source: str,
     *,
     replace: bool,
+    have: set[str] | None = None,
 ) -> tuple[list[str], list[str]]:
     """Add tags of one source; with replace, the given set becomes that source's set.
 
     Writes only the difference: an agent reports the same tags on every poll, so the
     usual case is one indexed read and no write (no dirty pages for the commit).
+    `have`: that source's tags as read in this transaction (saves the read).
     Returns the tags added and removed (for the machine's history).
     """
     wanted = set(tags)
-    have = {
-        r[0]
-        for r in conn.execute(
-            "SELECT tag FROM machine_tags WHERE machine_id = ? AND source = ?",
-            (machine_id, source),
-        )
-    }
+    if have is None:
+        have = {
+            r[0]
+            for r in conn.execute(
+                "SELECT tag FROM machine_tags WHERE machine_id = ? AND source = ?",
+                (machine_id, source),
+            )
+        }
     kept = wanted if replace else have | wanted
     if len(kept) > MAX_TAGS_PER_SOURCE:
         raise ValidationError(
@@ -292,6 +295,32 @@ def request_retry(conn: sqlite3.Connection, machine_id: str, now: datetime) -> N
     )
 
 
+# The report's one read: the machine's row, its running rollout's answer fields, and
+# what the rest of the transaction needs (built once: it is the hot path).
+_REPORT_ROW = (
+    "SELECT lifecycle, desired_generation, desired_cache_url, desired_source, "
+    "retry_requested_at, current_generation, failed_generation, last_success, "
+    "health_json, needs_reboot, booted_generation, "
+    "(SELECT r.poll_hint FROM rollout_machines rm JOIN rollouts r ON r.id = rm.rollout_id "
+    "WHERE rm.machine_id = machines.id "
+    "AND r.status = 'running' LIMIT 1) AS poll_hint, (SELECT r.confirm_timeout "
+    "FROM rollout_machines rm JOIN rollouts r ON r.id = rm.rollout_id "
+    "WHERE rm.machine_id = machines.id AND r.status = 'running' LIMIT 1) "
+    "AS confirm_timeout, CASE WHEN ? THEN "
+    "(SELECT r.reboot FROM rollout_machines rm JOIN rollouts r ON r.id = rm.rollout_id "
+    "WHERE rm.machine_id = machines.id AND r.status = 'running' AND r.reboot = 'when-needed' "
+    "LIMIT 1) END AS reboot, "
+    # What the rest of the transaction needs, in this one row (each SQLite call
+    # hands the GIL to another thread under load): the agent's tags, and the
+    # machine's history number and newest events.
+    "(SELECT json_group_array(tag) FROM machine_tags WHERE machine_id = machines.id "
+    "AND source = 'agent') AS agent_tags, "
+    f"{history.NUMBER_SQL.format(machine_id='machines.id')} AS num, "
+    f"{history.WINDOW_SQL.format(machine_id='machines.id')} AS window "
+    "FROM machines WHERE id = ?"
+)
+
+
 def record_report(conn: sqlite3.Connection, report: Report) -> tuple[sqlite3.Row, Lifecycle | None]:
     """Store one agent report: the hot path, a handful of indexed statements.
 
@@ -304,19 +333,7 @@ def record_report(conn: sqlite3.Connection, report: Report) -> tuple[sqlite3.Row
     # through rollout_machines_machine; a machine is in at most one active rollout.
     # Its reboot policy (DESIGN §11) is looked up only when the agent needs a reboot.
     row = conn.execute(
-        "SELECT lifecycle, desired_generation, desired_cache_url, desired_source, "
-        "retry_requested_at, current_generation, failed_generation, last_success, "
-        "health_json, needs_reboot, booted_generation, "
-        "(SELECT r.poll_hint FROM rollout_machines rm JOIN rollouts r ON r.id = rm.rollout_id "
-        "WHERE rm.machine_id = machines.id "
-        "AND r.status = 'running' LIMIT 1) AS poll_hint, (SELECT r.confirm_timeout "
-        "FROM rollout_machines rm JOIN rollouts r ON r.id = rm.rollout_id "
-        "WHERE rm.machine_id = machines.id AND r.status = 'running' LIMIT 1) "
-        "AS confirm_timeout, CASE WHEN ? THEN "
-        "(SELECT r.reboot FROM rollout_machines rm JOIN rollouts r ON r.id = rm.rollout_id "
-        "WHERE rm.machine_id = machines.id AND r.status = 'running' AND r.reboot = 'when-needed' "
-        "LIMIT 1) END AS reboot "
-        "FROM machines WHERE id = ?",
+        _REPORT_ROW,
         (bool(report.needs_reboot), report.machine_id),
     ).fetchone()
     if row is None:
@@ -374,7 +391,7 @@ def record_report(conn: sqlite3.Connection, report: Report) -> tuple[sqlite3.Row
         needs_reboot=None if row["needs_reboot"] is None else bool(row["needs_reboot"]),
         booted_generation=row["booted_generation"],
     )
-    events = []
+    events: list[changes.Event] = []
     if promoted is not None:
         detail = {"from": promoted.value, "to": "active", "reason": "first agent report"}
         events.append(
@@ -386,12 +403,24 @@ def record_report(conn: sqlite3.Connection, report: Report) -> tuple[sqlite3.Row
                 detail=detail,
             )
         )
-    history.add(conn, events + changes.report_events(prior, report))
+    events += changes.report_events(prior, report)
     if report.tags is not None:
-        added, removed = set_tags(conn, report.machine_id, report.tags, "agent", replace=True)
-        history.tags_changed(
-            conn, report.machine_id, report.received_at, "agent", "agent", added, removed
+        have = set(json.loads(row["agent_tags"]))
+        added, removed = set_tags(
+            conn, report.machine_id, report.tags, "agent", replace=True, have=have
         )
+        tags = history.tags_event(
+            report.machine_id, report.received_at, "agent", "agent", added, removed
+        )
+        if tags is not None:
+            events.append(tags)
+    if events:
+        known = (
+            {report.machine_id: (int(row["num"]), history.window_of(row["window"]))}
+            if row["num"] is not None
+            else None
+        )
+        history.add(conn, events, known)
     return row, promoted
 
 

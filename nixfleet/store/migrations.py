@@ -250,6 +250,20 @@ MIGRATIONS: list[tuple[str, str]] = [
         JOIN event_sources s ON s.id = e.source
         """,
     ),
+    # Retention of deployments (issue 16, storage): a finished rollout older than
+    # rollout_retention_days keeps its row, batches and events but loses its per-machine
+    # rows; each batch keeps its health counts. An unused old release keeps its header
+    # (rollouts and the audit log name it) but loses its entries. store.retention.
+    (
+        "0018_deployment_retention",
+        """
+        ALTER TABLE rollouts ADD COLUMN machines_pruned_at TEXT;
+        ALTER TABLE rollout_batches ADD COLUMN healthy INTEGER;
+        ALTER TABLE rollout_batches ADD COLUMN unhealthy INTEGER;
+        ALTER TABLE rollout_batches ADD COLUMN pending INTEGER;
+        ALTER TABLE releases ADD COLUMN pruned_at TEXT;
+        """,
+    ),
     # Indexes for the reconciler tick at 100,000 machines (docs/performance.md, "Session
     # 5"): the policy tick's unavailable set (store.policy.UNAVAILABLE_SQL) looks up the
     # stale and the troubled machines instead of scanning every machine (65 -> 6 ms; a
@@ -257,7 +271,7 @@ MIGRATIONS: list[tuple[str, str]] = [
     # started-but-unsettled machines are counted from a covering index of the rows
     # not yet healthy (tally 52 -> 10 ms with half the batch pending).
     (
-        "0018_tick_indexes",
+        "0019_tick_indexes",
         """
         CREATE INDEX machines_last_report ON machines (last_report_at);
         CREATE INDEX machines_troubled ON machines (system_state)

@@ -41,7 +41,7 @@ SELECT machine_id, rollout_id FROM reboot_leases
 # UNION ALL: a machine may be listed more than once; every count of it is DISTINCT
 # (and a UNION's two temp B-trees cost ~20 ms at 100,000 machines). The stale and the
 # troubled machines are two branches so that each is an index search (migration
-# 0018), not a scan of every machine.
+# 0019), not a scan of every machine.
 
 
 def _has_tags(column: str, tags: Sequence[str]) -> tuple[str, list[str]]:

@@ -2,6 +2,8 @@
 
 A release is written once (its id is a hash of its entries, so registering the same
 entries again finds the existing row) and deleted only while no rollout uses it.
+An old, unused release is pruned (store.retention): its header stays, its entries go;
+registering the same entries again restores them.
 """
 
 from __future__ import annotations
@@ -12,27 +14,36 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
 
-from nixfleet.errors import ConflictError, NotFoundError
+from nixfleet.errors import ConflictError, GoneError, NotFoundError
 from nixfleet.models import Release, ReleaseEntry, isoformat, parse_time, time_of
 from nixfleet.store.rows import from_row
 
 
 def insert(conn: sqlite3.Connection, release: Release, now: datetime, created_by: str) -> bool:
-    """Store a release; False (and nothing written) when its id already exists."""
-    if conn.execute("SELECT 1 FROM releases WHERE id = ?", (release.id,)).fetchone():
+    """Store a release; False (and nothing written) when its id already exists.
+
+    A pruned release (store.retention) gets its entries back (the same id means the
+    same entries) and True; its header is the one first registered.
+    """
+    known = conn.execute("SELECT 1 FROM releases WHERE id = ?", (release.id,)).fetchone()
+    if known and _header(conn, release.id)["pruned_at"] is None:
         return False
-    conn.execute(
-        "INSERT INTO releases (id, flake_ref, flake_rev, cache_url, created_at, created_by) "
-        "VALUES (?, ?, ?, ?, ?, ?)",
-        (
-            release.id,
-            release.flake_ref,
-            release.flake_rev,
-            release.cache_url,
-            isoformat(release.created_at or now),
-            release.created_by or created_by,
-        ),
-    )
+    if not known:
+        conn.execute(
+            "INSERT INTO releases (id, flake_ref, flake_rev, cache_url, created_at, created_by) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                release.id,
+                release.flake_ref,
+                release.flake_rev,
+                release.cache_url,
+                isoformat(release.created_at or now),
+                release.created_by or created_by,
+            ),
+        )
+    else:  # restore: whatever entries the pruning had not deleted yet, then all of them
+        conn.execute("DELETE FROM release_entries WHERE release_id = ?", (release.id,))
+        conn.execute("UPDATE releases SET pruned_at = NULL WHERE id = ?", (release.id,))
     conn.executemany(
         "INSERT INTO release_entries (release_id, hostname, store_path, platform, tags_json) "
         "VALUES (?, ?, ?, ?, ?)",
@@ -75,13 +86,33 @@ def _release(row: sqlite3.Row, entries: list[ReleaseEntry]) -> Release:
     )
 
 
-def get(conn: sqlite3.Connection, release_id: str) -> Release:
-    row = conn.execute("SELECT * FROM releases WHERE id = ?", (release_id,)).fetchone()
+def _header(conn: sqlite3.Connection, release_id: str) -> sqlite3.Row:
+    row: sqlite3.Row | None = conn.execute(
+        "SELECT * FROM releases WHERE id = ?", (release_id,)
+    ).fetchone()
     if row is None:
         raise NotFoundError(
             f"release {release_id!r} is not registered; see `nixfleet release list`, or "
             "register it with `nixfleet release create` / `nixfleet release register FILE`"
         )
+    return row
+
+
+def _usable(row: sqlite3.Row) -> None:
+    """410 for a pruned release, saying how to get it back."""
+    if row["pruned_at"] is not None:
+        raise GoneError(
+            f"release {row['id']!r} was pruned at {row['pruned_at']} (older than "
+            "rollout_retention_days and unused): its entries are gone; register it again "
+            f"from releases/{row['id']}.toml (`nixfleet release register FILE`: the same "
+            "entries give the same id) to use it"
+        )
+
+
+def get(conn: sqlite3.Connection, release_id: str) -> Release:
+    """The release with its entries; 404 if unknown, 410 if pruned (store.retention)."""
+    row = _header(conn, release_id)
+    _usable(row)
     return _release(row, _entries(conn, [release_id])[release_id])
 
 
@@ -97,21 +128,36 @@ class ReleaseSummary:
     created_by: str
     hosts: int
     rollouts: int  # rollouts that reference it (it cannot be deleted while any does)
+    pruned_at: datetime | None = None  # store.retention: its entries are gone (hosts 0)
 
 
 def list_releases(conn: sqlite3.Connection, limit: int = 100) -> list[ReleaseSummary]:
     """Newest first, with host counts (not the entries: a listing stays small)."""
     rows = conn.execute(
-        "SELECT r.*, (SELECT COUNT(*) FROM release_entries e WHERE e.release_id = r.id) AS hosts, "
+        "SELECT r.*, CASE WHEN r.pruned_at IS NULL THEN (SELECT COUNT(*) FROM release_entries e "
+        "WHERE e.release_id = r.id) ELSE 0 END AS hosts, "
         "(SELECT COUNT(*) FROM rollouts o WHERE o.release_id = r.id) AS rollouts "
         "FROM releases r ORDER BY r.created_at DESC, r.id LIMIT ?",
         (limit,),
     )
-    return [from_row(ReleaseSummary, r, created_at=time_of(r["created_at"])) for r in rows]
+    return [
+        from_row(
+            ReleaseSummary,
+            r,
+            created_at=time_of(r["created_at"]),
+            pruned_at=parse_time(r["pruned_at"]),
+        )
+        for r in rows
+    ]
 
 
 def store_paths(conn: sqlite3.Connection, release_id: str) -> dict[str, str]:
-    """hostname -> store path: what planning needs, without building ReleaseEntry objects."""
+    """hostname -> store path: what planning needs, without building ReleaseEntry objects.
+
+    Nothing for an unknown release (planning says why), 410 for a pruned one."""
+    row = conn.execute("SELECT * FROM releases WHERE id = ?", (release_id,)).fetchone()
+    if row is not None:
+        _usable(row)
     rows = conn.execute(
         "SELECT hostname, store_path FROM release_entries WHERE release_id = ?", (release_id,)
     )
@@ -119,7 +165,7 @@ def store_paths(conn: sqlite3.Connection, release_id: str) -> dict[str, str]:
 
 
 def delete(conn: sqlite3.Connection, release_id: str) -> None:
-    get(conn, release_id)
+    _header(conn, release_id)  # a pruned one may go too
     used = [
         r["name"]
         for r in conn.execute(

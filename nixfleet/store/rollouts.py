@@ -208,6 +208,8 @@ class RolloutSummary:
     created_by: str
     updated_at: datetime
     machines: Mapping[MachineHealth, int]  # targets by health
+    # store.retention: when its per-machine rows went (the counts are its batches')
+    machines_pruned_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -239,6 +241,8 @@ class BatchDetail:
     started_at: datetime | None
     finished_at: datetime | None
     machines: tuple[MachineProgress, ...]
+    # A condensed rollout's batch (store.retention): its health counts, no machines.
+    counts: Mapping[MachineHealth, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -287,6 +291,15 @@ def _counts(
         counts.setdefault(r["rollout_id"], {h: 0 for h in MachineHealth})[
             MachineHealth(r["health"])
         ] = r["n"]
+    # Condensed rollouts (store.retention): their batches' counts, whatever rows remain.
+    where = "WHERE r.machines_pruned_at IS NOT NULL" + (" AND r.id = ?" if rollout_id else "")
+    for r in conn.execute(
+        "SELECT b.rollout_id, SUM(b.healthy) AS healthy, SUM(b.unhealthy) AS unhealthy, "
+        "SUM(b.pending) AS pending FROM rollout_batches b "
+        f"JOIN rollouts r ON r.id = b.rollout_id {where} GROUP BY b.rollout_id",
+        params,
+    ):
+        counts[r["rollout_id"]] = {h: r[h.value] or 0 for h in MachineHealth}
     return counts
 
 
@@ -301,6 +314,7 @@ def _summary(r: sqlite3.Row, counts: Mapping[MachineHealth, int] | None) -> Roll
         created_by=r["created_by"],
         updated_at=time_of(r["updated_at"]),
         machines=counts if counts is not None else {h: 0 for h in MachineHealth},
+        machines_pruned_at=parse_time(r["machines_pruned_at"]),
     )
 
 
@@ -350,6 +364,7 @@ def detail(conn: sqlite3.Connection, rollout_id: str, now: datetime) -> RolloutD
     view = load_view(conn, rollout_id)
     spec = view.spec
     rebooting = view.policy.reboot is RebootPolicy.WHEN_NEEDED
+    condensed = row["machines_pruned_at"] is not None  # store.retention: no machines
     outputs = dict(
         conn.execute(
             "SELECT rm.machine_id, substr(m.failed_output, -?) FROM rollout_machines rm "
@@ -358,11 +373,16 @@ def detail(conn: sqlite3.Connection, rollout_id: str, now: datetime) -> RolloutD
             "AND m.failed_output IS NOT NULL ORDER BY rm.position LIMIT ?",
             (OUTPUT_TAIL, rollout_id, OUTPUT_MACHINES),
         ).fetchall()
+        if not condensed
+        else ()
     )
     machines: dict[int, list[MachineProgress]] = {}
-    for r in conn.execute(
-        FACTS_SQL + "WHERE rm.rollout_id = ? ORDER BY rm.position", (rollout_id,)
-    ):
+    rows = (
+        conn.execute(FACTS_SQL + "WHERE rm.rollout_id = ? ORDER BY rm.position", (rollout_id,))
+        if not condensed
+        else ()
+    )
+    for r in rows:
         f = facts_of(r)
         batch = view.batches[r["batch_idx"]]
         reason = r["reason"] or ""
@@ -384,12 +404,15 @@ def detail(conn: sqlite3.Connection, rollout_id: str, now: datetime) -> RolloutD
                 outputs.get(f.machine_id),
             )
         )
-    finished = {
-        b["idx"]: parse_time(b["finished_at"])
-        for b in conn.execute(
-            "SELECT idx, finished_at FROM rollout_batches WHERE rollout_id = ?", (rollout_id,)
-        )
-    }
+    finished = {}
+    kept: dict[int, dict[MachineHealth, int]] = {}
+    for b in conn.execute(
+        "SELECT idx, finished_at, healthy, unhealthy, pending FROM rollout_batches "
+        "WHERE rollout_id = ?",
+        (rollout_id,),
+    ):
+        finished[b["idx"]] = parse_time(b["finished_at"])
+        kept[b["idx"]] = {h: b[h.value] or 0 for h in MachineHealth}
     batches = tuple(
         BatchDetail(
             b.index,
@@ -398,6 +421,7 @@ def detail(conn: sqlite3.Connection, rollout_id: str, now: datetime) -> RolloutD
             b.started_at,
             finished[b.index],
             tuple(machines.get(b.index, ())),
+            kept[b.index] if condensed else None,
         )
         for b in view.batches
     )

@@ -216,7 +216,7 @@ def judge_batch(
             )
         conn.execute("DELETE FROM temp.judged")
     # Two filtered counts in one pass over the covering index of the rows not yet
-    # healthy (migration 0018; the `!= 'healthy'` term is what lets SQLite use it).
+    # healthy (migration 0019; the `!= 'healthy'` term is what lets SQLite use it).
     unhealthy, waiting = conn.execute(
         "SELECT count(*) FILTER (WHERE health = ?), count(*) FILTER (WHERE health = ?) "
         "FROM rollout_machines WHERE rollout_id = ? AND batch_idx = ? AND health != 'healthy'",

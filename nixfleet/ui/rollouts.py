@@ -27,11 +27,8 @@ STATUSES = rollouts_api.STATUSES
 
 def progress(batch: wire.Batch) -> dict[str, int]:
     """A batch's machines by health, for its progress bar."""
-    counts = {"healthy": 0, "unhealthy": 0, "pending": 0, "total": 0}
-    for m in batch["machines"]:
-        counts[m["health"]] = counts.get(m["health"], 0) + 1
-        counts["total"] += 1
-    return counts
+    counts = {"healthy": 0, "unhealthy": 0, "pending": 0, **batch["counts"]}
+    return {**counts, "total": sum(batch["counts"].values())}
 
 
 class RolloutList(Page):

@@ -8,7 +8,7 @@ import pytest
 from conftest import sql_writers
 
 from nixfleet.controlplane.background import prune_history
-from nixfleet.history import EventKind
+from nixfleet.history import Event, EventKind
 from nixfleet.models import HealthCheckResult, HealthResult, Lifecycle, Report, isoformat
 from nixfleet.settings import Settings
 from nixfleet.store import Store, history, machines
@@ -387,3 +387,41 @@ def test_details_are_stored_compactly_and_read_back_unchanged(
     assert stored is not None and stored.startswith("[") is compact
     back = history.decode_detail(kind, stored)
     assert back == detail and list(back) == list(detail)
+
+
+def test_events_written_with_the_reports_window_are_stored_as_without_it(store: Store) -> None:
+    """record_report hands history.add the number and window its row read
+    (NUMBER_SQL, WINDOW_SQL); the rows must be those add writes reading them itself."""
+    a, b = Fleet(store, "web-a"), Fleet(store, "web-b")
+    for f in (a, b):
+        f.report(gen(0))
+        f.desire(gen(1))
+        f.report(gen(1), health=health("nginx"))
+    at = a.tick()
+    with store.transaction() as conn:
+        for machine, known in (("web-a", False), ("web-b", True)):
+            events = [
+                Event(machine, at, EventKind.GENERATION, "agent", gen(1)),
+                Event(machine, at, EventKind.DESIRED, "rollout:r9", gen(0)),
+                Event(machine, at, EventKind.GENERATION, "agent", gen(0)),
+            ]
+            window = None
+            if known:
+                row = conn.execute(
+                    f"SELECT {history.NUMBER_SQL.format(machine_id='?')}, "
+                    f"{history.WINDOW_SQL.format(machine_id='?')}",
+                    (machine, machine),
+                ).fetchone()
+                window = {machine: (int(row[0]), history.window_of(row[1]))}
+            history.add(conn, events, window)
+        stored = {
+            m: conn.execute(
+                "SELECT seq, at, kind, source, generation, detail FROM machine_events "
+                "WHERE machine = (SELECT num FROM machine_numbers WHERE machine_id = ?) "
+                "ORDER BY seq",
+                (m,),
+            ).fetchall()
+            for m in ("web-a", "web-b")
+        }
+    assert [tuple(r) for r in stored["web-a"]] == [tuple(r) for r in stored["web-b"]]
+    assert any(type(r["generation"]) is int for r in stored["web-b"][-3:])  # references

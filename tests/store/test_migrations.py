@@ -248,10 +248,10 @@ def test_event_kinds_are_the_kind_codes(db_0013: Path) -> None:
     store.close()
 
 
-# --- 0018: the tick's indexes, on a database the 0013 code wrote ----------------------
+# --- 0019: the tick's indexes, on a database the 0013 code wrote ----------------------
 
 
-def test_0018_gives_the_tick_statements_their_indexes(db_0013: Path) -> None:
+def test_0019_gives_the_tick_statements_their_indexes(db_0013: Path) -> None:
     """The policy tick's unavailable set and the batch tally search indexes, not tables.
 
     Without them each scans every machine or every row of the rollout per tick
