@@ -32,7 +32,7 @@ ACTOR = "reconciler"
 # holds, which reports wait for) under the 250 ms budget at any fleet size (a machine
 # written costs ~15 µs of CPU with its history event, one judged ~10 µs);
 # docs/performance.md.
-TICK_MACHINES = 10_000
+TICK_MACHINES = 5_000
 
 
 def apply_decision(

@@ -246,3 +246,35 @@ def test_event_kinds_are_the_kind_codes(db_0013: Path) -> None:
     with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"), store.transaction() as conn:
         conn.execute("UPDATE machine_events SET kind = ?", (max(rows.values()) + 1,))
     store.close()
+
+
+# --- 0019: the tick's indexes, on a database the 0013 code wrote ----------------------
+
+
+def test_0019_gives_the_tick_statements_their_indexes(db_0013: Path) -> None:
+    """The policy tick's unavailable set and the batch tally search indexes, not tables.
+
+    Without them each scans every machine or every row of the rollout per tick
+    (docs/performance.md); a rewritten statement that lost its index fails here.
+    """
+    from nixfleet.store.policy import UNAVAILABLE_SQL
+
+    store = Store(db_0013)
+    with store.read() as conn:
+        plans = {
+            "unavailable": conn.execute(
+                "EXPLAIN QUERY PLAN " + UNAVAILABLE_SQL, {"cutoff": "2026-01-01T00:00:00.000000Z"}
+            ).fetchall(),
+            "tally": conn.execute(
+                "EXPLAIN QUERY PLAN SELECT count(*) FILTER (WHERE health = 'unhealthy'), "
+                "count(*) FILTER (WHERE health = 'pending') FROM rollout_machines "
+                "WHERE rollout_id = 'r' AND batch_idx = 0 AND health != 'healthy'"
+            ).fetchall(),
+        }
+    store.close()
+    steps = {name: [row[3] for row in plan] for name, plan in plans.items()}
+    scans = [s for plan in steps.values() for s in plan if s.startswith("SCAN")]
+    assert scans == ["SCAN reboot_leases"], steps  # the leases held now: a few rows
+    used = " ".join(s for plan in steps.values() for s in plan)
+    for index in ("machines_last_report", "machines_troubled", "rollout_machines_unsettled"):
+        assert index in used, steps
