@@ -32,6 +32,7 @@ from nixfleet.store import Store, credentials, history
 
 CHUNK = 20_000
 REPORT_HEALTH = json.dumps(fleet.HEALTH)
+REPORT_HEALTH_AXIS = "healthy" if fleet.HEALTH["all_passed"] else "failing"  # models.health_of
 
 
 def lifecycle(i: int) -> str:
@@ -71,6 +72,7 @@ MACHINE_COLUMNS = (
     "last_message",
     "failed_generation",
     "health_json",
+    "health",
     "uptime_seconds",
     "retry_requested_at",
     "poll_hint",
@@ -82,7 +84,16 @@ def _machines(n: int, now: datetime) -> Iterator[tuple[Any, ...]]:
     for i in range(n):
         life = lifecycle(i)
         if life == "pending":
-            yield (fleet.hostname(i), life, registered, *([None] * 7), "unknown", *([None] * 7))
+            yield (
+                fleet.hostname(i),
+                life,
+                registered,
+                *([None] * 7),
+                "unknown",
+                *([None] * 4),
+                "unknown",
+                *([None] * 3),
+            )
             continue
         # 2 % went quiet (stale), the rest reported within the last minute.
         age = 3600 + i % 600 if i % 50 == 0 else i % 60
@@ -108,6 +119,7 @@ def _machines(n: int, now: datetime) -> Iterator[tuple[Any, ...]]:
             "running",
             None,
             REPORT_HEALTH,
+            REPORT_HEALTH_AXIS,
             86_400 + i,
             None,
             None,

@@ -116,7 +116,7 @@ class Health(StrEnum):
 
 
 def health_of(health: HealthResult | None) -> Health:
-    """THE definition of health (store.fleet.HEALTH_SQL is held to it case by case)."""
+    """THE definition of health (stored with each report: store.machines.record_report)."""
     if health is None:
         return Health.UNKNOWN
     return Health.HEALTHY if health.all_passed else Health.FAILING

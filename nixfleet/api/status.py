@@ -11,7 +11,7 @@ from nixfleet.api.auth import Perm
 from nixfleet.api.context import Context
 from nixfleet.api.machines import FILTER_QUERY, filter_params
 from nixfleet.models import Health as HealthAxis
-from nixfleet.models import Lifecycle, Sync, isoformat, utcnow
+from nixfleet.models import Lifecycle, Sync, isoformat, stale_cutoff, utcnow
 from nixfleet.store import status
 
 
@@ -29,25 +29,25 @@ class Status:
         stale = self.ctx.settings.stale_after
         with self.ctx.store.read() as conn:
             doc = status.status_document(conn, f, now, stale)
-        by_sync, by_lifecycle = doc.by_sync, doc.by_lifecycle
+        c = doc.counts
         head = {
             "generated_at": isoformat(now),
             "stale_after_seconds": stale,
             "summary": {
-                "total": by_sync["total"],
-                "in_sync": by_sync.get(Sync.IN_SYNC.value, 0),
-                "updating": by_sync.get(Sync.UPDATING.value, 0),
-                "failed": by_sync.get(Sync.FAILED.value, 0),
-                "no_desired": by_sync.get(Sync.NO_DESIRED.value, 0),
-                "stale": by_sync["stale"],
-                "by_health": {h.value: doc.by_health.get(h.value, 0) for h in HealthAxis},
-                "by_lifecycle": {s.value: by_lifecycle.get(s.value, 0) for s in Lifecycle},
+                "total": c.counted,
+                "in_sync": c.by_sync[Sync.IN_SYNC],
+                "updating": c.by_sync[Sync.UPDATING],
+                "failed": c.by_sync[Sync.FAILED],
+                "no_desired": c.by_sync[Sync.NO_DESIRED],
+                "stale": c.stale,
+                "by_health": {h.value: n for h, n in c.by_health.items()},
+                "by_lifecycle": {s.value: n for s, n in c.by_lifecycle.items()},
             },
         }
         # The machines array is spliced in as SQLite wrote it (see status_document).
-        text = json.dumps(head, ensure_ascii=False)
+        text = json.dumps(head, ensure_ascii=False).encode()
         resp.content_type = falcon.MEDIA_JSON
-        resp.data = "".join((text[:-1], ', "machines": ', doc.machines_json, "}")).encode()
+        resp.data = b"".join((text[:-1], b', "machines": ', doc.machines_json, b"}"))
 
 
 class Health:
@@ -69,10 +69,11 @@ class Metrics:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Prometheus text format gauges."""
-        conn = self.ctx.store.connection()
-        counts = status.fleet_counts(conn)
-        stale = status.stale_count(conn, utcnow(), self.ctx.settings.stale_after)
-        by_sync, by_lifecycle = counts.by_sync, counts.by_lifecycle
+        now = utcnow()
+        cutoff = isoformat(stale_cutoff(now, self.ctx.settings.stale_after))
+        with self.ctx.store.read() as conn:
+            counts = status.counts(conn, "", [], cutoff)
+        by_sync, by_lifecycle, stale = counts.by_sync, counts.by_lifecycle, counts.stale
         in_sync, failed = by_sync[Sync.IN_SYNC], by_sync[Sync.FAILED]
         drift = by_sync[Sync.UPDATING] + failed  # desired set, not running it
         lines = [

@@ -1,10 +1,11 @@
 """The dashboard's fleet page: one page of machines, filtered and sorted, with counts.
 
-Two statements whatever the fleet size: one aggregate pass for the counters (by
-sync, health, lifecycle, stale) and for how many machines match, and one indexed or
-sorted read of a single page. Sync and stale are status.SYNC_SQL / STALE_SQL (held
-to models.sync_of / is_stale); health is HEALTH_SQL, held to models.health_of; the
-filters are status.filter_sql, the one SQL form of a filters.MachineFilter.
+A fixed number of statements whatever the fleet size: the whole fleet's counters
+(status.counts, the status summary's own), how many machines match when a filter is
+set, and one indexed or sorted read of a single page. Sync and stale are
+status.SYNC_SQL / STALE_SQL (held to models.sync_of / is_stale); health is HEALTH_SQL,
+held to models.health_of; the filters are status.filter_sql, the one SQL form of a
+filters.MachineFilter.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from datetime import datetime
 from nixfleet.filters import MachineFilter
 from nixfleet.models import Health, Lifecycle, Sync, isoformat, parse_time, stale_cutoff
 from nixfleet.store import status
-from nixfleet.store.status import HEALTH_SQL, STALE_SQL, SUMMARY_SQL, SYNC_SQL
+from nixfleet.store.status import HEALTH_SQL, STALE_SQL, SYNC_SQL
 
 # The sort keys the page offers (filters.SORT_KEYS; SQL in status.SORT_SQL).
 SORTS = status.SORT_SQL
@@ -64,23 +65,11 @@ def page(conn: sqlite3.Connection, q: FleetQuery, now: datetime, stale_after: in
     """The counters of the whole fleet, how many match q, and page q.page of them."""
     cutoff = isoformat(stale_cutoff(now, stale_after)) or ""
     pred, params = status.filter_sql(q, cutoff)
-    sums = ", ".join(
-        [f"sum(sync = '{s.value}' AND counted)" for s in Sync]
-        + [f"sum(health = '{h.value}' AND counted)" for h in Health]
-        + [f"sum(lifecycle = '{life.value}')" for life in Lifecycle]
-    )
-    # One pass over the fleet: the counters, and how many machines the filters select.
-    counted = conn.execute(
-        "SELECT count(*), coalesce(sum(stale), 0), coalesce(sum(hit), 0), "
-        f"coalesce(sum(counted), 0), {sums} FROM ("
-        f"SELECT {SYNC_SQL} AS sync, {HEALTH_SQL} AS health, m.lifecycle AS lifecycle, "
-        f"{STALE_SQL} AS stale, {SUMMARY_SQL} AS counted, "
-        f"{f'({pred})' if pred else '1'} AS hit FROM machines m)",
-        (cutoff, *params),
-    ).fetchone()
-    n = [int(v or 0) for v in counted[4:]]
-    syncs, healths = len(Sync), len(Health)
-    matching = int(counted[2])
+    whole = status.counts(conn, "", [], cutoff)  # the counters are the whole fleet's
+    matching = whole.selected
+    if pred:
+        sql = f"SELECT count(*) FROM machines m WHERE {pred}"
+        matching = conn.execute(sql, params).fetchone()[0]
     where = f" WHERE {pred}" if pred else ""
     per_page = max(1, min(q.per_page, MAX_PER_PAGE))
     offset = (max(q.page, 1) - 1) * per_page
@@ -109,13 +98,13 @@ def page(conn: sqlite3.Connection, q: FleetQuery, now: datetime, stale_after: in
             )
             for r in rows
         ],
-        matching=matching,
-        total=int(counted[0]),
-        counted=int(counted[3]),
-        stale=int(counted[1]),
-        by_sync=dict(zip(Sync, n[:syncs], strict=True)),
-        by_health=dict(zip(Health, n[syncs : syncs + healths], strict=True)),
-        by_lifecycle=dict(zip(Lifecycle, n[syncs + healths :], strict=True)),
+        matching=int(matching),
+        total=whole.selected,
+        counted=whole.counted,
+        stale=whole.stale,
+        by_sync=whole.by_sync,
+        by_health=whole.by_health,
+        by_lifecycle=whole.by_lifecycle,
     )
 
 

@@ -24,6 +24,7 @@ from nixfleet.models import (
     Report,
     SystemState,
     check_transition,
+    health_of,
     isoformat,
     parse_time,
     stale_cutoff,
@@ -354,6 +355,7 @@ def record_report(conn: sqlite3.Connection, report: Report) -> tuple[sqlite3.Row
         "UPDATE machines SET current_generation = :current, last_report_at = :at, "
         "agent_version = COALESCE(:version, agent_version), system_state = :state, "
         "last_success = :success, last_message = :message, health_json = :health, "
+        "health = :health_axis, "
         "uptime_seconds = :uptime, "
         "needs_reboot = :needs_reboot, booted_generation = COALESCE(:booted, booted_generation), "
         # The switch output stays with its failure: replaced by a new failure's (or
@@ -375,6 +377,7 @@ def record_report(conn: sqlite3.Connection, report: Report) -> tuple[sqlite3.Row
             "success": int(report.success),
             "message": report.message,
             "health": health,
+            "health_axis": health_of(report.health).value,
             "uptime": report.uptime_seconds,
             "failed": failed,
             "output": report.output if failed is not None else None,

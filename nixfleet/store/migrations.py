@@ -281,4 +281,19 @@ MIGRATIONS: list[tuple[str, str]] = [
             WHERE health != 'healthy';
         """,
     ),
+    # The health axis stored with the report that set it (models.health_of, written by
+    # store.machines.record_report), so that the status document, the dashboard's
+    # counters and the batch judge read a short column instead of parsing every
+    # machine's health results (docs/performance.md, "Session 6"). The backfill is the
+    # SQL form of health_of that HEALTH_SQL was until now.
+    (
+        "0020_stored_health",
+        """
+        ALTER TABLE machines ADD COLUMN health TEXT NOT NULL DEFAULT 'unknown'
+            CHECK (health IN ('healthy', 'failing', 'unknown'));
+        UPDATE machines SET health = CASE
+            WHEN json_extract(health_json, '$.all_passed') THEN 'healthy' ELSE 'failing' END
+            WHERE health_json IS NOT NULL;
+        """,
+    ),
 ]

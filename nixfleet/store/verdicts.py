@@ -23,7 +23,8 @@ AUDIT_SAMPLE = 20  # machines named in an aggregated audit row
 FACTS_SQL = (
     "SELECT rm.machine_id, rm.store_path, rm.health, rm.healthy_since, m.last_report_at, "
     "m.current_generation, m.last_success, m.failed_generation, "
-    "json_extract(m.health_json, '$.all_passed') AS health_passed, m.last_message, "
+    "CASE m.health WHEN 'healthy' THEN 1 WHEN 'failing' THEN 0 END AS health_passed, "
+    "m.last_message, "
     "rm.reason, rm.batch_idx, m.desired_set_at, m.needs_reboot, "
     "EXISTS (SELECT 1 FROM reboot_leases l WHERE l.machine_id = m.id) AS rebooting "
     "FROM rollout_machines rm JOIN machines m ON m.id = rm.machine_id "
@@ -72,7 +73,7 @@ SELECT rm.machine_id, rm.position, rm.healthy_since AS since0, m.last_message AS
       OR (m.last_success = 0 AND m.failed_generation IS NULL) THEN 'F'
     WHEN m.current_generation IS NOT rm.store_path THEN 'O'
     WHEN m.last_success = 0 THEN 'E'
-    WHEN json_extract(m.health_json, '$.all_passed') IS 0 THEN 'H'
+    WHEN m.health = 'failing' THEN 'H'
     WHEN :reboot AND EXISTS (SELECT 1 FROM reboot_leases l WHERE l.machine_id = m.id)
       THEN 'B'
     WHEN :reboot AND m.needs_reboot = 1 THEN 'R'

@@ -1,4 +1,4 @@
-"""The dashboard's fleet page query (store.fleet): health SQL held to models.health_of,
+"""The dashboard's fleet page query (store.fleet): the stored health is models.health_of,
 and every filter, sort and page checked against the same rule computed in Python
 over list_machines, on a generated fleet in a real SQLite file.
 """
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
-import json
 import random
 from datetime import UTC, datetime, timedelta
 
@@ -44,11 +43,20 @@ STALE_AFTER = 300
         HealthResult(False, (HealthCheckResult("a", "systemd", False),)),
     ],
 )
-def test_health_sql_is_health_of(store: Store, health: HealthResult | None) -> None:
-    text = None if health is None else json.dumps(health.to_dict())
+def test_the_stored_health_is_health_of_the_report(
+    store: Store, health: HealthResult | None
+) -> None:
+    """HEALTH_SQL reads the value record_report stored: models.health_of of the report,
+    also after a report that changed it (the previous one had the opposite outcome)."""
+    before = HealthResult(not (health is not None and health.all_passed))
+    with store.transaction() as conn:
+        machines.register(conn, "web-01", [], Lifecycle.PENDING, NOW)
+        for h in (before, health):
+            report = Report("web-01", NOW, gen("web-01", "a"), success=True, health=h)
+            machines.record_report(conn, report)
     with store.read() as conn:
-        row = conn.execute(f"SELECT {HEALTH_SQL} FROM (SELECT ? AS health_json) m", (text,))
-        assert row.fetchone()[0] == health_of(health).value
+        row = conn.execute(f"SELECT {HEALTH_SQL} FROM machines m").fetchone()
+        assert row[0] == health_of(health).value
 
 
 def gen(host: str, salt: str) -> str:
@@ -151,14 +159,15 @@ def test_counters_are_the_whole_fleet_whatever_the_filter(fleet_store: Store) ->
         every = machines.list_machines(conn)
         got = fleet.page(conn, FleetQuery(tags=("db",), per_page=1), NOW, STALE_AFTER)
         doc = status.status_document(conn, MachineFilter(), NOW, STALE_AFTER)
-    assert got.total == len(every) == doc.by_sync["total"]
-    assert got.stale == doc.by_sync["stale"]
+    assert got.total == len(every) == doc.counts.selected == doc.counts.counted
+    assert got.stale == doc.counts.stale
     for s in Sync:
-        assert got.by_sync[s] == doc.by_sync[s.value] == sum(m.sync is s for m in every)
+        assert got.by_sync[s] == doc.counts.by_sync[s] == sum(m.sync is s for m in every)
     for h in Health:
+        assert got.by_health[h] == doc.counts.by_health[h]
         assert got.by_health[h] == sum(health_of(m.health) is h for m in every)
     for life in Lifecycle:
-        assert got.by_lifecycle[life] == doc.by_lifecycle[life.value]
+        assert got.by_lifecycle[life] == doc.counts.by_lifecycle[life]
 
 
 @pytest.mark.parametrize(

@@ -19,10 +19,12 @@ from nixfleet.history import EventKind
 from nixfleet.models import (
     TIME_FORMAT,
     BatchStatus,
+    Health,
     Lifecycle,
     MachineHealth,
     RolloutStatus,
     SystemState,
+    health_of,
     isoformat,
     parse_time,
 )
@@ -123,6 +125,7 @@ def test_the_reports_of_0007_become_the_changes_they_show(old_db: Path) -> None:
 ENUMERATED = [
     ("machines", "lifecycle", [v.value for v in Lifecycle]),
     ("machines", "system_state", [v.value for v in SystemState]),
+    ("machines", "health", [v.value for v in Health]),
     ("rollouts", "status", [v.value for v in RolloutStatus]),
     ("rollout_batches", "status", [v.value for v in BatchStatus]),
     ("rollout_machines", "health", [v.value for v in MachineHealth]),
@@ -278,3 +281,21 @@ def test_0019_gives_the_tick_statements_their_indexes(db_0013: Path) -> None:
     used = " ".join(s for plan in steps.values() for s in plan)
     for index in ("machines_last_report", "machines_troubled", "rollout_machines_unsettled"):
         assert index in used, steps
+
+
+def test_0020_stores_each_machines_health_as_health_of_says(db_0013: Path) -> None:
+    """The backfill's SQL gives models.health_of of every machine's stored results."""
+    old = sqlite3.connect(db_0013)
+    with old:  # one machine failing its checks, as the 0013 code stored it
+        old.execute(
+            "UPDATE machines SET health_json = json_set(health_json, '$.all_passed', json('false')) "
+            "WHERE id = (SELECT min(id) FROM machines WHERE health_json IS NOT NULL)"
+        )
+    old.close()
+    store = Store(db_0013)
+    with store.read() as conn:
+        stored = dict(conn.execute("SELECT id, health FROM machines").fetchall())
+        fleet = machines.list_machines(conn)
+    store.close()
+    assert {m.id: health_of(m.health).value for m in fleet} == stored
+    assert set(stored.values()) == {h.value for h in Health}

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from nixfleet import rollout
-from nixfleet.models import MachineHealth, isoformat, parse_time
+from nixfleet.models import HealthResult, MachineHealth, health_of, isoformat, parse_time
 from nixfleet.rollout import MachineFacts
 from nixfleet.store import Store, verdicts
 
@@ -149,13 +149,18 @@ REBOOT_CASES: list[tuple[str, MachineFacts, float, int]] = [
 ]
 
 
+def _axis(f: MachineFacts) -> str:
+    """The stored health axis of these facts, as record_report writes it."""
+    return health_of(None if f.health_passed is None else HealthResult(f.health_passed)).value
+
+
 def _store_case(store: Store, i: int, f: MachineFacts) -> None:
     health = None if f.health_passed is None else json.dumps({"all_passed": f.health_passed})
     with store.transaction() as conn:
         conn.execute(
             "INSERT INTO machines (id, lifecycle, registered_at, current_generation, "
-            "last_report_at, last_success, failed_generation, health_json, last_message, "
-            "desired_set_at, needs_reboot) VALUES (?, 'active', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "last_report_at, last_success, failed_generation, health_json, health, last_message, "
+            "desired_set_at, needs_reboot) VALUES (?, 'active', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 f"m{i}",
                 isoformat(STARTED),
@@ -164,6 +169,7 @@ def _store_case(store: Store, i: int, f: MachineFacts) -> None:
                 None if f.last_success is None else int(f.last_success),
                 f.failed_generation,
                 health,
+                _axis(f),
                 f.last_message,
                 isoformat(f.given_at),
                 None if f.needs_reboot is None else int(f.needs_reboot),
@@ -317,8 +323,8 @@ def _store_many(store: Store, facts: list[MachineFacts]) -> None:
     with store.transaction() as conn:
         conn.executemany(
             "INSERT INTO machines (id, lifecycle, registered_at, current_generation, "
-            "last_report_at, last_success, failed_generation, health_json, last_message) "
-            "VALUES (?, 'active', ?, ?, ?, ?, ?, ?, ?)",
+            "last_report_at, last_success, failed_generation, health_json, health, "
+            "last_message) VALUES (?, 'active', ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     f.machine_id,
@@ -330,6 +336,7 @@ def _store_many(store: Store, facts: list[MachineFacts]) -> None:
                     None
                     if f.health_passed is None
                     else json.dumps({"all_passed": f.health_passed}),
+                    _axis(f),
                     f.last_message,
                 )
                 for f in facts
