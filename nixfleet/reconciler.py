@@ -33,6 +33,11 @@ ACTOR = "reconciler"
 # written costs ~15 µs of CPU with its history event, one judged ~10 µs);
 # docs/performance.md.
 TICK_MACHINES = 5_000
+# A rollout under a budget (max_unavailable, or the fleet's disruption budgets) also
+# counts the unavailable machines in its tick (store.policy.collect and its counts:
+# ~75 ms of CPU at 100,000 machines with 10,000 in flight), so its tick writes and
+# judges this share of TICK_MACHINES; docs/performance.md, "Session 6".
+LIMITED_SHARE = 0.5
 
 
 def apply_decision(
@@ -138,8 +143,9 @@ def step(
     thus starts in ceil(N / limit) ticks, and each machine is judged at least every
     ceil(N / limit) ticks.
 
-    DESIGN §11: under `max_unavailable` or a disruption budget a batch's machines
-    start as the budget allows (store.policy.admitted, the twin of budgets.admit),
+    DESIGN §11: under `max_unavailable` or a disruption budget the tick does
+    LIMITED_SHARE of that work (it also counts the unavailable machines), a batch's
+    machines start as the budget allows (store.policy.admitted, the twin of budgets.admit),
     and while some wait the ones started are judged, so that their slots free; the
     next batch starts only inside a maintenance window (policy.gate).
     """
@@ -147,6 +153,8 @@ def step(
     view = store_rollouts.load_view(conn, rollout_id)
     if view.status is not RolloutStatus.RUNNING:
         return rollout.Decision()
+    if ctx.limited(view):
+        limit = max(1, int(limit * LIMITED_SHARE))
     deploying = rollout.deploying_batch(view)
     judged, tally, budget = 0, None, limit
     hold: gate.Hold | None = None
