@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 import time
 from datetime import UTC, datetime, timedelta
@@ -245,6 +246,18 @@ def _check_shapes(store: Store, failing: str, passing: str) -> None:
     assert real[2][2] == 1 and real[3][2] == "path"
 
 
+def _largest(db: Path, n: int = 8) -> dict[str, float]:
+    """The n largest tables and indexes in the file (SQLite's dbstat), MiB each."""
+    conn = sqlite3.connect(db)
+    try:
+        rows = conn.execute(
+            "SELECT name, sum(pgsize) FROM dbstat GROUP BY name ORDER BY 2 DESC LIMIT ?", (n,)
+        ).fetchall()
+    finally:
+        conn.close()
+    return {name: round(size / 2**20, 1) for name, size in rows}
+
+
 def _table_rows(store: Store) -> dict[str, int]:
     with store.read() as conn:
         return {
@@ -331,6 +344,7 @@ def run(machines: int, days: int, workdir: Path, deployments: bool = True) -> di
         "retention_pruned": vars(retained),
         "retention_cpu_seconds": retention_cpu,
         "rows_after": rows,
+        "largest_mib": _largest(db),
         "seconds": time.perf_counter() - started,
     }
     for suffix in ("", "-wal", "-shm"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import falcon
@@ -47,7 +48,10 @@ class Status:
         # The machines array is spliced in as SQLite wrote it (see status_document).
         text = json.dumps(head, ensure_ascii=False).encode()
         resp.content_type = falcon.MEDIA_JSON
-        resp.data = b"".join((text[:-1], b', "machines": ', doc.machines_json, b"}"))
+        body = b"".join((text[:-1], b', "machines": [', doc.machines_json, b"]}"))
+        # As a stream, waitress sends it from this buffer (wsgi.file_wrapper) instead of
+        # copying 45 MiB into its output buffer first: ~35 ms at 100,000 machines.
+        resp.stream, resp.content_length = io.BytesIO(body), len(body)
 
 
 class Health:

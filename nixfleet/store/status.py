@@ -171,7 +171,7 @@ def counts(conn: sqlite3.Connection, pred: str, params: list[object], cutoff: st
 
 @dataclass(frozen=True)
 class StatusDocument:
-    machines_json: bytes  # the JSON array of machines, as SQLite wrote it (UTF-8)
+    machines_json: bytes  # the JSON array's items, as SQLite wrote them (UTF-8), no brackets
     counts: Counts  # of the same machines, in the same read
 
 
@@ -187,7 +187,8 @@ def status_document(
     triggers) and joins them into the array, so no Python object per machine (the
     measurements are in docs/performance.md). The inner ORDER BY feeds group_concat
     in f's order: SQLite does not flatten an ordered sub-query into an aggregate.
-    The array comes back as bytes (a BLOB), never decoded into a str and encoded again.
+    The items come back as bytes (a BLOB) without the array's brackets: never decoded
+    into a str and encoded again, nor copied twice more by SQL concatenation (~55 ms).
     Call it inside Store.read(), so that the array and the counts are one snapshot.
     """
     cutoff = isoformat(stale_cutoff(now, stale_after))
@@ -196,7 +197,7 @@ def status_document(
     fields = ", ".join(f"'{key}', {expr}" for key, expr in STATUS_SQL.items())
     stale_params = [cutoff] * "".join(STATUS_SQL.values()).count("?")
     sql = (
-        "SELECT CAST('[' || coalesce(group_concat(o, ','), '') || ']' AS BLOB) FROM ("
+        "SELECT CAST(coalesce(group_concat(o, ','), '') AS BLOB) FROM ("
         f"SELECT json_object({fields}) AS o FROM machines m{where} ORDER BY {order_sql(f)})"
     )
     machines_json = conn.execute(sql, (*stale_params, *params)).fetchone()[0]

@@ -50,7 +50,7 @@ def test_status_entries_are_status_json_machine_by_machine(store: Store) -> None
     with store.read() as conn:
         doc = status.status_document(conn, MachineFilter(), NOW, STALE_AFTER)
         fleet = machines.list_machines(conn)
-    entries = json.loads(doc.machines_json)
+    entries = json.loads(b"[" + doc.machines_json + b"]")
     assert len(entries) == len(fleet) == len(cases)
     for entry, m in zip(entries, fleet, strict=True):
         want = status_json(m, NOW, STALE_AFTER)
