@@ -3,9 +3,9 @@
 A fixed number of statements whatever the fleet size: the whole fleet's counters
 (status.counts, the status summary's own), how many machines match when a filter is
 set, and one indexed or sorted read of a single page. Sync and stale are
-status.SYNC_SQL / STALE_SQL (held to models.sync_of / is_stale); health is HEALTH_SQL,
-held to models.health_of; the filters are status.filter_sql, the one SQL form of a
-filters.MachineFilter.
+status.SYNC_SQL / STALE_SQL (held to models.sync_of / is_stale); health is the stored
+models.health_of of each machine's last report (HEALTH_SQL); the filters are
+status.filter_sql, the one SQL form of a filters.MachineFilter.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
-"""The fleet's status as set-based SQL: the SQL forms of sync, health and stale, the one
-SQL form of a filters.MachineFilter, and GET /api/v1/status written by SQLite itself.
+"""The fleet's status as set-based SQL: the SQL forms of sync and stale, the one SQL
+form of a filters.MachineFilter, the summary's counts, and GET /api/v1/status written
+by SQLite itself.
 
-The pure definitions live in models.py (sync_of, health_of, is_stale); the forms here
-are held to them case by case by tests/store/test_machines.py and test_fleet.py.
+The pure definitions live in models.py (sync_of, health_of, is_stale); sync and stale
+here are held to them case by case by tests/store/test_machines.py and test_fleet.py;
+health is stored with each report (record_report writes health_of of it).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from nixfleet.models import (
     stale_cutoff,
 )
 
-# The SQL forms of models.sync_of, health_of and is_stale, for set-based reads; held
-# to them case by case by tests/store/test_machines.py and tests/store/test_fleet.py.
+# The SQL forms of models.sync_of and is_stale, for set-based reads; held to them case
+# by case by tests/store/test_machines.py and tests/store/test_fleet.py.
 # STALE_SQL takes the cutoff (models.stale_cutoff, stored form) as its one parameter;
 # stored times are fixed width (models.TIME_FORMAT), so string order is time order.
 SYNC_SQL = (
@@ -114,7 +116,7 @@ STATUS_SQL: dict[str, str] = {
     "stale": f"CASE WHEN {STALE_SQL} THEN json('true') ELSE json('false') END",
     "system_state": "m.system_state",
     "last_message": "m.last_message",
-    "needs_reboot": ("CASE m.needs_reboot WHEN 1 THEN json('true') WHEN 0 THEN json('false') END"),
+    "needs_reboot": "CASE m.needs_reboot WHEN 1 THEN json('true') WHEN 0 THEN json('false') END",
     "tags": "json(m.tags_json)",
 }
 
