@@ -70,8 +70,8 @@ def main() -> None:
 
         return call
 
-    now = utcnow()
-    cutoff = isoformat(stale_cutoff(now, Settings().stale_after))
+    now, stale_after = utcnow(), Settings().stale_after
+    cutoff = isoformat(stale_cutoff(now, stale_after))
 
     def in_read(fn: Callable[[Any], Any]) -> Callable[[], Any]:
         def call() -> None:
@@ -83,18 +83,18 @@ def main() -> None:
     views = {
         "GET /api/v1/status": get("/api/v1/status"),
         "  status_document": in_read(
-            lambda c: status.status_document(c, MachineFilter(), now, Settings().stale_after)
+            lambda c: status.status_document(c, MachineFilter(), now, stale_after)
         ),
         "  counts (the summary)": in_read(lambda c: status.counts(c, "", [], cutoff)),
         "GET /metrics": get("/metrics"),
-        "fleet page: first": in_read(lambda c: fleet.page(c, fleet.FleetQuery(), now, 300)),
+        "fleet page: first": in_read(lambda c: fleet.page(c, fleet.FleetQuery(), now, stale_after)),
         "fleet page: tags web,!rack-007": in_read(
             lambda c: fleet.page(
-                c, fleet.FleetQuery(tags=("web",), not_tags=("rack-007",)), now, 300
+                c, fleet.FleetQuery(tags=("web",), not_tags=("rack-007",)), now, stale_after
             )
         ),
         "fleet page: sort by health": in_read(
-            lambda c: fleet.page(c, fleet.FleetQuery(sort="health"), now, 300)
+            lambda c: fleet.page(c, fleet.FleetQuery(sort="health"), now, stale_after)
         ),
     }
     with store.read() as conn:
