@@ -22,9 +22,11 @@ set-based, with the very statements and shapes the control plane uses:
   the shape store.rollouts.apply and the ticks leave it, prev_* included), with its
   events and audit rows written by store.rollouts.add_events. After each day the
   retention job (controlplane.retention.prune_deployments, default settings) runs at
-  that day's time, as the control plane's background job would: rollouts and
-  releases older than rollout_retention_days are condensed and pruned, and the pages
-  they free are reused by the next days' rows.
+  that day's time, as the control plane's background job would: with the default
+  settings each finished rollout is condensed (its machines that ended healthy lose
+  their rows) and each release nothing needs any more loses its entries, and the
+  pages they free are reused by the next days' rows (`free_mib`: those pages at the
+  end, part of the file: the file is as large as the most the days held at once).
 
 Then the background pruning job runs once with the default settings (nothing is
 older than 90 days, no machine has 1,000 events) and the file is measured after a
@@ -258,6 +260,17 @@ def _largest(db: Path, n: int = 8) -> dict[str, float]:
     return {name: round(size / 2**20, 1) for name, size in rows}
 
 
+def _free(db: Path) -> float:
+    """Pages on the free list (freed by retention, reused by the next rows), MiB."""
+    conn = sqlite3.connect(db)
+    try:
+        pages = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        size = conn.execute("PRAGMA page_size").fetchone()[0]
+    finally:
+        conn.close()
+    return round(pages * size / 2**20, 1)
+
+
 def _table_rows(store: Store) -> dict[str, int]:
     with store.read() as conn:
         return {
@@ -266,7 +279,9 @@ def _table_rows(store: Store) -> dict[str, int]:
         }
 
 
-def run(machines: int, days: int, workdir: Path, deployments: bool = True) -> dict[str, Any]:
+def run(
+    machines: int, days: int, workdir: Path, deployments: bool = True, keep: bool = False
+) -> dict[str, Any]:
     db = workdir / f"history-{machines}.db"
     started = time.perf_counter()
     build_db.build(db, machines, 0, quiet=True)
@@ -340,15 +355,20 @@ def run(machines: int, days: int, workdir: Path, deployments: bool = True) -> di
         "heartbeat_events": events_after - events,
         "heartbeat_growth_mib": after - filled,
         "deployments": deployments,
-        "retention_days": Settings().rollout_retention_days,
+        "retention": {
+            k: getattr(Settings(), k)
+            for k in ("rollout_detail_hours", "rollout_retention_days", "release_retention_days")
+        },
+        "free_mib": _free(db),
         "retention_pruned": vars(retained),
         "retention_cpu_seconds": retention_cpu,
         "rows_after": rows,
-        "largest_mib": _largest(db),
+        "largest_mib": _largest(db, 16),
         "seconds": time.perf_counter() - started,
     }
     for suffix in ("", "-wal", "-shm"):
-        Path(str(db) + suffix).unlink(missing_ok=True)
+        if not keep:
+            Path(str(db) + suffix).unlink(missing_ok=True)
     print(
         f"  history {machines:,} machines x {days} days: {filled:.0f} MiB "
         f"({base:.0f} MiB without history; {events:,} events, "
@@ -369,8 +389,11 @@ def main() -> None:
         action="store_true",
         help="history only: no daily release and rollout rows (the session-4 figure)",
     )
+    parser.add_argument("--keep", action="store_true", help="keep the database to inspect it")
     args = parser.parse_args()
-    out = run(args.machines, args.days, args.workdir, deployments=not args.no_deployments)
+    out = run(
+        args.machines, args.days, args.workdir, deployments=not args.no_deployments, keep=args.keep
+    )
     print(json.dumps(out, indent=2))
 
 

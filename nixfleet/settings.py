@@ -91,9 +91,14 @@ class Settings:
     admin_key_file: str | None = None
     history_days: int = 90
     history_max_events: int = 1000
-    # Days a finished rollout keeps its per-machine rows and an unused release its
-    # entries (store.retention; docs/rollouts.md "Retention").
+    # Retention of deployments (store.retention; docs/rollouts.md "Retention"): hours a
+    # finished rollout lists every machine (then only those that ended unhealthy),
+    # days it lists those; days a release that was rolled out keeps its entries after
+    # its last rollout changed, once no machine needs it (one never rolled out keeps
+    # them rollout_retention_days).
+    rollout_detail_hours: int = 1
     rollout_retention_days: int = 14
+    release_retention_days: int = 1
     reconcile_interval: float = 2.0
     threads: int = 8
     workers: int = 1
@@ -263,7 +268,9 @@ def _check(s: Settings) -> None:
     for name in (
         "history_days",
         "history_max_events",
+        "rollout_detail_hours",
         "rollout_retention_days",
+        "release_retention_days",
         "threads",
         "workers",
         "stale_after",

@@ -57,8 +57,9 @@ def render(data: wire.Rollout, all_machines: bool = False) -> None:
     pruned = data.get("machines_pruned_at")
     if pruned:
         echo(
-            f"per-machine detail pruned at {pruned} (rollout_retention_days); the counts "
-            "remain, each machine's part is in `nixfleet machines history HOST`"
+            f"condensed at {pruned}: machines counted, only those that ended unhealthy "
+            "listed (rollout_detail_hours, rollout_retention_days); each machine's part is "
+            "in `nixfleet machines history HOST`"
         )
     for b in data["batches"]:
         counts = {k: v for k, v in b["counts"].items() if v}

@@ -32,23 +32,25 @@ class Pruned:
 def prune_deployments(
     settings: Settings, store: Store, chunk: int = CHUNK, now: datetime | None = None
 ) -> Pruned:
-    """Condense old finished rollouts, prune unused old releases, delete their rows."""
+    """Condense finished rollouts, prune releases nothing needs, delete their rows."""
     now = now or utcnow()
     cutoff = now - timedelta(days=settings.rollout_retention_days)
+    detail_cutoff = now - timedelta(hours=settings.rollout_detail_hours)
+    deployed_cutoff = now - timedelta(days=settings.release_retention_days)
     out = Pruned()
     with store.read() as conn:
-        rollouts = retention.finished_rollouts(conn, cutoff)
+        rollouts = retention.finished_rollouts(conn, detail_cutoff)
     for rid in rollouts:
         with store.transaction() as conn:
             out.rollouts += retention.condense_rollout(conn, rid, now)
     with store.read() as conn:
-        releases = retention.release_candidates(conn, cutoff)
+        releases = retention.release_candidates(conn, cutoff, deployed_cutoff)
     for release_id in releases:
         with store.transaction() as conn:
-            out.releases += retention.prune_release(conn, release_id, cutoff, now)
+            out.releases += retention.prune_release(conn, release_id, cutoff, deployed_cutoff, now)
     while True:
         with store.transaction() as conn:
-            n = retention.delete_rollout_machines(conn, chunk)
+            n = retention.delete_rollout_machines(conn, chunk, cutoff)
         out.rollout_machines += n
         if not n:
             break

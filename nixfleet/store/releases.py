@@ -102,8 +102,9 @@ def _usable(row: sqlite3.Row) -> None:
     """410 for a pruned release, saying how to get it back."""
     if row["pruned_at"] is not None:
         raise GoneError(
-            f"release {row['id']!r} was pruned at {row['pruned_at']} (older than "
-            "rollout_retention_days and unused): its entries are gone; register it again "
+            f"release {row['id']!r} was pruned at {row['pruned_at']} (no rollout or "
+            "machine needed it: docs/releases.md, Retention): its entries are gone; register "
+            "it again "
             f"from releases/{row['id']}.toml (`nixfleet release register FILE`: the same "
             "entries give the same id) to use it"
         )

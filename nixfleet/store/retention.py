@@ -2,26 +2,32 @@
 
 What a deployment leaves behind grows with the fleet every time: a rollout writes one
 `rollout_machines` row per target, a release one `release_entries` row per host
-(about 32 and 15 MiB a day at 100,000 machines deploying daily). Kept for
-`rollout_retention_days`; after that, in the background job
-(nixfleet.controlplane.retention) and in short transactions:
+(about 46 and 20 MiB at 100,000 machines). In the background job
+(nixfleet.controlplane.retention), in short transactions:
 
-- a **finished** rollout (completed, failed, cancelled) last changed before the
-  cutoff is *condensed*: each batch keeps its health counts (`healthy`, `unhealthy`,
-  `pending` columns), the rollout its row, document, skipped hosts and events, the
-  audit log its rows; `machines_pruned_at` is set, and from then on its
-  `rollout_machines` rows are deleted, a chunk per transaction. Reads of a condensed
-  rollout take the counts from its batches and list no machines, even while its rows
-  are still being deleted. What each machine went through stays in the machines'
-  history (desired, switch, failure events name the rollout) for `history_days`.
-- a **release** older than the cutoff is *pruned* when no running or paused rollout
-  and no rollout changed since the cutoff references it, and it is not the newest
-  release that holds the generation some machine desires or runs (so the release a
-  machine would be rolled back to stays; an older one holding the same path does not
-  count). Its header stays (id, flake, creator, time: rollouts and the audit log
-  name it; `pruned_at` set) and its entries are deleted, a chunk per transaction.
-  Registering the same release again (its TOML file next to the flake: the same
-  entries give the same id) restores them (store.releases.insert).
+- a **finished** rollout (completed, failed, cancelled) last changed more than
+  `rollout_detail_hours` ago is *condensed*: each batch keeps its health counts
+  (`healthy`, `unhealthy`, `pending` columns), the rollout its row, document, skipped
+  hosts and events, the audit log its rows; `machines_pruned_at` is set, and its
+  `rollout_machines` rows are deleted a chunk per transaction — all but those of the
+  machines that ended unhealthy, which go once its last change is older than
+  `rollout_retention_days`. Reads of a condensed rollout take the counts from its
+  batches and list only its unhealthy machines, even while the other rows are still
+  being deleted. What each machine went through stays in the machines' history
+  (desired, switch, failure events name the rollout) for `history_days`.
+- a **release** is *pruned* when no running or paused rollout uses it and no rollout
+  of it changed in the last `release_retention_days` (one that was never rolled out:
+  created more than `rollout_retention_days` ago), and it is not the newest release
+  that holds the generation some machine desires or runs (so the release a machine
+  would be rolled back to stays; an older one holding the same path does not count).
+  Its header stays (id, flake, creator, time: rollouts and the audit log name it;
+  `pruned_at` set) and its entries are deleted, a chunk per transaction. Registering
+  the same release again (its TOML file next to the flake: the same entries give the
+  same id) restores them (store.releases.insert); `rollout apply` of a file naming
+  that TOML file does so itself.
+
+The freed pages are reused by the next deployment's rows, so the file holds what the
+fleet's history needs plus about one running rollout and the releases in use.
 
 Plain SQL, no SQLite-only syntax: the PostgreSQL store spells the same statements.
 """
@@ -87,33 +93,45 @@ def condense_rollout(conn: sqlite3.Connection, rollout_id: str, now: datetime) -
     return True
 
 
-def delete_rollout_machines(conn: sqlite3.Connection, chunk: int) -> int:
-    """Up to `chunk` per-machine rows of condensed rollouts; how many went (0: none left)."""
+# The rows of a condensed rollout that may go: those of machines that did not end
+# unhealthy, and all of them once the rollout's last change is before :cutoff.
+_GOING = "(rm.health <> 'unhealthy' OR r.updated_at < :cutoff)"
+
+
+def delete_rollout_machines(conn: sqlite3.Connection, chunk: int, cutoff: datetime) -> int:
+    """Up to `chunk` per-machine rows of condensed rollouts (`cutoff`: the
+    rollout_retention_days one); how many went (0: none left)."""
+    params = {"cutoff": isoformat(cutoff), "chunk": chunk}
     row = conn.execute(
         "SELECT r.id FROM rollouts r WHERE r.machines_pruned_at IS NOT NULL AND EXISTS "
-        "(SELECT 1 FROM rollout_machines rm WHERE rm.rollout_id = r.id) "
-        "ORDER BY r.machines_pruned_at, r.id LIMIT 1"
+        f"(SELECT 1 FROM rollout_machines rm WHERE rm.rollout_id = r.id AND {_GOING}) "
+        "ORDER BY r.machines_pruned_at, r.id LIMIT 1",
+        params,
     ).fetchone()
     if row is None:
         return 0
     cur = conn.execute(
-        "DELETE FROM rollout_machines WHERE rollout_id = ? AND machine_id IN "
-        "(SELECT machine_id FROM rollout_machines WHERE rollout_id = ? "
-        "ORDER BY machine_id LIMIT ?)",
-        (row[0], row[0], chunk),
+        "DELETE FROM rollout_machines WHERE rollout_id = :id AND machine_id IN "
+        "(SELECT rm.machine_id FROM rollout_machines rm JOIN rollouts r ON r.id = rm.rollout_id "
+        f"WHERE rm.rollout_id = :id AND {_GOING} ORDER BY rm.machine_id LIMIT :chunk)",
+        {**params, "id": row[0]},
     )
     return int(cur.rowcount)
 
 
-def release_candidates(conn: sqlite3.Connection, cutoff: datetime) -> list[str]:
-    """Unpruned releases created before `cutoff` that no active or recent rollout uses,
-    oldest first (whether a machine still needs one is `in_use`)."""
+def release_candidates(
+    conn: sqlite3.Connection, cutoff: datetime, deployed_cutoff: datetime
+) -> list[str]:
+    """Unpruned releases that no active rollout uses and no rollout changed since
+    `deployed_cutoff`, and that were rolled out or created before `cutoff`, oldest
+    first (whether a machine still needs one is `in_use`)."""
     rows = conn.execute(
-        "SELECT r.id FROM releases r WHERE r.pruned_at IS NULL AND r.created_at < :cutoff "
+        "SELECT r.id FROM releases r WHERE r.pruned_at IS NULL AND r.created_at < :deployed "
         "AND NOT EXISTS (SELECT 1 FROM rollouts o WHERE o.release_id = r.id "
-        "AND (o.status IN ('running', 'paused') OR o.updated_at >= :cutoff)) "
-        "ORDER BY r.created_at, r.id",
-        {"cutoff": isoformat(cutoff)},
+        "AND (o.status IN ('running', 'paused') OR o.updated_at >= :deployed)) "
+        "AND (r.created_at < :cutoff OR EXISTS (SELECT 1 FROM rollouts o "
+        "WHERE o.release_id = r.id)) ORDER BY r.created_at, r.id",
+        {"cutoff": isoformat(cutoff), "deployed": isoformat(deployed_cutoff)},
     )
     return [r[0] for r in rows]
 
@@ -144,11 +162,16 @@ def in_use(conn: sqlite3.Connection, release_id: str) -> bool:
 
 
 def prune_release(
-    conn: sqlite3.Connection, release_id: str, cutoff: datetime, now: datetime
+    conn: sqlite3.Connection,
+    release_id: str,
+    cutoff: datetime,
+    deployed_cutoff: datetime,
+    now: datetime,
 ) -> bool:
     """Mark one release pruned when it still qualifies (checked again in this
     transaction); its entries go afterwards (`delete_release_entries`)."""
-    if release_id not in release_candidates(conn, cutoff) or in_use(conn, release_id):
+    candidates = release_candidates(conn, cutoff, deployed_cutoff)
+    if release_id not in candidates or in_use(conn, release_id):
         return False
     conn.execute(
         "UPDATE releases SET pruned_at = ? WHERE id = ? AND pruned_at IS NULL",

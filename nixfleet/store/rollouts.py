@@ -208,7 +208,8 @@ class RolloutSummary:
     created_by: str
     updated_at: datetime
     machines: Mapping[MachineHealth, int]  # targets by health
-    # store.retention: when its per-machine rows went (the counts are its batches')
+    # store.retention: when it was condensed (the counts are its batches', and only its
+    # machines that ended unhealthy are listed)
     machines_pruned_at: datetime | None = None
 
 
@@ -241,7 +242,8 @@ class BatchDetail:
     started_at: datetime | None
     finished_at: datetime | None
     machines: tuple[MachineProgress, ...]
-    # A condensed rollout's batch (store.retention): its health counts, no machines.
+    # A condensed rollout's batch (store.retention): its health counts; `machines` holds
+    # only those that ended unhealthy.
     counts: Mapping[MachineHealth, int] | None = None
 
 
@@ -364,7 +366,8 @@ def detail(conn: sqlite3.Connection, rollout_id: str, now: datetime) -> RolloutD
     view = load_view(conn, rollout_id)
     spec = view.spec
     rebooting = view.policy.reboot is RebootPolicy.WHEN_NEEDED
-    condensed = row["machines_pruned_at"] is not None  # store.retention: no machines
+    # store.retention: a condensed rollout lists only the machines that ended unhealthy
+    condensed = row["machines_pruned_at"] is not None
     outputs = dict(
         conn.execute(
             "SELECT rm.machine_id, substr(m.failed_output, -?) FROM rollout_machines rm "
@@ -373,14 +376,11 @@ def detail(conn: sqlite3.Connection, rollout_id: str, now: datetime) -> RolloutD
             "AND m.failed_output IS NOT NULL ORDER BY rm.position LIMIT ?",
             (OUTPUT_TAIL, rollout_id, OUTPUT_MACHINES),
         ).fetchall()
-        if not condensed
-        else ()
     )
     machines: dict[int, list[MachineProgress]] = {}
-    rows = (
-        conn.execute(FACTS_SQL + "WHERE rm.rollout_id = ? ORDER BY rm.position", (rollout_id,))
-        if not condensed
-        else ()
+    only = " AND rm.health = 'unhealthy'" if condensed else ""
+    rows = conn.execute(
+        FACTS_SQL + f"WHERE rm.rollout_id = ?{only} ORDER BY rm.position", (rollout_id,)
     )
     for r in rows:
         f = facts_of(r)

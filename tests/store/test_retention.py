@@ -111,38 +111,38 @@ def snapshot(store: Store) -> dict[str, list[tuple[Any, ...]]]:
     return out
 
 
-def test_an_old_finished_rollout_keeps_its_summary_batches_and_events(
+def test_a_finished_rollout_is_condensed_to_counts_and_its_unhealthy_machines(
     fleet: Store, capsys: pytest.CaptureFixture[str]
 ) -> None:
     store = fleet
-    old = deploy(store, "old", make_release(store, "a", at(0)), at(0))
-    new = deploy(store, "new", make_release(store, "b", at(DAYS)), at(DAYS))
+    old = deploy(store, "old", make_release(store, "a", at(0)), at(0))  # web-00 fails
     with store.read() as conn:
         before = detail_json(store_rollouts.detail(conn, old, at(0)))
         listed_before = [listed_json(r) for r in store_rollouts.list_rollouts(conn)]
     events = count(store, "rollout_events", "rollout_id = ?", old)
     audits = count(store, "audit")
     assert before["batches"][0]["counts"] == {"healthy": 9, "unhealthy": 1, "pending": 0}
+    (failed,) = [m for m in before["batches"][0]["machines"] if m["health"] == "unhealthy"]
+    assert failed["id"] == "web-00"
 
-    # One day past the retention of the first, not of the second.
-    done = prune_deployments(SETTINGS, store, now=at(DAYS + 1))
-    assert (done.rollouts, done.rollout_machines) == (1, len(HOSTS))
-
-    assert count(store, "rollout_machines", "rollout_id = ?", old) == 0
-    assert count(store, "rollout_machines", "rollout_id = ?", new) == len(HOSTS)
+    # Within rollout_detail_hours of its end (at 3 s) it lists every machine.
+    assert prune_deployments(SETTINGS, store, now=at(0, 3602)) == Pruned()
+    assert count(store, "rollout_machines", "rollout_id = ?", old) == len(HOSTS)
+    # Then it is condensed: the rows of the machines that ended healthy go.
+    done = prune_deployments(SETTINGS, store, now=at(0, 3604))
+    assert (done.rollouts, done.rollout_machines) == (1, len(HOSTS) - 1)
     assert count(store, "rollout_events", "rollout_id = ?", old) == events  # kept
     assert count(store, "audit") == audits  # kept (and nothing added)
     with store.read() as conn:
         after = detail_json(store_rollouts.detail(conn, old, at(0)))
         listed_after = [listed_json(r) for r in store_rollouts.list_rollouts(conn)]
-    # What `rollout list` shows is unchanged but for the pruned time.
+    # What `rollout list` shows is unchanged but for the condensed time.
     assert [{**r, "machines_pruned_at": None} for r in listed_after] == listed_before
-    assert listed_after[1]["machines_pruned_at"] == "2026-09-16T10:00:00.000000Z"
-    assert listed_after[0]["machines_pruned_at"] is None
-    # `rollout status`: the same summary, document, batches and counts, no machines.
-    assert after["machines_pruned_at"] is not None
+    assert listed_after[0]["machines_pruned_at"] == "2026-09-01T11:00:04.000000Z"
+    # `rollout status`: the same summary, document, batches and counts; of the
+    # machines, the one that failed, as it was listed before.
     assert [b["counts"] for b in after["batches"]] == [b["counts"] for b in before["batches"]]
-    assert [b["machines"] for b in after["batches"]] == [[]]
+    assert [b["machines"] for b in after["batches"]] == [[failed]]
     same = ("document", "events", "skipped", "status", "release", "name")
     assert {k: after[k] for k in same} == {k: before[k] for k in same}  # type: ignore[literal-required]
     for b1, b2 in zip(after["batches"], before["batches"], strict=True):
@@ -150,11 +150,20 @@ def test_an_old_finished_rollout_keeps_its_summary_batches_and_events(
     # The CLI says so, with the counts as before.
     cli_rollout.render(after)
     shown = capsys.readouterr().out
-    assert "per-machine detail pruned at 2026-09-16T10:00:00.000000Z" in shown
-    assert "(healthy 9, unhealthy 1)" in shown and "web-00" not in shown
+    assert "condensed at 2026-09-01T11:00:04.000000Z" in shown
+    assert "(healthy 9, unhealthy 1)" in shown
+    assert "web-00" in shown and "web-01" not in shown
+
+    # rollout_retention_days after its last change the failed machine's row goes too.
+    assert prune_deployments(SETTINGS, store, now=at(DAYS, 2)) == Pruned()
+    assert prune_deployments(SETTINGS, store, now=at(DAYS, 4)) == Pruned(rollout_machines=1)
+    with store.read() as conn:
+        late = detail_json(store_rollouts.detail(conn, old, at(0)))
+    assert [b["machines"] for b in late["batches"]] == [[]]
+    assert [b["counts"] for b in late["batches"]] == [b["counts"] for b in before["batches"]]
 
 
-def test_active_recent_and_young_rollouts_keep_their_machines(fleet: Store) -> None:
+def test_active_and_recent_rollouts_keep_their_machines(fleet: Store) -> None:
     store = fleet
     rel = make_release(store, "a", at(0))
     paused = apply(store, "paused", rel.id, at(0), target={"hosts": HOSTS[:3]})
@@ -163,13 +172,14 @@ def test_active_recent_and_young_rollouts_keep_their_machines(fleet: Store) -> N
     running = apply(store, "running", rel.id, at(0), target={"hosts": HOSTS[3:6]})
     cancelled = apply(store, "cancelled", rel.id, at(0), target={"hosts": HOSTS[6:]})
     with store.transaction() as conn:  # finished, but it changed (cancel) recently
-        rollout_control.control(conn, cancelled, "cancel", "key:test", at(DAYS - 1), 5)
-    assert prune_deployments(SETTINGS, store, now=at(DAYS + 1)) == Pruned()
+        rollout_control.control(conn, cancelled, "cancel", "key:test", at(DAYS, -1800), 5)
+    assert prune_deployments(SETTINGS, store, now=at(DAYS)) == Pruned()
     assert count(store, "rollout_machines") == len(HOSTS)
-    # Once the cancel is older than the retention, that one goes; the active ones stay.
-    done = prune_deployments(SETTINGS, store, now=at(2 * DAYS))
+    # An hour after the cancel, its (pending) rows go; the active ones stay, however old.
+    done = prune_deployments(SETTINGS, store, now=at(DAYS, 1801))
     assert (done.rollouts, done.rollout_machines) == (1, 4)
     assert count(store, "rollout_machines", "rollout_id IN (?, ?)", paused, running) == 6
+    assert prune_deployments(SETTINGS, store, now=at(3 * DAYS)) == Pruned()
     with store.read() as conn:
         listed = {r.name: r for r in store_rollouts.list_rollouts(conn)}
     assert listed["cancelled"].machines == {
@@ -202,7 +212,7 @@ def test_rows_go_in_bounded_chunks(fleet: Store) -> None:
     sizes = []
     while True:
         with store.transaction() as conn:
-            n = retention.delete_rollout_machines(conn, 3)
+            n = retention.delete_rollout_machines(conn, 3, at(40 - DAYS))
         sizes.append(n)
         if not n:
             break
@@ -280,7 +290,33 @@ def test_a_release_an_active_or_recent_rollout_uses_stays(fleet: Store) -> None:
     assert prune_deployments(SETTINGS, store, now=at(DAYS + 5)).releases == 0
     with store.transaction() as conn:
         rollout_control.control(conn, rid, "cancel", "key:test", at(DAYS + 5), 5)
-    # Cancelled recently: kept (and nothing desires it: the machines never switched).
-    assert prune_deployments(SETTINGS, store, now=at(DAYS + 6)).releases == 0
-    done = prune_deployments(SETTINGS, store, now=at(2 * DAYS + 6))
-    assert (done.releases, done.rollouts) == (1, 1)
+    # Cancelled within release_retention_days: kept (though nothing desires it: the
+    # machines never switched); the rollout itself is condensed after an hour.
+    done = prune_deployments(SETTINGS, store, now=at(DAYS + 5.5))
+    assert (done.releases, done.rollouts) == (0, 1)
+    done = prune_deployments(SETTINGS, store, now=at(DAYS + 6, 1))
+    assert (done.releases, done.rollouts) == (1, 0)
+
+
+def test_a_rolled_out_release_goes_a_day_after_its_rollout_a_staged_one_stays(
+    fleet: Store,
+) -> None:
+    store = fleet
+    a = make_release(store, "a", at(0))
+    deploy(store, "a", a, at(0), failing=0)  # its rollout's last change: at(0, 3)
+    b = make_release(store, "b", at(0, 60))
+    deploy(store, "b", b, at(0, 60), failing=0)  # the machines run b now
+    staged = make_release(store, "c", at(0, 120))  # registered for later, never rolled out
+    # Within release_retention_days of a's rollout: kept.
+    assert prune_deployments(SETTINGS, store, now=at(1, 2)).releases == 0
+    done = prune_deployments(SETTINGS, store, now=at(1, 4))
+    assert done.releases == 1 and done.release_entries == len(HOSTS)
+    with store.read() as conn:
+        listed = {r.id: r.pruned_at for r in releases.list_releases(conn)}
+    assert listed[a.id] is not None and listed[b.id] is None and listed[staged.id] is None
+    # The staged one: rollout_retention_days after it was created; b: while it is used.
+    assert prune_deployments(SETTINGS, store, now=at(DAYS, 119)).releases == 0
+    assert prune_deployments(SETTINGS, store, now=at(DAYS, 121)).releases == 1
+    with store.read() as conn:
+        listed = {r.id: r.pruned_at for r in releases.list_releases(conn)}
+    assert listed[staged.id] is not None and listed[b.id] is None
