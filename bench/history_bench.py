@@ -248,7 +248,7 @@ def _check_shapes(store: Store, failing: str, passing: str) -> None:
     assert real[2][2] == 1 and real[3][2] == "path"
 
 
-def _largest(db: Path, n: int = 8) -> dict[str, float]:
+def _largest(db: Path, n: int = 16) -> dict[str, float]:
     """The n largest tables and indexes in the file (SQLite's dbstat), MiB each."""
     conn = sqlite3.connect(db)
     try:
@@ -268,7 +268,7 @@ def _free(db: Path) -> float:
         size = conn.execute("PRAGMA page_size").fetchone()[0]
     finally:
         conn.close()
-    return round(pages * size / 2**20, 1)
+    return round(int(pages) * int(size) / 2**20, 1)
 
 
 def _table_rows(store: Store) -> dict[str, int]:
@@ -363,11 +363,11 @@ def run(
         "retention_pruned": vars(retained),
         "retention_cpu_seconds": retention_cpu,
         "rows_after": rows,
-        "largest_mib": _largest(db, 16),
+        "largest_mib": _largest(db),
         "seconds": time.perf_counter() - started,
     }
-    for suffix in ("", "-wal", "-shm"):
-        if not keep:
+    if not keep:
+        for suffix in ("", "-wal", "-shm"):
             Path(str(db) + suffix).unlink(missing_ok=True)
     print(
         f"  history {machines:,} machines x {days} days: {filled:.0f} MiB "
