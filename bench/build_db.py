@@ -12,7 +12,6 @@ than the benchmarks themselves.
 from __future__ import annotations
 
 import argparse
-import json
 import sqlite3
 import sys
 import time
@@ -27,11 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fleet
 
 from nixfleet.history import EventKind
-from nixfleet.models import isoformat
+from nixfleet.models import HealthResult, isoformat
 from nixfleet.store import Store, credentials, history
+from nixfleet.store.machines import TAG_SOURCES
+from nixfleet.store.rows import health_to_stored
 
 CHUNK = 20_000
-REPORT_HEALTH = json.dumps(fleet.HEALTH)
+REPORT_HEALTH = health_to_stored(HealthResult.from_dict(fleet.HEALTH))  # its stored form
 REPORT_HEALTH_AXIS = "healthy" if fleet.HEALTH["all_passed"] else "failing"  # models.health_of
 
 
@@ -126,21 +127,22 @@ def _machines(n: int, now: datetime) -> Iterator[tuple[Any, ...]]:
         )
 
 
-def _tags(n: int) -> Iterator[tuple[str, str, str]]:
+def _tags(n: int, numbers: dict[str, int]) -> Iterator[tuple[int, str, int]]:
+    agent, operator = TAG_SOURCES["agent"], TAG_SOURCES["operator"]
     for i in range(n):
-        host = fleet.hostname(i)
+        num = numbers[fleet.hostname(i)]
         if lifecycle(i) != "pending":
             for tag in fleet.agent_tags(i):
-                yield host, tag, "agent"
+                yield num, tag, agent
         for tag in fleet.operator_tags(i):
-            yield host, tag, "operator"
-        yield host, "fleet", "operator"  # every machine: the bench rollout's target
+            yield num, tag, operator
+        yield num, "fleet", operator  # every machine: the bench rollout's target
 
 
-def _tokens(n: int, now: datetime) -> Iterator[tuple[str, str, str]]:
+def _tokens(n: int, now: datetime) -> Iterator[tuple[str, bytes, str]]:
     at = isoformat(now - timedelta(days=30))
     for i in range(n):
-        yield fleet.hostname(i), credentials.digest(fleet.token(i)), at
+        yield fleet.hostname(i), credentials.token_digest(fleet.token(i)), at
 
 
 def _events(
@@ -179,14 +181,16 @@ def build(path: Path, machines: int, events_per_machine: int, quiet: bool = Fals
             f"VALUES ({','.join('?' * len(MACHINE_COLUMNS))})",
             chunk,
         )
-    for chunk in _chunks(_tags(machines)):
-        conn.executemany("INSERT INTO machine_tags VALUES (?, ?, ?)", chunk)
+    numbers = dict(conn.execute("SELECT machine_id, num FROM machine_numbers"))
+    for chunk in _chunks(_tags(machines, numbers)):
+        conn.executemany(
+            "INSERT INTO machine_tag_rows (machine, tag, source) VALUES (?, ?, ?)", chunk
+        )
     for chunk in _chunks(_tokens(machines, now)):
         conn.executemany(
             "INSERT INTO machine_tokens (machine_id, token_hash, created_at) VALUES (?, ?, ?)",
             chunk,
         )
-    numbers = dict(conn.execute("SELECT machine_id, num FROM machine_numbers"))
     for chunk in _chunks(_events(machines, events_per_machine, now, numbers)):
         conn.executemany(
             "INSERT INTO machine_events (machine, seq, at, kind, source, generation, "

@@ -90,10 +90,10 @@ def _health(failing: bool) -> HealthResult:
 
 def _flap_details() -> tuple[str, str]:
     """The stored detail record_report writes for a turn to failing and back."""
-    ok, bad = (json.dumps(_health(f).to_dict()) for f in (False, True))
+    ok, bad = (_health(f) for f in (False, True))
     gen = fleet.current_generation(0)
 
-    def detail(before: str, after: HealthResult) -> str:
+    def detail(before: HealthResult, after: HealthResult) -> str:
         prior = changes.Prior(gen, None, True, before)
         report = Report("x", datetime.now(UTC), gen, health=after)
         (event,) = changes.report_events(prior, report)

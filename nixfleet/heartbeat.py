@@ -18,7 +18,6 @@ last_report_at and uptime_seconds.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,10 +43,6 @@ def health_key(health: Mapping[str, Any] | None) -> HealthKey | None:
             for r in health.get("results", ())
         ),
     )
-
-
-def stored_health_key(health_json: str | None) -> HealthKey | None:
-    return None if health_json is None else health_key(json.loads(health_json))
 
 
 @dataclass(frozen=True, slots=True)

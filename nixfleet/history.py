@@ -7,7 +7,6 @@ changes are written by each writer of it (store.history.add_desired).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -55,7 +54,7 @@ class Prior:
     current_generation: str | None
     failed_generation: str | None
     last_success: bool | None
-    health_json: str | None
+    health: HealthResult | None
     needs_reboot: bool | None = None
     booted_generation: str | None = None
 
@@ -102,7 +101,7 @@ def report_events(prior: Prior, report: Report) -> list[Event]:
             )
             kind = EventKind.ROLLED_BACK if rolled_back else EventKind.DEPLOYMENT_FAILED
             out.append(Event(mid, at, kind, "agent", failed, detail={"reason": report.message}))
-    health = _health_event(prior.health_json, report)
+    health = _health_event(prior.health, report)
     if health is not None:
         out.append(health)
     out.extend(_reboot_events(prior, report))
@@ -129,8 +128,7 @@ def _reboot_events(prior: Prior, report: Report) -> list[Event]:
     return out
 
 
-def _health_event(before_json: str | None, report: Report) -> Event | None:
-    before = HealthResult.from_dict(json.loads(before_json)) if before_json else None
+def _health_event(before: HealthResult | None, report: Report) -> Event | None:
     after = report.health
     old_status, new_status = health_status(before), health_status(after)
     old_failing = {n for n, ok in _checks(before).items() if not ok}

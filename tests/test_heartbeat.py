@@ -12,10 +12,11 @@ import random
 import sqlite3
 from typing import Any, cast
 
-from nixfleet.heartbeat import health_key, is_heartbeat, stored_health_key, system_state
+from nixfleet.heartbeat import health_key, is_heartbeat, system_state
 from nixfleet.models import HealthResult, Lifecycle, Report, utcnow
 from nixfleet.store import Store, machines
 from nixfleet.store import report_cache as rc
+from nixfleet.store.rows import stored_health_key
 from nixfleet.wire import Health
 
 A = "/nix/store/" + "a" * 32 + "-nixos-system-x"

@@ -32,7 +32,6 @@ Staying right under every writer (docs/control-plane.md "Heartbeats"):
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import logging
 import threading
@@ -46,6 +45,7 @@ from nixfleet.heartbeat import is_heartbeat
 from nixfleet.models import isoformat
 from nixfleet.store import Store
 from nixfleet.store import report_cache as rc
+from nixfleet.store.credentials import token_digest
 from nixfleet.store.report_cache import CachedMachine, CachedRollout
 
 log = logging.getLogger(__name__)
@@ -76,11 +76,6 @@ def answer(
         out["reboot"] = reboot
     out["confirm_timeout"] = confirm_timeout
     return out
-
-
-def token_digest(token: str) -> bytes:
-    """credentials.digest, raw (the view keys tokens by 32 bytes, not 64 hex digits)."""
-    return hashlib.sha256(token.encode()).digest()
 
 
 class ReportCache:

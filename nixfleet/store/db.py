@@ -373,6 +373,7 @@ class Store:
         # key before it commits instead.
         with self._write_lock:
             writer = self._writer_connection()
+            writer.create_function("nixfleet_unhex", 1, bytes.fromhex, deterministic=True)
             writer.execute("PRAGMA foreign_keys=OFF")
             try:
                 for name, sql in pending:

@@ -18,7 +18,6 @@ from nixfleet import history as changes
 from nixfleet.errors import ConflictError, FieldError, GoneError, NotFoundError, ValidationError
 from nixfleet.filters import MachineFilter
 from nixfleet.models import (
-    HealthResult,
     Lifecycle,
     Machine,
     Report,
@@ -31,9 +30,17 @@ from nixfleet.models import (
     utcnow,
 )
 from nixfleet.store import history, report_cache
+from nixfleet.store.rows import health_from_stored, health_to_stored
 from nixfleet.store.status import filter_sql, order_sql
 
 MAX_TAGS_PER_SOURCE = 64  # as the tags schema's maxItems: one request cannot add more
+# machine_tag_rows.source (migration 0022); the machine_tags view reads them back as
+# the names (tests/store/test_migrations.py holds the two to each other).
+TAG_SOURCES = {"agent": 1, "operator": 2}
+_DELETE_TAG = (
+    "DELETE FROM machine_tag_rows WHERE machine = "
+    "(SELECT num FROM machine_numbers WHERE machine_id = ?) AND tag = ? AND source = ?"
+)
 
 COLUMNS = (
     "id, lifecycle, registered_at, current_generation, desired_generation, "
@@ -99,7 +106,7 @@ def _machine(row: sqlite3.Row, tags: dict[str, list[str]] | None) -> Machine:
         last_success=None if success is None else bool(success),
         last_message=row["last_message"],
         failed_generation=row["failed_generation"],
-        health=HealthResult.from_dict(json.loads(health)) if health else None,
+        health=health_from_stored(health) if health else None,
         retry_requested_at=parse_time(row["retry_requested_at"]),
         uptime_seconds=row["uptime_seconds"],
         needs_reboot=None if row["needs_reboot"] is None else bool(row["needs_reboot"]),
@@ -232,15 +239,14 @@ def set_tags(
         )
     removed = sorted(have - wanted) if replace else []
     added = sorted(wanted - have)
+    code = TAG_SOURCES[source]
     if removed:
-        conn.executemany(
-            "DELETE FROM machine_tags WHERE machine_id = ? AND tag = ? AND source = ?",
-            [(machine_id, t, source) for t in removed],
-        )
+        conn.executemany(_DELETE_TAG, [(machine_id, t, code) for t in removed])
     if added:
         conn.executemany(
-            "INSERT OR IGNORE INTO machine_tags (machine_id, tag, source) VALUES (?, ?, ?)",
-            [(machine_id, t, source) for t in added],
+            "INSERT OR IGNORE INTO machine_tag_rows (machine, tag, source) "
+            "SELECT num, ?, ? FROM machine_numbers WHERE machine_id = ?",
+            [(t, code, machine_id) for t in added],
         )
     return added, removed
 
@@ -250,10 +256,7 @@ def remove_tags(conn: sqlite3.Connection, machine_id: str, tags: Iterable[str]) 
     _lifecycle(conn, machine_id)
     removed = []
     for t in sorted(set(tags)):
-        cur = conn.execute(
-            "DELETE FROM machine_tags WHERE machine_id = ? AND tag = ? AND source = 'operator'",
-            (machine_id, t),
-        )
+        cur = conn.execute(_DELETE_TAG, (machine_id, t, TAG_SOURCES["operator"]))
         if cur.rowcount:
             removed.append(t)
     return removed
@@ -348,7 +351,7 @@ def record_report(conn: sqlite3.Connection, report: Report) -> tuple[sqlite3.Row
             "Stop its agent, or register it again under a new id"
         )
     promoted = lifecycle if lifecycle in (Lifecycle.PENDING, Lifecycle.PROVISIONING) else None
-    health = json.dumps(report.health.to_dict()) if report.health is not None else None
+    health = health_to_stored(report.health) if report.health is not None else None
     at = isoformat(report.received_at)
     failed = None if report.success else report.attempted_generation
     conn.execute(
@@ -390,7 +393,7 @@ def record_report(conn: sqlite3.Connection, report: Report) -> tuple[sqlite3.Row
         current_generation=row["current_generation"],
         failed_generation=row["failed_generation"],
         last_success=None if row["last_success"] is None else bool(row["last_success"]),
-        health_json=row["health_json"],
+        health=health_from_stored(row["health_json"]) if row["health_json"] else None,
         needs_reboot=None if row["needs_reboot"] is None else bool(row["needs_reboot"]),
         booted_generation=row["booted_generation"],
     )

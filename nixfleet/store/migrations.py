@@ -296,4 +296,93 @@ MIGRATIONS: list[tuple[str, str]] = [
             WHERE health_json IS NOT NULL;
         """,
     ),
+    # Health results in their stored form (store.rows.health_to_stored): the values
+    # without the keys, a third of the bytes (docs/performance.md, "Session 8").
+    (
+        "0021_compact_health",
+        """
+        UPDATE machines SET health_json = json_array(
+            CASE WHEN json_extract(health_json, '$.all_passed') THEN 1 ELSE 0 END,
+            json((SELECT json_group_array(json_array(
+                    json_extract(r.value, '$.name'), json_extract(r.value, '$.kind'),
+                    CASE WHEN json_extract(r.value, '$.passed') THEN 1 ELSE 0 END,
+                    coalesce(json_extract(r.value, '$.duration_ms'), 0),
+                    coalesce(json_extract(r.value, '$.message'), '')))
+                FROM (SELECT value FROM json_each(health_json, '$.results') ORDER BY key) r)))
+            WHERE json_type(health_json) = 'object';
+        """,
+    ),
+    # Tags keyed by the machine's number (machine_numbers) and a source code instead of
+    # the id and source texts, in the table and in its tag index: ~45 % of the bytes
+    # (docs/performance.md, "Session 8"). `machine_tags` stays as a view with the
+    # same columns, so every query reads as before; store.machines writes the rows
+    # (TAG_SOURCES: 1 agent, 2 operator), and the triggers keep tags_json as before.
+    (
+        "0022_numbered_tags",
+        """
+        CREATE TABLE machine_tag_rows (
+            machine INTEGER NOT NULL REFERENCES machine_numbers (num) ON DELETE CASCADE,
+            tag TEXT NOT NULL,
+            source INTEGER NOT NULL CHECK (source IN (1, 2)),
+            PRIMARY KEY (machine, tag, source)
+        ) WITHOUT ROWID;
+        INSERT INTO machine_tag_rows (machine, tag, source)
+            SELECT n.num, t.tag, CASE t.source WHEN 'agent' THEN 1 ELSE 2 END
+            FROM machine_tags t JOIN machine_numbers n ON n.machine_id = t.machine_id;
+        DROP TABLE machine_tags;
+        CREATE INDEX machine_tag_rows_tag ON machine_tag_rows (tag, machine);
+        CREATE VIEW machine_tags (machine_id, tag, source) AS
+            SELECT n.machine_id, t.tag, CASE t.source WHEN 1 THEN 'agent' ELSE 'operator' END
+            FROM machine_tag_rows t JOIN machine_numbers n ON n.num = t.machine;
+        CREATE TRIGGER machine_tag_rows_added AFTER INSERT ON machine_tag_rows BEGIN
+            UPDATE machines SET tags_json = (SELECT json_group_array(tag)
+                FROM (SELECT tag FROM machine_tag_rows
+                WHERE machine = NEW.machine GROUP BY tag))
+            WHERE id = (SELECT machine_id FROM machine_numbers WHERE num = NEW.machine);
+        END;
+        CREATE TRIGGER machine_tag_rows_removed AFTER DELETE ON machine_tag_rows BEGIN
+            UPDATE machines SET tags_json = (SELECT json_group_array(tag)
+                FROM (SELECT tag FROM machine_tag_rows
+                WHERE machine = OLD.machine GROUP BY tag))
+            WHERE id = (SELECT machine_id FROM machine_numbers WHERE num = OLD.machine);
+        END;
+        CREATE TRIGGER machine_tag_rows_changed AFTER UPDATE ON machine_tag_rows BEGIN
+            UPDATE machines SET tags_json = (SELECT json_group_array(tag)
+                FROM (SELECT tag FROM machine_tag_rows
+                WHERE machine = m.num GROUP BY tag))
+            FROM (SELECT num, machine_id FROM machine_numbers
+                WHERE num IN (OLD.machine, NEW.machine)) m
+            WHERE machines.id = m.machine_id;
+        END;
+        """,
+    ),
+    # A machine token's hash as its 32 bytes (credentials.token_digest), not 64 hex
+    # digits, in a table clustered by machine id: ~40 % of the bytes of the table and its
+    # two indexes (docs/performance.md, "Session 8"). nixfleet_unhex is the Python
+    # function Store.migrate lends the migrations (SQLite has unhex only from 3.41).
+    (
+        "0023_raw_token_hashes",
+        """
+        CREATE TABLE machine_tokens_raw (
+            machine_id TEXT PRIMARY KEY REFERENCES machines (id) ON DELETE CASCADE,
+            token_hash BLOB NOT NULL UNIQUE
+                CHECK (typeof(token_hash) = 'blob' AND length(token_hash) = 32),
+            created_at TEXT NOT NULL
+        ) WITHOUT ROWID;
+        INSERT INTO machine_tokens_raw (machine_id, token_hash, created_at)
+            SELECT machine_id, nixfleet_unhex(token_hash), created_at FROM machine_tokens;
+        DROP TABLE machine_tokens;
+        ALTER TABLE machine_tokens_raw RENAME TO machine_tokens;
+        CREATE TRIGGER cache_token_added AFTER INSERT ON machine_tokens BEGIN
+            INSERT INTO cache_changes (kind, machine_id) VALUES ('machine', NEW.machine_id);
+        END;
+        CREATE TRIGGER cache_token_changed AFTER UPDATE ON machine_tokens BEGIN
+            INSERT INTO cache_changes (kind, machine_id) VALUES ('machine', OLD.machine_id);
+            INSERT INTO cache_changes (kind, machine_id) VALUES ('machine', NEW.machine_id);
+        END;
+        CREATE TRIGGER cache_token_removed AFTER DELETE ON machine_tokens BEGIN
+            INSERT INTO cache_changes (kind, machine_id) VALUES ('machine', OLD.machine_id);
+        END;
+        """,
+    ),
 ]

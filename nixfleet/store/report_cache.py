@@ -15,7 +15,8 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from nixfleet.heartbeat import HealthKey, Known, stored_health_key
+from nixfleet.heartbeat import HealthKey, Known
+from nixfleet.store.rows import stored_health_key
 
 KEEP_CHANGES = 100_000  # rows the pruning keeps; a process further behind reloads everything
 
@@ -23,7 +24,7 @@ KEEP_CHANGES = 100_000  # rows the pruning keeps; a process further behind reloa
 @dataclass(frozen=True, slots=True)
 class CachedMachine:
     id: str
-    token_hash: bytes | None  # SHA-256 of the machine's token (credentials.digest, raw)
+    token_hash: bytes | None  # SHA-256 of the machine's token (credentials.token_digest)
     known: Known
     desired_generation: str | None
     desired_cache_url: str | None
@@ -167,7 +168,7 @@ def load_machines(
         out.append(
             CachedMachine(
                 id=r[0],
-                token_hash=None if r[1] is None else bytes.fromhex(r[1]),
+                token_hash=r[1],
                 known=known,
                 desired_generation=r[12],
                 desired_cache_url=shared.one(r[13]),

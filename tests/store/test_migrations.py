@@ -6,6 +6,7 @@ with today's store migrates it; nothing may be lost, and every read must still w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sqlite3
@@ -20,6 +21,7 @@ from nixfleet.models import (
     TIME_FORMAT,
     BatchStatus,
     Health,
+    HealthResult,
     Lifecycle,
     MachineHealth,
     RolloutStatus,
@@ -27,9 +29,11 @@ from nixfleet.models import (
     health_of,
     isoformat,
     parse_time,
+    utcnow,
 )
-from nixfleet.store import Store, history, machines, migrations, releases
+from nixfleet.store import Store, credentials, db, history, machines, migrations, releases
 from nixfleet.store import rollouts as store_rollouts
+from nixfleet.store.rows import health_from_stored, health_to_stored
 
 FIXTURE = Path(__file__).parent / "fixtures" / "schema-0007.db"
 FIXTURE_0013 = FIXTURE.with_name("schema-0013.db")  # make_0013.py; its history beside it
@@ -41,8 +45,8 @@ def _tables(path: Path) -> dict[str, list[tuple[object, ...]]]:
         names = [
             r[0]
             for r in conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table' "
-                "AND name NOT LIKE 'sqlite_%' AND name <> 'schema_migrations' ORDER BY name"
+                "SELECT name FROM sqlite_master WHERE type IN ('table', 'view') "  # a table may
+                "AND name NOT LIKE 'sqlite_%' AND name <> 'schema_migrations' ORDER BY name"  # become a view
             )
         ]
         return {n: conn.execute(f"SELECT * FROM {n} ORDER BY 1, 2").fetchall() for n in names}
@@ -87,6 +91,10 @@ def test_migrating_the_0007_fixture_loses_nothing_and_fixes_times(old_db: Path) 
                     # the same instant, in the fixed form
                     assert b == isoformat(parse_time(a)) and b is not None
                     assert datetime.strptime(b, TIME_FORMAT).replace(tzinfo=UTC) == parse_time(a)
+                elif table == "machine_tokens" and isinstance(b, bytes):  # 0023: raw
+                    assert b == bytes.fromhex(str(a))
+                elif isinstance(a, str) and a.startswith('{"all_passed"'):  # 0021: compacted
+                    assert b == health_to_stored(HealthResult.from_dict(json.loads(a)))
                 else:
                     assert a == b, (table, old, new)
 
@@ -130,7 +138,6 @@ ENUMERATED = [
     ("rollout_batches", "status", [v.value for v in BatchStatus]),
     ("rollout_machines", "health", [v.value for v in MachineHealth]),
     ("rollout_files", "status", ["applied", "invalid"]),
-    ("machine_tags", "source", ["agent", "operator"]),
     ("api_keys", "role", ["readonly", "deploy", "admin"]),
 ]
 
@@ -153,6 +160,30 @@ def test_every_enumerated_column_takes_exactly_its_values(
         conn.execute("ROLLBACK")
     finally:
         conn.close()
+
+
+def test_machine_tags_reads_back_each_source_as_its_name(old_db: Path) -> None:
+    """The view over machine_tag_rows (0022) and store.machines.TAG_SOURCES agree."""
+    store = Store(old_db)
+    with store.transaction() as conn:
+        for source in machines.TAG_SOURCES:
+            machines.set_tags(conn, "web-00", ["new"], source, replace=False)
+        got = conn.execute("SELECT source FROM machine_tags WHERE tag = 'new' ORDER BY 1")
+        assert [r[0] for r in got] == sorted(machines.TAG_SOURCES)
+        for bad in (0, 3, "agent", None):
+            with pytest.raises(sqlite3.IntegrityError):
+                conn.execute(
+                    "INSERT INTO machine_tag_rows VALUES ((SELECT num FROM machine_numbers "
+                    "WHERE machine_id = 'web-00'), 'x', ?)",
+                    (bad,),
+                )
+        assert machines.remove_tags(conn, "web-00", ["new", "absent"]) == ["new"]
+        tags = conn.execute("SELECT tags_json FROM machines WHERE id = 'web-00'").fetchone()[0]
+        assert "new" in json.loads(tags)  # still an agent tag
+        machines.set_tags(conn, "web-00", [], "agent", replace=True)
+        tags = conn.execute("SELECT tags_json FROM machines WHERE id = 'web-00'").fetchone()[0]
+        assert "new" not in json.loads(tags)
+    store.close()
 
 
 @pytest.mark.parametrize(
@@ -299,3 +330,71 @@ def test_0020_stores_each_machines_health_as_health_of_says(db_0013: Path) -> No
     store.close()
     assert {m.id: health_of(m.health).value for m in fleet} == stored
     assert set(stored.values()) == {h.value for h in Health}
+
+
+def test_0021_stores_each_machines_health_as_health_to_stored_writes_it(db_0013: Path) -> None:
+    """The SQL that compacts the stored results agrees with the Python codec, byte for byte."""
+    old = sqlite3.connect(db_0013)
+    with old:  # beside the fixture's own results: unicode, quotes, no checks, no duration
+        first, second = (
+            r[0]
+            for r in old.execute(
+                "SELECT id FROM machines WHERE health_json IS NOT NULL ORDER BY id LIMIT 2"
+            )
+        )
+        tricky = {
+            "all_passed": False,
+            "results": [
+                {"name": "disk", "kind": "command", "passed": False, "message": 'ünïcode "q"\n'},
+                {"name": "web", "kind": "http", "passed": True, "duration_ms": 12, "message": ""},
+            ],
+        }
+        old.execute("UPDATE machines SET health_json = ? WHERE id = ?", (json.dumps(tricky), first))
+        old.execute(
+            'UPDATE machines SET health_json = \'{"all_passed": true, "results": []}\' '
+            "WHERE id = ?",
+            (second,),
+        )
+        before = dict(old.execute("SELECT id, health_json FROM machines"))
+    old.close()
+    store = Store(db_0013)
+    with store.read() as conn:
+        after = dict(conn.execute("SELECT id, health_json FROM machines").fetchall())
+    store.close()
+    assert len([v for v in before.values() if v]) >= 3
+    for machine, text in before.items():
+        want = None if text is None else health_to_stored(HealthResult.from_dict(json.loads(text)))
+        assert after[machine] == want, machine
+        if text is not None:
+            assert health_from_stored(after[machine]) == HealthResult.from_dict(json.loads(text))
+
+
+def test_0023_keeps_every_token_working(tmp_path: Path) -> None:
+    """A token issued before 0023 (its hash stored as hex) authenticates after it."""
+    path = tmp_path / "fleet.db"
+    old = [m for m in migrations.MIGRATIONS if m[0] < "0023"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(migrations, "MIGRATIONS", old)
+        mp.setattr(db, "MIGRATIONS", old)
+        store = Store(path)
+        with store.transaction() as conn:
+            machines.register(conn, "web-01", [], Lifecycle.ACTIVE, utcnow())
+            conn.execute(  # what credentials.issue_token wrote before 0023
+                "INSERT INTO machine_tokens VALUES ('web-01', ?, '2026-12-01T00:00:00.000000Z')",
+                (hashlib.sha256(b"nft_old").hexdigest(),),
+            )
+        store.close()
+    store = Store(path)
+    with store.read() as conn:
+        assert credentials.token_machine(conn, "nft_old") == "web-01"
+        assert credentials.token_machine(conn, "nft_other") is None
+        kind = conn.execute("SELECT typeof(token_hash) FROM machine_tokens").fetchone()[0]
+    with store.transaction() as conn:  # a rotation replaces it, raw
+        token = credentials.issue_token(conn, "web-01", utcnow())
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            conn.execute("UPDATE machine_tokens SET token_hash = 'ab'")
+    with store.read() as conn:
+        assert credentials.token_machine(conn, token) == "web-01"
+        assert credentials.token_machine(conn, "nft_old") is None
+    store.close()
+    assert kind == "blob"

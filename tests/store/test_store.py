@@ -43,11 +43,13 @@ def test_tags_json_is_filled_by_its_migration_and_kept_by_triggers(tmp_path: Pat
         mp.setattr(db, "MIGRATIONS", old)
         s = Store(path)
         with s.transaction() as conn:
-            machines.register(conn, "a", ["web", "prod"], Lifecycle.ACTIVE, utcnow())
+            machines.register(conn, "a", [], Lifecycle.ACTIVE, utcnow())
             machines.register(conn, "b", [], Lifecycle.ACTIVE, utcnow())
-            # what a report with agent tags web, eu wrote (today's record_report needs 0010)
+            # operator tags web, prod and what a report with agent tags web, eu wrote,
+            # in the table of then (today's code writes machine_tag_rows, from 0022)
             conn.execute(
-                "INSERT INTO machine_tags VALUES ('a', 'web', 'agent'), ('a', 'eu', 'agent')"
+                "INSERT INTO machine_tags VALUES ('a', 'web', 'operator'), "
+                "('a', 'prod', 'operator'), ('a', 'web', 'agent'), ('a', 'eu', 'agent')"
             )
         s.close()
     s = Store(path)
@@ -62,8 +64,10 @@ def test_tags_json_is_filled_by_its_migration_and_kept_by_triggers(tmp_path: Pat
     assert tags_json() == {"a": '["eu","prod","web"]', "b": '["a","z"]'}
     with s.transaction() as conn:
         machines.record_report(conn, report("a", tags=()))
-        conn.execute(
-            "UPDATE machine_tags SET machine_id = 'a' WHERE machine_id = 'b' AND tag = 'z'"
+        conn.execute(  # machine_tags is a view of these rows since 0022
+            "UPDATE machine_tag_rows SET machine = (SELECT num FROM machine_numbers "
+            "WHERE machine_id = 'a') WHERE machine = (SELECT num FROM machine_numbers "
+            "WHERE machine_id = 'b') AND tag = 'z'"
         )
     assert tags_json() == {"a": '["prod","z"]', "b": '["a"]'}
     s.close()

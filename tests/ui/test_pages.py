@@ -322,8 +322,9 @@ def test_hostile_markup_is_escaped(cp: ControlPlane, keys: Keys) -> None:
     # database directly, as an older version or a bug might have, to prove the page.
     with sqlite3.connect(cp.db) as conn:
         conn.execute(
-            "INSERT INTO machine_tags (machine_id, tag, source) VALUES (?, ?, 'operator')",
-            (fleetdata.HOSTILE_ID, fleetdata.HOSTILE_TAG),
+            "INSERT INTO machine_tag_rows (machine, tag, source) SELECT num, ?, 2 "
+            "FROM machine_numbers WHERE machine_id = ?",
+            (fleetdata.HOSTILE_TAG, fleetdata.HOSTILE_ID),
         )
     b = logged_in(cp, keys.admin)
     for path in ("/ui", "/ui/machines/evil-01", "/ui?q=evil"):
