@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -22,7 +23,7 @@ from postgres_cluster import Server, server_or_skip
 
 from nixfleet.client import Client
 from nixfleet.models import utcnow
-from nixfleet.store import Store, credentials
+from nixfleet.store import Store, credentials, db, migrations
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,6 +44,21 @@ def load_file(name: str, path: Path) -> ModuleType:
 # Real Nix runs offline here: no substituters (else each build waits on the public
 # cache), flakes on. A developer's own NIX_CONFIG wins.
 os.environ.setdefault("NIX_CONFIG", "substituters =\nexperimental-features = nix-command flakes")
+
+
+@contextmanager
+def store_before(path: Path, migration: str) -> Iterator[Store]:
+    """A Store whose schema stops before `migration`, to write what older code wrote;
+    closed on leaving (open it again to migrate the rest)."""
+    old = [m for m in migrations.MIGRATIONS if m[0] < migration]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(migrations, "MIGRATIONS", old)
+        mp.setattr(db, "MIGRATIONS", old)
+        store = Store(path)
+        try:
+            yield store
+        finally:
+            store.close()
 
 
 @pytest.fixture

@@ -87,7 +87,6 @@ def _tags_by_machine(
 def _machine(row: sqlite3.Row, tags: dict[str, list[str]] | None) -> Machine:
     agent = tuple(tags["agent"]) if tags else ()
     operator = tuple(tags["operator"]) if tags else ()
-    health = row["health_json"]
     success = row["last_success"]
     return Machine(
         id=row["id"],
@@ -106,7 +105,7 @@ def _machine(row: sqlite3.Row, tags: dict[str, list[str]] | None) -> Machine:
         last_success=None if success is None else bool(success),
         last_message=row["last_message"],
         failed_generation=row["failed_generation"],
-        health=health_from_stored(health) if health else None,
+        health=health_from_stored(row["health_json"]),
         retry_requested_at=parse_time(row["retry_requested_at"]),
         uptime_seconds=row["uptime_seconds"],
         needs_reboot=None if row["needs_reboot"] is None else bool(row["needs_reboot"]),
@@ -393,7 +392,7 @@ def record_report(conn: sqlite3.Connection, report: Report) -> tuple[sqlite3.Row
         current_generation=row["current_generation"],
         failed_generation=row["failed_generation"],
         last_success=None if row["last_success"] is None else bool(row["last_success"]),
-        health=health_from_stored(row["health_json"]) if row["health_json"] else None,
+        health=health_from_stored(row["health_json"]),
         needs_reboot=None if row["needs_reboot"] is None else bool(row["needs_reboot"]),
         booted_generation=row["booted_generation"],
     )

@@ -40,7 +40,9 @@ def health_to_stored(health: HealthResult) -> str:
     return json.dumps([int(health.all_passed), results], separators=(",", ":"), ensure_ascii=False)
 
 
-def health_from_stored(text: str) -> HealthResult:
+def health_from_stored(text: str | None) -> HealthResult | None:
+    if text is None:
+        return None
     passed, results = json.loads(text)
     return HealthResult(
         bool(passed),

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from conftest import store_before
 
 from nixfleet.api.history import event_json
 from nixfleet.history import EventKind
@@ -31,7 +32,7 @@ from nixfleet.models import (
     parse_time,
     utcnow,
 )
-from nixfleet.store import Store, credentials, db, history, machines, migrations, releases
+from nixfleet.store import Store, credentials, history, machines, migrations, releases
 from nixfleet.store import rollouts as store_rollouts
 from nixfleet.store.rows import health_from_stored, health_to_stored
 
@@ -372,18 +373,12 @@ def test_0021_stores_each_machines_health_as_health_to_stored_writes_it(db_0013:
 def test_0023_keeps_every_token_working(tmp_path: Path) -> None:
     """A token issued before 0023 (its hash stored as hex) authenticates after it."""
     path = tmp_path / "fleet.db"
-    old = [m for m in migrations.MIGRATIONS if m[0] < "0023"]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(migrations, "MIGRATIONS", old)
-        mp.setattr(db, "MIGRATIONS", old)
-        store = Store(path)
-        with store.transaction() as conn:
-            machines.register(conn, "web-01", [], Lifecycle.ACTIVE, utcnow())
-            conn.execute(  # what credentials.issue_token wrote before 0023
-                "INSERT INTO machine_tokens VALUES ('web-01', ?, '2026-12-01T00:00:00.000000Z')",
-                (hashlib.sha256(b"nft_old").hexdigest(),),
-            )
-        store.close()
+    with store_before(path, "0023") as old, old.transaction() as conn:
+        machines.register(conn, "web-01", [], Lifecycle.ACTIVE, utcnow())
+        conn.execute(  # what credentials.issue_token wrote before 0023
+            "INSERT INTO machine_tokens VALUES ('web-01', ?, '2026-12-01T00:00:00.000000Z')",
+            (hashlib.sha256(b"nft_old").hexdigest(),),
+        )
     store = Store(path)
     with store.read() as conn:
         assert credentials.token_machine(conn, "nft_old") == "web-01"

@@ -6,6 +6,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from conftest import store_before
 
 from nixfleet.errors import ConflictError, GoneError, NotFoundError
 from nixfleet.models import Lifecycle, Report, utcnow
@@ -34,24 +35,16 @@ def test_fresh_and_migrated_files_open_cleanly(tmp_path: Path) -> None:
 
 
 def test_tags_json_is_filled_by_its_migration_and_kept_by_triggers(tmp_path: Path) -> None:
-    from nixfleet.store import db, migrations
-
     path = tmp_path / "old.db"
-    old = [m for m in MIGRATIONS if m[0] < "0007"]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(migrations, "MIGRATIONS", old)
-        mp.setattr(db, "MIGRATIONS", old)
-        s = Store(path)
-        with s.transaction() as conn:
-            machines.register(conn, "a", [], Lifecycle.ACTIVE, utcnow())
-            machines.register(conn, "b", [], Lifecycle.ACTIVE, utcnow())
-            # operator tags web, prod and what a report with agent tags web, eu wrote,
-            # in the table of then (today's code writes machine_tag_rows, from 0022)
-            conn.execute(
-                "INSERT INTO machine_tags VALUES ('a', 'web', 'operator'), "
-                "('a', 'prod', 'operator'), ('a', 'web', 'agent'), ('a', 'eu', 'agent')"
-            )
-        s.close()
+    with store_before(path, "0007") as old, old.transaction() as conn:
+        machines.register(conn, "a", [], Lifecycle.ACTIVE, utcnow())
+        machines.register(conn, "b", [], Lifecycle.ACTIVE, utcnow())
+        # operator tags web, prod and what a report with agent tags web, eu wrote,
+        # in the table of then (today's code writes machine_tag_rows, from 0022)
+        conn.execute(
+            "INSERT INTO machine_tags VALUES ('a', 'web', 'operator'), "
+            "('a', 'prod', 'operator'), ('a', 'web', 'agent'), ('a', 'eu', 'agent')"
+        )
     s = Store(path)
 
     def tags_json() -> dict[str, str]:
