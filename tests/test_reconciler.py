@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from conftest import store_before
 
 from nixfleet import reconciler, wire
 from nixfleet.api.rollouts import detail_json
@@ -506,32 +507,37 @@ def test_a_revert_over_ticks_writes_each_machines_desired_event_back(store: Stor
 def test_batches_started_before_the_bounded_ticks_migration_are_not_rewritten(
     tmp_path: Path,
 ) -> None:
-    from nixfleet.store import migrations
-
-    path = tmp_path / "old.db"
-    old = [m for m in migrations.MIGRATIONS if m[0] < "0006"]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(migrations, "MIGRATIONS", old)
-        mp.setattr("nixfleet.store.db.MIGRATIONS", old)
-        mp.setattr("nixfleet.store.webhooks.ROLLOUT_EVENTS", {})  # no outbox before 0011
-        s = Store(path)
-        with s.transaction() as conn:  # today's writers record changes for the report cache
-            conn.execute(
-                "CREATE TABLE cache_changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT, "
-                "machine_id TEXT, rollout_id TEXT, lo INTEGER, hi INTEGER)"
-            )
-            conn.execute("ALTER TABLE releases ADD COLUMN pruned_at TEXT")  # read since 0018
-        rel = setup_fleet(s, desired=False)
-        with s.transaction() as conn:
-            rid = store_rollouts.apply(conn, rollout_doc(rel), "key:test", T0, HINT).id
-            conn.execute(
-                "UPDATE rollout_batches SET status = 'deploying', started_at = ? "
-                "WHERE rollout_id = ? AND idx = 0",
-                ("2026-11-27T10:00:00Z", rid),
-            )
-            conn.execute("DROP TABLE cache_changes")  # migration 0014 makes the real one
-            conn.execute("ALTER TABLE releases DROP COLUMN pruned_at")  # and 0018 this
-        s.close()
+    """A rollout written by 0005-era code, in that era's SQL: today's writers expect
+    today's schema, so they cannot make the old world."""
+    path, at = tmp_path / "old.db", "2026-11-27T10:00:00Z"
+    hosts = [f"web-{i:02}" for i in range(10)]
+    batches = [(0, 1, "deploying", at), (1, 3, "pending", None)]
+    batches.append((2, 6, "pending", None))
+    spans = [(0, 0), (1, 1), (2, 1), (3, 1)] + [(p, 2) for p in range(4, 10)]
+    with store_before(path, "0006") as s, s.transaction() as conn:
+        conn.executemany(
+            "INSERT INTO machines (id, lifecycle, registered_at) VALUES (?, 'active', ?)",
+            [(h, at) for h in hosts],
+        )
+        conn.execute(
+            "INSERT INTO releases (id, created_at, created_by) VALUES ('rel', ?, 'test')", (at,)
+        )
+        conn.execute(
+            "INSERT INTO rollouts (id, name, release_id, status, document_json, document_hash,"
+            " source, created_at, created_by, updated_at) VALUES ('r1', 'web', 'rel',"
+            " 'running', '{}', 'h', 'api', ?, 'test', ?)",
+            (at, at),
+        )
+        conn.executemany(
+            "INSERT INTO rollout_batches (rollout_id, idx, size, status, started_at)"
+            " VALUES ('r1', ?, ?, ?, ?)",
+            batches,
+        )
+        conn.executemany(
+            "INSERT INTO rollout_machines (rollout_id, machine_id, batch_idx, position,"
+            " store_path) VALUES ('r1', ?, ?, ?, ?)",
+            [(hosts[p], b, p, gen(hosts[p])) for p, b in spans],
+        )
     s = Store(path)
     with s.read() as conn:
         rows = conn.execute(
