@@ -156,7 +156,7 @@ def _events(
                 continue
             host = fleet.hostname(i)
             at = history.micros(now - timedelta(days=k, seconds=i % 60))
-            gen = history.encode_path(fleet.current_generation(i))
+            gen = history.encode_path(fleet.current_generation(i), host)
             code = history.KIND_CODES[EventKind.GENERATION]
             yield numbers[host], per_machine - k + 1, at, code, history.AGENT, gen, None
 

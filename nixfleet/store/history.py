@@ -12,7 +12,8 @@ indexes it:
 - `kind`: a small code (`KIND_CODES`, the rows of `event_kinds`); `source`: an id in
   `event_sources` ("agent" = 1, "operator" = 2, actors and rollout labels after);
 - `generation`: the store path, stored without what every path repeats
-  (`encode_path`: no "/nix/store/", "-nixos-system-" as one byte), or, where an event
+  (`encode_path`: no "/nix/store/", "-nixos-system-<the machine's name>-" as one byte,
+  any other "-nixos-system-" as another; migration 0024), or, where an event
   of the `LOOKBACK` events before it holds the same path, the integer k: "the path of
   the event k before this one" (a switch after its desired event stores 1, which SQLite
   keeps in the record header: no byte at all). The pruning job writes the path back
@@ -79,7 +80,7 @@ DETAIL_KEYS: dict[EventKind, tuple[str, ...]] = {
 # --- the stored forms, each with its SQL form (held to each other by tests) -------------
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_PREFIX, _SYSTEM, _MARK = "/nix/store/", "-nixos-system-", "\x01"
+_PREFIX, _SYSTEM, _MARK, _HOST = "/nix/store/", "-nixos-system-", "\x01", "\x02"
 
 
 def micros(ts: datetime) -> int:
@@ -96,29 +97,50 @@ def micros_sql(text: str) -> str:
     return f"(unixepoch(substr({text}, 1, 19)) * 1000000 + CAST(substr({text}, 21, 6) AS INTEGER))"
 
 
-def encode_path(path: str) -> str:
-    """The stored form of a store path; any other text is kept as it is.
+def system_name(machine_id: str) -> str:
+    """The machine's system name as NixOS puts it in its paths: the id's first DNS label
+    (networking.hostName, without networking.domain)."""
+    return machine_id.split(".", 1)[0]
 
-    Encoded forms never start with "/", so decode tells them apart from kept ones.
+
+def _label_sql(machine_id: str) -> str:
+    return f"substr({machine_id}, 1, instr({machine_id} || '.', '.') - 1)"
+
+
+def encode_path(path: str, machine_id: str) -> str:
+    """The stored form of one of `machine_id`'s store paths; any other text is kept as it is.
+
+    "-nixos-system-<label>-" (every system path of that machine) becomes one byte, any
+    other "-nixos-system-" another. Encoded forms never start with "/", so decode tells
+    them apart from kept ones.
     """
     rest = path[len(_PREFIX) :]
-    if path.startswith(_PREFIX) and rest[:1] not in ("/", "") and _MARK not in path:
-        return rest.replace(_SYSTEM, _MARK)
+    if (
+        path.startswith(_PREFIX)
+        and rest[:1] not in ("/", "")
+        and _MARK not in path
+        and _HOST not in path
+    ):
+        return rest.replace(f"{_SYSTEM}{system_name(machine_id)}-", _HOST).replace(_SYSTEM, _MARK)
     return path
 
 
-def decode_path(stored: str) -> str:
+def decode_path(stored: str, machine_id: str) -> str:
     if stored.startswith("/"):
         return stored
-    return _PREFIX + stored.replace(_MARK, _SYSTEM)
+    host = f"{_SYSTEM}{system_name(machine_id)}-"
+    return _PREFIX + stored.replace(_MARK, _SYSTEM).replace(_HOST, host)
 
 
-def encode_path_sql(path: str) -> str:
-    """SQL: encode_path of the text `path` (NULL stays NULL)."""
+def encode_path_sql(path: str, machine_id: str) -> str:
+    """SQL: encode_path of the text `path` for the machine whose id is the expression
+    `machine_id` (NULL stays NULL)."""
+    host = f"'-nixos-system-' || {_label_sql(machine_id)} || '-'"
     return (
         f"CASE WHEN substr({path}, 1, 11) = '/nix/store/' AND substr({path}, 12, 1) <> '/' "
-        f"AND length({path}) > 11 AND instr({path}, char(1)) = 0 "
-        f"THEN replace(substr({path}, 12), '-nixos-system-', char(1)) ELSE {path} END"
+        f"AND length({path}) > 11 AND instr({path}, char(1)) = 0 AND instr({path}, char(2)) = 0 "
+        f"THEN replace(replace(substr({path}, 12), {host}, char(2)), '-nixos-system-', char(1)) "
+        f"ELSE {path} END"
     )
 
 
@@ -217,7 +239,7 @@ def add(
             seq += 1
             stored: object = None
             if e.generation is not None:
-                stored = encode_path(e.generation)
+                stored = encode_path(e.generation, machine_id)
                 stored = next((seq - s for s, g in window if g == stored), stored)
             source = source_id(conn, e.source)
             rows.extend(
@@ -263,7 +285,7 @@ def add_desired(conn: sqlite3.Connection, rows: str, params: Sequence[object]) -
         "INSERT INTO machine_events (machine, seq, at, kind, source, generation) "
         "SELECT n.num, coalesce((SELECT max(e.seq) FROM machine_events e "
         f"WHERE e.machine = n.num), 0) + 1, {micros_sql('d.at')}, "
-        f"{KIND_CODES[EventKind.DESIRED]}, s.id, {encode_path_sql('d.generation')} "
+        f"{KIND_CODES[EventKind.DESIRED]}, s.id, {encode_path_sql('d.generation', 'd.machine_id')} "
         "FROM temp.desired_rows AS d JOIN machine_numbers n ON n.machine_id = d.machine_id "
         "JOIN event_sources s ON s.name = d.source"
     ).rowcount
@@ -337,8 +359,8 @@ def _event(machine_id: str, row: sqlite3.Row) -> Event:
         at=from_micros(row["at"]),
         kind=kind,
         source=row["source_name"],
-        generation=None if path is None else decode_path(path),
-        previous=None if previous is None else decode_path(previous),
+        generation=None if path is None else decode_path(path, machine_id),
+        previous=None if previous is None else decode_path(previous, machine_id),
         detail=decode_detail(kind, row["detail"]),
         id=row["seq"],
     )

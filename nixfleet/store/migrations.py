@@ -385,4 +385,48 @@ MIGRATIONS: list[tuple[str, str]] = [
         END;
         """,
     ),
+    # A machine's system paths without its own name (issue 16, storage): every path of a
+    # NixOS system is ".../<hash>-nixos-system-<name>-<label>", and <name> is the
+    # machine's (its id's first DNS label), so "-nixos-system-<name>-" is stored as one
+    # byte, char(2) (history.encode_path; ~8 bytes of ~49 per stored path in the
+    # benchmark's fleet, more with longer host names). Stored texts are decoded in the
+    # 0017 form and encoded again; a path that held char(2) itself is kept whole.
+    (
+        "0024_paths_without_host_names",
+        """
+        UPDATE machine_events AS e SET generation = CASE
+            WHEN instr(e.generation, char(2)) > 0
+                THEN '/nix/store/' || replace(e.generation, char(1), '-nixos-system-')
+            ELSE replace(replace(replace(e.generation, char(1), '-nixos-system-'),
+                '-nixos-system-' || substr(n.machine_id, 1,
+                    instr(n.machine_id || '.', '.') - 1) || '-', char(2)),
+                '-nixos-system-', char(1)) END
+        FROM machine_numbers n
+        WHERE n.num = e.machine AND typeof(e.generation) = 'text'
+            AND substr(e.generation, 1, 1) <> '/'
+            AND (instr(e.generation, char(2)) > 0 OR instr(e.generation, char(1)
+                || substr(n.machine_id, 1, instr(n.machine_id || '.', '.') - 1) || '-') > 0);
+        DROP VIEW machine_history;
+        CREATE VIEW machine_history AS
+        SELECT n.machine_id, e.seq,
+            strftime('%Y-%m-%dT%H:%M:%S', e.at / 1000000, 'unixepoch')
+                || printf('.%06dZ', e.at % 1000000) AS at,
+            k.name AS kind, s.name AS source,
+            CASE WHEN e.path IS NULL OR substr(e.path, 1, 1) = '/' THEN e.path
+                ELSE '/nix/store/' || replace(replace(e.path, char(1), '-nixos-system-'),
+                    char(2), '-nixos-system-' || substr(n.machine_id, 1,
+                        instr(n.machine_id || '.', '.') - 1) || '-')
+                END AS generation,
+            e.detail
+        FROM (SELECT h.machine, h.seq, h.at, h.kind, h.source, h.detail,
+                CASE WHEN typeof(h.generation) = 'integer' THEN
+                    (SELECT x.generation FROM machine_events x WHERE x.machine = h.machine
+                        AND x.seq = h.seq - h.generation)
+                ELSE h.generation END AS path
+            FROM machine_events h) e
+        JOIN machine_numbers n ON n.num = e.machine
+        JOIN event_kinds k ON k.code = e.kind
+        JOIN event_sources s ON s.id = e.source;
+        """,
+    ),
 ]

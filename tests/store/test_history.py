@@ -279,22 +279,35 @@ def test_every_writer_of_desired_writes_its_events() -> None:
 PATHS = [
     gen(1),
     "/nix/store/" + "a" * 32 + "-nixos-system-web-01-nixos-system-x-24.11",
+    "/nix/store/" + "a" * 32 + "-nixos-system-web-03-nixos-system-web-03-24.11",
+    "/nix/store/" + "a" * 32 + "-nixos-system-web-033-24.11",  # another name
     "/nix/store/" + "b" * 32 + "-hello-2.12",
-    "/nix/store/" + "c" * 32 + "-odd\x01name",  # kept as it is: the mark is in it
+    "/nix/store/" + "c" * 32 + "-odd\x01name",  # kept as it is: a mark is in it
+    "/nix/store/" + "c" * 32 + "-nixos-system-web-03-odd\x02name",
     "/nix/store//weird",
     "/nix/store/",
     "/elsewhere/x",
 ]
 
 
+@pytest.mark.parametrize("machine", ["web-03", "web-03.example.org", "web"])
 @pytest.mark.parametrize("path", PATHS)
-def test_store_paths_encode_the_same_in_python_and_sql(store: Store, path: str) -> None:
-    encoded = history.encode_path(path)
-    assert history.decode_path(encoded) == path
+def test_store_paths_encode_the_same_in_python_and_sql(
+    store: Store, path: str, machine: str
+) -> None:
+    encoded = history.encode_path(path, machine)
+    assert history.decode_path(encoded, machine) == path
     assert not encoded.startswith("/") or encoded == path
     with store.read() as conn:
-        sql = conn.execute(f"SELECT {history.encode_path_sql('?1')}", (path,)).fetchone()[0]
+        sql = conn.execute(
+            f"SELECT {history.encode_path_sql('?1', '?2')}", (path, machine)
+        ).fetchone()[0]
     assert sql == encoded
+
+
+def test_a_system_path_is_stored_without_its_machines_name() -> None:
+    assert history.encode_path(gen(1), "web-03.example.org") == "1" * 32 + "\x02v1"
+    assert history.encode_path(gen(1), "db-01") == "1" * 32 + "\x01web-03-v1"
 
 
 @pytest.mark.parametrize(

@@ -393,3 +393,60 @@ def test_0023_keeps_every_token_working(tmp_path: Path) -> None:
         assert credentials.token_machine(conn, "nft_old") is None
     store.close()
     assert kind == "blob"
+
+
+def test_0024_stores_paths_without_the_machines_name_and_reads_them_back(
+    tmp_path: Path,
+) -> None:
+    """Events stored in the 0017 form read back the same after 0024, stored as
+    history.encode_path writes them today, and the machine_history view agrees."""
+    path, h = tmp_path / "fleet.db", "/nix/store/" + "a" * 32
+    paths = {
+        "web-03.example.org": [
+            f"{h}-nixos-system-web-03-24.11",
+            f"{h}-nixos-system-web-04-24.11",
+            f"{h}-nixos-system-web-03-odd\x02name",
+            "/elsewhere/x",
+            f"{h}-nixos-system-web-03-24.11",  # stored as a reference to the first
+        ],
+        "db-01": [f"{h}-nixos-system-db-01-nixos-system-db-01-1"],
+    }
+    with store_before(path, "0024") as old, old.transaction() as conn:
+        for machine, mine in paths.items():
+            machines.register(conn, machine, [], Lifecycle.ACTIVE, utcnow())
+            num, seq = conn.execute(
+                "SELECT n.num, coalesce(max(e.seq), 0) FROM machine_numbers n "
+                "LEFT JOIN machine_events e ON e.machine = n.num WHERE n.machine_id = ?",
+                (machine,),
+            ).fetchone()
+            for i, p in enumerate(mine):
+                stored: object = p  # what 0017's encode_path wrote
+                if p.startswith("/nix/store/"):
+                    stored = p[len("/nix/store/") :].replace("-nixos-system-", "\x01")
+                if i == 4:
+                    stored = 4
+                conn.execute(
+                    "INSERT INTO machine_events (machine, seq, at, kind, source, generation) "
+                    "VALUES (?, ?, ?, ?, 1, ?)",
+                    (num, seq + 1 + i, 1_790_000_000_000_000 + i, 1, stored),
+                )
+    store = Store(path)
+    with store.read() as conn:
+        for machine, mine in paths.items():
+            events = history.page(conn, machine, kinds=[EventKind.GENERATION]).events
+            assert [e.generation for e in events] == mine
+            view = conn.execute(
+                "SELECT generation FROM machine_history WHERE machine_id = ? "
+                "AND kind = 'generation' ORDER BY seq",
+                (machine,),
+            ).fetchall()
+            assert [r[0] for r in view] == mine
+            stored = conn.execute(
+                "SELECT e.generation FROM machine_events e JOIN machine_numbers n "
+                "ON n.num = e.machine WHERE n.machine_id = ? AND e.kind = 1 ORDER BY e.seq",
+                (machine,),
+            ).fetchall()
+            want = [4 if i == 4 else history.encode_path(p, machine) for i, p in enumerate(mine)]
+            assert [r[0] for r in stored] == want
+    store.close()
+    assert history.encode_path(paths["db-01"][0], "db-01") == "a" * 32 + "\x02nixos-system-db-01-1"
