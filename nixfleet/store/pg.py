@@ -8,10 +8,11 @@ agree: each statement's `?` become `%s` (and a literal `%` doubles), outside str
 literals, quoted identifiers and comments, translated once per statement text; rows
 are read by column name and by position, as `sqlite3.Row`.
 
-The schema so far is the credentials' API keys and the audit log
-(`store/sql/postgresql/`); the rest, the replicas' leader lock and LISTEN/NOTIFY
-are designed in docs/scaling.md and not here yet. Nothing outside the tests opens a
-PgStore: settings refuse `postgresql://` until the whole store exists.
+The schema is SQLite's, spelled again in `store/sql/postgresql/` (held to it by
+tests/store/test_pg_schema.py); the replicas' leader lock and LISTEN/NOTIFY are in
+store/leader.py and store/pg_notify.py. The noun modules do not run here yet
+(docs/scaling.md, "What is left"): nothing outside the tests opens a PgStore, and
+settings refuse `postgresql://` until they do.
 """
 
 from __future__ import annotations

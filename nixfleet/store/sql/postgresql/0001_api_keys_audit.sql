@@ -1,8 +1,7 @@
 -- 0001_api_keys_audit: the first slice of the PostgreSQL schema (docs/scaling.md).
 -- the api_keys and audit tables and indexes SQLite has (0002, 0003), with its
 -- fixed-width text times (0008); machine_tokens comes with the machines table.
--- No PostgreSQL database exists outside the tests yet (settings refuse the URL):
--- the baseline that completes the schema may replace this file.
+-- 0001-0004 are the baseline: 0004_baseline.sql completes the schema.
 CREATE TABLE api_keys (
     name TEXT PRIMARY KEY,
     role TEXT NOT NULL CHECK (role IN ('readonly', 'deploy', 'admin')),
