@@ -17,6 +17,7 @@ from nixfleet.controlplane import retention, webhooks
 from nixfleet.models import utcnow
 from nixfleet.settings import Settings
 from nixfleet.store import Store, history, report_cache
+from nixfleet.store.conn import AnyStore
 
 log = logging.getLogger("nixfleet.controlplane.background")
 
@@ -55,7 +56,7 @@ class PruneHistory:
         prune_history(settings, store, self.MACHINES)
 
 
-def prune_history(settings: Settings, store: Store, machines: int) -> int:
+def prune_history(settings: Settings, store: AnyStore, machines: int) -> int:
     """Everything older than history_days and each machine's beyond history_max_events."""
     cutoff = utcnow() - timedelta(days=settings.history_days)
     deleted = 0

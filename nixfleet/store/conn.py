@@ -4,11 +4,14 @@
 connection into one (placeholders translated, rows read by name and position).
 A noun module typed with `Connection` runs on both backends, and `AnyStore` is
 the store interface both offer (docs/scaling.md "PostgreSQL backend: design").
+Where the dialects differ, the module that owns a query keeps both spellings side
+by side and picks one with `is_postgresql(conn)`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import sqlite3
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -31,7 +34,23 @@ class Cursor(Protocol):
 
 
 class Connection(Protocol):
-    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Cursor: ...
+    # Named parameters (a Mapping) are SQLite's only: PostgreSQL spellings use `?`.
+    def execute(
+        self, sql: str, parameters: Sequence[Any] | Mapping[str, Any] = ..., /
+    ) -> Cursor: ...
+
+    def executemany(
+        self, sql: str, parameters: Iterable[Sequence[Any] | Mapping[str, Any]], /
+    ) -> Any: ...
+
+
+def is_postgresql(conn: Connection) -> bool:
+    """Whether `conn` speaks PostgreSQL (a store.pg.PgConnection), not SQLite.
+
+    One isinstance check, cheap enough for the report path; this module does not
+    import psycopg (an optional dependency), hence the test on SQLite's side.
+    """
+    return not isinstance(conn, sqlite3.Connection)
 
 
 class AnyStore(Protocol):

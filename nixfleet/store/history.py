@@ -32,18 +32,22 @@ held to `page` by tests).
 
 Pruning (age, per-machine cap) runs in the background job in short transactions,
 never on the report path.
+
+On PostgreSQL (`is_postgresql`) `generation` is two columns: the path in `generation`,
+k in `generation_back` (sql/postgresql/0004_baseline.sql); the SQL that differs is
+spelled twice below, each PostgreSQL spelling beside SQLite's (suffix `_PG`).
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from nixfleet.history import CHAINED, Event, EventKind
+from nixfleet.store.conn import Connection, Row, is_postgresql
 from nixfleet.wire import JSONObject
 
 MAX_PAGE = 1000
@@ -92,8 +96,13 @@ def from_micros(us: int) -> datetime:
     return _EPOCH + timedelta(microseconds=us)
 
 
-def micros_sql(text: str) -> str:
+def micros_sql(text: str, *, postgresql: bool = False) -> str:
     """SQL: a stored time text (models.TIME_FORMAT) as micros."""
+    if postgresql:
+        return (
+            f"(extract(epoch FROM CAST(substr({text}, 1, 19) AS timestamp))::bigint * 1000000 "
+            f"+ CAST(substr({text}, 21, 6) AS INTEGER))"
+        )
     return f"(unixepoch(substr({text}, 1, 19)) * 1000000 + CAST(substr({text}, 21, 6) AS INTEGER))"
 
 
@@ -103,7 +112,9 @@ def system_name(machine_id: str) -> str:
     return machine_id.split(".", 1)[0]
 
 
-def _label_sql(machine_id: str) -> str:
+def _label_sql(machine_id: str, postgresql: bool) -> str:
+    if postgresql:
+        return f"split_part({machine_id}, '.', 1)"
     return f"substr({machine_id}, 1, instr({machine_id} || '.', '.') - 1)"
 
 
@@ -132,10 +143,17 @@ def decode_path(stored: str, machine_id: str) -> str:
     return _PREFIX + stored.replace(_MARK, _SYSTEM).replace(_HOST, host)
 
 
-def encode_path_sql(path: str, machine_id: str) -> str:
+def encode_path_sql(path: str, machine_id: str, *, postgresql: bool = False) -> str:
     """SQL: encode_path of the text `path` for the machine whose id is the expression
     `machine_id` (NULL stays NULL)."""
-    host = f"'-nixos-system-' || {_label_sql(machine_id)} || '-'"
+    host = f"'-nixos-system-' || {_label_sql(machine_id, postgresql)} || '-'"
+    if postgresql:  # strpos, chr: PostgreSQL's instr, char
+        return (
+            f"CASE WHEN substr({path}, 1, 11) = '/nix/store/' AND substr({path}, 12, 1) <> '/' "
+            f"AND length({path}) > 11 AND strpos({path}, chr(1)) = 0 "
+            f"AND strpos({path}, chr(2)) = 0 THEN replace(replace(substr({path}, 12), {host}, "
+            f"chr(2)), '-nixos-system-', chr(1)) ELSE {path} END"
+        )
     return (
         f"CASE WHEN substr({path}, 1, 11) = '/nix/store/' AND substr({path}, 12, 1) <> '/' "
         f"AND length({path}) > 11 AND instr({path}, char(1)) = 0 AND instr({path}, char(2)) = 0 "
@@ -167,19 +185,26 @@ def decode_detail(kind: EventKind, stored: str | None) -> JSONObject:
 _INSERT_MANY = (
     "INSERT INTO machine_events (machine, seq, at, kind, source, generation, detail) VALUES "
 )
+_INSERT_MANY_PG = (
+    "INSERT INTO machine_events (machine, seq, at, kind, source, generation, generation_back, "
+    "detail) VALUES "
+)
 
 
-def source_id(conn: sqlite3.Connection, name: str) -> int:
+def source_id(conn: Connection, name: str) -> int:
     """The id of a source name in event_sources, added on first use."""
     if name == "agent":
         return AGENT
     if name == "operator":
         return OPERATOR
-    conn.execute("INSERT OR IGNORE INTO event_sources (name) VALUES (?)", (name,))
+    if is_postgresql(conn):
+        conn.execute("INSERT INTO event_sources (name) VALUES (?) ON CONFLICT DO NOTHING", (name,))
+    else:
+        conn.execute("INSERT OR IGNORE INTO event_sources (name) VALUES (?)", (name,))
     return int(conn.execute("SELECT id FROM event_sources WHERE name = ?", (name,)).fetchone()[0])
 
 
-def _number(conn: sqlite3.Connection, machine_id: str) -> int:
+def _number(conn: Connection, machine_id: str) -> int:
     row = conn.execute("SELECT num FROM machine_numbers WHERE machine_id = ?", (machine_id,))
     found = row.fetchone()
     if found is None:
@@ -197,6 +222,12 @@ WINDOW_SQL = (
     "(SELECT json_group_array(json_array(w.seq, w.generation)) FROM (SELECT seq, generation "
     f"FROM machine_events WHERE machine = {NUMBER_SQL} ORDER BY seq DESC LIMIT {LOOKBACK}) w)"
 )
+# A reference's generation is NULL here: only paths are matched, so the window is the same.
+WINDOW_SQL_PG = (
+    "(SELECT json_agg(json_build_array(w.seq, w.generation))::text FROM (SELECT seq, "
+    f"generation FROM machine_events WHERE machine = {NUMBER_SQL} ORDER BY seq DESC "
+    f"LIMIT {LOOKBACK}) w)"
+)
 
 
 def window_of(text: str | None) -> Window:
@@ -206,7 +237,7 @@ def window_of(text: str | None) -> Window:
 
 
 def add(
-    conn: sqlite3.Connection,
+    conn: Connection,
     events: Iterable[Event],
     known: Mapping[str, tuple[int, Window]] | None = None,
 ) -> None:
@@ -254,14 +285,38 @@ def add(
                 )
             )
             window = [(seq, stored), *window[: LOOKBACK - 1]]
+    insert, width, marks = _INSERT_MANY, 7, "(?, ?, ?, ?, ?, ?, ?)"
+    if is_postgresql(conn):
+        insert, width, marks, rows = _INSERT_MANY_PG, 8, "(?, ?, ?, ?, ?, ?, ?, ?)", _pg_rows(rows)
     # One statement per 500 events (each SQLite call hands the GIL over under load).
-    for start in range(0, len(rows), 500 * 7):
-        chunk = rows[start : start + 500 * 7]
-        values = ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * (len(chunk) // 7))
-        conn.execute(_INSERT_MANY + values, chunk)
+    for start in range(0, len(rows), 500 * width):
+        chunk = rows[start : start + 500 * width]
+        values = ", ".join([marks] * (len(chunk) // width))
+        conn.execute(insert + values, chunk)
 
 
-def add_desired(conn: sqlite3.Connection, rows: str, params: Sequence[object]) -> int:
+def _pg_rows(rows: list[object]) -> list[object]:
+    """add's rows of 7 values as PostgreSQL's rows of 8: generation split in two."""
+    out: list[object] = []
+    for i in range(0, len(rows), 7):
+        *head, stored, detail = rows[i : i + 7]
+        back = stored if isinstance(stored, int) else None
+        out.extend((*head, None if back is not None else stored, back, detail))
+    return out
+
+
+_DESIRED_EVENTS_PG = (  # add_desired's INSERT of the events, in PostgreSQL's words
+    "INSERT INTO machine_events (machine, seq, at, kind, source, generation) "
+    "SELECT n.num, coalesce((SELECT max(e.seq) FROM machine_events e "
+    f"WHERE e.machine = n.num), 0) + 1, {micros_sql('d.at', postgresql=True)}, "
+    f"{KIND_CODES[EventKind.DESIRED]}, s.id, "
+    f"{encode_path_sql('d.generation', 'd.machine_id', postgresql=True)} "
+    "FROM pg_temp.desired_rows AS d JOIN machine_numbers n ON n.machine_id = d.machine_id "
+    "JOIN event_sources s ON s.name = d.source"
+)
+
+
+def add_desired(conn: Connection, rows: str, params: Sequence[object]) -> int:
     """A desired event for each row of `rows`: (machine_id, at, source, generation).
 
     `rows` is a SELECT over exactly the machines the caller's next UPDATE changes
@@ -272,6 +327,8 @@ def add_desired(conn: sqlite3.Connection, rows: str, params: Sequence[object]) -
     """
     # `rows` is evaluated once, into a temp table: the source names and the events
     # are both read from it (evaluating it twice cost a tick 14-50 ms per 5,000 rows).
+    if is_postgresql(conn):
+        return _add_desired_pg(conn, rows, params)
     conn.execute(
         "CREATE TEMP TABLE IF NOT EXISTS desired_rows "
         "(machine_id TEXT NOT NULL, at TEXT NOT NULL, source TEXT NOT NULL, generation TEXT)"
@@ -293,8 +350,24 @@ def add_desired(conn: sqlite3.Connection, rows: str, params: Sequence[object]) -
     return int(written)
 
 
+def _add_desired_pg(conn: Connection, rows: str, params: Sequence[object]) -> int:
+    conn.execute(  # the session's own table, kept by the pooled connection
+        "CREATE TEMP TABLE IF NOT EXISTS desired_rows "
+        "(machine_id TEXT NOT NULL, at TEXT NOT NULL, source TEXT NOT NULL, generation TEXT)"
+    )
+    if not conn.execute(f"INSERT INTO pg_temp.desired_rows {rows}", params).rowcount:
+        return 0
+    conn.execute(
+        "INSERT INTO event_sources (name) SELECT DISTINCT source FROM pg_temp.desired_rows "
+        "ON CONFLICT DO NOTHING"
+    )
+    written = conn.execute(_DESIRED_EVENTS_PG).rowcount
+    conn.execute("DELETE FROM pg_temp.desired_rows")
+    return int(written)
+
+
 def tags_changed(
-    conn: sqlite3.Connection,
+    conn: Connection,
     machine_id: str,
     at: datetime,
     source: str,
@@ -335,23 +408,36 @@ class Page:
 _CHAINED_SQL = ", ".join(str(KIND_CODES[k]) for k in sorted(CHAINED))
 
 
-def _select(where: str) -> str:
+# A row's path: its own, or its holder's (SQLite: an integer generation; PostgreSQL:
+# generation_back).
+_PATH = (
+    "CASE WHEN typeof(e.generation) = 'integer' THEN "
+    "(SELECT h.generation FROM machine_events h WHERE h.machine = e.machine "
+    "AND h.seq = e.seq - e.generation) ELSE e.generation END"
+)
+_PATH_PG = (
+    "coalesce(e.generation, (SELECT h.generation FROM machine_events h "
+    "WHERE h.machine = e.machine AND h.seq = e.seq - e.generation_back))"
+)
+
+
+def _select(where: str, postgresql: bool) -> str:
     # The machine's events with each path resolved (a reference read from its holder),
     # `previous` from the event of the same kind before; then the page's filter.
+    # PostgreSQL (before 16) wants an alias for each subquery in FROM.
+    path, alias = (_PATH_PG, " p") if postgresql else (_PATH, "")
     return (
         "SELECT r.*, s.name AS source_name FROM (SELECT *, CASE WHEN kind IN "
         f"({_CHAINED_SQL}) THEN lag(path) OVER w END AS previous FROM (SELECT e.seq, e.at, "
-        "e.kind, e.source, e.detail, CASE WHEN typeof(e.generation) = 'integer' THEN "
-        "(SELECT h.generation FROM machine_events h WHERE h.machine = e.machine "
-        "AND h.seq = e.seq - e.generation) ELSE e.generation END AS path "
+        f"e.kind, e.source, e.detail, {path} AS path "
         "FROM machine_events e WHERE e.machine = "
-        "(SELECT num FROM machine_numbers WHERE machine_id = ?)) "
+        f"(SELECT num FROM machine_numbers WHERE machine_id = ?)){alias} "
         "WINDOW w AS (PARTITION BY kind ORDER BY seq)) r "
         f"JOIN event_sources s ON s.id = r.source {where}"
     )
 
 
-def _event(machine_id: str, row: sqlite3.Row) -> Event:
+def _event(machine_id: str, row: Row) -> Event:
     kind = _KINDS[row["kind"]]
     path, previous = row["path"], row["previous"]
     return Event(
@@ -367,7 +453,7 @@ def _event(machine_id: str, row: sqlite3.Row) -> Event:
 
 
 def page(
-    conn: sqlite3.Connection,
+    conn: Connection,
     machine_id: str,
     *,
     since: datetime | None = None,
@@ -388,27 +474,24 @@ def page(
     if kinds:
         clauses.append(f"r.kind IN ({','.join('?' * len(kinds))})")
         params.extend(KIND_CODES[k] for k in kinds)
-    sql = _select("WHERE " + " AND ".join(clauses) + " ORDER BY r.seq LIMIT ?")
+    sql = _select("WHERE " + " AND ".join(clauses) + " ORDER BY r.seq LIMIT ?", is_postgresql(conn))
     rows = conn.execute(sql, (*params, limit + 1)).fetchall()
     events = [_event(machine_id, r) for r in rows[:limit]]
     return Page(events, events[-1].id if len(rows) > limit else None)
 
 
-def latest(
-    conn: sqlite3.Connection, machine_id: str, n: int, before: int | None = None
-) -> list[Event]:
+def latest(conn: Connection, machine_id: str, n: int, before: int | None = None) -> list[Event]:
     """The newest n events (before the event id `before`, if given), oldest first (what
     `machines show` ends with; the dashboard's timeline pages back with `before`)."""
     where, params = ("WHERE r.seq < ? ", [before]) if before is not None else ("", [])
     rows = conn.execute(
-        _select(where + "ORDER BY r.seq DESC LIMIT ?"), (machine_id, *params, n)
+        _select(where + "ORDER BY r.seq DESC LIMIT ?", is_postgresql(conn)),
+        (machine_id, *params, n),
     ).fetchall()
     return [_event(machine_id, r) for r in reversed(rows)]
 
 
-def count(
-    conn: sqlite3.Connection, machine_id: str | None = None, kind: EventKind | None = None
-) -> int:
+def count(conn: Connection, machine_id: str | None = None, kind: EventKind | None = None) -> int:
     sql, params = "SELECT count(*) FROM machine_events e", []
     clauses: list[str] = []
     if machine_id is not None:
@@ -441,16 +524,33 @@ _KEEP_PATHS = (
     "AND e.seq > :edge AND e.seq <= :edge + :lookback AND typeof(e.generation) = 'integer' "
     "AND e.seq - e.generation <= :edge"
 )
+# The same two on PostgreSQL: positional parameters, greatest() for the scalar max(),
+# generation_back for the integer generation (a path written back clears it).
+_EDGES_PG = (
+    "SELECT num, greatest(coalesce((SELECT e.seq FROM machine_events e WHERE e.machine = n.num "
+    "ORDER BY e.seq DESC LIMIT 1 OFFSET ?), 0), coalesce((SELECT e.seq - 1 "
+    "FROM machine_events e WHERE e.machine = n.num AND e.at >= ? ORDER BY e.seq "
+    "LIMIT 1), (SELECT max(e.seq) FROM machine_events e WHERE e.machine = n.num), 0)) "
+    "AS edge FROM machine_numbers n WHERE n.num > ? AND n.num <= ?"
+)
+_KEEP_PATHS_PG = (
+    "UPDATE machine_events AS e SET generation = (SELECT h.generation FROM machine_events h "
+    "WHERE h.machine = e.machine AND h.seq = e.seq - e.generation_back), generation_back = NULL "
+    "WHERE e.machine = ? AND e.seq > ? AND e.seq <= ? AND e.generation_back IS NOT NULL "
+    "AND e.seq - e.generation_back <= ?"
+)
 
 
 def prune(
-    conn: sqlite3.Connection, cutoff: datetime, cap: int, after: int, machines: int
+    conn: Connection, cutoff: datetime, cap: int, after: int, machines: int
 ) -> tuple[int, int | None]:
     """Events older than cutoff, and beyond the newest `cap`, of the next `machines`
     machines (by number) after `after`.
 
     Returns how many events went and the last machine number covered (None: no more).
     """
+    if is_postgresql(conn):
+        return _prune_pg(conn, cutoff, cap, after, machines)
     last = conn.execute(
         "SELECT max(num) FROM (SELECT num FROM machine_numbers WHERE num > ? ORDER BY num LIMIT ?)",
         (after, machines),
@@ -470,5 +570,28 @@ def prune(
         cur = conn.execute(
             "DELETE FROM machine_events WHERE machine = ? AND seq <= ?", (e["num"], e["edge"])
         )
+        deleted += cur.rowcount
+    return deleted, int(last)
+
+
+def _prune_pg(
+    conn: Connection, cutoff: datetime, cap: int, after: int, machines: int
+) -> tuple[int, int | None]:
+    last = conn.execute(
+        "SELECT max(num) FROM (SELECT num FROM machine_numbers WHERE num > ? ORDER BY num "
+        "LIMIT ?) m",
+        (after, machines),
+    ).fetchone()[0]
+    if last is None:
+        return 0, None
+    edges = [
+        (int(r[0]), int(r[1]))
+        for r in conn.execute(_EDGES_PG, (cap, micros(cutoff), after, last))
+        if r[1] > 0
+    ]
+    conn.executemany(_KEEP_PATHS_PG, [(num, edge, edge + LOOKBACK, edge) for num, edge in edges])
+    deleted = 0
+    for num, edge in edges:
+        cur = conn.execute("DELETE FROM machine_events WHERE machine = ? AND seq <= ?", (num, edge))
         deleted += cur.rowcount
     return deleted, int(last)

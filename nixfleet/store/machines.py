@@ -2,13 +2,13 @@
 
 Reads are set-based: a listing is two queries (machines, then their tags), whatever
 the fleet size. Writes take the connection of an open transaction from the caller,
-so one API request is one transaction.
+so one API request is one transaction. Where PostgreSQL's SQL differs, its spelling
+is beside SQLite's, chosen by `is_postgresql(conn)`.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
@@ -30,6 +30,7 @@ from nixfleet.models import (
     utcnow,
 )
 from nixfleet.store import history, report_cache
+from nixfleet.store.conn import Connection, Row, is_postgresql
 from nixfleet.store.rows import health_from_stored, health_to_stored
 from nixfleet.store.status import filter_sql, order_sql
 
@@ -73,7 +74,7 @@ def _filter_sql(
 
 
 def _tags_by_machine(
-    conn: sqlite3.Connection, where: str, params: Sequence[object]
+    conn: Connection, where: str, params: Sequence[object]
 ) -> dict[str, dict[str, list[str]]]:
     sql = "SELECT machine_id, tag, source FROM machine_tags"
     if where:
@@ -84,7 +85,7 @@ def _tags_by_machine(
     return out
 
 
-def _machine(row: sqlite3.Row, tags: dict[str, list[str]] | None) -> Machine:
+def _machine(row: Row, tags: dict[str, list[str]] | None) -> Machine:
     agent = tuple(tags["agent"]) if tags else ()
     operator = tuple(tags["operator"]) if tags else ()
     success = row["last_success"]
@@ -114,7 +115,7 @@ def _machine(row: sqlite3.Row, tags: dict[str, list[str]] | None) -> Machine:
 
 
 def list_machines(
-    conn: sqlite3.Connection, tags: Sequence[str] = (), lifecycle: str | None = None
+    conn: Connection, tags: Sequence[str] = (), lifecycle: str | None = None
 ) -> list[Machine]:
     where, params = _filter_sql(tags, lifecycle)
     tag_map = _tags_by_machine(conn, where, params)
@@ -123,13 +124,13 @@ def list_machines(
 
 
 def machine_ids(
-    conn: sqlite3.Connection, tags: Sequence[str] = (), lifecycle: str | None = None
+    conn: Connection, tags: Sequence[str] = (), lifecycle: str | None = None
 ) -> list[str]:
     where, params = _filter_sql(tags, lifecycle)
     return [r[0] for r in conn.execute(f"SELECT id FROM machines{where} ORDER BY id", params)]
 
 
-def get(conn: sqlite3.Connection, machine_id: str) -> Machine:
+def get(conn: Connection, machine_id: str) -> Machine:
     row = conn.execute(f"SELECT {COLUMNS} FROM machines WHERE id = ?", (machine_id,)).fetchone()
     if row is None:
         raise NotFoundError(
@@ -143,13 +144,13 @@ def get(conn: sqlite3.Connection, machine_id: str) -> Machine:
     return machine if output is None else replace(machine, failed_output=output)
 
 
-def find_lifecycle(conn: sqlite3.Connection, machine_id: str) -> Lifecycle | None:
+def find_lifecycle(conn: Connection, machine_id: str) -> Lifecycle | None:
     """The machine's lifecycle; None when it is not registered."""
     row = conn.execute("SELECT lifecycle FROM machines WHERE id = ?", (machine_id,)).fetchone()
     return None if row is None else Lifecycle(row[0])
 
 
-def _lifecycle(conn: sqlite3.Connection, machine_id: str) -> Lifecycle:
+def _lifecycle(conn: Connection, machine_id: str) -> Lifecycle:
     lifecycle = find_lifecycle(conn, machine_id)
     if lifecycle is None:
         raise NotFoundError(
@@ -159,7 +160,7 @@ def _lifecycle(conn: sqlite3.Connection, machine_id: str) -> Lifecycle:
 
 
 def register(
-    conn: sqlite3.Connection,
+    conn: Connection,
     machine_id: str,
     tags: Iterable[str],
     lifecycle: Lifecycle,
@@ -178,7 +179,7 @@ def register(
 
 
 def set_lifecycle(
-    conn: sqlite3.Connection,
+    conn: Connection,
     machine_id: str,
     target: Lifecycle,
     actor: str = "operator",
@@ -206,7 +207,7 @@ def set_lifecycle(
 
 
 def set_tags(
-    conn: sqlite3.Connection,
+    conn: Connection,
     machine_id: str,
     tags: Iterable[str],
     source: str,
@@ -243,14 +244,17 @@ def set_tags(
         conn.executemany(_DELETE_TAG, [(machine_id, t, code) for t in removed])
     if added:
         conn.executemany(
-            "INSERT OR IGNORE INTO machine_tag_rows (machine, tag, source) "
+            "INSERT INTO machine_tag_rows (machine, tag, source) SELECT num, ?, ? "
+            "FROM machine_numbers WHERE machine_id = ? ON CONFLICT DO NOTHING"
+            if is_postgresql(conn)
+            else "INSERT OR IGNORE INTO machine_tag_rows (machine, tag, source) "
             "SELECT num, ?, ? FROM machine_numbers WHERE machine_id = ?",
             [(t, code, machine_id) for t in added],
         )
     return added, removed
 
 
-def remove_tags(conn: sqlite3.Connection, machine_id: str, tags: Iterable[str]) -> list[str]:
+def remove_tags(conn: Connection, machine_id: str, tags: Iterable[str]) -> list[str]:
     """Remove operator tags; return those that were there."""
     _lifecycle(conn, machine_id)
     removed = []
@@ -262,7 +266,7 @@ def remove_tags(conn: sqlite3.Connection, machine_id: str, tags: Iterable[str]) 
 
 
 def set_desired(
-    conn: sqlite3.Connection,
+    conn: Connection,
     machine_id: str,
     store_path: str | None,
     cache_url: str | None,
@@ -278,6 +282,9 @@ def set_desired(
     history.add_desired(
         conn,
         "SELECT id AS machine_id, ? AS at, ? AS source, ? AS generation FROM machines "
+        "WHERE id = ? AND desired_generation IS DISTINCT FROM ?"
+        if is_postgresql(conn)  # `x IS NOT ?` is SQLite's only
+        else "SELECT id AS machine_id, ? AS at, ? AS source, ? AS generation FROM machines "
         "WHERE id = ? AND desired_generation IS NOT ?",
         (isoformat(now), actor or source or "operator", store_path, machine_id, store_path),
     )
@@ -289,7 +296,7 @@ def set_desired(
     report_cache.note_machine(conn, machine_id)  # no trigger on desired (migration 0014)
 
 
-def request_retry(conn: sqlite3.Connection, machine_id: str, now: datetime) -> None:
+def request_retry(conn: Connection, machine_id: str, now: datetime) -> None:
     _lifecycle(conn, machine_id)
     conn.execute(
         "UPDATE machines SET retry_requested_at = ?, failed_generation = NULL, "
@@ -300,7 +307,7 @@ def request_retry(conn: sqlite3.Connection, machine_id: str, now: datetime) -> N
 
 # The report's one read: the machine's row, its running rollout's answer fields, and
 # what the rest of the transaction needs (built once: it is the hot path).
-_REPORT_ROW = (
+_REPORT_ROW_TEMPLATE = (
     "SELECT lifecycle, desired_generation, desired_cache_url, desired_source, "
     "retry_requested_at, current_generation, failed_generation, last_success, "
     "health_json, needs_reboot, booted_generation, "
@@ -316,15 +323,64 @@ _REPORT_ROW = (
     # What the rest of the transaction needs, in this one row (each SQLite call
     # hands the GIL to another thread under load): the agent's tags, and the
     # machine's history number and newest events.
-    "(SELECT json_group_array(tag) FROM machine_tags WHERE machine_id = machines.id "
+    "({agent_tags} FROM machine_tags WHERE machine_id = machines.id "
     "AND source = 'agent') AS agent_tags, "
     f"{history.NUMBER_SQL.format(machine_id='machines.id')} AS num, "
-    f"{history.WINDOW_SQL.format(machine_id='machines.id')} AS window "
+    "{window} AS window "
     "FROM machines WHERE id = ?"
 )
+_REPORT_ROW = _REPORT_ROW_TEMPLATE.format(
+    agent_tags="SELECT json_group_array(tag)",
+    window=history.WINDOW_SQL.format(machine_id="machines.id"),
+)
+_REPORT_ROW_PG = _REPORT_ROW_TEMPLATE.format(
+    agent_tags="SELECT coalesce(json_agg(tag)::text, '[]')",
+    window=history.WINDOW_SQL_PG.format(machine_id="machines.id"),
+)
+_REPORT_UPDATE = (
+    "UPDATE machines SET current_generation = :current, last_report_at = :at, "
+    "agent_version = COALESCE(:version, agent_version), system_state = :state, "
+    "last_success = :success, last_message = :message, health_json = :health, "
+    "health = :health_axis, "
+    "uptime_seconds = :uptime, "
+    "needs_reboot = :needs_reboot, booted_generation = COALESCE(:booted, booted_generation), "
+    # The switch output stays with its failure: replaced by a new failure's (or
+    # dropped when it came without), cleared with the failure, else kept (agents
+    # send it once).
+    "failed_output = CASE WHEN :failed IS NOT NULL AND :failed IS NOT failed_generation "
+    "  THEN :output WHEN :failed IS NOT NULL AND :output IS NOT NULL THEN :output "
+    "  WHEN failed_generation = :current THEN NULL ELSE failed_output END, "
+    "failed_generation = CASE WHEN :failed IS NOT NULL THEN :failed "
+    "  WHEN failed_generation = :current THEN NULL ELSE failed_generation END, "
+    "lifecycle = CASE WHEN lifecycle IN ('pending', 'provisioning') THEN 'active' "
+    "  ELSE lifecycle END "
+    "WHERE id = :id"
+)
+# The same UPDATE on PostgreSQL: positional parameters (their names in order below),
+# IS DISTINCT FROM for IS NOT, and a type for the parameters only tested for NULL.
+_REPORT_UPDATE_PG = (
+    "UPDATE machines SET current_generation = ?, last_report_at = ?, "
+    "agent_version = COALESCE(?, agent_version), system_state = ?, "
+    "last_success = ?, last_message = ?, health_json = ?, health = ?, uptime_seconds = ?, "
+    "needs_reboot = ?, booted_generation = COALESCE(?, booted_generation), "
+    "failed_output = CASE WHEN CAST(? AS TEXT) IS NOT NULL "
+    "  AND CAST(? AS TEXT) IS DISTINCT FROM failed_generation THEN ? "
+    "  WHEN CAST(? AS TEXT) IS NOT NULL AND CAST(? AS TEXT) IS NOT NULL THEN ? "
+    "  WHEN failed_generation = ? THEN NULL ELSE failed_output END, "
+    "failed_generation = CASE WHEN CAST(? AS TEXT) IS NOT NULL THEN ? "
+    "  WHEN failed_generation = ? THEN NULL ELSE failed_generation END, "
+    "lifecycle = CASE WHEN lifecycle IN ('pending', 'provisioning') THEN 'active' "
+    "  ELSE lifecycle END "
+    "WHERE id = ?"
+)
+_REPORT_UPDATE_PG_PARAMS = (
+    "current", "at", "version", "state", "success", "message", "health", "health_axis",
+    "uptime", "needs_reboot", "booted", "failed", "failed", "output", "failed", "output",
+    "output", "current", "failed", "failed", "current", "id",
+)  # fmt: skip
 
 
-def record_report(conn: sqlite3.Connection, report: Report) -> tuple[sqlite3.Row, Lifecycle | None]:
+def record_report(conn: Connection, report: Report) -> tuple[Row, Lifecycle | None]:
     """Store one agent report: the hot path, a handful of indexed statements.
 
     What it changes is judged against the row as it was (nixfleet.history) and
@@ -335,8 +391,9 @@ def record_report(conn: sqlite3.Connection, report: Report) -> tuple[sqlite3.Row
     # The poll hint is the running rollout's (store.rollouts.set_poll_hint), found
     # through rollout_machines_machine; a machine is in at most one active rollout.
     # Its reboot policy (DESIGN §11) is looked up only when the agent needs a reboot.
+    pg = is_postgresql(conn)
     row = conn.execute(
-        _REPORT_ROW,
+        _REPORT_ROW_PG if pg else _REPORT_ROW,
         (bool(report.needs_reboot), report.machine_id),
     ).fetchone()
     if row is None:
@@ -353,41 +410,26 @@ def record_report(conn: sqlite3.Connection, report: Report) -> tuple[sqlite3.Row
     health = health_to_stored(report.health) if report.health is not None else None
     at = isoformat(report.received_at)
     failed = None if report.success else report.attempted_generation
-    conn.execute(
-        "UPDATE machines SET current_generation = :current, last_report_at = :at, "
-        "agent_version = COALESCE(:version, agent_version), system_state = :state, "
-        "last_success = :success, last_message = :message, health_json = :health, "
-        "health = :health_axis, "
-        "uptime_seconds = :uptime, "
-        "needs_reboot = :needs_reboot, booted_generation = COALESCE(:booted, booted_generation), "
-        # The switch output stays with its failure: replaced by a new failure's (or
-        # dropped when it came without), cleared with the failure, else kept (agents
-        # send it once).
-        "failed_output = CASE WHEN :failed IS NOT NULL AND :failed IS NOT failed_generation "
-        "  THEN :output WHEN :failed IS NOT NULL AND :output IS NOT NULL THEN :output "
-        "  WHEN failed_generation = :current THEN NULL ELSE failed_output END, "
-        "failed_generation = CASE WHEN :failed IS NOT NULL THEN :failed "
-        "  WHEN failed_generation = :current THEN NULL ELSE failed_generation END, "
-        "lifecycle = CASE WHEN lifecycle IN ('pending', 'provisioning') THEN 'active' "
-        "  ELSE lifecycle END "
-        "WHERE id = :id",
-        {
-            "current": report.current_generation,
-            "at": at,
-            "version": report.agent_version,
-            "state": report.system_state.value,
-            "success": int(report.success),
-            "message": report.message,
-            "health": health,
-            "health_axis": health_of(report.health).value,
-            "uptime": report.uptime_seconds,
-            "failed": failed,
-            "output": report.output if failed is not None else None,
-            "needs_reboot": None if report.needs_reboot is None else int(report.needs_reboot),
-            "booted": report.booted_generation,
-            "id": report.machine_id,
-        },
-    )
+    values = {
+        "current": report.current_generation,
+        "at": at,
+        "version": report.agent_version,
+        "state": report.system_state.value,
+        "success": int(report.success),
+        "message": report.message,
+        "health": health,
+        "health_axis": health_of(report.health).value,
+        "uptime": report.uptime_seconds,
+        "failed": failed,
+        "output": report.output if failed is not None else None,
+        "needs_reboot": None if report.needs_reboot is None else int(report.needs_reboot),
+        "booted": report.booted_generation,
+        "id": report.machine_id,
+    }
+    if pg:
+        conn.execute(_REPORT_UPDATE_PG, [values[k] for k in _REPORT_UPDATE_PG_PARAMS])
+    else:
+        conn.execute(_REPORT_UPDATE, values)
     prior = changes.Prior(
         current_generation=row["current_generation"],
         failed_generation=row["failed_generation"],
@@ -429,12 +471,12 @@ def record_report(conn: sqlite3.Connection, report: Report) -> tuple[sqlite3.Row
     return row, promoted
 
 
-def count(conn: sqlite3.Connection) -> int:
+def count(conn: Connection) -> int:
     return int(conn.execute("SELECT COUNT(*) FROM machines").fetchone()[0])
 
 
 def list_filtered(
-    conn: sqlite3.Connection, f: MachineFilter, now: datetime, stale_after: int
+    conn: Connection, f: MachineFilter, now: datetime, stale_after: int
 ) -> list[Machine]:
     """The machines f selects, in f's order (GET /api/v1/machines)."""
     pred, params = filter_sql(f, isoformat(stale_cutoff(now, stale_after)))

@@ -10,16 +10,16 @@ are read by column name and by position, as `sqlite3.Row`.
 
 The schema is SQLite's, spelled again in `store/sql/postgresql/` (held to it by
 tests/store/test_pg_schema.py); the replicas' leader lock and LISTEN/NOTIFY are in
-store/leader.py and store/pg_notify.py. The noun modules do not run here yet
+store/leader.py and store/pg_notify.py. Only some noun modules run here so far
 (docs/scaling.md, "What is left"): nothing outside the tests opens a PgStore, and
-settings refuse `postgresql://` until they do.
+settings refuse `postgresql://` until they all do.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib import resources
 from typing import Any
@@ -124,8 +124,19 @@ class PgConnection:
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self.raw = conn
 
-    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> Cursor:
+    def execute(self, sql: str, parameters: Sequence[Any] | Mapping[str, Any] = (), /) -> Cursor:
+        if isinstance(parameters, Mapping):  # SQLite's :name; translate knows only `?`
+            raise TypeError("PostgreSQL spellings take positional parameters (`?`)")
         return self.raw.execute(translate(sql), tuple(parameters))
+
+    def executemany(
+        self, sql: str, parameters: Iterable[Sequence[Any] | Mapping[str, Any]], /
+    ) -> None:
+        rows = [p for p in parameters]
+        if any(isinstance(p, Mapping) for p in rows):
+            raise TypeError("PostgreSQL spellings take positional parameters (`?`)")
+        with self.raw.cursor() as cur:
+            cur.executemany(translate(sql), [tuple(p) for p in rows])
 
 
 def _unavailable(e: Exception) -> StoreUnavailableError:

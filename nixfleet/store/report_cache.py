@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from nixfleet.heartbeat import HealthKey, Known
+from nixfleet.store.conn import Connection
 from nixfleet.store.rows import stored_health_key
 
 KEEP_CHANGES = 100_000  # rows the pruning keeps; a process further behind reloads everything
@@ -52,7 +53,7 @@ class Change:
     hi: int | None
 
 
-def note_machine(conn: sqlite3.Connection, machine_id: str) -> None:
+def note_machine(conn: Connection, machine_id: str) -> None:
     conn.execute(
         "INSERT INTO cache_changes (kind, machine_id) VALUES ('machine', ?)", (machine_id,)
     )

@@ -1,4 +1,5 @@
-"""API keys and the audit log, the same functions on SQLite and on PostgreSQL.
+"""API keys, machine tokens and the audit log, the same functions on SQLite and on
+PostgreSQL.
 
 The first noun modules ported to both backends (docs/scaling.md "PostgreSQL
 backend: design"); every test here runs once per backend (`any_store`).
@@ -12,8 +13,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from nixfleet.errors import ConflictError, NotFoundError, ValidationError
-from nixfleet.models import isoformat
-from nixfleet.store import audit, credentials
+from nixfleet.models import Lifecycle, isoformat
+from nixfleet.store import audit, credentials, machines
 from nixfleet.store.conn import AnyStore
 
 T0 = datetime(2026, 12, 2, 12, 0, 0, tzinfo=UTC)
@@ -148,3 +149,29 @@ def test_migrations_are_recorded_and_not_applied_twice(any_store: AnyStore) -> N
     assert any_store.migrate() == []
     assert any_store.applied_migrations() == applied
     assert any_store.readiness() is None
+
+
+def test_machine_tokens_are_issued_rotated_and_revoked(any_store: AnyStore) -> None:
+    with any_store.transaction() as conn:
+        machines.register(conn, "web-01", [], Lifecycle.ACTIVE, T0)
+        machines.register(conn, "web-02", [], Lifecycle.PENDING, T0)
+        first = credentials.issue_token(conn, "web-01", T0)
+        other = credentials.issue_token(conn, "web-02", T0)
+    assert first.startswith(credentials.TOKEN_PREFIX)
+    with any_store.read() as conn:
+        assert credentials.token_machine(conn, first) == "web-01"
+        assert credentials.token_machine_lifecycle(conn, other) == ("web-02", "pending")
+        assert credentials.has_token(conn, "web-01")
+        assert credentials.token_machine(conn, "nfm_unknown") is None
+    with any_store.transaction() as conn:  # rotating: the old token stops working at once
+        second = credentials.issue_token(conn, "web-01", T0 + timedelta(seconds=1))
+    with any_store.read() as conn:
+        assert credentials.token_machine(conn, first) is None
+        assert credentials.token_machine(conn, second) == "web-01"
+    with any_store.transaction() as conn:
+        assert credentials.revoke_token(conn, "web-01")
+        assert not credentials.revoke_token(conn, "web-01")
+    with any_store.read() as conn:
+        assert credentials.token_machine(conn, second) is None
+        assert not credentials.has_token(conn, "web-01")
+        assert credentials.token_machine(conn, other) == "web-02"

@@ -1,4 +1,5 @@
-"""Machine history on a real SQLite file: changes are events, heartbeats are nothing."""
+"""Machine history on both backends (`any_store`): changes are events, heartbeats are
+nothing; each stored form is held to its SQL forms (SQLite's and PostgreSQL's)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from nixfleet.controlplane.background import prune_history
 from nixfleet.history import Event, EventKind
 from nixfleet.models import HealthCheckResult, HealthResult, Lifecycle, Report, isoformat
 from nixfleet.settings import Settings
-from nixfleet.store import Store, history, machines
+from nixfleet.store import history, machines
+from nixfleet.store.conn import AnyStore, Connection, is_postgresql
 
 T0 = datetime(2026, 11, 27, 9, 0, tzinfo=UTC)
 
@@ -31,7 +33,7 @@ def health(*failing: str) -> HealthResult:
 class Fleet:
     """A machine reporting through the real store, one transaction per report."""
 
-    def __init__(self, store: Store, machine: str = "web-03") -> None:
+    def __init__(self, store: AnyStore, machine: str = "web-03") -> None:
         self.store, self.id, self.t = store, machine, T0
         with store.transaction() as conn:
             machines.register(conn, machine, ["prod"], Lifecycle.PENDING, T0)
@@ -58,7 +60,8 @@ class Fleet:
         return [(e.kind.value, e.source, e.previous, e.generation) for e in found]
 
 
-def test_heartbeats_append_nothing(store: Store) -> None:
+def test_heartbeats_append_nothing(any_store: AnyStore) -> None:
+    store = any_store
     f = Fleet(store)
     f.report(gen(0))
     before = f.events()
@@ -73,7 +76,8 @@ def test_heartbeats_append_nothing(store: Store) -> None:
     ]
 
 
-def test_the_story_of_a_machine_and_nothing_else(store: Store) -> None:
+def test_the_story_of_a_machine_and_nothing_else(any_store: AnyStore) -> None:
+    store = any_store
     """v1 -> v2 (fails, rolled back) -> v3, a health flap, tags, lifecycle; heartbeats between."""
     f = Fleet(store)
 
@@ -156,7 +160,8 @@ def test_the_story_of_a_machine_and_nothing_else(store: Store) -> None:
     ]
 
 
-def test_a_new_failure_is_an_event_and_its_repeats_are_not(store: Store) -> None:
+def test_a_new_failure_is_an_event_and_its_repeats_are_not(any_store: AnyStore) -> None:
+    store = any_store
     f = Fleet(store)
     f.report(gen(0))
     f.desire(gen(2))
@@ -172,7 +177,8 @@ def test_a_new_failure_is_an_event_and_its_repeats_are_not(store: Store) -> None
     ]
 
 
-def test_paging_and_time_windows(store: Store) -> None:
+def test_paging_and_time_windows(any_store: AnyStore) -> None:
+    store = any_store
     f = Fleet(store)
     for i in range(25):
         f.report(gen(i % 10))
@@ -188,7 +194,8 @@ def test_paging_and_time_windows(store: Store) -> None:
     assert second.events[0].previous == first.events[-1].generation
 
 
-def test_pruning_by_age_and_cap_keeps_the_newest(store: Store) -> None:
+def test_pruning_by_age_and_cap_keeps_the_newest(any_store: AnyStore) -> None:
+    store = any_store
     old = Fleet(store, "old-01")
     old.t = datetime.now(UTC) - timedelta(days=100)
     for i in range(30):
@@ -211,7 +218,8 @@ def test_pruning_by_age_and_cap_keeps_the_newest(store: Store) -> None:
         assert history.count(conn, "old-01") == 0 and history.count(conn, "busy-01") == 25
 
 
-def test_lifecycle_to_its_own_state_writes_nothing(store: Store) -> None:
+def test_lifecycle_to_its_own_state_writes_nothing(any_store: AnyStore) -> None:
+    store = any_store
     f = Fleet(store)
     f.report(gen(0))
     before = f.events()
@@ -220,7 +228,8 @@ def test_lifecycle_to_its_own_state_writes_nothing(store: Store) -> None:
     assert f.events() == before
 
 
-def test_reboot_needed_and_rebooted(store: Store) -> None:
+def test_reboot_needed_and_rebooted(any_store: AnyStore) -> None:
+    store = any_store
     """DESIGN §3 History: reboot needed (once per need), reboot done (booted changed)."""
     f = Fleet(store)
     f.report(gen(1), booted_generation=gen(1), needs_reboot=False)  # the first booted: no event
@@ -242,7 +251,8 @@ def test_reboot_needed_and_rebooted(store: Store) -> None:
 
 
 @pytest.mark.parametrize("kinds", [[EventKind.DESIRED], [EventKind.DESIRED, EventKind.TAGS]])
-def test_desired_events_of_set_and_clear(store: Store, kinds: list[EventKind]) -> None:
+def test_desired_events_of_set_and_clear(any_store: AnyStore, kinds: list[EventKind]) -> None:
+    store = any_store
     f = Fleet(store)
     f.desire(gen(1), "rollout:a")
     f.desire(gen(1), "rollout:a")  # unchanged: no event
@@ -293,16 +303,18 @@ PATHS = [
 @pytest.mark.parametrize("machine", ["web-03", "web-03.example.org", "web"])
 @pytest.mark.parametrize("path", PATHS)
 def test_store_paths_encode_the_same_in_python_and_sql(
-    store: Store, path: str, machine: str
+    any_store: AnyStore, path: str, machine: str
 ) -> None:
     encoded = history.encode_path(path, machine)
     assert history.decode_path(encoded, machine) == path
     assert not encoded.startswith("/") or encoded == path
-    with store.read() as conn:
-        sql = conn.execute(
-            f"SELECT {history.encode_path_sql('?1', '?2')}", (path, machine)
+    with any_store.read() as conn:
+        sql = history.encode_path_sql("p", "m", postgresql=is_postgresql(conn))
+        got = conn.execute(
+            f"SELECT {sql} FROM (SELECT CAST(? AS TEXT) AS p, CAST(? AS TEXT) AS m) x",
+            (path, machine),
         ).fetchone()[0]
-    assert sql == encoded
+    assert got == encoded
 
 
 def test_a_system_path_is_stored_without_its_machines_name() -> None:
@@ -319,18 +331,30 @@ def test_a_system_path_is_stored_without_its_machines_name() -> None:
         datetime(2038, 1, 19, 3, 14, 8, 123_456, tzinfo=UTC),
     ],
 )
-def test_times_are_microseconds_in_python_and_sql(store: Store, at: datetime) -> None:
+def test_times_are_microseconds_in_python_and_sql(any_store: AnyStore, at: datetime) -> None:
     us = history.micros(at)
     assert history.from_micros(us) == at
-    with store.read() as conn:
-        assert (
-            conn.execute(f"SELECT {history.micros_sql('?1')}", (isoformat(at),)).fetchone()[0] == us
-        )
+    with any_store.read() as conn:
+        sql = history.micros_sql("t", postgresql=is_postgresql(conn))
+        got = conn.execute(f"SELECT {sql} FROM (SELECT CAST(? AS TEXT) AS t) x", (isoformat(at),))
+        assert got.fetchone()[0] == us
+
+
+# A machine's stored generations, (seq, path or k) in seq order, whatever the backend.
+def _stored(conn: Connection, machine_id: str) -> list[tuple[int, object]]:
+    back = "generation_back" if is_postgresql(conn) else "NULL"
+    rows = conn.execute(
+        f"SELECT seq, generation, {back} AS back FROM machine_events WHERE machine = "
+        "(SELECT num FROM machine_numbers WHERE machine_id = ?) ORDER BY seq",
+        (machine_id,),
+    )
+    return [(r[0], r[1] if r[2] is None else r[2]) for r in rows]
 
 
 def test_a_switch_refers_to_its_desired_event_and_keeps_its_path_when_pruned(
-    store: Store,
+    any_store: AnyStore,
 ) -> None:
+    store = any_store
     f = Fleet(store)
     f.report(gen(0))
     f.desire(gen(1), "rollout:r1")
@@ -338,11 +362,7 @@ def test_a_switch_refers_to_its_desired_event_and_keeps_its_path_when_pruned(
     for i in range(3):
         f.report(gen(1), health=health("nginx") if i % 2 == 0 else health())
     with store.read() as conn:
-        stored = conn.execute(
-            "SELECT seq, generation FROM machine_events WHERE machine = "
-            "(SELECT num FROM machine_numbers WHERE machine_id = ?) ORDER BY seq",
-            (f.id,),
-        ).fetchall()
+        stored = _stored(conn, f.id)
     # lifecycle, generation (its own path), tags, desired (its path), generation: "1 back"
     assert [type(g).__name__ for _, g in stored[:5]] == [
         "NoneType",
@@ -358,9 +378,12 @@ def test_a_switch_refers_to_its_desired_event_and_keeps_its_path_when_pruned(
     # the same events but the first, whose previous went with the events before it
     assert f.events()[1:] == before[5:]
     assert f.events()[0] == ("generation", "agent", None, gen(1))
+    with store.read() as conn:  # the reference's holder went: the path was written back
+        assert type(_stored(conn, f.id)[0][1]) is str
 
 
-def test_machine_history_view_reads_as_page_does(store: Store) -> None:
+def test_machine_history_view_reads_as_page_does(any_store: AnyStore) -> None:
+    store = any_store
     f = Fleet(store)
     f.report(gen(0))
     f.desire(gen(1), "rollout:r1")
@@ -402,9 +425,12 @@ def test_details_are_stored_compactly_and_read_back_unchanged(
     assert back == detail and list(back) == list(detail)
 
 
-def test_events_written_with_the_reports_window_are_stored_as_without_it(store: Store) -> None:
+def test_events_written_with_the_reports_window_are_stored_as_without_it(
+    any_store: AnyStore,
+) -> None:
     """record_report hands history.add the number and window its row read
     (NUMBER_SQL, WINDOW_SQL); the rows must be those add writes reading them itself."""
+    store = any_store
     a, b = Fleet(store, "web-a"), Fleet(store, "web-b")
     for f in (a, b):
         f.report(gen(0))
@@ -420,21 +446,24 @@ def test_events_written_with_the_reports_window_are_stored_as_without_it(store: 
             ]
             window = None
             if known:
+                window_sql = history.WINDOW_SQL_PG if is_postgresql(conn) else history.WINDOW_SQL
                 row = conn.execute(
                     f"SELECT {history.NUMBER_SQL.format(machine_id='?')}, "
-                    f"{history.WINDOW_SQL.format(machine_id='?')}",
+                    f"{window_sql.format(machine_id='?')}",
                     (machine, machine),
                 ).fetchone()
                 window = {machine: (int(row[0]), history.window_of(row[1]))}
             history.add(conn, events, window)
+        back = "generation_back" if is_postgresql(conn) else "NULL"
         stored = {
             m: conn.execute(
-                "SELECT seq, at, kind, source, generation, detail FROM machine_events "
-                "WHERE machine = (SELECT num FROM machine_numbers WHERE machine_id = ?) "
-                "ORDER BY seq",
+                f"SELECT seq, at, kind, source, generation, {back} AS back, detail "
+                "FROM machine_events WHERE machine = "
+                "(SELECT num FROM machine_numbers WHERE machine_id = ?) ORDER BY seq",
                 (m,),
             ).fetchall()
             for m in ("web-a", "web-b")
         }
+        refs = [g for _, g in _stored(conn, "web-b")[-3:]]
     assert [tuple(r) for r in stored["web-a"]] == [tuple(r) for r in stored["web-b"]]
-    assert any(type(r["generation"]) is int for r in stored["web-b"][-3:])  # references
+    assert any(type(g) is int for g in refs)  # references

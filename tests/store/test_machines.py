@@ -1,4 +1,6 @@
-"""The SQL forms of sync and stale (store.machines) agree with models, case by case.
+"""Machines on both backends (`any_store`): registering, tags, lifecycle, desired
+generations, listing. Then the SQL forms of sync and stale (store.status, SQLite's so
+far) agree with models, case by case.
 
 The cases are generated: every combination of desired, current and failed generation
 from a small alphabet (None included), and report times on and around the stale
@@ -13,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from nixfleet.errors import ConflictError, NotFoundError, ValidationError
 from nixfleet.models import (
     Lifecycle,
     counts_in_sync_summary,
@@ -21,13 +24,84 @@ from nixfleet.models import (
     stale_cutoff,
     sync_of,
 )
-from nixfleet.store import Store
+from nixfleet.store import Store, machines
+from nixfleet.store.conn import AnyStore
 from nixfleet.store.status import STALE_SQL, SUMMARY_SQL, SYNC_SQL
 
 A, B = "/nix/store/" + "a" * 32 + "-a", "/nix/store/" + "b" * 32 + "-b"
 GENERATIONS = (None, A, B)
 NOW = datetime(2026, 11, 27, 10, 0, 0, tzinfo=UTC)
 STALE_AFTER = 300
+
+
+def test_machines_are_registered_listed_and_got(any_store: AnyStore) -> None:
+    with any_store.transaction() as conn:
+        machines.register(conn, "web-02", ["prod", "web"], Lifecycle.PENDING, NOW)
+        machines.register(conn, "db-01", ["prod"], Lifecycle.ACTIVE, NOW)
+        machines.register(conn, "web-01.example.org", [], Lifecycle.ACTIVE, NOW)
+    with pytest.raises(ConflictError), any_store.transaction() as conn:
+        machines.register(conn, "db-01", [], Lifecycle.ACTIVE, NOW)
+    with any_store.read() as conn:
+        assert machines.machine_ids(conn) == ["db-01", "web-01.example.org", "web-02"]
+        assert machines.machine_ids(conn, ["prod", "web"]) == ["web-02"]
+        assert machines.machine_ids(conn, ["prod"], "active") == ["db-01"]
+        assert machines.count(conn) == 3
+        listed = machines.list_machines(conn, ["prod"])
+        got = machines.get(conn, "web-02")
+        assert machines.find_lifecycle(conn, "nope") is None
+        with pytest.raises(NotFoundError):
+            machines.get(conn, "nope")
+    assert [m.id for m in listed] == ["db-01", "web-02"]
+    assert got == listed[1]
+    assert got.lifecycle is Lifecycle.PENDING and got.registered_at == NOW
+    assert got.tags == got.operator_tags == ("prod", "web") and got.agent_tags == ()
+    assert got.desired_generation is None and got.last_report_at is None
+
+
+def test_tags_of_each_source_are_kept_apart(any_store: AnyStore) -> None:
+    with any_store.transaction() as conn:
+        machines.register(conn, "web-01", ["web"], Lifecycle.ACTIVE, NOW)
+        assert machines.set_tags(conn, "web-01", ["eu", "web"], "agent", replace=True) == (
+            ["eu", "web"],
+            [],
+        )
+        assert machines.set_tags(conn, "web-01", ["eu"], "agent", replace=True) == ([], ["web"])
+        assert machines.set_tags(conn, "web-01", ["canary"], "operator", replace=False) == (
+            ["canary"],
+            [],
+        )
+        assert machines.remove_tags(conn, "web-01", ["web", "absent"]) == ["web"]
+    with any_store.read() as conn:
+        m = machines.get(conn, "web-01")
+        assert machines.machine_ids(conn, ["eu", "canary"]) == ["web-01"]
+    assert (m.agent_tags, m.operator_tags, m.tags) == (("eu",), ("canary",), ("canary", "eu"))
+    too_many = [f"t{i}" for i in range(machines.MAX_TAGS_PER_SOURCE + 1)]
+    with pytest.raises(ValidationError), any_store.transaction() as conn:
+        machines.set_tags(conn, "web-01", too_many, "operator", replace=True)
+
+
+def test_lifecycle_desired_generation_and_retry(any_store: AnyStore) -> None:
+    with any_store.transaction() as conn:
+        machines.register(conn, "web-01", [], Lifecycle.ACTIVE, NOW)
+        assert machines.set_lifecycle(conn, "web-01", Lifecycle.MAINTENANCE) is Lifecycle.ACTIVE
+        machines.set_desired(conn, "web-01", A, "https://cache", "rollout:r1", NOW)
+        machines.request_retry(conn, "web-01", NOW)
+    with pytest.raises(ConflictError), any_store.transaction() as conn:
+        machines.set_lifecycle(conn, "web-01", Lifecycle.PROVISIONING)
+    with any_store.read() as conn:
+        m = machines.get(conn, "web-01")
+    assert m.lifecycle is Lifecycle.MAINTENANCE and m.retry_requested_at == NOW
+    assert (m.desired_generation, m.desired_cache_url, m.desired_source) == (
+        A,
+        "https://cache",
+        "rollout:r1",
+    )
+    with any_store.transaction() as conn:
+        machines.set_desired(conn, "web-01", None, None, None, NOW)
+    with any_store.read() as conn:
+        assert machines.get(conn, "web-01").desired_generation is None
+    with pytest.raises(NotFoundError), any_store.transaction() as conn:
+        machines.set_desired(conn, "nope", A, None, None, NOW)
 
 
 def _sql(store: Store, expression: str, columns: Mapping[str, object], *params: object) -> object:
