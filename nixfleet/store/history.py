@@ -121,7 +121,7 @@ def _label_sql(machine_id: str, postgresql: bool) -> str:
 def encode_path(path: str, machine_id: str) -> str:
     """The stored form of one of `machine_id`'s store paths; any other text is kept as it is.
 
-    "-nixos-system-<label>-" (every system path of that machine) becomes one byte, any
+    "-nixos-system-<its name>-" (in every system path of that machine) becomes one byte, any
     other "-nixos-system-" another. Encoded forms never start with "/", so decode tells
     them apart from kept ones.
     """
