@@ -34,7 +34,7 @@ class Cursor(Protocol):
 
 
 class Connection(Protocol):
-    # Named parameters (a Mapping) are SQLite's only: PostgreSQL spellings use `?`.
+    # `?` with a sequence, `:name` with a mapping: store.pg translates both.
     def execute(
         self, sql: str, parameters: Sequence[Any] | Mapping[str, Any] = ..., /
     ) -> Cursor: ...

@@ -66,6 +66,8 @@ UNAVAILABLE = {
 }
 # After a checkpoint has copied the whole WAL back, the next commit rewinds the WAL and
 # truncates the file to this size, so one large transaction does not leave a large file.
+# IS DISTINCT FROM (3.39), which the SQL shared with PostgreSQL uses; Debian 12 has 3.40.
+MIN_SQLITE = (3, 39, 0)
 WAL_SIZE_LIMIT = 8 * 1024 * 1024
 
 
@@ -89,6 +91,11 @@ class Store:
         lock_timeout: float = LOCK_TIMEOUT,
     ) -> None:
         """Open (a missing file is created; an empty one only with `init`) and migrate."""
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise DatabaseFileError(
+                f"this Python's SQLite is {sqlite3.sqlite_version}; nixfleet needs "
+                f"{'.'.join(map(str, MIN_SQLITE))} or newer (run it from the Nix package)"
+            )
         self.path = Path(path)
         self.lock_timeout = lock_timeout
         self._local = threading.local()

@@ -147,18 +147,12 @@ def encode_path_sql(path: str, machine_id: str, *, postgresql: bool = False) -> 
     """SQL: encode_path of the text `path` for the machine whose id is the expression
     `machine_id` (NULL stays NULL)."""
     host = f"'-nixos-system-' || {_label_sql(machine_id, postgresql)} || '-'"
-    if postgresql:  # strpos, chr: PostgreSQL's instr, char
-        return (
-            f"CASE WHEN substr({path}, 1, 11) = '/nix/store/' AND substr({path}, 12, 1) <> '/' "
-            f"AND length({path}) > 11 AND strpos({path}, chr(1)) = 0 "
-            f"AND strpos({path}, chr(2)) = 0 THEN replace(replace(substr({path}, 12), {host}, "
-            f"chr(2)), '-nixos-system-', chr(1)) ELSE {path} END"
-        )
+    instr, char = ("strpos", "chr") if postgresql else ("instr", "char")
     return (
         f"CASE WHEN substr({path}, 1, 11) = '/nix/store/' AND substr({path}, 12, 1) <> '/' "
-        f"AND length({path}) > 11 AND instr({path}, char(1)) = 0 AND instr({path}, char(2)) = 0 "
-        f"THEN replace(replace(substr({path}, 12), {host}, char(2)), '-nixos-system-', char(1)) "
-        f"ELSE {path} END"
+        f"AND length({path}) > 11 AND {instr}({path}, {char}(1)) = 0 "
+        f"AND {instr}({path}, {char}(2)) = 0 THEN replace(replace(substr({path}, 12), {host}, "
+        f"{char}(2)), '-nixos-system-', {char}(1)) ELSE {path} END"
     )
 
 
@@ -305,17 +299,6 @@ def _pg_rows(rows: list[object]) -> list[object]:
     return out
 
 
-_DESIRED_EVENTS_PG = (  # add_desired's INSERT of the events, in PostgreSQL's words
-    "INSERT INTO machine_events (machine, seq, at, kind, source, generation) "
-    "SELECT n.num, coalesce((SELECT max(e.seq) FROM machine_events e "
-    f"WHERE e.machine = n.num), 0) + 1, {micros_sql('d.at', postgresql=True)}, "
-    f"{KIND_CODES[EventKind.DESIRED]}, s.id, "
-    f"{encode_path_sql('d.generation', 'd.machine_id', postgresql=True)} "
-    "FROM pg_temp.desired_rows AS d JOIN machine_numbers n ON n.machine_id = d.machine_id "
-    "JOIN event_sources s ON s.name = d.source"
-)
-
-
 def add_desired(conn: Connection, rows: str, params: Sequence[object]) -> int:
     """A desired event for each row of `rows`: (machine_id, at, source, generation).
 
@@ -327,42 +310,29 @@ def add_desired(conn: Connection, rows: str, params: Sequence[object]) -> int:
     """
     # `rows` is evaluated once, into a temp table: the source names and the events
     # are both read from it (evaluating it twice cost a tick 14-50 ms per 5,000 rows).
-    if is_postgresql(conn):
-        return _add_desired_pg(conn, rows, params)
+    # The table is the connection's own (a pooled one keeps it on PostgreSQL).
+    pg = is_postgresql(conn)
+    temp = "pg_temp" if pg else "temp"
     conn.execute(
         "CREATE TEMP TABLE IF NOT EXISTS desired_rows "
         "(machine_id TEXT NOT NULL, at TEXT NOT NULL, source TEXT NOT NULL, generation TEXT)"
     )
-    if not conn.execute(f"INSERT INTO temp.desired_rows {rows}", params).rowcount:
+    if not conn.execute(f"INSERT INTO {temp}.desired_rows {rows}", params).rowcount:
         return 0
-    conn.execute(
-        "INSERT OR IGNORE INTO event_sources (name) SELECT DISTINCT source FROM temp.desired_rows"
+    conn.execute(  # WHERE true: SQLite would read ON CONFLICT as the SELECT's join
+        f"INSERT INTO event_sources (name) SELECT DISTINCT source FROM {temp}.desired_rows "
+        "WHERE true ON CONFLICT DO NOTHING"
     )
     written = conn.execute(
         "INSERT INTO machine_events (machine, seq, at, kind, source, generation) "
         "SELECT n.num, coalesce((SELECT max(e.seq) FROM machine_events e "
-        f"WHERE e.machine = n.num), 0) + 1, {micros_sql('d.at')}, "
-        f"{KIND_CODES[EventKind.DESIRED]}, s.id, {encode_path_sql('d.generation', 'd.machine_id')} "
-        "FROM temp.desired_rows AS d JOIN machine_numbers n ON n.machine_id = d.machine_id "
+        f"WHERE e.machine = n.num), 0) + 1, {micros_sql('d.at', postgresql=pg)}, "
+        f"{KIND_CODES[EventKind.DESIRED]}, s.id, "
+        f"{encode_path_sql('d.generation', 'd.machine_id', postgresql=pg)} "
+        f"FROM {temp}.desired_rows AS d JOIN machine_numbers n ON n.machine_id = d.machine_id "
         "JOIN event_sources s ON s.name = d.source"
     ).rowcount
-    conn.execute("DELETE FROM temp.desired_rows")
-    return int(written)
-
-
-def _add_desired_pg(conn: Connection, rows: str, params: Sequence[object]) -> int:
-    conn.execute(  # the session's own table, kept by the pooled connection
-        "CREATE TEMP TABLE IF NOT EXISTS desired_rows "
-        "(machine_id TEXT NOT NULL, at TEXT NOT NULL, source TEXT NOT NULL, generation TEXT)"
-    )
-    if not conn.execute(f"INSERT INTO pg_temp.desired_rows {rows}", params).rowcount:
-        return 0
-    conn.execute(
-        "INSERT INTO event_sources (name) SELECT DISTINCT source FROM pg_temp.desired_rows "
-        "ON CONFLICT DO NOTHING"
-    )
-    written = conn.execute(_DESIRED_EVENTS_PG).rowcount
-    conn.execute("DELETE FROM pg_temp.desired_rows")
+    conn.execute(f"DELETE FROM {temp}.desired_rows")
     return int(written)
 
 

@@ -282,10 +282,7 @@ def set_desired(
     history.add_desired(
         conn,
         "SELECT id AS machine_id, ? AS at, ? AS source, ? AS generation FROM machines "
-        "WHERE id = ? AND desired_generation IS DISTINCT FROM ?"
-        if is_postgresql(conn)  # `x IS NOT ?` is SQLite's only
-        else "SELECT id AS machine_id, ? AS at, ? AS source, ? AS generation FROM machines "
-        "WHERE id = ? AND desired_generation IS NOT ?",
+        "WHERE id = ? AND desired_generation IS DISTINCT FROM ?",
         (isoformat(now), actor or source or "operator", store_path, machine_id, store_path),
     )
     conn.execute(
@@ -337,6 +334,8 @@ _REPORT_ROW_PG = _REPORT_ROW_TEMPLATE.format(
     agent_tags="SELECT coalesce(json_agg(tag)::text, '[]')",
     window=history.WINDOW_SQL_PG.format(machine_id="machines.id"),
 )
+# One spelling for both backends: SQLite 3.39+ has IS DISTINCT FROM, and a
+# parameter only tested for NULL is given its type for PostgreSQL.
 _REPORT_UPDATE = (
     "UPDATE machines SET current_generation = :current, last_report_at = :at, "
     "agent_version = COALESCE(:version, agent_version), system_state = :state, "
@@ -347,37 +346,16 @@ _REPORT_UPDATE = (
     # The switch output stays with its failure: replaced by a new failure's (or
     # dropped when it came without), cleared with the failure, else kept (agents
     # send it once).
-    "failed_output = CASE WHEN :failed IS NOT NULL AND :failed IS NOT failed_generation "
-    "  THEN :output WHEN :failed IS NOT NULL AND :output IS NOT NULL THEN :output "
-    "  WHEN failed_generation = :current THEN NULL ELSE failed_output END, "
-    "failed_generation = CASE WHEN :failed IS NOT NULL THEN :failed "
+    "failed_output = CASE WHEN CAST(:failed AS TEXT) IS NOT NULL "
+    "  AND CAST(:failed AS TEXT) IS DISTINCT FROM failed_generation THEN :output "
+    "  WHEN CAST(:failed AS TEXT) IS NOT NULL AND CAST(:output AS TEXT) IS NOT NULL "
+    "  THEN :output WHEN failed_generation = :current THEN NULL ELSE failed_output END, "
+    "failed_generation = CASE WHEN CAST(:failed AS TEXT) IS NOT NULL THEN :failed "
     "  WHEN failed_generation = :current THEN NULL ELSE failed_generation END, "
     "lifecycle = CASE WHEN lifecycle IN ('pending', 'provisioning') THEN 'active' "
     "  ELSE lifecycle END "
     "WHERE id = :id"
 )
-# The same UPDATE on PostgreSQL: positional parameters (their names in order below),
-# IS DISTINCT FROM for IS NOT, and a type for the parameters only tested for NULL.
-_REPORT_UPDATE_PG = (
-    "UPDATE machines SET current_generation = ?, last_report_at = ?, "
-    "agent_version = COALESCE(?, agent_version), system_state = ?, "
-    "last_success = ?, last_message = ?, health_json = ?, health = ?, uptime_seconds = ?, "
-    "needs_reboot = ?, booted_generation = COALESCE(?, booted_generation), "
-    "failed_output = CASE WHEN CAST(? AS TEXT) IS NOT NULL "
-    "  AND CAST(? AS TEXT) IS DISTINCT FROM failed_generation THEN ? "
-    "  WHEN CAST(? AS TEXT) IS NOT NULL AND CAST(? AS TEXT) IS NOT NULL THEN ? "
-    "  WHEN failed_generation = ? THEN NULL ELSE failed_output END, "
-    "failed_generation = CASE WHEN CAST(? AS TEXT) IS NOT NULL THEN ? "
-    "  WHEN failed_generation = ? THEN NULL ELSE failed_generation END, "
-    "lifecycle = CASE WHEN lifecycle IN ('pending', 'provisioning') THEN 'active' "
-    "  ELSE lifecycle END "
-    "WHERE id = ?"
-)
-_REPORT_UPDATE_PG_PARAMS = (
-    "current", "at", "version", "state", "success", "message", "health", "health_axis",
-    "uptime", "needs_reboot", "booted", "failed", "failed", "output", "failed", "output",
-    "output", "current", "failed", "failed", "current", "id",
-)  # fmt: skip
 
 
 def record_report(conn: Connection, report: Report) -> tuple[Row, Lifecycle | None]:
@@ -391,9 +369,8 @@ def record_report(conn: Connection, report: Report) -> tuple[Row, Lifecycle | No
     # The poll hint is the running rollout's (store.rollouts.set_poll_hint), found
     # through rollout_machines_machine; a machine is in at most one active rollout.
     # Its reboot policy (DESIGN §11) is looked up only when the agent needs a reboot.
-    pg = is_postgresql(conn)
     row = conn.execute(
-        _REPORT_ROW_PG if pg else _REPORT_ROW,
+        _REPORT_ROW_PG if is_postgresql(conn) else _REPORT_ROW,
         (bool(report.needs_reboot), report.machine_id),
     ).fetchone()
     if row is None:
@@ -426,10 +403,7 @@ def record_report(conn: Connection, report: Report) -> tuple[Row, Lifecycle | No
         "booted": report.booted_generation,
         "id": report.machine_id,
     }
-    if pg:
-        conn.execute(_REPORT_UPDATE_PG, [values[k] for k in _REPORT_UPDATE_PG_PARAMS])
-    else:
-        conn.execute(_REPORT_UPDATE, values)
+    conn.execute(_REPORT_UPDATE, values)
     prior = changes.Prior(
         current_generation=row["current_generation"],
         failed_generation=row["failed_generation"],

@@ -3,10 +3,11 @@
 `PgStore` offers the transactions of `store.db.Store` (one write transaction per
 request, `read()` one snapshot, `lookup()` one autocommit query) over a connection
 pool, and `PgConnection` makes a psycopg connection a `store.conn.Connection`, so
-the noun modules' SQL (written with SQLite's `?`) runs unchanged where the dialects
-agree: each statement's `?` become `%s` (and a literal `%` doubles), outside string
-literals, quoted identifiers and comments, translated once per statement text; rows
-are read by column name and by position, as `sqlite3.Row`.
+the noun modules' SQL (written with SQLite's `?` or `:name`) runs unchanged where
+the dialects agree: each statement's `?` become `%s` and its `:name` `%(name)s` (a
+literal `%` doubles; `::type` casts stay), outside string literals, quoted
+identifiers and comments, translated once per statement text; rows are read by
+column name and by position, as `sqlite3.Row`.
 
 The schema is SQLite's, spelled again in `store/sql/postgresql/` (held to it by
 tests/store/test_pg_schema.py); the replicas' leader lock and LISTEN/NOTIFY are in
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib import resources
@@ -46,10 +48,14 @@ def migrations() -> list[tuple[str, str]]:
     return [(f.name.removesuffix(".sql"), f.read_text()) for f in files]
 
 
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 @functools.lru_cache(maxsize=4096)
 def translate(sql: str) -> str:
-    """SQLite's `?` placeholders as psycopg's `%s`; a literal `%` as `%%`.
+    """SQLite's `?` and `:name` placeholders as psycopg's `%s` and `%(name)s`.
 
+    A literal `%` becomes `%%`; a `::type` cast is PostgreSQL's, not a parameter.
     Quoted text ('…', "…") and comments (-- …, /* … */) are copied as they are.
     """
     out: list[str] = []
@@ -80,6 +86,18 @@ def translate(sql: str) -> str:
         elif c == "?":
             out.append("%s")
             i += 1
+        elif c == ":":
+            if sql.startswith("::", i):
+                out.append("::")
+                i += 2
+                continue
+            name = _NAME.match(sql, i + 1)
+            if name is None:
+                out.append(c)
+                i += 1
+            else:
+                out.append(f"%({name.group()})s")
+                i = name.end()
         elif c == "%":
             out.append("%%")
             i += 1
@@ -125,18 +143,17 @@ class PgConnection:
         self.raw = conn
 
     def execute(self, sql: str, parameters: Sequence[Any] | Mapping[str, Any] = (), /) -> Cursor:
-        if isinstance(parameters, Mapping):  # SQLite's :name; translate knows only `?`
-            raise TypeError("PostgreSQL spellings take positional parameters (`?`)")
-        return self.raw.execute(translate(sql), tuple(parameters))
+        return self.raw.execute(translate(sql), _params(parameters))
 
     def executemany(
         self, sql: str, parameters: Iterable[Sequence[Any] | Mapping[str, Any]], /
     ) -> None:
-        rows = [p for p in parameters]
-        if any(isinstance(p, Mapping) for p in rows):
-            raise TypeError("PostgreSQL spellings take positional parameters (`?`)")
         with self.raw.cursor() as cur:
-            cur.executemany(translate(sql), [tuple(p) for p in rows])
+            cur.executemany(translate(sql), [_params(p) for p in parameters])
+
+
+def _params(parameters: Sequence[Any] | Mapping[str, Any]) -> Sequence[Any] | Mapping[str, Any]:
+    return parameters if isinstance(parameters, Mapping) else tuple(parameters)
 
 
 def _unavailable(e: Exception) -> StoreUnavailableError:

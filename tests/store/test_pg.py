@@ -32,6 +32,11 @@ from nixfleet.store import pg  # noqa: E402
         ),
         ("SELECT ? -- why?\n, ?", "SELECT %s -- why?\n, %s"),
         ("SELECT /* what? */ ?", "SELECT /* what? */ %s"),
+        (
+            "UPDATE t SET a = :a, b = :b_2 WHERE id = :a",
+            "UPDATE t SET a = %(a)s, b = %(b_2)s WHERE id = %(a)s",
+        ),
+        ("SELECT :x::text, a[1:2], ':y' -- :z", "SELECT %(x)s::text, a[1:2], ':y' -- :z"),
     ],
 )
 def test_placeholders_are_translated_outside_quotes_and_comments(
@@ -63,6 +68,17 @@ def test_translated_sql_runs_and_rows_read_by_name_and_position(postgres_url: st
         assert dict(zip(row.keys(), row, strict=True)) == {"name": "a%b", "r": "admin", "q": "?"}
         with pytest.raises(KeyError):
             row["missing"]
+        with store.transaction() as conn:
+            conn.executemany(
+                "UPDATE api_keys SET role = :role WHERE key_hash = :hash AND :hash <> ''",
+                [{"role": "deploy", "hash": "h1"}],
+            )
+            row = conn.execute(
+                "SELECT role, CAST(:n AS TEXT)::int + 1 AS n FROM api_keys WHERE name = :name",
+                {"name": "a%b", "n": "41"},
+            ).fetchone()
+        assert row is not None
+        assert (row["role"], row["n"]) == ("deploy", 42)
     finally:
         store.close()
 
