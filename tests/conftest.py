@@ -24,6 +24,7 @@ from postgres_cluster import Server, server_or_skip
 from nixfleet.client import Client
 from nixfleet.models import utcnow
 from nixfleet.store import Store, credentials, db, migrations
+from nixfleet.store.conn import AnyStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,6 +67,20 @@ def store(tmp_path: Path) -> Iterator[Store]:
     s = Store(tmp_path / "nixfleet.db")
     yield s
     s.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AnyStore]:
+    """A new, migrated store of each backend (the PostgreSQL one in a database of its own)."""
+    if request.param == "sqlite":
+        any_: AnyStore = Store(tmp_path / "nixfleet.db")
+    else:
+        url = request.getfixturevalue("postgres_url")  # skips (or fails under CI) first
+        from nixfleet.store.pg import PgStore
+
+        any_ = PgStore(url, max_size=4)
+    yield any_
+    any_.close()
 
 
 @pytest.fixture
