@@ -35,7 +35,9 @@ never on the report path.
 
 On PostgreSQL (`is_postgresql`) `generation` is two columns: the path in `generation`,
 k in `generation_back` (sql/postgresql/0004_baseline.sql); the SQL that differs is
-spelled twice below, each PostgreSQL spelling beside SQLite's (suffix `_PG`).
+spelled twice below, each PostgreSQL spelling beside SQLite's (suffix `_PG`). SQLite's
+one writer keeps "read the newest seq, append after it" whole; on PostgreSQL `add`,
+`add_desired` and `prune` lock the machines' rows first (`lock_machines`).
 """
 
 from __future__ import annotations
@@ -238,11 +240,16 @@ def add(
     """Append events in order (each machine's after its newest), in one INSERT.
 
     `known`: per machine, its number and window as read in this transaction
-    (NUMBER_SQL, WINDOW_SQL), which saves reading them again.
+    (NUMBER_SQL, WINDOW_SQL), which saves reading them again. On PostgreSQL the
+    machines' rows are locked first (`lock_machines`) and the windows read after the
+    lock; with `known` the caller holds that lock already (record_report updated the
+    row) but read the window before it, so only the number is taken from `known`.
     """
     by_machine: dict[str, list[Event]] = {}
     for e in events:
         by_machine.setdefault(e.machine_id, []).append(e)
+    if is_postgresql(conn):
+        known = _windows_pg(conn, list(by_machine), known)
     rows: list[object] = []
     for machine_id, mine in by_machine.items():
         found = known.get(machine_id) if known is not None else None
@@ -289,6 +296,47 @@ def add(
         conn.execute(insert + values, chunk)
 
 
+_LOCK_PG = (
+    "SELECT m.id, n.num FROM machines m JOIN machine_numbers n ON n.machine_id = m.id "
+    "WHERE {key} = ANY(?) ORDER BY m.id FOR NO KEY UPDATE OF m"
+)
+
+
+def lock_machines(conn: Connection, machine_ids: Sequence[str]) -> dict[str, int]:
+    """PostgreSQL: lock the machines' rows, in id order, until the commit; their numbers.
+
+    What every writer of a machine's events holds while it reads its newest seq (and
+    the paths to refer to) and appends after it, and the pruning job while it deletes
+    what they may refer to: READ COMMITTED lets two transactions read the same newest
+    seq, and the second's INSERT would then fail on (machine, seq). The row of
+    `machines` because record_report's UPDATE takes it anyway; FOR NO KEY UPDATE
+    because it conflicts with itself and the UPDATEs, not with foreign-key checks.
+    """
+    rows = conn.execute(_LOCK_PG.format(key="m.id"), (list(machine_ids),)).fetchall()
+    return {r[0]: int(r[1]) for r in rows}
+
+
+def _windows_pg(
+    conn: Connection, machine_ids: list[str], known: Mapping[str, tuple[int, Window]] | None
+) -> dict[str, tuple[int, Window]]:
+    """add's numbers and windows on PostgreSQL, read under the machines' row locks."""
+    nums = {m: known[m][0] for m in machine_ids if known is not None and m in known}
+    if len(nums) < len(machine_ids):
+        nums = lock_machines(conn, machine_ids)
+        missing = [m for m in machine_ids if m not in nums]
+        if missing:
+            raise LookupError(f"machine {missing[0]!r} has no number (not registered?)")
+    windows: dict[int, Window] = {num: [] for num in nums.values()}
+    for num, seq, generation in conn.execute(
+        "SELECT n.num, w.seq, w.generation FROM unnest(CAST(? AS INTEGER[])) AS n (num) "
+        "CROSS JOIN LATERAL (SELECT seq, generation FROM machine_events e "
+        "WHERE e.machine = n.num ORDER BY seq DESC LIMIT ?) w ORDER BY n.num, w.seq DESC",
+        (list(nums.values()), LOOKBACK),
+    ):
+        windows[num].append((int(seq), generation))
+    return {m: (num, windows[num]) for m, num in nums.items()}
+
+
 def _pg_rows(rows: list[object]) -> list[object]:
     """add's rows of 7 values as PostgreSQL's rows of 8: generation split in two."""
     out: list[object] = []
@@ -319,6 +367,11 @@ def add_desired(conn: Connection, rows: str, params: Sequence[object]) -> int:
     )
     if not conn.execute(f"INSERT INTO {temp}.desired_rows {rows}", params).rowcount:
         return 0
+    if pg:  # the machines' next seqs are read below: lock them first (lock_machines)
+        conn.execute(
+            "SELECT 1 FROM machines WHERE id IN (SELECT machine_id FROM pg_temp.desired_rows) "
+            "ORDER BY id FOR NO KEY UPDATE"
+        )
     conn.execute(  # WHERE true: SQLite would read ON CONFLICT as the SELECT's join
         f"INSERT INTO event_sources (name) SELECT DISTINCT source FROM {temp}.desired_rows "
         "WHERE true ON CONFLICT DO NOTHING"
@@ -554,11 +607,18 @@ def _prune_pg(
     ).fetchone()[0]
     if last is None:
         return 0, None
-    edges = [
-        (int(r[0]), int(r[1]))
-        for r in conn.execute(_EDGES_PG, (cap, micros(cutoff), after, last))
-        if r[1] > 0
-    ]
+    params = (cap, micros(cutoff), after, last)
+    edges = [(int(r[0]), int(r[1])) for r in conn.execute(_EDGES_PG, params) if r[1] > 0]
+    if edges:
+        # An event appended meanwhile may refer to one about to go: lock the machines
+        # with something to delete (lock_machines), then find their edges again.
+        nums = [num for num, _ in edges]
+        locked = {int(r[1]) for r in conn.execute(_LOCK_PG.format(key="n.num"), (nums,))}
+        edges = [
+            (int(r[0]), int(r[1]))
+            for r in conn.execute(_EDGES_PG, params)
+            if r[1] > 0 and r[0] in locked
+        ]
     conn.executemany(_KEEP_PATHS_PG, [(num, edge, edge + LOOKBACK, edge) for num, edge in edges])
     deleted = 0
     for num, edge in edges:

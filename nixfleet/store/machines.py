@@ -166,15 +166,18 @@ def register(
     lifecycle: Lifecycle,
     now: datetime,
 ) -> None:
-    if conn.execute("SELECT 1 FROM machines WHERE id = ?", (machine_id,)).fetchone():
+    # The unique key decides, not a read before the insert: on PostgreSQL a second
+    # transaction registering the same id waits for the first and then inserts nothing
+    # (a check first would let both pass it, and the second fail on the key).
+    if not conn.execute(
+        "INSERT INTO machines (id, lifecycle, registered_at) VALUES (?, ?, ?) "
+        "ON CONFLICT (id) DO NOTHING RETURNING id",
+        (machine_id, lifecycle.value, isoformat(now)),
+    ).fetchall():
         raise ConflictError(
             f"machine {machine_id!r} is already registered; use `nixfleet machines tag` or "
             "`set-lifecycle` to change it"
         )
-    conn.execute(
-        "INSERT INTO machines (id, lifecycle, registered_at) VALUES (?, ?, ?)",
-        (machine_id, lifecycle.value, isoformat(now)),
-    )
     set_tags(conn, machine_id, tags, "operator", replace=False)
 
 
