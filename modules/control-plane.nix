@@ -19,6 +19,37 @@ let
   format = pkgs.formats.json { };
 
   stateDir = "/var/lib/nixfleet";
+  unit = "nixfleet-control-plane.service";
+  # systemd's fixed $CREDENTIALS_DIRECTORY for the unit: settings files get no `%d`.
+  credentials = "/run/credentials/${unit}";
+
+  db = cfg.database;
+  hasPrefixes = prefixes: url: lib.any (p: lib.hasPrefix p (lib.toLower url)) prefixes;
+  isPostgres = url: url != null && hasPrefixes [ "postgresql://" "postgres://" ] url;
+  isSqlite = url: url != null && hasPrefixes [ "sqlite:" ] url;
+  # As nixfleet/database_url.py refuses it: user:password@ in the authority, or
+  # `password=` in the query. Caught here so that it never reaches the store.
+  holdsPassword =
+    url:
+    isPostgres url
+    && (
+      builtins.match "[^:]*://[^/?#@]*:[^/?#@]*@.*" url != null
+      || builtins.match "[^?]*[?](.*&)?password=.*" url != null
+    );
+  namesPassfile = url: builtins.match "[^?]*[?](.*&)?passfile=.*" url != null;
+  # Peer authentication over the socket: the unit's user name is the role.
+  localUrl = "postgresql:///nixfleet?host=/run/postgresql";
+  localServer = [
+    "postgresql.service"
+    "postgresql.target"
+  ];
+  databaseUrl =
+    if db.createLocally then
+      localUrl
+    else if db.url != null && db.passwordFile != null then
+      "${db.url}${if lib.hasInfix "?" db.url then "&" else "?"}passfile=${credentials}/pgpass"
+    else
+      db.url;
 
   inherit (cfg.listen) address port;
   bracket = host: if lib.hasInfix ":" host then "[${host}]" else host;
@@ -36,11 +67,17 @@ let
   cpConfig = lib.recursiveUpdate (
     {
       listen = "${bracket address}:${toString port}";
-      db = "${stateDir}/nixfleet.db";
       history_days = cfg.historyDays;
       history_max_events = cfg.historyMaxEvents;
       ui = cfg.ui.enable;
     }
+    # No database URL: the SQLite file in the state directory, spelled as always.
+    // (
+      if databaseUrl == null then
+        { db = "${stateDir}/nixfleet.db"; }
+      else
+        { database_url = databaseUrl; }
+    )
     // lib.optionalAttrs (cfg.rolloutsDir != null) { rollouts_dir = "${cfg.rolloutsDir}"; }
     # Behind nginx with forced TLS, dashboard cookies are Secure.
     // lib.optionalAttrs (cfg.nginx.enable && cfg.nginx.forceSSL) { ui_secure_cookie = true; }
@@ -48,7 +85,7 @@ let
       # Each secret is a credential of the unit, at systemd's fixed path for it.
       webhooks = lib.imap0 (i: w: {
         inherit (w) url events;
-        secret_file = "/run/credentials/nixfleet-control-plane.service/webhook-${toString i}";
+        secret_file = "${credentials}/webhook-${toString i}";
       }) cfg.webhooks;
     }
   ) cfg.settings;
@@ -105,6 +142,53 @@ in
         readable by root only; a path in the world-readable Nix store is
         refused when the configuration is evaluated.
       '';
+    };
+
+    database = {
+      url = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "postgresql://nixfleet@db.example.com/nixfleet?sslmode=verify-full";
+        description = ''
+          The database the control plane keeps the fleet in (its `database_url`
+          setting). `null`: the SQLite file `/var/lib/nixfleet/nixfleet.db` in the
+          state directory. Otherwise `postgresql://USER@HOST[:PORT]/DATABASE` with
+          libpq's query parameters (`sslmode`, `host=/run/postgresql` for a socket,
+          …), or `sqlite:PATH` (the unit can write only under `/var/lib/nixfleet`).
+          The URL lands in the world-readable Nix store and may hold no password:
+          use {option}`services.nixfleet-control-plane.database.passwordFile`, or
+          {option}`services.nixfleet-control-plane.database.createLocally`.
+        '';
+      };
+
+      passwordFile = mkOption {
+        type = types.nullOr types.externalPath;
+        default = null;
+        example = "/run/secrets/nixfleet-pgpass";
+        description = ''
+          libpq password file for the `postgresql://` URL of
+          {option}`services.nixfleet-control-plane.database.url`: lines of
+          `host:port:database:user:password` (`*` matches anything; escape `:` and
+          `\` in the password with `\`), e.g. `*:*:nixfleet:nixfleet:s3cret`; a
+          bare password is not read. Passed with systemd's `LoadCredential=` and
+          appended to the URL as `passfile=$CREDENTIALS_DIRECTORY/pgpass`, so it may
+          be readable by root only; a path in the Nix store is refused.
+        '';
+      };
+
+      createLocally = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          Run PostgreSQL on this machine (`services.postgresql`) with a database
+          and role `nixfleet` that owns it, and connect to it over the socket
+          (`postgresql:///nixfleet?host=/run/postgresql`) by peer authentication,
+          no password. The unit then runs as the dynamic user `nixfleet`, the
+          name peer authentication maps to the role, and requires and starts
+          after `postgresql.service` and `postgresql.target` (the latter includes
+          `postgresql-setup.service`, which creates the role and database).
+        '';
+      };
     };
 
     rolloutsDir = mkOption {
@@ -255,7 +339,56 @@ in
           services.nixfleet-control-plane.nginx.virtualHost, e.g. "fleet.example.com".
         '';
       }
+      {
+        assertion = db.createLocally -> db.url == null;
+        message = ''
+          services.nixfleet-control-plane.database.createLocally connects to the local
+          PostgreSQL by itself (postgresql:///nixfleet?host=/run/postgresql): unset
+          services.nixfleet-control-plane.database.url, or set createLocally = false.
+        '';
+      }
+      {
+        assertion = db.passwordFile != null -> isPostgres db.url;
+        message = ''
+          services.nixfleet-control-plane.database.passwordFile needs
+          services.nixfleet-control-plane.database.url to be a postgresql:// URL
+          (createLocally connects by peer authentication, with no password).
+        '';
+      }
+      {
+        assertion = db.url == null || isPostgres db.url || isSqlite db.url;
+        message = ''
+          services.nixfleet-control-plane.database.url must be a postgresql:// URL
+          or sqlite:PATH, not "${toString db.url}".
+        '';
+      }
+      {
+        assertion = !holdsPassword db.url;
+        message = ''
+          services.nixfleet-control-plane.database.url holds a password, which would
+          be world-readable in the Nix store: remove it and put it in the file that
+          services.nixfleet-control-plane.database.passwordFile names.
+        '';
+      }
+      {
+        assertion = db.passwordFile != null && db.url != null -> !namesPassfile db.url;
+        message = ''
+          services.nixfleet-control-plane.database.url names a passfile= already;
+          drop it: services.nixfleet-control-plane.database.passwordFile appends one.
+        '';
+      }
     ];
+
+    services.postgresql = mkIf db.createLocally {
+      enable = true;
+      ensureDatabases = [ "nixfleet" ];
+      ensureUsers = [
+        {
+          name = "nixfleet";
+          ensureDBOwnership = true;
+        }
+      ];
+    };
 
     # Behind nginx, clients only ever talk to nginx.
     networking.firewall.allowedTCPPorts = mkIf cfg.openFirewall (
@@ -286,7 +419,10 @@ in
     systemd.services.nixfleet-control-plane = {
       description = "nixfleet control plane";
       wantedBy = [ "multi-user.target" ];
-      after = [ "network.target" ];
+      # postgresql.target is up once postgresql-setup.service has run the
+      # ensure* scripts: the role exists before the first connection.
+      after = [ "network.target" ] ++ lib.optionals db.createLocally localServer;
+      requires = lib.optionals db.createLocally localServer;
 
       serviceConfig = {
         # exec: `systemctl start` fails when the server cannot be executed.
@@ -318,10 +454,15 @@ in
         RestartSec = 5;
 
         DynamicUser = true;
+        # Peer authentication maps the OS user name to the role; otherwise systemd
+        # names the dynamic user after the unit, as it always did.
+        User = mkIf db.createLocally "nixfleet";
         StateDirectory = "nixfleet";
         StateDirectoryMode = "0700";
         LoadCredential =
-          optional (cfg.adminKeyFile != null) "admin-key:${cfg.adminKeyFile}" ++ webhookCredentials;
+          optional (cfg.adminKeyFile != null) "admin-key:${cfg.adminKeyFile}"
+          ++ optional (db.passwordFile != null) "pgpass:${db.passwordFile}"
+          ++ webhookCredentials;
 
         # Binding a port below 1024 is the only privilege it may need.
         CapabilityBoundingSet = if port < 1024 then [ "CAP_NET_BIND_SERVICE" ] else "";

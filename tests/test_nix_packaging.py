@@ -296,7 +296,8 @@ def test_modules_declare_the_contracted_options(options: dict[str, list[dict[str
         "enable", "package", "listen.address", "listen.port", "openFirewall", "settings",
         "adminKeyFile", "rolloutsDir", "historyDays", "historyMaxEvents", "nginx.enable",
         "nginx.virtualHost",
-        "nginx.enableACME", "nginx.forceSSL",
+        "nginx.enableACME", "nginx.forceSSL", "database.url", "database.passwordFile",
+        "database.createLocally",
     } <= cp  # fmt: skip
 
 

@@ -115,6 +115,33 @@ let
         default = { };
       };
       services.nginx = loose { };
+      # The options of nixos/modules/services/databases/postgresql.nix the control
+      # plane sets, typed as there: a misspelt name or value fails the evaluation.
+      services.postgresql = {
+        enable = mkOption {
+          type = types.bool;
+          default = false;
+        };
+        ensureDatabases = mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+        };
+        ensureUsers = mkOption {
+          type = types.listOf (
+            types.submodule {
+              options = {
+                name = mkOption { type = types.str; };
+                ensureDBOwnership = mkOption {
+                  type = types.bool;
+                  default = false;
+                };
+                ensureClauses = loose { };
+              };
+            }
+          );
+          default = [ ];
+        };
+      };
     };
   };
 
@@ -177,4 +204,5 @@ in
   controlPlane = service "nixfleet-control-plane";
   firewall = eval.config.networking.firewall.allowedTCPPorts;
   nginx = eval.config.services.nginx;
+  inherit (eval.config.services) postgresql;
 }

@@ -54,7 +54,8 @@ def lib() -> str:
 def eval_real(lib: str, config: str) -> Any:
     return nix_eval(
         f"""let r = import {EVAL} {{ lib = import {lib}; config = {config}; }};
-            in {{ inherit (r) options failedAssertions warnings agent controlPlane firewall; }}"""
+            in {{ inherit (r) options failedAssertions warnings agent controlPlane firewall
+                  postgresql; }}"""
     )
 
 
@@ -188,6 +189,7 @@ def test_listen_port_is_a_port(lib: str) -> None:
         "services.nixfleet-agent.tokenFile",
         "services.nixfleet-agent.enrollTokenFile",
         "services.nixfleet-control-plane.adminKeyFile",
+        "services.nixfleet-control-plane.database.passwordFile",
     ],
 )
 def test_secret_files_refuse_store_paths(lib: str, option: str) -> None:
@@ -215,6 +217,147 @@ def test_secret_files_refuse_store_paths(lib: str, option: str) -> None:
 def test_assertions(lib: str, config: str, needle: str) -> None:
     out = eval_real(lib, "{ services.nixfleet-agent = { enable = true; " + config + " }; }")
     assert any(needle in message for message in out["failedAssertions"]), out["failedAssertions"]
+
+
+# --- the control plane's database ---------------------------------------------------
+
+CP_UNIT = "nixfleet-control-plane.service"
+CREDENTIALS = f"/run/credentials/{CP_UNIT}"
+LOCAL_URL = "postgresql:///nixfleet?host=/run/postgresql"
+REMOTE = "postgresql://nixfleet@db.example.com/nixfleet"
+PGPASS = "/run/secrets/nixfleet-pgpass"
+
+
+def cp_with(database: str) -> str:
+    """A control plane with the admin key and `database` (Nix attribute definitions)."""
+    return (
+        "{ services.nixfleet-control-plane = { enable = true; "
+        f'adminKeyFile = "/run/secrets/nixfleet-admin-key"; {database} }}; }}'
+    )
+
+
+def loaded(rendered: dict[str, Any], tmp_path: Path) -> Any:
+    from nixfleet import settings as config
+
+    f = tmp_path / "settings.json"
+    f.write_text(json.dumps(rendered))
+    return config.load(f)
+
+
+def test_without_database_options_the_sqlite_file_stays(lib: str, tmp_path: Path) -> None:
+    """An existing SQLite installation: `db` in the state directory, the unit's own
+    dynamic user name, no PostgreSQL, no new dependency or credential."""
+    out = eval_real(lib, cp_with(""))
+    assert out["failedAssertions"] == []
+    cp = out["controlPlane"]
+    assert cp["config"]["db"] == "/var/lib/nixfleet/nixfleet.db"
+    assert "database_url" not in cp["config"]
+    unit = cp["unit"]
+    assert "User" not in unit["serviceConfig"] and unit["serviceConfig"]["DynamicUser"] is True
+    assert unit["after"] == ["network.target"] and unit.get("requires", []) == []
+    assert unit["serviceConfig"]["LoadCredential"] == ["admin-key:/run/secrets/nixfleet-admin-key"]
+    assert out["postgresql"] == {"enable": False, "ensureDatabases": [], "ensureUsers": []}
+    database = loaded(cp["config"], tmp_path).database
+    assert (database.backend, str(database.path)) == ("sqlite", "/var/lib/nixfleet/nixfleet.db")
+
+
+def test_create_locally_runs_postgresql_and_connects_by_peer(lib: str, tmp_path: Path) -> None:
+    out = eval_real(lib, cp_with("database.createLocally = true;"))
+    assert out["failedAssertions"] == [] and out["warnings"] == []
+    assert out["postgresql"] == {
+        "enable": True,
+        "ensureDatabases": ["nixfleet"],
+        "ensureUsers": [{"name": "nixfleet", "ensureDBOwnership": True, "ensureClauses": {}}],
+    }
+    cp = out["controlPlane"]
+    assert cp["config"]["database_url"] == LOCAL_URL and "db" not in cp["config"]
+    service = cp["unit"]["serviceConfig"]
+    # Peer authentication maps the OS user name to the role ensureUsers creates.
+    assert (service["User"], service["DynamicUser"]) == ("nixfleet", True)
+    assert service["LoadCredential"] == ["admin-key:/run/secrets/nixfleet-admin-key"]
+    for key in ("after", "requires"):
+        assert {"postgresql.service", "postgresql.target"} <= set(cp["unit"][key]), key
+    database = loaded(cp["config"], tmp_path).database
+    assert (database.backend, database.conninfo) == ("postgresql", LOCAL_URL)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (REMOTE, f"{REMOTE}?passfile={CREDENTIALS}/pgpass"),
+        (
+            f"{REMOTE}?sslmode=verify-full",
+            f"{REMOTE}?sslmode=verify-full&passfile={CREDENTIALS}/pgpass",
+        ),
+    ],
+)
+def test_password_file_is_a_credential_named_as_libpq_passfile(
+    lib: str, tmp_path: Path, url: str, expected: str
+) -> None:
+    from psycopg import conninfo
+
+    out = eval_real(lib, cp_with(f'database.url = "{url}"; database.passwordFile = "{PGPASS}";'))
+    assert out["failedAssertions"] == []
+    cp = out["controlPlane"]
+    assert cp["config"]["database_url"] == expected and "db" not in cp["config"]
+    assert cp["unit"]["serviceConfig"]["LoadCredential"] == [
+        "admin-key:/run/secrets/nixfleet-admin-key",
+        f"pgpass:{PGPASS}",
+    ]
+    # A server elsewhere: no local PostgreSQL, no ordering on it, the usual user.
+    assert out["postgresql"]["enable"] is False
+    assert cp["unit"].get("requires", []) == [] and "User" not in cp["unit"]["serviceConfig"]
+    database = loaded(cp["config"], tmp_path).database
+    assert database.backend == "postgresql"
+    assert conninfo.conninfo_to_dict(database.conninfo)["passfile"] == f"{CREDENTIALS}/pgpass"
+
+
+@pytest.mark.parametrize(
+    ("url", "backend"),
+    [(REMOTE + "?sslmode=require", "postgresql"), ("sqlite:/var/lib/nixfleet/other.db", "sqlite")],
+)
+def test_a_url_without_password_file_is_passed_as_given(
+    lib: str, tmp_path: Path, url: str, backend: str
+) -> None:
+    out = eval_real(lib, cp_with(f'database.url = "{url}";'))
+    assert out["failedAssertions"] == []
+    cp = out["controlPlane"]
+    assert cp["config"]["database_url"] == url and "db" not in cp["config"]
+    assert cp["unit"]["serviceConfig"]["LoadCredential"] == [
+        "admin-key:/run/secrets/nixfleet-admin-key"
+    ]
+    assert loaded(cp["config"], tmp_path).database.backend == backend
+
+
+@pytest.mark.parametrize(
+    ("database", "needle"),
+    [
+        (
+            f'database.createLocally = true; database.url = "{REMOTE}";',
+            "database.createLocally connects to the local\nPostgreSQL by itself",
+        ),
+        (f'database.passwordFile = "{PGPASS}";', "database.passwordFile needs"),
+        (
+            f'database.createLocally = true; database.passwordFile = "{PGPASS}";',
+            "database.passwordFile needs",
+        ),
+        (
+            f'database.url = "sqlite:/var/lib/nixfleet/x.db"; database.passwordFile = "{PGPASS}";',
+            "database.passwordFile needs",
+        ),
+        ('database.url = "mysql://nixfleet@db/nixfleet";', 'or sqlite:PATH, not "mysql://'),
+        ('database.url = "/var/lib/nixfleet/x.db";', 'or sqlite:PATH, not "/var/lib'),
+        ('database.url = "postgresql://nixfleet:s3cret@db/nixfleet";', "holds a password"),
+        ('database.url = "postgresql://db/nixfleet?user=n&password=s3cret";', "holds a password"),
+        (
+            f'database.url = "{REMOTE}?passfile=/etc/pgpass"; database.passwordFile = "{PGPASS}";',
+            "names a passfile= already",
+        ),
+    ],
+)
+def test_database_assertions(lib: str, database: str, needle: str) -> None:
+    failed = eval_real(lib, cp_with(database))["failedAssertions"]
+    assert len(failed) == 1 and needle in failed[0], failed
 
 
 # --- the rendered units -----------------------------------------------------------
@@ -276,6 +419,26 @@ def test_systemd_analyze_verify_is_silent(lib: str, tmp_path: Path) -> None:
     for path in written.units.values():
         code, output = units.verify([path])
         assert (code, output) == (0, ""), f"{path.name}:\n{output}"
+
+
+@pytest.mark.parametrize(
+    "database",
+    [
+        "database.createLocally = true;",
+        f'database.url = "{REMOTE}"; database.passwordFile = "{PGPASS}";',
+    ],
+)
+def test_postgresql_variants_verify_silently(lib: str, tmp_path: Path, database: str) -> None:
+    if units.systemd_analyze() is None:
+        pytest.skip("systemd-analyze is missing here (Debian: apt-get install systemd)")
+    out = units.render(
+        lib, cp_with(database), packages=units.real_packages(), script_dir=str(tmp_path / "s")
+    )
+    written = units.write(out, tmp_path / "units", tmp_path / "s")
+    for name, text in units.POSTGRESQL_UNITS.items():
+        (tmp_path / "units" / name).write_text(text)
+    code, output = units.verify([written.units[CP_UNIT]])
+    assert (code, output) == (0, ""), output
 
 
 def test_the_control_plane_unit_starts_only_once_ready(lib: str, tmp_path: Path) -> None:

@@ -182,6 +182,18 @@ def write(rendered: dict[str, Any], unit_dir: Path, script_dir: Path) -> Written
     return Written(units, scripts)
 
 
+# Stand-ins for what nixpkgs' postgresql module defines: the control plane with
+# database.createLocally requires them, and systemd-analyze verify loads a unit's
+# dependencies (from the unit file's own directory too).
+POSTGRESQL_UNITS = {
+    "postgresql.service": "[Unit]\nDescription=PostgreSQL Server\n\n"
+    "[Service]\nType=notify\nExecStart=/bin/true\n",
+    "postgresql-setup.service": "[Unit]\nRequires=postgresql.service\nAfter=postgresql.service\n\n"
+    "[Service]\nType=oneshot\nRemainAfterExit=true\nExecStart=/bin/true\n",
+    "postgresql.target": "[Unit]\nRequires=postgresql.service postgresql-setup.service\n",
+}
+
+
 def systemd_analyze() -> str | None:
     return shutil.which("systemd-analyze")
 

@@ -283,6 +283,29 @@ def test_rendered_units_verify_silently_inside(box: Box) -> None:
     assert (done.returncode, done.stderr + done.stdout) == (0, "")
 
 
+def test_postgresql_variant_verifies_silently_inside(box: Box) -> None:
+    """database.createLocally's unit (User=nixfleet, after/requires PostgreSQL) under
+    the container's systemd, beside stand-ins for nixpkgs' postgresql units."""
+    config = machine_config(box.port, ["prod"]).replace(
+        "settings.reconcile_interval = 1;", "database.createLocally = true;"
+    )
+    out = units.render(
+        "/nixpkgs-lib",
+        config,
+        packages=PACKAGES,
+        script_dir=SCRIPTS,
+        instantiate=box.inner("nix-instantiate"),
+        render_file="/src/tests/nix/render-units.nix",
+    )
+    where = "/srv/verify-postgresql"
+    box.c.write(f"{where}/{CP}", out["units"][CP]["text"])
+    for name, text in units.POSTGRESQL_UNITS.items():
+        box.c.write(f"{where}/{name}", text)
+    assert "User=nixfleet" in out["units"][CP]["text"].splitlines()
+    done = box.c.run("systemd-analyze", "verify", f"{where}/{CP}", check=False)
+    assert (done.returncode, done.stderr + done.stdout) == (0, "")
+
+
 def test_control_plane_runs_as_a_dynamic_user_with_its_credential(running: Box) -> None:
     c = running.c
     assert c.run("systemctl", "is-active", CP).stdout.strip() == "active"
