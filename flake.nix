@@ -32,6 +32,14 @@
           orjson
           jinja2
         ];
+      # pyproject.toml's `postgresql` extra. The package carries it, so that a
+      # control plane set to database.url or database.createLocally can open
+      # PostgreSQL (SQLite loads none of it).
+      postgresqlDeps =
+        ps: with ps; [
+          psycopg
+          psycopg-pool
+        ];
 
       # The package, in callPackage form so the overlay builds it against the
       # user's nixpkgs and the flake against the pinned one.
@@ -63,7 +71,7 @@
 
           build-system = [ python3Packages.setuptools ];
 
-          dependencies = runtimeDeps python3Packages;
+          dependencies = runtimeDeps python3Packages ++ postgresqlDeps python3Packages;
 
           # Shell completion for bash, zsh and fish, from `nixfleet completion SHELL`
           # (run after the wrapper exists, so it finds its dependencies).
@@ -190,6 +198,7 @@
             (pkgs.python3.withPackages (
               ps:
               runtimeDeps ps
+              ++ postgresqlDeps ps
               ++ (with ps; [
                 pytest
                 hypothesis

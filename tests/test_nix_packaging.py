@@ -192,8 +192,13 @@ def test_package(flake: Path, stubbed: list[str]) -> None:
         assert call["version"] == pyproject["project"]["version"]
         assert call["pyproject"] is True
         assert call["build"] == ["setuptools"]
-        # The flake's runtime dependencies are exactly pyproject.toml's.
-        wanted = [re.split(r"[<>=~! ]", d)[0].lower() for d in pyproject["project"]["dependencies"]]
+        # The flake's runtime dependencies are exactly pyproject.toml's, with the
+        # `postgresql` extra (psycopg's "binary" wheel is pip's; Nix links libpq).
+        project = pyproject["project"]
+        wanted = [
+            re.split(r"[<>=~!\[ ]", d)[0].lower()
+            for d in [*project["dependencies"], *project["optional-dependencies"]["postgresql"]]
+        ]
         assert sorted(call["deps"]) == sorted(wanted)
         assert "pytestCheckHook" in call["checks"]
         assert call["main"] == "nixfleet"

@@ -45,6 +45,8 @@
         "jsonschema"
         "mypy"
         "orjson"
+        "psycopg"
+        "psycopg-pool"
         "pytest"
         "pytestCheckHook"
         "pyyaml"
