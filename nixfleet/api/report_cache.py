@@ -27,6 +27,12 @@ Staying right under every writer (docs/control-plane.md "Heartbeats"):
 - A write that bypasses Store (the sqlite3 shell) moves `PRAGMA data_version`,
   which the same thread checks every POLL seconds; until it has caught up the view
   may answer as before that write (≤ ~0.1 s).
+
+On PostgreSQL (store.pg.PgStore) the same holds with the numbers published by
+NOTIFY (store.pg_notify): the store's own commits are known before they return, the
+other replicas' within the notification's latency; while the listening connection
+is down nothing is answered from memory. Every writer goes through the triggers
+there, so no data_version is polled; the thread reads on a pooled connection.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -45,8 +52,9 @@ from nixfleet.heartbeat import is_heartbeat
 from nixfleet.models import isoformat
 from nixfleet.store import Store
 from nixfleet.store import report_cache as rc
+from nixfleet.store.conn import Connection
 from nixfleet.store.credentials import token_digest
-from nixfleet.store.report_cache import CachedMachine, CachedRollout
+from nixfleet.store.report_cache import CachedMachine, CachedRollout, CacheStore
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +87,10 @@ def answer(
 
 
 class ReportCache:
-    def __init__(self, store: Store, default_poll_interval: int | None = None) -> None:
+    def __init__(self, store: CacheStore, default_poll_interval: int | None = None) -> None:
         self.store = store
+        # SQLite: the thread's own connection, whose data_version counts the others' commits.
+        self._sqlite = store if isinstance(store, Store) else None
         self.default_poll_interval = default_poll_interval
         self._machines: dict[str, CachedMachine] = {}
         self._tokens: dict[bytes, str] = {}
@@ -256,18 +266,34 @@ class ReportCache:
         """Apply what was committed since the last catch-up (nothing new: two cheap reads)."""
         published = self.store.published_changes()
         if published is None:
-            return  # no signal file: the view never serves
-        conn = self.store.connection()
+            return  # not published (no signal file, or not listening): the view never serves
+        with self._connection() as conn:
+            missed = self._catch_up(conn, published)
+        if missed:
+            self.load()
+
+    @contextmanager
+    def _connection(self) -> Iterator[Connection]:
+        if self._sqlite is not None:
+            yield self._sqlite.connection()
+        else:
+            with self.store.lookup() as conn:
+                yield conn
+
+    def _catch_up(self, conn: Connection, published: int) -> bool:
+        """False, or True when the changes to apply were pruned (then: load everything)."""
         version = rc.data_version(conn)
         if published <= self._seq and version == self._data_version and not self._wanted:
-            return
+            return False
         # Requests take the transaction until _seq moves (below), except after a change
         # nobody published (data_version): those may be answered as before it until then.
         wanted = set(self._wanted)
         # No read transaction: the rows loaded after the changes were read are at least
         # as new as those changes (a later change is applied again next time).
         changes = rc.changes_since(conn, self._seq)
-        missed = bool(changes) and changes[0].seq != self._seq + 1  # pruned meanwhile
+        missed = (  # pruned meanwhile
+            bool(changes) and changes[0].seq != self._seq + 1 and rc.pruned_before(conn, self._seq)
+        )
         if missed:
             log.warning("report cache: fell behind the pruned changes; reloading")
         else:
@@ -284,8 +310,7 @@ class ReportCache:
                 rc.running_rollouts(conn, sorted(rollout_ids)) if rollout_ids else ([], [])
             )
         if missed:
-            self.load()
-            return
+            return True
         for m in found:
             self._put(m)
         for machine_id in gone:
@@ -298,6 +323,7 @@ class ReportCache:
         self._data_version = version
         if changes:
             self._seq = changes[-1].seq
+        return False
 
     def _put(self, m: CachedMachine) -> None:
         old = self._machines.get(m.id)

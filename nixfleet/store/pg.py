@@ -11,7 +11,11 @@ column name and by position, as `sqlite3.Row`.
 
 The schema is SQLite's, spelled again in `store/sql/postgresql/` (held to it by
 tests/store/test_pg_schema.py); the replicas' leader lock and LISTEN/NOTIFY are in
-store/leader.py and store/pg_notify.py. Only some noun modules run here so far
+store/leader.py and store/pg_notify.py. `published_changes()` and `changes_touch()`
+(the report path's view, api.report_cache) come from one ChangeListener per store,
+started at the first call, and from the NOTICEs of this store's own committed
+changes (`cache_change` in 0004_baseline.sql), so a change is known here before the
+transaction that made it returns, as on SQLite. Only some noun modules run here so far
 (docs/scaling.md, "What is left"): nothing outside the tests opens a PgStore, and
 settings refuse `postgresql://` until they all do.
 """
@@ -21,6 +25,8 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import threading
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib import resources
@@ -33,6 +39,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from nixfleet.errors import StoreUnavailableError
 from nixfleet.models import isoformat, utcnow
 from nixfleet.store.conn import Cursor
+from nixfleet.store.pg_notify import CHANNEL, ChangeListener
 
 log = logging.getLogger(__name__)
 
@@ -166,11 +173,19 @@ class PgStore:
 
     def __init__(self, conninfo: str, *, max_size: int = 8, timeout: float = POOL_TIMEOUT) -> None:
         self.timeout = timeout
+        self.conninfo = conninfo
+        # Per pooled connection, the changes its transaction wrote (cache_change's NOTICEs).
+        self._notices: weakref.WeakKeyDictionary[psycopg.Connection[Any], list[str]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._listener: ChangeListener | None = None
+        self._listener_lock = threading.Lock()
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             conninfo,
             min_size=1,
             max_size=max_size,
             kwargs={"autocommit": True, "row_factory": row_factory},
+            configure=self._configure,
             open=False,
             name="nixfleet",
         )
@@ -187,10 +202,30 @@ class PgStore:
             self._pool.close()
             raise
 
+    def _configure(self, conn: psycopg.Connection[Any]) -> None:
+        """A new pooled connection: told of the changes it writes (cache_change)."""
+        notices: list[str] = []
+        prefix = CHANNEL + " "
+
+        def heard(diag: psycopg.errors.Diagnostic) -> None:
+            message = diag.message_primary
+            if message is not None and message.startswith(prefix):
+                notices.append(message[len(prefix) :])
+
+        conn.add_notice_handler(heard)
+        conn.execute(  # NOTICEs sent whatever the role's default
+            "SELECT set_config('nixfleet.notice_changes', 'on', false), "
+            "set_config('client_min_messages', 'notice', false)"
+        )
+        self._notices[conn] = notices
+
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
         try:
             with self._pool.connection(timeout=self.timeout) as conn:
+                notices = self._notices.get(conn)
+                if notices:
+                    notices.clear()  # a rolled-back transaction's, or autocommit writes'
                 yield conn
         except PoolTimeout as e:
             raise _unavailable(e) from e
@@ -200,8 +235,12 @@ class PgStore:
     @contextmanager
     def transaction(self) -> Iterator[PgConnection]:
         """A write transaction (READ COMMITTED): all or nothing."""
-        with self._connection() as conn, conn.transaction():
-            yield PgConnection(conn)
+        with self._connection() as conn:
+            with conn.transaction():
+                yield PgConnection(conn)
+            notices = self._notices.get(conn)
+            if notices and self._listener is not None:
+                self._listener.heard(notices)  # committed: known before the caller answers
 
     @contextmanager
     def read(self) -> Iterator[PgConnection]:
@@ -276,5 +315,28 @@ class PgStore:
         with self.lookup() as conn:
             conn.execute("SELECT 1").fetchone()
 
+    def _changes(self) -> ChangeListener:
+        if self._listener is None:
+            with self._listener_lock:
+                if self._listener is None:
+                    self._listener = ChangeListener(self.conninfo, last_change).start()
+        return self._listener
+
+    def published_changes(self) -> int | None:
+        """The last `cache_changes` row committed (None until, or while not, listening)."""
+        return self._changes().published()
+
+    def changes_touch(self, applied: int, published: int, machine_id: str) -> bool:
+        """Whether a change after `applied` may concern the machine (store.pg_notify)."""
+        return self._changes().touches(applied, published, machine_id)
+
     def close(self) -> None:
+        if self._listener is not None:
+            self._listener.stop()
         self._pool.close()
+
+
+def last_change(conn: psycopg.Connection[Any]) -> int:
+    """The highest change committed (the listener's seed)."""
+    row = conn.execute("SELECT coalesce(max(seq), 0) FROM cache_changes").fetchone()
+    return 0 if row is None else int(row[0])

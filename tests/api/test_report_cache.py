@@ -1,20 +1,28 @@
 """The report path's memory (api.report_cache), in one process, its thread not started:
-the test decides when the view catches up and when last-seen times are written."""
+the test decides when the view catches up and when last-seen times are written.
+
+Through the API on SQLite; through the store on both backends (`View`), and across
+two PostgreSQL replicas (two PgStores on one database), the view's thread running."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import falcon.testing
 import pytest
+from conftest import wait_until
 
 from nixfleet.api import create_app
 from nixfleet.api.report_cache import ReportCache
+from nixfleet.models import HealthResult, Lifecycle, Report, utcnow
 from nixfleet.settings import Settings
-from nixfleet.store import Store
+from nixfleet.store import Store, credentials, machines
+from nixfleet.store.report_cache import CacheStore
 
 GEN = "/nix/store/" + "a" * 32 + "-nixos-system-web-01"
 GEN2 = "/nix/store/" + "b" * 32 + "-nixos-system-web-01"
@@ -258,3 +266,187 @@ def test_when_a_batch_cannot_be_written_reports_take_the_transaction(env: Env) -
     moved.rename(env.store.path)
     env.cache.flush()  # the queued one is written after all
     assert env.report().status_code == 200 and env.cache.heartbeats == 2
+
+
+# --- through the store, on both backends ---------------------------------------------
+
+
+class View:
+    """Two machines with tokens and a stored report each, and a view of `store`."""
+
+    def __init__(self, store: CacheStore, writer: CacheStore | None = None) -> None:
+        self.store = store
+        self.writer = writer or store  # another replica's store, or the same
+        self.tokens: dict[str, str] = {}
+        with self.writer.transaction() as conn:
+            for machine_id in ("web-01", "web-02"):
+                machines.register(conn, machine_id, [], Lifecycle.ACTIVE, utcnow())
+                self.tokens[machine_id] = credentials.issue_token(conn, machine_id, utcnow())
+        for machine_id in self.tokens:
+            self.store_report(machine_id)
+        self.cache = ReportCache(store, default_poll_interval=60)
+
+    def store_report(self, machine_id: str, body: dict[str, Any] | None = None) -> None:
+        """What api.report stores when the view does not answer."""
+        doc = body or BODY
+        report = Report(
+            machine_id=machine_id,
+            received_at=utcnow(),
+            current_generation=doc["current_generation"],
+            success=doc["success"],
+            message=doc["message"],
+            health=HealthResult.from_dict(doc["health"]),
+            tags=tuple(doc["tags"]),
+            agent_version=doc["agent_version"],
+            uptime_seconds=doc["uptime_seconds"],
+        )
+        with self.writer.transaction() as conn:
+            machines.record_report(conn, report)
+
+    def warm(self) -> None:
+        wait_until("the changes published", lambda: self.store.published_changes() is not None)
+        self.cache.load()
+        self.cache.catch_up()
+
+    def heartbeat(self, machine_id: str = "web-01", **body: Any) -> dict[str, Any] | None:
+        """The answer from memory; None: the report takes the transaction (api.report)."""
+        entry = self.cache.token_machine(self.tokens[machine_id])
+        if entry is None:
+            return None
+        text = self.cache.heartbeat(machine_id, {**BODY, **body}, utcnow(), entry)
+        return None if text is None else dict(json.loads(text))
+
+    def last_seen(self) -> tuple[Any, Any]:
+        with self.store.lookup() as conn:
+            row = conn.execute(
+                "SELECT last_report_at, uptime_seconds FROM machines WHERE id = 'web-01'"
+            ).fetchone()
+            return row[0], row[1]
+
+
+@pytest.fixture
+def view(any_store: CacheStore) -> Iterator[View]:
+    v = View(any_store)
+    yield v
+    v.cache.close()
+
+
+def test_a_heartbeat_writes_nothing_until_its_batch_on_both_backends(view: View) -> None:
+    view.warm()
+    before = view.last_seen()
+    answer = view.heartbeat(uptime_seconds=70)
+    assert answer is not None and answer["poll_hint"] == 60
+    assert view.cache.heartbeats == 1
+    assert view.last_seen() == before
+    view.cache.flush()
+    seen, uptime = view.last_seen()
+    assert seen > before[0] and uptime == 70
+
+
+def test_a_commit_reaches_the_next_report_before_the_view_caught_up(view: View) -> None:
+    view.warm()
+    assert view.heartbeat() is not None
+    with view.store.transaction() as conn:
+        machines.set_desired(conn, "web-01", GEN2, None, None, utcnow())
+    assert view.heartbeat() is None  # the transaction answers it
+    view.cache.catch_up()
+    answer = view.heartbeat()
+    assert answer is not None and answer["desired_generation"] == GEN2
+    with view.store.transaction() as conn:
+        credentials.revoke_token(conn, "web-01")
+    assert view.cache.token_machine(view.tokens["web-01"]) is None
+    view.cache.catch_up()
+    assert view.cache.token_machine(view.tokens["web-01"]) is None
+    with view.store.transaction() as conn:
+        machines.set_lifecycle(conn, "web-02", Lifecycle.DECOMMISSIONED)
+    assert view.heartbeat("web-02") is None
+    view.cache.catch_up()
+    assert view.heartbeat("web-02") is None
+
+
+def test_a_change_to_one_machine_leaves_the_others_answered_from_memory_on_both_backends(
+    view: View,
+) -> None:
+    view.warm()
+    with view.store.transaction() as conn:
+        machines.set_lifecycle(conn, "web-01", Lifecycle.DECOMMISSIONED)
+    assert view.heartbeat("web-01") is None
+    assert view.heartbeat("web-02") is not None
+
+
+# --- two PostgreSQL replicas -----------------------------------------------------------
+
+
+@pytest.fixture
+def replicas(postgres_url: str) -> Iterator[View]:
+    """A view of one PgStore, written through another on the same database."""
+    from nixfleet.store.pg import PgStore
+
+    here, there = PgStore(postgres_url, max_size=4), PgStore(postgres_url, max_size=4)
+    v = View(here, writer=there)
+    v.warm()
+    v.cache.start()
+    yield v
+    v.cache.close()
+    here.close()
+    there.close()
+
+
+def within_a_second(what: str, condition: Any) -> None:
+    began = time.monotonic()
+    wait_until(what, condition, timeout=10, interval=0.01)
+    assert time.monotonic() - began < 1.0, what
+
+
+def test_another_replicas_change_reaches_the_view_within_a_second(replicas: View) -> None:
+    view = replicas
+    wait_until("answered from memory", view.heartbeat)
+    with view.writer.transaction() as conn:
+        credentials.revoke_token(conn, "web-01")
+    within_a_second("the token refused", lambda: view.heartbeat() is None)
+    assert view.heartbeat("web-02") is not None  # the other machine still from memory
+    within_a_second(
+        "the view caught up",
+        lambda: (
+            view.cache.token_machine(view.tokens["web-01"]) is None
+            and view.heartbeat("web-02") is not None
+        ),
+    )
+    with view.writer.transaction() as conn:
+        machines.set_desired(conn, "web-02", GEN2, None, None, utcnow())
+    within_a_second(
+        "the new desired generation",
+        lambda: (view.heartbeat("web-02") or {}).get("desired_generation") == GEN2,
+    )
+    with view.writer.transaction() as conn:
+        machines.set_lifecycle(conn, "web-02", Lifecycle.DECOMMISSIONED)
+    within_a_second("the fast path stopped", lambda: view.heartbeat("web-02") is None)
+    time.sleep(0.2)  # caught up since: still not answered from memory
+    assert view.heartbeat("web-02") is None
+
+
+def test_without_its_listener_the_view_answers_nothing_until_it_is_back(
+    replicas: View, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import psycopg
+
+    from nixfleet.store import pg_notify
+
+    view = replicas
+    wait_until("answered from memory", view.heartbeat)
+    monkeypatch.setattr(pg_notify, "RECONNECT_AFTER", 3.0)  # time to look while it is away
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+            "application_name = 'nixfleet-listen' AND datname = current_database()"
+        )
+        wait_until("the listener cut off", lambda: view.store.published_changes() is None)
+        # Not told of this change, it answers nothing from memory (not even web-02),
+        # instead of answering web-01 as before it.
+        with view.writer.transaction() as conn:
+            credentials.revoke_token(conn, "web-01")
+        assert view.store.published_changes() is None
+        assert view.heartbeat("web-02") is None
+        assert view.cache.token_machine(view.tokens["web-01"]) is None
+    wait_until("the view back", lambda: view.heartbeat("web-02"))
+    assert view.cache.token_machine(view.tokens["web-01"]) is None

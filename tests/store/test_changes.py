@@ -1,24 +1,30 @@
-"""store.changes: which machines a published change concerns, across processes' files."""
+"""Which machines a published change concerns: store.changes' file on SQLite (across
+processes), the listener's notifications on PostgreSQL (store.pg_notify)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from conftest import wait_until
+
 from nixfleet.models import Lifecycle, utcnow
 from nixfleet.store import Store, changes, machines, report_cache
+from nixfleet.store.report_cache import CacheStore
 
 
 def test_published_rows_name_their_machines_and_rollout_rows_name_every_one(
-    store: Store,
+    any_store: CacheStore,
 ) -> None:
+    store = any_store
     with store.transaction() as conn:
         for m in ("a", "b"):
             machines.register(conn, m, [], Lifecycle.ACTIVE, utcnow())
+    wait_until("the changes published", lambda: store.published_changes() is not None)
     start = store.published_changes()
     assert start is not None
     with store.transaction() as conn:
         report_cache.note_machine(conn, "a")
-    published = store.published_changes()
+    published = store.published_changes()  # known when the commit returns
     assert published == start + 1
     assert store.changes_touch(start, published, "a")
     assert not store.changes_touch(start, published, "b")
@@ -27,11 +33,26 @@ def test_published_rows_name_their_machines_and_rollout_rows_name_every_one(
         report_cache.note_members(conn, "r-1", 0, 10)
     last = store.published_changes()
     assert last is not None and store.changes_touch(published, last, "b")  # every machine
-    # A reader in another process maps the same file and sees the same.
+    # A reader far behind (more rows than a request looks through) trusts nothing.
+    assert store.changes_touch(last - changes.SCAN - 1, last, "b")
+
+
+def test_another_process_maps_the_same_file(store: Store) -> None:
+    with store.transaction() as conn:
+        for m in ("a", "b"):
+            machines.register(conn, m, [], Lifecycle.ACTIVE, utcnow())
+    start = store.published_changes()
+    assert start is not None
+    with store.transaction() as conn:
+        report_cache.note_machine(conn, "a")
+        report_cache.note_members(conn, "r-1", 0, 10)
+    last = store.published_changes()
+    assert last == start + 2
     other = changes.ChangeSignal(Path(f"{store.path}.changes"))
     assert other.published() == last
-    assert not other.touches(start, published, changes.key("b"))
-    # A reader far behind (more rows than a request looks through) trusts nothing.
+    assert not other.touches(start, start + 1, changes.key("b"))
+    assert other.touches(start, start + 1, changes.key("a"))
+    assert other.touches(start + 1, last, changes.key("b"))
     assert other.touches(last - changes.SCAN - 1, last, changes.key("b"))
     other.close()
 

@@ -1,7 +1,10 @@
-"""Change numbers reach every replica's listener, committed ones only (real PostgreSQL)."""
+"""Change numbers reach every replica's listener, committed ones only, in the order of
+their numbers (real PostgreSQL)."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,8 +15,10 @@ from postgres_cluster import import_psycopg
 import_psycopg()  # skip (a .venv without the extra) or fail (CI) before the imports below
 import psycopg  # noqa: E402
 
+from nixfleet.models import Lifecycle, utcnow  # noqa: E402
+from nixfleet.store import machines, pg_notify, report_cache  # noqa: E402
 from nixfleet.store.pg import PgStore  # noqa: E402
-from nixfleet.store.pg_notify import ChangeListener, notify  # noqa: E402
+from nixfleet.store.pg_notify import CHANGES_LOCK, ChangeListener, notify  # noqa: E402
 
 
 def last_change(conn: psycopg.Connection[Any]) -> int:
@@ -81,3 +86,131 @@ def test_a_lost_listener_knows_nothing_until_it_is_back(
         assert listener.wait_for(8, timeout=30)
     finally:
         listener.stop()
+
+
+def test_a_listener_keeps_which_machine_each_change_concerns() -> None:
+    listener = ChangeListener("", last_change)  # not started: fed by hand
+    listener._set(10, seed=True)
+    listener.heard(["11 web-01", "12", "13 web-02"])
+    assert listener.published() == 13
+    assert listener.touches(10, 11, "web-01") and not listener.touches(10, 11, "web-02")
+    assert listener.touches(11, 12, "web-02")  # a bare number: every machine's
+    assert not listener.touches(12, 13, "web-01") and listener.touches(12, 13, "web-02")
+    assert listener.touches(9, 13, "web-03")  # before the seed: not heard, so unknown
+    # Only the last RING are kept: a view behind the forgotten ones trusts nothing.
+    listener.heard([f"{s} m-{s}" for s in range(14, 14 + pg_notify.RING)])
+    last = 13 + pg_notify.RING
+    assert listener.touches(13, 14, "web-03")
+    assert not listener.touches(last - 1, last, "web-03")
+    # Nor does one further behind than a request looks through.
+    assert listener.touches(last - pg_notify.SCAN - 1, last, "web-03")
+    assert not listener.touches(last - pg_notify.SCAN, last, "web-03")
+
+
+def register(store: PgStore, *ids: str) -> None:
+    with store.transaction() as conn:
+        for machine_id in ids:
+            machines.register(conn, machine_id, [], Lifecycle.ACTIVE, utcnow())
+
+
+def test_changes_commit_in_the_order_of_their_numbers(postgres_url: str) -> None:
+    store = PgStore(postgres_url, max_size=4)
+    try:
+        register(store, "a", "b")
+        with psycopg.connect(postgres_url) as first:  # a transaction left open
+            first.execute("UPDATE machines SET lifecycle = 'maintenance' WHERE id = 'a'")
+            row = first.execute("SELECT max(seq) FROM cache_changes").fetchone()
+            assert row is not None
+            n = int(row[0])  # its own row, not committed yet
+            with psycopg.connect(postgres_url, autocommit=True) as other:
+                taken = other.execute("SELECT pg_try_advisory_xact_lock(%s)", (CHANGES_LOCK,))
+                assert taken.fetchone() == (False,)
+            done = threading.Event()
+
+            def second() -> None:
+                with store.transaction() as conn:
+                    report_cache.note_machine(conn, "b")
+                done.set()
+
+            thread = threading.Thread(target=second)
+            thread.start()
+            # Numbered after n (a sequence), it must not commit before n is decided:
+            # a reader of the rows after n - 1 would then never read n.
+            assert not done.wait(0.5)
+            with store.lookup() as conn:
+                committed = conn.execute("SELECT coalesce(max(seq), 0) FROM cache_changes")
+                assert committed.fetchone()[0] < n
+            first.commit()
+        thread.join(timeout=30)
+        assert done.is_set()
+        with store.lookup() as conn:
+            rows = conn.execute("SELECT seq, machine_id FROM cache_changes WHERE seq >= ?", (n,))
+            assert [(r[0] - n, r[1]) for r in rows] == [(0, "a"), (1, "b")]
+    finally:
+        store.close()
+
+
+def test_a_replica_knows_its_own_changes_at_once_and_the_others_within_a_second(
+    postgres_url: str,
+) -> None:
+    here, there = PgStore(postgres_url, max_size=4), PgStore(postgres_url, max_size=4)
+    try:
+        register(there, "a", "b")
+        listening = (here, there)
+        wait_until(
+            "the listeners", lambda: all(s.published_changes() is not None for s in listening)
+        )
+        start = here.published_changes()
+        assert start is not None
+        with there.transaction() as conn:
+            report_cache.note_machine(conn, "a")
+        assert there.published_changes() == start + 1  # before any notification
+        assert there.changes_touch(start, start + 1, "a")
+        assert not there.changes_touch(start, start + 1, "b")
+        began = time.monotonic()
+        wait_until("the other replica", lambda: here.published_changes() == start + 1)
+        assert time.monotonic() - began < 1.0
+        assert here.changes_touch(start, start + 1, "a")
+        assert not here.changes_touch(start, start + 1, "b")
+        with pytest.raises(RuntimeError), there.transaction() as conn:
+            report_cache.note_machine(conn, "b")
+            raise RuntimeError("rolled back: neither number nor NOTICE counts")
+        assert there.published_changes() == start + 1
+        with there.transaction() as conn:
+            report_cache.note_members(conn, "r-1", 0, 10)
+        last = there.published_changes()
+        assert last is not None and last > start + 1  # the rolled-back number is a gap
+        assert there.changes_touch(start + 1, last, "b")  # every machine
+        wait_until("the other replica", lambda: here.published_changes() == last)
+        assert here.changes_touch(start + 1, last, "b")
+    finally:
+        here.close()
+        there.close()
+
+
+def test_a_store_whose_listener_was_cut_off_trusts_nothing_until_it_is_back(
+    postgres_url: str,
+) -> None:
+    here, there = PgStore(postgres_url, max_size=4), PgStore(postgres_url, max_size=4)
+    try:
+        register(there, "a", "b")
+        wait_until("the listener", lambda: here.published_changes() is not None)
+        start = here.published_changes()
+        assert start is not None
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                "application_name = 'nixfleet-listen' AND datname = current_database()"
+            )
+            wait_until("the listener to notice", lambda: here.published_changes() is None)
+            with there.transaction() as conn:  # while it is away
+                report_cache.note_machine(conn, "a")
+        wait_until("the listener to be back", lambda: here.published_changes() is not None)
+        back = here.published_changes()
+        assert back == start + 1
+        # It did not hear which machine that was: every machine waits for the view.
+        assert here.changes_touch(start, back, "b")
+        assert not here.changes_touch(back, back, "b")
+    finally:
+        here.close()
+        there.close()

@@ -16,8 +16,8 @@
 -- after the three it serves). PostgreSQL runs a row trigger at the end of its
 -- statement, not at the row: the rows end the same, but a statement writing several
 -- tags of one machine appends one cache_changes row here, one per tag on SQLite.
--- The cache_changes triggers only append rows, as SQLite's do; the ordering lock and
--- the notify come with the report cache on PostgreSQL (docs/scaling.md, "Caches
+-- The cache_changes triggers append the rows SQLite's do, through cache_change, which
+-- also numbers them in commit order and publishes them (docs/scaling.md, "Caches
 -- across replicas").
 
 CREATE TABLE machines (
@@ -339,10 +339,36 @@ CREATE TRIGGER machine_tag_rows_removed AFTER DELETE ON machine_tag_rows
 CREATE TRIGGER machine_tag_rows_changed AFTER UPDATE ON machine_tag_rows
     FOR EACH ROW EXECUTE FUNCTION machine_tag_rows_changed();
 
--- The report cache's change rows (SQLite 0014, 0023; store.report_cache).
+-- The report cache's change rows (SQLite 0014, 0023; store.report_cache), each written
+-- by cache_change (the triggers below, store.report_cache.note_*): it first takes the
+-- advisory lock CHANGES_LOCK (store/pg_notify.py), held to the commit, since a sequence
+-- numbers rows at insert, not at commit: without it 8 could commit before 7, and a
+-- reader of the rows after 6 would never read 7. Then it notifies 'nixfleet_changes'
+-- with "seq machine_id" (a machine's row) or "seq" (every machine's), delivered to
+-- every listener at commit; the store's own sessions (nixfleet.notice_changes, set by
+-- store.pg.PgStore) are also told at once, by a NOTICE, so a replica knows its own
+-- change before it answers, as SQLite's store does.
+CREATE FUNCTION cache_change(change_kind TEXT, machine TEXT, rollout TEXT,
+    low INTEGER, high INTEGER) RETURNS BIGINT LANGUAGE plpgsql AS $$
+DECLARE
+    n BIGINT;
+    note TEXT;
+BEGIN
+    PERFORM pg_advisory_xact_lock(1852178435);  -- 0x6E660003, pg_notify.CHANGES_LOCK
+    INSERT INTO cache_changes (kind, machine_id, rollout_id, lo, hi)
+    VALUES (change_kind, machine, rollout, low, high) RETURNING seq INTO n;
+    note := CASE WHEN change_kind = 'machine' AND machine IS NOT NULL
+        THEN n || ' ' || machine ELSE n::text END;
+    PERFORM pg_notify('nixfleet_changes', note);
+    IF current_setting('nixfleet.notice_changes', true) = 'on' THEN
+        RAISE NOTICE 'nixfleet_changes %', note;
+    END IF;
+    RETURN n;
+END $$;
+
 CREATE FUNCTION cache_machine_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO cache_changes (kind, machine_id) VALUES ('machine', NEW.id);
+    PERFORM cache_change('machine', NEW.id, NULL, NULL, NULL);
     RETURN NULL;
 END $$;
 CREATE TRIGGER cache_machine_changed AFTER UPDATE OF lifecycle, current_generation,
@@ -368,10 +394,10 @@ CREATE TRIGGER cache_machine_changed AFTER UPDATE OF lifecycle, current_generati
 CREATE FUNCTION cache_token_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP <> 'INSERT' THEN
-        INSERT INTO cache_changes (kind, machine_id) VALUES ('machine', OLD.machine_id);
+        PERFORM cache_change('machine', OLD.machine_id, NULL, NULL, NULL);
     END IF;
     IF TG_OP <> 'DELETE' THEN
-        INSERT INTO cache_changes (kind, machine_id) VALUES ('machine', NEW.machine_id);
+        PERFORM cache_change('machine', NEW.machine_id, NULL, NULL, NULL);
     END IF;
     RETURN NULL;
 END $$;
@@ -384,8 +410,8 @@ CREATE TRIGGER cache_token_removed AFTER DELETE ON machine_tokens
 
 CREATE FUNCTION cache_rollout_added() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO cache_changes (kind, rollout_id) VALUES ('rollout', NEW.id);
-    INSERT INTO cache_changes (kind, rollout_id) VALUES ('members', NEW.id);
+    PERFORM cache_change('rollout', NULL, NEW.id, NULL, NULL);
+    PERFORM cache_change('members', NULL, NEW.id, NULL, NULL);
     RETURN NULL;
 END $$;
 CREATE TRIGGER cache_rollout_added AFTER INSERT ON rollouts
@@ -393,7 +419,7 @@ CREATE TRIGGER cache_rollout_added AFTER INSERT ON rollouts
 
 CREATE FUNCTION cache_rollout_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO cache_changes (kind, rollout_id) VALUES ('rollout', NEW.id);
+    PERFORM cache_change('rollout', NULL, NEW.id, NULL, NULL);
     RETURN NULL;
 END $$;
 CREATE TRIGGER cache_rollout_changed AFTER UPDATE OF status, poll_hint, confirm_timeout,
