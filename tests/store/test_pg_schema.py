@@ -9,6 +9,7 @@ directions, so that neither drifts (DESIGN rule 8):
   SQLite column that PostgreSQL spells as two), primary key, unique constraints,
   foreign keys (columns, target, ON DELETE/UPDATE), number of CHECK constraints and
   non-unique indexes (name, columns, partial or not);
+- every text column is COLLATE "C" (SQLite's BINARY order);
 - every view has its twin of the same name and columns;
 - every trigger has its twin of the same name, on the same table, firing at the same
   time (AFTER) on the same event, for each row, with the same UPDATE OF columns.
@@ -279,6 +280,29 @@ def test_every_table_has_its_twin(both: tuple[sqlite3.Connection, PgStore]) -> N
             assert ours.foreign_keys == theirs.foreign_keys, f"{table}: foreign keys"
             assert ours.checks == theirs.checks, f"{table}: number of CHECK constraints"
             assert ours.indexes == theirs.indexes, f"{table}: indexes"
+
+
+# store/pg.py creates schema_migrations itself (its names sort by their digits anyway).
+UNCOLLATED = {("schema_migrations", "name"), ("schema_migrations", "applied_at")}
+
+
+def test_every_text_column_compares_bytes_as_sqlite_does(
+    both: tuple[sqlite3.Connection, PgStore],
+) -> None:
+    """SQLite compares TEXT byte by byte (BINARY); every text column here is COLLATE
+    "C", the same order whatever the database's collation (test_pg_collation)."""
+    _, pg = both
+    with pg.read() as conn:
+        rows = conn.execute(
+            "SELECT c.table_name, c.column_name, c.collation_name "
+            "FROM information_schema.columns c JOIN information_schema.tables t "
+            "ON t.table_schema = c.table_schema AND t.table_name = c.table_name "
+            "WHERE c.table_schema = 'public' AND t.table_type = 'BASE TABLE' "
+            "AND c.data_type = 'text' ORDER BY c.table_name, c.ordinal_position"
+        ).fetchall()
+    columns = {(r[0], r[1]): r[2] for r in rows}
+    assert ("machines", "id") in columns and set(columns) >= UNCOLLATED
+    assert {k: v for k, v in columns.items() if v != "C" and k not in UNCOLLATED} == {}
 
 
 def test_every_view_has_its_twin(both: tuple[sqlite3.Connection, PgStore]) -> None:

@@ -4,7 +4,7 @@
 CREATE TABLE leadership (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     epoch BIGINT NOT NULL CHECK (epoch >= 0),
-    holder TEXT,
-    acquired_at TEXT
+    holder TEXT COLLATE "C",
+    acquired_at TEXT COLLATE "C"
 );
 INSERT INTO leadership (id, epoch) VALUES (1, 0);
