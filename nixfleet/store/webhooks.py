@@ -10,24 +10,31 @@ sender (nixfleet.controlplane.webhooks) fans each new event out to one delivery 
 subscribed URL, claims due deliveries one at a time (the claim is a lease: a sender
 killed mid-attempt leaves a delivery that becomes due again) and records each
 attempt. Deliveries are thus at least once; receivers deduplicate by the event id.
+
+On PostgreSQL, where writers do not take turns: `fan_out` marks fanned out exactly the
+rows it read (an outbox id below them may commit later), and it and `claim` lock the
+rows they take (SKIP LOCKED: a second sender takes others); `detect_stale` holds
+STALE_LOCK, so two runs at once cannot both announce one silence.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from nixfleet.models import isoformat, stale_cutoff
 from nixfleet.settings import Webhook
+from nixfleet.store.conn import Connection, Row, is_postgresql
 from nixfleet.store.rows import from_row
 from nixfleet.store.status import STALE_SQL  # the one SQL form of stale
 from nixfleet.wire import JSONObject, WebhookEvent, WebhookRollout
 
 FAN_OUT_BATCH = 1000
 KEEP_ATTEMPTS = 20  # attempts shown per delivery (all are kept until pruned)
+# pg_advisory_xact_lock key of detect_stale (store.pg.MIGRATION_LOCK is 0x6E66_0001).
+STALE_LOCK = 0x6E66_0011
 
 
 @dataclass(frozen=True)
@@ -100,13 +107,13 @@ _EVENT_SQL = (
 )
 
 
-def _event(row: sqlite3.Row, id_column: str = "id") -> Event:
+def _event(row: Row, id_column: str = "id") -> Event:
     """The outbox row's Event (`id_column`: where a join keeps the outbox id)."""
     return from_row(Event, row, id=row[id_column], detail=json.loads(row["detail_json"]))
 
 
 def add(
-    conn: sqlite3.Connection,
+    conn: Connection,
     event: str,
     at: datetime,
     *,
@@ -142,17 +149,17 @@ ROLLOUT_EVENTS = {
 }
 
 
-def add_rows(conn: sqlite3.Connection, event: str, rows: str, params: Sequence[object]) -> int:
+def add_rows(conn: Connection, event: str, rows: str, params: Sequence[object]) -> int:
     """An `event` for each row of the SELECT `rows`: (at, rollout_id, machine_id,
     detail_json), in the caller's transaction. Returns how many."""
     return conn.execute(
         "INSERT INTO webhook_outbox (event, at, rollout_id, machine_id, detail_json) "
-        f"SELECT ?, at, rollout_id, machine_id, detail_json FROM ({rows})",
+        f"SELECT ?, at, rollout_id, machine_id, detail_json FROM ({rows}) AS event_rows",
         (event, *params),
     ).rowcount
 
 
-def detect_stale(conn: sqlite3.Connection, now: datetime, stale_after: int) -> int:
+def detect_stale(conn: Connection, now: datetime, stale_after: int) -> int:
     """One `machine.stale` event per machine per silence (models.is_stale, as SQL).
 
     webhook_stale remembers the report time each machine was announced stale at, so
@@ -165,16 +172,22 @@ def detect_stale(conn: sqlite3.Connection, now: datetime, stale_after: int) -> i
         "AND m.lifecycle != 'decommissioned' AND NOT EXISTS (SELECT 1 FROM webhook_stale s "
         "WHERE s.machine_id = m.id AND s.last_report_at = m.last_report_at)"
     )
+    detail = "json_object('last_report_at', last_report_at, 'stale_after', ?)"
+    if is_postgresql(conn):
+        conn.execute("SELECT pg_advisory_xact_lock(?)", (STALE_LOCK,))
+        detail = (
+            "json_build_object('last_report_at', last_report_at, "
+            "'stale_after', CAST(? AS INTEGER))::text"
+        )
     n = conn.execute(
         "INSERT INTO webhook_outbox (event, at, machine_id, detail_json) "
-        f"SELECT 'machine.stale', ?, id, json_object('last_report_at', last_report_at, "
-        f"'stale_after', ?) FROM ({quiet}) ORDER BY id",
+        f"SELECT 'machine.stale', ?, id, {detail} FROM ({quiet}) AS q ORDER BY id",
         (isoformat(now), stale_after, cutoff),
     ).rowcount
     if n:
         conn.execute(
             "INSERT INTO webhook_stale (machine_id, last_report_at) "
-            f"SELECT id, last_report_at FROM ({quiet}) WHERE true "
+            f"SELECT id, last_report_at FROM ({quiet}) AS q WHERE true "
             "ON CONFLICT (machine_id) DO UPDATE SET last_report_at = excluded.last_report_at",
             (cutoff,),
         )
@@ -182,7 +195,7 @@ def detect_stale(conn: sqlite3.Connection, now: datetime, stale_after: int) -> i
 
 
 def fan_out(
-    conn: sqlite3.Connection,
+    conn: Connection,
     hooks: Sequence[Webhook],
     now: datetime,
     retry_for: float,
@@ -192,8 +205,10 @@ def fan_out(
 
     With no webhook subscribed to an event, the event is only marked fanned out.
     """
+    pg = is_postgresql(conn)
     rows = conn.execute(
-        "SELECT id, event, at FROM webhook_outbox WHERE fanned_out = 0 ORDER BY id LIMIT ?",
+        "SELECT id, event, at FROM webhook_outbox WHERE fanned_out = 0 ORDER BY id LIMIT ?"
+        + (" FOR UPDATE SKIP LOCKED" if pg else ""),
         (limit,),
     ).fetchall()
     if not rows:
@@ -210,10 +225,15 @@ def fan_out(
             if hook.wants(r["event"])
         ],
     )
-    conn.execute(
-        "UPDATE webhook_outbox SET fanned_out = 1 WHERE fanned_out = 0 AND id <= ?",
-        (rows[-1]["id"],),
-    )
+    if pg:  # the rows read: one of a lower id may commit after this read
+        conn.execute(
+            "UPDATE webhook_outbox SET fanned_out = 1 WHERE id = ANY(?)", ([r["id"] for r in rows],)
+        )
+    else:
+        conn.execute(
+            "UPDATE webhook_outbox SET fanned_out = 1 WHERE fanned_out = 0 AND id <= ?",
+            (rows[-1]["id"],),
+        )
     return len(rows)
 
 
@@ -225,12 +245,13 @@ def _unique(hooks: Sequence[Webhook]) -> list[Webhook]:
     return list(seen.values())
 
 
-def claim(conn: sqlite3.Connection, url: str, now: datetime, lease: float) -> Claimed | None:
+def claim(conn: Connection, url: str, now: datetime, lease: float) -> Claimed | None:
     """The next due delivery to `url`, leased for `lease` seconds; None when none is due."""
     row = conn.execute(
         "SELECT id, outbox_id, attempts, expires_at FROM webhook_deliveries "
         "WHERE url = ? AND state = 'pending' AND next_attempt_at <= ? "
-        "ORDER BY next_attempt_at, id LIMIT 1",
+        "ORDER BY next_attempt_at, id LIMIT 1"
+        + (" FOR UPDATE SKIP LOCKED" if is_postgresql(conn) else ""),
         (url, isoformat(now)),
     ).fetchone()
     if row is None:
@@ -244,7 +265,7 @@ def claim(conn: sqlite3.Connection, url: str, now: datetime, lease: float) -> Cl
 
 
 def record_attempt(
-    conn: sqlite3.Connection,
+    conn: Connection,
     delivery_id: int,
     now: datetime,
     status: int | None,
@@ -283,7 +304,7 @@ def record_attempt(
     return state
 
 
-def expire(conn: sqlite3.Connection, now: datetime) -> int:
+def expire(conn: Connection, now: datetime) -> int:
     """Give up pending deliveries past their expiry (e.g. to a URL no longer configured)."""
     at = isoformat(now)
     return conn.execute(
@@ -294,7 +315,7 @@ def expire(conn: sqlite3.Connection, now: datetime) -> int:
     ).rowcount
 
 
-def prune(conn: sqlite3.Connection, before: datetime) -> int:
+def prune(conn: Connection, before: datetime) -> int:
     """Forget events older than `before` whose deliveries are all finished."""
     return conn.execute(
         "DELETE FROM webhook_outbox WHERE fanned_out = 1 AND at < ? AND NOT EXISTS "
@@ -304,9 +325,7 @@ def prune(conn: sqlite3.Connection, before: datetime) -> int:
     ).rowcount
 
 
-def deliveries(
-    conn: sqlite3.Connection, *, failed: bool = False, limit: int = 100
-) -> list[Delivery]:
+def deliveries(conn: Connection, *, failed: bool = False, limit: int = 100) -> list[Delivery]:
     """Newest first; `failed`: given up, or pending after a failed attempt."""
     where = (
         "WHERE d.state = 'failed' OR (d.state = 'pending' AND d.attempts > 0) " if failed else ""
@@ -324,7 +343,7 @@ def deliveries(
         for a in conn.execute(
             "SELECT delivery_id, at, status, error, duration_ms FROM (SELECT *, row_number() "
             "OVER (PARTITION BY delivery_id ORDER BY id DESC) AS n FROM webhook_attempts "
-            f"WHERE delivery_id IN ({marks})) WHERE n <= ? ORDER BY delivery_id, id",
+            f"WHERE delivery_id IN ({marks})) AS a WHERE n <= ? ORDER BY delivery_id, id",
             (*ids, KEEP_ATTEMPTS),
         ):
             history.setdefault(a["delivery_id"], []).append(from_row(Attempt, a))

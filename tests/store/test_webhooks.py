@@ -1,4 +1,4 @@
-"""The webhook outbox in a real SQLite file: its writers, fan-out, leases, attempts."""
+"""The webhook outbox on both backends (`any_store`): its writers, fan-out, leases, attempts."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ from nixfleet import rollout, schemas
 from nixfleet.controlplane.webhooks import backoff, signature
 from nixfleet.models import Lifecycle, Report, isoformat, utcnow
 from nixfleet.settings import WEBHOOK_EVENTS, Webhook
-from nixfleet.store import Store, machines
+from nixfleet.store import machines
 from nixfleet.store import rollouts as store_rollouts
 from nixfleet.store import webhooks as outbox
+from nixfleet.store.conn import AnyStore
 
 GEN = "/nix/store/" + "a" * 32 + "-nixos-system-web-01"
 BAD = "/nix/store/" + "b" * 32 + "-nixos-system-web-01"
@@ -33,14 +34,15 @@ ROLLOUT_KINDS = {
 }
 
 
-def events(store: Store) -> list[tuple[str, str | None, dict[str, object]]]:
-    rows = store.connection().execute(
-        "SELECT event, machine_id, detail_json FROM webhook_outbox ORDER BY id"
-    )
+def events(store: AnyStore) -> list[tuple[str, str | None, dict[str, object]]]:
+    with store.read() as conn:
+        rows = conn.execute(
+            "SELECT event, machine_id, detail_json FROM webhook_outbox ORDER BY id"
+        ).fetchall()
     return [(r[0], r[1], json.loads(r[2])) for r in rows]
 
 
-def add_rollout(store: Store) -> None:
+def add_rollout(store: AnyStore) -> None:
     now = isoformat(utcnow())
     with store.transaction() as conn:
         conn.execute(
@@ -54,7 +56,8 @@ def add_rollout(store: Store) -> None:
         )
 
 
-def test_every_rollout_event_kind_becomes_its_webhook_event(store: Store) -> None:
+def test_every_rollout_event_kind_becomes_its_webhook_event(any_store: AnyStore) -> None:
+    store = any_store
     add_rollout(store)
     kinds = [*ROLLOUT_KINDS, "batch-succeeded", "batch-requeued", "rollout-reverted"]
     with store.transaction() as conn:
@@ -79,7 +82,8 @@ def test_every_writer_of_rollout_events_writes_their_webhooks() -> None:
     assert "webhooks.add_rows" in writers[("nixfleet/store/verdicts.py", "judge_batch")]
 
 
-def test_an_event_is_written_only_with_the_change_that_caused_it(store: Store) -> None:
+def test_an_event_is_written_only_with_the_change_that_caused_it(any_store: AnyStore) -> None:
+    store = any_store
     add_rollout(store)
     with pytest.raises(RuntimeError), store.transaction() as conn:
         store_rollouts.add_events(conn, "ro-1", utcnow(), [rollout.Event("rollout-paused")], "t")
@@ -98,7 +102,8 @@ def report(success: bool, at_offset: float = 0) -> Report:
     )
 
 
-def test_a_new_failed_generation_is_one_machine_failed_event(store: Store) -> None:
+def test_a_new_failed_generation_is_one_machine_failed_event(any_store: AnyStore) -> None:
+    store = any_store
     with store.transaction() as conn:
         machines.register(conn, "web-01", [], Lifecycle.PENDING, utcnow())
     for r in (report(True), report(False), report(False), report(True)):
@@ -113,7 +118,10 @@ def test_a_new_failed_generation_is_one_machine_failed_event(store: Store) -> No
     }
 
 
-def test_a_machine_that_first_needs_a_reboot_is_one_reboot_needed_event(store: Store) -> None:
+def test_a_machine_that_first_needs_a_reboot_is_one_reboot_needed_event(
+    any_store: AnyStore,
+) -> None:
+    store = any_store
     with store.transaction() as conn:
         machines.register(conn, "web-01", [], Lifecycle.PENDING, utcnow())
     needs = (False, True, True, False, True)  # repeats are the same need; then a new one
@@ -126,7 +134,8 @@ def test_a_machine_that_first_needs_a_reboot_is_one_reboot_needed_event(store: S
     assert got[0][2] == {"generation": GEN, "booted_generation": BAD}
 
 
-def test_fan_out_claim_and_attempts(store: Store) -> None:
+def test_fan_out_claim_and_attempts(any_store: AnyStore) -> None:
+    store = any_store
     now = utcnow()
     hooks = [
         Webhook("http://127.0.0.1:1/a", "/s", ("machine.failed",)),
@@ -157,7 +166,8 @@ def test_fan_out_claim_and_attempts(store: Store) -> None:
     assert [a.status for a in d.history] == [500, None]
 
 
-def test_stale_machines_are_announced_once_per_silence(store: Store) -> None:
+def test_stale_machines_are_announced_once_per_silence(any_store: AnyStore) -> None:
+    store = any_store
     now = utcnow()
     with store.transaction() as conn:
         machines.register(conn, "web-01", [], Lifecycle.PENDING, now)
@@ -171,7 +181,38 @@ def test_stale_machines_are_announced_once_per_silence(store: Store) -> None:
         machines.set_lifecycle(conn, "web-01", Lifecycle.DECOMMISSIONED)
         conn.execute("DELETE FROM webhook_stale")
         assert outbox.detect_stale(conn, now, 60) == 0, "decommissioned: never stale"
-    assert [e[1] for e in events(store)] == ["web-01", "web-01"]
+    got = events(store)
+    assert [e[1] for e in got] == ["web-01", "web-01"]
+    first = isoformat(report(True, at_offset=-100).received_at)[:19]
+    assert got[0][0] == "machine.stale" and got[0][2]["stale_after"] == 60
+    assert str(got[0][2]["last_report_at"]).startswith(first)
+
+
+def test_each_row_of_a_select_is_one_event(any_store: AnyStore) -> None:
+    """add_rows: what the tick writes for the machines it judged unhealthy."""
+    store = any_store
+    add_rollout(store)
+    now = utcnow()
+    with store.transaction() as conn:
+        for m in ("web-02", "web-01", "db-01"):
+            machines.register(conn, m, [], Lifecycle.ACTIVE, now)
+        n = outbox.add_rows(
+            conn,
+            outbox.MACHINE_UNHEALTHY,
+            "SELECT ? AS at, ? AS rollout_id, id AS machine_id, '{\"batch\": 1}' AS detail_json "
+            "FROM machines WHERE id LIKE ? ORDER BY id",
+            (isoformat(now), "ro-1", "web-%"),
+        )
+        assert n == 2
+        claimed = [outbox.fan_out(conn, [Webhook("http://127.0.0.1:1/a", "/s", ("*",))], now, 60)]
+        ev = outbox.claim(conn, "http://127.0.0.1:1/a", now, lease=5)
+    assert events(store) == [
+        ("machine.unhealthy", "web-01", {"batch": 1}),
+        ("machine.unhealthy", "web-02", {"batch": 1}),
+    ]
+    assert claimed == [2] and ev is not None
+    assert ev.event.payload()["rollout"] == {"id": "ro-1", "name": "web"}
+    assert ev.event.at == isoformat(now) and ev.event.machine_id == "web-01"
 
 
 def test_signature_is_hmac_sha256_of_timestamp_dot_body() -> None:
