@@ -14,7 +14,8 @@ from datetime import datetime, timedelta
 
 from nixfleet.models import utcnow
 from nixfleet.settings import Settings
-from nixfleet.store import Store, retention
+from nixfleet.store import retention
+from nixfleet.store.conn import AnyStore
 
 log = logging.getLogger("nixfleet.controlplane.retention")
 
@@ -30,7 +31,7 @@ class Pruned:
 
 
 def prune_deployments(
-    settings: Settings, store: Store, chunk: int = CHUNK, now: datetime | None = None
+    settings: Settings, store: AnyStore, chunk: int = CHUNK, now: datetime | None = None
 ) -> Pruned:
     """Condense finished rollouts, prune releases nothing needs, delete their rows."""
     now = now or utcnow()
@@ -79,7 +80,7 @@ class PruneDeployments:
         self.last: float | None = None
         self.__name__ = "prune_deployments"
 
-    def __call__(self, settings: Settings, store: Store) -> None:
+    def __call__(self, settings: Settings, store: AnyStore) -> None:
         now = time.monotonic()
         if self.last is not None and now - self.last < self.every:
             return

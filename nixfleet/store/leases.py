@@ -4,15 +4,18 @@ The semaphore rules are nixfleet.policy.leases' (pure); this module reads the fa
 they need (the machine's tags, its running rollout, the live leases of its groups),
 writes what was decided inside the caller's transaction, and records each change as
 a rollout event and an audit row.
+
+On PostgreSQL `take` holds LEASES_LOCK to the commit: it counts a group's leases and
+then adds one, which two machines taking the last slot at once would both do.
+Releasing and expiring need none: they DELETE … RETURNING, so a lease goes once and
+only the transaction that deleted it writes its events.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from nixfleet import policy, rollout, wire
 from nixfleet.errors import ConflictError, NotFoundError
@@ -22,6 +25,10 @@ from nixfleet.policy.fleet import FleetPolicy
 from nixfleet.policy.reboot import RebootPolicy
 from nixfleet.store import audit
 from nixfleet.store import rollouts as store_rollouts
+from nixfleet.store.conn import Connection, Row, is_postgresql
+
+# pg_advisory_xact_lock key of take (store.pg.MIGRATION_LOCK is 0x6E66_0001).
+LEASES_LOCK = 0x6E66_0010
 
 
 @dataclass(frozen=True)
@@ -35,7 +42,7 @@ class RebootContext:
     windows: tuple[windows.Window, ...]
 
 
-def context(conn: sqlite3.Connection, machine_id: str, fleet: FleetPolicy) -> RebootContext:
+def context(conn: Connection, machine_id: str, fleet: FleetPolicy) -> RebootContext:
     row = conn.execute(
         "SELECT m.tags_json, r.id, r.name, r.document_json FROM machines m "
         "LEFT JOIN rollout_machines rm ON rm.machine_id = m.id AND rm.rollout_id IN "
@@ -56,19 +63,19 @@ def context(conn: sqlite3.Connection, machine_id: str, fleet: FleetPolicy) -> Re
     )
 
 
-def _lease(r: sqlite3.Row | tuple[Any, ...]) -> leases.Lease:
+def _lease(r: Row) -> leases.Lease:
     acquired, expires = parse_time(r[2]), parse_time(r[3])
     assert acquired is not None and expires is not None
     return leases.Lease(r[0], r[1], acquired, expires)
 
 
-def held(conn: sqlite3.Connection, groups: list[str]) -> list[leases.Lease]:
+def held(conn: Connection, groups: list[str]) -> list[leases.Lease]:
     marks = ",".join("?" * len(groups))
     return [
         _lease(r)
         for r in conn.execute(
             f"SELECT grp, machine_id, acquired_at, expires_at FROM reboot_leases "
-            f"WHERE grp IN ({marks}) ORDER BY acquired_at",
+            f"WHERE grp IN ({marks}) ORDER BY acquired_at, grp, machine_id",
             groups,
         )
     ]
@@ -84,7 +91,7 @@ def lease_json(lease: leases.Lease) -> wire.RebootLease:
 
 
 def take(
-    conn: sqlite3.Connection,
+    conn: Connection,
     machine_id: str,
     fleet: FleetPolicy,
     now: datetime,
@@ -96,6 +103,8 @@ def take(
     `window_now` is the clock windows are judged by (settings.policy_now; `now`).
     """
     window_now = window_now or now
+    if is_postgresql(conn):
+        conn.execute("SELECT pg_advisory_xact_lock(?)", (LEASES_LOCK,))
     ctx = context(conn, machine_id, fleet)
     mine = leases.groups_for(ctx.tags, fleet.reboot_groups, fleet.reboot_slots)
     current = held(conn, [g.name for g in mine])
@@ -152,7 +161,7 @@ def take(
     return {"granted": True, "leases": [lease_json(x) for x in have.leases]}
 
 
-def release(conn: sqlite3.Connection, machine_id: str, now: datetime, actor: str) -> int:
+def release(conn: Connection, machine_id: str, now: datetime, actor: str) -> int:
     """Give the machine's leases back; releasing none is fine (idempotent)."""
     rows = conn.execute(
         "DELETE FROM reboot_leases WHERE machine_id = ? RETURNING grp, rollout_id", (machine_id,)
@@ -174,7 +183,7 @@ def release(conn: sqlite3.Connection, machine_id: str, now: datetime, actor: str
     return len(rows)
 
 
-def release_recovered(conn: sqlite3.Connection, now: datetime, actor: str) -> list[str]:
+def release_recovered(conn: Connection, now: datetime, actor: str) -> list[str]:
     """Leases of machines back healthy on their booted generation, released by the CP.
 
     The agent releases its own lease (DELETE); this covers an agent that cannot
@@ -192,7 +201,7 @@ def release_recovered(conn: sqlite3.Connection, now: datetime, actor: str) -> li
     return done
 
 
-def expire(conn: sqlite3.Connection, now: datetime, actor: str) -> list[str]:
+def expire(conn: Connection, now: datetime, actor: str) -> list[str]:
     """Expired leases become failed machines and free their slots; returns the machines.
 
     The machine's verdict in its running rollout turns unhealthy (the batch's failure
@@ -235,7 +244,7 @@ def expire(conn: sqlite3.Connection, now: datetime, actor: str) -> list[str]:
     return sorted(seen)
 
 
-def holders(conn: sqlite3.Connection) -> dict[str, list[str]]:
+def holders(conn: Connection) -> dict[str, list[str]]:
     """machine -> its groups, for status views (few rows: at most the slots)."""
     out: dict[str, list[str]] = {}
     for grp, machine_id in conn.execute("SELECT grp, machine_id FROM reboot_leases ORDER BY grp"):

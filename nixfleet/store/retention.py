@@ -29,20 +29,29 @@ What a deployment leaves behind grows with the fleet every time: a rollout write
 The freed pages are reused by the next deployment's rows, so the file holds what the
 fleet's history needs plus about one running rollout and the releases in use.
 
-Plain SQL, no SQLite-only syntax: the PostgreSQL store spells the same statements.
+Plain SQL, no SQLite-only syntax: the PostgreSQL store runs the same statements. Where
+a step decides on what it read, it locks on PostgreSQL (FOR UPDATE, PG_LOCK) the row
+that decision rests on: the rollout it condenses, the release it prunes or deletes
+entries of (a rollout of it being applied, or its TOML registered again, waits or is
+waited for).
 """
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import datetime
 
 from nixfleet.models import MachineHealth, isoformat
+from nixfleet.store.conn import Connection, is_postgresql
 
 FINISHED = ("completed", "failed", "cancelled")
+PG_LOCK = " FOR UPDATE"  # what the PostgreSQL spelling of a deciding read adds
 
 
-def finished_rollouts(conn: sqlite3.Connection, cutoff: datetime) -> list[str]:
+def _lock(conn: Connection) -> str:
+    return PG_LOCK if is_postgresql(conn) else ""
+
+
+def finished_rollouts(conn: Connection, cutoff: datetime) -> list[str]:
     """Finished rollouts last changed before `cutoff` that are not condensed yet."""
     rows = conn.execute(
         "SELECT id FROM rollouts WHERE status IN (?, ?, ?) AND machines_pruned_at IS NULL "
@@ -52,13 +61,14 @@ def finished_rollouts(conn: sqlite3.Connection, cutoff: datetime) -> list[str]:
     return [r[0] for r in rows]
 
 
-def condense_rollout(conn: sqlite3.Connection, rollout_id: str, now: datetime) -> bool:
+def condense_rollout(conn: Connection, rollout_id: str, now: datetime) -> bool:
     """Keep each batch's health counts and mark the rollout's machines for deletion.
 
     False (nothing written) when it is not a finished, uncondensed rollout any more.
     """
     row = conn.execute(
-        "SELECT status, machines_pruned_at FROM rollouts WHERE id = ?", (rollout_id,)
+        "SELECT status, machines_pruned_at FROM rollouts WHERE id = ?" + _lock(conn),
+        (rollout_id,),
     ).fetchone()
     if row is None or row[0] not in FINISHED or row[1] is not None:
         return False
@@ -98,7 +108,7 @@ def condense_rollout(conn: sqlite3.Connection, rollout_id: str, now: datetime) -
 _GOING = "(rm.health <> 'unhealthy' OR r.updated_at < :cutoff)"
 
 
-def delete_rollout_machines(conn: sqlite3.Connection, chunk: int, cutoff: datetime) -> int:
+def delete_rollout_machines(conn: Connection, chunk: int, cutoff: datetime) -> int:
     """Up to `chunk` per-machine rows of condensed rollouts (`cutoff`: the
     rollout_retention_days one); how many went (0: none left)."""
     params = {"cutoff": isoformat(cutoff), "chunk": chunk}
@@ -119,9 +129,7 @@ def delete_rollout_machines(conn: sqlite3.Connection, chunk: int, cutoff: dateti
     return int(cur.rowcount)
 
 
-def release_candidates(
-    conn: sqlite3.Connection, cutoff: datetime, deployed_cutoff: datetime
-) -> list[str]:
+def release_candidates(conn: Connection, cutoff: datetime, deployed_cutoff: datetime) -> list[str]:
     """Unpruned releases that no active rollout uses and no rollout changed since
     `deployed_cutoff`, and that were rolled out or created before `cutoff`, oldest
     first (whether a machine still needs one is `in_use`)."""
@@ -153,7 +161,7 @@ LIMIT 1
 """
 
 
-def in_use(conn: sqlite3.Connection, release_id: str) -> bool:
+def in_use(conn: Connection, release_id: str) -> bool:
     row = conn.execute("SELECT created_at FROM releases WHERE id = ?", (release_id,)).fetchone()
     if row is None:
         return False
@@ -162,7 +170,7 @@ def in_use(conn: sqlite3.Connection, release_id: str) -> bool:
 
 
 def prune_release(
-    conn: sqlite3.Connection,
+    conn: Connection,
     release_id: str,
     cutoff: datetime,
     deployed_cutoff: datetime,
@@ -170,6 +178,8 @@ def prune_release(
 ) -> bool:
     """Mark one release pruned when it still qualifies (checked again in this
     transaction); its entries go afterwards (`delete_release_entries`)."""
+    if is_postgresql(conn):  # first: what follows reads after the lock
+        conn.execute("SELECT 1 FROM releases WHERE id = ? FOR UPDATE", (release_id,))
     candidates = release_candidates(conn, cutoff, deployed_cutoff)
     if release_id not in candidates or in_use(conn, release_id):
         return False
@@ -180,12 +190,12 @@ def prune_release(
     return True
 
 
-def delete_release_entries(conn: sqlite3.Connection, chunk: int) -> int:
+def delete_release_entries(conn: Connection, chunk: int) -> int:
     """Up to `chunk` entries of pruned releases; how many went (0: none left)."""
     row = conn.execute(
         "SELECT r.id FROM releases r WHERE r.pruned_at IS NOT NULL AND EXISTS "
         "(SELECT 1 FROM release_entries e WHERE e.release_id = r.id) "
-        "ORDER BY r.pruned_at, r.id LIMIT 1"
+        "ORDER BY r.pruned_at, r.id LIMIT 1" + _lock(conn)
     ).fetchone()
     if row is None:
         return 0

@@ -1,4 +1,4 @@
-"""Reboot leases on a real SQLite store: grant rules, recursion, ownership, expiry."""
+"""Reboot leases on both backends (`any_store`): grant rules, recursion, ownership, expiry."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from nixfleet.errors import ConflictError
 from nixfleet.flake import release_from_document
 from nixfleet.models import Lifecycle
 from nixfleet.policy import fleet
-from nixfleet.store import Store, audit, leases, machines, releases
+from nixfleet.store import audit, leases, machines, releases
 from nixfleet.store import rollouts as store_rollouts
+from nixfleet.store.conn import AnyStore
 
 T0 = datetime(2026, 12, 7, 10, 0, tzinfo=UTC)  # a Monday
 FLEET = fleet.from_settings(
@@ -27,7 +28,7 @@ def gen(host: str) -> str:
     return f"/nix/store/{'n' * 32}-nixos-system-{host}"
 
 
-def setup(store: Store, **doc: Any) -> str:
+def setup(store: AnyStore, **doc: Any) -> str:
     with store.transaction() as conn:
         for h, tags in HOSTS.items():
             machines.register(conn, h, tags, Lifecycle.ACTIVE, T0)
@@ -50,12 +51,13 @@ def setup(store: Store, **doc: Any) -> str:
         return store_rollouts.apply(conn, {**base, **doc}, "key:test", T0, 5).id
 
 
-def take(store: Store, host: str, now: datetime = T0) -> wire.RebootLeases:
+def take(store: AnyStore, host: str, now: datetime = T0) -> wire.RebootLeases:
     with store.transaction() as conn:
         return leases.take(conn, host, FLEET, now, f"machine:{host}")
 
 
-def test_groups_have_slots_and_takes_are_recursive(store: Store) -> None:
+def test_groups_have_slots_and_takes_are_recursive(any_store: AnyStore) -> None:
+    store = any_store
     setup(store)
     first = take(store, "db-1")
     assert first["granted"] and [x["group"] for x in first["leases"]] == ["db"]
@@ -77,7 +79,8 @@ def test_groups_have_slots_and_takes_are_recursive(store: Store) -> None:
     assert "rollout.machine-rebooted" in actions
 
 
-def test_no_lease_without_reboot_when_needed_or_outside_windows(store: Store) -> None:
+def test_no_lease_without_reboot_when_needed_or_outside_windows(any_store: AnyStore) -> None:
+    store = any_store
     setup(
         store,
         windows=[{"days": ["tue"], "start": "09:00", "end": "16:00", "timezone": "Europe/Berlin"}],
@@ -89,14 +92,16 @@ def test_no_lease_without_reboot_when_needed_or_outside_windows(store: Store) ->
     assert take(store, "web-1", datetime(2026, 12, 8, 9, 0, tzinfo=UTC))["granted"]
 
 
-def test_reboot_never_refuses(store: Store) -> None:
+def test_reboot_never_refuses(any_store: AnyStore) -> None:
+    store = any_store
     setup(store, reboot="never")
     with pytest.raises(ConflictError) as e:
         take(store, "web-1")
     assert "reboot: never" in e.value.detail
 
 
-def test_an_expired_lease_fails_its_machine_and_frees_the_slot(store: Store) -> None:
+def test_an_expired_lease_fails_its_machine_and_frees_the_slot(any_store: AnyStore) -> None:
+    store = any_store
     rid = setup(store)
     take(store, "db-1")
     with store.transaction() as conn:

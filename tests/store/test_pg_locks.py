@@ -6,25 +6,32 @@ test here holds a first transaction open on one connection while a second, on
 another connection and thread, does what would collide with it; once the second
 waits on a lock (or has ended), the first commits. Without the lock the second fails
 (a unique violation) or writes a wrong row; with it, it waits and then does what it
-would have done alone.
+would have done alone. Here: a machine's events and its registration (store.history,
+store.machines), a group's last reboot slot, the webhook outbox's fan-out, claims and
+stale announcements, and a release pruned while it is being rolled out.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 from conftest import wait_until
 from postgres_cluster import import_psycopg
 
 from nixfleet.errors import ConflictError
+from nixfleet.flake import release_from_document
 from nixfleet.history import Event, EventKind
-from nixfleet.models import Lifecycle, Report
-from nixfleet.store import history, machines
-from nixfleet.store.conn import Connection
+from nixfleet.models import Lifecycle, Report, utcnow
+from nixfleet.policy import fleet
+from nixfleet.settings import Webhook
+from nixfleet.store import history, leases, machines, releases, retention
+from nixfleet.store import rollouts as store_rollouts
+from nixfleet.store import webhooks as outbox
+from nixfleet.store.conn import Connection, Cursor
 
 import_psycopg()
 
@@ -203,3 +210,182 @@ def test_appending_locks_only_the_machines_it_writes(pg: PgStore) -> None:
     waited, _ = while_open(pg, first, second)
     assert not waited
     assert stored(pg, "web-08") == [(1, "lifecycle", None)]
+
+
+# --- reboot leases, webhooks ---------------------------------------------------------
+
+FLEET = fleet.from_settings(reboot_groups=[{"tags": ["db"], "slots": 1}], reboot_timeout=600)
+HOOK = Webhook("http://127.0.0.1:1/a", "/s", ("*",))
+
+
+def test_two_machines_cannot_both_take_a_groups_last_slot(pg: PgStore) -> None:
+    hosts = ["db-1", "db-2"]
+    with pg.transaction() as conn:
+        for h in hosts:
+            machines.register(conn, h, ["db"], Lifecycle.ACTIVE, T0)
+        entries = [
+            {"hostname": h, "store_path": P.replace("web-07", h), "platform": "x86_64-linux"}
+            for h in hosts
+        ]
+        rel = release_from_document({"entries": entries})
+        releases.insert(conn, rel, T0, "test")
+        doc = {
+            "version": 1,
+            "name": "kernel",
+            "release": rel.id,
+            "target": {"hosts": hosts},
+            "strategy": "all-at-once",
+            "reboot": "when-needed",
+        }
+        store_rollouts.apply(conn, doc, "key:test", T0, 5)
+
+    def take(host: str) -> Callable[[Connection], object]:
+        return lambda conn: leases.take(conn, host, FLEET, T0, f"machine:{host}")
+
+    with pytest.raises(ConflictError, match=r"group db is full \(db-1\)"):
+        while_open(pg, take("db-1"), take("db-2"))
+    with pg.read() as conn:
+        assert leases.holders(conn) == {"db-1": ["db"]}
+
+
+def test_a_release_being_rolled_out_is_not_pruned(pg: PgStore) -> None:
+    """prune_release checks that no rollout uses the release, then marks it pruned: a
+    rollout of it applied meanwhile holds its row (the foreign key's lock)."""
+    register(pg, "web-07")
+    entry = {"hostname": "web-07", "store_path": P, "platform": "x86_64-linux"}
+    rel = release_from_document({"entries": [entry]})
+    with pg.transaction() as conn:
+        releases.insert(conn, rel, T0, "test")
+    now = T0 + timedelta(days=30)
+    doc = {
+        "version": 1,
+        "name": "late",
+        "release": rel.id,
+        "target": {"hosts": ["web-07"]},
+        "strategy": "all-at-once",
+    }
+
+    def apply(conn: Connection) -> None:
+        store_rollouts.apply(conn, doc, "key:test", now, 5)
+
+    def prune(conn: Connection) -> bool:
+        return retention.prune_release(
+            conn, rel.id, now - timedelta(days=14), now - timedelta(days=1), now
+        )
+
+    waited, pruned = while_open(pg, apply, prune)
+    assert waited and not pruned
+    with pg.read() as conn:
+        assert releases.get(conn, rel.id).entries == rel.entries
+
+
+def test_a_silence_is_announced_once_by_two_runs_at_once(pg: PgStore) -> None:
+    now = utcnow()
+    register(pg, "web-07")
+    with pg.transaction() as conn:
+        machines.record_report(conn, Report("web-07", now - timedelta(seconds=100), P))
+
+    def detect(conn: Connection) -> int:
+        return outbox.detect_stale(conn, now, 60)
+
+    waited, announced = while_open(pg, detect, detect)
+    assert waited and announced == 0
+    with pg.read() as conn:
+        row = conn.execute("SELECT count(*) FROM webhook_outbox WHERE event = 'machine.stale'")
+        assert row.fetchone()[0] == 1
+
+
+def deliveries(pg: PgStore) -> list[tuple[int, int]]:
+    """(outbox id, deliveries) of every event."""
+    with pg.read() as conn:
+        rows = conn.execute(
+            "SELECT o.id, count(d.id) FROM webhook_outbox o LEFT JOIN webhook_deliveries d "
+            "ON d.outbox_id = o.id GROUP BY o.id ORDER BY o.id"
+        ).fetchall()
+    return [(r[0], r[1]) for r in rows]
+
+
+def test_two_fan_outs_at_once_give_an_event_one_delivery(pg: PgStore) -> None:
+    now = utcnow()
+    with pg.transaction() as conn:
+        outbox.add(conn, "machine.failed", now, machine_id="web-07")
+
+    def fan_out(conn: Connection) -> int:
+        return outbox.fan_out(conn, [HOOK], now, 60)
+
+    waited, seen = while_open(pg, fan_out, fan_out)
+    assert not waited and seen == 0  # the first's rows are skipped, not waited for
+    assert [n for _, n in deliveries(pg)] == [1]
+
+
+def test_a_claimed_delivery_is_not_claimed_again_meanwhile(pg: PgStore) -> None:
+    now = utcnow()
+    with pg.transaction() as conn:
+        for m in ("web-07", "web-08"):
+            outbox.add(conn, "machine.failed", now, machine_id=m)
+        outbox.fan_out(conn, [HOOK], now, 60)
+
+    def claim(conn: Connection) -> int | None:
+        claimed = outbox.claim(conn, HOOK.url, now, lease=5)
+        return None if claimed is None else claimed.delivery_id
+
+    first: list[int | None] = []
+    waited, second = while_open(pg, lambda conn: first.append(claim(conn)), claim)
+    assert not waited and first[0] is not None and second not in (None, first[0])
+
+
+class Before:
+    """A connection that runs `action` before the first statement starting with `prefix`."""
+
+    def __init__(self, conn: Connection, prefix: str, action: Callable[[], None]) -> None:
+        self.conn, self.prefix, self.action = conn, prefix, action
+
+    def execute(self, sql: str, parameters: Sequence[Any] | Mapping[str, Any] = (), /) -> Cursor:
+        if sql.startswith(self.prefix) and self.prefix:
+            self.prefix = ""
+            self.action()
+        return self.conn.execute(sql, parameters)
+
+    def executemany(
+        self, sql: str, parameters: Iterable[Sequence[Any] | Mapping[str, Any]], /
+    ) -> Any:
+        return self.conn.executemany(sql, parameters)
+
+
+def test_an_event_committed_below_those_fanned_out_is_fanned_out_later(pg: PgStore) -> None:
+    """Outbox ids are handed out at insert: event 1 may commit after event 2, and
+    after a fan-out read 2; it must stay new for the next fan-out."""
+    now = utcnow()
+    written, go, committed = threading.Event(), threading.Event(), threading.Event()
+
+    def slow_writer() -> None:
+        with pg.transaction() as conn:
+            outbox.add(conn, "machine.failed", now, machine_id="web-07")  # id 1
+            written.set()
+            go.wait(30)
+        committed.set()
+
+    thread = threading.Thread(target=slow_writer, name="slow-writer")
+    thread.start()
+    try:
+        assert written.wait(30)
+        with pg.transaction() as conn:
+            outbox.add(conn, "machine.failed", now, machine_id="web-08")  # id 2
+
+        def let_it_commit() -> None:  # between the fan-out's read and its update
+            go.set()
+            assert committed.wait(30)
+
+        with pg.transaction() as conn:
+            assert (
+                outbox.fan_out(
+                    Before(conn, "UPDATE webhook_outbox", let_it_commit), [HOOK], now, 60
+                )
+                == 1
+            )
+    finally:
+        go.set()
+        thread.join(timeout=60)
+    with pg.transaction() as conn:
+        assert outbox.fan_out(conn, [HOOK], now, 60) == 1
+    assert deliveries(pg) == [(1, 1), (2, 1)]

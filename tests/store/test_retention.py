@@ -1,9 +1,9 @@
-"""Deployment retention (store.retention, controlplane.retention): what is kept, what
-goes, that a second run changes nothing, and that deletions go in bounded chunks."""
+"""Deployment retention (store.retention, controlplane.retention) on both backends
+(`any_store`): what is kept, what goes, that a second run changes nothing, and that
+deletions go in bounded chunks."""
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,8 +17,9 @@ from nixfleet.errors import GoneError
 from nixfleet.flake import release_from_document
 from nixfleet.models import Lifecycle, MachineHealth, Release, Report
 from nixfleet.settings import Settings
-from nixfleet.store import Store, machines, releases, retention, rollout_control
+from nixfleet.store import machines, releases, retention, rollout_control
 from nixfleet.store import rollouts as store_rollouts
+from nixfleet.store.conn import AnyStore
 
 T0 = datetime(2026, 9, 1, 10, 0, tzinfo=UTC)
 DAYS = 14
@@ -34,7 +35,7 @@ def at(days: float, seconds: float = 0) -> datetime:
     return T0 + timedelta(days=days, seconds=seconds)
 
 
-def make_release(store: Store, salt: str, when: datetime, hosts: list[str] = HOSTS) -> Release:
+def make_release(store: AnyStore, salt: str, when: datetime, hosts: list[str] = HOSTS) -> Release:
     doc = {
         "cache_url": "https://cache.example.com",
         "entries": [
@@ -48,7 +49,7 @@ def make_release(store: Store, salt: str, when: datetime, hosts: list[str] = HOS
     return rel
 
 
-def apply(store: Store, name: str, release: str, when: datetime, **kw: Any) -> str:
+def apply(store: AnyStore, name: str, release: str, when: datetime, **kw: Any) -> str:
     doc = {
         "version": 1,
         "name": name,
@@ -64,7 +65,7 @@ def apply(store: Store, name: str, release: str, when: datetime, **kw: Any) -> s
         return store_rollouts.apply(conn, doc, "key:test", when, 5).id
 
 
-def deploy(store: Store, name: str, rel: Release, when: datetime, failing: int = 1) -> str:
+def deploy(store: AnyStore, name: str, rel: Release, when: datetime, failing: int = 1) -> str:
     """A rollout over the fleet that completes: `failing` machines report a failure."""
     rid = apply(store, name, rel.id, when)
     reconciler.tick(store, 5, when + timedelta(seconds=1))
@@ -88,31 +89,32 @@ def deploy(store: Store, name: str, rel: Release, when: datetime, failing: int =
 
 
 @pytest.fixture
-def fleet(store: Store) -> Store:
-    with store.transaction() as conn:
+def fleet(any_store: AnyStore) -> AnyStore:
+    with any_store.transaction() as conn:
         for h in HOSTS:
             machines.register(conn, h, ["web"], Lifecycle.ACTIVE, T0)
-    return store
+    return any_store
 
 
-def count(store: Store, table: str, where: str = "1 = 1", *params: object) -> int:
+def count(store: AnyStore, table: str, where: str = "1 = 1", *params: object) -> int:
     with store.read() as conn:
         return int(
             conn.execute(f"SELECT COUNT(*) FROM {table} WHERE {where}", params).fetchone()[0]
         )
 
 
-def snapshot(store: Store) -> dict[str, list[tuple[Any, ...]]]:
-    conn = sqlite3.connect(store.path)
+def snapshot(store: AnyStore) -> dict[str, list[tuple[Any, ...]]]:
     tables = ["rollouts", "rollout_batches", "rollout_machines", "rollout_events", "releases"]
     tables += ["release_entries", "audit"]
-    out = {t: sorted(map(tuple, conn.execute(f"SELECT * FROM {t}")), key=repr) for t in tables}
-    conn.close()
-    return out
+    with store.read() as conn:
+        return {
+            t: sorted((tuple(r) for r in conn.execute(f"SELECT * FROM {t}")), key=repr)
+            for t in tables
+        }
 
 
 def test_a_finished_rollout_is_condensed_to_counts_and_its_unhealthy_machines(
-    fleet: Store, capsys: pytest.CaptureFixture[str]
+    fleet: AnyStore, capsys: pytest.CaptureFixture[str]
 ) -> None:
     store = fleet
     old = deploy(store, "old", make_release(store, "a", at(0)), at(0))  # web-00 fails
@@ -163,7 +165,7 @@ def test_a_finished_rollout_is_condensed_to_counts_and_its_unhealthy_machines(
     assert [b["counts"] for b in late["batches"]] == [b["counts"] for b in before["batches"]]
 
 
-def test_active_and_recent_rollouts_keep_their_machines(fleet: Store) -> None:
+def test_active_and_recent_rollouts_keep_their_machines(fleet: AnyStore) -> None:
     store = fleet
     rel = make_release(store, "a", at(0))
     paused = apply(store, "paused", rel.id, at(0), target={"hosts": HOSTS[:3]})
@@ -189,7 +191,7 @@ def test_active_and_recent_rollouts_keep_their_machines(fleet: Store) -> None:
     }
 
 
-def test_a_second_run_changes_nothing(fleet: Store) -> None:
+def test_a_second_run_changes_nothing(fleet: AnyStore) -> None:
     store = fleet
     deploy(store, "a", make_release(store, "a", at(0)), at(0))
     deploy(store, "b", make_release(store, "b", at(1)), at(1))
@@ -201,7 +203,7 @@ def test_a_second_run_changes_nothing(fleet: Store) -> None:
     assert snapshot(store) == state
 
 
-def test_rows_go_in_bounded_chunks(fleet: Store) -> None:
+def test_rows_go_in_bounded_chunks(fleet: AnyStore) -> None:
     store = fleet
     deploy(store, "a", make_release(store, "a", at(0)), at(0))
     make_release(store, "b", at(1))  # the machines run "a": "b" is unused
@@ -223,7 +225,7 @@ def test_rows_go_in_bounded_chunks(fleet: Store) -> None:
     assert count(store, "release_entries") == len(HOSTS)  # "a" is what machines run
 
 
-def test_releases_machines_need_stay_and_unused_ones_lose_their_entries(fleet: Store) -> None:
+def test_releases_machines_need_stay_and_unused_ones_lose_their_entries(fleet: AnyStore) -> None:
     store = fleet
     a = make_release(store, "a", at(0))  # deployed, then superseded by b
     deploy(store, "a", a, at(0), failing=0)
@@ -283,7 +285,7 @@ def test_releases_machines_need_stay_and_unused_ones_lose_their_entries(fleet: S
     assert listed[a.id].pruned_at is not None  # restored, old and unused again
 
 
-def test_a_release_an_active_or_recent_rollout_uses_stays(fleet: Store) -> None:
+def test_a_release_an_active_or_recent_rollout_uses_stays(fleet: AnyStore) -> None:
     store = fleet
     a = make_release(store, "a", at(0))
     rid = apply(store, "slow", a.id, at(0))  # running for weeks
@@ -299,7 +301,7 @@ def test_a_release_an_active_or_recent_rollout_uses_stays(fleet: Store) -> None:
 
 
 def test_a_rolled_out_release_goes_a_day_after_its_rollout_a_staged_one_stays(
-    fleet: Store,
+    fleet: AnyStore,
 ) -> None:
     store = fleet
     a = make_release(store, "a", at(0))
