@@ -12,7 +12,6 @@ in this process or the next, continues exactly where the database says.
 from __future__ import annotations
 
 import logging
-import sqlite3
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -24,6 +23,7 @@ from nixfleet.settings import Settings
 from nixfleet.store import Store, leases, ticks, verdicts
 from nixfleet.store import policy as store_policy
 from nixfleet.store import rollouts as store_rollouts
+from nixfleet.store.conn import AnyStore, Connection
 
 log = logging.getLogger("nixfleet.reconciler")
 
@@ -41,7 +41,7 @@ LIMITED_SHARE = 0.5
 
 
 def apply_decision(
-    conn: sqlite3.Connection,
+    conn: Connection,
     view: rollout.RolloutView,
     decision: rollout.Decision,
     now: datetime,
@@ -81,7 +81,7 @@ class PolicyTick:
 
 
 def _admit(
-    conn: sqlite3.Connection,
+    conn: Connection,
     view: rollout.RolloutView,
     batch: int,
     after: int,
@@ -105,7 +105,7 @@ def _admit(
 
 
 def _record_hold(
-    conn: sqlite3.Connection,
+    conn: Connection,
     view: rollout.RolloutView,
     hold: gate.Hold | None,
     batch: int | None,
@@ -126,7 +126,7 @@ def _record_hold(
 
 
 def step(
-    conn: sqlite3.Connection,
+    conn: Connection,
     rollout_id: str,
     now: datetime,
     hint: int,
@@ -201,7 +201,7 @@ def step(
 
 
 def tick(
-    store: Store,
+    store: AnyStore,
     hint: int,
     now: datetime | None = None,
     limit: int = TICK_MACHINES,

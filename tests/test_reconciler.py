@@ -1,4 +1,5 @@
-"""The reconciler on a real SQLite store: ticks with explicit times, reports as agents send them."""
+"""The reconciler on both backends (`any_store`): ticks with explicit times, reports as agents
+send them. The store of an old SQLite schema is SQLite's alone."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from nixfleet.history import EventKind
 from nixfleet.models import Lifecycle, Report
 from nixfleet.store import Store, audit, history, machines, planning, releases, rollout_control
 from nixfleet.store import rollouts as store_rollouts
+from nixfleet.store.conn import AnyStore
 
 T0 = datetime(2026, 11, 27, 10, 0, tzinfo=UTC)
 HINT = 5
@@ -33,7 +35,7 @@ def at(seconds: float) -> datetime:
 
 
 def setup_fleet(
-    store: Store, n: int = 10, release_hosts: int | None = None, desired: bool = True
+    store: AnyStore, n: int = 10, release_hosts: int | None = None, desired: bool = True
 ) -> str:
     """n machines web-00.. tagged web, each with its own previous desired generation
     (with `desired`; without, none: a schema older than the history table has no events)."""
@@ -70,16 +72,16 @@ def rollout_doc(release: str, **kw: Any) -> dict[str, Any]:
     return doc
 
 
-def apply(store: Store, doc: dict[str, Any], now: datetime = T0) -> str:
+def apply(store: AnyStore, doc: dict[str, Any], now: datetime = T0) -> str:
     with store.transaction() as conn:
         return store_rollouts.apply(conn, doc, "key:test", now, HINT).id
 
 
-def tick(store: Store, now: datetime) -> None:
+def tick(store: AnyStore, now: datetime) -> None:
     reconciler.tick(store, HINT, now)
 
 
-def report(store: Store, host: str, when: datetime, ok: bool = True, **kw: Any) -> None:
+def report(store: AnyStore, host: str, when: datetime, ok: bool = True, **kw: Any) -> None:
     m = machine(store, host)
     r = Report(
         machine_id=host,
@@ -94,22 +96,22 @@ def report(store: Store, host: str, when: datetime, ok: bool = True, **kw: Any) 
         machines.record_report(conn, r)
 
 
-def machine(store: Store, host: str) -> machines.Machine:  # type: ignore[name-defined]
+def machine(store: AnyStore, host: str) -> machines.Machine:  # type: ignore[name-defined]
     with store.read() as conn:
         return machines.get(conn, host)
 
 
-def detail(store: Store, rid: str, now: datetime) -> dict[str, Any]:
+def detail(store: AnyStore, rid: str, now: datetime) -> dict[str, Any]:
     with store.read() as conn:
         return dict(detail_json(store_rollouts.detail(conn, rid, now)))
 
 
-def deploying_hosts(store: Store, rid: str, now: datetime) -> list[str]:
+def deploying_hosts(store: AnyStore, rid: str, now: datetime) -> list[str]:
     d = detail(store, rid, now)
     return [m["id"] for b in d["batches"] if b["status"] == "deploying" for m in b["machines"]]
 
 
-def drive(store: Store, rid: str, start: float, fail: set[str] = frozenset()) -> float:  # type: ignore[assignment]
+def drive(store: AnyStore, rid: str, start: float, fail: set[str] = frozenset()) -> float:  # type: ignore[assignment]
     """Tick, report for every deploying machine, tick again, until nothing deploys."""
     t = start
     for _ in range(20):
@@ -123,7 +125,8 @@ def drive(store: Store, rid: str, start: float, fail: set[str] = frozenset()) ->
     raise AssertionError("rollout did not settle")
 
 
-def test_staged_rollout_completes_batch_by_batch(store: Store) -> None:
+def test_staged_rollout_completes_batch_by_batch(any_store: AnyStore) -> None:
+    store = any_store
     rel = setup_fleet(store)
     rid = apply(store, rollout_doc(rel))
     d = detail(store, rid, T0)
@@ -153,7 +156,8 @@ def test_staged_rollout_completes_batch_by_batch(store: Store) -> None:
     assert machine(store, "web-09").sync.value == "in sync"
 
 
-def test_failure_pauses_then_resume_completes(store: Store) -> None:
+def test_failure_pauses_then_resume_completes(any_store: AnyStore) -> None:
+    store = any_store
     rel = setup_fleet(store)
     rid = apply(store, rollout_doc(rel))
     t = drive(store, rid, 0, fail={"web-02"})
@@ -182,7 +186,8 @@ def test_failure_pauses_then_resume_completes(store: Store) -> None:
     assert "rollout-resumed" in kinds and "batch-requeued" in kinds
 
 
-def test_each_machine_judged_unhealthy_is_one_webhook_event(store: Store) -> None:
+def test_each_machine_judged_unhealthy_is_one_webhook_event(any_store: AnyStore) -> None:
+    store = any_store
     rel = setup_fleet(store)
     rid = apply(store, rollout_doc(rel))
     t = drive(store, rid, 0, fail={"web-02", "web-03"})
@@ -199,9 +204,10 @@ def test_each_machine_judged_unhealthy_is_one_webhook_event(store: Store) -> Non
 
 
 def test_rollout_status_shows_the_failing_machines_switch_output(
-    store: Store, capsys: pytest.CaptureFixture[str]
+    any_store: AnyStore, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Issue 19: why a switch failed, without ssh: the output tail in `rollout status`."""
+    store = any_store
     rel = setup_fleet(store)
     rid = apply(store, rollout_doc(rel))
     tick(store, at(0))  # batch 1: web-00
@@ -225,7 +231,8 @@ def test_rollout_status_shows_the_failing_machines_switch_output(
     assert "\x1b" not in shown
 
 
-def test_revert_restores_each_machines_own_previous_desired(store: Store) -> None:
+def test_revert_restores_each_machines_own_previous_desired(any_store: AnyStore) -> None:
+    store = any_store
     rel = setup_fleet(store)
     with store.transaction() as conn:  # one machine had no desired generation at all
         machines.set_desired(conn, "web-01", None, None, None, T0)
@@ -249,7 +256,8 @@ def test_revert_restores_each_machines_own_previous_desired(store: Store) -> Non
     assert "rollout-reverted" in [e["kind"] for e in d["events"]]
 
 
-def test_health_timeout_and_soak(store: Store) -> None:
+def test_health_timeout_and_soak(any_store: AnyStore) -> None:
+    store = any_store
     rel = setup_fleet(store, n=2)
     rid = apply(store, rollout_doc(rel, strategy="all-at-once", soak="60s", health_timeout=120))
     tick(store, at(0))
@@ -273,7 +281,8 @@ def test_health_timeout_and_soak(store: Store) -> None:
     assert d["status"] == "paused"
 
 
-def test_apply_is_idempotent_and_conflicts_are_named(store: Store) -> None:
+def test_apply_is_idempotent_and_conflicts_are_named(any_store: AnyStore) -> None:
+    store = any_store
     rel = setup_fleet(store)
     doc = rollout_doc(rel)
     rid = apply(store, doc)
@@ -295,7 +304,29 @@ def test_apply_is_idempotent_and_conflicts_are_named(store: Store) -> None:
     assert other != rid
 
 
-def test_skipped_hosts_and_empty_targets(store: Store) -> None:
+def test_rollouts_applied_at_one_time_are_ordered_as_applied(any_store: AnyStore) -> None:
+    """One creation time (a GitOps pass, a fixed clock): newest is the one applied last,
+    by name too (the order SQLite's rowid gave, which PostgreSQL has no twin of)."""
+    store = any_store
+    rel = setup_fleet(store)
+    doc = rollout_doc(rel)
+    first = apply(store, doc)
+    with store.transaction() as conn:
+        rollout_control.control(conn, first, "cancel", "key:ops", T0, HINT)
+    second = apply(store, {**doc, "soak": 30})
+    with store.transaction() as conn:
+        rollout_control.control(conn, second, "cancel", "key:ops", T0, HINT)
+    third = apply(store, {**doc, "name": "other"})
+    with store.read() as conn:
+        assert store_rollouts.resolve(conn, "web-rollout") == second
+        listed = [r.id for r in store_rollouts.list_rollouts(conn)]
+        cancelled = [r.id for r in store_rollouts.list_rollouts(conn, "cancelled")]
+    assert listed == [third, second, first]
+    assert cancelled == [second, first]
+
+
+def test_skipped_hosts_and_empty_targets(any_store: AnyStore) -> None:
+    store = any_store
     rel = setup_fleet(store, n=4, release_hosts=3)
     doc = rollout_doc(
         rel, target={"tags": ["web"], "hosts": ["ghost"]}, strategy="canary", batches=[1]
@@ -315,7 +346,8 @@ def test_skipped_hosts_and_empty_targets(store: Store) -> None:
     assert [s["hostname"] for s in detail(store, rid, T0)["skipped"]] == ["ghost", "web-03"]
 
 
-def test_manual_pause_stops_new_batches(store: Store) -> None:
+def test_manual_pause_stops_new_batches(any_store: AnyStore) -> None:
+    store = any_store
     rel = setup_fleet(store)
     rid = apply(store, rollout_doc(rel))
     tick(store, at(0))
@@ -337,8 +369,11 @@ def test_manual_pause_stops_new_batches(store: Store) -> None:
     assert detail(store, rid, at(7))["batches"][1]["status"] == "deploying"
 
 
-def test_revert_restores_desired_set_after_apply_before_the_batch_started(store: Store) -> None:
+def test_revert_restores_desired_set_after_apply_before_the_batch_started(
+    any_store: AnyStore,
+) -> None:
     """The previous desired generation is the one a machine had when its batch started."""
+    store = any_store
     rel = setup_fleet(store)
     rid = apply(store, rollout_doc(rel, on_failure="revert"))
     with store.transaction() as conn:  # batch 3 (web-04..09) has not started yet
@@ -357,7 +392,7 @@ def test_revert_restores_desired_set_after_apply_before_the_batch_started(store:
 # --- bounded ticks: a batch larger than the tick's limit -------------------------------
 
 
-def new_desired(store: Store) -> int:
+def new_desired(store: AnyStore) -> int:
     with store.read() as conn:
         return int(
             conn.execute(
@@ -366,7 +401,7 @@ def new_desired(store: Store) -> int:
         )
 
 
-def healthy(store: Store, rid: str) -> int:
+def healthy(store: AnyStore, rid: str) -> int:
     with store.read() as conn:
         return int(
             conn.execute(
@@ -383,8 +418,9 @@ def all_at_once(release: str, **kw: Any) -> dict[str, Any]:
 
 
 def test_a_batch_larger_than_the_limit_starts_and_is_judged_over_several_ticks(
-    store: Store,
+    any_store: AnyStore,
 ) -> None:
+    store = any_store
     rel = setup_fleet(store)
     rid = apply(store, all_at_once(rel))
     # Desired generations: 3 machines per tick, in position order, nothing judged meanwhile.
@@ -414,8 +450,9 @@ def test_a_batch_larger_than_the_limit_starts_and_is_judged_over_several_ticks(
 
 
 def test_a_failing_window_fails_the_batch_and_the_revert_continues_over_ticks(
-    store: Store,
+    any_store: AnyStore,
 ) -> None:
+    store = any_store
     rel = setup_fleet(store)
     rid = apply(store, all_at_once(rel, on_failure="revert"))
     for i in range(4):
@@ -442,8 +479,9 @@ def test_a_failing_window_fails_the_batch_and_the_revert_continues_over_ticks(
         assert conn.execute("SELECT revert_after FROM rollouts").fetchone()[0] is None
 
 
-def test_each_desired_change_of_a_rollout_is_one_history_event(store: Store) -> None:
+def test_each_desired_change_of_a_rollout_is_one_history_event(any_store: AnyStore) -> None:
     """Chunked starts, a requeued batch and a chunked revert: one event per real change."""
+    store = any_store
     rel = setup_fleet(store)
     with store.transaction() as conn:  # one machine had no desired generation at all
         machines.set_desired(conn, "web-01", None, None, None, T0)
@@ -478,7 +516,8 @@ def test_each_desired_change_of_a_rollout_is_one_history_event(store: Store) -> 
     ]
 
 
-def test_a_revert_over_ticks_writes_each_machines_desired_event_back(store: Store) -> None:
+def test_a_revert_over_ticks_writes_each_machines_desired_event_back(any_store: AnyStore) -> None:
+    store = any_store
     rel = setup_fleet(store)
     with store.transaction() as conn:
         machines.set_desired(conn, "web-01", None, None, None, T0)

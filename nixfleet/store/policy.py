@@ -7,18 +7,20 @@ tests/store/test_policy.py holds each to its pure definition on a table of cases
 Nothing here runs per machine in Python. A tick that starts machines under a budget
 first collects the unavailable machines into a temp table (a scan of the active
 rollouts' started, not yet healthy machines, plus the stale, failing and rebooting
-ones: few rows), then counts from it per rollout and per budget.
+ones: few rows), then counts from it per rollout and per budget. The temp tables
+are the connection's own (`temp.` on SQLite, `pg_temp.` on PostgreSQL, where a pooled
+connection keeps them for its next transaction: each is emptied before it is filled).
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from nixfleet.models import isoformat
 from nixfleet.policy.budgets import Budget, Room
+from nixfleet.store.conn import Connection, is_postgresql
 
 # Started: its batch began and the batch's desired generations reached its position.
 # Unavailable (budgets.unavailable): stale, failing, rebooting, or started in an active
@@ -54,50 +56,56 @@ def _has_tags(column: str, tags: Sequence[str]) -> tuple[str, list[str]]:
     )
 
 
-def collect(conn: sqlite3.Connection, now: datetime, stale_after: int) -> None:
+def _temp(conn: Connection) -> str:
+    """The schema of the connection's temp tables."""
+    return "pg_temp" if is_postgresql(conn) else "temp"
+
+
+def collect(conn: Connection, now: datetime, stale_after: int) -> None:
     """(Re)fill temp.unavailable with every unavailable machine, once per tick."""
+    temp = _temp(conn)
     conn.execute(
         "CREATE TEMP TABLE IF NOT EXISTS unavailable (machine_id TEXT NOT NULL, rollout_id TEXT)"
     )
-    conn.execute("DELETE FROM temp.unavailable")
+    conn.execute(f"DELETE FROM {temp}.unavailable")
     cutoff = isoformat(now - timedelta(seconds=stale_after))
-    conn.execute("INSERT INTO temp.unavailable " + UNAVAILABLE_SQL, {"cutoff": cutoff})
+    conn.execute(f"INSERT INTO {temp}.unavailable " + UNAVAILABLE_SQL, {"cutoff": cutoff})
 
 
-def add_started(
-    conn: sqlite3.Connection, rollout_id: str, batch: int, after: int, until: int
-) -> None:
+def add_started(conn: Connection, rollout_id: str, batch: int, after: int, until: int) -> None:
     """Machines a tick just started count as unavailable for the rest of the tick."""
     conn.execute(
-        "INSERT INTO temp.unavailable SELECT machine_id, rollout_id FROM rollout_machines "
-        "WHERE rollout_id = ? AND batch_idx = ? AND position > ? AND position <= ?",
+        f"INSERT INTO {_temp(conn)}.unavailable SELECT machine_id, rollout_id "
+        "FROM rollout_machines WHERE rollout_id = ? AND batch_idx = ? AND position > ? "
+        "AND position <= ?",
         (rollout_id, batch, after, until),
     )
 
 
-def unavailable_targets(conn: sqlite3.Connection, rollout_id: str) -> int:
+def unavailable_targets(conn: Connection, rollout_id: str) -> int:
     """The rollout's targets that are unavailable now (each machine once)."""
     # A primary-key look-up per unavailable machine (few), not an IN list built from
     # every target of the rollout (100,000 rows, every tick).
     row = conn.execute(
-        "SELECT COUNT(DISTINCT u.machine_id) FROM temp.unavailable u "
+        f"SELECT COUNT(DISTINCT u.machine_id) FROM {_temp(conn)}.unavailable u "
         "JOIN rollout_machines rm ON rm.rollout_id = ? AND rm.machine_id = u.machine_id",
         (rollout_id,),
     ).fetchone()
     return int(row[0])
 
 
-def in_flight(conn: sqlite3.Connection, budget: Budget) -> int:
+def in_flight(conn: Connection, budget: Budget) -> int:
     """Machines carrying all of the budget's tags that are unavailable now."""
     has, params = _has_tags("u.machine_id", budget.tags)
     row = conn.execute(
-        f"SELECT COUNT(DISTINCT u.machine_id) FROM temp.unavailable u WHERE {has}", params
+        f"SELECT COUNT(DISTINCT u.machine_id) FROM {_temp(conn)}.unavailable u WHERE {has}",
+        params,
     ).fetchone()
     return int(row[0])
 
 
 def admitted(
-    conn: sqlite3.Connection,
+    conn: Connection,
     rollout_id: str,
     batch: int,
     after: int,
@@ -130,7 +138,7 @@ def admitted(
     return stop - 1 - after, held_by
 
 
-def hold_of(conn: sqlite3.Connection, rollout_id: str) -> tuple[str | None, str | None]:
+def hold_of(conn: Connection, rollout_id: str) -> tuple[str | None, str | None]:
     """What holds the rollout back, as last recorded (kind, detail)."""
     row = conn.execute(
         "SELECT hold, hold_detail FROM rollouts WHERE id = ?", (rollout_id,)
@@ -138,16 +146,14 @@ def hold_of(conn: sqlite3.Connection, rollout_id: str) -> tuple[str | None, str 
     return (row[0], row[1]) if row is not None else (None, None)
 
 
-def set_hold(
-    conn: sqlite3.Connection, rollout_id: str, kind: str | None, detail: str | None
-) -> None:
+def set_hold(conn: Connection, rollout_id: str, kind: str | None, detail: str | None) -> None:
     conn.execute(
         "UPDATE rollouts SET hold = ?, hold_detail = ? WHERE id = ?", (kind, detail, rollout_id)
     )
 
 
 def plan_facts(
-    conn: sqlite3.Connection,
+    conn: Connection,
     hosts: Sequence[str],
     now: datetime,
     stale_after: int,
@@ -155,6 +161,8 @@ def plan_facts(
 ) -> tuple[dict[str, frozenset[str]], int, list[int]]:
     """For `rollout plan`: each target's tags, how many targets are unavailable now, and
     each budget's machines in flight now (the counts `budgets.rooms` takes)."""
+    if is_postgresql(conn):
+        return _plan_facts_pg(conn, hosts, now, stale_after, budgets)
     collect(conn, now, stale_after)
     conn.execute("CREATE TEMP TABLE IF NOT EXISTS plan_hosts (id TEXT PRIMARY KEY)")
     conn.execute("DELETE FROM temp.plan_hosts")
@@ -171,4 +179,42 @@ def plan_facts(
     ).fetchone()[0]
     flight = [in_flight(conn, b) for b in budgets]
     conn.execute("DELETE FROM temp.plan_hosts")
+    return tags, int(down), flight
+
+
+def _plan_facts_pg(
+    conn: Connection,
+    hosts: Sequence[str],
+    now: datetime,
+    stale_after: int,
+    budgets: Sequence[Budget],
+) -> tuple[dict[str, frozenset[str]], int, list[int]]:
+    """plan_facts on PostgreSQL, which creates no temp table in a read-only transaction
+    (`rollout plan` runs in one): the unavailable machines are a CTE, the hosts an array."""
+    cutoff = isoformat(now - timedelta(seconds=stale_after))
+    hosts = list(hosts)
+    tags = {
+        r[0]: frozenset(json.loads(r[1]))
+        for r in conn.execute(
+            "SELECT id, tags_json FROM machines WHERE id = ANY(CAST(:hosts AS TEXT[]))",
+            {"hosts": hosts},
+        )
+    }
+    unavailable = (
+        f"WITH u AS MATERIALIZED ({UNAVAILABLE_SQL}) SELECT COUNT(DISTINCT u.machine_id) FROM u "
+    )
+    down = conn.execute(
+        unavailable + "WHERE u.machine_id = ANY(CAST(:hosts AS TEXT[]))",
+        {"cutoff": cutoff, "hosts": hosts},
+    ).fetchone()[0]
+    flight = [
+        int(
+            conn.execute(
+                unavailable + "WHERE (SELECT COUNT(DISTINCT t.tag) FROM machine_tags t "
+                "WHERE t.machine_id = u.machine_id AND t.tag = ANY(CAST(:tags AS TEXT[]))) = :n",
+                {"cutoff": cutoff, "tags": list(b.tags), "n": len(b.tags)},
+            ).fetchone()[0]
+        )
+        for b in budgets
+    ]
     return tags, int(down), flight

@@ -1,20 +1,26 @@
 """The operator's control of a rollout: pause, resume (re-running failed batches), cancel.
 
-rollout.control decides whether the transition is allowed; this writes it.
+rollout.control decides whether the transition is allowed; this writes it. On
+PostgreSQL the rollout's row is read FOR NO KEY UPDATE (locked to the commit): two
+operators, or an operator and a reconciler tick (store.ticks.to_visit locks the same
+rows), change a rollout one after the other, each deciding on the status the other
+committed, as SQLite's one writer makes them.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import datetime
 
 from nixfleet import rollout
 from nixfleet.models import RolloutStatus, isoformat
+from nixfleet.store.conn import Connection, is_postgresql
 from nixfleet.store.rollouts import add_events, resolve, set_poll_hint
+
+_STATUS = "SELECT name, status FROM rollouts WHERE id = ?"
 
 
 def control(
-    conn: sqlite3.Connection,
+    conn: Connection,
     ref: str,
     action: str,
     actor: str,
@@ -23,7 +29,8 @@ def control(
 ) -> str:
     """Pause, resume or cancel; resume re-runs failed batches. Returns the rollout id."""
     rid = resolve(conn, ref)
-    row = conn.execute("SELECT name, status FROM rollouts WHERE id = ?", (rid,)).fetchone()
+    status = _STATUS + " FOR NO KEY UPDATE" if is_postgresql(conn) else _STATUS
+    row = conn.execute(status, (rid,)).fetchone()
     current = RolloutStatus(row["status"])
     target = rollout.control(row["name"], current, action)
     at = isoformat(now)

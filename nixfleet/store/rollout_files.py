@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from nixfleet.errors import FieldError
 from nixfleet.models import isoformat, parse_time
+from nixfleet.store.conn import Connection
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class InvalidFile:
 
 
 def record_file(
-    conn: sqlite3.Connection,
+    conn: Connection,
     path: str,
     now: datetime,
     *,
@@ -50,14 +50,17 @@ def record_file(
     )
 
 
-def forget_files(conn: sqlite3.Connection, keep: Iterable[str]) -> None:
+def forget_files(conn: Connection, keep: Iterable[str]) -> None:
     """Drop records of files no longer in the directory (their rollouts stay)."""
     keep = list(keep)
+    if not keep:  # PostgreSQL has no empty list `NOT IN ()` (true for every row on SQLite)
+        conn.execute("DELETE FROM rollout_files")
+        return
     marks = ",".join("?" * len(keep))
     conn.execute(f"DELETE FROM rollout_files WHERE path NOT IN ({marks})", keep)
 
 
-def invalid_files(conn: sqlite3.Connection) -> list[InvalidFile]:
+def invalid_files(conn: Connection) -> list[InvalidFile]:
     rows = conn.execute(
         "SELECT path, name, errors_json, checked_at FROM rollout_files "
         "WHERE status = 'invalid' ORDER BY path"

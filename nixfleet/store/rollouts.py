@@ -6,12 +6,19 @@ machine in a loop), inside the caller's transaction. Reads return dataclasses;
 the API renders them. Planning is store.planning, the operator's pause, resume and
 cancel store.rollout_control, GitOps file records store.rollout_files, and what a
 reconciler tick writes store.ticks.
+
+On PostgreSQL, where writers do not wait for each other as on SQLite, `apply` takes
+the advisory lock APPLY_LOCK first (to the commit): its checks (the same document
+again, an active rollout of the name, targets owned by an active rollout) read what
+a concurrent apply would write. Rollouts that share a creation time (one GitOps
+pass, or tests on a fixed clock) are ordered by their rollout-created event's id,
+the order they were applied in, on both backends (SQLite's implicit rowid has no
+PostgreSQL twin).
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,6 +36,7 @@ from nixfleet.models import (
 )
 from nixfleet.policy.reboot import RebootPolicy
 from nixfleet.store import audit, webhooks
+from nixfleet.store.conn import Connection, Row, is_postgresql
 from nixfleet.store.planning import make_plan, spec_of
 from nixfleet.store.verdicts import FACTS_SQL, facts_of
 from nixfleet.wire import JSONObject, RolloutDocument
@@ -48,7 +56,25 @@ class Applied:
     created: bool
 
 
-def _overlaps(conn: sqlite3.Connection, targets: Sequence[str]) -> dict[str, str]:
+# pg_advisory_xact_lock key of apply (per database; the others: store.pg.MIGRATION_LOCK
+# 0x6E66_0001, store.leader 0002, store.pg_notify 0003, store.leases 0010, store.webhooks
+# 0011).
+APPLY_LOCK = 0x6E66_0020
+
+# The order rollouts were applied in: apply writes the rollout-created event last
+# (rollout_events are never deleted), one index probe per rollout.
+_APPLIED = "(SELECT min(e.id) FROM rollout_events e WHERE e.rollout_id = r.id)"
+
+
+def _overlaps(conn: Connection, targets: Sequence[str]) -> dict[str, str]:
+    if is_postgresql(conn):  # an array, not a temp table
+        rows = conn.execute(
+            "SELECT rm.machine_id, r.name FROM rollout_machines rm "
+            "JOIN rollouts r ON r.id = rm.rollout_id WHERE r.status IN ('running', 'paused') "
+            "AND rm.machine_id = ANY(CAST(? AS TEXT[]))",
+            (list(targets),),
+        ).fetchall()
+        return {r["machine_id"]: r["name"] for r in rows}
     conn.execute("CREATE TEMP TABLE IF NOT EXISTS new_targets (id TEXT PRIMARY KEY)")
     conn.execute("DELETE FROM new_targets")
     conn.executemany("INSERT OR IGNORE INTO new_targets VALUES (?)", ((t,) for t in targets))
@@ -61,17 +87,17 @@ def _overlaps(conn: sqlite3.Connection, targets: Sequence[str]) -> dict[str, str
     return {r["machine_id"]: r["name"] for r in rows}
 
 
-def _latest_by_name(conn: sqlite3.Connection, name: str) -> tuple[str, RolloutStatus] | None:
+def _latest_by_name(conn: Connection, name: str) -> tuple[str, RolloutStatus] | None:
     row = conn.execute(
-        "SELECT id, status FROM rollouts WHERE name = ? "
-        "ORDER BY created_at DESC, rowid DESC LIMIT 1",
+        "SELECT r.id, r.status FROM rollouts r WHERE r.name = ? "
+        f"ORDER BY r.created_at DESC, {_APPLIED} DESC LIMIT 1",
         (name,),
     ).fetchone()
     return None if row is None else (row["id"], RolloutStatus(row["status"]))
 
 
 def apply(
-    conn: sqlite3.Connection,
+    conn: Connection,
     doc: Mapping[str, Any],
     actor: str,
     now: datetime,
@@ -82,6 +108,9 @@ def apply(
     spec = spec_of(doc)
     doc_hash = rollout.document_hash(doc)
     rid = rollout.rollout_id(spec.name, doc_hash)
+    pg = is_postgresql(conn)
+    if pg:  # before the first check: concurrent applies run one after the other
+        conn.execute("SELECT pg_advisory_xact_lock(?)", (APPLY_LOCK,))
     if conn.execute("SELECT 1 FROM rollouts WHERE id = ?", (rid,)).fetchone():
         return Applied(rid, created=False)
     latest = _latest_by_name(conn, spec.name)
@@ -126,15 +155,29 @@ def apply(
     )
     # prev_* starts as a copy of each machine's desired generation now; a batch's
     # first start re-copies only what changed since (store.ticks.write_desired).
-    conn.executemany(
-        "INSERT INTO rollout_machines (rollout_id, machine_id, batch_idx, position, store_path, "
-        "prev_generation, prev_cache_url, prev_source) SELECT ?, id, ?, ?, ?, "
-        "desired_generation, desired_cache_url, desired_source FROM machines WHERE id = ?",
-        (
-            (rid, i, pos, paths[host], host)
-            for pos, (i, host) in enumerate((i, h) for i, b in enumerate(p.batches) for h in b)
-        ),
-    )
+    targets = [(i, h) for i, b in enumerate(p.batches) for h in b]
+    if pg:  # one statement over arrays, not a round trip per target
+        conn.execute(
+            "INSERT INTO rollout_machines (rollout_id, machine_id, batch_idx, position, "
+            "store_path, prev_generation, prev_cache_url, prev_source) SELECT ?, m.id, "
+            "t.batch_idx, t.n - 1, t.store_path, m.desired_generation, m.desired_cache_url, "
+            "m.desired_source FROM unnest(CAST(? AS TEXT[]), CAST(? AS INTEGER[]), "
+            "CAST(? AS TEXT[])) WITH ORDINALITY AS t(host, batch_idx, store_path, n) "
+            "JOIN machines m ON m.id = t.host",
+            (
+                rid,
+                [h for _, h in targets],
+                [i for i, _ in targets],
+                [paths[h] for _, h in targets],
+            ),
+        )
+    else:
+        conn.executemany(
+            "INSERT INTO rollout_machines (rollout_id, machine_id, batch_idx, position, "
+            "store_path, prev_generation, prev_cache_url, prev_source) SELECT ?, id, ?, ?, ?, "
+            "desired_generation, desired_cache_url, desired_source FROM machines WHERE id = ?",
+            ((rid, i, pos, paths[host], host) for pos, (i, host) in enumerate(targets)),
+        )
     set_poll_hint(conn, rid, poll_hint)
     if spec.confirm_timeout is not None:  # one row: the report path reads it (confirm window)
         conn.execute(
@@ -152,7 +195,7 @@ def apply(
     return Applied(rid, created=True)
 
 
-def set_poll_hint(conn: sqlite3.Connection, rollout_id: str, hint: int | None) -> None:
+def set_poll_hint(conn: Connection, rollout_id: str, hint: int | None) -> None:
     """Short polls while a rollout runs; NULL (the agent's own interval) otherwise.
 
     One row: the report path reads the hint of the running rollout a machine is in
@@ -162,7 +205,7 @@ def set_poll_hint(conn: sqlite3.Connection, rollout_id: str, hint: int | None) -
 
 
 def add_events(
-    conn: sqlite3.Connection,
+    conn: Connection,
     rollout_id: str,
     now: datetime,
     events: Sequence[rollout.Event],
@@ -269,7 +312,7 @@ class RolloutDetail:
     hold: tuple[str, str] | None = None
 
 
-def resolve(conn: sqlite3.Connection, ref: str) -> str:
+def resolve(conn: Connection, ref: str) -> str:
     """A rollout id from an id or a name (the newest rollout of that name)."""
     row = conn.execute("SELECT id FROM rollouts WHERE id = ?", (ref,)).fetchone()
     if row is not None:
@@ -280,9 +323,7 @@ def resolve(conn: sqlite3.Connection, ref: str) -> str:
     return latest[0]
 
 
-def _counts(
-    conn: sqlite3.Connection, rollout_id: str | None
-) -> dict[str, dict[MachineHealth, int]]:
+def _counts(conn: Connection, rollout_id: str | None) -> dict[str, dict[MachineHealth, int]]:
     where, params = ("WHERE rollout_id = ?", [rollout_id]) if rollout_id else ("", [])
     counts: dict[str, dict[MachineHealth, int]] = {}
     for r in conn.execute(
@@ -305,7 +346,7 @@ def _counts(
     return counts
 
 
-def _summary(r: sqlite3.Row, counts: Mapping[MachineHealth, int] | None) -> RolloutSummary:
+def _summary(r: Row, counts: Mapping[MachineHealth, int] | None) -> RolloutSummary:
     return RolloutSummary(
         id=r["id"],
         name=r["name"],
@@ -320,17 +361,17 @@ def _summary(r: sqlite3.Row, counts: Mapping[MachineHealth, int] | None) -> Roll
     )
 
 
-def list_rollouts(conn: sqlite3.Connection, status: str | None = None) -> list[RolloutSummary]:
+def list_rollouts(conn: Connection, status: str | None = None) -> list[RolloutSummary]:
     """Rollouts newest first, with per-rollout machine counts."""
     where, params = ("WHERE r.status = ?", [status]) if status else ("", [])
     rows = conn.execute(
-        f"SELECT r.* FROM rollouts r {where} ORDER BY r.created_at DESC, r.rowid DESC", params
+        f"SELECT r.* FROM rollouts r {where} ORDER BY r.created_at DESC, {_APPLIED} DESC", params
     ).fetchall()
     counts = _counts(conn, None)
     return [_summary(r, counts.get(r["id"])) for r in rows]
 
 
-def load_view(conn: sqlite3.Connection, rollout_id: str) -> rollout.RolloutView:
+def load_view(conn: Connection, rollout_id: str) -> rollout.RolloutView:
     row = conn.execute(
         "SELECT id, name, status, document_json FROM rollouts WHERE id = ?", (rollout_id,)
     ).fetchone()
@@ -358,7 +399,7 @@ def load_view(conn: sqlite3.Connection, rollout_id: str) -> rollout.RolloutView:
     )
 
 
-def detail(conn: sqlite3.Connection, rollout_id: str, now: datetime) -> RolloutDetail:
+def detail(conn: Connection, rollout_id: str, now: datetime) -> RolloutDetail:
     """Batches, per-machine health with reasons (judged as of `now`), and events."""
     row = conn.execute("SELECT * FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
     if row is None:
@@ -368,9 +409,12 @@ def detail(conn: sqlite3.Connection, rollout_id: str, now: datetime) -> RolloutD
     rebooting = view.policy.reboot is RebootPolicy.WHEN_NEEDED
     # store.retention: a condensed rollout lists only the machines that ended unhealthy
     condensed = row["machines_pruned_at"] is not None
+    # The last OUTPUT_TAIL characters: SQLite's substr counts a negative start from the
+    # end, PostgreSQL's does not (its right() does).
+    tail = "right(m.failed_output, ?)" if is_postgresql(conn) else "substr(m.failed_output, -?)"
     outputs = dict(
         conn.execute(
-            "SELECT rm.machine_id, substr(m.failed_output, -?) FROM rollout_machines rm "
+            f"SELECT rm.machine_id, {tail} FROM rollout_machines rm "
             "JOIN machines m ON m.id = rm.machine_id WHERE rm.rollout_id = ? "
             "AND rm.health = 'unhealthy' AND m.failed_generation = rm.store_path "
             "AND m.failed_output IS NOT NULL ORDER BY rm.position LIMIT ?",

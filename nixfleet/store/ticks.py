@@ -3,18 +3,21 @@
 nixfleet.reconciler decides (with nixfleet.rollout) and calls these inside its one
 transaction; each is a few set-based statements per batch, never one per machine
 (the machines' desired-generation history events included: store.history.add_desired
-over the same set, not a trigger per row).
+over the same set, not a trigger per row). The same SQL on both backends but one
+lock: on PostgreSQL `to_visit` locks the rollouts it returns (FOR NO KEY UPDATE, to
+the tick's commit), so an operator's pause, resume or cancel (store.rollout_control)
+waits for the tick, and a tick for it, as SQLite's one writer makes them.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
 
 from nixfleet import rollout
 from nixfleet.models import BatchStatus, RolloutStatus, isoformat
 from nixfleet.store import history
+from nixfleet.store.conn import Connection, is_postgresql
 from nixfleet.store.report_cache import note_members
 from nixfleet.store.rollouts import set_poll_hint, source_label
 
@@ -29,11 +32,21 @@ class TickRollout:
     revert_after: int | None  # the last position reverted; None: no revert under way
 
 
-def to_visit(conn: sqlite3.Connection) -> list[TickRollout]:
-    rows = conn.execute(
-        "SELECT id, name, status, revert_after FROM rollouts "
-        "WHERE status = 'running' OR revert_after IS NOT NULL ORDER BY created_at"
-    )
+_TO_VISIT = (
+    "SELECT id, name, status, revert_after FROM rollouts "
+    "WHERE status = 'running' OR revert_after IS NOT NULL ORDER BY created_at"
+)
+
+
+def to_visit(conn: Connection) -> list[TickRollout]:
+    """The rollouts to visit, oldest first; on PostgreSQL each locked to the commit.
+
+    NO KEY UPDATE, the lock a tick's own UPDATE of the row takes anyway: it does not
+    wait for (nor hold up) the KEY SHARE locks of rows inserted that reference the
+    rollout (events, webhook outbox rows written by the report path's triggers).
+    """
+    pg = is_postgresql(conn)
+    rows = conn.execute(_TO_VISIT + " FOR NO KEY UPDATE" if pg else _TO_VISIT)
     return [
         TickRollout(r["id"], r["name"], RolloutStatus(r["status"]), r["revert_after"]) for r in rows
     ]
@@ -45,9 +58,7 @@ class BatchProgress:
     judged_until: int | None  # where the next judging window starts; None: the batch's start
 
 
-def batch_progress(
-    conn: sqlite3.Connection, rollout_id: str, batch: int, first: int
-) -> BatchProgress:
+def batch_progress(conn: Connection, rollout_id: str, batch: int, first: int) -> BatchProgress:
     """How far a deploying batch has got; `first` is its first position."""
     row = conn.execute(
         "SELECT coalesce(started_until, ?) AS started, judged_until FROM rollout_batches "
@@ -57,9 +68,7 @@ def batch_progress(
     return BatchProgress(row["started"], row["judged_until"])
 
 
-def set_judged_until(
-    conn: sqlite3.Connection, rollout_id: str, batch: int, cursor: int | None
-) -> None:
+def set_judged_until(conn: Connection, rollout_id: str, batch: int, cursor: int | None) -> None:
     conn.execute(
         "UPDATE rollout_batches SET judged_until = ? WHERE rollout_id = ? AND idx = ?",
         (cursor, rollout_id, batch),
@@ -67,7 +76,7 @@ def set_judged_until(
 
 
 def start_batch(
-    conn: sqlite3.Connection,
+    conn: Connection,
     view: rollout.RolloutView,
     batch: int,
     now: datetime,
@@ -91,7 +100,7 @@ def start_batch(
 
 
 def write_desired(
-    conn: sqlite3.Connection,
+    conn: Connection,
     view: rollout.RolloutView,
     batch: int,
     after: int,
@@ -112,11 +121,11 @@ def write_desired(
         "FROM machines m WHERE rollout_machines.rollout_id = ? "
         "AND rollout_machines.batch_idx = ? AND rollout_machines.position > ? "
         "AND rollout_machines.position <= ? AND m.id = rollout_machines.machine_id "
-        "AND (m.desired_generation IS NOT rollout_machines.prev_generation "
-        "OR m.desired_cache_url IS NOT rollout_machines.prev_cache_url "
-        "OR m.desired_source IS NOT rollout_machines.prev_source) "
-        "AND NOT (m.desired_generation IS rollout_machines.store_path "
-        "AND m.desired_source IS ?)",
+        "AND (m.desired_generation IS DISTINCT FROM rollout_machines.prev_generation "
+        "OR m.desired_cache_url IS DISTINCT FROM rollout_machines.prev_cache_url "
+        "OR m.desired_source IS DISTINCT FROM rollout_machines.prev_source) "
+        "AND NOT (m.desired_generation IS NOT DISTINCT FROM rollout_machines.store_path "
+        "AND m.desired_source IS NOT DISTINCT FROM ?)",
         (view.id, batch, after, until, label),
     )
     cache_url = conn.execute(
@@ -129,7 +138,7 @@ def write_desired(
         "SELECT rm.machine_id, ? AS at, ? AS source, rm.store_path AS generation "
         "FROM rollout_machines rm JOIN machines m ON m.id = rm.machine_id "
         "WHERE rm.rollout_id = ? AND rm.batch_idx = ? AND rm.position > ? "
-        "AND rm.position <= ? AND m.desired_generation IS NOT rm.store_path",
+        "AND rm.position <= ? AND m.desired_generation IS DISTINCT FROM rm.store_path",
         (isoformat(now), label, view.id, batch, after, until),
     )
     # IN + a correlated look-up, not UPDATE … FROM: ~30% faster here, as FROM
@@ -150,7 +159,7 @@ def write_desired(
 
 
 def revert(
-    conn: sqlite3.Connection, rollout_id: str, name: str, after: int, budget: int, now: datetime
+    conn: Connection, rollout_id: str, name: str, after: int, budget: int, now: datetime
 ) -> None:
     """Touched machines at positions (after, after + budget] back to their previous desired.
 
@@ -172,8 +181,9 @@ def revert(
             "SELECT rm.machine_id, ? AS at, coalesce(rm.prev_source, 'operator') AS source, "
             "rm.prev_generation AS generation FROM rollout_machines rm "
             "JOIN machines m ON m.id = rm.machine_id WHERE rm.rollout_id = ? "
-            "AND rm.position > ? AND rm.position <= ? AND m.desired_generation IS rm.store_path "
-            "AND m.desired_source = ? AND m.desired_generation IS NOT rm.prev_generation",
+            "AND rm.position > ? AND rm.position <= ? "
+            "AND m.desired_generation IS NOT DISTINCT FROM rm.store_path "
+            "AND m.desired_source = ? AND m.desired_generation IS DISTINCT FROM rm.prev_generation",
             (at, rollout_id, after, until, label),
         )
         conn.execute(
@@ -181,7 +191,8 @@ def revert(
             "desired_cache_url = rm.prev_cache_url, desired_source = rm.prev_source, "
             "desired_set_at = ? FROM rollout_machines rm WHERE rm.rollout_id = ? "
             "AND rm.position > ? AND rm.position <= ? "
-            "AND machines.id = rm.machine_id AND machines.desired_generation IS rm.store_path "
+            "AND machines.id = rm.machine_id "
+            "AND machines.desired_generation IS NOT DISTINCT FROM rm.store_path "
             "AND machines.desired_source = ?",
             (at, rollout_id, after, until, label),
         )
@@ -193,7 +204,7 @@ def revert(
 
 
 def set_batch_status(
-    conn: sqlite3.Connection, rollout_id: str, batch: int, status: BatchStatus, now: datetime
+    conn: Connection, rollout_id: str, batch: int, status: BatchStatus, now: datetime
 ) -> None:
     """A batch's new status; succeeded and failed batches are finished now."""
     finished = isoformat(now) if status in (BatchStatus.SUCCEEDED, BatchStatus.FAILED) else None
@@ -204,7 +215,7 @@ def set_batch_status(
 
 
 def set_rollout_status(
-    conn: sqlite3.Connection, rollout_id: str, status: RolloutStatus, now: datetime
+    conn: Connection, rollout_id: str, status: RolloutStatus, now: datetime
 ) -> None:
     conn.execute(
         "UPDATE rollouts SET status = ?, updated_at = ? WHERE id = ?",

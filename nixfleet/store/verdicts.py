@@ -8,13 +8,13 @@ holds the two to the same table of cases.
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import datetime, timedelta
 
 from nixfleet import rollout
 from nixfleet.models import MachineHealth, isoformat, parse_time
 from nixfleet.policy.reboot import RebootPolicy
 from nixfleet.store import audit, webhooks
+from nixfleet.store.conn import Connection, Row, is_postgresql
 
 AUDIT_SAMPLE = 20  # machines named in an aggregated audit row
 
@@ -31,7 +31,7 @@ FACTS_SQL = (
 )
 
 
-def facts_of(row: sqlite3.Row) -> rollout.MachineFacts:
+def facts_of(row: Row) -> rollout.MachineFacts:
     success, passed = row["last_success"], row["health_passed"]
     return rollout.MachineFacts(
         machine_id=row["machine_id"],
@@ -55,38 +55,41 @@ def facts_of(row: sqlite3.Row) -> rollout.MachineFacts:
 
 # rollout.judge for every pending machine of one batch, as one SELECT; returns only
 # the machines whose verdict (health or soak clock) changes. Kept equal to judge()
-# by tests/store/test_verdicts.py on a table of cases; change both together.
+# by tests/store/test_verdicts.py on a table of cases, on both backends; change both
+# together.
 #
 # The inner query classifies each machine once (S silent since the batch started,
 # F agent reported failure — of this generation, or naming none —, O other
 # generation, E still reporting another generation's failure, H health checks
 # failing, R needs a reboot, B rebooting (holds a reboot lease), G good); its
-# OFFSET keeps SQLite from
-# flattening it into the outer one, which would re-evaluate the classification (and
-# its JSON parse) at every reference. A machine's start is the batch's, or when it
-# was given its generation if that is later (_SINCE: a disruption budget held it).
-_SINCE = "max(:started, coalesce(m.desired_set_at, :started))"
-_STATES = f"""
+# OFFSET keeps SQLite and PostgreSQL from flattening it into the outer one, which
+# would re-evaluate the classification at every reference. A machine's start is the
+# batch's, or when it was given its generation if that is later (since: a disruption
+# budget held it). One text for both backends but the two spellings of `since`
+# (SQLite's scalar max is PostgreSQL's greatest) and of the OFFSET (SQLite's needs a
+# LIMIT, PostgreSQL's refuses -1).
+def _judge_sql(since: str, offset: str) -> str:
+    states = f"""
 SELECT rm.machine_id, rm.position, rm.healthy_since AS since0, m.last_message AS msg,
-  CASE WHEN NOT coalesce(m.last_report_at >= {_SINCE}, 0) THEN 'S'
+  CASE WHEN NOT coalesce(m.last_report_at >= {since}, false) THEN 'S'
     WHEN m.failed_generation = rm.store_path
       OR (m.last_success = 0 AND m.failed_generation IS NULL) THEN 'F'
-    WHEN m.current_generation IS NOT rm.store_path THEN 'O'
+    WHEN m.current_generation IS DISTINCT FROM rm.store_path THEN 'O'
     WHEN m.last_success = 0 THEN 'E'
     WHEN m.health = 'failing' THEN 'H'
-    WHEN :reboot AND EXISTS (SELECT 1 FROM reboot_leases l WHERE l.machine_id = m.id)
+    WHEN :reboot = 1 AND EXISTS (SELECT 1 FROM reboot_leases l WHERE l.machine_id = m.id)
       THEN 'B'
-    WHEN :reboot AND m.needs_reboot = 1 THEN 'R'
+    WHEN :reboot = 1 AND m.needs_reboot = 1 THEN 'R'
     ELSE 'G' END AS state,
-  {_SINCE} <= :timeout_cutoff AS timed_out
+  {since} <= :timeout_cutoff AS timed_out
 FROM rollout_machines rm JOIN machines m ON m.id = rm.machine_id
 WHERE rm.rollout_id = :rollout AND rm.batch_idx = :batch AND rm.health = 'pending'
   AND rm.position > :after AND rm.position <= :until
-  AND ({_SINCE} <= :timeout_cutoff OR rm.healthy_since IS NOT NULL
-       OR m.last_report_at >= {_SINCE})
-LIMIT -1 OFFSET 0
+  AND ({since} <= :timeout_cutoff OR rm.healthy_since IS NOT NULL
+       OR m.last_report_at >= {since})
+{offset}
 """
-_VERDICTS = f"""
+    verdicts = f"""
 SELECT machine_id, position, since0,
   CASE state WHEN 'F' THEN 'unhealthy'
     WHEN 'G' THEN
@@ -102,13 +105,22 @@ SELECT machine_id, position, since0,
     WHEN 'B' THEN :timed_out_after || 'rebooting)'
     ELSE :timed_out_after || 'needs a reboot)' END AS reason,
   CASE state WHEN 'G' THEN coalesce(since0, :now) END AS healthy_since
-FROM ({_STATES})
+FROM ({states}) AS states
 """
-JUDGE_SQL = f"""
+    return f"""
 SELECT machine_id, position, health, CASE WHEN health <> 'pending' THEN reason END AS reason,
   healthy_since
-FROM ({_VERDICTS}) WHERE health <> 'pending' OR healthy_since IS NOT since0
+FROM ({verdicts}) AS verdicts WHERE health <> 'pending' OR healthy_since IS DISTINCT FROM since0
 """
+
+
+JUDGE_SQL = _judge_sql("max(:started, coalesce(m.desired_set_at, :started))", "LIMIT -1 OFFSET 0")
+JUDGE_SQL_PG = _judge_sql("greatest(:started, coalesce(m.desired_set_at, :started))", "OFFSET 0")
+
+
+def judge_sql(conn: Connection) -> str:
+    """JUDGE_SQL in the connection's dialect."""
+    return JUDGE_SQL_PG if is_postgresql(conn) else JUDGE_SQL
 
 
 def judge_params(
@@ -140,7 +152,7 @@ def judge_params(
 
 
 def judge_batch(
-    conn: sqlite3.Connection,
+    conn: Connection,
     view: rollout.RolloutView,
     batch: rollout.BatchView,
     now: datetime,
@@ -157,6 +169,8 @@ def judge_batch(
     """
     assert batch.started_at is not None
     spec = view.spec
+    pg = is_postgresql(conn)
+    temp = "pg_temp" if pg else "temp"  # the connection's own table (a pooled one keeps it)
     conn.execute(
         "CREATE TEMP TABLE IF NOT EXISTS judged (machine_id TEXT NOT NULL, "
         "position INTEGER NOT NULL, health TEXT NOT NULL, reason TEXT, healthy_since TEXT)"
@@ -171,37 +185,45 @@ def judge_batch(
         window,
         reboot=view.policy.reboot is RebootPolicy.WHEN_NEEDED,
     )
-    changed = conn.execute("INSERT INTO temp.judged " + JUDGE_SQL, params).rowcount
+    changed = conn.execute(f"INSERT INTO {temp}.judged " + judge_sql(conn), params).rowcount
     if changed:
         at = isoformat(now)
         conn.execute(
             "UPDATE rollout_machines SET health = j.health, reason = j.reason, "
             "healthy_since = j.healthy_since, "
             "decided_at = CASE WHEN j.health = 'pending' THEN NULL ELSE ? END "
-            "FROM temp.judged j WHERE rollout_machines.rollout_id = ? "
+            f"FROM {temp}.judged j WHERE rollout_machines.rollout_id = ? "
             "AND rollout_machines.machine_id = j.machine_id",
             (at, view.id),
         )
+        # The detail as JSON text: SQLite's json_object, PostgreSQL's json_build_object
+        # (its parameters typed: "any" says nothing).
+        reason, with_batch = (
+            (
+                "json_build_object('reason', reason)::text",
+                "json_build_object('reason', reason, 'batch', CAST(? AS INTEGER))::text",
+            )
+            if pg
+            else ("json_object('reason', reason)", "json_object('reason', reason, 'batch', ?)")
+        )
         failed = conn.execute(
             "INSERT INTO rollout_events (rollout_id, at, kind, batch_idx, machine_id, "
-            "detail_json) SELECT ?, ?, 'machine-unhealthy', ?, machine_id, "
-            "json_object('reason', reason) FROM temp.judged WHERE health = 'unhealthy' "
-            "ORDER BY position",
+            f"detail_json) SELECT ?, ?, 'machine-unhealthy', ?, machine_id, {reason} "
+            f"FROM {temp}.judged WHERE health = 'unhealthy' ORDER BY position",
             (view.id, at, batch.index),
         ).rowcount
         if failed:
             webhooks.add_rows(
                 conn,
                 webhooks.MACHINE_UNHEALTHY,
-                "SELECT ? AS at, ? AS rollout_id, machine_id, json_object('reason', reason, "
-                "'batch', ?) AS detail_json FROM temp.judged WHERE health = 'unhealthy' "
-                "ORDER BY position",
+                f"SELECT ? AS at, ? AS rollout_id, machine_id, {with_batch} AS detail_json "
+                f"FROM {temp}.judged WHERE health = 'unhealthy' ORDER BY position",
                 (at, view.id, batch.index),
             )
             sample = [
                 r[0]
                 for r in conn.execute(
-                    "SELECT machine_id FROM temp.judged WHERE health = 'unhealthy' "
+                    f"SELECT machine_id FROM {temp}.judged WHERE health = 'unhealthy' "
                     "ORDER BY position LIMIT ?",
                     (AUDIT_SAMPLE,),
                 )
@@ -215,7 +237,7 @@ def judge_batch(
                 now,
                 {**detail, "machines": sample},
             )
-        conn.execute("DELETE FROM temp.judged")
+        conn.execute(f"DELETE FROM {temp}.judged")
     # Two filtered counts in one pass over the covering index of the rows not yet
     # healthy (migration 0019; the `!= 'healthy'` term is what lets SQLite use it).
     unhealthy, waiting = conn.execute(

@@ -1,4 +1,4 @@
-"""The reconciler with §11 policy on a real SQLite store: windows, budgets, leases.
+"""The reconciler with §11 policy on both backends (`any_store`): windows, budgets, leases.
 
 Ticks run with explicit times (the windows' clock given to the tick), reports are
 written as agents send them, and the budget is asserted after every tick.
@@ -13,8 +13,9 @@ from nixfleet import reconciler
 from nixfleet.flake import release_from_document
 from nixfleet.models import Lifecycle, Report
 from nixfleet.policy import fleet
-from nixfleet.store import Store, leases, machines, releases
+from nixfleet.store import leases, machines, releases
 from nixfleet.store import rollouts as store_rollouts
+from nixfleet.store.conn import AnyStore
 
 MONDAY = datetime(2026, 12, 7, 9, 0, tzinfo=UTC)
 SUNDAY = MONDAY - timedelta(days=1)
@@ -25,7 +26,7 @@ def gen(host: str) -> str:
     return f"/nix/store/{'n' * 32}-nixos-system-{host}"
 
 
-def setup(store: Store, hosts: dict[str, list[str]]) -> str:
+def setup(store: AnyStore, hosts: dict[str, list[str]]) -> str:
     with store.transaction() as conn:
         for h, tags in hosts.items():
             machines.register(conn, h, tags, Lifecycle.ACTIVE, SUNDAY - timedelta(days=1))
@@ -40,7 +41,9 @@ def setup(store: Store, hosts: dict[str, list[str]]) -> str:
     return rel.id
 
 
-def apply(store: Store, release: str, name: str, hosts: list[str], now: datetime, **kw: Any) -> str:
+def apply(
+    store: AnyStore, release: str, name: str, hosts: list[str], now: datetime, **kw: Any
+) -> str:
     doc: dict[str, Any] = {
         "version": 1,
         "name": name,
@@ -54,7 +57,7 @@ def apply(store: Store, release: str, name: str, hosts: list[str], now: datetime
         return store_rollouts.apply(conn, doc, "key:test", now, HINT).id
 
 
-def report_all(store: Store, now: datetime, **kw: Any) -> None:
+def report_all(store: AnyStore, now: datetime, **kw: Any) -> None:
     """Every machine reports: on its desired generation if it has one (a quick agent)."""
     with store.transaction() as conn:
         for m in machines.list_machines(conn):
@@ -64,7 +67,7 @@ def report_all(store: Store, now: datetime, **kw: Any) -> None:
 
 
 def tick(
-    store: Store,
+    store: AnyStore,
     now: datetime,
     policy: fleet.FleetPolicy | None = None,
     window_now: datetime | None = None,
@@ -73,7 +76,7 @@ def tick(
     reconciler.tick(store, HINT, now, policy=ctx)
 
 
-def in_flight(store: Store, hosts: list[str]) -> int:
+def in_flight(store: AnyStore, hosts: list[str]) -> int:
     """Machines of `hosts` given a rollout's generation and not yet judged healthy."""
     with store.read() as conn:
         marks = ",".join("?" * len(hosts))
@@ -86,7 +89,7 @@ def in_flight(store: Store, hosts: list[str]) -> int:
         return int(row[0])
 
 
-def events(store: Store, rid: str) -> list[str]:
+def events(store: AnyStore, rid: str) -> list[str]:
     with store.read() as conn:
         return [
             r[0]
@@ -96,12 +99,13 @@ def events(store: Store, rid: str) -> list[str]:
         ]
 
 
-def status(store: Store, rid: str) -> str:
+def status(store: AnyStore, rid: str) -> str:
     with store.read() as conn:
         return store_rollouts.detail(conn, rid, MONDAY).summary.status.value
 
 
-def test_nothing_starts_until_the_clock_enters_the_window(store: Store) -> None:
+def test_nothing_starts_until_the_clock_enters_the_window(any_store: AnyStore) -> None:
+    store = any_store
     rel = setup(store, {"web-1": ["web"], "web-2": ["web"]})
     window = [{"days": ["mon"], "start": "09:00", "end": "11:00"}]
     rid = apply(store, rel, "office", ["web-1", "web-2"], SUNDAY, windows=window)
@@ -121,7 +125,8 @@ def test_nothing_starts_until_the_clock_enters_the_window(store: Store) -> None:
     assert events(store, rid)[-1] == "rollout-hold-cleared"
 
 
-def test_a_batch_needs_health_timeout_left_in_its_window(store: Store) -> None:
+def test_a_batch_needs_health_timeout_left_in_its_window(any_store: AnyStore) -> None:
+    store = any_store
     rel = setup(store, {"web-1": ["web"]})
     window = [{"days": ["mon"], "start": "09:00", "end": "11:00"}]
     rid = apply(store, rel, "late", ["web-1"], SUNDAY, windows=window)
@@ -130,7 +135,8 @@ def test_a_batch_needs_health_timeout_left_in_its_window(store: Store) -> None:
     assert "rollout-waiting-for-window" in events(store, rid)
 
 
-def test_max_unavailable_starts_machine_by_machine(store: Store) -> None:
+def test_max_unavailable_starts_machine_by_machine(any_store: AnyStore) -> None:
+    store = any_store
     hosts = {f"web-{i}": ["web"] for i in range(6)}
     rel = setup(store, hosts)
     rid = apply(store, rel, "web", list(hosts), MONDAY, max_unavailable=2)
@@ -151,7 +157,8 @@ def test_max_unavailable_starts_machine_by_machine(store: Store) -> None:
     assert "rollout-held-by-budget" in kinds and "rollout-hold-cleared" in kinds
 
 
-def test_a_fleet_budget_holds_across_two_rollouts(store: Store) -> None:
+def test_a_fleet_budget_holds_across_two_rollouts(any_store: AnyStore) -> None:
+    store = any_store
     hosts = {"db-1": ["db"], "db-2": ["db"], "db-3": ["db", "eu"], "db-4": ["db", "eu"]}
     rel = setup(store, hosts)
     budget = fleet.from_settings(disruption_budgets=[{"tags": ["db"], "max_in_flight": 1}])
@@ -168,7 +175,8 @@ def test_a_fleet_budget_holds_across_two_rollouts(store: Store) -> None:
     assert status(store, a) == status(store, b) == "completed"
 
 
-def test_a_stale_machine_counts_against_the_budget(store: Store) -> None:
+def test_a_stale_machine_counts_against_the_budget(any_store: AnyStore) -> None:
+    store = any_store
     hosts = {"db-1": ["db"], "db-2": ["db"]}
     rel = setup(store, hosts)
     report_all(store, MONDAY - timedelta(hours=1))  # both heard from an hour ago
@@ -190,7 +198,8 @@ def test_a_stale_machine_counts_against_the_budget(store: Store) -> None:
     assert "rollout-held-by-budget" in events(store, rid)
 
 
-def test_an_expired_reboot_lease_fails_the_batch_and_frees_the_slot(store: Store) -> None:
+def test_an_expired_reboot_lease_fails_the_batch_and_frees_the_slot(any_store: AnyStore) -> None:
+    store = any_store
     hosts = {"db-1": ["db"], "db-2": ["db"]}
     rel = setup(store, hosts)
     policy = fleet.from_settings(reboot_timeout=600)
@@ -215,7 +224,8 @@ def test_an_expired_reboot_lease_fails_the_batch_and_frees_the_slot(store: Store
     assert "reboot-lease-expired" in events(store, rid)
 
 
-def test_a_rebooted_machine_is_released_and_judged_healthy(store: Store) -> None:
+def test_a_rebooted_machine_is_released_and_judged_healthy(any_store: AnyStore) -> None:
+    store = any_store
     rel = setup(store, {"db-1": ["db"]})
     policy = fleet.from_settings()
     rid = apply(store, rel, "kernel", ["db-1"], MONDAY, reboot="when-needed")

@@ -1,4 +1,5 @@
-"""The SQL twins of the budget rules held to nixfleet.policy.budgets, case by case."""
+"""The SQL twins of the budget rules held to nixfleet.policy.budgets, case by case,
+on both backends (`any_store`)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from nixfleet.flake import release_from_document
 from nixfleet.models import Lifecycle, MachineHealth, isoformat
 from nixfleet.policy import budgets
 from nixfleet.policy.budgets import Budget, MachineState, MaxUnavailable
-from nixfleet.store import Store, machines, releases
+from nixfleet.store import machines, releases
 from nixfleet.store import policy as store_policy
 from nixfleet.store import rollouts as store_rollouts
+from nixfleet.store.conn import AnyStore, is_postgresql
 
 T0 = datetime(2026, 12, 7, 10, 0, tzinfo=UTC)
 STALE_AFTER = 300
@@ -25,7 +27,7 @@ def gen(host: str) -> str:
     return f"/nix/store/{'n' * 32}-nixos-system-{host}"
 
 
-def make(store: Store, tagsets: list[tuple[str, ...]]) -> tuple[str, list[str]]:
+def make(store: AnyStore, tagsets: list[tuple[str, ...]]) -> tuple[str, list[str]]:
     """One machine per tag set, and an all-at-once rollout over them (batch 0)."""
     hosts = [f"h-{i:03}" for i in range(len(tagsets))]
     with store.transaction() as conn:
@@ -79,7 +81,8 @@ STATES = [
 ]
 
 
-def test_unavailable_sql_is_the_pure_rule(store: Store) -> None:
+def test_unavailable_sql_is_the_pure_rule(any_store: AnyStore) -> None:
+    store = any_store
     rid, hosts = make(store, [("web",)] * len(STATES))
     # Machines at positions 0..started_until are started: put the started states first.
     order = sorted(range(len(STATES)), key=lambda i: not STATES[i].started)
@@ -93,7 +96,8 @@ def test_unavailable_sql_is_the_pure_rule(store: Store) -> None:
         for pos, i in enumerate(order):
             set_state(conn, rid, hosts[pos], pos, STATES[i])
         store_policy.collect(conn, T0, STALE_AFTER)
-        got = {r[0] for r in conn.execute("SELECT machine_id FROM temp.unavailable")}
+        temp = "pg_temp" if is_postgresql(conn) else "temp"
+        got = {r[0] for r in conn.execute(f"SELECT machine_id FROM {temp}.unavailable")}
         count = store_policy.unavailable_targets(conn, rid)
     expected = {hosts[pos] for pos, i in enumerate(order) if budgets.unavailable(STATES[i])}
     assert got == expected
@@ -112,7 +116,8 @@ def _case(rng: random.Random) -> tuple[list[tuple[str, ...]], list[Budget], list
 
 
 @pytest.mark.parametrize("seed", range(40))
-def test_admitted_sql_is_the_pure_admit(store: Store, seed: int) -> None:
+def test_admitted_sql_is_the_pure_admit(any_store: AnyStore, seed: int) -> None:
+    store = any_store
     rng = random.Random(seed)
     tagsets, chosen, flight, limit = _case(rng)
     rid, _hosts = make(store, tagsets)
@@ -126,7 +131,8 @@ def test_admitted_sql_is_the_pure_admit(store: Store, seed: int) -> None:
     assert (count, held_by) == (pure.count, pure.held_by), (tagsets, limits, after, until)
 
 
-def test_in_flight_counts_all_of_tag_selectors(store: Store) -> None:
+def test_in_flight_counts_all_of_tag_selectors(any_store: AnyStore) -> None:
+    store = any_store
     rid, hosts = make(store, [("db", "prod"), ("db",), ("prod",), ("web",)])
     with store.transaction() as conn:
         for h in hosts:
@@ -135,3 +141,23 @@ def test_in_flight_counts_all_of_tag_selectors(store: Store) -> None:
         assert store_policy.in_flight(conn, Budget(("db",), 1)) == 2
         assert store_policy.in_flight(conn, Budget(("db", "prod"), 1)) == 1
         assert store_policy.in_flight(conn, Budget(("cache",), 1)) == 0
+
+
+def test_plan_facts_read_only_are_the_tick_s_counts(any_store: AnyStore) -> None:
+    """`rollout plan` counts in a read-only transaction (no temp table on PostgreSQL)
+    what the tick counts from temp.unavailable."""
+    rid, hosts = make(any_store, [("db", "prod"), ("db",), ("prod",), ("web",)])
+    chosen = [Budget(("db",), 1), Budget(("db", "prod"), 1), Budget(("cache",), 1)]
+    with any_store.transaction() as conn:
+        for h in hosts[:3]:
+            set_state(conn, rid, h, 0, MachineState(stale=True))
+    with any_store.read() as conn:
+        tags, down, flight = store_policy.plan_facts(
+            conn, [*hosts[1:], hosts[1]], T0, STALE_AFTER, chosen
+        )
+    assert tags == {
+        "h-001": frozenset({"db"}),
+        "h-002": frozenset({"prod"}),
+        "h-003": frozenset({"web"}),
+    }
+    assert (down, flight) == (2, [2, 1, 0])

@@ -1,4 +1,5 @@
-"""The health gate in SQL (store.verdicts.JUDGE_SQL) agrees with rollout.judge, case by case.
+"""The health gate in SQL (store.verdicts.JUDGE_SQL) agrees with rollout.judge, case by case,
+on both backends (`any_store`: JUDGE_SQL and JUDGE_SQL_PG).
 
 The reconciler judges a 100,000-machine batch in SQL; rollout.judge stays the
 definition. Each case is written as MachineFacts, stored as the machine and
@@ -19,7 +20,8 @@ import pytest
 from nixfleet import rollout
 from nixfleet.models import HealthResult, MachineHealth, health_of, isoformat, parse_time
 from nixfleet.rollout import MachineFacts
-from nixfleet.store import Store, verdicts
+from nixfleet.store import verdicts
+from nixfleet.store.conn import AnyStore, Connection
 
 # Microseconds on purpose: a time on the second is stored without a fraction
 # ("…:00Z"), the trap for comparing the strings.
@@ -154,7 +156,7 @@ def _axis(f: MachineFacts) -> str:
     return health_of(None if f.health_passed is None else HealthResult(f.health_passed)).value
 
 
-def _store_case(store: Store, i: int, f: MachineFacts) -> None:
+def _store_case(store: AnyStore, i: int, f: MachineFacts) -> None:
     health = None if f.health_passed is None else json.dumps({"all_passed": f.health_passed})
     with store.transaction() as conn:
         conn.execute(
@@ -188,7 +190,8 @@ def _store_case(store: Store, i: int, f: MachineFacts) -> None:
 
 
 @pytest.fixture
-def rollout_store(store: Store) -> Store:
+def rollout_store(any_store: AnyStore) -> AnyStore:
+    store = any_store
     with store.transaction() as conn:
         conn.execute(
             "INSERT INTO releases (id, created_at, created_by) VALUES ('rel-1', 'x', 'test')"
@@ -207,26 +210,26 @@ def rollout_store(store: Store) -> Store:
     ids=[c[0] for c in CASES] + [f"reboot: {c[0]}" for c in REBOOT_CASES],
 )
 def test_sql_verdict_agrees_with_judge(
-    rollout_store: Store, name: str, f: MachineFacts, now: float, soak: int, reboot: bool
+    rollout_store: AnyStore, name: str, f: MachineFacts, now: float, soak: int, reboot: bool
 ) -> None:
     _store_case(rollout_store, 0, f)
     v = rollout.judge(f, STARTED, at(now), TIMEOUT, soak, reboot)
     changed = v.health is not f.health or v.healthy_since != f.healthy_since
     params = verdicts.judge_params("ro-1", 0, STARTED, at(now), TIMEOUT, soak, reboot=reboot)
     with rollout_store.read() as conn:
-        rows = conn.execute(verdicts.JUDGE_SQL, params).fetchall()
+        rows = conn.execute(verdicts.judge_sql(conn), params).fetchall()
     got = [(r["health"], r["reason"], r["healthy_since"]) for r in rows]
     want = [(v.health.value, v.reason if v.health is not P else None, isoformat(v.healthy_since))]
     assert got == (want if changed else []), name
 
 
-def test_settled_machines_are_not_judged_again(rollout_store: Store) -> None:
+def test_settled_machines_are_not_judged_again(rollout_store: AnyStore) -> None:
     for i, health in enumerate((H, U)):
         _store_case(rollout_store, i, replace(good(current_generation=OLD), health=health))
     params = verdicts.judge_params("ro-1", 0, STARTED, at(TIMEOUT), TIMEOUT, 0)
     with rollout_store.read() as conn:
         for batch in (0, 1):
-            rows = conn.execute(verdicts.JUDGE_SQL, {**params, "batch": batch}).fetchall()
+            rows = conn.execute(verdicts.judge_sql(conn), {**params, "batch": batch}).fetchall()
             assert rows == []
 
 
@@ -237,16 +240,16 @@ def test_settled_machines_are_not_judged_again(rollout_store: Store) -> None:
         [datetime(2026, 12, 31, 23, 59, 59, 999999, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)],
     ],
 )
-def test_stored_times_sort_as_times_in_sql(store: Store, times: list[datetime]) -> None:
+def test_stored_times_sort_as_times_in_sql(any_store: AnyStore, times: list[datetime]) -> None:
     """Every stored time has one fixed width, so SQL orders the strings as the times."""
     stored = [str(isoformat(t)) for t in times]
     assert {len(s) for s in stored} == {27} and all(s.endswith("Z") for s in stored)
-    values = ", ".join("(?)" for _ in stored)
-    with store.read() as conn:
+    values = ", ".join("(CAST(? AS TEXT))" for _ in stored)
+    with any_store.read() as conn:
         ordered = [
             r[0]
             for r in conn.execute(
-                f"SELECT column1 FROM (VALUES {values}) ORDER BY column1",
+                f"SELECT column1 FROM (VALUES {values}) AS v ORDER BY column1",
                 stored,
             )
         ]
@@ -254,16 +257,19 @@ def test_stored_times_sort_as_times_in_sql(store: Store, times: list[datetime]) 
     assert [parse_time(s) for s in stored] == times
 
 
-def test_a_window_judges_only_its_positions(rollout_store: Store) -> None:
+def test_a_window_judges_only_its_positions(rollout_store: AnyStore) -> None:
     for i in range(3):
         _store_case(rollout_store, i, good())
     with rollout_store.transaction() as conn:
-        conn.execute("UPDATE rollout_machines SET batch_idx = 0, position = substr(machine_id, 2)")
+        conn.execute(
+            "UPDATE rollout_machines SET batch_idx = 0, "
+            "position = CAST(substr(machine_id, 2) AS INTEGER)"
+        )
     judged = {}
     for window in ((-1, 2), (-1, 0), (0, 2), (2, 5)):
         params = verdicts.judge_params("ro-1", 0, STARTED, at(TIMEOUT), TIMEOUT, 0, window)
         with rollout_store.read() as conn:
-            rows = conn.execute(verdicts.JUDGE_SQL, params).fetchall()
+            rows = conn.execute(verdicts.judge_sql(conn), params).fetchall()
         judged[window] = sorted(r["machine_id"] for r in rows)
     assert judged == {
         (-1, 2): ["m0", "m1", "m2"],
@@ -319,12 +325,22 @@ def _generated() -> list[MachineFacts]:
     return out
 
 
-def _store_many(store: Store, facts: list[MachineFacts]) -> None:
+def _insert_rows(conn: Connection, insert: str, marks: str, rows: list[tuple[Any, ...]]) -> None:
+    """`insert` … VALUES with 500 rows a statement (a round trip per row is seconds on
+    PostgreSQL for the generated cases)."""
+    for start in range(0, len(rows), 500):
+        chunk = rows[start : start + 500]
+        conn.execute(insert + ", ".join([marks] * len(chunk)), [v for r in chunk for v in r])
+
+
+def _store_many(store: AnyStore, facts: list[MachineFacts]) -> None:
     with store.transaction() as conn:
-        conn.executemany(
+        _insert_rows(
+            conn,
             "INSERT INTO machines (id, lifecycle, registered_at, current_generation, "
             "last_report_at, last_success, failed_generation, health_json, health, "
-            "last_message) VALUES (?, 'active', ?, ?, ?, ?, ?, ?, ?, ?)",
+            "last_message) VALUES ",
+            "(?, 'active', ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     f.machine_id,
@@ -342,9 +358,11 @@ def _store_many(store: Store, facts: list[MachineFacts]) -> None:
                 for f in facts
             ],
         )
-        conn.executemany(
+        _insert_rows(
+            conn,
             "INSERT INTO rollout_machines (rollout_id, machine_id, batch_idx, position, "
-            "store_path, health, healthy_since) VALUES ('ro-1', ?, 0, ?, ?, ?, ?)",
+            "store_path, health, healthy_since) VALUES ",
+            "('ro-1', ?, 0, ?, ?, ?, ?)",
             [
                 (f.machine_id, n, f.store_path, f.health.value, isoformat(f.healthy_since))
                 for n, f in enumerate(facts)
@@ -354,7 +372,7 @@ def _store_many(store: Store, facts: list[MachineFacts]) -> None:
 
 @pytest.mark.parametrize(("now", "soak"), GEN_CLOCK)
 def test_sql_verdicts_agree_with_judge_on_every_generated_case(
-    rollout_store: Store, now: float, soak: int
+    rollout_store: AnyStore, now: float, soak: int
 ) -> None:
     """JUDGE_SQL is held to rollout.judge (the one definition) on every combination."""
     facts = _generated()
@@ -367,7 +385,7 @@ def test_sql_verdicts_agree_with_judge_on_every_generated_case(
             want[f.machine_id] = (v.health.value, reason, isoformat(v.healthy_since))
     params = verdicts.judge_params("ro-1", 0, STARTED, at(now), TIMEOUT, soak)
     with rollout_store.read() as conn:
-        rows = conn.execute(verdicts.JUDGE_SQL, params).fetchall()
+        rows = conn.execute(verdicts.judge_sql(conn), params).fetchall()
     got = {r["machine_id"]: (r["health"], r["reason"], r["healthy_since"]) for r in rows}
     assert len(got) == len(rows)
     mismatched = {
