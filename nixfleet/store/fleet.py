@@ -5,19 +5,20 @@ A fixed number of statements whatever the fleet size: the whole fleet's counters
 set, and one indexed or sorted read of a single page. Sync and stale are
 status.SYNC_SQL / STALE_SQL (held to models.sync_of / is_stale); health is the stored
 models.health_of of each machine's last report (HEALTH_SQL); the filters are
-status.filter_sql, the one SQL form of a filters.MachineFilter.
+status.filter_sql, the one SQL form of a filters.MachineFilter. One spelling for
+both backends but for the filter's (status.filter_sql).
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from nixfleet.filters import MachineFilter
 from nixfleet.models import Health, Lifecycle, Sync, isoformat, parse_time, stale_cutoff
 from nixfleet.store import status
+from nixfleet.store.conn import Connection, is_postgresql
 from nixfleet.store.status import HEALTH_SQL, STALE_SQL, SYNC_SQL
 
 # The sort keys the page offers (filters.SORT_KEYS; SQL in status.SORT_SQL).
@@ -61,10 +62,10 @@ class FleetPage:
     by_lifecycle: dict[Lifecycle, int] = field(default_factory=dict)
 
 
-def page(conn: sqlite3.Connection, q: FleetQuery, now: datetime, stale_after: int) -> FleetPage:
+def page(conn: Connection, q: FleetQuery, now: datetime, stale_after: int) -> FleetPage:
     """The counters of the whole fleet, how many match q, and page q.page of them."""
     cutoff = isoformat(stale_cutoff(now, stale_after)) or ""
-    pred, params = status.filter_sql(q, cutoff)
+    pred, params = status.filter_sql(q, cutoff, postgresql=is_postgresql(conn))
     whole = status.counts(conn, "", [], cutoff)  # the counters are the whole fleet's
     matching = whole.selected
     if pred:
@@ -108,15 +109,18 @@ def page(conn: sqlite3.Connection, q: FleetQuery, now: datetime, stale_after: in
     )
 
 
-def all_tags(conn: sqlite3.Connection, limit: int = 200) -> list[str]:
+def all_tags(conn: Connection, limit: int = 200) -> list[str]:
     """The first `limit` tags in use, in order (the tag filter's suggestions).
 
-    A skip-scan of the machine_tags_tag index: one seek per distinct tag, rather
-    than a read of every machine's tags.
+    A skip-scan of the machine_tag_rows_tag index: one seek per distinct tag, rather
+    than a read of every machine's tags. The table, not the machine_tags view (every
+    row has its machine): PostgreSQL does not seek a min() through the view's join,
+    it reads all the tags per step (650 ms, not 1, at 20,000 machines); SQLite seeks
+    either way.
     """
     rows = conn.execute(
-        "WITH RECURSIVE t(tag) AS (SELECT min(tag) FROM machine_tags UNION ALL "
-        "SELECT (SELECT min(tag) FROM machine_tags WHERE tag > t.tag) FROM t "
+        "WITH RECURSIVE t(tag) AS (SELECT min(tag) FROM machine_tag_rows UNION ALL "
+        "SELECT (SELECT min(tag) FROM machine_tag_rows WHERE tag > t.tag) FROM t "
         "WHERE t.tag IS NOT NULL) SELECT tag FROM t WHERE tag IS NOT NULL LIMIT ?",
         (limit,),
     )

@@ -456,7 +456,8 @@ def list_filtered(
     conn: Connection, f: MachineFilter, now: datetime, stale_after: int
 ) -> list[Machine]:
     """The machines f selects, in f's order (GET /api/v1/machines)."""
-    pred, params = filter_sql(f, isoformat(stale_cutoff(now, stale_after)))
+    cutoff = isoformat(stale_cutoff(now, stale_after))
+    pred, params = filter_sql(f, cutoff, postgresql=is_postgresql(conn))
     where = f" WHERE {pred}" if pred else ""
     sub = f" WHERE machine_id IN (SELECT m.id FROM machines m{where})" if pred else ""
     tag_map: dict[str, dict[str, list[str]]] = defaultdict(lambda: {"agent": [], "operator": []})

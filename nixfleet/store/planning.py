@@ -3,11 +3,12 @@
 Reads only: the machines a spec targets and their lifecycles, and the release's
 store paths; nixfleet.rollout.plan decides. `target_warnings` names the targets that
 will not follow (DESIGN §3 Lifecycle: decommissioned or stale), for plan and apply.
+The hosts asked for are a temp table on SQLite and an array parameter on PostgreSQL
+(whose read-only snapshot, store.read(), may not create one); the rest is one spelling.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,6 +25,7 @@ from nixfleet.models import (
     stale_cutoff,
 )
 from nixfleet.store import releases
+from nixfleet.store.conn import Connection, Row, is_postgresql
 from nixfleet.store.status import STALE_SQL
 
 
@@ -34,7 +36,7 @@ def spec_of(doc: Any, what: str = "rollout") -> RolloutSpec:
     return rollout.spec_from_document(doc)
 
 
-def _tagged(conn: sqlite3.Connection, tags: Sequence[str]) -> dict[str, Lifecycle]:
+def _tagged(conn: Connection, tags: Sequence[str]) -> dict[str, Lifecycle]:
     wanted = sorted(set(tags))
     if not wanted:
         return {}
@@ -49,23 +51,27 @@ def _tagged(conn: sqlite3.Connection, tags: Sequence[str]) -> dict[str, Lifecycl
 
 
 def _of_hosts(
-    conn: sqlite3.Connection, hosts: Iterable[str], sql: str, params: Sequence[object] = ()
-) -> list[sqlite3.Row]:
-    """Rows of `sql` (a query joining machines m with wanted_hosts w) for these hosts."""
+    conn: Connection, hosts: Iterable[str], sql: str, params: Sequence[object] = ()
+) -> list[Row]:
+    """Rows of `sql` for these hosts: a query joining machines m with {wanted} w (w.id,
+    each host once), whose own parameters come after {wanted} in its text."""
     hosts = list(hosts)
     if not hosts:
         return []
+    if is_postgresql(conn):
+        wanted = "(SELECT DISTINCT unnest(CAST(? AS TEXT[])) AS id)"
+        return conn.execute(sql.format(wanted=wanted), (hosts, *params)).fetchall()
     conn.execute("CREATE TEMP TABLE IF NOT EXISTS wanted_hosts (id TEXT PRIMARY KEY)")
     conn.execute("DELETE FROM wanted_hosts")
     conn.executemany("INSERT OR IGNORE INTO wanted_hosts VALUES (?)", ((h,) for h in hosts))
-    rows = conn.execute(sql, params).fetchall()
+    rows = conn.execute(sql.format(wanted="wanted_hosts"), params).fetchall()
     conn.execute("DELETE FROM wanted_hosts")
     return rows
 
 
-def _lifecycles(conn: sqlite3.Connection, hosts: Iterable[str]) -> dict[str, Lifecycle]:
+def _lifecycles(conn: Connection, hosts: Iterable[str]) -> dict[str, Lifecycle]:
     rows = _of_hosts(
-        conn, hosts, "SELECT m.id, m.lifecycle FROM machines m JOIN wanted_hosts w ON w.id = m.id"
+        conn, hosts, "SELECT m.id, m.lifecycle FROM machines m JOIN {wanted} w ON w.id = m.id"
     )
     return {r["id"]: Lifecycle(r["lifecycle"]) for r in rows}
 
@@ -80,14 +86,14 @@ class TargetWarning:
 
 
 def target_warnings(
-    conn: sqlite3.Connection, hosts: Iterable[str], now: datetime, stale_after: int
+    conn: Connection, hosts: Iterable[str], now: datetime, stale_after: int
 ) -> list[TargetWarning]:
     """The targets among `hosts` that are decommissioned or stale, by hostname."""
     rows = _of_hosts(
         conn,
         hosts,
         "SELECT m.id, m.lifecycle, m.last_report_at FROM machines m "
-        "JOIN wanted_hosts w ON w.id = m.id "
+        "JOIN {wanted} w ON w.id = m.id "
         f"WHERE m.lifecycle = 'decommissioned' OR {STALE_SQL} ORDER BY m.id",
         (isoformat(stale_cutoff(now, stale_after)),),
     )
@@ -101,7 +107,7 @@ def target_warnings(
     ]
 
 
-def make_plan(conn: sqlite3.Connection, spec: RolloutSpec) -> tuple[rollout.Plan, dict[str, str]]:
+def make_plan(conn: Connection, spec: RolloutSpec) -> tuple[rollout.Plan, dict[str, str]]:
     """The plan for a spec against the current fleet; also hostname -> store path."""
     if not is_release_id(spec.release):
         raise ValidationError(

@@ -4,44 +4,57 @@ A release is written once (its id is a hash of its entries, so registering the s
 entries again finds the existing row) and deleted only while no rollout uses it.
 An old, unused release is pruned (store.retention): its header stays, its entries go;
 registering the same entries again restores them.
+
+One spelling for both backends. On PostgreSQL (READ COMMITTED, several writers)
+insert and delete lock the release's row (FOR UPDATE) before deciding on what they
+read: SQLite's single writer gives that order for free.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
 
 from nixfleet.errors import ConflictError, GoneError, NotFoundError
 from nixfleet.models import Release, ReleaseEntry, isoformat, parse_time, time_of
+from nixfleet.store.conn import Connection, Row, is_postgresql
 from nixfleet.store.rows import from_row
 
 
-def insert(conn: sqlite3.Connection, release: Release, now: datetime, created_by: str) -> bool:
+def insert(conn: Connection, release: Release, now: datetime, created_by: str) -> bool:
     """Store a release; False (and nothing written) when its id already exists.
 
     A pruned release (store.retention) gets its entries back (the same id means the
-    same entries) and True; its header is the one first registered.
+    same entries) and True; its header is the one first registered. The header goes
+    first, ON CONFLICT DO NOTHING: two requests registering one release at once
+    (PostgreSQL) write it once, the second waits for the first and finds it; a known
+    one is then read under its row lock, so that two restores (or a restore and the
+    pruning) do not both write its entries.
     """
-    known = conn.execute("SELECT 1 FROM releases WHERE id = ?", (release.id,)).fetchone()
-    if known and _header(conn, release.id)["pruned_at"] is None:
-        return False
-    if not known:
-        conn.execute(
-            "INSERT INTO releases (id, flake_ref, flake_rev, cache_url, created_at, created_by) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                release.id,
-                release.flake_ref,
-                release.flake_rev,
-                release.cache_url,
-                isoformat(release.created_at or now),
-                release.created_by or created_by,
-            ),
-        )
-    else:  # restore: whatever entries the pruning had not deleted yet, then all of them
+    added = conn.execute(
+        "INSERT INTO releases (id, flake_ref, flake_rev, cache_url, created_at, created_by) "
+        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING RETURNING id",
+        (
+            release.id,
+            release.flake_ref,
+            release.flake_rev,
+            release.cache_url,
+            isoformat(release.created_at or now),
+            release.created_by or created_by,
+        ),
+    ).fetchone()
+    if added is None:
+        lock = " FOR UPDATE" if is_postgresql(conn) else ""
+        known = conn.execute(
+            f"SELECT pruned_at FROM releases WHERE id = ?{lock}", (release.id,)
+        ).fetchone()
+        if known is None:  # deleted since the INSERT saw it (PostgreSQL): register it
+            return insert(conn, release, now, created_by)
+        if known["pruned_at"] is None:
+            return False
+        # restore: whatever entries the pruning had not deleted yet, then all of them
         conn.execute("DELETE FROM release_entries WHERE release_id = ?", (release.id,))
         conn.execute("UPDATE releases SET pruned_at = NULL WHERE id = ?", (release.id,))
     conn.executemany(
@@ -55,7 +68,7 @@ def insert(conn: sqlite3.Connection, release: Release, now: datetime, created_by
     return True
 
 
-def _entries(conn: sqlite3.Connection, ids: list[str]) -> dict[str, list[ReleaseEntry]]:
+def _entries(conn: Connection, ids: list[str]) -> dict[str, list[ReleaseEntry]]:
     out: dict[str, list[ReleaseEntry]] = defaultdict(list)
     if not ids:
         return out
@@ -74,7 +87,7 @@ def _entries(conn: sqlite3.Connection, ids: list[str]) -> dict[str, list[Release
     return out
 
 
-def _release(row: sqlite3.Row, entries: list[ReleaseEntry]) -> Release:
+def _release(row: Row, entries: list[ReleaseEntry]) -> Release:
     return Release(
         id=row["id"],
         entries=tuple(entries),
@@ -86,10 +99,8 @@ def _release(row: sqlite3.Row, entries: list[ReleaseEntry]) -> Release:
     )
 
 
-def _header(conn: sqlite3.Connection, release_id: str) -> sqlite3.Row:
-    row: sqlite3.Row | None = conn.execute(
-        "SELECT * FROM releases WHERE id = ?", (release_id,)
-    ).fetchone()
+def _header(conn: Connection, release_id: str) -> Row:
+    row: Row | None = conn.execute("SELECT * FROM releases WHERE id = ?", (release_id,)).fetchone()
     if row is None:
         raise NotFoundError(
             f"release {release_id!r} is not registered; see `nixfleet release list`, or "
@@ -98,7 +109,7 @@ def _header(conn: sqlite3.Connection, release_id: str) -> sqlite3.Row:
     return row
 
 
-def _usable(row: sqlite3.Row) -> None:
+def _usable(row: Row) -> None:
     """410 for a pruned release, saying how to get it back."""
     if row["pruned_at"] is not None:
         raise GoneError(
@@ -110,7 +121,7 @@ def _usable(row: sqlite3.Row) -> None:
         )
 
 
-def get(conn: sqlite3.Connection, release_id: str) -> Release:
+def get(conn: Connection, release_id: str) -> Release:
     """The release with its entries; 404 if unknown, 410 if pruned (store.retention)."""
     row = _header(conn, release_id)
     _usable(row)
@@ -132,7 +143,7 @@ class ReleaseSummary:
     pruned_at: datetime | None = None  # store.retention: its entries are gone (hosts 0)
 
 
-def list_releases(conn: sqlite3.Connection, limit: int = 100) -> list[ReleaseSummary]:
+def list_releases(conn: Connection, limit: int = 100) -> list[ReleaseSummary]:
     """Newest first, with host counts (not the entries: a listing stays small)."""
     rows = conn.execute(
         "SELECT r.*, CASE WHEN r.pruned_at IS NULL THEN (SELECT COUNT(*) FROM release_entries e "
@@ -152,7 +163,7 @@ def list_releases(conn: sqlite3.Connection, limit: int = 100) -> list[ReleaseSum
     ]
 
 
-def store_paths(conn: sqlite3.Connection, release_id: str) -> dict[str, str]:
+def store_paths(conn: Connection, release_id: str) -> dict[str, str]:
     """hostname -> store path: what planning needs, without building ReleaseEntry objects.
 
     Nothing for an unknown release (planning says why), 410 for a pruned one."""
@@ -165,8 +176,16 @@ def store_paths(conn: sqlite3.Connection, release_id: str) -> dict[str, str]:
     return {r["hostname"]: r["store_path"] for r in rows}
 
 
-def delete(conn: sqlite3.Connection, release_id: str) -> None:
-    _header(conn, release_id)  # a pruned one may go too
+def delete(conn: Connection, release_id: str) -> None:
+    """Delete a release no rollout records (a pruned one too); 404, 409 otherwise.
+
+    On PostgreSQL the row is locked first: a rollout being created on it (whose
+    foreign key check shares that lock) either commits before, and is seen, or
+    waits for the deletion.
+    """
+    if is_postgresql(conn):
+        conn.execute("SELECT 1 FROM releases WHERE id = ? FOR UPDATE", (release_id,))
+    _header(conn, release_id)
     used = [
         r["name"]
         for r in conn.execute(

@@ -1,15 +1,17 @@
 """The fleet's status as set-based SQL: the SQL forms of sync and stale, the one SQL
 form of a filters.MachineFilter, the summary's counts, and GET /api/v1/status written
-by SQLite itself.
+by the database itself.
 
 The pure definitions live in models.py (sync_of, health_of, is_stale); sync and stale
-here are held to them case by case by tests/store/test_machines.py and test_fleet.py;
-health is stored with each report (record_report writes health_of of it).
+here are held to them case by case, on both backends, by tests/store/test_machines.py
+and test_fleet.py; health is stored with each report (record_report writes health_of
+of it). SYNC_SQL, STALE_SQL and SUMMARY_SQL are one spelling for both backends (STALE_SQL
+is 0/1 on SQLite, a boolean on PostgreSQL); where the dialects differ (GLOB, instr, the
+sums of booleans, the JSON functions) PostgreSQL's spelling is beside SQLite's.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -21,6 +23,7 @@ from nixfleet.models import (
     isoformat,
     stale_cutoff,
 )
+from nixfleet.store.conn import Connection, is_postgresql
 
 # The SQL forms of models.sync_of and is_stale, for set-based reads; held to them case
 # by case by tests/store/test_machines.py and tests/store/test_fleet.py.
@@ -49,10 +52,11 @@ SORT_SQL: dict[str, str] = {
 }
 
 
-def filter_sql(f: MachineFilter, cutoff: str) -> tuple[str, list[object]]:
+def filter_sql(f: MachineFilter, cutoff: str, *, postgresql: bool) -> tuple[str, list[object]]:
     """The filter as one SQL condition over machines m ('' when there is none).
 
-    The one SQL form of a filters.MachineFilter (status, machine list, dashboard).
+    The one SQL form of a filters.MachineFilter (status, machine list, dashboard), in
+    SQLite's or PostgreSQL's spelling (`postgresql`: the host glob and substring).
     """
     clauses: list[str] = []
     params: list[object] = []
@@ -86,12 +90,71 @@ def filter_sql(f: MachineFilter, cutoff: str) -> tuple[str, list[object]]:
         params.append(cutoff)
     if f.search:
         if any(c in f.search for c in "*?["):
-            clauses.append("m.id GLOB ?")
-            params.append(f.search)
+            if not postgresql:
+                clauses.append("m.id GLOB ?")
+                params.append(f.search)
+            elif (regex := glob_regex(f.search)) is None:
+                clauses.append("false")
+            else:
+                clauses.append("m.id ~ ?")
+                params.append(regex)
         else:
-            clauses.append("instr(lower(m.id), lower(?)) > 0")
+            clauses.append(f"{'strpos' if postgresql else 'instr'}(lower(m.id), lower(?)) > 0")
             params.append(f.search)
     return " AND ".join(clauses), params
+
+
+def glob_regex(pattern: str) -> str | None:
+    """SQLite's GLOB `pattern` as an anchored PostgreSQL regular expression (for `~`),
+    or None where it can match nothing (an unclosed set).
+
+    SQLite's rules (patternCompare in its func.c): `*` any run of characters, `?` one,
+    `[…]` one of a set: a leading `^` negates it, a `]` first in it is itself, `a-z`
+    is a range (empty when reversed; its start is in the set either way), a `-` not
+    between two characters is itself; there is no escape character. Case matters, as
+    with `~`. Every character but letters and digits is written escaped (in an ARE a
+    backslash before one is that character), inside a set too. Held to SQLite's GLOB
+    by tests/store/test_status.py.
+    """
+    out = ["^"]
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        i += 1
+        if c == "*":
+            out.append(".*")
+        elif c == "?":
+            out.append(".")
+        elif c != "[":
+            out.append(_regex_char(c))
+        else:
+            invert = pattern.startswith("^", i)
+            i += invert
+            items: list[str] = []
+            if pattern.startswith("]", i):
+                items.append(_regex_char("]"))
+                i += 1
+            prior = ""  # the last single character, a range's start (SQLite's prior_c)
+            while i < n and pattern[i] != "]":
+                c = pattern[i]
+                if c == "-" and prior and i + 1 < n and pattern[i + 1] != "]":
+                    end = pattern[i + 1]  # prior stays in the set on its own too
+                    if prior <= end:
+                        items.append(f"{_regex_char(prior)}-{_regex_char(end)}")
+                    prior, i = "", i + 2
+                else:
+                    items.append(_regex_char(c))
+                    prior, i = c, i + 1
+            if i >= n:
+                return None  # unclosed: SQLite matches nothing
+            i += 1  # never empty: a `]` first is in the set, a range's start too
+            out.append(f"[{'^' if invert else ''}{''.join(items)}]")
+    out.append("$")
+    return "".join(out)
+
+
+def _regex_char(c: str) -> str:
+    return c if c.isalnum() else "\\" + c
 
 
 def order_sql(f: MachineFilter) -> str:
@@ -119,6 +182,14 @@ STATUS_SQL: dict[str, str] = {
     "needs_reboot": "CASE m.needs_reboot WHEN 1 THEN json('true') WHEN 0 THEN json('false') END",
     "tags": "json(m.tags_json)",
 }
+# The same entry on PostgreSQL, each value a column named by its key (row_to_json
+# writes the keys in this order, compact): booleans are SQL's, the tags their JSON.
+STATUS_SQL_PG: dict[str, str] = {
+    **STATUS_SQL,
+    "stale": STALE_SQL,
+    "needs_reboot": "CASE m.needs_reboot WHEN 1 THEN true WHEN 0 THEN false END",
+    "tags": "m.tags_json::json",
+}
 
 
 @dataclass(frozen=True)
@@ -133,7 +204,7 @@ class Counts:
     by_lifecycle: dict[Lifecycle, int]  # every selected machine by lifecycle
 
 
-def counts(conn: sqlite3.Connection, pred: str, params: list[object], cutoff: str) -> Counts:
+def counts(conn: Connection, pred: str, params: list[object], cutoff: str) -> Counts:
     """Counts of the machines `pred` selects (a filter_sql condition; '' for all).
 
     Two statements, each the cheapest form of its part at 100,000 machines
@@ -143,6 +214,7 @@ def counts(conn: sqlite3.Connection, pred: str, params: list[object], cutoff: st
     than once per sum (~2.5x less CPU than one pass of 14 sums). Stale is not counted
     from the last-report index: when the whole fleet is stale (the control plane back
     from an outage) that is a table look-up per machine, 4x slower than the scan.
+    PostgreSQL sums no booleans: it counts each value with FILTER, in one pass too.
     """
     where, also = (f" WHERE {pred}", f" AND ({pred})") if pred else ("", "")
     by_lifecycle = {life: 0 for life in Lifecycle}
@@ -150,16 +222,22 @@ def counts(conn: sqlite3.Connection, pred: str, params: list[object], cutoff: st
         f"SELECT m.lifecycle, count(*) FROM machines m{where} GROUP BY m.lifecycle", params
     ):
         by_lifecycle[Lifecycle(life)] = int(n)
-    sums = ", ".join(
-        [f"coalesce(sum(sync = '{s.value}'), 0)" for s in Sync]
-        + [f"coalesce(sum(health = '{h.value}'), 0)" for h in Health]
-    )
-    row = conn.execute(
-        f"SELECT count(*), coalesce(sum(stale), 0), {sums} FROM (SELECT {SYNC_SQL} AS sync, "
-        f"{HEALTH_SQL} AS health, {STALE_SQL} AS stale "
-        f"FROM machines m WHERE {SUMMARY_SQL}{also} ORDER BY m.id)",
-        (cutoff, *params),
-    ).fetchone()
+    values = [("sync", s.value) for s in Sync] + [("health", h.value) for h in Health]
+    if is_postgresql(conn):
+        sums = ", ".join(f"count(*) FILTER (WHERE {c} = '{v}')" for c, v in values)
+        sql = (
+            f"SELECT count(*), count(*) FILTER (WHERE stale), {sums} FROM (SELECT {SYNC_SQL} "
+            f"AS sync, {HEALTH_SQL} AS health, {STALE_SQL} AS stale "
+            f"FROM machines m WHERE {SUMMARY_SQL}{also}) AS s"
+        )
+    else:
+        sums = ", ".join(f"coalesce(sum({c} = '{v}'), 0)" for c, v in values)
+        sql = (
+            f"SELECT count(*), coalesce(sum(stale), 0), {sums} FROM (SELECT {SYNC_SQL} AS sync, "
+            f"{HEALTH_SQL} AS health, {STALE_SQL} AS stale "
+            f"FROM machines m WHERE {SUMMARY_SQL}{also} ORDER BY m.id)"
+        )
+    row = conn.execute(sql, (cutoff, *params)).fetchone()
     n = [int(v) for v in row[2:]]
     return Counts(
         selected=sum(by_lifecycle.values()),
@@ -173,34 +251,50 @@ def counts(conn: sqlite3.Connection, pred: str, params: list[object], cutoff: st
 
 @dataclass(frozen=True)
 class StatusDocument:
-    machines_json: bytes  # the JSON array's items, as SQLite wrote them (UTF-8), no brackets
+    machines_json: bytes  # the JSON array's items, as the database wrote them (UTF-8), no brackets
     counts: Counts  # of the same machines, in the same read
 
 
 def status_document(
-    conn: sqlite3.Connection,
+    conn: Connection,
     f: MachineFilter,
     now: datetime,
     stale_after: int,
 ) -> StatusDocument:
     """The status object of every machine f selects (docs/fleet-status.md), and counts.
 
-    SQLite writes each machine's JSON (tags from the row's tags_json, kept by
+    The database writes each machine's JSON (tags from the row's tags_json, kept by
     triggers) and joins them into the array, so no Python object per machine (the
-    measurements are in docs/performance.md). The inner ORDER BY feeds group_concat
-    in f's order: SQLite does not flatten an ordered sub-query into an aggregate.
-    The items come back as bytes (a BLOB) without the array's brackets: never decoded
-    into a str and encoded again, nor copied twice more by SQL concatenation (~55 ms).
-    Call it inside Store.read(), so that the array and the counts are one snapshot.
+    measurements are in docs/performance.md). On SQLite the inner ORDER BY feeds
+    group_concat in f's order: SQLite does not flatten an ordered sub-query into an
+    aggregate. The items come back as bytes (a BLOB) without the array's brackets:
+    never decoded into a str and encoded again, nor copied twice more by SQL
+    concatenation (~55 ms). PostgreSQL orders the aggregate itself (an ordered
+    sub-query is not a promise there) and writes each entry with row_to_json of a
+    row named field by field (STATUS_SQL_PG); its text is encoded once here (a bytea
+    would come back as hex, twice the size). The parsed document is the same on both
+    (tests/store/test_status.py). Call it inside the store's read(), so that the
+    array and the counts are one snapshot.
     """
     cutoff = isoformat(stale_cutoff(now, stale_after))
-    pred, params = filter_sql(f, cutoff)
+    pg = is_postgresql(conn)
+    pred, params = filter_sql(f, cutoff, postgresql=pg)
     where = f" WHERE {pred}" if pred else ""
-    fields = ", ".join(f"'{key}', {expr}" for key, expr in STATUS_SQL.items())
-    stale_params = [cutoff] * "".join(STATUS_SQL.values()).count("?")
-    sql = (
-        "SELECT CAST(coalesce(group_concat(o, ','), '') AS BLOB) FROM ("
-        f"SELECT json_object({fields}) AS o FROM machines m{where} ORDER BY {order_sql(f)})"
-    )
-    machines_json = conn.execute(sql, (*stale_params, *params)).fetchone()[0]
+    if pg:
+        fields = ", ".join(f"{expr} AS {key}" for key, expr in STATUS_SQL_PG.items())
+        stale_params = [cutoff] * "".join(STATUS_SQL_PG.values()).count("?")
+        sql = (
+            f"SELECT coalesce(string_agg(row_to_json(j)::text, ',' ORDER BY {order_sql(f)}), '') "
+            f"FROM machines m CROSS JOIN LATERAL (SELECT {fields}) AS j{where}"
+        )
+        text: str = conn.execute(sql, (*stale_params, *params)).fetchone()[0]
+        machines_json = text.encode()
+    else:
+        fields = ", ".join(f"'{key}', {expr}" for key, expr in STATUS_SQL.items())
+        stale_params = [cutoff] * "".join(STATUS_SQL.values()).count("?")
+        sql = (
+            "SELECT CAST(coalesce(group_concat(o, ','), '') AS BLOB) FROM ("
+            f"SELECT json_object({fields}) AS o FROM machines m{where} ORDER BY {order_sql(f)})"
+        )
+        machines_json = conn.execute(sql, (*stale_params, *params)).fetchone()[0]
     return StatusDocument(machines_json, counts(conn, pred, params, cutoff))

@@ -1,6 +1,7 @@
 """A machine's status entry is built once: api.machines.status_json is the definition,
 and the SQL that writes the whole fleet's entries (store.status.STATUS_SQL) gives the
-same keys and values for every machine of a generated fleet."""
+same keys and values for every machine of a generated fleet, on each backend
+(`any_store`: SQLite's json_object and PostgreSQL's row_to_json)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from datetime import UTC, datetime, timedelta
 from nixfleet.api.machines import machine_json, status_json
 from nixfleet.filters import MachineFilter
 from nixfleet.models import Lifecycle, isoformat
-from nixfleet.store import Store, machines, status
+from nixfleet.store import machines, status
+from nixfleet.store.conn import AnyStore
 
 NOW = datetime(2026, 11, 27, 10, 0, 0, 250_000, tzinfo=UTC)
 STALE_AFTER = 300
@@ -20,7 +22,8 @@ GENERATIONS = (None, A, B)
 REPORTS = (None, NOW - timedelta(seconds=10), NOW - timedelta(seconds=STALE_AFTER, microseconds=1))
 
 
-def test_status_entries_are_status_json_machine_by_machine(store: Store) -> None:
+def test_status_entries_are_status_json_machine_by_machine(any_store: AnyStore) -> None:
+    store = any_store
     cases = list(
         itertools.product(GENERATIONS, GENERATIONS, GENERATIONS, REPORTS, (None, "rolled back"))
     )

@@ -1,6 +1,6 @@
 """The dashboard's fleet page query (store.fleet): the stored health is models.health_of,
 and every filter, sort and page checked against the same rule computed in Python
-over list_machines, on a generated fleet in a real SQLite file.
+over list_machines, on a generated fleet in each backend (`any_store`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from nixfleet.models import (
     is_stale,
     isoformat,
 )
-from nixfleet.store import Store, fleet, machines, status
+from nixfleet.store import fleet, machines, status
+from nixfleet.store.conn import AnyStore
 from nixfleet.store.fleet import FleetQuery
 from nixfleet.store.status import HEALTH_SQL
 
@@ -44,10 +45,11 @@ STALE_AFTER = 300
     ],
 )
 def test_the_stored_health_is_health_of_the_report(
-    store: Store, health: HealthResult | None
+    any_store: AnyStore, health: HealthResult | None
 ) -> None:
     """HEALTH_SQL reads the value record_report stored: models.health_of of the report,
     also after a report that changed it (the previous one had the opposite outcome)."""
+    store = any_store
     before = HealthResult(not (health is not None and health.all_passed))
     with store.transaction() as conn:
         machines.register(conn, "web-01", [], Lifecycle.PENDING, NOW)
@@ -64,7 +66,8 @@ def gen(host: str, salt: str) -> str:
 
 
 @pytest.fixture
-def fleet_store(store: Store) -> Store:
+def fleet_store(any_store: AnyStore) -> AnyStore:
+    store = any_store
     rng = random.Random(7)
     tags = ["web", "db", "prod", "canary", "edge"]
     with store.transaction() as conn:
@@ -100,7 +103,7 @@ def fleet_store(store: Store) -> Store:
     return store
 
 
-def expected(store: Store, q: FleetQuery) -> list[str]:
+def expected(store: AnyStore, q: FleetQuery) -> list[str]:
     with store.read() as conn:
         every = machines.list_machines(conn)
 
@@ -145,16 +148,18 @@ QUERIES = [
 
 
 @pytest.mark.parametrize("q", QUERIES)
-def test_filters_select_what_the_python_rules_select(fleet_store: Store, q: FleetQuery) -> None:
+def test_filters_select_what_the_python_rules_select(fleet_store: AnyStore, q: FleetQuery) -> None:
     want = expected(fleet_store, q)
     q = FleetQuery(**{**q.__dict__, "per_page": 500})
     with fleet_store.read() as conn:
         got = fleet.page(conn, q, NOW, STALE_AFTER)
+        listed = machines.list_filtered(conn, q, NOW, STALE_AFTER)
     assert [r.id for r in got.rows] == want
     assert got.matching == len(want)
+    assert [m.id for m in listed] == want
 
 
-def test_counters_are_the_whole_fleet_whatever_the_filter(fleet_store: Store) -> None:
+def test_counters_are_the_whole_fleet_whatever_the_filter(fleet_store: AnyStore) -> None:
     with fleet_store.read() as conn:
         every = machines.list_machines(conn)
         got = fleet.page(conn, FleetQuery(tags=("db",), per_page=1), NOW, STALE_AFTER)
@@ -174,7 +179,7 @@ def test_counters_are_the_whole_fleet_whatever_the_filter(fleet_store: Store) ->
     ("sort", "descending"), list(itertools.product(fleet.SORTS, (False, True)))
 )
 def test_sorted_pages_cover_the_fleet_once_in_order(
-    fleet_store: Store, sort: str, descending: bool
+    fleet_store: AnyStore, sort: str, descending: bool
 ) -> None:
     with fleet_store.read() as conn:
         every = {m.id: m for m in machines.list_machines(conn)}
@@ -200,7 +205,7 @@ def test_sorted_pages_cover_the_fleet_once_in_order(
     assert seen == sorted(every, key=key, reverse=descending)
 
 
-def test_rows_carry_what_the_table_shows(fleet_store: Store) -> None:
+def test_rows_carry_what_the_table_shows(fleet_store: AnyStore) -> None:
     with fleet_store.read() as conn:
         every = {m.id: m for m in machines.list_machines(conn)}
         rows = fleet.page(conn, FleetQuery(per_page=500), NOW, STALE_AFTER).rows
@@ -218,7 +223,7 @@ def test_rows_carry_what_the_table_shows(fleet_store: Store) -> None:
         assert r.last_report_at == m.last_report_at
 
 
-def test_tag_suggestions_are_the_tags_in_use_in_order(fleet_store: Store) -> None:
+def test_tag_suggestions_are_the_tags_in_use_in_order(fleet_store: AnyStore) -> None:
     with fleet_store.read() as conn:
         every = machines.list_machines(conn)
         assert fleet.all_tags(conn, limit=3) == sorted({t for m in every for t in m.tags})[:3]

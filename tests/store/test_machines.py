@@ -1,6 +1,6 @@
 """Machines on both backends (`any_store`): registering, tags, lifecycle, desired
-generations, listing. Then the SQL forms of sync and stale (store.status, SQLite's so
-far) agree with models, case by case.
+generations, listing. Then the SQL forms of sync and stale (store.status, one spelling
+for both backends) agree with models, case by case, on each backend.
 
 The cases are generated: every combination of desired, current and failed generation
 from a small alphabet (None included), and report times on and around the stale
@@ -10,7 +10,7 @@ cutoff (a zero fraction included, the old trap of comparing stored strings).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -104,7 +104,30 @@ def test_lifecycle_desired_generation_and_retry(any_store: AnyStore) -> None:
         machines.set_desired(conn, "nope", A, None, None, NOW)
 
 
-def _sql(store: Store, expression: str, columns: Mapping[str, object], *params: object) -> object:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def expression_store(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[AnyStore]:
+    """One store of each backend for all the expression cases below: they read no table,
+    so a database per case (any_store) would only add its creation to each."""
+    if request.param == "sqlite":
+        sqlite = Store(tmp_path_factory.mktemp("expressions") / "nixfleet.db")
+        yield sqlite
+        sqlite.close()
+        return
+    from nixfleet.store.pg import PgStore
+
+    server = request.getfixturevalue("postgres_server")  # skips (or fails under CI) first
+    url = server.create_database()
+    pg = PgStore(url, max_size=1)
+    yield pg
+    pg.close()
+    server.drop_database(url)
+
+
+def _sql(
+    store: AnyStore, expression: str, columns: Mapping[str, object], *params: object
+) -> object:
     # The expression's own parameters come first in the text, so they bind first.
     names = ", ".join(f"? AS {name}" for name in columns)
     with store.read() as conn:
@@ -118,14 +141,14 @@ def _sql(store: Store, expression: str, columns: Mapping[str, object], *params: 
     ("desired", "current", "failed"), list(itertools.product(GENERATIONS, repeat=3))
 )
 def test_sync_sql_is_sync_of(
-    store: Store, desired: str | None, current: str | None, failed: str | None
+    expression_store: AnyStore, desired: str | None, current: str | None, failed: str | None
 ) -> None:
     columns = {
         "desired_generation": desired,
         "current_generation": current,
         "failed_generation": failed,
     }
-    assert _sql(store, SYNC_SQL, columns) == sync_of(desired, current, failed).value
+    assert _sql(expression_store, SYNC_SQL, columns) == sync_of(desired, current, failed).value
 
 
 OFFSETS = [None] + [
@@ -137,16 +160,18 @@ OFFSETS = [None] + [
 @pytest.mark.parametrize("now", [NOW, NOW + timedelta(microseconds=500_000)])
 @pytest.mark.parametrize("lifecycle", list(Lifecycle))
 def test_stale_sql_is_is_stale(
-    store: Store, offset: timedelta | None, now: datetime, lifecycle: Lifecycle
+    expression_store: AnyStore, offset: timedelta | None, now: datetime, lifecycle: Lifecycle
 ) -> None:
     last = None if offset is None else now + offset
     columns = {"last_report_at": isoformat(last), "lifecycle": lifecycle.value}
     cutoff = isoformat(stale_cutoff(now, STALE_AFTER))
     expected = is_stale(last, now, STALE_AFTER, lifecycle)
-    assert bool(_sql(store, STALE_SQL, columns, cutoff)) is expected
+    assert bool(_sql(expression_store, STALE_SQL, columns, cutoff)) is expected
 
 
 @pytest.mark.parametrize("lifecycle", list(Lifecycle))
-def test_summary_sql_is_counts_in_sync_summary(store: Store, lifecycle: Lifecycle) -> None:
+def test_summary_sql_is_counts_in_sync_summary(
+    expression_store: AnyStore, lifecycle: Lifecycle
+) -> None:
     columns = {"lifecycle": lifecycle.value}
-    assert bool(_sql(store, SUMMARY_SQL, columns)) is counts_in_sync_summary(lifecycle)
+    assert bool(_sql(expression_store, SUMMARY_SQL, columns)) is counts_in_sync_summary(lifecycle)
