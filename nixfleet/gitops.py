@@ -19,8 +19,9 @@ from nixfleet import rolloutfile
 from nixfleet.errors import FieldError, NixfleetError, ValidationError
 from nixfleet.models import utcnow
 from nixfleet.settings import Settings
-from nixfleet.store import Store, releases, rollout_files
+from nixfleet.store import releases, rollout_files
 from nixfleet.store import rollouts as store_rollouts
+from nixfleet.store.conn import AnyStore
 
 log = logging.getLogger("nixfleet.gitops")
 
@@ -60,7 +61,7 @@ def _name_of(path: Path) -> str:
     return rolloutfile.read_name(path) or path.stem
 
 
-def apply_file(store: Store, path: Path, mtime_ns: int, poll_hint: int) -> bool:
+def apply_file(store: AnyStore, path: Path, mtime_ns: int, poll_hint: int) -> bool:
     """Apply one file; record the outcome. True when it need not be retried."""
     now = utcnow()
     name = _name_of(path)
@@ -91,7 +92,7 @@ def apply_file(store: Store, path: Path, mtime_ns: int, poll_hint: int) -> bool:
         return isinstance(e, ValidationError)
 
 
-def sync(store: Store, watcher: Watcher, poll_hint: int) -> None:
+def sync(store: AnyStore, watcher: Watcher, poll_hint: int) -> None:
     current = scan(watcher.directory)
     for path, mtime in current.items():
         if watcher.seen.get(path) == mtime:
@@ -110,11 +111,11 @@ _WATCHERS: dict[tuple[str, str], Watcher] = {}
 _LOCK = threading.Lock()
 
 
-def job(settings: Settings, store: Store) -> None:
+def job(settings: Settings, store: AnyStore) -> None:
     """The background job (controlplane.background.JOBS); idle without --rollouts-dir."""
     if not settings.rollouts_dir:
         return
-    key = (settings.rollouts_dir, str(store.path))
+    key = (settings.rollouts_dir, settings.database.display)
     with _LOCK:
         watcher = _WATCHERS.setdefault(key, Watcher(Path(settings.rollouts_dir)))
     sync(store, watcher, settings.rollout_poll_hint)

@@ -20,7 +20,7 @@ from nixfleet.models import RolloutStatus, utcnow
 from nixfleet.policy import budgets, gate
 from nixfleet.policy.fleet import FleetPolicy
 from nixfleet.settings import Settings
-from nixfleet.store import Store, leases, ticks, verdicts
+from nixfleet.store import leases, ticks, verdicts
 from nixfleet.store import policy as store_policy
 from nixfleet.store import rollouts as store_rollouts
 from nixfleet.store.conn import AnyStore, Connection
@@ -233,7 +233,7 @@ def tick(
     return changed
 
 
-def job(settings: Settings, store: Store) -> None:
+def job(settings: Settings, store: AnyStore) -> None:
     """The background job (controlplane.background.JOBS)."""
     now = utcnow()
     ctx = PolicyTick(settings.fleet_policy, settings.stale_after, settings.policy_now(now))

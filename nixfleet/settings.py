@@ -165,7 +165,7 @@ class Settings:
         return DatabaseURL("sqlite", path=Path(self.db) if self.db else default_db())
 
     def db_path(self) -> Path:
-        """The SQLite file; a PostgreSQL `database_url` is refused, naming the field."""
+        """The SQLite file, for what only SQLite has (backup); PostgreSQL is refused."""
         database = self.database
         if database.path is None:
             raise ValidationError(
@@ -173,8 +173,7 @@ class Settings:
                 errors=[
                     FieldError(
                         "database_url",
-                        "the PostgreSQL store is not in this version yet (docs/scaling.md "
-                        '"PostgreSQL backend: design"); use an SQLite file',
+                        "names a PostgreSQL database; this works on an SQLite file only",
                     )
                 ],
             )

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from ports import free_port
 
 from nixfleet import database_url
 from nixfleet import settings as config
@@ -127,11 +128,24 @@ def test_the_flag_refuses_a_malformed_url_naming_it(tmp_path: Path) -> None:
     assert ":pw@" not in r.stderr
 
 
-def test_postgresql_is_refused_clearly_until_its_store_exists(tmp_path: Path) -> None:
-    """Parsed and checked, but this version has no PostgreSQL store: say so, open nothing."""
+def test_the_flag_opens_a_postgresql_database(postgres_url: str) -> None:
+    r = run_control_plane("--database-url", postgres_url, "keys", "create", "--name", "ops")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+    r = run_control_plane("--database-url", postgres_url, "keys", "list")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ops\tadmin\t")
+    r = run_control_plane("--database-url", postgres_url, "backup", "/nonexistent/x.db")
+    assert r.returncode != 0
+    assert "pg_dump" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_an_unreachable_postgresql_is_one_clear_line(tmp_path: Path) -> None:
+    port = free_port()
     r = run_control_plane(
-        "--database-url", "postgresql://nixfleet@127.0.0.1:1/fleet", "keys", "list"
+        "--database-url", f"postgresql://nixfleet@127.0.0.1:{port}/fleet", "keys", "list"
     )
     assert r.returncode != 0
-    assert "database_url" in r.stderr and "PostgreSQL store is not in this version" in r.stderr
+    assert "database_url" in r.stderr or "PostgreSQL" in r.stderr, r.stderr
+    assert f"127.0.0.1:{port}" in r.stderr or "cannot connect" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr

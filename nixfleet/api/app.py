@@ -30,7 +30,7 @@ from nixfleet.api.auth import AuthMiddleware
 from nixfleet.api.context import Context
 from nixfleet.api.report_cache import ReportCache
 from nixfleet.settings import Settings
-from nixfleet.store import Store
+from nixfleet.store.conn import AnyStore
 
 ROUTES: list[tuple[str, type[Any]]] = [
     ("/health", status.Health),
@@ -68,7 +68,7 @@ ROUTES: list[tuple[str, type[Any]]] = [
 
 
 def create_app(
-    settings: Settings, store: Store, cache: ReportCache | None = None
+    settings: Settings, store: AnyStore, cache: ReportCache | None = None
 ) -> falcon.App[falcon.Request, falcon.Response]:
     """The API; with `cache` (the server's, started by it) heartbeats skip SQLite."""
     ctx = Context(settings=settings, store=store, cache=cache)

@@ -17,8 +17,8 @@ import falcon
 from nixfleet.api.report_cache import ReportCache
 from nixfleet.errors import AuthenticationError, GoneError, PermissionDeniedError
 from nixfleet.models import Lifecycle
-from nixfleet.store import Store
 from nixfleet.store import credentials as creds
+from nixfleet.store.conn import AnyStore
 from nixfleet.store.enrollment import ENROLL_PREFIX
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def _machine_actor(machine: str, lifecycle: str) -> Actor:
 
 
 def _resolve(
-    store: Store, token: str | None, cache: ReportCache | None = None, context: Any = None
+    store: AnyStore, token: str | None, cache: ReportCache | None = None, context: Any = None
 ) -> Actor:
     """The token's actor; with `cache` and `context`, a machine answered from the
     view leaves its entry in `context.cached_machine` (the report path judges the
@@ -126,7 +126,7 @@ def authorize(actor: Actor, perm: Perm, machine_id: str | None) -> None:
 
 
 class AuthMiddleware:
-    def __init__(self, store: Store, cache: ReportCache | None = None) -> None:
+    def __init__(self, store: AnyStore, cache: ReportCache | None = None) -> None:
         self.store = store
         self.cache = cache
 

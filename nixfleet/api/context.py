@@ -6,13 +6,13 @@ from dataclasses import dataclass
 
 from nixfleet.api.report_cache import ReportCache
 from nixfleet.settings import Settings
-from nixfleet.store import Store
+from nixfleet.store.conn import AnyStore
 
 
 @dataclass(frozen=True)
 class Context:
     settings: Settings
-    store: Store
+    store: AnyStore
     cache: ReportCache | None = None  # the report path's memory (api.report_cache)
 
     @property

@@ -8,7 +8,6 @@ for its host); an operator revokes the old token first, which is the explicit
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import datetime, timedelta
 
 import falcon
@@ -27,6 +26,7 @@ from nixfleet.errors import (
 )
 from nixfleet.models import Lifecycle, isoformat, utcnow
 from nixfleet.store import audit, credentials, enrollment, machines
+from nixfleet.store.conn import Connection
 from nixfleet.store.enrollment import EnrollToken
 
 TOKEN_ID_MAX = 32
@@ -180,7 +180,7 @@ class Enroll:
 
     @staticmethod
     def _prepare_machine(
-        conn: sqlite3.Connection,
+        conn: Connection,
         machine_id: str,
         token: EnrollToken,
         agent_tags: list[str] | None,

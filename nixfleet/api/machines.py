@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 from datetime import datetime
 
@@ -26,6 +25,7 @@ from nixfleet.models import (
     validate_hostname,
 )
 from nixfleet.store import audit, credentials, history, machines
+from nixfleet.store.conn import Connection
 
 LATEST_EVENTS = 20  # events a machine's detail ends with (GET /api/v1/machines/{id})
 
@@ -70,7 +70,7 @@ def machine_json(m: Machine, now: datetime, stale_after: int) -> wire.Machine:
 
 
 # Returns the audit detail, or None when nothing changed (no audit row: a no-op).
-Change = Callable[[sqlite3.Connection, Machine, datetime], wire.JSONObject | None]
+Change = Callable[[Connection, Machine, datetime], wire.JSONObject | None]
 
 
 def mutate(
@@ -214,9 +214,7 @@ class MachineLifecycle:
 
         actor = req.context.actor.label
 
-        def change(
-            conn: sqlite3.Connection, before: Machine, now: datetime
-        ) -> wire.JSONObject | None:
+        def change(conn: Connection, before: Machine, now: datetime) -> wire.JSONObject | None:
             previous = machines.set_lifecycle(conn, machine_id, target, actor, now)
             if previous is target:
                 return None  # already there: a no-op that scripts may repeat
@@ -242,7 +240,7 @@ class MachineTags:
 
         actor = req.context.actor.label
 
-        def change(conn: sqlite3.Connection, before: Machine, now: datetime) -> wire.JSONObject:
+        def change(conn: Connection, before: Machine, now: datetime) -> wire.JSONObject:
             if add:
                 added, _ = machines.set_tags(conn, machine_id, tags, "operator", replace=False)
                 history.tags_changed(conn, machine_id, now, actor, "operator", added, [])
@@ -311,7 +309,7 @@ class DesiredGeneration:
     ) -> None:
         actor = req.context.actor.label
 
-        def change(conn: sqlite3.Connection, before: Machine, now: datetime) -> wire.JSONObject:
+        def change(conn: Connection, before: Machine, now: datetime) -> wire.JSONObject:
             machines.set_desired(conn, machine_id, path, cache_url, source, now, actor)
             return {"from": before.desired_generation, "to": path, "cache_url": cache_url}
 
@@ -329,7 +327,7 @@ class MachineRetry:
         """Ask the agent to retry a desired generation that failed on it."""
         validate_hostname(machine_id)
 
-        def change(conn: sqlite3.Connection, before: Machine, now: datetime) -> wire.JSONObject:
+        def change(conn: Connection, before: Machine, now: datetime) -> wire.JSONObject:
             machines.request_retry(conn, machine_id, now)
             return {"failed_generation": before.failed_generation}
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -23,6 +22,7 @@ from nixfleet.models import (
 from nixfleet.policy import budgets, gate
 from nixfleet.store import planning, rollout_control, rollout_files, rollouts
 from nixfleet.store import policy as store_policy
+from nixfleet.store.conn import Connection
 from nixfleet.store.rollouts import BatchDetail, MachineProgress, RolloutDetail, RolloutSummary
 
 STATUSES = [s.value for s in RolloutStatus] + ["invalid"]
@@ -67,7 +67,7 @@ def warning_json(w: planning.TargetWarning, stale_after: int) -> wire.TargetWarn
 
 
 def _warnings(
-    conn: sqlite3.Connection, hosts: Sequence[str], now: datetime, stale_after: int
+    conn: Connection, hosts: Sequence[str], now: datetime, stale_after: int
 ) -> list[wire.TargetWarning]:
     found = planning.target_warnings(conn, hosts, now, stale_after)
     return [warning_json(w, stale_after) for w in found]

@@ -14,7 +14,7 @@ from nixfleet.entrypoint import ProgramGroup
 from nixfleet.errors import NixfleetError
 from nixfleet.models import utcnow
 from nixfleet.secretfile import secret_file
-from nixfleet.store import Store, audit, credentials
+from nixfleet.store import Store, audit, credentials, open_store
 
 
 @click.group(
@@ -143,7 +143,7 @@ def keys_create(settings: config.Settings, name: str, role: str, output: Path | 
     """
     with contextlib.ExitStack() as stack:
         write = stack.enter_context(secret_file(output)) if output else click.echo
-        store = Store(settings.db_path())
+        store = stack.enter_context(contextlib.closing(open_store(settings.database)))
         now = utcnow()
         with store.transaction() as conn:
             key = credentials.create_key(conn, name, role, "host", now)
@@ -163,8 +163,7 @@ def keys_list(settings: config.Settings, all_: bool) -> None:
     Example:
       nixfleet-control-plane --db /var/lib/nixfleet/nixfleet.db keys list --all
     """
-    store = Store(settings.db_path())
-    with store.read() as conn:
+    with contextlib.closing(open_store(settings.database)) as store, store.read() as conn:
         found = credentials.list_keys(conn, include_revoked=all_)
     for k in found:
         state = f"revoked {k.revoked_at}" if k.revoked_at else "active"
@@ -181,9 +180,8 @@ def keys_revoke(settings: config.Settings, name: str) -> None:
     Example:
       nixfleet-control-plane --db /var/lib/nixfleet/nixfleet.db keys revoke ops
     """
-    store = Store(settings.db_path())
     now = utcnow()
-    with store.transaction() as conn:
+    with contextlib.closing(open_store(settings.database)) as store, store.transaction() as conn:
         credentials.revoke_key(conn, name, now)
         audit.record(conn, "host:cli", "key.revoke", name, now)
     click.echo(f"revoked key {name!r}", err=True)
@@ -203,6 +201,11 @@ def backup(settings: config.Settings, destination: str) -> None:
     Example:
       nixfleet-control-plane --db /var/lib/nixfleet/nixfleet.db backup /backup/fleet.db
     """
+    if settings.database.path is None:
+        raise NixfleetError(
+            "backup copies an SQLite file; back up PostgreSQL with "
+            "pg_dump --format=custom (docs/scaling.md, Operations)"
+        )
     target = Path(destination)
     if target.exists():
         raise NixfleetError(f"{target} exists; choose a new file name")

@@ -39,7 +39,8 @@ from nixfleet.controlplane import background
 from nixfleet.errors import ServiceError, ValidationError
 from nixfleet.models import utcnow
 from nixfleet.settings import Settings
-from nixfleet.store import Store, audit, credentials
+from nixfleet.store import audit, credentials, open_store
+from nixfleet.store.conn import AnyStore
 
 log = logging.getLogger("nixfleet.controlplane")
 
@@ -117,7 +118,7 @@ def _connection_cap(wanted: int) -> int:
     return wanted
 
 
-def install_admin_key(store: Store, key_file: str) -> None:
+def install_admin_key(store: AnyStore, key_file: str) -> None:
     """The module's adminKeyFile: the first admin key, created on the host, never over HTTP."""
     try:
         key = Path(key_file).read_text().strip()
@@ -184,14 +185,14 @@ def serve(settings: Settings, *, init: bool = False) -> None:
     sock = _listen(*settings.host_port)
     # Checks and migrations run once, before any fork.
     try:
-        store = Store(settings.db_path(), init=init, check=True)
+        store = open_store(settings.database, init=init, check=True)
     except BaseException:
         sock.close()
         raise
-    log.info("database %s", store.path)
+    log.info("database %s", settings.database.display)
     if settings.admin_key_file:
         install_admin_key(store, settings.admin_key_file)
-    store.close()  # no SQLite connection (or lock) crosses a fork
+    store.close()  # no connection (or lock) crosses a fork
     primary = os.getpid()
     workers: list[int] = []
     for _ in range(settings.workers - 1):
@@ -214,7 +215,11 @@ def serve(settings: Settings, *, init: bool = False) -> None:
 
 def _run(settings: Settings, sock: socket.socket, primary: int | None, workers: list[int]) -> None:
     """One serving process: the primary (primary=None, runs the background loop) or a worker."""
-    store = Store(settings.db_path(), lock_timeout=settings.write_lock_timeout)
+    store = open_store(
+        settings.database,
+        lock_timeout=settings.write_lock_timeout,
+        connections=settings.threads + background.CONNECTIONS,
+    )
     cache = ReportCache(store, settings.default_poll_interval)
     app = create_app(settings, store, cache)
     server = create_server(

@@ -32,8 +32,8 @@ from pathlib import Path
 from nixfleet import __version__
 from nixfleet.models import utcnow
 from nixfleet.settings import Settings, Webhook, display_url
-from nixfleet.store import Store
 from nixfleet.store import webhooks as outbox
+from nixfleet.store.conn import AnyStore
 
 log = logging.getLogger("nixfleet.controlplane.webhooks")
 
@@ -138,7 +138,7 @@ def _cut(conn: http.client.HTTPConnection) -> None:
 class Sender:
     """The threads that deliver; `start` returns them (daemons: they end with the process)."""
 
-    def __init__(self, settings: Settings, store: Store, stop: threading.Event) -> None:
+    def __init__(self, settings: Settings, store: AnyStore, stop: threading.Event) -> None:
         self.settings = settings
         self.store = store
         self.stop = stop
@@ -246,5 +246,5 @@ class Sender:
             self.stop.wait(POLL)
 
 
-def start(settings: Settings, store: Store, stop: threading.Event) -> list[threading.Thread]:
+def start(settings: Settings, store: AnyStore, stop: threading.Event) -> list[threading.Thread]:
     return Sender(settings, store, stop).start()

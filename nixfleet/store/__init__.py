@@ -1,5 +1,6 @@
-"""SQLite store: one file, WAL, named migrations, one module per noun."""
+"""The store: SQLite (one file, WAL) or PostgreSQL; named migrations, one module per noun."""
 
+from nixfleet.store.backends import open_store
 from nixfleet.store.db import Store
 
-__all__ = ["Store"]
+__all__ = ["Store", "open_store"]
