@@ -2,11 +2,20 @@
 
 Each tick is one transaction (see nixfleet.reconciler); a tick that fails is
 logged and retried on the next interval, never fatal to the server.
+
+On SQLite the one control-plane process is always the leader. On PostgreSQL any
+number of replicas share the database and only the leader runs the jobs and the
+webhook sender (docs/scaling.md "Several replicas: one leader"): the loop asks
+for the lock once a second, runs the jobs through `leader.Fenced` (every write
+transaction checks the epoch first) while it holds it, and stops the sender the
+moment it finds the lock lost.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -16,22 +25,29 @@ from nixfleet import gitops, reconciler
 from nixfleet.controlplane import retention, webhooks
 from nixfleet.models import utcnow
 from nixfleet.settings import Settings
-from nixfleet.store import Store, history, report_cache
+from nixfleet.store import history, report_cache
+from nixfleet.store.backends import is_sqlite
 from nixfleet.store.conn import AnyStore
+from nixfleet.store.db import Store
 
 log = logging.getLogger("nixfleet.controlplane.background")
 
-Job = Callable[[Settings, Store], None]
+Job = Callable[[Settings, AnyStore], None]
+# Pooled connections the background thread and the webhook sender may hold at once
+# beyond the request threads' (PostgreSQL's pool is sized to both).
+CONNECTIONS = 4
+ELECTION_INTERVAL = 1.0  # seconds between a follower's tries for the leader's lock
 
 
-def checkpoint(settings: Settings, store: Store) -> None:
+def checkpoint(settings: Settings, store: AnyStore) -> None:
     """Copy the WAL back into the database file, outside any write transaction.
 
     The writer connection never checkpoints inside a COMMIT (store.db.Store), so a
     tick that rewrites many rows does not also pay for copying them; this job does
     it right after the tick and keeps the WAL bounded.
     """
-    store.checkpoint()
+    if isinstance(store, Store):
+        store.checkpoint()
 
 
 class PruneHistory:
@@ -48,7 +64,7 @@ class PruneHistory:
         self.last: float | None = None
         self.__name__ = "prune_history"
 
-    def __call__(self, settings: Settings, store: Store) -> None:
+    def __call__(self, settings: Settings, store: AnyStore) -> None:
         now = time.monotonic()
         if self.last is not None and now - self.last < self.every:
             return
@@ -70,7 +86,7 @@ def prune_history(settings: Settings, store: AnyStore, machines: int) -> int:
     return deleted
 
 
-def prune_cache_changes(settings: Settings, store: Store) -> None:
+def prune_cache_changes(settings: Settings, store: AnyStore) -> None:
     """The report cache's change list keeps its newest rows (store.report_cache)."""
     with store.transaction() as conn:
         report_cache.prune(conn)
@@ -87,7 +103,7 @@ JOBS: list[Job] = [
 ]
 
 
-def run_once(settings: Settings, store: Store) -> None:
+def run_once(settings: Settings, store: AnyStore) -> None:
     for job in JOBS:
         try:
             job(settings, store)
@@ -95,15 +111,54 @@ def run_once(settings: Settings, store: Store) -> None:
             log.exception("background job %s failed; retrying next tick", job.__name__)
 
 
-def start(settings: Settings, store: Store, stop: threading.Event) -> threading.Thread:
-    def loop() -> None:
-        senders = webhooks.start(settings, store, stop)  # the sender runs where the loop runs
+def start(settings: Settings, store: AnyStore, stop: threading.Event) -> threading.Thread:
+    """The background thread: the jobs every reconcile_interval, as leader only."""
+    if is_sqlite(store):
+        target = lambda: _lead(settings, store, stop)  # noqa: E731
+    else:
+        target = lambda: _elect(settings, store, stop)  # noqa: E731
+    thread = threading.Thread(target=target, name="nixfleet-background", daemon=True)
+    thread.start()
+    return thread
+
+
+def _lead(
+    settings: Settings,
+    store: AnyStore,
+    stop: threading.Event,
+    held: Callable[[], bool] = lambda: True,
+) -> None:
+    """Run the jobs and the webhook sender until `stop`, or until `held()` turns false."""
+    lost = threading.Event()  # the sender's stop: set by either
+    senders = webhooks.start(settings, store, lost)  # the sender runs where the loop runs
+    try:
         while not stop.is_set():
             run_once(settings, store)
-            stop.wait(settings.reconcile_interval)
+            deadline = time.monotonic() + settings.reconcile_interval
+            while not stop.is_set() and (still := held()):
+                stop.wait(min(ELECTION_INTERVAL, max(0.0, deadline - time.monotonic())))
+                if time.monotonic() >= deadline:
+                    break
+            if not still:
+                return
+    finally:
+        lost.set()
         for sender in senders:  # an attempt in flight ends within its deadline
             sender.join(timeout=settings.webhook_timeout + 5)
 
-    thread = threading.Thread(target=loop, name="nixfleet-background", daemon=True)
-    thread.start()
-    return thread
+
+def _elect(settings: Settings, store: AnyStore, stop: threading.Event) -> None:
+    """PostgreSQL: follow until this replica takes the leader's lock, then lead."""
+    from nixfleet.store.leader import Fenced, Leadership  # psycopg: PostgreSQL only
+
+    conninfo = settings.database.conninfo
+    assert conninfo is not None
+    leadership = Leadership(conninfo, f"{socket.gethostname()}:{os.getpid()}")
+    try:
+        while not stop.is_set():
+            if leadership.try_acquire() is None:
+                stop.wait(ELECTION_INTERVAL)
+                continue
+            _lead(settings, Fenced(store, leadership), stop, leadership.held)
+    finally:
+        leadership.release()

@@ -16,14 +16,15 @@ Only PostgreSQL has replicas; a single SQLite process is always its own leader.
 from __future__ import annotations
 
 import logging
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, suppress
 from typing import Any
 
 import psycopg
 
 from nixfleet.errors import NotLeaderError
 from nixfleet.models import isoformat, utcnow
-from nixfleet.store.conn import Connection
+from nixfleet.store.conn import AnyStore, Connection
 
 log = logging.getLogger(__name__)
 
@@ -120,3 +121,39 @@ def check_epoch(conn: Connection, epoch: int | None) -> None:
             f"this replica is not the leader (its epoch {epoch}, the database's {current}); "
             "the background transaction wrote nothing"
         )
+
+
+class Fenced:
+    """The store as the leader's background jobs see it: each write transaction starts
+    with `check_epoch`, so a replica that lost the lock writes nothing (NotLeaderError)."""
+
+    def __init__(self, store: AnyStore, leadership: Leadership) -> None:
+        self.store = store
+        self.leadership = leadership
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        with self.store.transaction() as conn:
+            check_epoch(conn, self.leadership.epoch)
+            yield conn
+
+    def read(self) -> AbstractContextManager[Connection]:
+        return self.store.read()
+
+    def lookup(self) -> AbstractContextManager[Connection]:
+        return self.store.lookup()
+
+    def migrate(self) -> list[str]:
+        return self.store.migrate()
+
+    def applied_migrations(self) -> list[str]:
+        return self.store.applied_migrations()
+
+    def readiness(self) -> str | None:
+        return self.store.readiness()
+
+    def ping(self) -> None:
+        self.store.ping()
+
+    def close(self) -> None:
+        self.store.close()
