@@ -1,6 +1,7 @@
 """`nixfleet demo`: a whole fleet on this machine, on real Nix, with nothing mocked.
 
-An embedded control plane on a SQLite file, a signed binary cache served on
+An embedded control plane on a SQLite file (or, with --database-url, several
+control-plane replicas on one PostgreSQL database), a signed binary cache served on
 127.0.0.1, and one real agent process per simulated machine (each with its own
 system profile, current-system link and state directory). The flake is a tiny
 one whose "NixOS systems" are fake closures that build offline in milliseconds;
@@ -10,6 +11,7 @@ apply`, `status`.
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import shutil
@@ -122,9 +124,16 @@ class Demo:
     say: Callable[[str], None]
     show: Callable[[str], None]
     procs: list[Popen[bytes]] = field(default_factory=list)
-    cp_url: str = ""
+    database_url: str | None = None  # None: the SQLite file nixfleet.db in root
+    replicas: int = 1
+    cp_urls: list[str] = field(default_factory=list)
     cache_url: str = ""
     admin_key: str = ""
+
+    @property
+    def cp_url(self) -> str:
+        """The replica the operator's CLI talks to."""
+        return self.cp_urls[0]
 
     @property
     def flake(self) -> Path:
@@ -194,15 +203,19 @@ class Demo:
         return (self.root / "cache.pk").read_text().strip()
 
     def start_control_plane(self) -> None:
-        db = self.root / "nixfleet.db"
+        """`replicas` control planes on one database; one of them leads (DESIGN §13)."""
         settings = self.root / "control-plane.json"
         settings.write_text(json.dumps({"reconcile_interval": 0.5, "stale_after": 30}))
+        database: list[str | Path] = (
+            ["--database-url", self.database_url]
+            if self.database_url
+            else ["--db", self.root / "nixfleet.db"]
+        )
         base: list[str | Path] = [
             sys.executable,
             "-m",
             "nixfleet.controlplane.main",
-            "--db",
-            db,
+            *database,
             "--config",
             settings,
         ]
@@ -211,20 +224,23 @@ class Demo:
         ).stdout.strip()
         (self.root / "admin.key").write_text(self.admin_key + "\n")
         (self.root / "admin.key").chmod(0o600)
-        port = free_port()
-        self.procs.append(
-            process.spawn(
-                [*base, "--listen", f"127.0.0.1:{port}"],
-                log_file=self.root / "control-plane.log",
-                env=self.env,
-                detach=True,
+        for i in range(self.replicas):
+            port = free_port()
+            log = "control-plane.log" if i == 0 else f"control-plane-{i + 1}.log"
+            self.procs.append(
+                process.spawn(
+                    [*base, "--listen", f"127.0.0.1:{port}"],
+                    log_file=self.root / log,
+                    env=self.env,
+                    detach=True,
+                )
             )
-        )
-        self.cp_url = f"http://127.0.0.1:{port}"
+            self.cp_urls.append(f"http://127.0.0.1:{port}")
         self.env["NIXFLEET_CONTROL_PLANE_URL"] = self.cp_url
         self.env["NIXFLEET_API_KEY_FILE"] = str(self.root / "admin.key")
         self.env.pop("NIXFLEET_API_KEY", None)
-        wait_for(lambda: _healthy(self.cp_url), 30, "the control plane to answer /health")
+        for url in self.cp_urls:
+            wait_for(functools.partial(_healthy, url), 30, f"{url} to answer /health")
 
     def nixfleet(self, *args: str, quiet: bool = False) -> str:
         """Run the real CLI as an operator would, echoing the command and its output."""
@@ -285,7 +301,8 @@ class Demo:
             (d / "token").write_text(token + "\n")
             (d / "token").chmod(0o600)
             config = {
-                "control_plane_url": self.cp_url,
+                # Agents spread over the replicas, as behind a load balancer.
+                "control_plane_url": self.cp_urls[i % len(self.cp_urls)],
                 "machine_id": host,
                 "token_file": str(d / "token"),
                 # What services.nixfleet-agent.tags says in the flake: baked into the
@@ -393,18 +410,24 @@ def run(
     env: dict[str, str],
     say: Callable[[str], None],
     show: Callable[[str], None],
+    database_url: str | None = None,
+    replicas: int = 1,
 ) -> Path:
     """The whole demo; returns its directory (left in place with keep or on failure)."""
     require_nix()
     made = root is None
     root = Path(tempfile.mkdtemp(prefix="nixfleet-demo-")) if root is None else root.resolve()
     root.mkdir(parents=True, exist_ok=True)
-    demo = Demo(root, [f"web-{i:02d}" for i in range(1, machines + 1)], env, say, show)
+    hosts = [f"web-{i:02d}" for i in range(1, machines + 1)]
+    demo = Demo(root, hosts, env, say, show, database_url=database_url, replicas=replicas)
     ok = False
     try:
-        say(f"[1/6] control plane on an embedded SQLite file: {root / 'nixfleet.db'}")
+        if database_url:
+            say(f"[1/6] {replicas} control planes on PostgreSQL: {database_url}")
+        else:
+            say(f"[1/6] control plane on an embedded SQLite file: {root / 'nixfleet.db'}")
         demo.start_control_plane()
-        say(f"      listening on {demo.cp_url}")
+        say(f"      listening on {', '.join(demo.cp_urls)}")
         public_key = demo.start_cache()
         say(
             f"[2/6] signed binary cache served on {demo.cache_url} (key {public_key.split(':')[0]})"
