@@ -22,8 +22,10 @@ from ports import free_port  # one home: tests/ports.py
 from postgres_cluster import Server, server_or_skip
 
 from nixfleet.client import Client
+from nixfleet.database_url import DatabaseURL
+from nixfleet.database_url import parse as database_url_parse
 from nixfleet.models import utcnow
-from nixfleet.store import Store, credentials, db, migrations
+from nixfleet.store import Store, credentials, db, migrations, open_store
 from nixfleet.store.conn import AnyStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,7 +132,8 @@ def wait_until(
 
 @dataclass
 class ControlPlane:
-    """A real `nixfleet-control-plane` process on 127.0.0.1 with its own database."""
+    """A real `nixfleet-control-plane` process on 127.0.0.1 with its own database
+    (the SQLite file `db`, or the PostgreSQL `database_url` when given)."""
 
     db: Path
     port: int
@@ -138,6 +141,7 @@ class ControlPlane:
     log: Path
     extra_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
+    database_url: str | None = None
 
     @property
     def url(self) -> str:
@@ -151,8 +155,8 @@ class ControlPlane:
                 sys.executable,
                 "-m",
                 "nixfleet.controlplane.main",
-                "--db",
-                str(self.db),
+                *(["--database-url", self.database_url] if self.database_url else []),
+                *([] if self.database_url else ["--db", str(self.db)]),
                 "--listen",
                 f"127.0.0.1:{self.port}",
                 *self.extra_args,
@@ -208,13 +212,17 @@ class ControlPlane:
 
 
 def new_control_plane(
-    root: Path, *extra_args: str, settings: dict[str, Any] | None = None
+    root: Path,
+    *extra_args: str,
+    settings: dict[str, Any] | None = None,
+    database_url: str | None = None,
 ) -> ControlPlane:
-    """A control plane (not yet started) over a new database in `root` (which must not
-    exist) with the admin key `test-admin`; `settings` become its --config file."""
+    """A control plane (not yet started) over a new database — an SQLite file in `root`
+    (which must not exist), or the empty PostgreSQL `database_url` — with the admin key
+    `test-admin`; `settings` become its --config file."""
     root.mkdir(parents=True)
     db = root / "nixfleet.db"
-    s = Store(db)
+    s = open_store(database_url_parse(database_url) if database_url else DatabaseURL("sqlite", db))
     with s.transaction() as conn:
         key = credentials.create_key(conn, "test-admin", "admin", "test", utcnow())
     s.close()
@@ -223,13 +231,28 @@ def new_control_plane(
         (root / "settings.json").write_text(json.dumps(settings))
         args = ["--config", str(root / "settings.json"), *args]
     return ControlPlane(
-        db=db, port=free_port(), admin_key=key, log=root / "cp.log", extra_args=args
+        db=db,
+        port=free_port(),
+        admin_key=key,
+        log=root / "cp.log",
+        extra_args=args,
+        database_url=database_url,
     )
 
 
 @pytest.fixture
 def control_plane(tmp_path: Path) -> Iterator[ControlPlane]:
     cp = new_control_plane(tmp_path / "cp")
+    cp.start()
+    yield cp
+    cp.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_control_plane(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ControlPlane]:
+    """`control_plane` on each backend (PostgreSQL: a database of the test's own)."""
+    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+    cp = new_control_plane(tmp_path / "cp", database_url=url)
     cp.start()
     yield cp
     cp.stop()

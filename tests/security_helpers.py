@@ -15,7 +15,8 @@ import falcon.testing
 from nixfleet.api.app import ROUTES, create_app
 from nixfleet.models import Lifecycle, utcnow
 from nixfleet.settings import Settings
-from nixfleet.store import Store, credentials, enrollment, machines
+from nixfleet.store import credentials, enrollment, machines
+from nixfleet.store.conn import AnyStore, is_postgresql
 
 MUTATING = ("POST", "PUT", "PATCH", "DELETE")
 ROUTE_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
@@ -29,7 +30,7 @@ class Seeded:
     secrets: dict[str, str | None]
 
 
-def seed(store: Store) -> Seeded:
+def seed(store: AnyStore) -> Seeded:
     now = utcnow()
     out: dict[str, str | None] = {"none": None}
     with store.transaction() as conn:
@@ -64,8 +65,8 @@ def seeded_copy(template: Path, target_dir: Path) -> Path:
     return target
 
 
-def make_client(store: Store) -> falcon.testing.TestClient:
-    return falcon.testing.TestClient(create_app(Settings(db=str(store.path)), store))
+def make_client(store: AnyStore) -> falcon.testing.TestClient:
+    return falcon.testing.TestClient(create_app(Settings(), store))
 
 
 def concrete(path: str, machine_id: str = OWN) -> str:
@@ -87,16 +88,23 @@ def route_methods() -> list[tuple[str, str, type[Any]]]:
     ]
 
 
-def dump(store: Store) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of every table: compared before/after a rejected request."""
-    conn = store.connection()
-    names = [
-        r[0]
-        for r in conn.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
-        )
-    ]
-    return {n: sorted(tuple(r) for r in conn.execute(f'SELECT * FROM "{n}"')) for n in names}
+def dump(store: AnyStore) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table, on either backend: compared before/after a rejected request."""
+    with store.read() as conn:
+        names = [
+            r[0]
+            for r in conn.execute(
+                "SELECT table_name FROM information_schema.tables "
+                "WHERE table_schema = 'public' AND table_type = 'BASE TABLE'"
+                if is_postgresql(conn)
+                else "SELECT name FROM sqlite_master WHERE type = 'table' "
+                "AND name NOT LIKE 'sqlite_%'"
+            )
+        ]
+        return {
+            n: sorted((tuple(r) for r in conn.execute(f'SELECT * FROM "{n}"')), key=repr)
+            for n in names
+        }
 
 
 def request(

@@ -19,9 +19,10 @@ import yaml
 from conftest import ControlPlane, new_control_plane, run_cli, wait_until
 
 from nixfleet.client import Client
+from nixfleet.database_url import DatabaseURL, parse
 from nixfleet.errors import NixfleetError
 from nixfleet.models import utcnow
-from nixfleet.store import Store, credentials
+from nixfleet.store import credentials, open_store
 
 HOSTS = [f"web-{i:02}" for i in range(10)]
 
@@ -87,15 +88,22 @@ class Fleet:
             self._thread.join(timeout=30)
 
 
-@pytest.fixture
-def cp(tmp_path: Path) -> Iterator[ControlPlane]:
-    """A control plane reconciling every 0.1 s, with a readonly key next to the admin key."""
+@pytest.fixture(params=["sqlite", "postgresql"])
+def cp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ControlPlane]:
+    """A control plane reconciling every 0.1 s, with a readonly key next to the admin key,
+    on each backend."""
+    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
     rollouts_dir = tmp_path / "rollouts"
     rollouts_dir.mkdir()
     plane = new_control_plane(
-        tmp_path / "cp", "--reconcile-interval", "0.1", "--rollouts-dir", str(rollouts_dir)
+        tmp_path / "cp",
+        "--reconcile-interval",
+        "0.1",
+        "--rollouts-dir",
+        str(rollouts_dir),
+        database_url=url,
     )
-    s = Store(plane.db)
+    s = open_store(parse(url) if url else DatabaseURL("sqlite", plane.db))
     with s.transaction() as conn:
         readonly = credentials.create_key(conn, "viewer", "readonly", "test", utcnow())
     s.close()

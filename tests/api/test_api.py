@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,6 +10,7 @@ import falcon
 import falcon.inspect
 import falcon.testing
 import pytest
+from security_helpers import dump
 
 from nixfleet.api import create_app
 from nixfleet.api.app import ROUTES
@@ -45,15 +45,6 @@ def web01(client: falcon.testing.TestClient, admin: dict[str, str]) -> str:
 
 def agent(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-def dump(store: Store) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of every table: the before/after picture for 'nothing written'."""
-    conn = sqlite3.connect(store.path)
-    tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-    out = {t: sorted(map(tuple, conn.execute(f"SELECT * FROM {t}")), key=repr) for t in tables}
-    conn.close()
-    return out
 
 
 def assert_problem(

@@ -26,7 +26,6 @@ def test_plan_shows_windows_and_budgets(store: Store, tmp_path: Path) -> None:
     clock = tmp_path / "clock"
     clock.write_text("2026-12-06T12:00:00Z")  # Sunday
     settings = Settings(
-        db=str(store.path),
         disruption_budgets=({"tags": ["db"], "max_in_flight": 1},),
         policy_clock_file=str(clock),
     )

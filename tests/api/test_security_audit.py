@@ -57,7 +57,8 @@ class World:
         return json.loads(r.text) if r.text else None
 
     def audit_count(self) -> int:
-        row = self.store.connection().execute("SELECT COUNT(*) FROM audit").fetchone()
+        with self.store.read() as conn:
+            row = conn.execute("SELECT COUNT(*) FROM audit").fetchone()
         return int(row[0])
 
 
@@ -233,8 +234,9 @@ def test_successful_mutation_writes_an_audit_row(store: Store, path: str, method
     before = world.audit_count()
     world.call(method, concrete, body, secret)
     assert world.audit_count() > before, f"{method} {path} succeeded without an audit row"
-    last = store.connection().execute("SELECT actor, action, target FROM audit ORDER BY id DESC")
-    actor, action, target = last.fetchone()
+    with store.read() as conn:
+        last = conn.execute("SELECT actor, action, target FROM audit ORDER BY id DESC")
+        actor, action, target = last.fetchone()
     assert actor.split(":")[0] in ("key", "enroll", "machine")
     assert action and target
 

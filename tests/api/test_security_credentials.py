@@ -146,7 +146,8 @@ def test_no_unauthenticated_route_creates_a_key(api: Api, store: Store) -> None:
     for method, path in (("POST", "/api/v1/keys"), ("POST", "/api/v1/enroll-tokens")):
         status, _ = api(method, path, None, {"name": "ops", "role": "admin"})
         assert status == 401
-    assert credentials.list_keys(store.connection()) == []
+    with store.read() as conn:
+        assert credentials.list_keys(conn) == []
 
 
 # --- machine tokens ----------------------------------------------------------------------
@@ -274,7 +275,8 @@ def test_expired_enrollment_token_is_refused(api: Api, store: Store) -> None:
     )
     assert status == 401 and "expired" in problem["detail"]
     assert dump(store) == before
-    assert enrollment.get(store.connection(), token.id).state(utcnow()) == "expired"
+    with store.read() as conn:
+        assert enrollment.get(conn, token.id).state(utcnow()) == "expired"
 
 
 def test_enrollment_cannot_take_over_a_machine_with_a_live_token(

@@ -17,7 +17,7 @@ from nixfleet.ui.web import PREFIX, Page, Static
 def test_ui_routes_are_the_pages_and_each_method_names_its_role(tmp_path: Path) -> None:
     store = Store(tmp_path / "db.sqlite")
     try:
-        app = create_app(Settings(db=str(store.path)), store)
+        app = create_app(Settings(), store)
         routes = [r for r in falcon.inspect.inspect_app(app).routes if r.path.startswith(PREFIX)]
     finally:
         store.close()
