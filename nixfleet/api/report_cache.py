@@ -52,9 +52,9 @@ from nixfleet.heartbeat import is_heartbeat
 from nixfleet.models import isoformat
 from nixfleet.store import Store
 from nixfleet.store import report_cache as rc
-from nixfleet.store.conn import Connection
+from nixfleet.store.conn import AnyStore, Connection
 from nixfleet.store.credentials import token_digest
-from nixfleet.store.report_cache import CachedMachine, CachedRollout, CacheStore
+from nixfleet.store.report_cache import CachedMachine, CachedRollout
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def answer(
 
 
 class ReportCache:
-    def __init__(self, store: CacheStore, default_poll_interval: int | None = None) -> None:
+    def __init__(self, store: AnyStore, default_poll_interval: int | None = None) -> None:
         self.store = store
         # SQLite: the thread's own connection, whose data_version counts the others' commits.
         self._sqlite = store if isinstance(store, Store) else None

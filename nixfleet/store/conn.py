@@ -56,8 +56,9 @@ def is_postgresql(conn: Connection) -> bool:
 class AnyStore(Protocol):
     """The store interface both backends offer (store.db.Store, store.pg.PgStore).
 
-    So far what the ported noun modules' callers use; it grows as modules are ported
-    (docs/scaling.md "PostgreSQL backend: design").
+    What the API, the report cache and the background jobs use (docs/scaling.md
+    "PostgreSQL backend: design"); what only SQLite has (checkpoint, backup) stays on
+    store.db.Store.
     """
 
     def transaction(self) -> AbstractContextManager[Connection]: ...
@@ -73,5 +74,13 @@ class AnyStore(Protocol):
     def readiness(self) -> str | None: ...
 
     def ping(self) -> None: ...
+
+    def published_changes(self) -> int | None:
+        """The last change committed (None: the report cache cannot know, so it never serves)."""
+        ...
+
+    def changes_touch(self, applied: int, published: int, machine_id: str) -> bool:
+        """Whether a change in (applied, published] may concern the machine."""
+        ...
 
     def close(self) -> None: ...

@@ -155,5 +155,11 @@ class Fenced:
     def ping(self) -> None:
         self.store.ping()
 
+    def published_changes(self) -> int | None:
+        return self.store.published_changes()
+
+    def changes_touch(self, applied: int, published: int, machine_id: str) -> bool:
+        return self.store.changes_touch(applied, published, machine_id)
+
     def close(self) -> None:
         self.store.close()

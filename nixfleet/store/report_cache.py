@@ -18,25 +18,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from nixfleet.heartbeat import HealthKey, Known
-from nixfleet.store.conn import AnyStore, Connection, is_postgresql
+from nixfleet.store.conn import Connection, is_postgresql
 from nixfleet.store.rows import stored_health_key
 
 KEEP_CHANGES = 100_000  # rows the pruning keeps; a process further behind reloads everything
-
-
-class CacheStore(AnyStore, Protocol):
-    """What the view needs of a store (store.db.Store, store.pg.PgStore)."""
-
-    def published_changes(self) -> int | None:
-        """The last change committed (None: the view cannot know, so it never serves)."""
-        ...
-
-    def changes_touch(self, applied: int, published: int, machine_id: str) -> bool:
-        """Whether a change in (applied, published] may concern the machine."""
-        ...
 
 
 @dataclass(frozen=True, slots=True)

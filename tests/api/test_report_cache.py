@@ -22,7 +22,7 @@ from nixfleet.api.report_cache import ReportCache
 from nixfleet.models import HealthResult, Lifecycle, Report, utcnow
 from nixfleet.settings import Settings
 from nixfleet.store import Store, credentials, machines
-from nixfleet.store.report_cache import CacheStore
+from nixfleet.store.conn import AnyStore
 
 GEN = "/nix/store/" + "a" * 32 + "-nixos-system-web-01"
 GEN2 = "/nix/store/" + "b" * 32 + "-nixos-system-web-01"
@@ -274,7 +274,7 @@ def test_when_a_batch_cannot_be_written_reports_take_the_transaction(env: Env) -
 class View:
     """Two machines with tokens and a stored report each, and a view of `store`."""
 
-    def __init__(self, store: CacheStore, writer: CacheStore | None = None) -> None:
+    def __init__(self, store: AnyStore, writer: AnyStore | None = None) -> None:
         self.store = store
         self.writer = writer or store  # another replica's store, or the same
         self.tokens: dict[str, str] = {}
@@ -325,7 +325,7 @@ class View:
 
 
 @pytest.fixture
-def view(any_store: CacheStore) -> Iterator[View]:
+def view(any_store: AnyStore) -> Iterator[View]:
     v = View(any_store)
     yield v
     v.cache.close()

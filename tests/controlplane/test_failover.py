@@ -71,7 +71,9 @@ def leader_of(planes: list[ControlPlane], url: str) -> ControlPlane:
         pid = int(holder.rsplit(":", 1)[1]) if holder else -1
         return next((p for p in planes if p.proc is not None and p.proc.pid == pid), None)
 
-    return wait_until("a leader", found)
+    leader = wait_until("a leader", found)
+    assert leader is not None
+    return leader
 
 
 def test_only_the_leader_reconciles_and_a_kill_9_hands_over_within_10s(

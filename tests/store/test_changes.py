@@ -9,11 +9,11 @@ from conftest import wait_until
 
 from nixfleet.models import Lifecycle, utcnow
 from nixfleet.store import Store, changes, machines, report_cache
-from nixfleet.store.report_cache import CacheStore
+from nixfleet.store.conn import AnyStore
 
 
 def test_published_rows_name_their_machines_and_rollout_rows_name_every_one(
-    any_store: CacheStore,
+    any_store: AnyStore,
 ) -> None:
     store = any_store
     with store.transaction() as conn:
