@@ -149,3 +149,19 @@ def test_an_unreachable_postgresql_is_one_clear_line(tmp_path: Path) -> None:
     assert "database_url" in r.stderr or "PostgreSQL" in r.stderr, r.stderr
     assert f"127.0.0.1:{port}" in r.stderr or "cannot connect" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_migrate_db_moves_a_control_plane_from_sqlite_to_postgresql(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    db = f"sqlite:{tmp_path}/fleet.db"
+    r = run_control_plane("--database-url", db, "keys", "create", "--name", "ops")
+    assert r.returncode == 0, r.stderr
+    r = run_control_plane("migrate-db", "--from", db, "--to", postgres_url)
+    assert r.returncode == 0, r.stderr
+    r = run_control_plane("--database-url", postgres_url, "keys", "list")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ops\tadmin\t")
+    again = run_control_plane("migrate-db", "--from", db, "--to", postgres_url)
+    assert again.returncode == 4, again.stderr  # the target is no longer empty
+    assert "Traceback" not in again.stderr

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from nixfleet import settings as config
+from nixfleet.controlplane import migrate_db
 from nixfleet.entrypoint import ProgramGroup
 from nixfleet.errors import NixfleetError
 from nixfleet.models import utcnow
@@ -241,6 +242,9 @@ def wait_ready(settings: config.Settings, timeout: float) -> None:
     host, port = settings.host_port
     wait_until_ready(host, port, timeout)
     click.echo(f"control plane at {settings.listen} is ready", err=True)
+
+
+cli.add_command(migrate_db.command)
 
 
 def main() -> None:
