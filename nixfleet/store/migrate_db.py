@@ -386,9 +386,12 @@ def _set_sequences(
                     sql.Identifier(column), sql.Identifier(t.name)
                 )
             ).fetchone()
-            highest = [v for v in (row[0] if row else None, marks.get(t.name)) if v is not None]
-            if highest:
+            highest = max(
+                (int(v) for v in (row[0] if row else None, marks.get(t.name)) if v is not None),
+                default=0,
+            )
+            if highest > 0:  # else the sequence's own start (1) is right; setval refuses 0
                 pg.execute(
                     "SELECT setval(pg_get_serial_sequence(quote_ident(%s), %s), %s)",
-                    (t.name, column, max(int(v) for v in highest)),
+                    (t.name, column, highest),
                 )
