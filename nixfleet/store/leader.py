@@ -24,11 +24,11 @@ import psycopg
 
 from nixfleet.errors import NotLeaderError
 from nixfleet.models import isoformat, utcnow
+from nixfleet.store import locks
 from nixfleet.store.conn import AnyStore, Connection
 
 log = logging.getLogger(__name__)
 
-LEADER_LOCK = 0x6E66_0002  # pg_try_advisory_lock key (per database); pg.MIGRATION_LOCK is 1
 # TCP keepalives on the leader's connection, set on both ends: a vanished peer is
 # noticed after about idle + interval x count seconds, inside DESIGN §8's 10 s.
 KEEPALIVE = {"idle": 2, "interval": 1, "count": 3}  # seconds, seconds, probes
@@ -67,7 +67,7 @@ class Leadership:
             return self.epoch
         try:
             conn = self._connection()
-            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,)).fetchone()
+            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (locks.LEADER,)).fetchone()
             if row is None or not row[0]:
                 return None
             # Waits for a background transaction of the previous leader still in flight.
@@ -108,7 +108,7 @@ class Leadership:
         if self._conn is not None and not self._conn.closed and self.epoch is not None:
             # An error: the session is gone, and the lock with it.
             with suppress(psycopg.OperationalError):
-                self._conn.execute("SELECT pg_advisory_unlock(%s)", (LEADER_LOCK,))
+                self._conn.execute("SELECT pg_advisory_unlock(%s)", (locks.LEADER,))
         self._drop()
 
 

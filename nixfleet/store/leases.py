@@ -5,7 +5,7 @@ they need (the machine's tags, its running rollout, the live leases of its group
 writes what was decided inside the caller's transaction, and records each change as
 a rollout event and an audit row.
 
-On PostgreSQL `take` holds LEASES_LOCK to the commit: it counts a group's leases and
+On PostgreSQL `take` holds locks.LEASES to the commit: it counts a group's leases and
 then adds one, which two machines taking the last slot at once would both do.
 Releasing and expiring need none: they DELETE … RETURNING, so a lease goes once and
 only the transaction that deleted it writes its events.
@@ -23,12 +23,9 @@ from nixfleet.models import isoformat, parse_time
 from nixfleet.policy import leases, windows
 from nixfleet.policy.fleet import FleetPolicy
 from nixfleet.policy.reboot import RebootPolicy
-from nixfleet.store import audit
+from nixfleet.store import audit, locks
 from nixfleet.store import rollouts as store_rollouts
 from nixfleet.store.conn import Connection, Row, is_postgresql
-
-# pg_advisory_xact_lock key of take (store.pg.MIGRATION_LOCK is 0x6E66_0001).
-LEASES_LOCK = 0x6E66_0010
 
 
 @dataclass(frozen=True)
@@ -104,7 +101,7 @@ def take(
     """
     window_now = window_now or now
     if is_postgresql(conn):
-        conn.execute("SELECT pg_advisory_xact_lock(?)", (LEASES_LOCK,))
+        conn.execute("SELECT pg_advisory_xact_lock(?)", (locks.LEASES,))
     ctx = context(conn, machine_id, fleet)
     mine = leases.groups_for(ctx.tags, fleet.reboot_groups, fleet.reboot_slots)
     current = held(conn, [g.name for g in mine])

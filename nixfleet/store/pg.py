@@ -38,14 +38,13 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from nixfleet.errors import StoreUnavailableError
 from nixfleet.models import isoformat, utcnow
+from nixfleet.store import locks
 from nixfleet.store.conn import Cursor
 from nixfleet.store.pg_notify import CHANNEL, ChangeListener
 
 log = logging.getLogger(__name__)
 
 POOL_TIMEOUT = 5.0  # seconds a request waits for a pooled connection before a 503
-# pg_advisory_xact_lock keys (advisory locks are per database); docs/scaling.md.
-MIGRATION_LOCK = 0x6E66_0001
 
 
 def migrations() -> list[tuple[str, str]]:
@@ -264,14 +263,14 @@ class PgStore:
         applied: list[str] = []
         with self._connection() as conn:
             with conn.transaction():  # IF NOT EXISTS alone races: a unique violation
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (locks.MIGRATION,))
                 conn.execute(
                     "CREATE TABLE IF NOT EXISTS schema_migrations "
                     "(name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
                 )
             for name, sql in migrations():
                 with conn.transaction():
-                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (locks.MIGRATION,))
                     done = conn.execute(
                         "SELECT 1 FROM schema_migrations WHERE name = %s", (name,)
                     ).fetchone()

@@ -12,7 +12,7 @@ After (re)connecting it LISTENs first and only then asks `seed` for the current
 number, so no change committed in between is missed.
 
 The numbers commit in order: writing a `cache_changes` row (the SQL function
-`cache_change`, 0004_baseline.sql) first takes `pg_advisory_xact_lock(CHANGES_LOCK)`,
+`cache_change`, 0004_baseline.sql) first takes `pg_advisory_xact_lock(locks.CHANGES)`,
 held to the commit. Its notification names the row's machine ("seq machine_id"; a
 bare "seq" may concern every machine), and the listener keeps the last RING of them,
 so `touches` answers what `store.changes.ChangeSignal.touches` answers on SQLite:
@@ -36,7 +36,6 @@ from nixfleet.store.conn import Connection
 log = logging.getLogger(__name__)
 
 CHANNEL = "nixfleet_changes"
-CHANGES_LOCK = 0x6E66_0003  # pg_advisory_xact_lock key of cache_change (0004_baseline.sql)
 RING = 4096  # notifications `touches` can look through; older ones are forgotten
 SCAN = 256  # changes after the view's a request looks through; beyond: every machine waits
 RECONNECT_AFTER = 0.5  # seconds between attempts while the server is unreachable

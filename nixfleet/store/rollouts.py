@@ -8,7 +8,7 @@ cancel store.rollout_control, GitOps file records store.rollout_files, and what 
 reconciler tick writes store.ticks.
 
 On PostgreSQL, where writers do not wait for each other as on SQLite, `apply` takes
-the advisory lock APPLY_LOCK first (to the commit): its checks (the same document
+the advisory lock locks.ROLLOUT_APPLY first (to the commit): its checks (the same document
 again, an active rollout of the name, targets owned by an active rollout) read what
 a concurrent apply would write. Rollouts that share a creation time (one GitOps
 pass, or tests on a fixed clock) are ordered by their rollout-created event's id,
@@ -35,7 +35,7 @@ from nixfleet.models import (
     time_of,
 )
 from nixfleet.policy.reboot import RebootPolicy
-from nixfleet.store import audit, webhooks
+from nixfleet.store import audit, locks, webhooks
 from nixfleet.store.conn import Connection, Row, is_postgresql
 from nixfleet.store.planning import make_plan, spec_of
 from nixfleet.store.verdicts import FACTS_SQL, facts_of
@@ -55,11 +55,6 @@ class Applied:
     id: str
     created: bool
 
-
-# pg_advisory_xact_lock key of apply (per database; the others: store.pg.MIGRATION_LOCK
-# 0x6E66_0001, store.leader 0002, store.pg_notify 0003, store.leases 0010, store.webhooks
-# 0011).
-APPLY_LOCK = 0x6E66_0020
 
 # The order rollouts were applied in: apply writes the rollout-created event last
 # (rollout_events are never deleted), one index probe per rollout.
@@ -110,7 +105,7 @@ def apply(
     rid = rollout.rollout_id(spec.name, doc_hash)
     pg = is_postgresql(conn)
     if pg:  # before the first check: concurrent applies run one after the other
-        conn.execute("SELECT pg_advisory_xact_lock(?)", (APPLY_LOCK,))
+        conn.execute("SELECT pg_advisory_xact_lock(?)", (locks.ROLLOUT_APPLY,))
     if conn.execute("SELECT 1 FROM rollouts WHERE id = ?", (rid,)).fetchone():
         return Applied(rid, created=False)
     latest = _latest_by_name(conn, spec.name)

@@ -14,7 +14,7 @@ attempt. Deliveries are thus at least once; receivers deduplicate by the event i
 On PostgreSQL, where writers do not take turns: `fan_out` marks fanned out exactly the
 rows it read (an outbox id below them may commit later), and it and `claim` lock the
 rows they take (SKIP LOCKED: a second sender takes others); `detect_stale` holds
-STALE_LOCK, so two runs at once cannot both announce one silence.
+locks.WEBHOOK_STALE, so two runs at once cannot both announce one silence.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from datetime import datetime, timedelta
 
 from nixfleet.models import isoformat, stale_cutoff
 from nixfleet.settings import Webhook
+from nixfleet.store import locks
 from nixfleet.store.conn import Connection, Row, is_postgresql
 from nixfleet.store.rows import from_row
 from nixfleet.store.status import STALE_SQL  # the one SQL form of stale
@@ -33,8 +34,6 @@ from nixfleet.wire import JSONObject, WebhookEvent, WebhookRollout
 
 FAN_OUT_BATCH = 1000
 KEEP_ATTEMPTS = 20  # attempts shown per delivery (all are kept until pruned)
-# pg_advisory_xact_lock key of detect_stale (store.pg.MIGRATION_LOCK is 0x6E66_0001).
-STALE_LOCK = 0x6E66_0011
 
 
 @dataclass(frozen=True)
@@ -174,7 +173,7 @@ def detect_stale(conn: Connection, now: datetime, stale_after: int) -> int:
     )
     detail = "json_object('last_report_at', last_report_at, 'stale_after', ?)"
     if is_postgresql(conn):
-        conn.execute("SELECT pg_advisory_xact_lock(?)", (STALE_LOCK,))
+        conn.execute("SELECT pg_advisory_xact_lock(?)", (locks.WEBHOOK_STALE,))
         detail = (
             "json_build_object('last_report_at', last_report_at, "
             "'stale_after', CAST(? AS INTEGER))::text"

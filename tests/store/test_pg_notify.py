@@ -16,9 +16,14 @@ import_psycopg()  # skip (a .venv without the extra) or fail (CI) before the imp
 import psycopg  # noqa: E402
 
 from nixfleet.models import Lifecycle, utcnow  # noqa: E402
-from nixfleet.store import machines, pg_notify, report_cache  # noqa: E402
+from nixfleet.store import (  # noqa: E402
+    locks,
+    machines,
+    pg_notify,
+    report_cache,
+)
 from nixfleet.store.pg import PgStore  # noqa: E402
-from nixfleet.store.pg_notify import CHANGES_LOCK, ChangeListener, notify  # noqa: E402
+from nixfleet.store.pg_notify import ChangeListener, notify  # noqa: E402
 
 
 def last_change(conn: psycopg.Connection[Any]) -> int:
@@ -123,7 +128,7 @@ def test_changes_commit_in_the_order_of_their_numbers(postgres_url: str) -> None
             assert row is not None
             n = int(row[0])  # its own row, not committed yet
             with psycopg.connect(postgres_url, autocommit=True) as other:
-                taken = other.execute("SELECT pg_try_advisory_xact_lock(%s)", (CHANGES_LOCK,))
+                taken = other.execute("SELECT pg_try_advisory_xact_lock(%s)", (locks.CHANGES,))
                 assert taken.fetchone() == (False,)
             done = threading.Event()
 

@@ -568,3 +568,16 @@ def test_both_refuse_the_same_rows(both: tuple[sqlite3.Connection, PgStore]) -> 
                 lite.execute(sql, params)
             with pytest.raises(psycopg.IntegrityError):
                 conn.execute(sql, params)
+
+
+def test_advisory_lock_keys_are_distinct_and_the_sql_takes_store_locks() -> None:
+    """Two nouns on one key would wait for each other; the baseline spells CHANGES itself."""
+    from nixfleet.store import locks
+
+    assert len(set(locks.ALL.values())) == len(locks.ALL)
+    assert all(key >> 16 == 0x6E66 for key in locks.ALL.values())
+    names = {k for k in vars(locks) if k.isupper() and k != "ALL"}
+    assert names == set(locks.ALL)
+    baseline = "\n".join(sql for _, sql in migrations())
+    taken = {int(n) for n in re.findall(r"pg_advisory_xact_lock\((\d+)\)", baseline)}
+    assert taken == {locks.CHANGES}

@@ -1,7 +1,7 @@
 """The rollouts' explicit locks on PostgreSQL, two transactions at once.
 
 SQLite's one writer runs an apply, an operator's pause and a reconciler tick one
-after the other; on PostgreSQL `apply` takes rollouts.APPLY_LOCK, and
+after the other; on PostgreSQL `apply` takes locks.ROLLOUT_APPLY, and
 rollout_control.control and ticks.to_visit lock the rollouts' rows. As in
 test_pg_locks, a first transaction is held open while a second collides with it;
 each test fails without its lock (the second would decide on what it read before

@@ -343,7 +343,7 @@ CREATE TRIGGER machine_tag_rows_changed AFTER UPDATE ON machine_tag_rows
 
 -- The report cache's change rows (SQLite 0014, 0023; store.report_cache), each written
 -- by cache_change (the triggers below, store.report_cache.note_*): it first takes the
--- advisory lock CHANGES_LOCK (store/pg_notify.py), held to the commit, since a sequence
+-- advisory lock store.locks.CHANGES, held to the commit, since a sequence
 -- numbers rows at insert, not at commit: without it 8 could commit before 7, and a
 -- reader of the rows after 6 would never read 7. Then it notifies 'nixfleet_changes'
 -- with "seq machine_id" (a machine's row) or "seq" (every machine's), delivered to
@@ -356,7 +356,7 @@ DECLARE
     n BIGINT;
     note TEXT;
 BEGIN
-    PERFORM pg_advisory_xact_lock(1852178435);  -- 0x6E660003, pg_notify.CHANGES_LOCK
+    PERFORM pg_advisory_xact_lock(1852178435);  -- 0x6E660003, store.locks.CHANGES
     INSERT INTO cache_changes (kind, machine_id, rollout_id, lo, hi)
     VALUES (change_kind, machine, rollout, low, high) RETURNING seq INTO n;
     note := CASE WHEN change_kind = 'machine' AND machine IS NOT NULL
