@@ -27,7 +27,7 @@ import fleet
 
 from nixfleet.history import EventKind
 from nixfleet.models import HealthResult, isoformat
-from nixfleet.store import Store, credentials, history
+from nixfleet.store import Store, credentials, event_forms
 from nixfleet.store.machines import TAG_SOURCES
 from nixfleet.store.rows import health_to_stored
 
@@ -155,10 +155,10 @@ def _events(
             if not reporting(i):
                 continue
             host = fleet.hostname(i)
-            at = history.micros(now - timedelta(days=k, seconds=i % 60))
-            gen = history.encode_path(fleet.current_generation(i), host)
-            code = history.KIND_CODES[EventKind.GENERATION]
-            yield numbers[host], per_machine - k + 1, at, code, history.AGENT, gen, None
+            at = event_forms.micros(now - timedelta(days=k, seconds=i % 60))
+            gen = event_forms.encode_path(fleet.current_generation(i), host)
+            code = event_forms.KIND_CODES[EventKind.GENERATION]
+            yield numbers[host], per_machine - k + 1, at, code, event_forms.AGENT, gen, None
 
 
 def build(path: Path, machines: int, events_per_machine: int, quiet: bool = False) -> str:

@@ -59,7 +59,7 @@ from nixfleet.controlplane.retention import Pruned, prune_deployments
 from nixfleet.history import EventKind
 from nixfleet.models import HealthCheckResult, HealthResult, Report, isoformat
 from nixfleet.settings import Settings
-from nixfleet.store import Store, history
+from nixfleet.store import Store, event_forms, history
 from nixfleet.store import machines as store_machines
 from nixfleet.store import rollouts as store_rollouts
 
@@ -97,7 +97,7 @@ def _flap_details() -> tuple[str, str]:
         prior = changes.Prior(gen, None, True, before)
         report = Report("x", datetime.now(UTC), gen, health=after)
         (event,) = changes.report_events(prior, report)
-        return history.encode_detail(event.kind, event.detail) or ""
+        return event_forms.encode_detail(event.kind, event.detail) or ""
 
     return detail(ok, _health(True)), detail(bad, _health(False))
 
@@ -129,10 +129,10 @@ def _day(conn: Any, day: int, t0: datetime, failing: str, passing: str) -> None:
     # on, referring to the desired event right before it for its path (k = 1).
     conn.execute(
         "INSERT INTO machine_events (machine, seq, at, kind, source, generation, detail) "
-        f"SELECT n.num, {_next_seq('n.num')}, {history.micros_sql('m.desired_set_at')} "
+        f"SELECT n.num, {_next_seq('n.num')}, {event_forms.micros_sql('m.desired_set_at')} "
         "+ 120000000, ?, ?, 1, NULL FROM machines m "
         "JOIN machine_numbers n ON n.machine_id = m.id ORDER BY m.desired_set_at",
-        (history.KIND_CODES[EventKind.GENERATION], history.AGENT),
+        (event_forms.KIND_CODES[EventKind.GENERATION], event_forms.AGENT),
     )
     conn.execute(
         "UPDATE machines SET current_generation = desired_generation, "
@@ -148,9 +148,9 @@ def _day(conn: Any, day: int, t0: datetime, failing: str, passing: str) -> None:
                 "FROM machine_numbers n "
                 "WHERE CAST(substr(n.machine_id, 2, 6) AS INTEGER) % 100 = 0",
                 (
-                    history.micros(at + timedelta(seconds=offset)),
-                    history.KIND_CODES[EventKind.HEALTH],
-                    history.AGENT,
+                    event_forms.micros(at + timedelta(seconds=offset)),
+                    event_forms.KIND_CODES[EventKind.HEALTH],
+                    event_forms.AGENT,
                     detail,
                 ),
             )

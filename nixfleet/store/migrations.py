@@ -388,7 +388,7 @@ MIGRATIONS: list[tuple[str, str]] = [
     # A machine's system paths without its own name (issue 16, storage): every path of a
     # NixOS system is ".../<hash>-nixos-system-<name>-<label>", and <name> is the
     # machine's (its id's first DNS label), so "-nixos-system-<name>-" is stored as one
-    # byte, char(2) (history.encode_path; ~8 bytes of ~49 per stored path in the
+    # byte, char(2) (event_forms.encode_path; ~8 bytes of ~49 per stored path in the
     # benchmark's fleet, more with longer host names). Stored texts are decoded in the
     # 0017 form and encoded again; a path that held char(2) itself is kept whole.
     (

@@ -12,7 +12,7 @@ from nixfleet.controlplane.background import prune_history
 from nixfleet.history import Event, EventKind
 from nixfleet.models import HealthCheckResult, HealthResult, Lifecycle, Report, isoformat
 from nixfleet.settings import Settings
-from nixfleet.store import history, machines
+from nixfleet.store import event_forms, history, machines
 from nixfleet.store.conn import AnyStore, Connection, is_postgresql
 
 T0 = datetime(2026, 11, 27, 9, 0, tzinfo=UTC)
@@ -305,11 +305,11 @@ PATHS = [
 def test_store_paths_encode_the_same_in_python_and_sql(
     any_store: AnyStore, path: str, machine: str
 ) -> None:
-    encoded = history.encode_path(path, machine)
-    assert history.decode_path(encoded, machine) == path
+    encoded = event_forms.encode_path(path, machine)
+    assert event_forms.decode_path(encoded, machine) == path
     assert not encoded.startswith("/") or encoded == path
     with any_store.read() as conn:
-        sql = history.encode_path_sql("p", "m", postgresql=is_postgresql(conn))
+        sql = event_forms.encode_path_sql("p", "m", postgresql=is_postgresql(conn))
         got = conn.execute(
             f"SELECT {sql} FROM (SELECT CAST(? AS TEXT) AS p, CAST(? AS TEXT) AS m) x",
             (path, machine),
@@ -318,8 +318,8 @@ def test_store_paths_encode_the_same_in_python_and_sql(
 
 
 def test_a_system_path_is_stored_without_its_machines_name() -> None:
-    assert history.encode_path(gen(1), "web-03.example.org") == "1" * 32 + "\x02v1"
-    assert history.encode_path(gen(1), "db-01") == "1" * 32 + "\x01web-03-v1"
+    assert event_forms.encode_path(gen(1), "web-03.example.org") == "1" * 32 + "\x02v1"
+    assert event_forms.encode_path(gen(1), "db-01") == "1" * 32 + "\x01web-03-v1"
 
 
 @pytest.mark.parametrize(
@@ -332,10 +332,10 @@ def test_a_system_path_is_stored_without_its_machines_name() -> None:
     ],
 )
 def test_times_are_microseconds_in_python_and_sql(any_store: AnyStore, at: datetime) -> None:
-    us = history.micros(at)
-    assert history.from_micros(us) == at
+    us = event_forms.micros(at)
+    assert event_forms.from_micros(us) == at
     with any_store.read() as conn:
-        sql = history.micros_sql("t", postgresql=is_postgresql(conn))
+        sql = event_forms.micros_sql("t", postgresql=is_postgresql(conn))
         got = conn.execute(f"SELECT {sql} FROM (SELECT CAST(? AS TEXT) AS t) x", (isoformat(at),))
         assert got.fetchone()[0] == us
 
@@ -401,7 +401,7 @@ def test_machine_history_view_reads_as_page_does(any_store: AnyStore) -> None:
     assert [(r[0], r[1], r[2], r[3], r[4]) for r in view] == [
         (e.id, isoformat(e.at), e.kind.value, e.source, e.generation) for e in events
     ]
-    assert [history.decode_detail(e.kind, r[5]) for e, r in zip(events, view, strict=True)] == [
+    assert [event_forms.decode_detail(e.kind, r[5]) for e, r in zip(events, view, strict=True)] == [
         dict(e.detail) for e in events
     ]
 
@@ -419,9 +419,9 @@ def test_machine_history_view_reads_as_page_does(any_store: AnyStore) -> None:
 def test_details_are_stored_compactly_and_read_back_unchanged(
     kind: EventKind, detail: dict[str, object], compact: bool
 ) -> None:
-    stored = history.encode_detail(kind, detail)
+    stored = event_forms.encode_detail(kind, detail)
     assert stored is not None and stored.startswith("[") is compact
-    back = history.decode_detail(kind, stored)
+    back = event_forms.decode_detail(kind, stored)
     assert back == detail and list(back) == list(detail)
 
 

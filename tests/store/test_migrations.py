@@ -32,7 +32,7 @@ from nixfleet.models import (
     parse_time,
     utcnow,
 )
-from nixfleet.store import Store, credentials, history, machines, migrations, releases
+from nixfleet.store import Store, credentials, event_forms, history, machines, migrations, releases
 from nixfleet.store import rollouts as store_rollouts
 from nixfleet.store.rows import health_from_stored, health_to_stored
 
@@ -273,11 +273,11 @@ def test_a_0017_database_keeps_writing_and_pruning(db_0013: Path) -> None:
 
 
 def test_event_kinds_are_the_kind_codes(db_0013: Path) -> None:
-    """The stored kinds are exactly history.KIND_CODES; any other code is refused."""
+    """The stored kinds are exactly event_forms.KIND_CODES; any other code is refused."""
     store = Store(db_0013)
     with store.read() as conn:
         rows = dict(conn.execute("SELECT name, code FROM event_kinds").fetchall())
-    assert rows == {k.value: c for k, c in history.KIND_CODES.items()}
+    assert rows == {k.value: c for k, c in event_forms.KIND_CODES.items()}
     with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"), store.transaction() as conn:
         conn.execute("UPDATE machine_events SET kind = ?", (max(rows.values()) + 1,))
     store.close()
@@ -399,7 +399,7 @@ def test_0024_stores_paths_without_the_machines_name_and_reads_them_back(
     tmp_path: Path,
 ) -> None:
     """Events stored in the 0017 form read back the same after 0024, stored as
-    history.encode_path writes them today, and the machine_history view agrees."""
+    event_forms.encode_path writes them today, and the machine_history view agrees."""
     path, h = tmp_path / "fleet.db", "/nix/store/" + "a" * 32
     paths = {
         "web-03.example.org": [
@@ -446,7 +446,11 @@ def test_0024_stores_paths_without_the_machines_name_and_reads_them_back(
                 "ON n.num = e.machine WHERE n.machine_id = ? AND e.kind = 1 ORDER BY e.seq",
                 (machine,),
             ).fetchall()
-            want = [4 if i == 4 else history.encode_path(p, machine) for i, p in enumerate(mine)]
+            want = [
+                4 if i == 4 else event_forms.encode_path(p, machine) for i, p in enumerate(mine)
+            ]
             assert [r[0] for r in stored] == want
     store.close()
-    assert history.encode_path(paths["db-01"][0], "db-01") == "a" * 32 + "\x02nixos-system-db-01-1"
+    assert (
+        event_forms.encode_path(paths["db-01"][0], "db-01") == "a" * 32 + "\x02nixos-system-db-01-1"
+    )

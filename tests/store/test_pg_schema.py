@@ -38,7 +38,7 @@ import pytest
 from postgres_cluster import import_psycopg
 
 from nixfleet.models import TIME_FORMAT
-from nixfleet.store import Store, history
+from nixfleet.store import Store, event_forms
 from nixfleet.store.conn import Connection
 from nixfleet.store.migrations import MIGRATIONS
 
@@ -482,13 +482,13 @@ def test_machine_history_reads_as_on_sqlite(both: tuple[sqlite3.Connection, PgSt
     lite, pg = both
     p1 = "/nix/store/" + "a" * 32 + "-nixos-system-web-1-24.05.1"
     p2 = "/nix/store/" + "b" * 32 + "-nixos-system-other-24.05.2"
-    start = history.micros(datetime(2024, 5, 1, 10, tzinfo=UTC))
+    start = event_forms.micros(datetime(2024, 5, 1, 10, tzinfo=UTC))
     # (kind, source, generation: a path, a back-reference k or None, detail)
     events: list[tuple[int, int, str | int | None, str | None]] = [
-        (0, 2, history.encode_path(p1, WEB), None),
+        (0, 2, event_forms.encode_path(p1, WEB), None),
         (1, 1, 1, None),
         (2, 1, None, '["healthy","unknown",[],[],[]]'),
-        (0, 3, history.encode_path(p2, WEB), None),
+        (0, 3, event_forms.encode_path(p2, WEB), None),
         (3, 1, 1, '["boom"]'),
         (1, 1, "/weird/path", None),  # not a store path: kept whole
         (4, 1, 6, '["rolled back"]'),

@@ -80,7 +80,7 @@ CREATE TABLE machine_tag_rows (
 );
 CREATE INDEX machine_tag_rows_tag ON machine_tag_rows (tag, machine);
 
--- store.history.KIND_CODES: fixed codes, never generated (so no identity).
+-- store.event_forms.KIND_CODES: fixed codes, never generated (so no identity).
 CREATE TABLE event_kinds (code INTEGER PRIMARY KEY, name TEXT COLLATE "C" NOT NULL UNIQUE);
 INSERT INTO event_kinds (code, name) VALUES (0, 'desired'), (1, 'generation'),
     (2, 'health'), (3, 'deployment-failed'), (4, 'rolled-back'), (5, 'tags'),
@@ -283,7 +283,7 @@ CREATE VIEW machine_tags (machine_id, tag, source) AS
 
 -- The history readably (SQLite 0024's view): times as TIME_FORMAT text, kinds and
 -- sources by name, paths resolved (a back-reference read from its holder) and decoded
--- (store.history.decode_path: chr(2) is "-nixos-system-<the id's first label>-",
+-- (store.event_forms.decode_path: chr(2) is "-nixos-system-<the id's first label>-",
 -- chr(1) any other "-nixos-system-", and a stored path starting with "/" is whole).
 CREATE VIEW machine_history AS
 SELECT n.machine_id, e.seq,
