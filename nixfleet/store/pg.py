@@ -163,6 +163,15 @@ def _params(parameters: Sequence[Any] | Mapping[str, Any]) -> Sequence[Any] | Ma
 
 
 def _unavailable(e: Exception) -> StoreUnavailableError:
+    if (getattr(e, "sqlstate", None) or "").startswith("40"):  # 40P01 deadlock, 40001
+        # Two transactions waited for each other and the server aborted this one: it
+        # wrote nothing, and the same request (the agent's next poll, the next tick)
+        # succeeds on its own. A 503 with Retry-After, like SQLite's busy lock.
+        log.warning("transaction aborted by the database, retry: %s", str(e).strip())
+        return StoreUnavailableError(
+            f"a concurrent transaction conflicted with this one ({str(e).strip()}); "
+            "nothing was written, retry"
+        )
     log.error("database unavailable: %s", e)
     return StoreUnavailableError(f"the database is unavailable ({e}); retry later")
 

@@ -152,3 +152,47 @@ def test_readiness_says_when_the_server_is_gone() -> None:
         store.close()
     finally:
         cluster.stop()
+
+
+def test_a_deadlock_is_a_retryable_503_that_wrote_nothing(postgres_url: str) -> None:
+    """Two transactions that wait for each other: the server aborts one, which becomes
+    StoreUnavailableError (503, Retry-After) with nothing of it committed."""
+    store = pg.PgStore(postgres_url, max_size=2)
+    try:
+        with store.transaction() as conn:
+            for name in ("a", "b"):
+                conn.execute(
+                    "INSERT INTO api_keys (name, role, key_hash, created_at, created_by) "
+                    "VALUES (?, 'admin', ?, '2026-12-02T12:00:00.000000Z', 'test')",
+                    (name, f"h-{name}"),
+                )
+        both = threading.Barrier(2)
+        outcomes: dict[str, BaseException | None] = {}
+
+        def lock(first: str, second: str) -> None:
+            try:
+                with store.transaction() as conn:
+                    conn.execute("UPDATE api_keys SET role = 'deploy' WHERE name = ?", (first,))
+                    both.wait(timeout=10)
+                    conn.execute("UPDATE api_keys SET role = 'deploy' WHERE name = ?", (second,))
+                outcomes[first] = None
+            except BaseException as e:
+                outcomes[first] = e
+
+        threads = [threading.Thread(target=lock, args=pair) for pair in (("a", "b"), ("b", "a"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        failed = [e for e in outcomes.values() if e is not None]
+        assert len(outcomes) == 2 and len(failed) == 1, outcomes
+        assert isinstance(failed[0], StoreUnavailableError)
+        assert "conflicted" in str(failed[0]) and "nothing was written" in str(failed[0])
+        with store.read() as conn:
+            roles = dict(conn.execute("SELECT name, role FROM api_keys").fetchall())
+        loser = next(k for k, v in outcomes.items() if v is not None)
+        winner = "b" if loser == "a" else "a"
+        assert roles == {"a": "deploy", "b": "deploy"}  # the winner wrote both rows
+        assert outcomes[winner] is None
+    finally:
+        store.close()
