@@ -109,12 +109,6 @@ WINDOW_SQL = (
     "(SELECT json_group_array(json_array(w.seq, w.generation)) FROM (SELECT seq, generation "
     f"FROM machine_events WHERE machine = {NUMBER_SQL} ORDER BY seq DESC LIMIT {LOOKBACK}) w)"
 )
-# A reference's generation is NULL here: only paths are matched, so the window is the same.
-WINDOW_SQL_PG = (
-    "(SELECT json_agg(json_build_array(w.seq, w.generation))::text FROM (SELECT seq, "
-    f"generation FROM machine_events WHERE machine = {NUMBER_SQL} ORDER BY seq DESC "
-    f"LIMIT {LOOKBACK}) w)"
-)
 
 
 def window_of(text: str | None) -> Window:

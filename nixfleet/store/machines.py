@@ -335,7 +335,7 @@ _REPORT_ROW = _REPORT_ROW_TEMPLATE.format(
 )
 _REPORT_ROW_PG = _REPORT_ROW_TEMPLATE.format(
     agent_tags="SELECT coalesce(json_agg(tag)::text, '[]')",
-    window=history.WINDOW_SQL_PG.format(machine_id="machines.id"),
+    window="NULL",  # history.add reads it again under the row lock on PostgreSQL
 )
 # One spelling for both backends: SQLite 3.39+ has IS DISTINCT FROM, and a
 # parameter only tested for NULL is given its type for PostgreSQL.

@@ -106,6 +106,8 @@ def apply(
     pg = is_postgresql(conn)
     if pg:  # before the first check: concurrent applies run one after the other
         conn.execute("SELECT pg_advisory_xact_lock(?)", (locks.ROLLOUT_APPLY,))
+        # The release stays as make_plan reads it (retention prunes it FOR UPDATE).
+        conn.execute("SELECT 1 FROM releases WHERE id = ? FOR SHARE", (spec.release,))
     if conn.execute("SELECT 1 FROM rollouts WHERE id = ?", (rid,)).fetchone():
         return Applied(rid, created=False)
     latest = _latest_by_name(conn, spec.name)
