@@ -17,7 +17,6 @@ import psycopg  # noqa: E402
 
 from nixfleet.models import Lifecycle, utcnow  # noqa: E402
 from nixfleet.store import (  # noqa: E402
-    locks,
     machines,
     pg_notify,
     report_cache,
@@ -118,41 +117,86 @@ def register(store: PgStore, *ids: str) -> None:
             machines.register(conn, machine_id, [], Lifecycle.ACTIVE, utcnow())
 
 
-def test_changes_commit_in_the_order_of_their_numbers(postgres_url: str) -> None:
+def test_changes_are_numbered_in_the_order_they_commit(postgres_url: str) -> None:
+    """A sequence numbers rows at insert; a reader of the rows after the last it applied
+    would miss one that commits later with a lower number. So rows are numbered again
+    at commit, under locks.CHANGES: the change written first but committed last gets
+    the higher number, and the numbers run on without a gap."""
     store = PgStore(postgres_url, max_size=4)
     try:
         register(store, "a", "b")
+        with store.lookup() as conn:
+            before = int(
+                conn.execute("SELECT coalesce(max(seq), 0) FROM cache_changes").fetchone()[0]
+            )
         with psycopg.connect(postgres_url) as first:  # a transaction left open
             first.execute("UPDATE machines SET lifecycle = 'maintenance' WHERE id = 'a'")
-            row = first.execute("SELECT max(seq) FROM cache_changes").fetchone()
-            assert row is not None
-            n = int(row[0])  # its own row, not committed yet
-            with psycopg.connect(postgres_url, autocommit=True) as other:
-                taken = other.execute("SELECT pg_try_advisory_xact_lock(%s)", (locks.CHANGES,))
-                assert taken.fetchone() == (False,)
-            done = threading.Event()
-
-            def second() -> None:
-                with store.transaction() as conn:
-                    report_cache.note_machine(conn, "b")
-                done.set()
-
-            thread = threading.Thread(target=second)
-            thread.start()
-            # Numbered after n (a sequence), it must not commit before n is decided:
-            # a reader of the rows after n - 1 would then never read n.
-            assert not done.wait(0.5)
-            with store.lookup() as conn:
-                committed = conn.execute("SELECT coalesce(max(seq), 0) FROM cache_changes")
-                assert committed.fetchone()[0] < n
+            pending = first.execute("SELECT seq FROM cache_changes WHERE seq < 0").fetchall()
+            assert len(pending) == 1  # its own row, numbered only at its commit
+            with store.transaction() as conn:  # not held up by the open one
+                report_cache.note_machine(conn, "b")
             first.commit()
-        thread.join(timeout=30)
-        assert done.is_set()
         with store.lookup() as conn:
-            rows = conn.execute("SELECT seq, machine_id FROM cache_changes WHERE seq >= ?", (n,))
-            assert [(r[0] - n, r[1]) for r in rows] == [(0, "a"), (1, "b")]
+            rows = conn.execute(
+                "SELECT seq, machine_id FROM cache_changes WHERE seq > ? ORDER BY seq", (before,)
+            ).fetchall()
+        assert [(r[0] - before, r[1]) for r in rows] == [(1, "b"), (2, "a")]
     finally:
         store.close()
+
+
+def test_a_change_written_before_a_row_lock_cannot_deadlock_a_report(postgres_url: str) -> None:
+    """A tick notes a change, then locks a machine's row; meanwhile a report's UPDATE
+    of that machine took the row and wrote its change. Were locks.CHANGES taken with
+    the first change, the report would wait for the tick and the tick for the report
+    (PostgreSQL aborts one after a second); taken at commit, the tick waits for the
+    report's commit and then goes on: both succeed."""
+    store = PgStore(postgres_url, max_size=4)
+    try:
+        register(store, "a")
+        noted, updated = threading.Event(), threading.Event()
+        outcomes: dict[str, BaseException | None] = {}
+
+        def tick() -> None:
+            try:
+                with store.transaction() as conn:
+                    report_cache.note_members(conn, "r-1", 0, 10)
+                    noted.set()
+                    updated.wait(2)  # (with the lock taken early, the report blocks)
+                    conn.execute("SELECT 1 FROM machines WHERE id = 'a' FOR UPDATE")
+                outcomes["tick"] = None
+            except BaseException as e:
+                outcomes["tick"] = e
+
+        def report() -> None:
+            try:
+                with psycopg.connect(postgres_url) as conn:
+                    noted.wait(10)
+                    conn.execute("UPDATE machines SET lifecycle = 'maintenance' WHERE id = 'a'")
+                    updated.set()
+                    wait_until("the tick waiting for the row", lambda: waiting(postgres_url))
+                    conn.commit()
+                outcomes["report"] = None
+            except BaseException as e:
+                outcomes["report"] = e
+
+        threads = [threading.Thread(target=f) for f in (tick, report)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert outcomes == {"tick": None, "report": None}
+    finally:
+        store.close()
+
+
+def waiting(url: str) -> bool:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND datname = current_database()"
+        ).fetchone()
+    return bool(row and row[0])
 
 
 def test_a_replica_knows_its_own_changes_at_once_and_the_others_within_a_second(

@@ -342,31 +342,45 @@ CREATE TRIGGER machine_tag_rows_changed AFTER UPDATE ON machine_tag_rows
     FOR EACH ROW EXECUTE FUNCTION machine_tag_rows_changed();
 
 -- The report cache's change rows (SQLite 0014, 0023; store.report_cache), each written
--- by cache_change (the triggers below, store.report_cache.note_*): it first takes the
--- advisory lock store.locks.CHANGES, held to the commit, since a sequence
--- numbers rows at insert, not at commit: without it 8 could commit before 7, and a
--- reader of the rows after 6 would never read 7. Then it notifies 'nixfleet_changes'
--- with "seq machine_id" (a machine's row) or "seq" (every machine's), delivered to
--- every listener at commit; the store's own sessions (nixfleet.notice_changes, set by
--- store.pg.PgStore) are also told at once, by a NOTICE, so a replica knows its own
--- change before it answers, as SQLite's store does.
+-- by cache_change (the triggers below, store.report_cache.note_*). A sequence numbers
+-- rows at insert, not at commit: 8 could commit before 7, and a reader of the rows
+-- after 6 would never read 7. So each row is numbered again at its transaction's
+-- commit, by the deferred trigger cache_changes_ordered, under the advisory lock
+-- store.locks.CHANGES (held to the commit): numbers commit in their order. Taken at
+-- commit, after every row lock of the transaction, the lock cannot close a deadlock
+-- (a tick holding it while it waits for a machine's row that a report holds while it
+-- waits for it). The same trigger notifies 'nixfleet_changes' with "seq machine_id" (a
+-- machine's row) or "seq" (every machine's), delivered to every listener at commit;
+-- the store's own sessions (nixfleet.notice_changes, set by store.pg.PgStore) are
+-- also told at once, by a NOTICE, so a replica knows its own change before it
+-- answers, as SQLite's store does.
+-- Until its commit a row holds a negative number of its own (seen by no one else), so
+-- the committed numbers have no gaps but those of rolled-back transactions.
+CREATE SEQUENCE cache_changes_pending;
 CREATE FUNCTION cache_change(change_kind TEXT, machine TEXT, rollout TEXT,
-    low INTEGER, high INTEGER) RETURNS BIGINT LANGUAGE plpgsql AS $$
+    low INTEGER, high INTEGER) RETURNS void LANGUAGE sql AS $$
+    INSERT INTO cache_changes (seq, kind, machine_id, rollout_id, lo, hi)
+    VALUES (-nextval('cache_changes_pending'), change_kind, machine, rollout, low, high);
+$$;
+
+CREATE FUNCTION cache_changes_ordered() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     n BIGINT;
     note TEXT;
 BEGIN
     PERFORM pg_advisory_xact_lock(1852178435);  -- 0x6E660003, store.locks.CHANGES
-    INSERT INTO cache_changes (kind, machine_id, rollout_id, lo, hi)
-    VALUES (change_kind, machine, rollout, low, high) RETURNING seq INTO n;
-    note := CASE WHEN change_kind = 'machine' AND machine IS NOT NULL
-        THEN n || ' ' || machine ELSE n::text END;
+    UPDATE cache_changes SET seq = nextval(pg_get_serial_sequence('cache_changes', 'seq'))
+    WHERE seq = NEW.seq RETURNING seq INTO n;
+    note := CASE WHEN NEW.kind = 'machine' AND NEW.machine_id IS NOT NULL
+        THEN n || ' ' || NEW.machine_id ELSE n::text END;
     PERFORM pg_notify('nixfleet_changes', note);
     IF current_setting('nixfleet.notice_changes', true) = 'on' THEN
         RAISE NOTICE 'nixfleet_changes %', note;
     END IF;
-    RETURN n;
+    RETURN NULL;
 END $$;
+CREATE CONSTRAINT TRIGGER cache_changes_ordered AFTER INSERT ON cache_changes
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION cache_changes_ordered();
 
 CREATE FUNCTION cache_machine_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
