@@ -11,6 +11,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import falcon.testing
@@ -81,6 +82,15 @@ class Env:
         assert r.status_code == 200, r.text
         self.cache.load()
         self.cache.catch_up()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    """SQLite's store, not tests/api's any_store: `Env` tests SQLite's own mechanics (its
+    data_version, the file itself); the view on both backends is `view` below."""
+    s = Store(tmp_path / "nixfleet.db")
+    yield s
+    s.close()
 
 
 @pytest.fixture
