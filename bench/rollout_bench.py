@@ -32,6 +32,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from nixfleet import flake, reconciler
 from nixfleet.models import Release, ReleaseEntry, isoformat, utcnow
 from nixfleet.policy import fleet as fleet_policy
 from nixfleet.store import Store, releases, rollouts
+from nixfleet.store.conn import AnyStore
 
 PHASES = ("start", "quiet", "judge", "soaking", "complete", "revert", "policy")
 # The §11 settings of the policy phase (the fleet budget) and its rollout's fields.
@@ -68,7 +70,7 @@ def _fresh(db: Path) -> Store:
 class Clock:
     """Ticks at explicit times, each timed, with the background checkpoint after it."""
 
-    def __init__(self, store: Store, start: datetime) -> None:
+    def __init__(self, store: AnyStore, start: datetime) -> None:
         self.store, self.now = store, start
         self.ticks: dict[str, list[float]] = {p: [] for p in PHASES}
         self.cpu: dict[str, list[float]] = {p: [] for p in PHASES}  # time.process_time
@@ -82,15 +84,20 @@ class Clock:
         self.ticks[phase].append(time.perf_counter() - t0)
         self.cpu[phase].append(time.process_time() - c0)
         t0 = time.perf_counter()
-        self.store.checkpoint()
+        self.checkpoint()
         self.checkpoints.append(time.perf_counter() - t0)
         return changed
+
+    def checkpoint(self) -> None:
+        """SQLite's background WAL checkpoint (PostgreSQL has none of its own to run)."""
+        if isinstance(self.store, Store):
+            self.store.checkpoint()
 
     def until_quiet(self, phase: str) -> None:
         while self.tick(phase):
             pass
 
-    def all_report(self, ok: bool, quiet: str = "0") -> None:
+    def all_report(self, ok: bool, quiet: str = "false") -> None:
         """Every machine with a desired generation reports (but those `quiet` selects)."""
         self.now += timedelta(seconds=1)
         with self.store.transaction() as conn:
@@ -100,10 +107,10 @@ class Clock:
                 f"last_success = ? WHERE desired_generation IS NOT NULL AND NOT ({quiet})",
                 (ok, isoformat(self.now), int(ok)),
             )
-        self.store.checkpoint()
+        self.checkpoint()
 
 
-def _rollout(store: Store, machines: int, name: str, salt: str, **kw: Any) -> None:
+def _rollout(store: AnyStore, machines: int, name: str, salt: str, **kw: Any) -> None:
     entries = tuple(
         ReleaseEntry(fleet.hostname(i), fleet.next_generation(i, salt), "x86_64-linux")
         for i in range(machines)
@@ -123,8 +130,9 @@ def _rollout(store: Store, machines: int, name: str, salt: str, **kw: Any) -> No
         rollouts.apply(conn, doc, "bench", utcnow(), 5)
 
 
-def once(db: Path, machines: int) -> Clock:
-    store = _fresh(db)
+def once(db: Path, machines: int, fresh: Callable[[Path], AnyStore] | None = None) -> Clock:
+    """One rollout's life on a fresh copy of `db` (`fresh`: a copy in another store)."""
+    store = (fresh or _fresh)(db)
     clock = Clock(store, utcnow())
     _rollout(store, machines, "bench-all", "n", soak="5m")
     clock.until_quiet("start")
@@ -175,13 +183,15 @@ def once(db: Path, machines: int) -> Clock:
     return clock
 
 
-def run(db: Path, machines: int, runs: int) -> dict[str, Any]:
+def run(
+    db: Path, machines: int, runs: int, fresh: Callable[[Path], AnyStore] | None = None
+) -> dict[str, Any]:
     worst: dict[str, list[float]] = {p: [] for p in PHASES}
     worst_cpu: dict[str, list[float]] = {p: [] for p in PHASES}
     counts: dict[str, int] = {}
     checkpoints: list[float] = []
     for _ in range(runs):
-        clock = once(db, machines)
+        clock = once(db, machines, fresh)
         for phase, times in clock.ticks.items():
             worst[phase].append(max(times))
             worst_cpu[phase].append(max(clock.cpu[phase]))
