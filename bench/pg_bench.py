@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import threading
@@ -165,6 +166,10 @@ def main() -> None:
     for suffix in ("", "-wal", "-shm"):
         Path(f"{db}{suffix}").unlink(missing_ok=True)
     key = build_db.build(db, args.machines, args.events)
+    # The tick's rollouts start from the fleet as built, not as the report runs left it
+    # (their failures would pause the first rollout on a small fleet).
+    pristine = args.workdir / f"fleet-{args.machines}-pristine.db"
+    shutil.copyfile(db, pristine)
     cluster = Cluster(binaries, durable=True)
     server = cluster.start()
     result: dict[str, Any] = {"machines": args.machines}
@@ -190,14 +195,14 @@ def main() -> None:
                 for s in (sqlite, *pg):
                     s.stop()
         if "tick" in args.only:
-            result["tick_sqlite"] = rollout_bench.run(db, args.machines, args.runs)
+            result["tick_sqlite"] = rollout_bench.run(pristine, args.machines, args.runs)
 
             def fresh(source: Path) -> AnyStore:
                 target = server.create_database()
                 migrate(source, target)
                 return PgStore(target, max_size=2)
 
-            result["tick_postgresql"] = rollout_bench.run(db, args.machines, args.runs, fresh)
+            result["tick_postgresql"] = rollout_bench.run(pristine, args.machines, args.runs, fresh)
     finally:
         cluster.stop()
     out = BENCH / "results" / f"pg-{args.machines}.json"
