@@ -135,12 +135,13 @@ def _lead(
         while not stop.is_set():
             run_once(settings, store)
             deadline = time.monotonic() + settings.reconcile_interval
-            while not stop.is_set() and (still := held()):
-                stop.wait(min(ELECTION_INTERVAL, max(0.0, deadline - time.monotonic())))
-                if time.monotonic() >= deadline:
+            while True:  # the interval, asking `held` at least once a second
+                if not held():
+                    return
+                left = deadline - time.monotonic()
+                if stop.is_set() or left <= 0:
                     break
-            if not still:
-                return
+                stop.wait(min(ELECTION_INTERVAL, left))
     finally:
         lost.set()
         for sender in senders:  # an attempt in flight ends within its deadline
@@ -156,7 +157,12 @@ def _elect(settings: Settings, store: AnyStore, stop: threading.Event) -> None:
     leadership = Leadership(conninfo, f"{socket.gethostname()}:{os.getpid()}")
     try:
         while not stop.is_set():
-            if leadership.try_acquire() is None:
+            try:
+                epoch = leadership.try_acquire()
+            except Exception:  # e.g. an unmigrated database: keep trying, as a follower
+                log.exception("leader election failed; trying again")
+                epoch = None
+            if epoch is None:
                 stop.wait(ELECTION_INTERVAL)
                 continue
             _lead(settings, Fenced(store, leadership), stop, leadership.held)

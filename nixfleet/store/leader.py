@@ -91,7 +91,7 @@ class Leadership:
             return False
         try:
             self._conn.execute("SELECT 1").fetchone()
-        except psycopg.OperationalError as e:
+        except psycopg.Error as e:  # the connection is dropped below, and the lock with it
             log.error("%s lost the leader's lock (epoch %d): %s", self.holder, self.epoch, e)
             self._drop()
             return False
