@@ -38,7 +38,7 @@ from psycopg import sql
 
 from nixfleet.errors import ConflictError, DatabaseFileError, ServiceError, StoreUnavailableError
 from nixfleet.store.migrations import MIGRATIONS
-from nixfleet.store.pg import PgStore, migrations
+from nixfleet.store.pg import PgStore
 
 # Each backend's own record of its migrations (PostgreSQL's baseline has its own names).
 BOOKKEEPING = "schema_migrations"
@@ -88,8 +88,7 @@ def migrate(source: Path, target: str) -> list[Copied]:
     src = open_source(source)
     try:
         with _connect(target) as pg:
-            PgStore(target, max_size=1).close()  # migrates a new database
-            _refuse_newer_target(pg, target)
+            PgStore(target, max_size=1).close()  # migrates a new one; refuses a newer one
             try:
                 with pg.transaction():
                     copied = _copy_all(src, pg, target)
@@ -156,16 +155,6 @@ def _connect(target: str) -> Iterator[psycopg.Connection[Any]]:
         raise StoreUnavailableError(f"cannot connect to {target}: {str(e).strip()}") from e
     with conn:
         yield conn
-
-
-def _refuse_newer_target(pg: psycopg.Connection[Any], target: str) -> None:
-    applied = {r[0] for r in pg.execute(f"SELECT name FROM {BOOKKEEPING}")}
-    newer = sorted(applied - {name for name, _ in migrations()})
-    if newer:
-        raise ConflictError(
-            f"{target} was migrated by a newer nixfleet ({', '.join(newer)}); "
-            "migrate-db copies only into a new, empty database"
-        )
 
 
 def _copy_all(src: sqlite3.Connection, pg: psycopg.Connection[Any], target: str) -> list[Copied]:

@@ -36,7 +36,7 @@ import psycopg
 from psycopg.rows import RowMaker
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from nixfleet.errors import StoreUnavailableError
+from nixfleet.errors import DatabaseFileError, StoreUnavailableError
 from nixfleet.models import isoformat, utcnow
 from nixfleet.store import locks
 from nixfleet.store.conn import Cursor
@@ -291,6 +291,14 @@ class PgStore:
                         (name, isoformat(utcnow())),
                     )
                 applied.append(name)
+            known = {name for name, _ in migrations()}
+            newer = [r[0] for r in conn.execute("SELECT name FROM schema_migrations ORDER BY name")]
+            newer = [name for name in newer if name not in known]
+        if newer:  # an older replica must not run on a schema it does not know
+            raise DatabaseFileError(
+                f"the PostgreSQL database was migrated by a newer nixfleet (migrations "
+                f"{', '.join(newer)} are unknown to this one); run that version or a newer one"
+            )
         return applied
 
     def applied_migrations(self) -> list[str]:

@@ -410,6 +410,17 @@ def test_a_source_newer_than_this_code_is_refused(source: Path, target: str) -> 
     assert pg_tables(target) == 0
 
 
+def test_a_target_migrated_by_a_newer_version_is_refused(source: Path, target: str) -> None:
+    PgStore(target, max_size=1).close()
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("INSERT INTO schema_migrations VALUES ('9999_future', '2027-01-01')")
+    result = CliRunner().invoke(command, ["--from", str(source), "--to", target])
+    assert result.exit_code == 7
+    assert "migrated by a newer nixfleet (migrations 9999_future" in result.stderr
+    with psycopg.connect(target) as conn:
+        assert conn.execute("SELECT count(*) FROM machines").fetchone() == (0,)
+
+
 def test_a_password_in_the_url_is_refused(source: Path, target: str) -> None:
     parts = urllib.parse.urlsplit(target)
     with_password = parts._replace(netloc=f"{parts.username}:secret@{parts.hostname}:{parts.port}")

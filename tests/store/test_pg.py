@@ -8,7 +8,7 @@ import pytest
 from ports import free_port
 from postgres_cluster import Cluster, bin_dir, import_psycopg, unavailable
 
-from nixfleet.errors import StoreUnavailableError
+from nixfleet.errors import DatabaseFileError, StoreUnavailableError
 
 import_psycopg()  # skip (a .venv without the extra) or fail (CI) before the imports below
 import psycopg  # noqa: E402
@@ -196,3 +196,17 @@ def test_a_deadlock_is_a_retryable_503_that_wrote_nothing(postgres_url: str) -> 
         assert outcomes[winner] is None
     finally:
         store.close()
+
+
+def test_a_database_migrated_by_a_newer_version_is_refused(postgres_url: str) -> None:
+    """As a replica of the old version would meet it during an upgrade: it says so and
+    opens nothing, rather than running on a schema it does not know."""
+    pg.PgStore(postgres_url, max_size=1).close()
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO schema_migrations (name, applied_at) "
+            "VALUES ('9999_from_the_future', '2027-01-01T00:00:00.000000Z')"
+        )
+    with pytest.raises(DatabaseFileError) as e:
+        pg.PgStore(postgres_url, max_size=1)
+    assert "newer nixfleet" in str(e.value) and "9999_from_the_future" in str(e.value)
