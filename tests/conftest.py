@@ -77,7 +77,7 @@ def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AnySto
     if request.param == "sqlite":
         any_: AnyStore = Store(tmp_path / "nixfleet.db")
     else:
-        url = request.getfixturevalue("postgres_url")  # skips (or fails under CI) first
+        url = request.getfixturevalue("migrated_postgres_url")  # skips (or fails) first
         from nixfleet.store.pg import PgStore
 
         any_ = PgStore(url, max_size=4)
@@ -107,6 +107,14 @@ def postgres_server() -> Iterator[Server]:
 def postgres_url(postgres_server: Server) -> Iterator[str]:
     """The URL of a new, empty PostgreSQL database of this test's own (dropped after)."""
     url = postgres_server.create_database()
+    yield url
+    postgres_server.drop_database(url)
+
+
+@pytest.fixture
+def migrated_postgres_url(postgres_server: Server) -> Iterator[str]:
+    """As postgres_url, with the store's schema already in it (and nothing else)."""
+    url = postgres_server.create_database(migrated=True)
     yield url
     postgres_server.drop_database(url)
 
@@ -251,7 +259,9 @@ def control_plane(tmp_path: Path) -> Iterator[ControlPlane]:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def any_control_plane(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ControlPlane]:
     """`control_plane` on each backend (PostgreSQL: a database of the test's own)."""
-    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+    url = (
+        request.getfixturevalue("migrated_postgres_url") if request.param == "postgresql" else None
+    )
     cp = new_control_plane(tmp_path / "cp", database_url=url)
     cp.start()
     yield cp

@@ -94,22 +94,35 @@ class Server:
 
     url: str
     created: list[str] = field(default_factory=list)
+    template: str | None = None  # a migrated, empty database new ones are copied from
 
     def database_url(self, name: str) -> str:
         parts = urllib.parse.urlsplit(self.url)
         return urllib.parse.urlunsplit(parts._replace(path="/" + name))
 
-    def create_database(self) -> str:
-        """A new, empty database (dropped by `drop_database`); its URL."""
+    def create_database(self, *, migrated: bool = False) -> str:
+        """A new database (dropped by `drop_database`), empty or with the store's schema
+        (`migrated`: a copy of a template migrated once per server, four times faster
+        than migrating each); its URL."""
         import psycopg
 
         name = "nixfleet_test_" + secrets.token_hex(6)
+        template = self._migrated_template() if migrated else "template0"
         with psycopg.connect(self.url, autocommit=True) as conn:
-            # FILE_COPY: copying template0's files is faster than WAL-logging every
+            # FILE_COPY: copying the template's files is faster than WAL-logging every
             # page of it (PostgreSQL 15's default) for a database this small.
-            conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0 STRATEGY FILE_COPY')
+            conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}" STRATEGY FILE_COPY')
         self.created.append(name)
         return self.database_url(name)
+
+    def _migrated_template(self) -> str:
+        if self.template is None:
+            from nixfleet.store.pg import PgStore
+
+            url = self.create_database()
+            PgStore(url, max_size=1).close()  # no session may stay open on a template
+            self.template = urllib.parse.urlsplit(url).path.lstrip("/")
+        return self.template
 
     def drop_database(self, url: str) -> None:
         import psycopg

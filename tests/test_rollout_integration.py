@@ -92,7 +92,9 @@ class Fleet:
 def cp(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ControlPlane]:
     """A control plane reconciling every 0.1 s, with a readonly key next to the admin key,
     on each backend."""
-    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+    url = (
+        request.getfixturevalue("migrated_postgres_url") if request.param == "postgresql" else None
+    )
     rollouts_dir = tmp_path / "rollouts"
     rollouts_dir.mkdir()
     plane = new_control_plane(
