@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import pty
+import signal
 import subprocess
 import sys
 import time
@@ -43,6 +44,14 @@ def load_file(name: str, path: Path) -> ModuleType:
         spec.loader.exec_module(module)
     return sys.modules[name]
 
+
+# Ctrl-C reaches the processes the tests start as it does on a terminal. A harness
+# started in the background by a script (`bash .ci/run &`) inherits SIGINT ignored,
+# which exec passes on and Python then honours (no KeyboardInterrupt): the CLI's
+# "Ctrl-C exits 130" tests would wait in vain. A handler, unlike SIG_IGN, is reset to
+# the default in every exec'd child.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Real Nix runs offline here: no substituters (else each build waits on the public
 # cache), flakes on. A developer's own NIX_CONFIG wins.
