@@ -156,8 +156,9 @@ def once(db: Path, machines: int, fresh: Callable[[Path], AnyStore] | None = Non
     _rollout(store, machines, "bench-policy", "p", **POLICY_DOC)
     # A held batch's tick may change nothing while its judge window moves on (the
     # machines it judges were judged before): quiet means a whole round of windows
-    # without a change.
-    rounds, idle = -(-machines // reconciler.TICK_MACHINES) + 1, 0
+    # without a change. Under a budget a window is LIMITED_SHARE of TICK_MACHINES.
+    window = int(reconciler.TICK_MACHINES * reconciler.LIMITED_SHARE)
+    rounds, idle = -(-machines // window) + 1, 0
     while idle < rounds:
         idle = 0 if clock.tick("policy") else idle + 1
         clock.all_report(ok=True, quiet="substr(id, 6, 2) = '00'")
