@@ -11,6 +11,8 @@ measures from separate load-generator processes on 127.0.0.1:
   tick      one reconciler tick over a rollout of every machine (when it exists)
   storage   database size after 30 simulated days of history (bench/history_bench.py)
   agent     nixfleet-agent RSS and CPU per poll against the control plane
+  postgresql  bench/pg_bench.py: reports (1 and 2 replicas), status and the tick on
+            PostgreSQL beside SQLite, in one run (needs Debian's postgresql binaries)
 
 Every figure is the median of --runs runs. Results go to stdout as a table and to
 bench/results/<machines>.json (<machines>-workers<N>.json with --workers N).
@@ -46,6 +48,7 @@ import fleet  # noqa: E402
 import load  # noqa: E402
 
 PHASES = ("report", "status", "cli", "tick", "storage")  # agent: --only agent (needs Nix)
+OPTIONAL = ("agent", "postgresql")  # only when named in --only
 
 
 def free_port() -> int:
@@ -335,11 +338,46 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def bench_postgresql(machines: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """bench/pg_bench.py in its own process (its cluster and servers are its own);
+    its whole result is in bench/results/pg-<machines>.json, the ratios here."""
+    subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "pg_bench.py"),
+            "--machines",
+            str(machines),
+            "--runs",
+            str(args.runs),
+            "--events",
+            str(args.events),
+            "--workdir",
+            str(workdir / "postgresql"),
+        ],
+        check=True,
+    )
+    pg = json.loads((BENCH / "results" / f"pg-{machines}.json").read_text())
+    report = pg["report"]
+    return {
+        "heartbeat_replica_ratio": report["heartbeat_replica_ratio"],
+        "change_replica_ratio": report["change_replica_ratio"],
+        "change_postgresql_2_rps": report["change_postgresql-2_rps"],
+        "status_sqlite_s": pg["status_sqlite"]["seconds"],
+        "status_postgresql_s": pg["status_postgresql"]["seconds"],
+        "tick_sqlite_s": pg["tick_sqlite"]["seconds"],
+        "tick_postgresql_s": pg["tick_postgresql"]["seconds"],
+    }
+
+
 def run_size(machines: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     print(f"== {machines} machines", file=sys.stderr)
+    result: dict[str, Any] = {"machines": machines}
+    if "postgresql" in args.only:
+        result["postgresql"] = bench_postgresql(machines, args, workdir)
+        if not args.only & {"report", "status", "cli", "agent", "tick", "storage"}:
+            return result
     db = workdir / f"fleet-{machines}.db"
     key = build_db.build(db, machines, args.events)
-    result: dict[str, Any] = {"machines": machines}
     cp_port, bare_port = free_port(), free_port()
     settings = workdir / "settings.json"
     settings.write_text(json.dumps({"threads": args.threads, "workers": args.workers}))
@@ -457,6 +495,22 @@ def table(results: list[dict[str, Any]]) -> str:
                 f"{st['events']:,} events; +{st['heartbeat_events']} events after "
                 f"{st['heartbeats']:,} heartbeats) | ≤ 500 MiB |"
             )
+        pg = r.get("postgresql")
+        if pg:
+            lines.append(
+                f"| {n} | PostgreSQL replica / SQLite, heartbeat / change reports | "
+                f"{pg['heartbeat_replica_ratio'] * 100:.0f} % / "
+                f"{pg['change_replica_ratio'] * 100:.0f} % | ≥ 70 % |"
+            )
+            lines.append(
+                f"| {n} | GET /api/v1/status, SQLite / PostgreSQL | "
+                f"{pg['status_sqlite_s'] * 1000:.0f} / {pg['status_postgresql_s'] * 1000:.0f} ms "
+                "| < 500 ms |"
+            )
+            lines.append(
+                f"| {n} | slowest tick, SQLite / PostgreSQL | {pg['tick_sqlite_s'] * 1000:.0f} / "
+                f"{pg['tick_postgresql_s'] * 1000:.0f} ms | < 250 ms |"
+            )
         ag = r.get("agent")
         if ag:
             lines.append(
@@ -473,7 +527,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--machines", default="100000", help="fleet sizes, comma-separated")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--only", default=",".join(PHASES), help=f"subset of {PHASES}")
+    parser.add_argument("--only", default=",".join(PHASES), help=f"subset of {PHASES + OPTIONAL}")
     parser.add_argument("--events", type=int, default=3, help="history events per machine")
     parser.add_argument("--history-days", type=int, default=30, help="simulated days (storage)")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per report run")
@@ -514,7 +568,7 @@ def main() -> None:
         new.setdefault("args", {})
         new["args"] = {
             **(new["args"] if isinstance(new["args"], dict) else {}),
-            **{phase: sys.argv[1:] for phase in r if phase in PHASES},
+            **{phase: sys.argv[1:] for phase in r if phase in PHASES + OPTIONAL},
         }
         path.write_text(json.dumps(new, indent=2) + "\n")
     print(table(results))

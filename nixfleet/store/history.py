@@ -105,10 +105,13 @@ Window = list[tuple[int, object]]
 # SQL: the machine's number and its window as JSON ([[seq, generation], …]), for the
 # machine whose id is the expression `machine_id` (a report reads both with its row).
 NUMBER_SQL = "(SELECT num FROM machine_numbers WHERE machine_id = {machine_id})"
-WINDOW_SQL = (
-    "(SELECT json_group_array(json_array(w.seq, w.generation)) FROM (SELECT seq, generation "
-    f"FROM machine_events WHERE machine = {NUMBER_SQL} ORDER BY seq DESC LIMIT {LOOKBACK}) w)"
+_WINDOW_ROWS = (
+    f"FROM (SELECT seq, generation FROM machine_events WHERE machine = {NUMBER_SQL} "
+    f"ORDER BY seq DESC LIMIT {LOOKBACK}) w)"
 )
+WINDOW_SQL = "(SELECT json_group_array(json_array(w.seq, w.generation)) " + _WINDOW_ROWS
+# PostgreSQL's spelling (a back reference's generation is NULL there: generation_back).
+WINDOW_SQL_PG = "(SELECT json_agg(json_build_array(w.seq, w.generation))::text " + _WINDOW_ROWS
 
 
 def window_of(text: str | None) -> Window:
@@ -121,19 +124,24 @@ def add(
     conn: Connection,
     events: Iterable[Event],
     known: Mapping[str, tuple[int, Window]] | None = None,
+    *,
+    locked: bool = False,
 ) -> None:
     """Append events in order (each machine's after its newest), in one INSERT.
 
     `known`: per machine, its number and window as read in this transaction
     (NUMBER_SQL, WINDOW_SQL), which saves reading them again. On PostgreSQL the
     machines' rows are locked first (`lock_machines`) and the windows read after the
-    lock; with `known` the caller holds that lock already (record_report updated the
-    row) but read the window before it, so only the number is taken from `known`.
+    lock; with `known` the caller holds that lock already, and `locked` says it read
+    the windows after taking it, in a later statement (record_report); without
+    `locked` only the numbers are taken from `known`.
     """
     by_machine: dict[str, list[Event]] = {}
     for e in events:
         by_machine.setdefault(e.machine_id, []).append(e)
-    if is_postgresql(conn):
+    if is_postgresql(conn) and not (
+        locked and known is not None and known.keys() >= by_machine.keys()
+    ):
         known = _windows_pg(conn, list(by_machine), known)
     rows: list[object] = []
     for machine_id, mine in by_machine.items():

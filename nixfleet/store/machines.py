@@ -333,9 +333,15 @@ _REPORT_ROW = _REPORT_ROW_TEMPLATE.format(
     agent_tags="SELECT json_group_array(tag)",
     window=history.WINDOW_SQL.format(machine_id="machines.id"),
 )
-_REPORT_ROW_PG = _REPORT_ROW_TEMPLATE.format(
-    agent_tags="SELECT coalesce(json_agg(tag)::text, '[]')",
-    window="NULL",  # history.add reads it again under the row lock on PostgreSQL
+# On PostgreSQL the read locks the machine's row (as history.lock_machines would), so
+# that the UPDATE's statement, which starts after the lock is taken, reads the
+# newest events in its RETURNING: a window read with the row could miss the events
+# of a transaction this one waited for (READ COMMITTED re-reads only the locked row).
+_REPORT_ROW_PG = (
+    _REPORT_ROW_TEMPLATE.format(
+        agent_tags="SELECT coalesce(json_agg(tag)::text, '[]')", window="NULL"
+    )
+    + " FOR NO KEY UPDATE OF machines"
 )
 # One spelling for both backends: SQLite 3.39+ has IS DISTINCT FROM, and a
 # parameter only tested for NULL is given its type for PostgreSQL.
@@ -359,6 +365,9 @@ _REPORT_UPDATE = (
     "  ELSE lifecycle END "
     "WHERE id = :id"
 )
+_REPORT_UPDATE_PG = (
+    f"{_REPORT_UPDATE} RETURNING {history.WINDOW_SQL_PG.format(machine_id='machines.id')} AS window"
+)
 
 
 def record_report(conn: Connection, report: Report) -> tuple[Row, Lifecycle | None]:
@@ -372,8 +381,9 @@ def record_report(conn: Connection, report: Report) -> tuple[Row, Lifecycle | No
     # The poll hint is the running rollout's (store.rollouts.set_poll_hint), found
     # through rollout_machines_machine; a machine is in at most one active rollout.
     # Its reboot policy (DESIGN §11) is looked up only when the agent needs a reboot.
+    pg = is_postgresql(conn)
     row = conn.execute(
-        _REPORT_ROW_PG if is_postgresql(conn) else _REPORT_ROW,
+        _REPORT_ROW_PG if pg else _REPORT_ROW,
         (bool(report.needs_reboot), report.machine_id),
     ).fetchone()
     if row is None:
@@ -406,7 +416,11 @@ def record_report(conn: Connection, report: Report) -> tuple[Row, Lifecycle | No
         "booted": report.booted_generation,
         "id": report.machine_id,
     }
-    conn.execute(_REPORT_UPDATE, values)
+    if pg:  # the newest events, read under the row lock (_REPORT_ROW_PG)
+        window = conn.execute(_REPORT_UPDATE_PG, values).fetchone()["window"]
+    else:
+        conn.execute(_REPORT_UPDATE, values)
+        window = row["window"]
     prior = changes.Prior(
         current_generation=row["current_generation"],
         failed_generation=row["failed_generation"],
@@ -440,11 +454,11 @@ def record_report(conn: Connection, report: Report) -> tuple[Row, Lifecycle | No
             events.append(tags)
     if events:
         known = (
-            {report.machine_id: (int(row["num"]), history.window_of(row["window"]))}
+            {report.machine_id: (int(row["num"]), history.window_of(window))}
             if row["num"] is not None
             else None
         )
-        history.add(conn, events, known)
+        history.add(conn, events, known, locked=pg)
     return row, promoted
 
 

@@ -128,18 +128,18 @@ class Row(tuple[Any, ...]):
 
 
 @functools.lru_cache(maxsize=1024)
-def _row_class(names: tuple[str, ...]) -> type[Row]:
-    return type("Row", (Row,), {"_index": {name: i for i, name in enumerate(names)}})
+def _row_class(names: tuple[bytes, ...]) -> type[Row]:
+    index = {name.decode(): i for i, name in enumerate(names)}  # the store's names are ASCII
+    return type("Row", (Row,), {"_index": index})
 
 
 def row_factory(cursor: psycopg.Cursor[Any]) -> RowMaker[Row]:
-    names = tuple(d.name for d in cursor.description or ())
-    cls = _row_class(names)
-
-    def make(values: Sequence[Any]) -> Row:
-        return cls(values)
-
-    return make
+    """The row class of the cursor's result (its column names read from the result
+    itself: `cursor.description` builds an object per column, ~50 µs a statement)."""
+    res = cursor.pgresult
+    if res is None:
+        return _row_class(())
+    return _row_class(tuple(res.fname(i) or b"" for i in range(res.nfields)))
 
 
 class PgConnection:

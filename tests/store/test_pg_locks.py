@@ -133,9 +133,9 @@ def test_events_of_one_machine_from_two_transactions_take_the_next_seqs(pg: PgSt
 @pytest.mark.parametrize("desired_first", [True, False], ids=["desired-first", "report-first"])
 def test_a_bulk_desired_generation_and_a_report_at_once(pg: PgStore, desired_first: bool) -> None:
     """A rollout's batch start (add_desired over many machines, one statement) and a
-    report of one of them (record_report: the window its row read is from before
-    the lock) in either order: each takes the next seqs, the report's path still
-    refers to the desired event when that came first."""
+    report of one of them (record_report: its row read waits for the lock, and the
+    window is read by the next statement) in either order: each takes the next seqs,
+    the report's path still refers to the desired event when that came first."""
     hosts = [f"web-{i:02}" for i in range(20)]
     register(pg, *hosts)
 
