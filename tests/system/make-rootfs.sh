@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds (once) and prints the path of a Debian root file system for the system
 # tier: systemd as PID 1 for the units the modules render, Python for the
-# wheel, and Debian's nix-bin (Nix 2.26 in trixie, 2.8 in bookworm) for the
-# second Nix run.
+# wheel, Debian's nix-bin (Nix 2.26 in trixie, 2.8 in bookworm) for the
+# second Nix run, and Debian's postgresql for the control plane on PostgreSQL.
 #
 #   tests/system/make-rootfs.sh [SUITE]      (default: the other release: trixie, or
 #                                             bookworm on a Debian 13 machine)
@@ -25,9 +25,10 @@ case "$(. "$HOST_ETC/os-release" 2>/dev/null && echo "${VERSION_CODENAME:-}")" i
 esac
 CACHE="${NIXFLEET_ROOTFS_CACHE:-/var/cache/nixfleet-tests}"
 # debootstrap resolves --include without virtual packages (nix-bin needs
-# perl-dbdabi-94), so Nix is installed by apt in a second step.
+# perl-dbdabi-94), so Nix is installed by apt in a second step; so is Debian's
+# PostgreSQL, for the control plane's database.createLocally (peer authentication).
 BASE="systemd,systemd-sysv,dbus,libnss-systemd,python3,python3-venv,ca-certificates,git,procps,iproute2"
-EXTRA="nix-bin nix-setup-systemd"
+EXTRA="nix-bin nix-setup-systemd postgresql"
 
 # The Debian archive this machine's apt uses: the first enabled source (deb822
 # stanza in sources.list.d/*.sources, or one-line entry in sources.list{,.d/*.list})

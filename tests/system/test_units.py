@@ -306,6 +306,102 @@ def test_postgresql_variant_verifies_silently_inside(box: Box) -> None:
     assert (done.returncode, done.stderr + done.stdout) == (0, "")
 
 
+# Around Debian's real postgresql.service (its server, enabled at boot), the units
+# nixpkgs' services.postgresql adds and database.createLocally orders after:
+# postgresql-setup.service runs ensureUsers/ensureDatabases (the role and database
+# `nixfleet`, owned by it), postgresql.target is up once it has.
+PG_SETUP = """\
+[Unit]
+Requires=postgresql.service
+After=postgresql.service
+
+[Service]
+Type=oneshot
+RemainAfterExit=true
+User=postgres
+ExecStart=/usr/bin/psql -v ON_ERROR_STOP=1 -d postgres -c "CREATE ROLE nixfleet LOGIN" \
+  -c "CREATE DATABASE nixfleet OWNER nixfleet"
+"""
+PG_TARGET = """\
+[Unit]
+Requires=postgresql.service postgresql-setup.service
+After=postgresql-setup.service
+"""
+PG_CP = "nixfleet-control-plane-postgresql.service"  # beside the SQLite one, own port
+
+
+def _ready(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url + "/ready", timeout=2) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+def _psql(box: Box, sql: str) -> list[str]:
+    """Rows of `sql` in the database nixfleet, as the server's superuser (peer)."""
+    out: str = box.c.run("runuser", "-u", "postgres", "--", "psql", "-Atd", "nixfleet",
+                         "-v", "ON_ERROR_STOP=1", "-c", sql).stdout  # fmt: skip
+    return out.split()
+
+
+def test_control_plane_on_a_local_postgresql_by_peer_authentication(box: Box) -> None:
+    """database.createLocally for real: the rendered unit, as the dynamic user
+    `nixfleet`, reaches Debian's PostgreSQL over its socket by peer authentication (no
+    password anywhere), after the role and database were made as nixpkgs makes them;
+    what it writes is in that database."""
+    port = free_port()
+    config = machine_config(port, ["prod"]).replace(
+        "settings.reconcile_interval = 1;", "database.createLocally = true;"
+    )
+    scripts = "/etc/nixfleet-unit-scripts-postgresql"
+    out = units.render(
+        "/nixpkgs-lib",
+        config,
+        packages=PACKAGES,
+        script_dir=scripts,
+        instantiate=box.inner("nix-instantiate"),
+        render_file="/src/tests/nix/render-units.nix",
+    )
+    unit = out["units"][CP]
+    assert "User=nixfleet" in unit["text"].splitlines()
+    assert "pass" not in unit["text"].lower()  # no password, no passfile
+    c = box.c
+    c.write("/etc/systemd/system/postgresql-setup.service", PG_SETUP)
+    c.write("/etc/systemd/system/postgresql.target", PG_TARGET)
+    c.write(f"/etc/systemd/system/{PG_CP}", unit["text"])
+    for script, text in unit["scripts"].items():
+        c.write(f"{scripts}/{script}", text, 0o755)
+    c.run("systemctl", "daemon-reload")
+    try:
+        c.run("systemctl", "start", PG_CP)  # pulls in the server and the setup (Requires)
+        url = f"http://127.0.0.1:{port}"
+        wait_for("the control plane on PostgreSQL to be ready", lambda: _ready(url))
+        client = Client(url, ADMIN_KEY)
+        client.post("/api/v1/machines", {"id": "pg-box", "tags": ["prod"]})
+        assert [m["id"] for m in client.get("/api/v1/machines")["machines"]] == ["pg-box"]
+        assert _psql(box, "SELECT id FROM machines") == ["pg-box"]
+        # Its connections: the role nixfleet, over the socket (no client address).
+        sessions = _psql(
+            box,
+            "SELECT usename || '|' || (client_addr IS NULL) FROM pg_stat_activity "
+            "WHERE datname = 'nixfleet' AND pid <> pg_backend_pid() AND backend_type = "
+            "'client backend'",
+        )
+        assert sessions and set(sessions) == {"nixfleet|true"}, sessions
+        # The role has no password: those sessions were let in by peer authentication.
+        assert _psql(
+            box, "SELECT rolpassword IS NULL FROM pg_authid WHERE rolname = 'nixfleet'"
+        ) == ["t"]
+    except BaseException:
+        print(c.journal(PG_CP, 200), c.journal("postgresql-setup.service", 50), sep="\n")
+        raise
+    finally:
+        c.run("systemctl", "stop", PG_CP, check=False)
+
+
 def test_control_plane_runs_as_a_dynamic_user_with_its_credential(running: Box) -> None:
     c = running.c
     assert c.run("systemctl", "is-active", CP).stdout.strip() == "active"
