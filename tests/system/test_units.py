@@ -367,7 +367,7 @@ def test_control_plane_on_a_local_postgresql_by_peer_authentication(box: Box) ->
     )
     unit = out["units"][CP]
     assert "User=nixfleet" in unit["text"].splitlines()
-    assert "pass" not in unit["text"].lower()  # no password, no passfile
+    assert "passfile" not in unit["text"] and "pgpass" not in unit["text"]  # no password
     c = box.c
     c.write("/etc/systemd/system/postgresql-setup.service", PG_SETUP)
     c.write("/etc/systemd/system/postgresql.target", PG_TARGET)
