@@ -90,13 +90,27 @@ class Box:
         m: dict[str, Any] = self.client().get(f"/api/v1/machines/{MID}")
         return m
 
-    def render(self, tags: list[str]) -> dict[str, Any]:
-        """The modules evaluated for this machine with `tags`, inside the container."""
+    def render(
+        self,
+        tags: list[str],
+        *,
+        port: int | None = None,
+        script_dir: str = SCRIPTS,
+        postgresql: bool = False,
+    ) -> dict[str, Any]:
+        """The modules evaluated for this machine with `tags`, inside the container
+        (`postgresql`: the control plane's database.createLocally; `port`: another
+        control plane's)."""
+        config = machine_config(self.port if port is None else port, tags)
+        if postgresql:
+            config = config.replace(
+                "settings.reconcile_interval = 1;", "database.createLocally = true;"
+            )
         out: dict[str, Any] = units.render(
             "/nixpkgs-lib",
-            machine_config(self.port, tags),
+            config,
             packages=PACKAGES,
-            script_dir=SCRIPTS,
+            script_dir=script_dir,
             instantiate=self.inner("nix-instantiate"),
             render_file="/src/tests/nix/render-units.nix",
         )
@@ -245,11 +259,12 @@ def running(box: Box) -> Box:
     return box
 
 
-def _health(url: str) -> bool:
+def _health(url: str, endpoint: str = "/health") -> bool:
+    """Whether the control plane answers 200 on `endpoint` (/health, or /ready)."""
     import urllib.request
 
     try:
-        with urllib.request.urlopen(url + "/health", timeout=2) as r:
+        with urllib.request.urlopen(url + endpoint, timeout=2) as r:
             return bool(r.status == 200)
     except OSError:
         return False
@@ -286,17 +301,7 @@ def test_rendered_units_verify_silently_inside(box: Box) -> None:
 def test_postgresql_variant_verifies_silently_inside(box: Box) -> None:
     """database.createLocally's unit (User=nixfleet, after/requires PostgreSQL) under
     the container's systemd, beside stand-ins for nixpkgs' postgresql units."""
-    config = machine_config(box.port, ["prod"]).replace(
-        "settings.reconcile_interval = 1;", "database.createLocally = true;"
-    )
-    out = units.render(
-        "/nixpkgs-lib",
-        config,
-        packages=PACKAGES,
-        script_dir=SCRIPTS,
-        instantiate=box.inner("nix-instantiate"),
-        render_file="/src/tests/nix/render-units.nix",
-    )
+    out = box.render(["prod"], postgresql=True)
     where = "/srv/verify-postgresql"
     box.c.write(f"{where}/{CP}", out["units"][CP]["text"])
     for name, text in units.POSTGRESQL_UNITS.items():
@@ -330,16 +335,6 @@ After=postgresql-setup.service
 PG_CP = "nixfleet-control-plane-postgresql.service"  # beside the SQLite one, own port
 
 
-def _ready(url: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url + "/ready", timeout=2) as r:
-            return bool(r.status == 200)
-    except OSError:
-        return False
-
-
 def _psql(box: Box, sql: str) -> list[str]:
     """Rows of `sql` in the database nixfleet, as the server's superuser (peer)."""
     out: str = box.c.run("runuser", "-u", "postgres", "--", "psql", "-Atd", "nixfleet",
@@ -353,19 +348,8 @@ def test_control_plane_on_a_local_postgresql_by_peer_authentication(box: Box) ->
     password anywhere), after the role and database were made as nixpkgs makes them;
     what it writes is in that database."""
     port = free_port()
-    config = machine_config(port, ["prod"]).replace(
-        "settings.reconcile_interval = 1;", "database.createLocally = true;"
-    )
     scripts = "/etc/nixfleet-unit-scripts-postgresql"
-    out = units.render(
-        "/nixpkgs-lib",
-        config,
-        packages=PACKAGES,
-        script_dir=scripts,
-        instantiate=box.inner("nix-instantiate"),
-        render_file="/src/tests/nix/render-units.nix",
-    )
-    unit = out["units"][CP]
+    unit = box.render(["prod"], port=port, script_dir=scripts, postgresql=True)["units"][CP]
     assert "User=nixfleet" in unit["text"].splitlines()
     assert "passfile" not in unit["text"] and "pgpass" not in unit["text"]  # no password
     c = box.c
@@ -378,7 +362,7 @@ def test_control_plane_on_a_local_postgresql_by_peer_authentication(box: Box) ->
     try:
         c.run("systemctl", "start", PG_CP)  # pulls in the server and the setup (Requires)
         url = f"http://127.0.0.1:{port}"
-        wait_for("the control plane on PostgreSQL to be ready", lambda: _ready(url))
+        wait_for("the control plane on PostgreSQL to be ready", lambda: _health(url, "/ready"))
         client = Client(url, ADMIN_KEY)
         client.post("/api/v1/machines", {"id": "pg-box", "tags": ["prod"]})
         assert [m["id"] for m in client.get("/api/v1/machines")["machines"]] == ["pg-box"]
