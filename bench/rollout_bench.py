@@ -157,7 +157,7 @@ def once(db: Path, machines: int, fresh: Callable[[Path], AnyStore] | None = Non
     # A held batch's tick may change nothing while its judge window moves on (the
     # machines it judges were judged before): quiet means a whole round of windows
     # without a change. Under a budget a window is LIMITED_SHARE of TICK_MACHINES.
-    window = int(reconciler.TICK_MACHINES * reconciler.LIMITED_SHARE)
+    window = reconciler.limited_share(reconciler.TICK_MACHINES)
     rounds, idle = -(-machines // window) + 1, 0
     while idle < rounds:
         idle = 0 if clock.tick("policy") else idle + 1

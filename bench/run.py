@@ -374,7 +374,7 @@ def run_size(machines: int, args: argparse.Namespace, workdir: Path) -> dict[str
     result: dict[str, Any] = {"machines": machines}
     if "postgresql" in args.only:
         result["postgresql"] = bench_postgresql(machines, args, workdir)
-        if not args.only & {"report", "status", "cli", "agent", "tick", "storage"}:
+        if not args.only & (set(PHASES + OPTIONAL) - {"postgresql"}):
             return result
     db = workdir / f"fleet-{machines}.db"
     key = build_db.build(db, machines, args.events)

@@ -40,6 +40,11 @@ TICK_MACHINES = 5_000
 LIMITED_SHARE = 0.5
 
 
+def limited_share(limit: int) -> int:
+    """The machines a rollout under a budget writes or judges per tick (LIMITED_SHARE)."""
+    return max(1, int(limit * LIMITED_SHARE))
+
+
 def apply_decision(
     conn: Connection,
     view: rollout.RolloutView,
@@ -154,7 +159,7 @@ def step(
     if view.status is not RolloutStatus.RUNNING:
         return rollout.Decision()
     if ctx.limited(view):
-        limit = max(1, int(limit * LIMITED_SHARE))
+        limit = limited_share(limit)
     deploying = rollout.deploying_batch(view)
     judged, tally, budget = 0, None, limit
     hold: gate.Hold | None = None
