@@ -17,6 +17,7 @@ dribbles a byte every few seconds cannot hold a caller past it.
 
 from __future__ import annotations
 
+import gc
 import http.client
 import json
 import ssl
@@ -484,11 +485,22 @@ def _rollout(ref: str, suffix: str = "") -> str:
 def _parse(raw: bytes) -> Any:
     """JSON text to Python: orjson (the status of 100,000 machines, 44 MB, in ~0.3 s where
     json.loads takes ~0.45 s); json.loads where orjson refuses what json accepts (an
-    integer past 64 bits)."""
+    integer past 64 bits).
+
+    Without cyclic collections while it runs: parsed JSON is a tree, which reference
+    counting frees, but the 1.3 million dicts and lists of a 100,000-machine status
+    set off collections that walk them again and again (the parse ~0.77 s with them,
+    ~0.39 s without: docs/performance.md, "The CLI's parse").
+    """
+    collecting = gc.isenabled()
+    gc.disable()
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         return json.loads(raw)
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def _snippet(raw: bytes, size: int = 60) -> str:

@@ -7,6 +7,7 @@ the point is misbehaviour, the real control plane otherwise).
 from __future__ import annotations
 
 import contextlib
+import gc
 import http.server
 import socket
 import ssl
@@ -139,6 +140,25 @@ def test_a_body_that_is_not_the_documented_object_is_a_clear_error(
     url = raw_server(answer("200 OK", "application/json", body))
     with pytest.raises(ProtocolError, match=expected):
         Client(url).status()
+
+
+@pytest.mark.parametrize("collecting", [True, False])
+@pytest.mark.parametrize(
+    "body", [b'{"n": 1}', b'{"n": 123456789012345678901234567890}', b"{not json"]
+)
+def test_parsing_an_answer_leaves_the_cyclic_collector_as_it_was(
+    raw_server: Callable[[Handler], str], body: bytes, collecting: bool
+) -> None:
+    """The parse pauses the collector (client._parse): it is back as it was afterwards,
+    through orjson, through json's fallback for what orjson refuses, and after an error."""
+    url = raw_server(answer("200 OK", "application/json", body))
+    (gc.enable if collecting else gc.disable)()
+    try:
+        with contextlib.suppress(ProtocolError):
+            Client(url).get("/anything")
+        assert gc.isenabled() is collecting
+    finally:
+        gc.enable()
 
 
 def test_a_proxy_without_its_backend_is_unreachable(raw_server: Callable[[Handler], str]) -> None:
