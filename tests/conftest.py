@@ -58,6 +58,19 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 os.environ.setdefault("NIX_CONFIG", "substituters =\nexperimental-features = nix-command flakes")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `long` first, the system tier's before the others (a stable sort):
+    pytest-xdist (./dev test) hands out tests in this order, and a test of minutes
+    started last would end the run alone on one worker while the others wait. The
+    longest, the nix-marked tests under the container's Nix, is a system test."""
+    items.sort(
+        key=lambda item: (
+            item.get_closest_marker("long") is None,
+            item.get_closest_marker("system") is None,
+        )
+    )
+
+
 @contextmanager
 def store_before(path: Path, migration: str) -> Iterator[Store]:
     """A Store whose schema stops before `migration`, to write what older code wrote;

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 from ports import free_port
 
@@ -70,6 +71,7 @@ LONE_TESTS = ["tests/test_docs.py", "tests/nix/test_real_lib.py"]
 LIB_SKIP = "no nixpkgs lib: NIXFLEET_NIXPKGS_LIB is unset and the flake's nixpkgs input"
 
 
+@pytest.mark.long
 def test_a_lone_clone_passes(tmp_path: Path) -> None:
     """README's two commands need nothing beside the clone (no ../shared, no sibling).
 

@@ -117,6 +117,7 @@ def _run(cp: ControlPlane, role: Role, work: Path) -> tuple[subprocess.Completed
     return done, har
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("role", ROLES, ids=[r.name for r in ROLES])
 def test_no_5xx_for_any_role(cp: ControlPlane, role: Role, tmp_path: Path) -> None:
     started = time.monotonic()

@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,6 @@ import nixfleet_test_units as units  # loaded by conftest
 import pytest
 
 pytestmark = pytest.mark.system
-
-RESULTS: list[str] = container.RESULTS  # printed at the end of the session (conftest)
 
 
 def nix_version(text: str) -> tuple[int, int]:
@@ -75,8 +74,12 @@ def summary(output: str) -> str:
     return lines[-1].strip("= ") if lines else "no summary"
 
 
+@pytest.mark.long
 def test_nix_marked_tests_pass_under_the_other_nix(
-    system_root: Path, system_venv: Path, nix_conf: Path
+    system_root: Path,
+    system_venv: Path,
+    nix_conf: Path,
+    record_property: Callable[[str, object], None],
 ) -> None:
     lib = units.nixpkgs_lib()
     version = inner(system_root, system_venv, nix_conf, None, "nix", "--version").stdout.strip()
@@ -87,10 +90,13 @@ def test_nix_marked_tests_pass_under_the_other_nix(
         "-m", "nix and not system", "--ignore=tests/ui", "tests",  # ui: browser deps
     )  # fmt: skip
     here = container.host_release() or "not Debian"
-    RESULTS.append(f"{host_nix()} (this machine, {here}): the nix-marked tests above")
+    # Printed at the end of the run by conftest (a property travels with the test's
+    # report from a pytest-xdist worker to the run's own process).
+    results = [f"{host_nix()} (this machine, {here}): the nix-marked tests above"]
     if os.environ.get(container.SUITE_VAR):
-        RESULTS.append(f"(the container's release forced by {container.SUITE_VAR})")
-    RESULTS.append(f"{version} ({system_root.name}): {summary(done.stdout)}")
+        results.append(f"(the container's release forced by {container.SUITE_VAR})")
+    results.append(f"{version} ({system_root.name}): {summary(done.stdout)}")
+    record_property(container.NIX_VERSIONS, results)
     assert done.returncode == 0, f"under {version}:\n{done.stdout[-8000:]}\n{done.stderr[-3000:]}"
     assert " passed" in summary(done.stdout)
 
