@@ -71,6 +71,29 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     )
 
 
+# The property of tests/system/test_nix_versions.py whose lines (which Nix ran what)
+# end the session's output. Its report carries them to this process from a
+# pytest-xdist worker; the hook lives here because the main process of a parallel
+# run loads no conftest below tests/ (it collects nothing itself).
+NIX_VERSIONS = "nix_versions"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Both Nix runs in the session's output: this machine's and the container's."""
+    lines = [
+        line
+        for outcome in ("passed", "failed")
+        for report in terminalreporter.stats.get(outcome, [])
+        for name, value in getattr(report, "user_properties", ())
+        if name == NIX_VERSIONS
+        for line in value
+    ]
+    if lines:
+        terminalreporter.section("Nix versions")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
 @contextmanager
 def store_before(path: Path, migration: str) -> Iterator[Store]:
     """A Store whose schema stops before `migration`, to write what older code wrote;

@@ -70,20 +70,3 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Both Nix runs in the session's output: this machine's and the container's
-    (from the test's reports, which reach this process from pytest-xdist's workers)."""
-    lines = [
-        line
-        for outcome in ("passed", "failed")
-        for report in terminalreporter.stats.get(outcome, [])
-        for name, value in getattr(report, "user_properties", ())
-        if name == container.NIX_VERSIONS
-        for line in value
-    ]
-    if lines:
-        terminalreporter.section("Nix versions")
-        for line in lines:
-            terminalreporter.write_line(line)

@@ -38,8 +38,6 @@ INNER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 VENV = "/opt/nixfleet"  # where the project is installed inside containers
 NIX_CONF = "sandbox = false\nsubstituters =\nexperimental-features = nix-command flakes\n"
 BOOT_TIMEOUT = 90.0
-# The test property whose lines end the session's output (which Nix ran what).
-NIX_VERSIONS = "nix_versions"
 # The host's trust store, which may hold a proxy's CA the Debian root lacks.
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 

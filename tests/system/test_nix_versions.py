@@ -22,6 +22,7 @@ from typing import Any
 import nixfleet_test_container as container  # loaded by conftest
 import nixfleet_test_units as units  # loaded by conftest
 import pytest
+from conftest import NIX_VERSIONS
 
 pytestmark = pytest.mark.system
 
@@ -96,7 +97,7 @@ def test_nix_marked_tests_pass_under_the_other_nix(
     if os.environ.get(container.SUITE_VAR):
         results.append(f"(the container's release forced by {container.SUITE_VAR})")
     results.append(f"{version} ({system_root.name}): {summary(done.stdout)}")
-    record_property(container.NIX_VERSIONS, results)
+    record_property(NIX_VERSIONS, results)
     assert done.returncode == 0, f"under {version}:\n{done.stdout[-8000:]}\n{done.stderr[-3000:]}"
     assert " passed" in summary(done.stdout)
 
