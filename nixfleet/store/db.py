@@ -122,6 +122,16 @@ class Store:
                 f"{self.path} is not a usable SQLite database ({e}); restore it from a "
                 "backup (nixfleet-control-plane backup), or move it away to start anew"
             ) from e
+        except UnicodeDecodeError as e:
+            # A corrupt schema can put bytes that are not UTF-8 into what SQLite says of
+            # it ("malformed database schema (<its name>)"), which sqlite3 cannot decode.
+            self.close()
+            raise DatabaseFileError(
+                f"{self.path} is not a usable SQLite database (it is corrupt: SQLite "
+                f"named the damage in bytes that are not UTF-8, {e.reason} at byte "
+                f"{e.start}); restore it from a backup (nixfleet-control-plane backup), "
+                "or move it away to start anew"
+            ) from e
         except BaseException:
             self.close()
             raise

@@ -60,6 +60,32 @@ def test_a_file_that_is_not_a_database_is_refused_with_exit_7(tmp_path: Path) ->
     assert "not a usable SQLite database" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_a_schema_corrupted_into_bytes_that_are_not_utf8_is_refused_with_exit_7(
+    tmp_path: Path,
+) -> None:
+    """SQLite names a malformed schema entry in its error message; when the entry's
+    name is no longer UTF-8, sqlite3 raised UnicodeDecodeError (a traceback, exit 1),
+    as a random corruption in the test below once showed."""
+    db = tmp_path / "nixfleet.db"
+    _fleet_db(db)
+    with sqlite3.connect(db) as conn:
+        (name,) = conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL LIMIT 1"
+        ).fetchone()
+    conn.close()
+    assert not Path(f"{db}-wal").exists() or Path(f"{db}-wal").stat().st_size == 0
+    data = db.read_bytes()
+    # The entry's name column (its first occurrence, before its own CREATE INDEX),
+    # not its SQL: the two now disagree, and SQLite reports the entry by that name.
+    first = data.index(name.encode())
+    assert data.index(f"CREATE INDEX {name} ".encode()) > first, name
+    db.write_bytes(data[: first + 2] + b"\xa0" + data[first + 3 :])
+    done = _start_cp(db)
+    assert done.returncode == 7, done.stderr
+    assert "not a usable SQLite database (it is corrupt" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_corrupt_pages_fail_quick_check_with_exit_7(tmp_path: Path) -> None:
     db = tmp_path / "nixfleet.db"
     store = Store(db)
