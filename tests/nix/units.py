@@ -66,7 +66,8 @@ def _find_lib() -> tuple[str | None, str]:
     if lib is None:
         return None, (
             f"no nixpkgs lib: {LIB_VAR} is unset and the flake's nixpkgs input cannot be "
-            f"fetched ({why}); run ./dev test, or set {LIB_VAR}=../shared/nixpkgs-lib/lib"
+            f"fetched ({why}); set {LIB_VAR}=/path/to/nixpkgs/lib (a nixpkgs checkout's "
+            "lib/), or run the tests once with network access so Nix fetches that input"
         )
     return lib, ""
 
