@@ -113,24 +113,26 @@ class Store:
             if check:
                 self.quick_check()
             self.migrate()
-        except sqlite3.DatabaseError as e:
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as e:
             self.close()
-            code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF
-            if code not in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT):
+            if isinstance(e, UnicodeDecodeError):
+                # A corrupt schema can put bytes that are not UTF-8 into what SQLite
+                # says of it ("malformed database schema (<its name>)"), which sqlite3
+                # cannot decode.
+                why = (
+                    "it is corrupt: SQLite named the damage in bytes that are not UTF-8, "
+                    f"{e.reason} at byte {e.start}"
+                )
+            elif (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF in (
+                sqlite3.SQLITE_NOTADB,
+                sqlite3.SQLITE_CORRUPT,
+            ):
+                why = str(e)
+            else:
                 raise  # e.g. a migration's own error: not the file's fault
             raise DatabaseFileError(
-                f"{self.path} is not a usable SQLite database ({e}); restore it from a "
+                f"{self.path} is not a usable SQLite database ({why}); restore it from a "
                 "backup (nixfleet-control-plane backup), or move it away to start anew"
-            ) from e
-        except UnicodeDecodeError as e:
-            # A corrupt schema can put bytes that are not UTF-8 into what SQLite says of
-            # it ("malformed database schema (<its name>)"), which sqlite3 cannot decode.
-            self.close()
-            raise DatabaseFileError(
-                f"{self.path} is not a usable SQLite database (it is corrupt: SQLite "
-                f"named the damage in bytes that are not UTF-8, {e.reason} at byte "
-                f"{e.start}); restore it from a backup (nixfleet-control-plane backup), "
-                "or move it away to start anew"
             ) from e
         except BaseException:
             self.close()
