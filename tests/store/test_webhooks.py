@@ -172,7 +172,8 @@ def test_stale_machines_are_announced_once_per_silence(any_store: AnyStore) -> N
     with store.transaction() as conn:
         machines.register(conn, "web-01", [], Lifecycle.PENDING, now)
         machines.register(conn, "web-02", [], Lifecycle.PENDING, now)  # never reported
-        machines.record_report(conn, report(True, at_offset=-100))
+        silent = report(True, at_offset=-100)
+        machines.record_report(conn, silent)
     with store.transaction() as conn:
         assert outbox.detect_stale(conn, now, 60) == 1
         assert outbox.detect_stale(conn, now, 60) == 0
@@ -183,7 +184,7 @@ def test_stale_machines_are_announced_once_per_silence(any_store: AnyStore) -> N
         assert outbox.detect_stale(conn, now, 60) == 0, "decommissioned: never stale"
     got = events(store)
     assert [e[1] for e in got] == ["web-01", "web-01"]
-    first = isoformat(report(True, at_offset=-100).received_at)[:19]
+    first = isoformat(silent.received_at)[:19]
     assert got[0][0] == "machine.stale" and got[0][2]["stale_after"] == 60
     assert str(got[0][2]["last_report_at"]).startswith(first)
 
