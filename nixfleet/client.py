@@ -17,7 +17,6 @@ dribbles a byte every few seconds cannot hold a caller past it.
 
 from __future__ import annotations
 
-import gc
 import http.client
 import json
 import ssl
@@ -28,7 +27,7 @@ from typing import Any, TypeVar, cast
 
 import orjson
 
-from nixfleet import __version__, deadline_http, wire
+from nixfleet import __version__, deadline_http, gcpause, wire
 from nixfleet.errors import (
     BY_SLUG,
     FieldError,
@@ -487,20 +486,15 @@ def _parse(raw: bytes) -> Any:
     json.loads takes ~0.45 s); json.loads where orjson refuses what json accepts (an
     integer past 64 bits).
 
-    Without cyclic collections while it runs: parsed JSON is a tree, which reference
-    counting frees, but the 1.3 million dicts and lists of a 100,000-machine status
-    set off collections that walk them again and again (the parse ~0.77 s with them,
-    ~0.39 s without: docs/performance.md, "The CLI's parse").
+    With the cyclic collector paused (gcpause): parsed JSON is a tree, but the 1.3
+    million dicts and lists of a 100,000-machine status set off collections that walk
+    them again and again (docs/performance.md, "The CLI's parse").
     """
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return json.loads(raw)
-    finally:
-        if collecting:
-            gc.enable()
+    with gcpause.paused():
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return json.loads(raw)
 
 
 def _snippet(raw: bytes, size: int = 60) -> str:

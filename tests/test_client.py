@@ -149,8 +149,9 @@ def test_a_body_that_is_not_the_documented_object_is_a_clear_error(
 def test_parsing_an_answer_leaves_the_cyclic_collector_as_it_was(
     raw_server: Callable[[Handler], str], body: bytes, collecting: bool
 ) -> None:
-    """The parse pauses the collector (client._parse): it is back as it was afterwards,
-    through orjson, through json's fallback for what orjson refuses, and after an error."""
+    """The parse pauses the collector (client._parse, gcpause): it is back as it was
+    afterwards, through orjson, through json's fallback for what orjson refuses, and
+    after an error."""
     url = raw_server(answer("200 OK", "application/json", body))
     (gc.enable if collecting else gc.disable)()
     try:

@@ -47,7 +47,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from nixfleet import wire
+from nixfleet import gcpause, wire
 from nixfleet.heartbeat import is_heartbeat
 from nixfleet.models import isoformat
 from nixfleet.store import Store
@@ -237,9 +237,7 @@ class ReportCache:
         # while they are made (~20 % of the load's CPU), then frozen (gc.freeze), so a
         # full collection under load no longer walks them (~0.1 s each at 100,000
         # machines, a stall of every request of the process).
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
+        with gcpause.paused():
             with self.store.read() as conn:
                 version = rc.data_version(conn)
                 seq = rc.last_seq(conn)
@@ -250,9 +248,6 @@ class ReportCache:
             self._rollouts = {r.id: r for r in rollouts}
             self._answers = {}
             del found
-        finally:
-            if collecting:
-                gc.enable()
         gc.freeze()
         self._seq, self._data_version = seq, version
         self._loaded = True
