@@ -69,12 +69,12 @@ class StatusMachine(TypedDict):
     sync: str
     health_status: str  # healthy, failing or unknown (models.health_of)
     failed_generation: str | None
-    last_report_at: str | None
-    stale: bool
     system_state: str
     last_message: str | None
     needs_reboot: NotRequired[bool | None]  # DESIGN §11: NEEDS REBOOT
     tags: list[str]
+    last_report_at: str | None
+    stale: bool
 
 
 class Machine(TypedDict):

@@ -29,6 +29,7 @@ from nixfleet.api import (
 from nixfleet.api.auth import AuthMiddleware
 from nixfleet.api.context import Context
 from nixfleet.api.report_cache import ReportCache
+from nixfleet.api.status_view import StatusView
 from nixfleet.settings import Settings
 from nixfleet.store.conn import AnyStore
 
@@ -68,10 +69,18 @@ ROUTES: list[tuple[str, type[Any]]] = [
 
 
 def create_app(
-    settings: Settings, store: AnyStore, cache: ReportCache | None = None
+    settings: Settings,
+    store: AnyStore,
+    cache: ReportCache | None = None,
+    status_view: StatusView | None = None,
 ) -> falcon.App[falcon.Request, falcon.Response]:
-    """The API; with `cache` (the server's, started by it) heartbeats skip SQLite."""
-    ctx = Context(settings=settings, store=store, cache=cache)
+    """The API; with `cache` (the server's, started by it) heartbeats skip SQLite.
+
+    The whole fleet's status is kept in `status_view` (a new one, loaded by the first
+    such request, when none is given)."""
+    ctx = Context(
+        settings=settings, store=store, cache=cache, status_view=status_view or StatusView(store)
+    )
     app = falcon.App(middleware=[AuthMiddleware(store, cache)], cors_enable=False)
     app.req_options.strip_url_path_trailing_slash = True
     app.resp_options.default_media_type = falcon.MEDIA_JSON

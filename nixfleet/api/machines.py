@@ -44,12 +44,12 @@ def status_json(m: Machine, now: datetime, stale_after: int) -> wire.StatusMachi
         "sync": m.sync.value,
         "health_status": health_of(m.health).value,
         "failed_generation": m.failed_generation,
-        "last_report_at": isoformat(m.last_report_at),
-        "stale": m.stale(now, stale_after),
         "system_state": m.system_state.value,
         "last_message": m.last_message,
         "needs_reboot": m.needs_reboot,
         "tags": list(m.tags),
+        "last_report_at": isoformat(m.last_report_at),
+        "stale": m.stale(now, stale_after),
     }
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import io
+import itertools
 import json
+from collections.abc import Iterable
 
 import falcon
 
@@ -11,6 +12,8 @@ from nixfleet import __version__
 from nixfleet.api.auth import Perm
 from nixfleet.api.context import Context
 from nixfleet.api.machines import FILTER_QUERY, filter_params
+from nixfleet.api.status_view import Pieces
+from nixfleet.filters import MachineFilter
 from nixfleet.models import Health as HealthAxis
 from nixfleet.models import Lifecycle, Sync, isoformat, stale_cutoff, utcnow
 from nixfleet.store import status
@@ -28,9 +31,17 @@ class Status:
         f = filter_params(req)
         now = utcnow()
         stale = self.ctx.settings.stale_after
-        with self.ctx.store.read() as conn:
-            doc = status.status_document(conn, f, now, stale)
-        c = doc.counts
+        view = self.ctx.status_view
+        kept = view.document(now, stale) if view is not None and f == MachineFilter() else None
+        pieces: Iterable[bytes]
+        if kept is not None:  # the whole fleet, kept in memory
+            heads, tails, c = kept
+            pieces = itertools.chain.from_iterable(zip(heads, tails, strict=True))
+            size = sum(map(len, heads)) + sum(map(len, tails))
+        else:
+            with self.ctx.store.read() as conn:
+                doc = status.status_document(conn, f, now, stale)
+            pieces, size, c = (doc.machines_json,), len(doc.machines_json), doc.counts
         head = {
             "generated_at": isoformat(now),
             "stale_after_seconds": stale,
@@ -45,13 +56,15 @@ class Status:
                 "by_lifecycle": {s.value: n for s, n in c.by_lifecycle.items()},
             },
         }
-        # The machines array is spliced in as SQLite wrote it (see status_document).
+        # The machines array is spliced in as the database wrote it (status_document,
+        # or the entries status_view keeps), and sent a chunk at a time (Pieces).
         text = json.dumps(head, ensure_ascii=False).encode()
+        start, end = text[:-1] + b', "machines": [', b"]}"
         resp.content_type = falcon.MEDIA_JSON
-        body = b"".join((text[:-1], b', "machines": [', doc.machines_json, b"]}"))
-        # As a stream, waitress sends it from this buffer (wsgi.file_wrapper) instead of
-        # copying 45 MiB into its output buffer first: ~35 ms at 100,000 machines.
-        resp.stream, resp.content_length = io.BytesIO(body), len(body)
+        resp.stream = Pieces(
+            itertools.chain((start,), pieces, (end,)), len(start) + size + len(end)
+        )
+        resp.content_length = len(start) + size + len(end)
 
 
 class Health:

@@ -178,6 +178,7 @@ def register(
             f"machine {machine_id!r} is already registered; use `nixfleet machines tag` or "
             "`set-lifecycle` to change it"
         )
+    report_cache.note_machine(conn, machine_id)  # a new machine (api.status_view's order)
     set_tags(conn, machine_id, tags, "operator", replace=False)
 
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import store_before
 
 from nixfleet.errors import ConflictError, GoneError, NotFoundError
-from nixfleet.models import Lifecycle, Report, utcnow
+from nixfleet.models import Lifecycle, Report, isoformat, utcnow
 from nixfleet.store import Store, history, machines
 from nixfleet.store.migrations import MIGRATIONS
 
@@ -37,8 +37,13 @@ def test_fresh_and_migrated_files_open_cleanly(tmp_path: Path) -> None:
 def test_tags_json_is_filled_by_its_migration_and_kept_by_triggers(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     with store_before(path, "0007") as old, old.transaction() as conn:
-        machines.register(conn, "a", [], Lifecycle.ACTIVE, utcnow())
-        machines.register(conn, "b", [], Lifecycle.ACTIVE, utcnow())
+        # the machines and tags as the code of then wrote them (today's registration
+        # also notes a change in cache_changes, from 0014)
+        for machine_id in ("a", "b"):
+            conn.execute(
+                "INSERT INTO machines (id, lifecycle, registered_at) VALUES (?, 'active', ?)",
+                (machine_id, isoformat(utcnow())),
+            )
         # operator tags web, prod and what a report with agent tags web, eu wrote,
         # in the table of then (today's code writes machine_tag_rows, from 0022)
         conn.execute(
