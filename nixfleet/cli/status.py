@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -9,7 +10,7 @@ from typing import TypeVar
 
 import click
 
-from nixfleet import wire
+from nixfleet import gcpause, wire
 from nixfleet.cli.context import State, pass_state
 from nixfleet.cli.options import filter_options, output_options
 from nixfleet.cli.output import (
@@ -189,6 +190,15 @@ def status(
       nixfleet status --tags prod,web --watch --interval 5
       nixfleet status --json | jq '.machines[] | select(.sync != "in sync")'
     """
+    # One answer: its ~1.3 million objects (100,000 machines) hold no cycles, and are
+    # freed before the collector is back, which would only walk them (~0.1 s).
+    with contextlib.nullcontext() if watch else gcpause.paused():
+        _status(state, machine_filter, no_headers, watch, interval)
+
+
+def _status(
+    state: State, machine_filter: MachineFilter, no_headers: bool, watch: bool, interval: float
+) -> None:
     client = state.client()
     f = machine_filter
     filtered = f.selects_some

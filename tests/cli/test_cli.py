@@ -237,3 +237,24 @@ def test_config_file_supplies_url_and_key_file(control_plane: ControlPlane, tmp_
     key_file.chmod(0o644)
     r = run_cli("status", env={"NIXFLEET_CONFIG": str(config)})
     assert r.returncode == 2 and "chmod 600" in r.stderr
+
+
+@pytest.mark.parametrize("collecting", [True, False])
+def test_status_leaves_the_cyclic_collector_as_it_was(
+    control_plane: ControlPlane, monkeypatch: pytest.MonkeyPatch, collecting: bool
+) -> None:
+    """`status` pauses the collector for its one answer, in this process too."""
+    import gc
+
+    from nixfleet.cli.main import run
+
+    control_plane.register("web-01", ["web"])
+    monkeypatch.setenv("NIXFLEET_CONTROL_PLANE_URL", control_plane.url)
+    monkeypatch.setenv("NIXFLEET_API_KEY", control_plane.admin_key)
+    was = gc.isenabled()
+    (gc.enable if collecting else gc.disable)()
+    try:
+        assert run(["status", "--json"]) == 0
+        assert gc.isenabled() is collecting
+    finally:
+        (gc.enable if was else gc.disable)()
