@@ -10,15 +10,16 @@ moves, and stale, which time alone moves), and per request, in one snapshot:
 1. applies the `cache_changes` rows after the last one it applied (the feed the
    report cache follows, api.report_cache: every change to a machine's state,
    lifecycle, tags or desired generation, and every new machine, appends one in its
-   own transaction), reloading exactly the machines they name;
-2. reads every machine's last-report time in one string (store.status.report_times);
-3. writes the array from the kept entries and those times, stale decided here.
+   own transaction), reading exactly the machines they name again;
+2. reads every machine's id and last-report time, and the stale count
+   (store.status.report_times);
+3. writes each machine's tail from its time, stale decided as STALE_SQL decides it.
 
 The counts of the summary come from the kept (lifecycle, sync, health) of each
-machine and the stale flags of step 3, so they describe the same snapshot as the
+machine and the stale count of step 2, so they describe the same snapshot as the
 array. A machine count that differs from the view's (a machine deleted or added
 behind the Store's back, with the sqlite3 shell), or changes pruned before they were
-applied, reload everything; so does the first request of a process. Filtered or
+applied, reload everything; the server loads it at start (preload). Filtered or
 sorted requests are written by the database itself (store.status.status_document).
 Held to status_document entry by entry and count by count (tests/api/test_status_view.py).
 """

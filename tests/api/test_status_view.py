@@ -189,6 +189,14 @@ def test_writes_beside_the_store_are_noticed_or_quoted(tmp_path: Path) -> None:
         shell.execute("UPDATE machines SET last_report_at = 'x\"\\y' WHERE id = 'web-03'")
     entries, _ = fleet.same()
     assert entries[1]["last_report_at"] == 'x"\\y'
+    with shell:  # an id that splits the times' string: the database writes the document
+        shell.execute(
+            "INSERT INTO machines (id, lifecycle, registered_at) "
+            "VALUES ('bad' || char(10) || 'id', 'active', '2026-12-01T00:00:00.000000Z')"
+        )
+    assert fleet.view.document(utcnow(), STALE_AFTER) is None
+    served = fleet.call("GET", "/api/v1/status")
+    assert [m["id"] for m in served["machines"]] == ["bad\nid", "web-01", "web-03"]
     shell.close()
     sqlite_store.close()
 
@@ -233,3 +241,28 @@ def test_preloading_leaves_the_first_request_nothing_to_load(fleet: Fleet) -> No
     assert fleet.view.reloads == 1
     fleet.same()
     assert fleet.view.reloads == 1
+
+
+def test_another_process_writes_reach_the_view(tmp_path: Path) -> None:
+    """A worker's view, another worker's writes: two stores on one file."""
+    path = tmp_path / "fleet.db"
+    writer = Store(path)
+    with writer.transaction() as conn:
+        admin_key = credentials.create_key(conn, "admin", "admin", "test", utcnow())
+    fleet = Fleet(writer, admin_key)
+    reader = Store(path)
+    fleet.view = StatusView(reader)
+    fleet.register("web-02", [])
+    fleet.same()
+    fleet.register("web-01", ["web"])
+    fleet.report("web-02", current_generation=OLD, success=True, message="running")
+    with writer.transaction() as conn:
+        machines.set_desired(conn, "web-02", NEW, None, "operator", utcnow())
+    entries, _ = fleet.same()
+    assert [(e["id"], e["sync"]) for e in entries] == [
+        ("web-01", "no desired"),
+        ("web-02", "updating"),
+    ]
+    assert fleet.view.reloads == 1
+    reader.close()
+    writer.close()
