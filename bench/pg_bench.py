@@ -206,7 +206,9 @@ def main() -> None:
     finally:
         cluster.stop()
     out = BENCH / "results" / f"pg-{args.machines}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    # Merge: a run of some phases (--only) keeps the other phases' last results.
+    kept = json.loads(out.read_text()) if out.exists() else {}
+    out.write_text(json.dumps({**kept, **result}, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "report"}, indent=2))
     if "report" in result:
         print(json.dumps({k: v for k, v in result["report"].items() if k != "runs"}, indent=2))
