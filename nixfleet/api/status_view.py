@@ -36,7 +36,14 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 
-from nixfleet.models import Health, Lifecycle, Sync, isoformat, stale_cutoff
+from nixfleet.models import (
+    Health,
+    Lifecycle,
+    Sync,
+    counts_in_sync_summary,
+    isoformat,
+    stale_cutoff,
+)
 from nixfleet.store import report_cache as rc
 from nixfleet.store import status
 from nixfleet.store.conn import AnyStore, Connection
@@ -184,14 +191,15 @@ def _quote(t: bytes) -> bytes:
 
 
 def _counts(axes: list[Axes], stale: int) -> status.Counts:
-    """status.counts of the kept axes: the summary counts every machine not decommissioned."""
+    """status.counts of the kept axes (models.counts_in_sync_summary decides which count)."""
     by_lifecycle = dict.fromkeys(Lifecycle, 0)
     by_sync = dict.fromkeys(Sync, 0)
     by_health = dict.fromkeys(Health, 0)
     counted = 0
     for (lifecycle, sync, health), n in Counter(axes).items():
-        by_lifecycle[Lifecycle(lifecycle)] += n
-        if lifecycle != _DECOMMISSIONED:
+        life = Lifecycle(lifecycle)
+        by_lifecycle[life] += n
+        if counts_in_sync_summary(life):
             counted += n
             by_sync[Sync(sync)] += n
             by_health[Health(health)] += n
