@@ -24,6 +24,8 @@ import mmap
 import os
 import sqlite3
 import struct
+import sys
+from array import array
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -75,11 +77,26 @@ class ChangeSignal:
         m = self._mapped()
         if m is None or published - applied > SCAN:
             return True
-        for s in range(applied + 1, published + 1):
-            seq, k = SLOT.unpack_from(m, HEADER + (s % RING) * SLOT.size)
-            if seq != s or k in (GLOBAL, machine):
-                return True  # overwritten meanwhile (so: unknown), or it does
-        return False
+        if published <= applied:
+            return False
+        # The slots as one copy of at most SCAN * 16 bytes (two at the ring's end),
+        # compared in C: under a stream of changes a request looks through ~100 rows,
+        # which slot by slot took ~50 µs.
+        first, last = (applied + 1) % RING, published % RING
+        if first <= last:
+            raw = m[HEADER + first * SLOT.size : HEADER + (last + 1) * SLOT.size]
+        else:
+            raw = m[HEADER + first * SLOT.size : SIZE] + m[HEADER : HEADER + (last + 1) * SLOT.size]
+        words = array("Q", raw)
+        if sys.byteorder == "big":
+            words.byteswap()  # the file is little-endian
+        keys = words[1::2]
+        # A slot overwritten meanwhile (a newer seq) is unknown, so it may.
+        return (
+            words[0::2] != array("Q", range(applied + 1, published + 1))
+            or machine in keys
+            or GLOBAL in keys
+        )
 
     def pending(self, conn: sqlite3.Connection) -> Pending:
         """Inside the write transaction: its rows (and any a bypassing writer added)."""

@@ -67,3 +67,26 @@ def test_a_file_left_by_another_database_is_corrected_by_the_next_commit(tmp_pat
         assert published is not None and published < 10**6
     finally:
         store.close()
+
+
+def test_rows_across_the_ring_end_are_read_and_an_overwritten_slot_is_unknown(
+    tmp_path: Path,
+) -> None:
+    signal = changes.ChangeSignal(tmp_path / "fleet.db.changes")
+    start = changes.RING - 4  # rows start+1 … start+7: four slots before the end, three after
+    last = start + 7
+    signal.publish(([(s, 1000 + s) for s in range(start + 1, last + 1)], last))
+    try:
+        assert signal.touches(start, last, 1000 + start + 2)  # before the ring's end
+        assert signal.touches(start, last, 1000 + last)  # after it
+        assert not signal.touches(start, last, 5)
+        assert not signal.touches(start + 2, last, 1000 + start + 2)  # already applied
+        assert not signal.touches(last, last, 1000 + last)
+        # A writer far ahead reuses the slot of start+3: that row is unknown now.
+        signal.publish(([(start + 3 + changes.RING, 7)], start + 3 + changes.RING))
+        assert signal.touches(start, last, 5)
+        assert not signal.touches(start + 3, last, 5)
+        signal.publish(([(last + 1, changes.GLOBAL)], last + 1))
+        assert signal.touches(start + 3, last + 1, 5)  # a rollout's row concerns every machine
+    finally:
+        signal.close()
