@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 from typing import Any
+
+from nixfleet.client import encode  # report bodies in the form the agent sends them
 
 SEED = "nixfleet-bench"
 ROLES = ("web", "db", "cache", "worker", "ci")
@@ -78,7 +79,7 @@ def report_body(i: int) -> dict[str, Any]:
 
 
 def report_bytes(i: int) -> bytes:
-    return json.dumps(report_body(i)).encode()
+    return encode(report_body(i))
 
 
 def change_body(i: int, nonce: int) -> dict[str, Any]:
@@ -93,4 +94,4 @@ def change_body(i: int, nonce: int) -> dict[str, Any]:
 
 
 def change_bytes(i: int, nonce: int) -> bytes:
-    return json.dumps(change_body(i, nonce)).encode()
+    return encode(change_body(i, nonce))

@@ -59,6 +59,7 @@ def _hostile() -> ModuleType:
 
 Plane = _hostile().Plane
 
+from nixfleet.client import encode  # noqa: E402
 from nixfleet.models import Lifecycle, utcnow  # noqa: E402
 from nixfleet.store import Store, credentials, machines  # noqa: E402
 
@@ -101,7 +102,7 @@ def _post(conn: http.client.HTTPConnection, path: str, body: object, token: str)
     conn.request(
         "POST" if "report" in path else "PUT",
         path,
-        json.dumps(body),
+        encode(body),  # as the agent sends it
         {"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
     resp = conn.getresponse()

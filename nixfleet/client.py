@@ -108,7 +108,7 @@ class Client:
         headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
         data = None
         if body is not None:
-            data = json.dumps(body).encode()
+            data = encode(body)
             headers["Content-Type"] = "application/json"
         if self._token:
             headers["Authorization"] = f"Bearer {self._token}"
@@ -479,6 +479,12 @@ def _machine(machine_id: str, suffix: str = "") -> str:
 
 def _rollout(ref: str, suffix: str = "") -> str:
     return f"/api/v1/rollouts/{_q(ref)}{suffix}"
+
+
+def encode(body: Any) -> bytes:
+    """A request body: compact JSON, the form the control plane reads fastest
+    (api.body._compact: every agent report)."""
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _parse(raw: bytes) -> Any:

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 import falcon
+import orjson
 
 from nixfleet import schemas
 from nixfleet.errors import (
@@ -50,14 +51,32 @@ def _depth(value: Any, level: int = 0) -> int:
     return level
 
 
-def parse_json(raw: bytes) -> Any:
+def _compact(raw: bytes) -> Any:
+    """The document of a body in the compact form nixfleet's client sends, else None.
+
+    Writing the parsed document again and getting the same bytes proves the strict
+    parse would have refused nothing: a duplicate key would be gone, NaN or a huge
+    number would not have parsed. ~1.5 µs where the strict parse takes ~6.6 (every
+    agent report)."""
     try:
-        text = raw.decode("utf-8")
-        doc = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
-    except UsageError:
-        raise
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise UsageError(f"request body is not valid JSON: {str(e)[:200]}") from e
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return doc if orjson.dumps(doc) == raw else None
+
+
+def parse_json(raw: bytes) -> Any:
+    doc = _compact(raw)
+    if doc is None:
+        try:
+            text = raw.decode("utf-8")
+            doc = json.loads(
+                text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant
+            )
+        except UsageError:
+            raise
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise UsageError(f"request body is not valid JSON: {str(e)[:200]}") from e
     # Nesting needs an opening bracket per level; most bodies have too few to bother walking.
     if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(doc) > MAX_DEPTH:
         raise UsageError(f"JSON body is nested deeper than {MAX_DEPTH} levels")

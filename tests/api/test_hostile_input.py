@@ -102,6 +102,14 @@ ATTACKS: dict[str, tuple[bytes, str]] = {
         "application/json",
     ),
     "unknown fields": (b'{"__proto__": {"admin": true}, "constructor": 1}', "application/json"),
+    # The compact form nixfleet's client sends takes a faster parse (api.body._compact).
+    "compact deep nesting": (b'{"a":' * 40 + b"1" + b"}" * 40, "application/json"),
+    "compact duplicate keys": (b'{"id":"a","id":"b","lifecycle":"active"}', "application/json"),
+    "compact control characters": (
+        b'{"id":"web\\u0000-09","machine_id":"a\\u001bb","tags":["\\u0000"],'
+        b'"lifecycle":"\\u0000","current_generation":"\\n"}',
+        "application/json",
+    ),
 }
 
 
