@@ -247,11 +247,13 @@ def run(
     try:
         for _ in range(kills):
             time.sleep(rng.uniform(0.3, 1.5))
+            # Snapshot and kill under the lock: no agent picks a new change in between
+            # (it would be sent, committed and then look lost, when only unrecorded).
             with lock:
                 killed_at = time.time()
                 snapshot = [(a.machine, a.acked, a.pending, list(a.seen)) for a in agents]
                 wanted = dict(desired)
-            _kill_all(plane)
+                _kill_all(plane)
             check = sqlite3.connect(db)
             if check.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
                 integrity += 1
