@@ -36,8 +36,9 @@ def wait_until_ready(host: str, port: int, timeout: float) -> None:
         last = probe(host, port, max(0.1, min(5.0, left)))
         if last is None:
             return
-        if time.monotonic() + INTERVAL >= deadline:
+        left = deadline - time.monotonic()
+        if left <= 0:  # the whole timeout waited, the last probe at its end
             raise UnreachableError(
                 f"control plane at {host}:{port} not ready within {timeout:g} s; last: {last}"
             )
-        time.sleep(INTERVAL)
+        time.sleep(min(INTERVAL, left))
