@@ -11,7 +11,8 @@ control plane does (nixfleet.controlplane.server). With --db, `--work` adds the
 least SQLite work a report could do, through nixfleet's own Store (bench/
 ratio_bound.py compares them): `lookup` resolves the bearer token like the
 control plane's authentication (one indexed SELECT), `write` also commits a
-one-row UPDATE of the machine in a write transaction.
+one-row UPDATE of the machine in a write transaction, and `commit` is that
+transaction alone (the token known from memory, as the report cache knows it).
 """
 
 from __future__ import annotations
@@ -47,12 +48,12 @@ class Report:
             with self.store.lookup() as conn:
                 if credentials.token_machine(conn, token) != machine_id:
                     raise falcon.HTTPUnauthorized()
-            if self.work == "write":
-                with self.store.transaction() as conn:
-                    conn.execute(
-                        "UPDATE machines SET last_report_at = ? WHERE id = ?",
-                        (isoformat(utcnow()), machine_id),
-                    )
+        if self.store is not None and self.work in ("write", "commit"):
+            with self.store.transaction() as conn:
+                conn.execute(
+                    "UPDATE machines SET last_report_at = ? WHERE id = ?",
+                    (isoformat(utcnow()), machine_id),
+                )
         resp.media = ANSWER
 
 
@@ -74,7 +75,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--db", type=Path, help="a fleet database (bench/build_db.py)")
-    parser.add_argument("--work", choices=("none", "lookup", "write"), default="none")
+    parser.add_argument("--work", choices=("none", "lookup", "write", "commit"), default="none")
     args = parser.parse_args()
     host, _, port = args.listen.rpartition(":")
     sock = _listen(host, int(port))

@@ -1,11 +1,13 @@
 """How much of the bare yardstick a report can keep once it touches SQLite at all.
 
-Starts the yardstick (bench/bare_server.py) three times over one fleet database,
+Starts the yardstick (bench/bare_server.py) four times over one fleet database,
 with no work, with the control plane's token look-up (one indexed SELECT through
-nixfleet's Store), and with that look-up plus a one-row write transaction, and
-drives them in alternation with the load generator, median of --runs runs. No
-report can do less than `write` (DESIGN §1: one transaction per report), so its
-ratio bounds what any report path on this stack can reach.
+nixfleet's Store), with that look-up plus a one-row write transaction, and with
+the transaction alone (`commit`: the token known from memory, as the report cache
+knows it), and drives them in alternation with the load generator, median of
+--runs runs. No state-changing report can do less than `commit` (DESIGN §1: one
+transaction per report), so its ratio bounds what any report path on this stack
+can reach.
 
     python bench/ratio_bound.py --machines 10000 --runs 3
 """
@@ -25,7 +27,7 @@ import build_db  # noqa: E402
 import load  # noqa: E402
 import run  # noqa: E402
 
-WORK = ("none", "lookup", "write")
+WORK = ("none", "lookup", "write", "commit")
 
 
 def main() -> None:
