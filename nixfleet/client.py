@@ -484,7 +484,12 @@ def _rollout(ref: str, suffix: str = "") -> str:
 def encode(body: Any) -> bytes:
     """A request body: compact JSON, the form the control plane reads fastest
     (api.body._compact: every agent report)."""
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    try:
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        # A lone surrogate (an argument that was not UTF-8): sent escaped, as before,
+        # so that the control plane refuses it naming the field.
+        return json.dumps(body, separators=(",", ":")).encode()
 
 
 def _parse(raw: bytes) -> Any:

@@ -68,3 +68,9 @@ def test_compact_nesting_past_the_limit_is_refused() -> None:
     assert body._compact(raw) is not None
     with pytest.raises(UsageError, match="nested deeper"):
         body.parse_json(raw)
+
+
+def test_a_lone_surrogate_is_sent_escaped_and_refused_by_the_strict_parse() -> None:
+    raw = client.encode({"message": "bad \udcff byte"})  # what argv holds for a non-UTF-8 byte
+    assert raw == b'{"message":"bad \\udcff byte"}'
+    assert body._compact(raw) is None
