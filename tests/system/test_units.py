@@ -551,19 +551,25 @@ def reported_after_boot(box: Box, generation: str) -> Callable[[], dict[str, Any
     return after_boot
 
 
-def wait_for_reboot(box: Box, timeout: float = 120.0) -> int:
-    """Wait for the container's systemd to end (its exit status says how), failing
-    early with the agent's log when the agent could not reboot it."""
+def wait_for_reboot(box: Box, timeout: float = 120.0) -> None:
+    """Wait for the container's systemd to reboot it (nspawn then exits REBOOTED),
+    failing early with the agent's log when the agent could not reboot it, and with
+    the console when the box ended otherwise."""
     assert box.c.proc is not None
     deadline = time.monotonic() + timeout
+    log = ""
     while box.c.proc.poll() is None:
         if time.monotonic() > deadline:
             raise AssertionError(f"the box did not reboot:\n{agent_log(box)}")
-        if "reboot command failed" in box.c.journal(AGENT, 50):
+        log = box.c.journal(AGENT, 50) or log  # kept: once the box is gone it cannot be read
+        if "reboot command failed" in log:
             raise AssertionError(f"the agent could not reboot the box:\n{agent_log(box)}")
         time.sleep(1)
-    code: int = box.c.wait_exit(10)
-    return code
+    code = box.c.wait_exit(10)
+    assert code == container.REBOOTED, (
+        f"the box ended with {code}, not {container.REBOOTED} (a reboot).\n"
+        f"console:\n{box.c.console()}\nthe agent's last log:\n{log}"
+    )
 
 
 def test_a_kernel_change_reboots_under_a_lease_and_reports_the_booted_generation(
@@ -579,7 +585,7 @@ def test_a_kernel_change_reboots_under_a_lease_and_reports_the_booted_generation
     booted = c.run("readlink", "/run/booted-system").stdout.strip()
     new = running.system("gen5-kernel", ["prod", "api"], kernel="k2")
     apply_rollout(running, tmp_path, "kernel", new, reboot="when-needed")
-    assert wait_for_reboot(running) == container.REBOOTED
+    wait_for_reboot(running)
     c.boot()
     m = wait_for("the report of the booted generation", reported_after_boot(running, new))
     assert m["booted_generation"] != booted
