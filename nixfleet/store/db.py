@@ -69,6 +69,10 @@ UNAVAILABLE = {
 # IS DISTINCT FROM (3.39), which the SQL shared with PostgreSQL uses; Debian 12 has 3.40.
 MIN_SQLITE = (3, 39, 0)
 WAL_SIZE_LIMIT = 8 * 1024 * 1024
+# Less free space than this beside the database: /ready says the disk is full. A write
+# that fits in the WAL's old frames can still commit then, so a write alone would
+# answer ready or not by chance (whether a checkpoint just rewound the WAL).
+FREE_FLOOR = 1024 * 1024
 
 
 class Store:
@@ -335,8 +339,9 @@ class Store:
 
         A real write: an empty transaction proves little (disk full shows at COMMIT),
         so it rewrites the header's user_version, which appends a page to the WAL.
+        And the free space beside the file (FREE_FLOOR): that page may fit in old frames.
         """
-        problem = self.file_problem()
+        problem = self.file_problem() or self._space_problem()
         if problem is not None:
             return problem
         try:
@@ -353,6 +358,20 @@ class Store:
         except StoreUnavailableError as e:
             return e.detail
         return None
+
+    def _space_problem(self) -> str | None:
+        """The disk is full when less than FREE_FLOOR is left for an unprivileged writer."""
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return None  # file_problem names a directory that is gone
+        free = st.f_bavail * st.f_frsize
+        if st.f_blocks == 0 or free >= FREE_FLOOR:
+            return None  # f_blocks 0: a file system that does not count its space
+        return (
+            f"{UNAVAILABLE[sqlite3.SQLITE_FULL]} ({free} bytes free in {self.path.parent}, "
+            f"less than {FREE_FLOOR // 1024} KiB); free space there"
+        )
 
     @contextmanager
     def lookup(self) -> Iterator[sqlite3.Connection]:

@@ -249,7 +249,9 @@ def test_disk_full_is_a_503_and_writes_recover_without_a_restart(
                 break
         assert statuses[-1] == 503, statuses
         assert 500 not in statuses
-        assert raw(url, "GET", "/ready").status == 503
+        ready = raw(url, "GET", "/ready")
+        assert ready.status == 503, ready.body
+        assert "full" in ready.json()["detail"] and "bytes free" in ready.json()["detail"]
         assert raw(url, "GET", "/health").status == 200
         # Still full: still a clean 503, not "cannot start a transaction within a transaction".
         again = send(url, "POST", "/api/v1/machines", {"id": "still-full"}, key)
